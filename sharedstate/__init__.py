@@ -1,0 +1,36 @@
+"""sharedstate: one dictionary shared by many processes, kept safe by a lock and across restarts.
+
+>>> import sharedstate
+>>> with sharedstate.serve() as state:          # doctest: +SKIP
+...     state.incr("hits")
+1
+"""
+
+from ._client import State, connect
+from ._errors import (
+    AccessDenied,
+    LockTimeout,
+    ServerUnavailable,
+    SharedStateError,
+    SnapshotError,
+    StateFileBusy,
+)
+from ._lock import Lock
+from ._server import StateServer, serve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "Lock",
+    "LockTimeout",
+    "ServerUnavailable",
+    "SharedStateError",
+    "SnapshotError",
+    "State",
+    "StateFileBusy",
+    "StateServer",
+    "__version__",
+    "connect",
+    "serve",
+]

@@ -1,0 +1,247 @@
+"""``State``, the handle every process uses, and ``connect()``."""
+
+from __future__ import annotations
+
+import decimal
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Optional
+
+import psutil
+
+from ._errors import ServerUnavailable, SharedStateError
+from ._lock import Lock
+from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_address, parse_address, resolve
+from ._values import check_name, check_names, check_scope, check_value
+
+_NUMBER_TYPES = (int, float, decimal.Decimal)
+_NO_KWARGS: dict[str, Any] = {}
+
+_hello_cache: dict[int, dict[str, Any]] = {}
+
+
+def _hello() -> dict[str, Any]:
+    """How this process introduces itself to a server: pid, start time and machine, so the server can
+    tell when it is gone."""
+    pid = os.getpid()
+    hello = _hello_cache.get(pid)
+    if hello is None:
+        try:
+            ctime: Optional[float] = psutil.Process(pid).create_time()
+        except psutil.Error:
+            ctime = None
+        hello = _hello_cache[pid] = {"pid": pid, "scope": BOOT_SCOPE, "ctime": ctime}
+    return hello
+
+
+class State:
+    """A handle on the shared dictionary of one server (Pode's ``Set/Get/Remove/Test-PodeState``).
+
+    Every call is one round trip to the server and atomic there. Values are copies: change a nested
+    value and ``set`` it again (inside ``state.lock``), or use the atomic calls ``incr``, ``append``,
+    ``setdefault``, ``compare_and_set`` and ``update``.
+
+    A handle can be pickled into pool tasks and child processes; each process and each thread uses
+    its own connection. Get one from ``StateServer.state`` or ``sharedstate.connect()``.
+    """
+
+    def __init__(self, address: Address | str, authkey: Optional[bytes], *, cache: bool = True) -> None:
+        self._address = parse_address(address)
+        self._authkey = authkey
+        self._cache = bool(cache)
+        self._pool = ConnectionPool(self._address, authkey, _hello)
+        self._lock = Lock(self, None)
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def _call(self, method: str, args: tuple[Any, ...]) -> Any:
+        pool = self._pool
+        conn = pool.get()
+        try:
+            conn.send((STORE_ID, method, args, _NO_KWARGS))
+            kind, result = conn.recv()
+        except BaseException as exc:
+            # The connection is in an unknown state (a half-sent request, an unread answer): never reuse it.
+            pool.drop()
+            if isinstance(exc, (EOFError, OSError)):
+                raise ServerUnavailable(
+                    f"the sharedstate server at {self.address} went away during {method}()", self.address
+                ) from None
+            raise
+        if kind == "#RETURN":
+            return result
+        if kind == "#ERROR":
+            raise result
+        raise SharedStateError(f"the server at {self.address} failed in {method}(): {result}")
+
+    @property
+    def address(self) -> str:
+        """The server's address, as ``SHAREDSTATE_ADDRESS`` holds it."""
+        return format_address(self._address)
+
+    def close(self) -> None:
+        """Close this thread's connection (it is opened again by the next call)."""
+        self._pool.drop()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The key travels with the handle: whoever can unpickle it can use the state.
+        return (_rebuild, (self.address, self._authkey, self._cache))
+
+    def __repr__(self) -> str:
+        return f"<sharedstate.State at {self.address}>"
+
+    # -- Pode's calls -------------------------------------------------------------------------------
+    def get(self, name: str, default: Any = None) -> Any:
+        """The value of ``name``, or ``default`` when there is no such name."""
+        name = check_name(name)
+        return self._call("get", (name,) if default is None else (name, default))
+
+    def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
+        """Store ``value`` under ``name``, replacing its value and scopes; return ``value``.
+
+        Raises ``TypeError`` for a name that is not a ``str`` or a value (at any depth) of a type that
+        cannot be stored; the state is then unchanged.
+        """
+        name = check_name(name)
+        check_value(name, value)
+        scopes = check_scope(scope)
+        self._call("set", (name, value, scopes) if scopes else (name, value))
+        return value
+
+    def remove(self, name: str) -> Any:
+        """Remove ``name``; return its value, or ``None`` if there was no such name."""
+        return self._call("remove", (check_name(name),))
+
+    def contains(self, name: str) -> bool:
+        """Whether ``name`` exists."""
+        return self._call("contains", (check_name(name),))
+
+    def names(self, pattern: Optional[str] = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
+        """The sorted names, those matching the regular expression ``pattern`` (``re.search``) and
+        having any of the scopes ``scope`` when given. An invalid pattern raises ``ValueError``."""
+        if pattern is not None:
+            if not isinstance(pattern, str):
+                raise TypeError(f"pattern must be a str, not {type(pattern).__name__}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid pattern {pattern!r}: {exc}") from None
+        scopes = check_scope(scope)
+        if scope is not None and not scopes:
+            return []
+        return self._call("names", (pattern, scopes))
+
+    def clear(self) -> None:
+        """Remove every name."""
+        self._call("clear", ())
+
+    # -- atomic calls -------------------------------------------------------------------------------
+    def incr(self, name: str, by: int | float = 1) -> Any:
+        """Add ``by`` to the number under ``name`` (a missing name counts from 0); return the new value.
+
+        Atomic. Raises ``TypeError`` if ``by`` or the stored value is not a number; nothing changes then.
+        """
+        name = check_name(name)
+        if type(by) not in _NUMBER_TYPES:
+            raise TypeError(f"cannot incr {name!r} by {type(by).__name__}: by must be an int, float or Decimal")
+        return self._call("incr", (name, by))
+
+    def setdefault(self, name: str, default: Any) -> Any:
+        """Store ``default`` under ``name`` unless the name exists; return the stored value. Atomic."""
+        name = check_name(name)
+        check_value(name, default)
+        return self._call("setdefault", (name, default))
+
+    def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
+        """Store ``new`` under ``name`` only if its current value ``== expected`` (a missing name matches
+        only ``expected=None``); return whether it did. Atomic. The name keeps its scopes."""
+        name = check_name(name)
+        check_value(name, expected)
+        check_value(name, new)
+        return self._call("compare_and_set", (name, expected, new))
+
+    def append(self, name: str, item: Any) -> int:
+        """Append ``item`` to the list under ``name`` (a missing name starts an empty list); return the
+        new length. Atomic. Raises ``TypeError`` if the stored value is not a list."""
+        name = check_name(name)
+        check_value(name, item)
+        return self._call("append", (name, item))
+
+    def update(self, mapping: Mapping[str, Any]) -> None:
+        """Store many names in one call, all or nothing, like ``set`` without a scope. Every name and
+        value is checked before anything is sent."""
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"update() takes a mapping of names to values, not {type(mapping).__name__}")
+        checked = {}
+        for name, value in mapping.items():
+            name = check_name(name)
+            check_value(name, value)
+            checked[name] = value
+        if checked:
+            self._call("update", (checked,))
+
+    def get_many(self, names: Iterable[str]) -> dict[str, Any]:
+        """The values of those of ``names`` that exist, in one call."""
+        return self._call("get_many", (check_names(names),))
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of every name and value."""
+        return self._call("snapshot", ())
+
+    def stats(self) -> dict[str, Any]:
+        """The server's figures: ``names``, ``pid``, ``rss_bytes``, ``uptime_s``, ``ops``, ``clients``,
+        ``last_save_at``, ``last_save_s``, ``last_save_error``, ``lock_recoveries`` (and more)."""
+        return self._call("stats", ())
+
+    # -- locks --------------------------------------------------------------------------------------
+    @property
+    def lock(self) -> Lock:
+        """The global lock (Pode's ``Lock-PodeObject`` on the state)."""
+        return self._lock
+
+    def named_lock(self, name: str) -> Lock:
+        """An independent lock for ``name`` (any ``str``; it need not be a stored name)."""
+        return Lock(self, check_name(name))
+
+    # -- mapping sugar ------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Any:
+        return self._call("getitem", (check_name(name),))
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.set(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        self._call("delitem", (check_name(name),))
+
+    def __contains__(self, name: object) -> bool:
+        return self.contains(name)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self._call("length", ())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __bool__(self) -> bool:
+        # A handle is always true, like any other object, whether or not the state is empty.
+        return True
+
+
+def _rebuild(address: str, authkey: Optional[bytes], cache: bool) -> State:
+    return State(address, authkey, cache=cache)
+
+
+def connect(address: object = None, authkey: Optional[bytes] = None, *, cache: bool = True) -> State:
+    """Connect to a running server and return a ``State`` handle.
+
+    ``address`` and ``authkey`` default to ``SHAREDSTATE_ADDRESS`` and ``SHAREDSTATE_AUTHKEY``, which
+    ``StateServer.start()`` exports to child processes. Given an address of a Unix socket and no key,
+    the key is read from ``ADDRESS.key``. Raises ``ServerUnavailable`` when no server answers (within
+    5 seconds) and ``AccessDenied`` when the key is refused.
+
+    >>> state = sharedstate.connect()          # doctest: +SKIP
+    """
+    parsed, key = resolve(address, authkey)
+    state = State(parsed, key, cache=cache)
+    state._pool.get()  # connect now: fail here, not at the first call
+    return state

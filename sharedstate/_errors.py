@@ -1,0 +1,71 @@
+"""The exceptions of sharedstate: each subclasses the nearest built-in and pickles with its facts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AccessDenied",
+    "LockTimeout",
+    "ServerUnavailable",
+    "SharedStateError",
+    "SnapshotError",
+    "StateFileBusy",
+]
+
+
+class SharedStateError(Exception):
+    """Base class of every error sharedstate raises on purpose.
+
+    The facts an error carries (``address``, ``path``, ``pid``, ``name``, ``timeout``) are attributes,
+    also named in the message, and survive pickling so an error can cross a process boundary intact.
+    """
+
+    #: The attribute names this class carries beside its message.
+    _facts: tuple[str, ...] = ()
+
+    def __init__(self, message: str, *facts: Any) -> None:
+        # Only the message goes to the built-in base: OSError subclasses would read a second positional
+        # argument as an errno.
+        super().__init__(message)
+        for field, value in zip(self._facts, facts):
+            setattr(self, field, value)
+        for field in self._facts[len(facts) :]:
+            setattr(self, field, None)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.args[0], *(getattr(self, f) for f in self._facts)))
+
+
+class ServerUnavailable(SharedStateError, ConnectionError):
+    """No server answers at the address, or it went away during a call. Has ``address``."""
+
+    _facts = ("address",)
+
+
+class AccessDenied(SharedStateError, PermissionError):
+    """The server refused the authentication key (or none was found). Has ``address``."""
+
+    _facts = ("address",)
+
+
+class LockTimeout(SharedStateError, TimeoutError):
+    """A lock was not acquired within its timeout. Has ``name`` (``None`` for the global lock) and
+    ``timeout``."""
+
+    _facts = ("name", "timeout")
+
+
+class SnapshotError(SharedStateError, ValueError):
+    """A snapshot or storage file is not valid. Has ``path``."""
+
+    _facts = ("path",)
+
+
+class StateFileBusy(SharedStateError):
+    """Another live server owns the snapshot file. Has ``path`` and ``pid`` (the owner's)."""
+
+    _facts = ("path", "pid")

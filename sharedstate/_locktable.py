@@ -1,0 +1,199 @@
+"""Owner-aware, reentrant locks kept by the server: the global lock and one per name.
+
+A lock belongs to one thread (or asyncio task) of one client process. Unlike the manager's ``RLock``,
+it does not stay locked forever when its holder dies: it is freed when every connection of the holder's
+process has closed (the usual case: the kernel closes them at exit), or, while someone waits for it,
+when the holder's process is found dead (exited, a zombie, or its pid reused). Liveness is checked only
+on the contended path, so an uncontended acquire stays one dictionary update.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Hashable, Optional
+
+import psutil
+
+log = logging.getLogger("sharedstate")
+
+#: How often a waiter wakes to check the holder's liveness (the 1 s recovery bound rests on this).
+POLL_S = 0.25
+#: Liveness of one holder is checked at most this often, however many waiters there are.
+CHECK_EVERY_S = 0.2
+
+
+class Client:
+    """One client process, as the server knows it, with the number of its open connections."""
+
+    __slots__ = ("key", "pid", "local", "create_time", "conns")
+
+    def __init__(self, key: Hashable, pid: int, local: bool, create_time: Optional[float]) -> None:
+        self.key = key
+        self.pid = pid
+        #: Whether ``pid`` is a process of this machine and pid namespace, so psutil can look at it.
+        self.local = local and create_time is not None
+        #: The process' start time as psutil reports it, to tell it from a later process with its pid.
+        self.create_time = create_time
+        self.conns = 0
+
+    def alive(self) -> bool:
+        """False when the process is gone: no connection left, exited, a zombie, or its pid reused."""
+        if self.conns <= 0:
+            return False
+        if not self.local:
+            return True
+        try:
+            process = psutil.Process(self.pid)
+            if process.create_time() != self.create_time:
+                return False
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.Error:
+            return True
+
+    def __repr__(self) -> str:
+        return f"<client pid {self.pid}>"
+
+
+class _Entry:
+    __slots__ = ("owner", "client", "count", "cond", "waiters", "checked_at")
+
+    def __init__(self, mutex: threading.Lock) -> None:
+        self.owner: Optional[tuple[Hashable, Hashable]] = None
+        self.client: Optional[Client] = None
+        self.count = 0
+        self.cond = threading.Condition(mutex)
+        self.waiters = 0
+        self.checked_at = 0.0
+
+
+def describe(key: Optional[str]) -> str:
+    return "the global lock" if key is None else f"lock {key!r}"
+
+
+class LockTable:
+    """Every lock of one server, by name (``None`` for the global lock)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._entries: dict[Optional[str], _Entry] = {}
+        #: Locks freed because their holder died or disconnected.
+        self.recoveries = 0
+
+    def acquire(
+        self,
+        key: Optional[str],
+        client: Client,
+        thread: Hashable,
+        blocking: bool,
+        timeout: Optional[float],
+        abandoned: Callable[[], bool],
+    ) -> bool:
+        """Take the lock for ``(client, thread)``; reentrant. ``abandoned`` tells a waiter that its caller
+        has gone away, so it stops waiting rather than taking a lock nobody will release."""
+        owner = (client.key, thread)
+        with self._mutex:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = _Entry(self._mutex)
+            if entry.owner is None:
+                self._take(entry, owner, client)
+                return True
+            if entry.owner == owner:
+                entry.count += 1
+                return True
+            deadline = None if timeout is None else time.monotonic() + timeout
+            entry.waiters += 1
+            try:
+                while True:
+                    self._check_holder(key, entry)
+                    if entry.owner is None:
+                        self._take(entry, owner, client)
+                        return True
+                    if not blocking:
+                        return False
+                    wait = POLL_S
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return False
+                        wait = min(wait, remaining)
+                    entry.cond.wait(wait)
+                    if abandoned():
+                        if entry.owner is None:
+                            entry.cond.notify()  # pass the wake-up on to a waiter that still wants it
+                        return False
+            finally:
+                entry.waiters -= 1
+                self._forget_if_idle(key, entry)
+
+    def release(self, key: Optional[str], client: Client, thread: Hashable) -> None:
+        owner = (client.key, thread)
+        with self._mutex:
+            entry = self._entries.get(key)
+            if entry is None or entry.owner != owner:
+                holder = "nobody" if entry is None or entry.client is None else f"pid {entry.client.pid}"
+                raise RuntimeError(f"cannot release {describe(key)}: this thread does not hold it (held by {holder})")
+            entry.count -= 1
+            if entry.count == 0:
+                self._free(key, entry)
+
+    def locked(self, key: Optional[str]) -> bool:
+        with self._mutex:
+            entry = self._entries.get(key)
+            return entry is not None and entry.owner is not None
+
+    def owner(self, key: Optional[str]) -> Optional[int]:
+        with self._mutex:
+            entry = self._entries.get(key)
+            return None if entry is None or entry.client is None else entry.client.pid
+
+    def release_client(self, client: Client) -> None:
+        """Free every lock ``client`` holds: its last connection has closed."""
+        with self._mutex:
+            for key, entry in list(self._entries.items()):
+                if entry.client is client:
+                    self._recover(key, entry, "its process closed its last connection")
+
+    # -- internals, called with the mutex held ------------------------------------------------------
+    def _take(self, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client) -> None:
+        entry.owner = owner
+        entry.client = client
+        entry.count = 1
+
+    def _free(self, key: Optional[str], entry: _Entry) -> None:
+        entry.owner = None
+        entry.client = None
+        entry.count = 0
+        entry.cond.notify()
+        self._forget_if_idle(key, entry)
+
+    def _forget_if_idle(self, key: Optional[str], entry: _Entry) -> None:
+        # Named locks come and go with their names; keep only the ones in use.
+        if entry.owner is None and entry.waiters == 0 and self._entries.get(key) is entry:
+            del self._entries[key]
+
+    def _check_holder(self, key: Optional[str], entry: _Entry) -> None:
+        client = entry.client
+        if client is None:
+            return
+        now = time.monotonic()
+        if now - entry.checked_at < CHECK_EVERY_S:
+            return
+        entry.checked_at = now
+        if not client.alive():
+            self._recover(key, entry, "its process is gone")
+
+    def _recover(self, key: Optional[str], entry: _Entry, why: str) -> None:
+        pid = entry.client.pid if entry.client is not None else None
+        self.recoveries += 1
+        log.warning("released %s held by pid %s: %s", describe(key), pid, why)
+        self._free(key, entry)
+
+    def status(self) -> dict[str, Any]:
+        with self._mutex:
+            return {"held": sum(1 for e in self._entries.values() if e.owner is not None)}

@@ -1,0 +1,339 @@
+"""``StateServer``: the owner's side of a server process — start, watch, restart, shut down."""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+import pickle
+import select
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import spawn
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import psutil
+
+from ._client import State
+from ._errors import ServerUnavailable, SharedStateError
+from ._serverproc import ServerConfig
+from ._transport import (
+    ENV_ADDRESS,
+    ENV_AUTHKEY,
+    Address,
+    format_address,
+    is_loopback,
+    open_control,
+    parse_address,
+)
+
+log = logging.getLogger("sharedstate")
+
+#: How long a new server process may take to report that it listens.
+START_TIMEOUT_S = 30.0
+#: Bounded steps of a shutdown: ask, then SIGTERM, then SIGKILL.
+STOP_TIMEOUT_S = 10.0
+#: The folder this package is imported from, put first on the server process' path.
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+SaveEvery = Union[int, float, datetime.timedelta, str, None]
+
+
+class StateServer:
+    """Owns a server process that holds the shared state.
+
+    >>> with sharedstate.StateServer() as server:          # doctest: +SKIP
+    ...     server.state.incr("hits")
+
+    ``start()`` launches the process and exports ``SHAREDSTATE_ADDRESS`` and ``SHAREDSTATE_AUTHKEY`` so
+    that child processes can call ``sharedstate.connect()``. The server stops on ``shutdown()``, on
+    SIGTERM/SIGINT, and when this process dies. If it crashes, it is started again at the same address
+    (``restart=True``).
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike[str], None] = None,
+        save_every: SaveEvery = "@hourly",
+        address: object = None,
+        authkey: Optional[bytes] = None,
+        durability: str = "snapshot",
+        journal_fsync: str = "everysec",
+        restart: bool = True,
+        allow_remote: bool = False,
+    ) -> None:
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        self._path = None if path is None else Path(os.fspath(path)).absolute()
+        self._save_every = save_every
+        self._address: Optional[Address] = None if address is None else parse_address(address)
+        if authkey is not None:
+            if not isinstance(authkey, (bytes, bytearray)):
+                raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
+            if not authkey:
+                raise ValueError("authkey must not be empty")
+            authkey = bytes(authkey)
+        self._given_authkey = authkey
+        if durability not in ("snapshot", "journal"):
+            raise ValueError(f"durability must be 'snapshot' or 'journal', not {durability!r}")
+        if journal_fsync not in ("everysec", "always"):
+            raise ValueError(f"journal_fsync must be 'everysec' or 'always', not {journal_fsync!r}")
+        self._durability = durability
+        self._journal_fsync = journal_fsync
+        self._restart = bool(restart)
+        if self._address is not None and not is_loopback(self._address):
+            if not allow_remote:
+                raise ValueError(
+                    f"address {format_address(self._address)} is reachable from other machines: "
+                    "pass allow_remote=True (and an explicit authkey) to allow it"
+                )
+            if authkey is None:
+                raise ValueError("a server reachable from other machines needs an explicit authkey")
+        self._allow_remote = bool(allow_remote)
+
+        self._authkey: Optional[bytes] = None
+        self._tmpdir: Optional[str] = None
+        self._proc: Optional[subprocess.Popen[bytes]] = None
+        self._config: Optional[ServerConfig] = None
+        self._owner_pid: Optional[int] = None
+        self._state: Optional[State] = None
+        self._stopping = False
+        self._stopped = False
+        self._mutex = threading.RLock()
+        self._restarts = 0
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def address(self) -> Optional[str]:
+        """Where the server listens (``None`` before ``start()``), as ``SHAREDSTATE_ADDRESS`` holds it."""
+        return None if self._address is None else format_address(self._address)
+
+    @property
+    def authkey(self) -> Optional[bytes]:
+        """The key clients authenticate with (``None`` before ``start()`` unless one was given)."""
+        return self._authkey or self._given_authkey
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The server process' pid (``None`` before ``start()``)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def path(self) -> Optional[Path]:
+        """The snapshot file, or ``None`` without persistence."""
+        return self._path
+
+    @property
+    def state(self) -> State:
+        """A ``State`` handle for this process."""
+        if self._proc is None or self._address is None:
+            raise ServerUnavailable("the server is not started: call start() first")
+        if self._state is None:
+            self._state = State(self._address, self._authkey)
+        return self._state
+
+    # -- life ---------------------------------------------------------------------------------------
+    def start(self) -> StateServer:
+        """Start the server process and export its address and key; return ``self``.
+
+        Raises ``RuntimeError`` if already started, and whatever the server process failed with
+        (an ``OSError`` for an address in use, say).
+        """
+        with self._mutex:
+            if self._proc is not None:
+                raise RuntimeError(f"the server at {self.address} is already started")
+            if self._stopped:
+                raise RuntimeError("a StateServer cannot be started again after shutdown(); make a new one")
+            self._authkey = self._given_authkey or secrets.token_bytes(32)
+            address = self._address
+            if address is None:
+                # A private folder: only this user may enter it, so only this user reaches the socket.
+                self._tmpdir = tempfile.mkdtemp(prefix="sharedstate-")
+                address = os.path.join(self._tmpdir, "state.sock")
+            owner = psutil.Process()
+            self._owner_pid = owner.pid
+            self._config = ServerConfig(
+                address=address,
+                authkey=self._authkey,
+                write_key_file=isinstance(address, str) and self._given_authkey is None,
+                owner_pid=owner.pid,
+                owner_create_time=owner.create_time(),
+                path=None if self._path is None else str(self._path),
+                log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
+            )
+            try:
+                self._proc, info = _spawn(self._config)
+            except BaseException:
+                self._cleanup_tmpdir()
+                raise
+            self._address = info["address"]
+            self._config.address = self._address
+            os.environ[ENV_ADDRESS] = format_address(self._address)
+            os.environ[ENV_AUTHKEY] = self._authkey.hex()
+            atexit.register(self._shutdown_at_exit)
+            threading.Thread(target=self._monitor, args=(self._proc,), name="sharedstate-monitor", daemon=True).start()
+            return self
+
+    def _monitor(self, proc: subprocess.Popen[bytes]) -> None:
+        """Reap the server process; start it again if it crashed (not if it stopped cleanly)."""
+        while True:
+            code = proc.wait()
+            with self._mutex:
+                if self._stopping or self._stopped or self._proc is not proc:
+                    return
+                clean = code == 0 or code in (-signal.SIGTERM, -signal.SIGINT)
+                if clean or not self._restart:
+                    log.warning("the sharedstate server (pid %d) exited with status %d", proc.pid, code)
+                    return
+                log.warning("the sharedstate server (pid %d) died with status %d; starting it again", proc.pid, code)
+                assert self._config is not None
+                try:
+                    proc, _ = _spawn(self._config)
+                except (OSError, SharedStateError) as exc:
+                    log.error("could not start the sharedstate server again: %s", exc)
+                    return
+                self._proc = proc
+                self._restarts += 1
+
+    def shutdown(self) -> None:
+        """Stop the server: it saves (when a path is set) and exits. Idempotent; waits at most about
+        ``2 * STOP_TIMEOUT_S`` seconds, escalating to SIGTERM and then SIGKILL."""
+        with self._mutex:
+            if self._proc is None or self._stopped:
+                self._stopped = True
+                return
+            if os.getpid() != self._owner_pid:
+                raise RuntimeError(f"only the process that started the server (pid {self._owner_pid}) can shut it down")
+            self._stopping = True
+            proc = self._proc
+        try:
+            if self._state is not None:
+                self._state.close()
+            if proc.poll() is None:
+                assert self._address is not None and self._authkey is not None
+                try:
+                    open_control(self._address, self._authkey, "shutdown")
+                except (SharedStateError, OSError):
+                    pass
+                _wait_or_kill(proc, STOP_TIMEOUT_S)
+        finally:
+            with self._mutex:
+                self._stopped = True
+            self._cleanup_tmpdir()
+            if self._address is not None and os.environ.get(ENV_ADDRESS) == format_address(self._address):
+                os.environ.pop(ENV_ADDRESS, None)
+                os.environ.pop(ENV_AUTHKEY, None)
+            atexit.unregister(self._shutdown_at_exit)
+
+    def _shutdown_at_exit(self) -> None:
+        if os.getpid() == self._owner_pid:  # not in a forked child that inherited this object
+            try:
+                self.shutdown()
+            except Exception as exc:  # never let interpreter exit fail over it
+                log.warning("shutting the sharedstate server down at exit failed: %s", exc)
+
+    def _cleanup_tmpdir(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> StateServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        status = "stopped" if self._stopped else "running" if self._proc is not None else "not started"
+        return f"<sharedstate.StateServer {status} at {self.address} pid {self.pid}>"
+
+
+def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start a server process and wait until it listens; return it and what it reported."""
+    code = (
+        f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
+        "from sharedstate._serverproc import main; main()"
+    )
+    proc = subprocess.Popen(
+        [spawn.get_executable(), "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(pickle.dumps(config))
+        proc.stdin.close()
+        reply = _read_reply(proc, START_TIMEOUT_S)
+    except BaseException:
+        _wait_or_kill(proc, 0)
+        raise
+    finally:
+        proc.stdout.close()
+    try:
+        kind, value = pickle.loads(reply)
+    except Exception:
+        _wait_or_kill(proc, 0)
+        raise ServerUnavailable(
+            f"the server process exited with status {proc.wait()} before it listened", format_address(config.address)
+        ) from None
+    if kind == "error":
+        _wait_or_kill(proc, 5)
+        raise value
+    return proc, value
+
+
+def _read_reply(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerUnavailable(f"the server process did not start within {timeout:g} s")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for ``proc`` to exit; past ``timeout``, SIGTERM it, then SIGKILL it. Always reaps it."""
+    for step in (None, proc.terminate, proc.kill):
+        if step is not None:
+            try:
+                step()
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout if step is None else STOP_TIMEOUT_S / 2)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+@contextmanager
+def serve(
+    path: Union[str, os.PathLike[str], None] = None,
+    save_every: SaveEvery = "@hourly",
+    **options: Any,
+) -> Iterator[State]:
+    """Run a ``StateServer`` for a ``with`` block and yield its ``State``; it takes ``StateServer``'s
+    arguments.
+
+    >>> with sharedstate.serve() as state:          # doctest: +SKIP
+    ...     state.set("greeting", "hello")
+    """
+    with StateServer(path, save_every, **options) as server:
+        yield server.state

@@ -1,0 +1,329 @@
+"""The server process: a ``multiprocessing.managers.Server`` that exposes one store at a fixed id.
+
+Started by ``StateServer.start()`` as ``python -c ...`` (not through ``multiprocessing``, so it never
+re-imports the user's ``__main__`` and behaves the same under every start method). It reads its
+configuration as a pickle on stdin, answers ``("ready", info)`` or ``("error", exception)`` on stdout,
+then serves until it is told to stop (``shutdown``, SIGTERM, SIGINT) or its owner process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing import connection as mpc
+from multiprocessing import managers
+from typing import Any, Hashable, Optional
+
+import psutil
+
+from ._locktable import Client, LockTable
+from ._store import Store
+from ._transport import BOOT_SCOPE, STORE_ID, Address, format_address, key_file_for
+
+log = logging.getLogger("sharedstate")
+
+#: How often the server checks that its owner process is still alive.
+OWNER_POLL_S = 0.5
+
+
+@dataclass
+class ServerConfig:
+    """What the owner tells a new server process."""
+
+    address: Address
+    authkey: bytes
+    write_key_file: bool
+    owner_pid: Optional[int]
+    owner_create_time: Optional[float]
+    path: Optional[str] = None
+    log_level: int = logging.WARNING
+
+
+class _Current(threading.local):
+    """The connection and client that the current server thread is serving."""
+
+    conn: Optional[mpc.Connection] = None
+    client: Optional[Client] = None
+
+
+_current = _Current()
+
+
+def _abandoned() -> bool:
+    """True when the client of this thread's connection has gone away mid-call (it sends nothing else
+    while it waits for an answer, so anything readable is end-of-file)."""
+    conn = _current.conn
+    try:
+        return conn is None or conn.poll(0)
+    except (OSError, EOFError, ValueError):
+        return True
+
+
+class StateService(Store):
+    """The store as clients see it: data operations, locks and statistics."""
+
+    EXPOSED = Store.EXPOSED + ("lock_acquire", "lock_release", "lock_locked", "lock_owner", "stats")
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.locks = LockTable()
+        self.started_at = time.time()
+        self.address: Optional[Address] = None
+        self._clients: dict[Hashable, Client] = {}
+        self._clients_mutex = threading.Lock()
+        self.last_save_at: Optional[float] = None
+        self.last_save_s: Optional[float] = None
+        self.last_save_error: Optional[str] = None
+
+    # -- clients ------------------------------------------------------------------------------------
+    def connected(self, hello: dict[str, Any]) -> Client:
+        pid, scope, ctime = hello["pid"], hello["scope"], hello.get("ctime")
+        key = (scope, pid, ctime)
+        with self._clients_mutex:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = Client(key, pid, scope == BOOT_SCOPE, ctime)
+            client.conns += 1
+        return client
+
+    def disconnected(self, client: Client) -> None:
+        with self._clients_mutex:
+            client.conns -= 1
+            gone = client.conns == 0
+            if gone and self._clients.get(client.key) is client:
+                del self._clients[client.key]
+        if gone:
+            self.locks.release_client(client)
+
+    def info(self) -> dict[str, Any]:
+        return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at}
+
+    # -- locks --------------------------------------------------------------------------------------
+    def lock_acquire(self, key: Optional[str], thread: Hashable, blocking: bool, timeout: Optional[float]) -> bool:
+        client = _current.client
+        assert client is not None
+        return self.locks.acquire(key, client, thread, blocking, timeout, _abandoned)
+
+    def lock_release(self, key: Optional[str], thread: Hashable) -> None:
+        client = _current.client
+        assert client is not None
+        self.locks.release(key, client, thread)
+
+    def lock_locked(self, key: Optional[str]) -> bool:
+        return self.locks.locked(key)
+
+    def lock_owner(self, key: Optional[str]) -> Optional[int]:
+        return self.locks.owner(key)
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._mutex:
+            self.ops += 1
+            names, ops = len(self._data), self.ops
+        with self._clients_mutex:
+            clients = sum(c.conns for c in self._clients.values())
+        return {
+            "names": names,
+            "pid": os.getpid(),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "uptime_s": time.time() - self.started_at,
+            "ops": ops,
+            "clients": clients,
+            "last_save_at": self.last_save_at,
+            "last_save_s": self.last_save_s,
+            "last_save_error": self.last_save_error,
+            "lock_recoveries": self.locks.recoveries,
+            "address": format_address(self.address) if self.address is not None else None,
+            "path": self.config.path,
+        }
+
+
+class ManagerServer(managers.Server):
+    """``managers.Server`` with the store at a fixed id, client tracking, and a stoppable accept loop."""
+
+    def __init__(self, service: StateService, address: Address, authkey: bytes) -> None:
+        super().__init__({}, address, authkey, "pickle")
+        self.service = service
+        self.id_to_obj[STORE_ID] = (service, frozenset(service.EXPOSED), None)
+        self.stop_event = threading.Event()
+
+    def accept_connection(self, c: mpc.Connection, hello: Any) -> None:  # type: ignore[override]
+        if not isinstance(hello, dict) or "pid" not in hello or "scope" not in hello:
+            raise TypeError("not a sharedstate client")
+        client = self.service.connected(hello)
+        _current.conn, _current.client = c, client
+        try:
+            c.send(("#RETURN", self.service.info()))
+            self.serve_client(c)
+        finally:
+            _current.conn = _current.client = None
+            self.service.disconnected(client)
+
+    def accepter(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                c = self.listener.accept()
+            except OSError:
+                if self.stop_event.is_set():
+                    return
+                time.sleep(0.01)  # e.g. out of file descriptors: do not spin
+                continue
+            threading.Thread(target=self.handle_request, args=(c,), daemon=True).start()
+
+
+def _clear_stale_socket(address: str) -> None:
+    """Remove a socket file left by a server that died, refuse one that a live server answers on."""
+    if not os.path.exists(address):
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(address)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(address)
+        return
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot use {address}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise OSError(f"address {address} is in use by a running server")
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write a small file readable only by this user, complete before it appears at ``path``."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, text.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _owner_alive(pid: int, create_time: Optional[float]) -> bool:
+    try:
+        process = psutil.Process(pid)
+        if create_time is not None and process.create_time() != create_time:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+class ServerProcess:
+    """The life of one server process: bind, serve, stop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.service = StateService(config)
+        self.server: Optional[ManagerServer] = None
+        self.stop_reason: Optional[str] = None
+        self._key_file: Optional[str] = None
+
+    def open(self) -> Address:
+        config = self.config
+        if isinstance(config.address, str):
+            _clear_stale_socket(config.address)
+            if config.write_key_file:
+                # The key is on disk before the socket appears, so a client that sees the socket finds it.
+                self._key_file = str(key_file_for(config.address))
+                _write_private(self._key_file, config.authkey.hex())
+        old_umask = os.umask(0o177)  # the socket file: this user only
+        try:
+            self.server = ManagerServer(self.service, config.address, config.authkey)
+        finally:
+            os.umask(old_umask)
+        self.service.address = self.server.address
+        return self.server.address
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        assert self.server is not None
+        self.server.stop_event.set()
+
+    def run(self) -> int:
+        server = self.server
+        assert server is not None
+        signalled: list[str] = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            # Only note it: setting an Event from a handler can deadlock on the Event's own lock.
+            signalled.append(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        threading.Thread(target=server.accepter, name="sharedstate-accept", daemon=True).start()
+        if self.config.owner_pid is not None:
+            threading.Thread(target=self._watch_owner, name="sharedstate-owner", daemon=True).start()
+        while not server.stop_event.is_set():
+            if signalled:
+                self.stop(signalled[0])
+                break
+            server.stop_event.wait(0.1)
+        if self.stop_reason is None:
+            self.stop_reason = "shutdown requested"
+        log.info("stopping: %s", self.stop_reason)
+        self.close()
+        return 0
+
+    def _watch_owner(self) -> None:
+        config = self.config
+        assert config.owner_pid is not None and self.server is not None
+        while not self.server.stop_event.wait(OWNER_POLL_S):
+            if not _owner_alive(config.owner_pid, config.owner_create_time):
+                self.stop(f"owner process {config.owner_pid} is gone")
+                return
+
+    def close(self) -> None:
+        server = self.server
+        if server is not None:
+            try:
+                server.listener.close()  # also unlinks a Unix socket
+            except OSError:
+                pass
+        if self._key_file is not None:
+            try:
+                os.unlink(self._key_file)
+            except FileNotFoundError:
+                pass
+
+
+def main() -> None:
+    """Entry point of the server process."""
+    out = sys.stdout.buffer
+    config: ServerConfig = pickle.load(sys.stdin.buffer)
+    logging.basicConfig(
+        level=config.log_level, format="sharedstate[%(process)d] %(levelname)s: %(message)s", stream=sys.stderr
+    )
+    process = ServerProcess(config)
+    try:
+        address = process.open()
+    except BaseException as exc:  # report every failure to the owner, which raises it
+        try:
+            reply = pickle.dumps(("error", exc))
+        except Exception:
+            reply = pickle.dumps(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        out.write(reply)
+        out.flush()
+        os._exit(1)
+    out.write(pickle.dumps(("ready", {"pid": os.getpid(), "address": address})))
+    out.flush()
+    # Nothing more goes to the owner's pipe: stdout becomes /dev/null.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    code = process.run()
+    logging.shutdown()
+    os._exit(code)

@@ -1,0 +1,205 @@
+"""The dictionary that lives in the server process, and every operation on it.
+
+Each operation runs under one mutex, so compound calls (``incr``, ``append``, ``compare_and_set``...)
+are atomic. Stored values are never mutated in place: a change stores a new object. A snapshot is then a
+consistent copy of the dict's references, taken in one short critical section.
+
+Arguments reach the store already checked by the client (``_values``); the store checks only what
+depends on the current state, such as the type of the value ``incr`` adds to.
+"""
+
+from __future__ import annotations
+
+import decimal
+import re
+import threading
+from typing import Any
+
+_MISSING = object()
+_NUMBER_TYPES = (int, float, decimal.Decimal)
+
+
+class Store:
+    """Names to values, each name with an optional tuple of scopes."""
+
+    #: The operations a client may call, by name (the manager refuses any other).
+    EXPOSED: tuple[str, ...] = (
+        "get",
+        "getitem",
+        "set",
+        "remove",
+        "delitem",
+        "contains",
+        "names",
+        "clear",
+        "incr",
+        "setdefault",
+        "compare_and_set",
+        "append",
+        "update",
+        "get_many",
+        "snapshot",
+        "length",
+    )
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] = {}
+        self._scopes: dict[str, tuple[str, ...]] = {}
+        self._mutex = threading.Lock()
+        #: Operations served, for ``stats()``.
+        self.ops = 0
+
+    # -- reads -------------------------------------------------------------------------------------
+    def get(self, name: str, default: Any = None) -> Any:
+        with self._mutex:
+            self.ops += 1
+            return self._data.get(name, default)
+
+    def getitem(self, name: str) -> Any:
+        with self._mutex:
+            self.ops += 1
+            value = self._data.get(name, _MISSING)
+        if value is _MISSING:
+            raise KeyError(name)
+        return value
+
+    def contains(self, name: str) -> bool:
+        with self._mutex:
+            self.ops += 1
+            return name in self._data
+
+    def get_many(self, names: list[str]) -> dict[str, Any]:
+        with self._mutex:
+            self.ops += 1
+            data = self._data
+            return {n: data[n] for n in names if n in data}
+
+    def length(self) -> int:
+        with self._mutex:
+            self.ops += 1
+            return len(self._data)
+
+    def names(self, pattern: str | None = None, scope: tuple[str, ...] = ()) -> list[str]:
+        with self._mutex:
+            self.ops += 1
+            if scope:
+                wanted = set(scope)
+                found = [n for n, s in self._scopes.items() if not wanted.isdisjoint(s)]
+            else:
+                found = list(self._data)
+        if pattern is not None:
+            search = re.compile(pattern).search
+            found = [n for n in found if search(n)]
+        found.sort()
+        return found
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._mutex:
+            self.ops += 1
+            return dict(self._data)
+
+    def entries(self) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
+        """A consistent copy of the references of every value and scope (for saving)."""
+        with self._mutex:
+            return dict(self._data), dict(self._scopes)
+
+    # -- writes ------------------------------------------------------------------------------------
+    def set(self, name: str, value: Any, scope: tuple[str, ...] = ()) -> None:
+        with self._mutex:
+            self.ops += 1
+            self._data[name] = value
+            if scope:
+                self._scopes[name] = scope
+            else:
+                self._scopes.pop(name, None)
+
+    def remove(self, name: str) -> Any:
+        with self._mutex:
+            self.ops += 1
+            self._scopes.pop(name, None)
+            return self._data.pop(name, None)
+
+    def delitem(self, name: str) -> None:
+        with self._mutex:
+            self.ops += 1
+            if name not in self._data:
+                raise KeyError(name)
+            del self._data[name]
+            self._scopes.pop(name, None)
+
+    def clear(self) -> None:
+        with self._mutex:
+            self.ops += 1
+            self._data.clear()
+            self._scopes.clear()
+
+    def update(self, mapping: dict[str, Any]) -> None:
+        with self._mutex:
+            self.ops += 1
+            self._data.update(mapping)
+            scopes = self._scopes
+            if scopes:
+                for name in mapping:
+                    scopes.pop(name, None)
+
+    def replace(self, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], merge: bool) -> None:
+        """Install restored entries: all of them (``merge=False``), or over the current ones."""
+        with self._mutex:
+            if merge:
+                self._data.update(data)
+                for name in data:
+                    self._scopes.pop(name, None)
+                self._scopes.update(scopes)
+            else:
+                self._data = dict(data)
+                self._scopes = dict(scopes)
+
+    # -- atomic read-modify-write ------------------------------------------------------------------
+    def incr(self, name: str, by: int | float | decimal.Decimal = 1) -> Any:
+        with self._mutex:
+            self.ops += 1
+            current = self._data.get(name, 0)
+            if type(current) not in _NUMBER_TYPES:
+                raise TypeError(f"cannot incr {name!r}: it holds {type(current).__name__}, not a number")
+            try:
+                new = current + by
+            except TypeError:
+                raise TypeError(
+                    f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}"
+                ) from None
+            self._data[name] = new
+            return new
+
+    def setdefault(self, name: str, default: Any) -> Any:
+        with self._mutex:
+            self.ops += 1
+            data = self._data
+            if name in data:
+                return data[name]
+            data[name] = default
+            return default
+
+    def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
+        with self._mutex:
+            self.ops += 1
+            current = self._data.get(name, _MISSING)
+            if current is _MISSING:
+                if expected is not None:
+                    return False
+            elif current != expected:
+                return False
+            self._data[name] = new
+            return True
+
+    def append(self, name: str, item: Any) -> int:
+        with self._mutex:
+            self.ops += 1
+            current = self._data.get(name, _MISSING)
+            if current is _MISSING:
+                new = [item]
+            elif type(current) is list:
+                new = [*current, item]  # a new list: stored values are never mutated in place
+            else:
+                raise TypeError(f"cannot append to {name!r}: it holds {type(current).__name__}, not a list")
+            self._data[name] = new
+            return len(new)

@@ -1,0 +1,289 @@
+"""Addresses, keys and connections: how a client reaches a server, with deadlines on every step.
+
+The wire protocol is that of ``multiprocessing.managers``: an HMAC challenge in both directions, then an
+``accept_connection`` request, then pickled ``(ident, method, args, kwargs)`` requests answered by
+``('#RETURN', result)`` or ``('#ERROR', exception)``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+import threading
+from multiprocessing import connection as mpc
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, Union
+
+from ._errors import AccessDenied, ServerUnavailable, SharedStateError
+
+Address = Union[str, tuple[str, int]]
+
+ENV_ADDRESS = "SHAREDSTATE_ADDRESS"
+ENV_AUTHKEY = "SHAREDSTATE_AUTHKEY"
+
+#: The well-known id under which the server exposes its store, so that ids survive a server restart.
+STORE_ID = "sharedstate"
+
+#: How long connecting and authenticating may take before the server counts as unavailable.
+CONNECT_TIMEOUT = 5.0
+
+
+def parse_address(address: object) -> Address:
+    """Normalise an address: a Unix socket path (``str``/``PathLike``), a ``(host, port)`` pair, or the
+    text forms ``"host:port"`` and ``"[v6]:port"`` used in ``SHAREDSTATE_ADDRESS``."""
+    if isinstance(address, tuple):
+        if len(address) != 2 or not isinstance(address[0], str) or type(address[1]) is not int:
+            raise TypeError(f"a TCP address must be (host: str, port: int), not {address!r}")
+        if not 0 <= address[1] <= 65535:
+            raise ValueError(f"port out of range in address {address!r}")
+        return (address[0], address[1])
+    if isinstance(address, os.PathLike):
+        address = os.fspath(address)
+    if not isinstance(address, str):
+        raise TypeError(f"an address must be a socket path or (host, port), not {type(address).__name__}")
+    if not address:
+        raise ValueError("an address must not be empty")
+    if "/" in address or ":" not in address:
+        return address
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"cannot read address {address!r}: expected a socket path or HOST:PORT") from None
+    return parse_address((host, number))
+
+
+def format_address(address: Address) -> str:
+    """The text form of an address, as ``parse_address`` reads it back."""
+    if isinstance(address, tuple):
+        host, port = address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address
+
+
+def is_loopback(address: Address) -> bool:
+    """True for a Unix socket or a TCP address on the loopback interface."""
+    if not isinstance(address, tuple):
+        return True
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def key_file_for(address: Address) -> Path | None:
+    """Where a server on a Unix socket with a generated key writes that key (``ADDRESS.key``)."""
+    if isinstance(address, tuple):
+        return None
+    return Path(address + ".key")
+
+
+def read_key_file(address: Address) -> bytes | None:
+    path = key_file_for(address)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise AccessDenied(f"cannot read the key file {path}: {exc.strerror}", format_address(address)) from exc
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise AccessDenied(f"the key file {path} does not hold a hex key", format_address(address)) from None
+
+
+def resolve(address: object = None, authkey: object = None) -> tuple[Address, bytes | None]:
+    """The address and key a client should use: the arguments, else the environment, else the key file."""
+    env_address = os.environ.get(ENV_ADDRESS)
+    if address is None:
+        if not env_address:
+            raise ServerUnavailable(
+                f"no address given and {ENV_ADDRESS} is not set: start a StateServer in this process or "
+                "a parent, or pass the address"
+            )
+        address = env_address
+    parsed = parse_address(address)
+    if authkey is not None:
+        if isinstance(authkey, str):
+            raise TypeError("authkey must be bytes, not str (use bytes.fromhex for a hex key)")
+        if not isinstance(authkey, (bytes, bytearray)):
+            raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
+        return parsed, bytes(authkey)
+    env_key = os.environ.get(ENV_AUTHKEY)
+    if env_key and env_address and parse_address(env_address) == parsed:
+        try:
+            return parsed, bytes.fromhex(env_key)
+        except ValueError:
+            raise AccessDenied(f"{ENV_AUTHKEY} does not hold a hex key", format_address(parsed)) from None
+    return parsed, read_key_file(parsed)
+
+
+def _boot_scope() -> str:
+    """Identifies this machine and pid namespace, so the server knows whether a client's pid means
+    anything to it."""
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(source) if source.endswith("/pid") else Path(source).read_text().strip())
+        except OSError:
+            pass
+    return "|".join(parts)
+
+
+BOOT_SCOPE = _boot_scope()
+
+_TIMEVAL = "@ll"
+
+
+def _set_recv_timeout(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(_TIMEVAL, whole, int((seconds - whole) * 1e6))
+    )
+
+
+def _handshake(address: Address, authkey: bytes | None, timeout: float) -> mpc.Connection:
+    """Connect and authenticate both ways, each step within ``timeout`` seconds."""
+    text = format_address(address)
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ServerUnavailable(f"no sharedstate server at {text} ({exc.strerror})", text) from None
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot connect to the sharedstate server at {text}: {exc}", text) from None
+        sock.settimeout(None)
+        # A blocking socket with a receive timeout: the handshake cannot hang on a server that accepted
+        # the connection but does not answer (stopped, overloaded, or not a sharedstate server).
+        _set_recv_timeout(sock, timeout)
+        conn = mpc.Connection(sock.detach())
+    finally:
+        sock.close()
+    try:
+        key = authkey if authkey is not None else b""
+        try:
+            mpc.answer_challenge(conn, key)
+            mpc.deliver_challenge(conn, key)
+        except mpc.AuthenticationError:
+            if authkey is None:
+                where = key_file_for(address)
+                raise AccessDenied(
+                    f"no key for the server at {text}: pass authkey, set {ENV_AUTHKEY}"
+                    + (f", or make {where} readable" if where else ""),
+                    text,
+                ) from None
+            raise AccessDenied(f"the server at {text} refused the authentication key", text) from None
+        return conn
+    except BaseException as exc:
+        conn.close()
+        _raise_unavailable(exc, text, timeout)
+        raise
+
+
+def _raise_unavailable(exc: BaseException, text: str, timeout: float) -> None:
+    """Turn a transport failure during the handshake into ``ServerUnavailable``; let others through."""
+    if isinstance(exc, SharedStateError):
+        return
+    if isinstance(exc, (BlockingIOError, TimeoutError)):
+        raise ServerUnavailable(f"the server at {text} did not answer within {timeout:g} s", text) from None
+    if isinstance(exc, (EOFError, OSError, AssertionError)):
+        raise ServerUnavailable(f"the server at {text} closed the connection during the handshake", text) from None
+
+
+def _request(conn: mpc.Connection, text: str, funcname: str, args: tuple[Any, ...]) -> Any:
+    conn.send((None, funcname, args, {}))
+    kind, result = conn.recv()
+    if kind != "#RETURN":
+        raise ServerUnavailable(f"the server at {text} is not a sharedstate server", text)
+    return result
+
+
+def open_connection(
+    address: Address, authkey: bytes | None, hello: dict[str, Any], timeout: float = CONNECT_TIMEOUT
+) -> tuple[mpc.Connection, dict[str, Any]]:
+    """Connect, authenticate and introduce this client, every step within ``timeout`` seconds.
+
+    Returns the connection and what the server said about itself. Raises ``ServerUnavailable`` when
+    nothing answers (or it stops answering) and ``AccessDenied`` when the key is refused.
+    """
+    text = format_address(address)
+    conn = _handshake(address, authkey, timeout)
+    try:
+        info = _request(conn, text, "accept_connection", (hello,))
+        if not isinstance(info, dict) or info.get("service") != STORE_ID:
+            raise ServerUnavailable(f"the server at {text} is not a sharedstate server", text)
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            _set_recv_timeout(sock, 0)  # calls may block as long as they need (a lock wait)
+        finally:
+            sock.close()
+        return conn, info
+    except BaseException as exc:
+        conn.close()
+        _raise_unavailable(exc, text, timeout)
+        raise
+
+
+def open_control(address: Address, authkey: bytes, funcname: str, timeout: float = CONNECT_TIMEOUT) -> Any:
+    """Send one of the manager server's own requests (``shutdown``) on a connection of its own."""
+    text = format_address(address)
+    conn = _handshake(address, authkey, timeout)
+    try:
+        return _request(conn, text, funcname, ())
+    except BaseException as exc:
+        _raise_unavailable(exc, text, timeout)
+        raise
+    finally:
+        conn.close()
+
+
+class ConnectionPool:
+    """One connection per thread for one client handle; dropped in a forked child and after any failure.
+
+    A connection is never shared between threads (the protocol is one request, one answer) nor inherited
+    across ``fork``: the child opens its own.
+    """
+
+    def __init__(self, address: Address, authkey: bytes | None, hello: Callable[[], dict[str, Any]]) -> None:
+        self.address = address
+        self.authkey = authkey
+        self.hello = hello
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self.server_info: dict[str, Any] | None = None
+
+    def get(self) -> mpc.Connection:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None and self._pid == os.getpid():
+            return conn
+        if self._pid != os.getpid():
+            self._local = local = threading.local()
+            self._pid = os.getpid()
+        conn, info = open_connection(self.address, self.authkey, self.hello())
+        self.server_info = info
+        local.conn = conn
+        return conn
+
+    def drop(self) -> None:
+        """Close this thread's connection (after a failure, or when the handle is closed)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None and self._pid == os.getpid():
+            try:
+                conn.close()
+            except OSError:
+                pass

@@ -1,0 +1,101 @@
+"""Fixtures shared by the tests: servers that always stop, children that are always reaped."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sharedstate
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+#: Every start method this platform offers: fork, spawn and forkserver on Linux.
+START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[sharedstate.StateServer]:
+    """A started server on a private socket; shut down (and checked to be gone) afterwards."""
+    srv = sharedstate.StateServer().start()
+    try:
+        yield srv
+    finally:
+        pid = srv.pid
+        srv.shutdown()
+        assert pid is not None
+        assert not _running(pid), f"server pid {pid} still running after shutdown()"
+
+
+@pytest.fixture
+def state(server: sharedstate.StateServer) -> sharedstate.State:
+    return server.state
+
+
+@pytest.fixture(params=START_METHODS)
+def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
+    """Each multiprocessing start method in turn."""
+    return multiprocessing.get_context(request.param)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def reap(*procs: multiprocessing.process.BaseProcess | subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Make sure children are gone: join with a deadline, then terminate, then kill."""
+    for proc in procs:
+        if isinstance(proc, subprocess.Popen):
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            continue
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition") -> float:
+    """Poll ``predicate`` until it is true; return the seconds it took; fail past ``timeout``."""
+    start = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(interval)
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,76 @@
+"""Functions run in child processes by the tests (importable under every start method)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import sharedstate
+
+
+def incr_many(state: sharedstate.State, name: str, times: int) -> int:
+    for _ in range(times):
+        state.incr(name)
+    return os.getpid()
+
+
+def incr_many_from_env(name: str, times: int) -> int:
+    state = sharedstate.connect()
+    for _ in range(times):
+        state.incr(name)
+    return os.getpid()
+
+
+def locked_read_modify_write(state: sharedstate.State, name: str, times: int, start) -> None:
+    start.wait(30)
+    for _ in range(times):
+        with state.lock:
+            state.set(name, state.get(name, 0) + 1)
+
+
+def hold_lock_forever(state: sharedstate.State, lock_name, held) -> None:
+    lock = state.lock if lock_name is None else state.named_lock(lock_name)
+    lock.acquire()
+    held.set()
+    while True:
+        time.sleep(60)
+
+
+def hold_lock_with_fd_kept_open(state: sharedstate.State, held, child_pid) -> None:
+    """Take the lock, then fork a child that keeps this process' connection open and outlives it."""
+    state.lock.acquire()
+    pid = os.fork()
+    if pid == 0:  # the grandchild: holds a copy of the connection's socket, does nothing with it
+        time.sleep(60)
+        os._exit(0)
+    child_pid.value = pid
+    held.set()
+    while True:
+        time.sleep(60)
+
+
+def hold_lock_then_exit(state: sharedstate.State, held, go) -> None:
+    state.lock.acquire()
+    held.set()
+    go.wait(30)
+    os._exit(0)  # exits holding the lock; the parent does not reap it at once
+
+
+def try_lock(state: sharedstate.State, result, lock_name=None) -> None:
+    lock = state.lock if lock_name is None else state.named_lock(lock_name)
+    result.value = 1 if lock.acquire(blocking=False) else 0
+
+
+def connect_and_report(queue) -> None:
+    try:
+        state = sharedstate.connect()
+        queue.put(("ok", state.get("greeting"), os.getpid()))
+    except Exception as exc:  # reported to the test
+        queue.put(("error", repr(exc), os.getpid()))
+
+
+def thread_holds(lock: sharedstate.Lock, held: threading.Event, release: threading.Event) -> None:
+    with lock:
+        held.set()
+        release.wait(30)
