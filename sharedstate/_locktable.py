@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Hashable, Optional
+from typing import Hashable, Optional
 
 import psutil
 
@@ -194,6 +194,11 @@ class LockTable:
         log.warning("released %s held by pid %s: %s", describe(key), pid, why)
         self._free(key, entry)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, int]:
+        """How many locks are held and how many calls wait for one."""
         with self._mutex:
-            return {"held": sum(1 for e in self._entries.values() if e.owner is not None)}
+            entries = self._entries.values()
+            return {
+                "locks_held": sum(1 for e in entries if e.owner is not None),
+                "lock_waiters": sum(e.waiters for e in entries),
+            }

@@ -180,6 +180,7 @@ class StateServer:
             self._config.address = self._address
             os.environ[ENV_ADDRESS] = format_address(self._address)
             os.environ[ENV_AUTHKEY] = self._authkey.hex()
+            _restart_forkserver()
             atexit.register(self._shutdown_at_exit)
             threading.Thread(target=self._monitor, args=(self._proc,), name="sharedstate-monitor", daemon=True).start()
             return self
@@ -256,6 +257,25 @@ class StateServer:
     def __repr__(self) -> str:
         status = "stopped" if self._stopped else "running" if self._proc is not None else "not started"
         return f"<sharedstate.StateServer {status} at {self.address} pid {self.pid}>"
+
+
+def _restart_forkserver() -> None:
+    """Make the next forkserver child see the variables just exported.
+
+    A running forkserver forks every child from its own copy of the environment, taken when it started;
+    stopped, it starts again on demand with the current one. Children it already made are not affected.
+    """
+    try:
+        from multiprocessing import forkserver
+    except ImportError:  # a platform without it
+        return
+    running = getattr(forkserver, "_forkserver", None)
+    if running is None or getattr(running, "_forkserver_pid", None) is None or not hasattr(running, "_stop"):
+        return
+    try:
+        running._stop()
+    except OSError:  # inherited through fork: not ours to stop
+        pass
 
 
 def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:

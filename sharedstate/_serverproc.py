@@ -141,6 +141,7 @@ class StateService(Store):
             "last_save_s": self.last_save_s,
             "last_save_error": self.last_save_error,
             "lock_recoveries": self.locks.recoveries,
+            **self.locks.status(),
             "address": format_address(self.address) if self.address is not None else None,
             "path": self.config.path,
         }

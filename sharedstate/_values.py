@@ -64,7 +64,7 @@ def check_scope(scope: object) -> tuple[str, ...]:
         return ()
     if isinstance(scope, str):
         return (str.__str__(scope),)
-    if isinstance(scope, (bytes, bytearray)) or not isinstance(scope, Iterable):
+    if not isinstance(scope, (list, tuple, set, frozenset)):
         raise TypeError(f"a scope must be a str or a list of str, not {type(scope).__name__}")
     items = []
     for item in scope:

@@ -99,3 +99,36 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+class LoggedServer:
+    """A server whose stderr (its log) goes to a file the test can read."""
+
+    def __init__(self, server: sharedstate.StateServer, log: Path) -> None:
+        self.server = server
+        self.log = log
+        self.state = server.state
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+def start_with_log(log: Path, **options) -> sharedstate.StateServer:
+    """Start a server whose inherited stderr is ``log``."""
+    saved = os.dup(2)
+    try:
+        with open(log, "ab") as f:
+            os.dup2(f.fileno(), 2)
+        return sharedstate.StateServer(**options).start()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@pytest.fixture
+def logged(tmp_path: Path) -> Iterator[LoggedServer]:
+    srv = start_with_log(tmp_path / "server.log")
+    try:
+        yield LoggedServer(srv, tmp_path / "server.log")
+    finally:
+        srv.shutdown()

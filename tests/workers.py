@@ -74,3 +74,31 @@ def thread_holds(lock: sharedstate.Lock, held: threading.Event, release: threadi
     with lock:
         held.set()
         release.wait(30)
+
+
+def hold_lock_fd_open_then_exit(state: sharedstate.State, held, child_pid, go) -> None:
+    """Like ``hold_lock_with_fd_kept_open``, but exit (unreaped: a zombie) when ``go`` is set."""
+    state.lock.acquire()
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    child_pid.value = pid
+    held.set()
+    go.wait(30)
+    os._exit(0)
+
+
+def hold_lock_then_close(state: sharedstate.State, held, go) -> None:
+    state.lock.acquire()
+    held.set()
+    go.wait(30)
+    state.close()  # its only connection: the lock is freed though this process lives on
+    time.sleep(60)
+
+
+def wait_for_lock(state: sharedstate.State, waiting) -> None:
+    state.get("warm-up")  # connected before saying so
+    waiting.set()
+    state.lock.acquire()
+    time.sleep(60)
