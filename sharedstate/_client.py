@@ -6,6 +6,7 @@ import decimal
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 import psutil
@@ -188,6 +189,37 @@ class State:
         """A copy of every name and value."""
         return self._call("snapshot", ())
 
+    def save(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        scope: str | Iterable[str] | None = None,
+    ) -> Path:
+        """Write a snapshot of the state (JSON, atomically, mode 0600, the previous file kept as
+        ``NAME.bak``) to the server's path or to ``path``; return the path written.
+
+        ``scope`` keeps names having any of those scopes, ``include`` keeps only the names listed, and
+        ``exclude`` drops names — applied in that order (Pode's), so ``exclude`` has the last word.
+        Raises ``ValueError`` when neither the server nor the call gives a path, and the ``OSError`` of a
+        failed write (the previous file is then untouched).
+        """
+        target = _absolute(path)
+        include_list = None if include is None else check_names(include)
+        exclude_list = None if exclude is None else check_names(exclude)
+        return Path(self._call("save", (target, include_list, exclude_list, check_scope(scope))))
+
+    def restore(self, path: str | os.PathLike[str] | None = None, *, merge: bool = False) -> int:
+        """Load a snapshot (ours, or a Pode state file) from the server's path or ``path``; return the
+        number of names it held. With ``merge=False`` it replaces the whole state; with ``merge=True`` its
+        names are set over the current ones. A missing file, or one that is empty or only white space,
+        restores 0 names and changes nothing; an invalid one raises ``SnapshotError`` and changes nothing.
+        """
+        if type(merge) is not bool:
+            raise TypeError(f"merge must be a bool, not {type(merge).__name__}")
+        return self._call("restore", (_absolute(path), merge))
+
     def stats(self) -> dict[str, Any]:
         """The server's figures: ``names``, ``pid``, ``rss_bytes``, ``uptime_s``, ``ops``, ``clients``,
         ``last_save_at``, ``last_save_s``, ``last_save_error``, ``lock_recoveries`` (and more)."""
@@ -225,6 +257,20 @@ class State:
     def __bool__(self) -> bool:
         # A handle is always true, like any other object, whether or not the state is empty.
         return True
+
+
+def _absolute(path: object) -> Optional[str]:
+    """A path argument as an absolute path (the server may run in another folder)."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError("path must be text, not bytes")
+    if not text:
+        raise ValueError("path must not be empty")
+    return os.path.abspath(text)
 
 
 def _rebuild(address: str, authkey: Optional[bytes], cache: bool) -> State:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import datetime
 import logging
 import os
 import pickle
@@ -26,6 +25,7 @@ import psutil
 
 from ._client import State
 from ._errors import ServerUnavailable, SharedStateError
+from ._schedule import SaveEvery, parse_schedule
 from ._serverproc import ServerConfig
 from ._transport import (
     ENV_ADDRESS,
@@ -45,8 +45,6 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 #: The folder this package is imported from, put first on the server process' path.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-
-SaveEvery = Union[int, float, datetime.timedelta, str, None]
 
 
 class StateServer:
@@ -75,6 +73,7 @@ class StateServer:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         self._path = None if path is None else Path(os.fspath(path)).absolute()
+        parse_schedule(save_every)  # TypeError/ValueError now, not in the server process
         self._save_every = save_every
         self._address: Optional[Address] = None if address is None else parse_address(address)
         if authkey is not None:
@@ -169,6 +168,7 @@ class StateServer:
                 owner_pid=owner.pid,
                 owner_create_time=owner.create_time(),
                 path=None if self._path is None else str(self._path),
+                save_every=self._save_every,
                 log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
             )
             try:
@@ -184,6 +184,10 @@ class StateServer:
             atexit.register(self._shutdown_at_exit)
             threading.Thread(target=self._monitor, args=(self._proc,), name="sharedstate-monitor", daemon=True).start()
             return self
+
+    def save(self, path: Union[str, os.PathLike[str], None] = None) -> Path:
+        """Save now, to the server's path or to ``path``; return the path written (as ``state.save()``)."""
+        return self.state.save(path)
 
     def _monitor(self, proc: subprocess.Popen[bytes]) -> None:
         """Reap the server process; start it again if it crashed (not if it stopped cleanly)."""

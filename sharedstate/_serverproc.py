@@ -17,14 +17,19 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from multiprocessing import connection as mpc
 from multiprocessing import managers
 from typing import Any, Hashable, Optional
 
 import psutil
 
+from ._errors import SnapshotError
 from ._locktable import Client, LockTable
+from ._schedule import SaveEvery, parse_schedule
+from ._snapshot import FileOwnership, read_snapshot, write_snapshot
 from ._store import Store
+from ._values import check_value
 from ._transport import BOOT_SCOPE, STORE_ID, Address, format_address, key_file_for
 
 log = logging.getLogger("sharedstate")
@@ -43,6 +48,7 @@ class ServerConfig:
     owner_pid: Optional[int]
     owner_create_time: Optional[float]
     path: Optional[str] = None
+    save_every: SaveEvery = None
     log_level: int = logging.WARNING
 
 
@@ -69,7 +75,15 @@ def _abandoned() -> bool:
 class StateService(Store):
     """The store as clients see it: data operations, locks and statistics."""
 
-    EXPOSED = Store.EXPOSED + ("lock_acquire", "lock_release", "lock_locked", "lock_owner", "stats")
+    EXPOSED = Store.EXPOSED + (
+        "lock_acquire",
+        "lock_release",
+        "lock_locked",
+        "lock_owner",
+        "stats",
+        "save",
+        "restore",
+    )
 
     def __init__(self, config: ServerConfig) -> None:
         super().__init__()
@@ -79,9 +93,11 @@ class StateService(Store):
         self.address: Optional[Address] = None
         self._clients: dict[Hashable, Client] = {}
         self._clients_mutex = threading.Lock()
+        self.path = None if config.path is None else Path(config.path)
         self.last_save_at: Optional[float] = None
         self.last_save_s: Optional[float] = None
         self.last_save_error: Optional[str] = None
+        self._save_mutex = threading.Lock()
 
     # -- clients ------------------------------------------------------------------------------------
     def connected(self, hello: dict[str, Any]) -> Client:
@@ -122,6 +138,75 @@ class StateService(Store):
 
     def lock_owner(self, key: Optional[str]) -> Optional[int]:
         return self.locks.owner(key)
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def _target(self, path: Optional[str], verb: str) -> Path:
+        if path is not None:
+            return Path(path)
+        if self.path is None:
+            raise ValueError(f"{verb}() needs a path: this server was started without one")
+        return self.path
+
+    def save(
+        self,
+        path: Optional[str] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        scope: tuple[str, ...] = (),
+    ) -> str:
+        """Write a snapshot; return its path. Filters apply in Pode's order: scope, then include, then
+        exclude (so exclude has the last word)."""
+        target = self._target(path, "save")
+        return str(self.save_to(target, include, exclude, scope))
+
+    def save_to(
+        self,
+        target: Path,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        scope: tuple[str, ...] = (),
+        final: bool = False,
+        why: str = "save",
+    ) -> Path:
+        with self._save_mutex:
+            started = time.time()
+            clock = time.perf_counter()
+            data, scopes = self.entries(final=final)
+            if scope:
+                wanted = set(scope)
+                data = {n: v for n, v in data.items() if not wanted.isdisjoint(scopes.get(n, ()))}
+            if include is not None:
+                data = {n: data[n] for n in include if n in data}
+            if exclude:
+                for name in exclude:
+                    data.pop(name, None)
+            try:
+                write_snapshot(target, data, scopes)
+            except Exception as exc:
+                self.last_save_error = f"{target}: {type(exc).__name__}: {exc}"
+                log.error("%s of %d names to %s failed, the previous file is kept: %s", why, len(data), target, exc)
+                raise
+            self.last_save_at = started
+            self.last_save_s = time.perf_counter() - clock
+            self.last_save_error = None
+            log.info("%s: %d names to %s in %.3f s", why, len(data), target, self.last_save_s)
+            return target
+
+    def restore(self, path: Optional[str] = None, merge: bool = False) -> int:
+        """Load a snapshot (ours or Pode's); return the number of names in it. A missing or empty file
+        restores nothing and changes nothing."""
+        target = self._target(path, "restore")
+        entries = read_snapshot(target)
+        if entries is None:
+            return 0
+        data, scopes = entries
+        for name, value in data.items():  # Pode's files are JSON of any shape: check what they hold
+            try:
+                check_value(name, value)
+            except (TypeError, ValueError) as exc:
+                raise SnapshotError(f"{target} is not a valid snapshot: {exc}", str(target)) from None
+        self.replace(data, scopes, merge)
+        return len(data)
 
     # -- statistics ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -231,9 +316,22 @@ class ServerProcess:
         self.server: Optional[ManagerServer] = None
         self.stop_reason: Optional[str] = None
         self._key_file: Optional[str] = None
+        self._ownership: Optional[FileOwnership] = None
+        self.schedule = parse_schedule(config.save_every) if config.path is not None else None
 
     def open(self) -> Address:
         config = self.config
+        path = self.service.path
+        if path is not None:
+            self._ownership = FileOwnership(path)
+            self._ownership.acquire()
+            try:
+                count = self.service.restore()
+            except BaseException:
+                self._ownership.release()
+                raise
+            if count:
+                log.info("restored %d names from %s", count, path)
         if isinstance(config.address, str):
             _clear_stale_socket(config.address)
             if config.write_key_file:
@@ -268,6 +366,8 @@ class ServerProcess:
         threading.Thread(target=server.accepter, name="sharedstate-accept", daemon=True).start()
         if self.config.owner_pid is not None:
             threading.Thread(target=self._watch_owner, name="sharedstate-owner", daemon=True).start()
+        if self.schedule is not None:
+            threading.Thread(target=self._save_on_schedule, name="sharedstate-schedule", daemon=True).start()
         while not server.stop_event.is_set():
             if signalled:
                 self.stop(signalled[0])
@@ -287,7 +387,28 @@ class ServerProcess:
                 self.stop(f"owner process {config.owner_pid} is gone")
                 return
 
+    def _save_on_schedule(self) -> None:
+        assert self.schedule is not None and self.server is not None and self.service.path is not None
+        origin = self.service.started_at
+        while True:
+            now = time.time()
+            due = self.schedule.next_after(origin, now)
+            if self.server.stop_event.wait(max(0.0, due - now)):
+                return
+            try:
+                self.service.save_to(self.service.path, why="scheduled save")
+            except Exception:
+                pass  # logged and kept in stats by save_to; the server serves on
+
     def close(self) -> None:
+        path = self.service.path
+        if path is not None:
+            try:
+                self.service.save_to(path, final=True, why="final save")
+            except Exception:
+                pass  # logged by save_to
+        if self._ownership is not None:
+            self._ownership.release()
         server = self.server
         if server is not None:
             try:

@@ -98,10 +98,16 @@ class Store:
             self.ops += 1
             return dict(self._data)
 
-    def entries(self) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
-        """A consistent copy of the references of every value and scope (for saving)."""
-        with self._mutex:
+    def entries(self, final: bool = False) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
+        """A consistent copy of the references of every value and scope (for saving): the only part of
+        a save that makes other calls wait. ``final=True`` keeps the store locked afterwards, so no call
+        can change it once the last snapshot of a stopping server is taken."""
+        self._mutex.acquire()
+        try:
             return dict(self._data), dict(self._scopes)
+        finally:
+            if not final:
+                self._mutex.release()
 
     # -- writes ------------------------------------------------------------------------------------
     def set(self, name: str, value: Any, scope: tuple[str, ...] = ()) -> None:

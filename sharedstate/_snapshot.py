@@ -1,0 +1,198 @@
+"""Snapshot files: atomic writes with a backup, reading (ours and Pode's), and ownership.
+
+A save writes a temporary file in the same folder (mode 0600), flushes and fsyncs it, hard-links the
+current file to ``NAME.bak`` (so a good snapshot stays in place at every instant), renames the temporary
+file over the snapshot, and fsyncs the folder. A crash at any moment leaves the old or the new file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import datetime
+import decimal
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Optional
+
+import filelock
+
+from . import _pode
+from ._codec import MARK, DecodeError, encode, iter_json_object, object_hook
+from ._errors import SnapshotError, StateFileBusy
+
+FORMAT = "sharedstate"
+VERSION = 1
+
+Entries = tuple[dict[str, Any], dict[str, tuple[str, ...]]]
+
+_OURS = re.compile(r'\s*\{\s*"format"\s*:\s*"sharedstate"')
+
+
+def backup_path(path: Path) -> Path:
+    return path.with_name(path.name + ".bak")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, pieces: Any, backup: bool = True) -> None:
+    """Write the text ``pieces`` to ``path`` atomically (see the module's docstring)."""
+    folder = path.parent
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for piece in pieces:
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        if backup and path.exists():
+            bak = backup_path(path)
+            bak_tmp = folder / f".{bak.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            try:
+                os.link(path, bak_tmp)
+            except OSError:  # no hard links here: a copy does (the snapshot stays in place meanwhile)
+                bak_tmp.write_bytes(path.read_bytes())
+                os.chmod(bak_tmp, 0o600)
+            os.replace(bak_tmp, bak)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]]) -> Any:
+    """The text of a snapshot file, in pieces: the header, the scopes, then one name per line."""
+    saved_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    header = {"format": FORMAT, "version": VERSION, "saved_at": saved_at, "count": len(data)}
+    yield json.dumps(header)[:-1]
+    scope_lists = {name: list(scope) for name, scope in scopes.items() if name in data}
+    yield ',\n"scopes": ' + json.dumps(encode(scope_lists), ensure_ascii=False)
+    yield ',\n"names": '
+    yield from iter_json_object(data)
+    yield "}\n"
+
+
+def write_snapshot(path: Path, data: dict[str, Any], scopes: dict[str, tuple[str, ...]]) -> None:
+    write_atomic(path, snapshot_pieces(data, scopes))
+
+
+def _decode_text(raw: bytes, path: Path) -> str:
+    if raw.startswith(codecs.BOM_UTF8):
+        encoding, raw = "utf-8", raw[len(codecs.BOM_UTF8) :]
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"  # what Windows PowerShell 5.1's Out-File writes
+    else:
+        encoding = "utf-8"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise SnapshotError(f"{path} is not a valid snapshot: not {encoding} text ({exc.reason})", str(path)) from None
+
+
+def read_snapshot(path: Path) -> Optional[Entries]:
+    """The values and scopes in ``path``; ``None`` for a missing file or one that is empty or only white
+    space. Raises ``SnapshotError`` naming the file and the reason for anything else that is not valid.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise SnapshotError(f"{path} is not a valid snapshot: it is a directory", str(path)) from None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc.strerror}", str(path)) from None
+    text = _decode_text(raw, path)
+    if not text.strip():
+        return None
+    try:
+        return parse_snapshot(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, DecodeError and PodeError too
+        reason = f"invalid JSON ({exc})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise SnapshotError(f"{path} is not a valid snapshot: {reason}", str(path)) from None
+
+
+def parse_snapshot(text: str) -> Entries:
+    if _OURS.match(text):
+        return _ours(json.loads(text, object_hook=object_hook))
+    doc = json.loads(text, parse_float=decimal.Decimal)
+    if isinstance(doc, dict) and doc.get("format") == FORMAT:  # ours, but not as we write it
+        return _ours(json.loads(text, object_hook=object_hook))
+    if _pode.is_pode_v2(doc):
+        return _pode.read_v2(doc)
+    if isinstance(doc, dict):
+        return _pode.read_legacy(doc)
+    raise ValueError(f"expected a JSON object, found {type(doc).__name__}")
+
+
+def _ours(doc: Any) -> Entries:
+    if not isinstance(doc, dict):
+        raise ValueError("expected a JSON object")
+    version = doc.get("version")
+    if version != VERSION:
+        raise ValueError(f"unsupported {FORMAT} format version {version!r} (this is version {VERSION})")
+    data = doc.get("names")
+    scopes = doc.get("scopes", {})
+    if not isinstance(data, dict) or not isinstance(scopes, dict):
+        raise ValueError("'names' and 'scopes' must be objects")
+    checked: dict[str, tuple[str, ...]] = {}
+    for name, scope in scopes.items():
+        if not isinstance(scope, list) or not all(isinstance(s, str) for s in scope):
+            raise ValueError(f"the scopes of {name!r} are not a list of strings")
+        if name in data and scope:
+            checked[name] = tuple(scope)
+    return data, checked
+
+
+class FileOwnership:
+    """A server's claim on its snapshot file for its whole life: a ``filelock`` lock beside it, and the
+    owner's pid in ``NAME.owner`` (the lock file itself is truncated by every attempt to take it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = filelock.FileLock(str(path) + ".lock", timeout=0, mode=0o600)
+        self._owner_file = path.with_name(path.name + ".owner")
+
+    def acquire(self) -> None:
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            pid: Optional[int]
+            try:
+                pid = int(self._owner_file.read_text().strip())
+            except (OSError, ValueError):
+                pid = None
+            raise StateFileBusy(
+                f"{self.path} is in use by another sharedstate server (pid {pid if pid else 'unknown'})",
+                str(self.path),
+                pid,
+            ) from None
+        try:
+            tmp = self._owner_file.with_name(f".{self._owner_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(f"{os.getpid()}\n")
+            os.replace(tmp, self._owner_file)
+        except OSError:
+            pass  # only for the error message of a second server
+
+    def release(self) -> None:
+        try:
+            if self._owner_file.read_text().strip() == str(os.getpid()):
+                self._owner_file.unlink()
+        except OSError:
+            pass
+        self._lock.release(force=True)
+
+
+__all__ = ["MARK", "DecodeError", "FileOwnership", "read_snapshot", "write_snapshot", "backup_path"]
