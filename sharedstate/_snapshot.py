@@ -11,6 +11,7 @@ import codecs
 import datetime
 import decimal
 import json
+import logging
 import os
 import re
 import secrets
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import filelock
+import psutil
 
 from . import _pode
 from ._codec import MARK, DecodeError, encode, iter_json_object, object_hook
 from ._errors import SnapshotError, StateFileBusy
+
+log = logging.getLogger("sharedstate")
 
 FORMAT = "sharedstate"
 VERSION = 1
@@ -179,12 +183,29 @@ class FileOwnership:
                 str(self.path),
                 pid,
             ) from None
+        self._remove_stray_temp_files()
         try:
             tmp = self._owner_file.with_name(f".{self._owner_file.name}.{os.getpid()}.tmp")
             tmp.write_text(f"{os.getpid()}\n")
             os.replace(tmp, self._owner_file)
         except OSError:
             pass  # only for the error message of a second server
+
+    def _remove_stray_temp_files(self) -> None:
+        """Temporary files of writers that died mid-save (named ``.NAME.PID.RANDOM.tmp``)."""
+        pattern = re.compile(re.escape(f".{self.path.name}") + r"(?:\.bak|\.owner)?\.(\d+)(?:\.[0-9a-f]+)?\.tmp")
+        try:
+            candidates = list(self.path.parent.iterdir())
+        except OSError:
+            return
+        for candidate in candidates:
+            match = pattern.fullmatch(candidate.name)
+            if match and (int(match.group(1)) == os.getpid() or not psutil.pid_exists(int(match.group(1)))):
+                try:
+                    candidate.unlink()
+                    log.info("removed %s, left by a save that did not finish", candidate)
+                except OSError:
+                    pass
 
     def release(self) -> None:
         try:

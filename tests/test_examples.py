@@ -27,4 +27,5 @@ def test_pool_counter_example():
 def test_quick_start_demo():
     result = run_example("demo.py")
     assert result.returncode == 0, result.stderr
-    assert "hits = 2000" in result.stdout
+    assert "run 1: server pid" in result.stdout and "hits = 2000" in result.stdout
+    assert "restored hits = 2000" in result.stdout and "hits = 4000 after the restart (was 2000)" in result.stdout
