@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 
@@ -29,7 +29,7 @@ def _hello() -> dict[str, Any]:
     hello = _hello_cache.get(pid)
     if hello is None:
         try:
-            ctime: Optional[float] = psutil.Process(pid).create_time()
+            ctime: float | None = psutil.Process(pid).create_time()
         except psutil.Error:
             ctime = None
         hello = _hello_cache[pid] = {"pid": pid, "scope": BOOT_SCOPE, "ctime": ctime}
@@ -47,7 +47,7 @@ class State:
     its own connection. Get one from ``StateServer.state`` or ``sharedstate.connect()``.
     """
 
-    def __init__(self, address: Address | str, authkey: Optional[bytes], *, cache: bool = True) -> None:
+    def __init__(self, address: Address | str, authkey: bytes | None, *, cache: bool = True) -> None:
         self._address = parse_address(address)
         self._authkey = authkey
         self._cache = bool(cache)
@@ -117,7 +117,7 @@ class State:
         """Whether ``name`` exists."""
         return self._call("contains", (check_name(name),))
 
-    def names(self, pattern: Optional[str] = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
+    def names(self, pattern: str | None = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
         """The sorted names, those matching the regular expression ``pattern`` (``re.search``) and
         having any of the scopes ``scope`` when given. An invalid pattern raises ``ValueError``."""
         if pattern is not None:
@@ -259,7 +259,7 @@ class State:
         return True
 
 
-def _absolute(path: object) -> Optional[str]:
+def _absolute(path: object) -> str | None:
     """A path argument as an absolute path (the server may run in another folder)."""
     if path is None:
         return None
@@ -273,11 +273,11 @@ def _absolute(path: object) -> Optional[str]:
     return os.path.abspath(text)
 
 
-def _rebuild(address: str, authkey: Optional[bytes], cache: bool) -> State:
+def _rebuild(address: str, authkey: bytes | None, cache: bool) -> State:
     return State(address, authkey, cache=cache)
 
 
-def connect(address: object = None, authkey: Optional[bytes] = None, *, cache: bool = True) -> State:
+def connect(address: object = None, authkey: bytes | None = None, *, cache: bool = True) -> State:
     """Connect to a running server and return a ``State`` handle.
 
     ``address`` and ``authkey`` default to ``SHAREDSTATE_ADDRESS`` and ``SHAREDSTATE_AUTHKEY``, which

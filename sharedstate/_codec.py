@@ -32,10 +32,6 @@ class DecodeError(ValueError):
     """A JSON object that looks like a tagged value but is not a valid one."""
 
 
-def _zone(tz: Any) -> dict[str, Any]:
-    return {"zone": tz.key} if type(tz) is zoneinfo.ZoneInfo else {}
-
-
 def encode(value: Any) -> Any:
     """``value`` as JSON-ready data: plain parts unchanged, every other type tagged."""
     kind = type(value)
@@ -62,20 +58,15 @@ def encode(value: Any) -> Any:
         return {MARK: "bytes", "value": base64.b64encode(value).decode("ascii")}
     if kind is bytearray:
         return {MARK: "bytearray", "value": base64.b64encode(value).decode("ascii")}
-    if kind is datetime.datetime:
+    if kind is datetime.datetime or kind is datetime.time:
+        tag = "datetime" if kind is datetime.datetime else "time"
         tz = value.tzinfo
-        if type(tz) is zoneinfo.ZoneInfo:
+        if type(tz) is zoneinfo.ZoneInfo:  # the zone's key, and the wall time in it
             naive = value.replace(tzinfo=None).isoformat()
-            return {MARK: "datetime", "value": naive, "zone": tz.key, "fold": value.fold}
-        return {MARK: "datetime", "value": value.isoformat()}
+            return {MARK: tag, "value": naive, "zone": tz.key, "fold": value.fold}
+        return {MARK: tag, "value": value.isoformat()}
     if kind is datetime.date:
         return {MARK: "date", "value": value.isoformat()}
-    if kind is datetime.time:
-        tz = value.tzinfo
-        if type(tz) is zoneinfo.ZoneInfo:
-            naive = value.replace(tzinfo=None).isoformat()
-            return {MARK: "time", "value": naive, "zone": tz.key, "fold": value.fold}
-        return {MARK: "time", "value": value.isoformat()}
     if kind is datetime.timedelta:
         return {MARK: "timedelta", "value": [value.days, value.seconds, value.microseconds]}
     if kind is uuid.UUID:

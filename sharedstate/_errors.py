@@ -28,7 +28,7 @@ class SharedStateError(Exception):
         # Only the message goes to the built-in base: OSError subclasses would read a second positional
         # argument as an errno.
         super().__init__(message)
-        for field, value in zip(self._facts, facts):
+        for field, value in zip(self._facts, facts, strict=False):
             setattr(self, field, value)
         for field in self._facts[len(facts) :]:
             setattr(self, field, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from ._errors import LockTimeout
 from ._locktable import describe
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ._client import State
 
 
-def check_timeout(blocking: object, timeout: object) -> Optional[float]:
+def check_timeout(blocking: object, timeout: object) -> float | None:
     """Validate ``acquire``'s arguments as ``threading.Lock`` does; ``-1`` means no timeout."""
     if type(blocking) is not bool:
         raise TypeError(f"blocking must be a bool, not {type(blocking).__name__}")
@@ -41,16 +41,16 @@ class Lock:
 
     __slots__ = ("_state", "_name")
 
-    def __init__(self, state: State, name: Optional[str]) -> None:
+    def __init__(self, state: State, name: str | None) -> None:
         self._state = state
         self._name = name
 
     @property
-    def name(self) -> Optional[str]:
+    def name(self) -> str | None:
         """The lock's name; ``None`` for the global lock."""
         return self._name
 
-    def acquire(self, blocking: bool = True, timeout: Optional[float] = None) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Acquire the lock; return ``True`` once held, ``False`` if not free in time (or at once when
         ``blocking`` is false). ``timeout`` in seconds; ``None`` (or ``-1``) waits as long as it takes."""
         timeout = check_timeout(blocking, timeout)
@@ -64,7 +64,7 @@ class Lock:
         """Whether any thread of any process holds the lock."""
         return self._state._call("lock_locked", (self._name,))
 
-    def owner(self) -> Optional[int]:
+    def owner(self) -> int | None:
         """The pid of the process holding the lock, or ``None`` when it is free."""
         return self._state._call("lock_owner", (self._name,))
 

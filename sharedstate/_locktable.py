@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Hashable, Optional
+from collections.abc import Callable, Hashable
 
 import psutil
 
@@ -25,12 +24,26 @@ POLL_S = 0.25
 CHECK_EVERY_S = 0.2
 
 
+def process_alive(pid: int, create_time: float | None) -> bool:
+    """Whether ``pid`` is a live process, and the same one that had ``create_time`` (pids are reused).
+    A zombie (exited, not yet reaped) counts as dead; a process we may not inspect counts as alive."""
+    try:
+        process = psutil.Process(pid)
+        if create_time is not None and process.create_time() != create_time:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
 class Client:
     """One client process, as the server knows it, with the number of its open connections."""
 
     __slots__ = ("key", "pid", "local", "create_time", "conns")
 
-    def __init__(self, key: Hashable, pid: int, local: bool, create_time: Optional[float]) -> None:
+    def __init__(self, key: Hashable, pid: int, local: bool, create_time: float | None) -> None:
         self.key = key
         self.pid = pid
         #: Whether ``pid`` is a process of this machine and pid namespace, so psutil can look at it.
@@ -43,17 +56,7 @@ class Client:
         """False when the process is gone: no connection left, exited, a zombie, or its pid reused."""
         if self.conns <= 0:
             return False
-        if not self.local:
-            return True
-        try:
-            process = psutil.Process(self.pid)
-            if process.create_time() != self.create_time:
-                return False
-            return process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.Error:
-            return True
+        return not self.local or process_alive(self.pid, self.create_time)
 
     def __repr__(self) -> str:
         return f"<client pid {self.pid}>"
@@ -63,15 +66,15 @@ class _Entry:
     __slots__ = ("owner", "client", "count", "cond", "waiters", "checked_at")
 
     def __init__(self, mutex: threading.Lock) -> None:
-        self.owner: Optional[tuple[Hashable, Hashable]] = None
-        self.client: Optional[Client] = None
+        self.owner: tuple[Hashable, Hashable] | None = None
+        self.client: Client | None = None
         self.count = 0
         self.cond = threading.Condition(mutex)
         self.waiters = 0
         self.checked_at = 0.0
 
 
-def describe(key: Optional[str]) -> str:
+def describe(key: str | None) -> str:
     return "the global lock" if key is None else f"lock {key!r}"
 
 
@@ -80,17 +83,17 @@ class LockTable:
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._entries: dict[Optional[str], _Entry] = {}
+        self._entries: dict[str | None, _Entry] = {}
         #: Locks freed because their holder died or disconnected.
         self.recoveries = 0
 
     def acquire(
         self,
-        key: Optional[str],
+        key: str | None,
         client: Client,
         thread: Hashable,
         blocking: bool,
-        timeout: Optional[float],
+        timeout: float | None,
         abandoned: Callable[[], bool],
     ) -> bool:
         """Take the lock for ``(client, thread)``; reentrant. ``abandoned`` tells a waiter that its caller
@@ -131,7 +134,7 @@ class LockTable:
                 entry.waiters -= 1
                 self._forget_if_idle(key, entry)
 
-    def release(self, key: Optional[str], client: Client, thread: Hashable) -> None:
+    def release(self, key: str | None, client: Client, thread: Hashable) -> None:
         owner = (client.key, thread)
         with self._mutex:
             entry = self._entries.get(key)
@@ -142,12 +145,12 @@ class LockTable:
             if entry.count == 0:
                 self._free(key, entry)
 
-    def locked(self, key: Optional[str]) -> bool:
+    def locked(self, key: str | None) -> bool:
         with self._mutex:
             entry = self._entries.get(key)
             return entry is not None and entry.owner is not None
 
-    def owner(self, key: Optional[str]) -> Optional[int]:
+    def owner(self, key: str | None) -> int | None:
         with self._mutex:
             entry = self._entries.get(key)
             return None if entry is None or entry.client is None else entry.client.pid
@@ -165,19 +168,19 @@ class LockTable:
         entry.client = client
         entry.count = 1
 
-    def _free(self, key: Optional[str], entry: _Entry) -> None:
+    def _free(self, key: str | None, entry: _Entry) -> None:
         entry.owner = None
         entry.client = None
         entry.count = 0
         entry.cond.notify()
         self._forget_if_idle(key, entry)
 
-    def _forget_if_idle(self, key: Optional[str], entry: _Entry) -> None:
+    def _forget_if_idle(self, key: str | None, entry: _Entry) -> None:
         # Named locks come and go with their names; keep only the ones in use.
         if entry.owner is None and entry.waiters == 0 and self._entries.get(key) is entry:
             del self._entries[key]
 
-    def _check_holder(self, key: Optional[str], entry: _Entry) -> None:
+    def _check_holder(self, key: str | None, entry: _Entry) -> None:
         client = entry.client
         if client is None:
             return
@@ -188,7 +191,7 @@ class LockTable:
         if not client.alive():
             self._recover(key, entry, "its process is gone")
 
-    def _recover(self, key: Optional[str], entry: _Entry, why: str) -> None:
+    def _recover(self, key: str | None, entry: _Entry, why: str) -> None:
         pid = entry.client.pid if entry.client is not None else None
         self.recoveries += 1
         log.warning("released %s held by pid %s: %s", describe(key), pid, why)

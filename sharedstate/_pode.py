@@ -34,9 +34,7 @@ _DICT_TYPES = {
 _LIST_TYPES = {"List", "ConcurrentBag", "PodeConcurrentList", "ConcurrentQueue", "ConcurrentStack"}
 _SET_TYPES = {"HashSet", "SortedSet", "PodeConcurrentSet"}
 
-_ROUND_TRIP = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,7}))?(Z|[+-]\d\d:\d\d)?"
-)
+_ROUND_TRIP = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,7}))?(Z|[+-]\d\d:\d\d)?")
 _MS_DATE = re.compile(r"/Date\((-?\d+)([+-]\d{4})?\)/")
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import datetime
 import math
-from typing import Union
 
 from croniter import croniter
 
-SaveEvery = Union[int, float, datetime.timedelta, str, None]
+SaveEvery = int | float | datetime.timedelta | str | None
 
 
 class Schedule:

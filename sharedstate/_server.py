@@ -6,12 +6,11 @@ import atexit
 import logging
 import os
 import pickle
-import select
 import secrets
+import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import spawn
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import psutil
 
@@ -61,10 +60,10 @@ class StateServer:
 
     def __init__(
         self,
-        path: Union[str, os.PathLike[str], None] = None,
+        path: str | os.PathLike[str] | None = None,
         save_every: SaveEvery = "@hourly",
         address: object = None,
-        authkey: Optional[bytes] = None,
+        authkey: bytes | None = None,
         durability: str = "snapshot",
         journal_fsync: str = "everysec",
         restart: bool = True,
@@ -75,7 +74,7 @@ class StateServer:
         self._path = None if path is None else Path(os.fspath(path)).absolute()
         parse_schedule(save_every)  # TypeError/ValueError now, not in the server process
         self._save_every = save_every
-        self._address: Optional[Address] = None if address is None else parse_address(address)
+        self._address: Address | None = None if address is None else parse_address(address)
         if authkey is not None:
             if not isinstance(authkey, (bytes, bytearray)):
                 raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
@@ -100,12 +99,12 @@ class StateServer:
                 raise ValueError("a server reachable from other machines needs an explicit authkey")
         self._allow_remote = bool(allow_remote)
 
-        self._authkey: Optional[bytes] = None
-        self._tmpdir: Optional[str] = None
-        self._proc: Optional[subprocess.Popen[bytes]] = None
-        self._config: Optional[ServerConfig] = None
-        self._owner_pid: Optional[int] = None
-        self._state: Optional[State] = None
+        self._authkey: bytes | None = None
+        self._tmpdir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._config: ServerConfig | None = None
+        self._owner_pid: int | None = None
+        self._state: State | None = None
         self._stopping = False
         self._stopped = False
         self._mutex = threading.RLock()
@@ -113,22 +112,22 @@ class StateServer:
 
     # -- properties ---------------------------------------------------------------------------------
     @property
-    def address(self) -> Optional[str]:
+    def address(self) -> str | None:
         """Where the server listens (``None`` before ``start()``), as ``SHAREDSTATE_ADDRESS`` holds it."""
         return None if self._address is None else format_address(self._address)
 
     @property
-    def authkey(self) -> Optional[bytes]:
+    def authkey(self) -> bytes | None:
         """The key clients authenticate with (``None`` before ``start()`` unless one was given)."""
         return self._authkey or self._given_authkey
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         """The server process' pid (``None`` before ``start()``)."""
         return None if self._proc is None else self._proc.pid
 
     @property
-    def path(self) -> Optional[Path]:
+    def path(self) -> Path | None:
         """The snapshot file, or ``None`` without persistence."""
         return self._path
 
@@ -185,7 +184,7 @@ class StateServer:
             threading.Thread(target=self._monitor, args=(self._proc,), name="sharedstate-monitor", daemon=True).start()
             return self
 
-    def save(self, path: Union[str, os.PathLike[str], None] = None) -> Path:
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Save now, to the server's path or to ``path``; return the path written (as ``state.save()``)."""
         return self.state.save(path)
 
@@ -284,10 +283,7 @@ def _restart_forkserver() -> None:
 
 def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a server process and wait until it listens; return it and what it reported."""
-    code = (
-        f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-        "from sharedstate._serverproc import main; main()"
-    )
+    code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from sharedstate._serverproc import main; main()"
     proc = subprocess.Popen(
         [spawn.get_executable(), "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
     )
@@ -349,7 +345,7 @@ def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
 
 @contextmanager
 def serve(
-    path: Union[str, os.PathLike[str], None] = None,
+    path: str | os.PathLike[str] | None = None,
     save_every: SaveEvery = "@hourly",
     **options: Any,
 ) -> Iterator[State]:

@@ -16,21 +16,22 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
-from pathlib import Path
 from multiprocessing import connection as mpc
 from multiprocessing import managers
-from typing import Any, Hashable, Optional
+from pathlib import Path
+from typing import Any
 
 import psutil
 
 from ._errors import SnapshotError
-from ._locktable import Client, LockTable
+from ._locktable import Client, LockTable, process_alive
 from ._schedule import SaveEvery, parse_schedule
 from ._snapshot import FileOwnership, read_snapshot, write_snapshot
 from ._store import Store
-from ._values import check_value
 from ._transport import BOOT_SCOPE, STORE_ID, Address, format_address, key_file_for
+from ._values import check_value
 
 log = logging.getLogger("sharedstate")
 
@@ -45,9 +46,9 @@ class ServerConfig:
     address: Address
     authkey: bytes
     write_key_file: bool
-    owner_pid: Optional[int]
-    owner_create_time: Optional[float]
-    path: Optional[str] = None
+    owner_pid: int | None
+    owner_create_time: float | None
+    path: str | None = None
     save_every: SaveEvery = None
     log_level: int = logging.WARNING
 
@@ -55,8 +56,8 @@ class ServerConfig:
 class _Current(threading.local):
     """The connection and client that the current server thread is serving."""
 
-    conn: Optional[mpc.Connection] = None
-    client: Optional[Client] = None
+    conn: mpc.Connection | None = None
+    client: Client | None = None
 
 
 _current = _Current()
@@ -90,13 +91,13 @@ class StateService(Store):
         self.config = config
         self.locks = LockTable()
         self.started_at = time.time()
-        self.address: Optional[Address] = None
+        self.address: Address | None = None
         self._clients: dict[Hashable, Client] = {}
         self._clients_mutex = threading.Lock()
         self.path = None if config.path is None else Path(config.path)
-        self.last_save_at: Optional[float] = None
-        self.last_save_s: Optional[float] = None
-        self.last_save_error: Optional[str] = None
+        self.last_save_at: float | None = None
+        self.last_save_s: float | None = None
+        self.last_save_error: str | None = None
         self._save_mutex = threading.Lock()
 
     # -- clients ------------------------------------------------------------------------------------
@@ -123,24 +124,24 @@ class StateService(Store):
         return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at}
 
     # -- locks --------------------------------------------------------------------------------------
-    def lock_acquire(self, key: Optional[str], thread: Hashable, blocking: bool, timeout: Optional[float]) -> bool:
+    def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> bool:
         client = _current.client
         assert client is not None
         return self.locks.acquire(key, client, thread, blocking, timeout, _abandoned)
 
-    def lock_release(self, key: Optional[str], thread: Hashable) -> None:
+    def lock_release(self, key: str | None, thread: Hashable) -> None:
         client = _current.client
         assert client is not None
         self.locks.release(key, client, thread)
 
-    def lock_locked(self, key: Optional[str]) -> bool:
+    def lock_locked(self, key: str | None) -> bool:
         return self.locks.locked(key)
 
-    def lock_owner(self, key: Optional[str]) -> Optional[int]:
+    def lock_owner(self, key: str | None) -> int | None:
         return self.locks.owner(key)
 
     # -- snapshots ----------------------------------------------------------------------------------
-    def _target(self, path: Optional[str], verb: str) -> Path:
+    def _target(self, path: str | None, verb: str) -> Path:
         if path is not None:
             return Path(path)
         if self.path is None:
@@ -149,9 +150,9 @@ class StateService(Store):
 
     def save(
         self,
-        path: Optional[str] = None,
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
+        path: str | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
         scope: tuple[str, ...] = (),
     ) -> str:
         """Write a snapshot; return its path. Filters apply in Pode's order: scope, then include, then
@@ -162,8 +163,8 @@ class StateService(Store):
     def save_to(
         self,
         target: Path,
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
         scope: tuple[str, ...] = (),
         final: bool = False,
         why: str = "save",
@@ -192,7 +193,7 @@ class StateService(Store):
             log.info("%s: %d names to %s in %.3f s", why, len(data), target, self.last_save_s)
             return target
 
-    def restore(self, path: Optional[str] = None, merge: bool = False) -> int:
+    def restore(self, path: str | None = None, merge: bool = False) -> int:
         """Load a snapshot (ours or Pode's); return the number of names in it. A missing or empty file
         restores nothing and changes nothing."""
         target = self._target(path, "restore")
@@ -295,28 +296,16 @@ def _write_private(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _owner_alive(pid: int, create_time: Optional[float]) -> bool:
-    try:
-        process = psutil.Process(pid)
-        if create_time is not None and process.create_time() != create_time:
-            return False
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
-
-
 class ServerProcess:
     """The life of one server process: bind, serve, stop."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.service = StateService(config)
-        self.server: Optional[ManagerServer] = None
-        self.stop_reason: Optional[str] = None
-        self._key_file: Optional[str] = None
-        self._ownership: Optional[FileOwnership] = None
+        self.server: ManagerServer | None = None
+        self.stop_reason: str | None = None
+        self._key_file: str | None = None
+        self._ownership: FileOwnership | None = None
         self.schedule = parse_schedule(config.save_every) if config.path is not None else None
 
     def open(self) -> Address:
@@ -383,7 +372,7 @@ class ServerProcess:
         config = self.config
         assert config.owner_pid is not None and self.server is not None
         while not self.server.stop_event.wait(OWNER_POLL_S):
-            if not _owner_alive(config.owner_pid, config.owner_create_time):
+            if not process_alive(config.owner_pid, config.owner_create_time):
                 self.stop(f"owner process {config.owner_pid} is gone")
                 return
 

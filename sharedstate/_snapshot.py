@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import filelock
 import psutil
@@ -106,7 +106,7 @@ def _decode_text(raw: bytes, path: Path) -> str:
         raise SnapshotError(f"{path} is not a valid snapshot: not {encoding} text ({exc.reason})", str(path)) from None
 
 
-def read_snapshot(path: Path) -> Optional[Entries]:
+def read_snapshot(path: Path) -> Entries | None:
     """The values and scopes in ``path``; ``None`` for a missing file or one that is empty or only white
     space. Raises ``SnapshotError`` naming the file and the reason for anything else that is not valid.
     """
@@ -173,7 +173,7 @@ class FileOwnership:
         try:
             self._lock.acquire()
         except filelock.Timeout:
-            pid: Optional[int]
+            pid: int | None
             try:
                 pid = int(self._owner_file.read_text().strip())
             except (OSError, ValueError):

@@ -12,14 +12,14 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from multiprocessing import connection as mpc
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from ._errors import AccessDenied, ServerUnavailable, SharedStateError
 
-Address = Union[str, tuple[str, int]]
+Address = str | tuple[str, int]
 
 ENV_ADDRESS = "SHAREDSTATE_ADDRESS"
 ENV_AUTHKEY = "SHAREDSTATE_AUTHKEY"
@@ -147,9 +147,7 @@ _TIMEVAL = "@ll"
 
 def _set_recv_timeout(sock: socket.socket, seconds: float) -> None:
     whole = int(seconds)
-    sock.setsockopt(
-        socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(_TIMEVAL, whole, int((seconds - whole) * 1e6))
-    )
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(_TIMEVAL, whole, int((seconds - whole) * 1e6)))
 
 
 def _handshake(address: Address, authkey: bytes | None, timeout: float) -> mpc.Connection:

@@ -105,10 +105,7 @@ def _check(value: Any, kind: type, name: str, path: tuple[str, ...], depth: int)
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
-                raise TypeError(
-                    f"{_where(name, path)}: dict key {key!r} is {type(key).__name__}, "
-                    "but keys must be str"
-                )
+                raise TypeError(f"{_where(name, path)}: dict key {key!r} is {type(key).__name__}, but keys must be str")
             item_kind = type(item)
             if item_kind not in SCALAR_TYPES:
                 _check(item, item_kind, name, (*path, f"[{key!r}]"), depth)

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import pytest
@@ -61,8 +60,9 @@ def test_the_key_file_is_private_and_enough_with_the_address_alone(server):
     assert bytes.fromhex(Path(key_file).read_text()) == server.authkey
     folder_mode = stat.S_IMODE(os.stat(os.path.dirname(server.address)).st_mode)
     assert folder_mode == 0o700
-    result = run_python("import sharedstate; print(sharedstate.connect().incr('n'))",
-                        env={"SHAREDSTATE_ADDRESS": server.address})
+    result = run_python(
+        "import sharedstate; print(sharedstate.connect().incr('n'))", env={"SHAREDSTATE_ADDRESS": server.address}
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1"
     assert sharedstate.connect(server.address).get("n") == 1

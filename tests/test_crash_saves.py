@@ -14,6 +14,15 @@ from sharedstate._snapshot import backup_path, read_snapshot
 NAMES = 50_000
 
 
+def save_in_a_loop(address: str, authkey: bytes, stop: threading.Event) -> None:
+    handle = sharedstate.connect(address, authkey)
+    while not stop.is_set():
+        try:
+            handle.save()
+        except sharedstate.ServerUnavailable:
+            return
+
+
 @pytest.mark.slow
 def test_sigkill_during_saves_always_leaves_a_file_that_restores(tmp_path):
     path = tmp_path / "state.json"
@@ -29,17 +38,7 @@ def test_sigkill_during_saves_always_leaves_a_file_that_restores(tmp_path):
             state.set("round", round_number)
             assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "stray files not cleaned"
             stop = threading.Event()
-            saves = []
-
-            def save_in_a_loop() -> None:
-                handle = sharedstate.connect(server.address, server.authkey)
-                while not stop.is_set():
-                    try:
-                        saves.append(handle.save())
-                    except sharedstate.ServerUnavailable:
-                        return
-
-            saver = threading.Thread(target=save_in_a_loop)
+            saver = threading.Thread(target=save_in_a_loop, args=(server.address, server.authkey, stop))
             saver.start()
             threading.Event().wait(rng.uniform(0.05, 0.8))  # a random moment in some save
             kill(server.pid)

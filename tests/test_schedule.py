@@ -15,8 +15,9 @@ def test_valid_schedules_are_accepted(spec, tmp_path):
     sharedstate.StateServer(path=tmp_path / "s.json", save_every=spec)
 
 
-@pytest.mark.parametrize("spec", ["every tuesday-ish", "", "* * *", "61 * * * *", 0, -1, float("nan"),
-                                  datetime.timedelta(0)])
+@pytest.mark.parametrize(
+    "spec", ["every tuesday-ish", "", "* * *", "61 * * * *", 0, -1, float("nan"), datetime.timedelta(0)]
+)
 def test_invalid_schedules_raise_value_error_at_construction(spec, tmp_path):
     with pytest.raises(ValueError, match="save_every"):
         sharedstate.StateServer(path=tmp_path / "s.json", save_every=spec)

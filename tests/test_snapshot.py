@@ -160,7 +160,8 @@ CORRUPT = {
     "not json": b"hello",
     "array": b"[1, 2]",
     "bad tag": b'{"format": "sharedstate", "version": 1, "scopes": {}, "names": {"a": {"$type": "nope", "value": 1}}}',
-    "bad bytes": b'{"format": "sharedstate", "version": 1, "scopes": {}, "names": {"a": {"$type": "bytes", "value": "@@"}}}',
+    "bad bytes": b'{"format": "sharedstate", "version": 1, "scopes": {}, '
+    b'"names": {"a": {"$type": "bytes", "value": "@@"}}}',
     "future version": b'{"format": "sharedstate", "version": 99, "scopes": {}, "names": {}}',
     "names not an object": b'{"format": "sharedstate", "version": 1, "scopes": {}, "names": [1]}',
     "not utf-8": b'{"a": "\xff\xfe\xfa"}',

@@ -204,8 +204,18 @@ def test_names_are_case_sensitive(state):
 def test_stats_reports_the_server(server, state):
     state.update({"a": 1, "b": 2})
     stats = state.stats()
-    for key in ("names", "pid", "rss_bytes", "uptime_s", "ops", "clients", "last_save_at", "last_save_s",
-                "last_save_error", "lock_recoveries"):
+    for key in (
+        "names",
+        "pid",
+        "rss_bytes",
+        "uptime_s",
+        "ops",
+        "clients",
+        "last_save_at",
+        "last_save_s",
+        "last_save_error",
+        "lock_recoveries",
+    ):
         assert key in stats
     assert stats["names"] == 2
     assert stats["pid"] == server.pid

@@ -48,7 +48,7 @@ def same(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -85,8 +85,11 @@ REFUSED = [
     ("non-str key", {"ok": {3: "x"}}, "'v'['ok']: dict key 3 is int, but keys must be str"),
     ("class in tuple", (1, Unknown), "'v'[1]: type is not a storable type"),
     ("object in set", {1, Unknown()}, "Unknown is not a storable type"),
-    ("foreign tzinfo", datetime.datetime(2020, 1, 1, tzinfo=type("TZ", (datetime.tzinfo,), {})()),
-     "tzinfo TZ is not storable"),
+    (
+        "foreign tzinfo",
+        datetime.datetime(2020, 1, 1, tzinfo=type("TZ", (datetime.tzinfo,), {})()),
+        "tzinfo TZ is not storable",
+    ),
     ("complex", 1j, "complex is not a storable type"),
 ]
 
