@@ -86,6 +86,8 @@ class StateServer:
             raise ValueError(f"durability must be 'snapshot' or 'journal', not {durability!r}")
         if journal_fsync not in ("everysec", "always"):
             raise ValueError(f"journal_fsync must be 'everysec' or 'always', not {journal_fsync!r}")
+        if durability == "journal" and self._path is None:
+            raise ValueError("durability='journal' needs a path for the snapshot and its journal")
         self._durability = durability
         self._journal_fsync = journal_fsync
         self._restart = bool(restart)
@@ -168,6 +170,8 @@ class StateServer:
                 owner_create_time=owner.create_time(),
                 path=None if self._path is None else str(self._path),
                 save_every=self._save_every,
+                durability=self._durability,
+                journal_fsync=self._journal_fsync,
                 log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
             )
             try:

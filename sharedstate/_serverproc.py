@@ -26,9 +26,10 @@ from typing import Any
 import psutil
 
 from ._errors import SnapshotError
+from ._journal import Journal, journal_files, replay_records
 from ._locktable import Client, LockTable, process_alive
 from ._schedule import SaveEvery, parse_schedule
-from ._snapshot import FileOwnership, read_snapshot, write_snapshot
+from ._snapshot import FileOwnership, Snapshot, read_snapshot, write_snapshot
 from ._store import Store
 from ._transport import BOOT_SCOPE, STORE_ID, Address, format_address, key_file_for
 from ._values import check_value
@@ -50,6 +51,8 @@ class ServerConfig:
     owner_create_time: float | None
     path: str | None = None
     save_every: SaveEvery = None
+    durability: str = "snapshot"
+    journal_fsync: str = "everysec"
     log_level: int = logging.WARNING
 
 
@@ -172,7 +175,10 @@ class StateService(Store):
         with self._save_mutex:
             started = time.time()
             clock = time.perf_counter()
-            data, scopes = self.entries(final=final)
+            # A save of the server's own file starts a new journal generation, which the file records.
+            journal = self.journal if target == self.path else None
+            generation = journal.generation + 1 if journal is not None else 0
+            data, scopes = self.entries(final=final, new_generation=generation or None)
             if scope:
                 wanted = set(scope)
                 data = {n: v for n, v in data.items() if not wanted.isdisjoint(scopes.get(n, ()))}
@@ -182,7 +188,9 @@ class StateService(Store):
                 for name in exclude:
                     data.pop(name, None)
             try:
-                write_snapshot(target, data, scopes)
+                write_snapshot(target, data, scopes, generation)
+                if journal is not None:
+                    journal.covered(generation)
             except Exception as exc:
                 self.last_save_error = f"{target}: {type(exc).__name__}: {exc}"
                 log.error("%s of %d names to %s failed, the previous file is kept: %s", why, len(data), target, exc)
@@ -197,10 +205,13 @@ class StateService(Store):
         """Load a snapshot (ours or Pode's); return the number of names in it. A missing or empty file
         restores nothing and changes nothing."""
         target = self._target(path, "restore")
-        entries = read_snapshot(target)
-        if entries is None:
+        snapshot = read_snapshot(target)
+        if snapshot is None:
             return 0
-        data, scopes = entries
+        return self.install(target, snapshot, merge)
+
+    def install(self, target: Path, snapshot: Snapshot, merge: bool = False) -> int:
+        data, scopes, _ = snapshot
         for name, value in data.items():  # Pode's files are JSON of any shape: check what they hold
             try:
                 check_value(name, value)
@@ -315,12 +326,10 @@ class ServerProcess:
             self._ownership = FileOwnership(path)
             self._ownership.acquire()
             try:
-                count = self.service.restore()
+                self._recover(path)
             except BaseException:
                 self._ownership.release()
                 raise
-            if count:
-                log.info("restored %d names from %s", count, path)
         if isinstance(config.address, str):
             _clear_stale_socket(config.address)
             if config.write_key_file:
@@ -334,6 +343,33 @@ class ServerProcess:
             os.umask(old_umask)
         self.service.address = self.server.address
         return self.server.address
+
+    def _recover(self, path: Path) -> None:
+        """Restore the snapshot, replay the journals it does not cover, and open the journal."""
+        service = self.service
+        snapshot = read_snapshot(path)
+        generation = 0
+        if snapshot is not None:
+            service.install(path, snapshot)
+            generation = snapshot.generation
+            log.info("restored %d names from %s", len(snapshot.data), path)
+        replayed = 0
+        for record in replay_records(path, generation):
+            service.apply(record)
+            replayed += 1
+        newest = max([generation, *(g for g, _ in journal_files(path))])
+        if self.config.durability == "journal":
+            journal = Journal(path, self.config.journal_fsync)
+            journal.generation = newest
+            service.journal = journal
+            if replayed:
+                service.save_to(path, why="save after replaying the journal")
+            else:
+                journal.start_generation(newest + 1)
+            journal.start_flusher()
+        elif replayed:  # a journal left by a journaling server: fold it into the snapshot
+            service.save_to(path, why="save after replaying the journal")
+            Journal(path, "everysec").close(remove=True)
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -392,10 +428,15 @@ class ServerProcess:
     def close(self) -> None:
         path = self.service.path
         if path is not None:
+            saved = False
             try:
                 self.service.save_to(path, final=True, why="final save")
+                saved = True
             except Exception:
                 pass  # logged by save_to
+            if self.service.journal is not None:
+                # The final snapshot holds every change: the journal is only needed if it failed.
+                self.service.journal.close(remove=saved)
         if self._ownership is not None:
             self._ownership.release()
         server = self.server

@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import filelock
 import psutil
@@ -31,6 +31,16 @@ FORMAT = "sharedstate"
 VERSION = 1
 
 Entries = tuple[dict[str, Any], dict[str, tuple[str, ...]]]
+
+
+class Snapshot(NamedTuple):
+    """What a snapshot file holds."""
+
+    data: dict[str, Any]
+    scopes: dict[str, tuple[str, ...]]
+    #: The journal generation the snapshot covers (0 when not written by a journaling server).
+    generation: int = 0
+
 
 _OURS = re.compile(r'\s*\{\s*"format"\s*:\s*"sharedstate"')
 
@@ -77,10 +87,12 @@ def write_atomic(path: Path, pieces: Any, backup: bool = True) -> None:
         raise
 
 
-def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]]) -> Any:
+def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> Any:
     """The text of a snapshot file, in pieces: the header, the scopes, then one name per line."""
     saved_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-    header = {"format": FORMAT, "version": VERSION, "saved_at": saved_at, "count": len(data)}
+    header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "saved_at": saved_at, "count": len(data)}
+    if generation:
+        header["journal"] = generation
     yield json.dumps(header)[:-1]
     scope_lists = {name: list(scope) for name, scope in scopes.items() if name in data}
     yield ',\n"scopes": ' + json.dumps(encode(scope_lists), ensure_ascii=False)
@@ -89,8 +101,8 @@ def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]]) ->
     yield "}\n"
 
 
-def write_snapshot(path: Path, data: dict[str, Any], scopes: dict[str, tuple[str, ...]]) -> None:
-    write_atomic(path, snapshot_pieces(data, scopes))
+def write_snapshot(path: Path, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> None:
+    write_atomic(path, snapshot_pieces(data, scopes, generation))
 
 
 def _decode_text(raw: bytes, path: Path) -> str:
@@ -128,20 +140,20 @@ def read_snapshot(path: Path) -> Entries | None:
         raise SnapshotError(f"{path} is not a valid snapshot: {reason}", str(path)) from None
 
 
-def parse_snapshot(text: str) -> Entries:
+def parse_snapshot(text: str) -> Snapshot:
     if _OURS.match(text):
         return _ours(json.loads(text, object_hook=object_hook))
     doc = json.loads(text, parse_float=decimal.Decimal)
     if isinstance(doc, dict) and doc.get("format") == FORMAT:  # ours, but not as we write it
         return _ours(json.loads(text, object_hook=object_hook))
     if _pode.is_pode_v2(doc):
-        return _pode.read_v2(doc)
+        return Snapshot(*_pode.read_v2(doc))
     if isinstance(doc, dict):
-        return _pode.read_legacy(doc)
+        return Snapshot(*_pode.read_legacy(doc))
     raise ValueError(f"expected a JSON object, found {type(doc).__name__}")
 
 
-def _ours(doc: Any) -> Entries:
+def _ours(doc: Any) -> Snapshot:
     if not isinstance(doc, dict):
         raise ValueError("expected a JSON object")
     version = doc.get("version")
@@ -157,7 +169,10 @@ def _ours(doc: Any) -> Entries:
             raise ValueError(f"the scopes of {name!r} are not a list of strings")
         if name in data and scope:
             checked[name] = tuple(scope)
-    return data, checked
+    generation = doc.get("journal", 0)
+    if type(generation) is not int or generation < 0:
+        raise ValueError(f"bad journal generation {generation!r}")
+    return Snapshot(data, checked, generation)
 
 
 class FileOwnership:

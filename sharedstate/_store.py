@@ -13,7 +13,10 @@ from __future__ import annotations
 import decimal
 import re
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._journal import Journal
 
 _MISSING = object()
 _NUMBER_TYPES = (int, float, decimal.Decimal)
@@ -48,6 +51,18 @@ class Store:
         self._mutex = threading.Lock()
         #: Operations served, for ``stats()``.
         self.ops = 0
+        #: Where changes are written before they are made (``durability="journal"``), or ``None``.
+        self.journal: Journal | None = None
+
+    def _record(self, *record: Any) -> int:
+        """Journal a change (with the mutex held, before making it); return the number to commit."""
+        journal = self.journal
+        return 0 if journal is None else journal.append(list(record))
+
+    def _commit(self, number: int) -> None:
+        """After the mutex is released: wait until journal record ``number`` is durable, if asked to."""
+        if number and self.journal is not None:
+            self.journal.commit(number)
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, name: str, default: Any = None) -> Any:
@@ -98,12 +113,17 @@ class Store:
             self.ops += 1
             return dict(self._data)
 
-    def entries(self, final: bool = False) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
+    def entries(
+        self, final: bool = False, new_generation: int | None = None
+    ) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
         """A consistent copy of the references of every value and scope (for saving): the only part of
         a save that makes other calls wait. ``final=True`` keeps the store locked afterwards, so no call
-        can change it once the last snapshot of a stopping server is taken."""
+        can change it once the last snapshot of a stopping server is taken. ``new_generation`` starts a
+        new journal at the same instant, so the copy holds exactly the changes of the older journals."""
         self._mutex.acquire()
         try:
+            if new_generation is not None and self.journal is not None:
+                self.journal.start_generation(new_generation)
             return dict(self._data), dict(self._scopes)
         finally:
             if not final:
@@ -113,44 +133,56 @@ class Store:
     def set(self, name: str, value: Any, scope: tuple[str, ...] = ()) -> None:
         with self._mutex:
             self.ops += 1
+            number = self._record("set", name, value, scope)
             self._data[name] = value
             if scope:
                 self._scopes[name] = scope
             else:
                 self._scopes.pop(name, None)
+        self._commit(number)
 
     def remove(self, name: str) -> Any:
         with self._mutex:
             self.ops += 1
+            number = self._record("remove", name) if name in self._data else 0
             self._scopes.pop(name, None)
-            return self._data.pop(name, None)
+            value = self._data.pop(name, None)
+        self._commit(number)
+        return value
 
     def delitem(self, name: str) -> None:
         with self._mutex:
             self.ops += 1
             if name not in self._data:
                 raise KeyError(name)
+            number = self._record("remove", name)
             del self._data[name]
             self._scopes.pop(name, None)
+        self._commit(number)
 
     def clear(self) -> None:
         with self._mutex:
             self.ops += 1
+            number = self._record("clear")
             self._data.clear()
             self._scopes.clear()
+        self._commit(number)
 
     def update(self, mapping: dict[str, Any]) -> None:
         with self._mutex:
             self.ops += 1
+            number = self._record("update", mapping)
             self._data.update(mapping)
             scopes = self._scopes
             if scopes:
                 for name in mapping:
                     scopes.pop(name, None)
+        self._commit(number)
 
     def replace(self, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], merge: bool) -> None:
         """Install restored entries: all of them (``merge=False``), or over the current ones."""
         with self._mutex:
+            number = self._record("replace", data, scopes, merge)
             if merge:
                 self._data.update(data)
                 for name in data:
@@ -159,6 +191,7 @@ class Store:
             else:
                 self._data = dict(data)
                 self._scopes = dict(scopes)
+        self._commit(number)
 
     # -- atomic read-modify-write ------------------------------------------------------------------
     def incr(self, name: str, by: int | float | decimal.Decimal = 1) -> Any:
@@ -173,8 +206,10 @@ class Store:
                 raise TypeError(
                     f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}"
                 ) from None
+            number = self._record("incr", name, by)
             self._data[name] = new
-            return new
+        self._commit(number)
+        return new
 
     def setdefault(self, name: str, default: Any) -> Any:
         with self._mutex:
@@ -182,8 +217,10 @@ class Store:
             data = self._data
             if name in data:
                 return data[name]
+            number = self._record("setdefault", name, default)
             data[name] = default
-            return default
+        self._commit(number)
+        return default
 
     def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
         with self._mutex:
@@ -194,8 +231,10 @@ class Store:
                     return False
             elif current != expected:
                 return False
+            number = self._record("put", name, new)
             self._data[name] = new
-            return True
+        self._commit(number)
+        return True
 
     def append(self, name: str, item: Any) -> int:
         with self._mutex:
@@ -207,5 +246,26 @@ class Store:
                 new = [*current, item]  # a new list: stored values are never mutated in place
             else:
                 raise TypeError(f"cannot append to {name!r}: it holds {type(current).__name__}, not a list")
+            number = self._record("append", name, item)
             self._data[name] = new
-            return len(new)
+        self._commit(number)
+        return len(new)
+
+    # -- journal replay -----------------------------------------------------------------------------
+    def apply(self, record: list[Any]) -> None:
+        """Make a journaled change again (the journal is not open while records are replayed)."""
+        op, args = record[0], record[1:]
+        if op == "put":
+            name, value = args
+            with self._mutex:
+                self._data[name] = value
+        elif op == "replace":
+            data, scopes, merge = args
+            self.replace(data, {name: tuple(scope) for name, scope in scopes.items()}, merge)
+        elif op in _REPLAYABLE:
+            getattr(self, op)(*args)
+        else:
+            raise ValueError(f"unknown journal record {op!r}")
+
+
+_REPLAYABLE = frozenset({"set", "remove", "clear", "update", "incr", "setdefault", "append"})

@@ -48,9 +48,9 @@ def test_sigkill_during_saves_always_leaves_a_file_that_restores(tmp_path):
             assert not saver.is_alive()
         finally:
             server.shutdown()
-        entries = read_snapshot(path)
-        assert entries is not None, "no snapshot left"
-        data, _ = entries
+        snapshot = read_snapshot(path)
+        assert snapshot is not None, "no snapshot left"
+        data = snapshot.data
         assert len(data) in (NAMES, NAMES + 1)
         assert data["name-8"] == {"i": 8, "b": b"\x00"}
         if backup_path(path).exists():
