@@ -164,7 +164,7 @@ def test_a_crash_at_any_moment_of_a_save_replays_every_change_exactly_once(tmp_p
     path = tmp_path / "state.json"
     rng = random.Random(99)
     acknowledged = 0
-    for round_number in range(6):
+    for _round in range(6):
         server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
         state = server.state
         assert state.get("n", 0) in (acknowledged, acknowledged + 1)
