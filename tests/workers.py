@@ -102,3 +102,55 @@ def wait_for_lock(state: sharedstate.State, waiting) -> None:
     waiting.set()
     state.lock.acquire()
     time.sleep(60)
+
+
+def run_plan(state: sharedstate.State, prefix: str, plan: list) -> str:
+    """Make the calls of ``plan`` on this process' own names (``prefix``) and the shared counters."""
+    for op in plan:
+        kind = op[0]
+        try:
+            if kind == "set":
+                state.set(prefix + op[1], op[2])
+            elif kind == "incr":
+                state.incr(prefix + op[1], op[2])
+            elif kind == "append":
+                state.append(prefix + op[1], op[2])
+            elif kind == "remove":
+                state.remove(prefix + op[1])
+            elif kind == "setdefault":
+                state.setdefault(prefix + op[1], op[2])
+            elif kind == "shared_incr":
+                state.incr("shared", op[1])
+            elif kind == "locked_add":
+                with state.lock:
+                    state.set("locked", state.get("locked", 0) + op[1])
+        except TypeError:
+            pass  # incr or append on a value of another type: refused, as the model expects
+    return "ok"
+
+
+def soak_client(state, i, victim, stop, incr_counts, locked_counts, holding) -> None:
+    """Mixed calls until ``stop``; a victim lingers inside the lock so that it gets killed there."""
+    import random
+
+    rng = random.Random(i)
+    own = f"list-{i}"
+    if not victim:
+        state.set(own, [])
+    while not stop.value:
+        incr_counts[i] = state.incr(f"count-{i}")
+        with state.lock:
+            holding[i] = 1
+            ledger = state.get("ledger", {})
+            ledger[str(i)] = ledger.get(str(i), 0) + 1
+            state.set("ledger", ledger)
+            if not victim:
+                locked_counts[i] += 1
+            elif rng.random() < 0.5:
+                time.sleep(0.05)
+            holding[i] = 0
+        if not victim:
+            state.append(own, len(state.get(own)))
+        state.get_many([f"count-{j}" for j in range(8)])
+        state.names("^count-")
+        state.set(f"scratch-{i}", {"n": rng.random(), "b": b"x" * rng.randrange(100)}, scope="soak")
