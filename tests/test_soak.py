@@ -11,8 +11,6 @@ import pytest
 import workers
 from conftest import kill, reap
 
-import sharedstate
-
 CLIENTS = 8
 SURVIVORS = 4  # clients 0-3 run to the end; 4-7 are killed and replaced by new victims
 LOAD_S = 15.0
