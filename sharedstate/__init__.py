@@ -6,6 +6,7 @@
 1
 """
 
+from . import aio
 from ._client import State, connect
 from ._errors import (
     AccessDenied,
@@ -17,11 +18,13 @@ from ._errors import (
 )
 from ._lock import Lock
 from ._server import StateServer, serve
+from ._storage import LocalFileStorage
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
+    "LocalFileStorage",
     "Lock",
     "LockTimeout",
     "ServerUnavailable",
@@ -31,6 +34,7 @@ __all__ = [
     "StateFileBusy",
     "StateServer",
     "__version__",
+    "aio",
     "connect",
     "serve",
 ]

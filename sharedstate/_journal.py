@@ -24,6 +24,7 @@ from typing import Any
 
 from ._codec import encode, object_hook
 from ._errors import SnapshotError
+from ._files import fsync_dir
 
 log = logging.getLogger("sharedstate")
 
@@ -152,7 +153,7 @@ class Journal:
                 os.close(old)
             self._synced = self._written
             self._fd, self._file, self.generation = fd, name, generation
-        _fsync_dir(self.base.parent)
+        fsync_dir(self.base.parent)
 
     # -- durability ---------------------------------------------------------------------------------
     def commit(self, number: int) -> None:
@@ -191,7 +192,7 @@ class Journal:
                     path.unlink()
                 except FileNotFoundError:
                     pass
-        _fsync_dir(self.base.parent)
+        fsync_dir(self.base.parent)
 
     def close(self, remove: bool) -> None:
         """Stop; with ``remove`` (the final snapshot holds everything) delete every journal file."""
@@ -207,11 +208,3 @@ class Journal:
                     path.unlink()
                 except FileNotFoundError:
                     pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 
 from ._errors import SnapshotError
+from ._files import write_atomic
 from ._journal import Journal, journal_files, replay_records
 from ._locktable import Client, LockTable, process_alive
 from ._schedule import SaveEvery, parse_schedule
@@ -295,18 +296,6 @@ def _clear_stale_socket(address: str) -> None:
     raise OSError(f"address {address} is in use by a running server")
 
 
-def _write_private(path: str, text: str) -> None:
-    """Write a small file readable only by this user, complete before it appears at ``path``."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, text.encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 class ServerProcess:
     """The life of one server process: bind, serve, stop."""
 
@@ -335,7 +324,7 @@ class ServerProcess:
             if config.write_key_file:
                 # The key is on disk before the socket appears, so a client that sees the socket finds it.
                 self._key_file = str(key_file_for(config.address))
-                _write_private(self._key_file, config.authkey.hex())
+                write_atomic(Path(self._key_file), [config.authkey.hex()], backup=False)
         old_umask = os.umask(0o177)  # the socket file: this user only
         try:
             self.server = ManagerServer(self.service, config.address, config.authkey)

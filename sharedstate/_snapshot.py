@@ -14,16 +14,15 @@ import json
 import logging
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import filelock
-import psutil
 
 from . import _pode
 from ._codec import MARK, DecodeError, encode, iter_json_object, object_hook
 from ._errors import SnapshotError, StateFileBusy
+from ._files import backup_path, remove_stray_temp_files, write_atomic
 
 log = logging.getLogger("sharedstate")
 
@@ -43,48 +42,6 @@ class Snapshot(NamedTuple):
 
 
 _OURS = re.compile(r'\s*\{\s*"format"\s*:\s*"sharedstate"')
-
-
-def backup_path(path: Path) -> Path:
-    return path.with_name(path.name + ".bak")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, pieces: Any, backup: bool = True) -> None:
-    """Write the text ``pieces`` to ``path`` atomically (see the module's docstring)."""
-    folder = path.parent
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for piece in pieces:
-                f.write(piece)
-            f.flush()
-            os.fsync(f.fileno())
-        if backup and path.exists():
-            bak = backup_path(path)
-            bak_tmp = folder / f".{bak.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            try:
-                os.link(path, bak_tmp)
-            except OSError:  # no hard links here: a copy does (the snapshot stays in place meanwhile)
-                bak_tmp.write_bytes(path.read_bytes())
-                os.chmod(bak_tmp, 0o600)
-            os.replace(bak_tmp, bak)
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> Any:
@@ -198,29 +155,13 @@ class FileOwnership:
                 str(self.path),
                 pid,
             ) from None
-        self._remove_stray_temp_files()
+        remove_stray_temp_files(self.path.parent, f".{self.path.name}.")
         try:
             tmp = self._owner_file.with_name(f".{self._owner_file.name}.{os.getpid()}.tmp")
             tmp.write_text(f"{os.getpid()}\n")
             os.replace(tmp, self._owner_file)
         except OSError:
             pass  # only for the error message of a second server
-
-    def _remove_stray_temp_files(self) -> None:
-        """Temporary files of writers that died mid-save (named ``.NAME.PID.RANDOM.tmp``)."""
-        pattern = re.compile(re.escape(f".{self.path.name}") + r"(?:\.bak|\.owner)?\.(\d+)(?:\.[0-9a-f]+)?\.tmp")
-        try:
-            candidates = list(self.path.parent.iterdir())
-        except OSError:
-            return
-        for candidate in candidates:
-            match = pattern.fullmatch(candidate.name)
-            if match and (int(match.group(1)) == os.getpid() or not psutil.pid_exists(int(match.group(1)))):
-                try:
-                    candidate.unlink()
-                    log.info("removed %s, left by a save that did not finish", candidate)
-                except OSError:
-                    pass
 
     def release(self) -> None:
         try:

@@ -48,16 +48,22 @@ def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseCo
     return multiprocessing.get_context(request.param)
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc (``R``, ``S``, ``Z``...), or ``""`` once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
+            return f.read().rsplit(") ", 1)[1][:1]
+    except (OSError, IndexError):  # gone, or being reaped while we read
+        return ""
+
+
+def exited(pid: int) -> bool:
+    """Exited: gone, or a zombie (its parent may be gone and nothing reaps it here)."""
+    return process_state(pid) in ("", "Z", "X")
+
+
+def _running(pid: int) -> bool:
+    return not exited(pid)
 
 
 def reap(*procs: multiprocessing.process.BaseProcess | subprocess.Popen[bytes], timeout: float = 10.0) -> None:

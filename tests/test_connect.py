@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, kill
+from conftest import ROOT, exited, kill, wait_until
 
 import sharedstate
 
@@ -139,9 +139,7 @@ def test_a_dead_server_is_server_unavailable(tmp_path):
         state = server.state
         state.set("a", 1)
         kill(server.pid)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{server.pid}/stat"):
-            time.sleep(0.02)
+        wait_until(lambda: exited(server.pid), 10, what="the server to die")
         with pytest.raises(sharedstate.ServerUnavailable, match=address):
             state.get("a")  # a call on the dead connection
         start = time.monotonic()

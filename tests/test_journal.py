@@ -2,32 +2,37 @@
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 
 import pytest
-from conftest import kill, wait_until
+from conftest import exited, kill, wait_until
 
 import sharedstate
 from sharedstate._journal import journal_path, read_journal
 from sharedstate._snapshot import read_snapshot
 
 
+def journaling(path, **options) -> sharedstate.StateServer:
+    """A started server with a journal, no schedule, and no restart after a crash."""
+    return sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False, **options).start()
+
+
 def crash(server: sharedstate.StateServer) -> None:
     """SIGKILL the server process and wait for it (restart=False servers stay down)."""
     pid = server.pid
     kill(pid)
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 10, what="the server to die")
+    wait_until(lambda: exited(pid), 10, what="the server to die")
     server.shutdown()
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] == "Z"
-    except FileNotFoundError:
-        return True
+def crashed_after_sets(path, count: int):
+    """Set k0..k(count-1) on a journaling server, SIGKILL it, and return its journal's path."""
+    server = journaling(path)
+    for i in range(count):
+        server.state.set(f"k{i}", i)
+    crash(server)
+    return journal_path(path)
 
 
 @pytest.mark.parametrize("fsync", ["everysec", "always"])
@@ -49,7 +54,7 @@ def test_sigkill_after_500_changes_loses_none_of_them(tmp_path, fsync):
 
 def test_every_kind_of_change_replays(tmp_path):
     path = tmp_path / "state.json"
-    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
+    server = journaling(path)
     state = server.state
     state.set("scoped", 1, scope=["a", "b"])
     state.set("gone", 1)
@@ -76,7 +81,7 @@ def test_every_kind_of_change_replays(tmp_path):
 def test_clear_and_restore_replay(tmp_path):
     path = tmp_path / "state.json"
     other = tmp_path / "other.json"
-    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
+    server = journaling(path)
     state = server.state
     state.set("from-file", 1, scope="s")
     state.save(other)
@@ -90,13 +95,9 @@ def test_clear_and_restore_replay(tmp_path):
         assert again.state.names(scope="s") == ["from-file"]
 
 
-def test_a_torn_last_record_is_dropped_and_the_rest_replays(tmp_path, caplog):
+def test_a_torn_last_record_is_dropped_and_the_rest_replays(tmp_path):
     path = tmp_path / "state.json"
-    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
-    for i in range(10):
-        server.state.set(f"k{i}", i)
-    crash(server)
-    journal = journal_path(path)
+    journal = crashed_after_sets(path, 10)
     with open(journal, "ab") as f:  # what a crash in the middle of a write leaves
         f.write(b'1234abcd ["set","k10",10')
     generation, records = read_journal(journal)
@@ -107,11 +108,7 @@ def test_a_torn_last_record_is_dropped_and_the_rest_replays(tmp_path, caplog):
 
 def test_a_damaged_record_before_the_last_is_an_error_and_nothing_is_lost(tmp_path):
     path = tmp_path / "state.json"
-    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
-    for i in range(5):
-        server.state.set(f"k{i}", i)
-    crash(server)
-    journal = journal_path(path)
+    journal = crashed_after_sets(path, 5)
     lines = journal.read_bytes().split(b"\n")
     lines[2] = lines[2].replace(b"k1", b"kX")  # the CRC no longer matches
     journal.write_bytes(b"\n".join(lines))
@@ -141,7 +138,7 @@ def test_a_save_starts_a_fresh_journal_and_shutdown_removes_it(tmp_path):
 
 def test_a_snapshot_server_folds_a_left_over_journal_in(tmp_path):
     path = tmp_path / "state.json"
-    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
+    server = journaling(path)
     server.state.set("journaled", 1)
     crash(server)
     with sharedstate.StateServer(path=path) as plain:
@@ -165,7 +162,7 @@ def test_a_crash_at_any_moment_of_a_save_replays_every_change_exactly_once(tmp_p
     rng = random.Random(99)
     acknowledged = 0
     for _round in range(6):
-        server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
+        server = journaling(path)
         state = server.state
         assert state.get("n", 0) in (acknowledged, acknowledged + 1)
         acknowledged = state.get("n", 0)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import workers
-from conftest import kill, reap, wait_until
+from conftest import kill, process_state, reap, wait_until
 
 import sharedstate
 
@@ -172,13 +172,7 @@ def test_a_dead_holder_is_found_even_if_its_connection_stays_open(logged, end):
             kill(proc.pid)
         else:
             go.set()  # it exits; we do not join it, so it stays a zombie
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with open(f"/proc/{proc.pid}/stat") as f:
-                    if f.read().split(") ", 1)[1][0] == "Z":
-                        break
-            else:
-                pytest.fail("the holder did not exit")
+            wait_until(lambda: process_state(proc.pid) == "Z", 10, what="the holder to exit")
         _recovered_within(state, 1.0)
         assert state.stats()["lock_recoveries"] == 1
         assert f"held by pid {proc.pid}: its process is gone" in logged.log_text()

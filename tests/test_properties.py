@@ -14,6 +14,7 @@ import workers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from test_values import same
 
 import sharedstate
 
@@ -67,16 +68,6 @@ bad_names = st.one_of(st.integers(), st.none(), st.binary(max_size=3), st.tuples
 scopes = st.one_of(st.none(), st.text(max_size=3), st.lists(st.text(alphabet="abc", max_size=2), max_size=3))
 patterns = st.text(alphabet="ab.*+?()[]^$|{}\\", max_size=6)
 numbers = st.one_of(st.integers(-1000, 1000), st.floats(-1e6, 1e6, allow_nan=False))
-
-
-def same(a, b) -> bool:
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def scope_set(scope) -> set[str]:

@@ -12,19 +12,10 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, TESTS, kill, reap, wait_until
+from conftest import ROOT, TESTS, exited, kill, reap, wait_until
 
 import sharedstate
 from sharedstate._snapshot import read_snapshot
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie counts: its parent may be gone and nobody reaps it here)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] in "ZX"
-    except FileNotFoundError:
-        return True
 
 
 def start_owner(path, durability="snapshot") -> tuple[subprocess.Popen, dict]:
@@ -49,7 +40,7 @@ def test_sigkill_of_the_owner_makes_the_server_save_and_exit(tmp_path, durabilit
         state = sharedstate.connect(info["address"], bytes.fromhex(info["authkey"]))
         state.set("from another process", 42)
         kill(owner.pid)
-        took = wait_until(lambda: gone(info["server_pid"]), 10, what="the orphaned server to exit")
+        took = wait_until(lambda: exited(info["server_pid"]), 10, what="the orphaned server to exit")
         assert took < 10
     finally:
         kill(owner.pid)
@@ -71,7 +62,7 @@ def test_a_signal_to_the_server_saves_the_last_change_and_it_stays_stopped(tmp_p
         for i in range(50):
             server.state.set("last", i)
         os.kill(pid, sig)
-        wait_until(lambda: gone(pid), 10, what="the server to stop")
+        wait_until(lambda: exited(pid), 10, what="the server to stop")
         assert read_snapshot(path).data == {"last": 49}
         with pytest.raises(sharedstate.ServerUnavailable):
             server.state.get("last")
@@ -121,7 +112,7 @@ def test_restart_false_leaves_a_crashed_server_down(tmp_path):
     with sharedstate.StateServer(restart=False) as server:
         pid = server.pid
         kill(pid)
-        wait_until(lambda: gone(pid), 5, what="the server to die")
+        wait_until(lambda: exited(pid), 5, what="the server to die")
         time.sleep(0.5)
         assert server.pid == pid
         with pytest.raises(sharedstate.ServerUnavailable):

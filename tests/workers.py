@@ -154,3 +154,9 @@ def soak_client(state, i, victim, stop, incr_counts, locked_counts, holding) -> 
         state.get_many([f"count-{j}" for j in range(8)])
         state.names("^count-")
         state.set(f"scratch-{i}", {"n": rng.random(), "b": b"x" * rng.randrange(100)}, scope="soak")
+
+
+def fill_storage(folder: str, process: int, count: int) -> None:
+    storage = sharedstate.LocalFileStorage(folder)
+    for i in range(count):
+        storage.set(f"p{process}-{i}", i)

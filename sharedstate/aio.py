@@ -1,0 +1,226 @@
+"""asyncio access: ``await sharedstate.aio.connect()`` gives an ``AsyncState``.
+
+Every call runs on a small pool of worker threads (each with its own connection), so nothing blocks the
+event loop — not even a wait for a lock. Lock ownership is per task: two tasks of one loop exclude each
+other like two threads, and only the task that acquired a lock may release it.
+
+>>> state = await sharedstate.aio.connect()          # doctest: +SKIP
+>>> await state.incr("hits")
+>>> async with state.lock:
+...     await state.set("total", (await state.get("total", 0)) + 1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ._client import State
+from ._client import connect as _connect
+from ._errors import LockTimeout
+from ._lock import check_timeout
+from ._locktable import describe
+from ._values import check_name
+
+__all__ = ["AsyncLock", "AsyncState", "connect"]
+
+T = TypeVar("T")
+
+#: Worker threads (and so connections) per ``AsyncState``.
+MAX_THREADS = 16
+#: A lock wait is made of server-side waits this long, so it never holds a worker thread for long.
+LOCK_SLICE_S = 0.1
+
+_task_tokens: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = weakref.WeakKeyDictionary()
+_counter = itertools.count(1)
+
+
+def _task_token() -> str:
+    """The lock owner id of the current task (unlike thread idents, a ``str``)."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("sharedstate.aio locks must be used from an asyncio task")
+    token = _task_tokens.get(task)
+    if token is None:
+        token = _task_tokens[task] = f"task-{os.getpid()}-{next(_counter)}"
+    return token
+
+
+class AsyncState:
+    """The calls of ``State`` as coroutines. Get one from ``await sharedstate.aio.connect()``."""
+
+    def __init__(self, state: State, max_threads: int = MAX_THREADS) -> None:
+        self._sync = state
+        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="sharedstate-aio")
+        self._lock = AsyncLock(self, None)
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    @property
+    def address(self) -> str:
+        return self._sync.address
+
+    @property
+    def sync(self) -> State:
+        """The blocking ``State`` behind this handle (for code that is not async)."""
+        return self._sync
+
+    async def close(self) -> None:
+        """Close the worker threads and their connections."""
+        self._executor.shutdown(wait=False)
+
+    def __repr__(self) -> str:
+        return f"<sharedstate.aio.AsyncState at {self.address}>"
+
+    async def get(self, name: str, default: Any = None) -> Any:
+        return await self._run(self._sync.get, name, default)
+
+    async def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
+        return await self._run(lambda: self._sync.set(name, value, scope=scope))
+
+    async def remove(self, name: str) -> Any:
+        return await self._run(self._sync.remove, name)
+
+    async def contains(self, name: str) -> bool:
+        return await self._run(self._sync.contains, name)
+
+    async def names(self, pattern: str | None = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
+        return await self._run(lambda: self._sync.names(pattern, scope=scope))
+
+    async def clear(self) -> None:
+        await self._run(self._sync.clear)
+
+    async def incr(self, name: str, by: Any = 1) -> Any:
+        return await self._run(self._sync.incr, name, by)
+
+    async def setdefault(self, name: str, default: Any) -> Any:
+        return await self._run(self._sync.setdefault, name, default)
+
+    async def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
+        return await self._run(self._sync.compare_and_set, name, expected, new)
+
+    async def append(self, name: str, item: Any) -> int:
+        return await self._run(self._sync.append, name, item)
+
+    async def update(self, mapping: Mapping[str, Any]) -> None:
+        await self._run(self._sync.update, mapping)
+
+    async def get_many(self, names: Iterable[str]) -> dict[str, Any]:
+        return await self._run(self._sync.get_many, names)
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self._run(self._sync.snapshot)
+
+    async def save(self, path: Any = None, **filters: Any) -> Path:
+        return await self._run(lambda: self._sync.save(path, **filters))
+
+    async def restore(self, path: Any = None, *, merge: bool = False) -> int:
+        return await self._run(lambda: self._sync.restore(path, merge=merge))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._run(self._sync.stats)
+
+    @property
+    def lock(self) -> AsyncLock:
+        """The global lock, owned per task."""
+        return self._lock
+
+    def named_lock(self, name: str) -> AsyncLock:
+        """An independent lock for ``name``, owned per task."""
+        return AsyncLock(self, check_name(name))
+
+
+for _name in ("get", "set", "remove", "contains", "names", "clear", "incr", "setdefault", "compare_and_set",
+              "append", "update", "get_many", "snapshot", "save", "restore", "stats"):  # fmt: skip
+    getattr(AsyncState, _name).__doc__ = getattr(State, _name).__doc__
+
+
+class AsyncLock:
+    """A server lock for asyncio: ``async with state.lock``, ``await lock.acquire()``. The owner is the
+    task that acquired it. Waiting never blocks the event loop."""
+
+    def __init__(self, state: AsyncState, name: str | None) -> None:
+        self._state = state
+        self._name = name
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Acquire for the current task; ``False`` if not free in time (or at once when not blocking)."""
+        timeout = check_timeout(blocking, timeout)
+        token = _task_token()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not blocking:
+                wait = None
+            else:
+                wait = LOCK_SLICE_S if deadline is None else max(0.0, min(LOCK_SLICE_S, deadline - time.monotonic()))
+            if await self._attempt(token, blocking and wait is not None and wait > 0, wait):
+                return True
+            if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                return False
+
+    async def _attempt(self, token: str, blocking: bool, wait: float | None) -> bool:
+        call = self._state._sync._call
+        args = (self._name, token, blocking, wait if blocking else None)
+        future = asyncio.get_running_loop().run_in_executor(self._state._executor, call, "lock_acquire", args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The request may still take the lock for a task that is gone: give it back when it does.
+            def give_back(done: asyncio.Future[bool]) -> None:
+                if not done.cancelled() and done.exception() is None and done.result():
+                    self._state._executor.submit(call, "lock_release", (self._name, token))
+
+            future.add_done_callback(give_back)
+            raise
+
+    async def release(self) -> None:
+        """Release once; ``RuntimeError`` if the current task does not hold the lock."""
+        token = _task_token()
+        await self._state._run(self._state._sync._call, "lock_release", (self._name, token))
+
+    async def locked(self) -> bool:
+        return await self._state._run(self._state._sync._call, "lock_locked", (self._name,))
+
+    async def owner(self) -> int | None:
+        """The pid of the holding process, or ``None``."""
+        return await self._state._run(self._state._sync._call, "lock_owner", (self._name,))
+
+    @asynccontextmanager
+    async def hold(self, timeout: float = 5.0) -> AsyncIterator[AsyncLock]:
+        """``async with lock.hold(timeout)``: raises ``LockTimeout`` if not acquired in time."""
+        if not await self.acquire(timeout=timeout):
+            raise LockTimeout(
+                f"{describe(self._name)} was not acquired within {timeout:g} s (held by pid {await self.owner()})",
+                self._name,
+                timeout,
+            )
+        try:
+            yield self
+        finally:
+            await self.release()
+
+    async def __aenter__(self) -> AsyncLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.release()
+
+
+async def connect(address: object = None, authkey: bytes | None = None, *, cache: bool = True) -> AsyncState:
+    """``sharedstate.connect()`` for asyncio: same arguments and errors, and it does not block the loop."""
+    state = await asyncio.get_running_loop().run_in_executor(None, lambda: _connect(address, authkey, cache=cache))
+    return AsyncState(state)
