@@ -154,26 +154,8 @@ class StateServer:
                 raise RuntimeError(f"the server at {self.address} is already started")
             if self._stopped:
                 raise RuntimeError("a StateServer cannot be started again after shutdown(); make a new one")
-            self._authkey = self._given_authkey or secrets.token_bytes(32)
-            address = self._address
-            if address is None:
-                # A private folder: only this user may enter it, so only this user reaches the socket.
-                self._tmpdir = tempfile.mkdtemp(prefix="sharedstate-")
-                address = os.path.join(self._tmpdir, "state.sock")
-            owner = psutil.Process()
-            self._owner_pid = owner.pid
-            self._config = ServerConfig(
-                address=address,
-                authkey=self._authkey,
-                write_key_file=isinstance(address, str) and self._given_authkey is None,
-                owner_pid=owner.pid,
-                owner_create_time=owner.create_time(),
-                path=None if self._path is None else str(self._path),
-                save_every=self._save_every,
-                durability=self._durability,
-                journal_fsync=self._journal_fsync,
-                log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
-            )
+            self._owner_pid = os.getpid()
+            self._config = self._server_config(owned=True)
             try:
                 self._proc, info = _spawn(self._config)
             except BaseException:
@@ -191,6 +173,29 @@ class StateServer:
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Save now, to the server's path or to ``path``; return the path written (as ``state.save()``)."""
         return self.state.save(path)
+
+    def _server_config(self, owned: bool) -> ServerConfig:
+        """What a server process needs; ``owned=False`` for one that watches no owner (``sharedstate
+        serve`` runs it in its own process). Makes the key, and the private folder of the socket."""
+        self._authkey = self._given_authkey or secrets.token_bytes(32)
+        address = self._address
+        if address is None:
+            # A private folder: only this user may enter it, so only this user reaches the socket.
+            self._tmpdir = tempfile.mkdtemp(prefix="sharedstate-")
+            address = os.path.join(self._tmpdir, "state.sock")
+        owner = psutil.Process() if owned else None
+        return ServerConfig(
+            address=address,
+            authkey=self._authkey,
+            write_key_file=isinstance(address, str) and self._given_authkey is None,
+            owner_pid=None if owner is None else owner.pid,
+            owner_create_time=None if owner is None else owner.create_time(),
+            path=None if self._path is None else str(self._path),
+            save_every=self._save_every,
+            durability=self._durability,
+            journal_fsync=self._journal_fsync,
+            log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
+        )
 
     def _monitor(self, proc: subprocess.Popen[bytes]) -> None:
         """Reap the server process; start it again if it crashed (not if it stopped cleanly)."""

@@ -1,0 +1,212 @@
+"""The ``sharedstate`` command: a standalone server, a server around a command, and client calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ._client import connect
+from ._codec import encode, object_hook
+from ._errors import SharedStateError
+from ._schedule import parse_schedule
+from ._server import StateServer
+from ._snapshot import read_snapshot
+from ._transport import ENV_ADDRESS, ENV_AUTHKEY, format_address, key_file_for, parse_address
+
+PROG = "sharedstate"
+
+
+class UserError(Exception):
+    """A mistake of the user's: one line on stderr, exit status 1."""
+
+
+def _save_every(text: str) -> Any:
+    """``--save-every``: seconds, a cron expression, or ``none``."""
+    if text.lower() == "none":
+        return None
+    try:
+        value: Any = float(text)
+    except ValueError:
+        value = text
+    parse_schedule(value)  # ValueError here is argparse's "invalid value" message
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="One dictionary shared by many processes.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def server_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--path", help="snapshot file: restored at start, saved on schedule and at exit")
+        sub.add_argument(
+            "--save-every", type=_save_every, default="@hourly", help="seconds, a cron expression, or none"
+        )
+        sub.add_argument("--address", help="a Unix socket path or HOST:PORT (default: a private socket)")
+        sub.add_argument("--durability", choices=("snapshot", "journal"), default="snapshot")
+        sub.add_argument("--journal-fsync", choices=("everysec", "always"), default="everysec")
+
+    serve = commands.add_parser("serve", help="run a standalone server until SIGTERM/SIGINT")
+    server_options(serve)
+    run = commands.add_parser("run", help="run COMMAND with a server around it (run [options] -- COMMAND ...)")
+    server_options(run)
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("--address", help=f"the server's address (default: ${ENV_ADDRESS})")
+        return sub
+
+    client("get", "print a value as JSON").add_argument("name")
+    set_ = client("set", "set a value given as JSON")
+    set_.add_argument("name")
+    set_.add_argument("json", help="the value, as JSON")
+    set_.add_argument("--scope", action="append", help="a scope (repeat for several)")
+    client("remove", "remove a name, print its value").add_argument("name")
+    client("names", "print the sorted names").add_argument("pattern", nargs="?", help="a regular expression")
+    incr = client("incr", "add to a number, print the new value")
+    incr.add_argument("name")
+    incr.add_argument("by", nargs="?", default="1", help="the amount (default 1)")
+    client("save", "save a snapshot now, print its path").add_argument("path", nargs="?")
+    client("restore", "restore a snapshot, print how many names it held").add_argument("path")
+    client("stats", "print the server's figures")
+    show = commands.add_parser("show", help="print a snapshot file (no server needed)")
+    show.add_argument("file")
+    return parser
+
+
+def _json_out(value: Any) -> None:
+    print(json.dumps(encode(value), ensure_ascii=False, allow_nan=False))
+
+
+def _json_in(text: str) -> Any:
+    try:
+        return json.loads(text, object_hook=object_hook)
+    except ValueError as exc:
+        raise UserError(f"not valid JSON: {text!r} ({exc})") from None
+
+
+def _number(text: str) -> Any:
+    value = _json_in(text)
+    if type(value) not in (int, float):
+        raise UserError(f"not a number: {text!r}")
+    return value
+
+
+def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "path": args.path,
+        "save_every": args.save_every,
+        "address": args.address,
+        "durability": args.durability,
+        "journal_fsync": args.journal_fsync,
+    }
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """A standalone server in this very process: no owner to watch, stops with a final save."""
+    from ._serverproc import ServerProcess
+
+    plan = StateServer(**_server_kwargs(args))  # checks every option as StateServer does
+    logging.getLogger("sharedstate").setLevel(logging.INFO)
+    config = plan._server_config(owned=False)
+    logging.basicConfig(level=logging.INFO, format="sharedstate[%(process)d] %(levelname)s: %(message)s")
+    process = ServerProcess(config)
+    try:
+        bound = process.open()
+        text = format_address(bound)
+        key_file = key_file_for(bound)
+        print(f"sharedstate: serving at {text} (pid {os.getpid()})", flush=True)
+        if key_file is not None:
+            print(f"sharedstate: key file {key_file}", flush=True)
+        print(f"export {ENV_ADDRESS}={text}", flush=True)
+        if key_file is None:  # TCP: no key file, so the clients need the key itself
+            print(f"export {ENV_AUTHKEY}={config.authkey.hex()}", flush=True)
+        return process.run()
+    finally:
+        plan._cleanup_tmpdir()
+
+
+def _run(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UserError("run needs a command: sharedstate run [options] -- COMMAND ...")
+    server = StateServer(**_server_kwargs(args)).start()
+    try:
+        try:
+            child = subprocess.Popen(argv)
+        except OSError as exc:
+            raise UserError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
+
+        def forward(signum: int, frame: Any) -> None:
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        code = child.wait()
+    finally:
+        server.shutdown()
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _client(args: argparse.Namespace) -> int:
+    command = args.command
+    # Read the user's input before reaching for the server: a typo is reported as such.
+    value = _json_in(args.json) if command == "set" else None
+    by = _number(args.by) if command == "incr" else None
+    address: Any | None = None if args.address is None else parse_address(args.address)
+    state = connect(address)
+    if command == "get":
+        _json_out(state.get(args.name))
+    elif command == "set":
+        state.set(args.name, value, scope=args.scope)
+    elif command == "remove":
+        _json_out(state.remove(args.name))
+    elif command == "names":
+        _json_out(state.names(args.pattern))
+    elif command == "incr":
+        _json_out(state.incr(args.name, by))
+    elif command == "save":
+        print(state.save(args.path))
+    elif command == "restore":
+        print(state.restore(args.path))
+    elif command == "stats":
+        _json_out(state.stats())
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.exists():
+        raise UserError(f"no such file: {path}")
+    snapshot = read_snapshot(path)
+    data, scopes = (snapshot.data, snapshot.scopes) if snapshot is not None else ({}, {})
+    doc = {"names": data, "scopes": {name: list(scope) for name, scope in scopes.items()}}
+    print(json.dumps(encode(doc), ensure_ascii=False, indent=2, allow_nan=False))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of ``sharedstate`` and ``python -m sharedstate``."""
+    args = _parser().parse_args(argv)
+    handlers = {"serve": _serve, "run": _run, "show": _show}
+    try:
+        code = handlers.get(args.command, _client)(args)
+    except (UserError, SharedStateError, OSError, TypeError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

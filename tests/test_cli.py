@@ -1,0 +1,165 @@
+"""The command line: serve, run, the client commands and show; user mistakes are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, kill, reap
+
+import sharedstate
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m sharedstate ARGS`` in a clean environment (plus ``env``), as another shell would."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    full["PYTHONPATH"] = str(ROOT)
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "sharedstate", *args], env=full, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def standalone(tmp_path):
+    """``sharedstate serve`` in the background; yields (process, address, path)."""
+    path = tmp_path / "state.json"
+    address = str(tmp_path / "s.sock")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith(f"sharedstate: serving at {address}"), first + proc.stderr.read()
+        assert proc.stdout.readline().strip() == f"sharedstate: key file {address}.key"
+        assert proc.stdout.readline().strip() == f"export SHAREDSTATE_ADDRESS={address}"
+        yield proc, address, path
+    finally:
+        kill(proc.pid, signal.SIGTERM)
+        reap(proc)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_serve_and_client_commands_with_only_the_address_set(standalone):
+    proc, address, path = standalone
+    env = {"SHAREDSTATE_ADDRESS": address}
+    assert cli("set", "greeting", '"héllo"', env=env).returncode == 0
+    assert json.loads(cli("get", "greeting", env=env).stdout) == "héllo"
+    assert cli("get", "missing", env=env).stdout.strip() == "null"
+    assert (
+        cli(
+            "set", "cfg", '{"a": [1, 2], "b": {"$type": "bytes", "value": "AAE="}}', "--scope", "web", env=env
+        ).returncode
+        == 0
+    )
+    assert sharedstate.connect(address).get("cfg") == {"a": [1, 2], "b": b"\x00\x01"}
+    assert cli("incr", "hits", env=env).stdout.strip() == "1"
+    assert cli("incr", "hits", "5", env=env).stdout.strip() == "6"
+    assert json.loads(cli("names", env=env).stdout) == ["cfg", "greeting", "hits"]
+    assert json.loads(cli("names", "^g", env=env).stdout) == ["greeting"]
+    assert json.loads(cli("remove", "greeting", env=env).stdout) == "héllo"
+    stats = json.loads(cli("stats", env=env).stdout)
+    assert stats["names"] == 2 and stats["pid"] == proc.pid
+    other = path.parent / "other.json"
+    assert cli("save", str(other), env=env).stdout.strip() == str(other)
+    assert cli("save", env=env).stdout.strip() == str(path)
+    assert cli("set", "hits", "0", env=env).returncode == 0
+    assert cli("restore", str(other), env=env).stdout.strip() == "2"
+    assert cli("get", "hits", "--address", address).stdout.strip() == "6"  # --address instead of the variable
+    shown = json.loads(cli("show", str(other)).stdout)
+    assert shown["names"]["hits"] == 6 and shown["scopes"] == {"cfg": ["web"]}
+    assert shown["names"]["cfg"]["b"] == {"$type": "bytes", "value": "AAE="}
+
+
+def test_serve_stops_on_sigterm_with_a_final_save(standalone):
+    proc, address, path = standalone
+    assert cli("set", "last", "42", env={"SHAREDSTATE_ADDRESS": address}).returncode == 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert json.loads(path.read_text())["names"] == {"last": 42}
+    assert not os.path.exists(address) and not os.path.exists(address + ".key")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("set", "x", "{not json"), "not valid JSON"),
+        (("incr", "x", "two"), "not valid JSON"),
+        (("incr", "x", '"2"'), "not a number"),
+        (("get", "x"), "no sharedstate server at"),
+        (("show", "/nonexistent/state.json"), "no such file"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_a_non_zero_exit(tmp_path, args, message):
+    result = cli(*args, env={"SHAREDSTATE_ADDRESS": str(tmp_path / "none.sock")})
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("sharedstate: error: ") and message in result.stderr
+
+
+def test_a_wrong_key_and_a_corrupt_file_are_one_line(standalone, tmp_path):
+    _, address, _ = standalone
+    result = cli("get", "x", env={"SHAREDSTATE_ADDRESS": address, "SHAREDSTATE_AUTHKEY": "00" * 32})
+    assert result.returncode == 1 and "refused the authentication key" in result.stderr
+    assert result.stderr.count("\n") == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    for args in (("show", str(bad)), ("restore", str(bad))):
+        result = cli(*args, env={"SHAREDSTATE_ADDRESS": address})
+        assert result.returncode == 1 and "is not a valid snapshot" in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_no_address_at_all_is_one_line():
+    result = cli("get", "x")
+    assert result.returncode == 1 and "SHAREDSTATE_ADDRESS is not set" in result.stderr
+
+
+def test_run_passes_the_exit_status_through_and_children_reach_the_server(tmp_path):
+    path = tmp_path / "state.json"
+    child = (
+        "import sharedstate, subprocess, sys\n"
+        "sharedstate.connect().incr('runs')\n"
+        # a grandchild reaches it too, with no configuration
+        "subprocess.run([sys.executable, '-c', 'import sharedstate; sharedstate.connect().incr(\"runs\")'], check=True)\n"
+        "sys.exit(3)\n"
+    )
+    result = cli("run", "--path", str(path), "--", sys.executable, "-c", child)
+    assert result.returncode == 3, result.stderr
+    assert json.loads(path.read_text())["names"] == {"runs": 2}
+    assert cli("run", "--", sys.executable, "-c", "pass").returncode == 0
+    killed = cli("run", "--", sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    assert killed.returncode == 128 + signal.SIGTERM
+
+
+def test_run_without_a_command_or_with_a_missing_one(tmp_path):
+    assert cli("run").returncode == 1
+    result = cli("run", "--", str(tmp_path / "no-such-program"))
+    assert result.returncode == 1 and "cannot run" in result.stderr
+
+
+def test_bad_server_options_are_refused():
+    result = cli("serve", "--save-every", "every tuesday-ish")
+    assert result.returncode == 2 and "save-every" in result.stderr
+    result = cli("run", "--durability", "journal", "--", "true")
+    assert result.returncode == 1 and "needs a path" in result.stderr
+
+
+def test_the_console_script_when_installed():
+    script = Path(sys.executable).parent / "sharedstate"
+    if not script.exists():
+        pytest.skip("the package is not installed in this environment (CI installs it)")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "serve" in result.stdout
