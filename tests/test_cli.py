@@ -133,7 +133,8 @@ def test_run_passes_the_exit_status_through_and_children_reach_the_server(tmp_pa
         "import sharedstate, subprocess, sys\n"
         "sharedstate.connect().incr('runs')\n"
         # a grandchild reaches it too, with no configuration
-        "subprocess.run([sys.executable, '-c', 'import sharedstate; sharedstate.connect().incr(\"runs\")'], check=True)\n"
+        "grandchild = 'import sharedstate; sharedstate.connect().incr(\"runs\")'\n"
+        "subprocess.run([sys.executable, '-c', grandchild], check=True)\n"
         "sys.exit(3)\n"
     )
     result = cli("run", "--path", str(path), "--", sys.executable, "-c", child)
