@@ -1,0 +1,132 @@
+"""Real gunicorn and uvicorn workers share one state: through `sharedstate run`, and through gunicorn's
+own server hooks. 400 requests from 8 threads get 400 distinct counts from several workers; SIGTERM to
+the whole process group leaves the count in the file, and the next start goes on from it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import ROOT, reap
+
+from sharedstate._snapshot import read_snapshot
+
+WEB = ROOT / "examples" / "web"
+REQUESTS = 400
+THREADS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(env_extra or {})
+    # its own session, so the test can signal the whole process group as a service manager would
+    return subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def get(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}: {proc.stderr.read().decode()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listened on port {port} within {timeout} s")
+
+
+def stop_group(proc: subprocess.Popen) -> int:
+    """SIGTERM to the whole process group; wait for the leader; kill what is left."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        reap(proc)
+        proc.stderr.close()
+
+
+def hammer(port: int) -> list[dict]:
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(lambda _: get(port), range(REQUESTS)))
+
+
+def check_round(argv_for, path, env_extra=None) -> None:
+    port = free_port()
+    proc = start(argv_for(port), env_extra)
+    try:
+        wait_ready(proc, port)
+        replies = hammer(port)
+        counts = [r["hits"] for r in replies]
+        assert sorted(counts) == list(range(1, REQUESTS + 1)), "lost or repeated counts"
+        assert len({r["pid"] for r in replies}) >= 2, "served by a single worker"
+    finally:
+        stop_group(proc)
+    assert read_snapshot(path).data["hits"] == REQUESTS
+    port = free_port()
+    proc = start(argv_for(port), env_extra)
+    try:
+        wait_ready(proc, port)
+        assert get(port)["hits"] == REQUESTS + 1  # restored at start
+    finally:
+        stop_group(proc)
+    assert read_snapshot(path).data["hits"] == REQUESTS + 1
+
+
+RUN = [sys.executable, "-m", "sharedstate", "run"]
+
+
+@pytest.mark.timeout(300)
+def test_gunicorn_workers_under_sharedstate_run(tmp_path):
+    path = tmp_path / "hits.json"
+    check_round(
+        lambda port: [*RUN, "--path", str(path), "--", sys.executable, "-m", "gunicorn", "-w", "4",
+                      "-b", f"127.0.0.1:{port}", "--chdir", str(WEB), "wsgi_app:app"],
+        path,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_gunicorn_workers_with_server_hooks(tmp_path):
+    path = tmp_path / "hits.json"
+    check_round(
+        lambda port: [sys.executable, "-m", "gunicorn", "-c", str(WEB / "gunicorn.conf.py"), "-w", "4",
+                      "-b", f"127.0.0.1:{port}", "--chdir", str(WEB), "wsgi_app:app"],
+        path,
+        {"HITS_STATE_FILE": str(path)},
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_uvicorn_workers_with_the_asyncio_client_under_sharedstate_run(tmp_path):
+    path = tmp_path / "hits.json"
+    check_round(
+        lambda port: [*RUN, "--path", str(path), "--", sys.executable, "-m", "uvicorn", "--workers", "3",
+                      "--host", "127.0.0.1", "--port", str(port), "--app-dir", str(WEB), "--no-access-log",
+                      "asgi_app:app"],
+        path,
+    )  # fmt: skip
