@@ -6,6 +6,7 @@ import decimal
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,22 @@ from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_ad
 from ._values import check_name, check_names, check_scope, check_value
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)
+_dumps = ForkingPickler.dumps
 _NO_KWARGS: dict[str, Any] = {}
 
 _hello_cache: dict[int, dict[str, Any]] = {}
+
+
+class _Missing:
+    """Stands for "no such name" in a ``get``: the caller's default never travels to the server."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 def _hello() -> dict[str, Any]:
@@ -52,17 +66,19 @@ class State:
         self._authkey = authkey
         self._cache = bool(cache)
         self._pool = ConnectionPool(self._address, authkey, _hello)
-        self._lock = Lock(self, None)
 
     # -- plumbing -----------------------------------------------------------------------------------
     def _call(self, method: str, args: tuple[Any, ...]) -> Any:
+        # Pickled before anything is sent: an argument that cannot be pickled fails here, and the
+        # connection (which keeps this process' locks alive) stays usable.
+        request = _dumps((STORE_ID, method, args, _NO_KWARGS))
         pool = self._pool
         conn = pool.get()
         try:
-            conn.send((STORE_ID, method, args, _NO_KWARGS))
+            conn.send_bytes(request)
             kind, result = conn.recv()
         except BaseException as exc:
-            # The connection is in an unknown state (a half-sent request, an unread answer): never reuse it.
+            # A half-sent request or an unread answer: the connection cannot be used again.
             pool.drop()
             if isinstance(exc, (EOFError, OSError)):
                 raise ServerUnavailable(
@@ -84,6 +100,12 @@ class State:
         """Close this thread's connection (it is opened again by the next call)."""
         self._pool.drop()
 
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def __reduce__(self) -> tuple[Any, ...]:
         # The key travels with the handle: whoever can unpickle it can use the state.
         return (_rebuild, (self.address, self._authkey, self._cache))
@@ -94,8 +116,8 @@ class State:
     # -- Pode's calls -------------------------------------------------------------------------------
     def get(self, name: str, default: Any = None) -> Any:
         """The value of ``name``, or ``default`` when there is no such name."""
-        name = check_name(name)
-        return self._call("get", (name,) if default is None else (name, default))
+        value = self._call("get", (check_name(name), _MISSING))
+        return default if value is _MISSING else value
 
     def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
         """Store ``value`` under ``name``, replacing its value and scopes; return ``value``.
@@ -229,7 +251,7 @@ class State:
     @property
     def lock(self) -> Lock:
         """The global lock (Pode's ``Lock-PodeObject`` on the state)."""
-        return self._lock
+        return Lock(self, None)
 
     def named_lock(self, name: str) -> Lock:
         """An independent lock for ``name`` (any ``str``; it need not be a stored name)."""

@@ -142,7 +142,7 @@ def object_hook(obj: dict[str, Any]) -> Any:
         return decoder(obj["value"], obj)
     except DecodeError:
         raise
-    except (TypeError, ValueError, ArithmeticError, KeyError, zoneinfo.ZoneInfoNotFoundError) as exc:
+    except (TypeError, ValueError, AttributeError, ArithmeticError, KeyError, zoneinfo.ZoneInfoNotFoundError) as exc:
         raise DecodeError(f"bad {tag} value {obj['value']!r:.200}: {exc}") from None
 
 

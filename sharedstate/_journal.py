@@ -51,7 +51,7 @@ def _parse_line(line: bytes) -> Any:
         if int(line[:8], 16) != zlib.crc32(body):
             return None
         return json.loads(body.decode("utf-8"), object_hook=object_hook)
-    except ValueError:
+    except (ValueError, TypeError, AttributeError, RecursionError):
         return None
 
 

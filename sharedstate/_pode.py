@@ -114,6 +114,8 @@ def _convert(obj: Any) -> Any:
     except (TypeError, ValueError, ArithmeticError) as exc:
         raise PodeError(f"bad {kind} value {value!r}: {exc}") from None
     items = obj.get("Items")
+    if items is not None and not isinstance(items, list):
+        raise PodeError(f"the Items of a {kind} are not a list: {items!r:.100}")
     if kind in _DICT_TYPES:
         result = {}
         for item in items or []:

@@ -165,7 +165,7 @@ class StateServer:
             self._config.address = self._address
             os.environ[ENV_ADDRESS] = format_address(self._address)
             os.environ[ENV_AUTHKEY] = self._authkey.hex()
-            _restart_forkserver()
+            _warn_if_forkserver_running()
             atexit.register(self._shutdown_at_exit)
             threading.Thread(target=self._monitor, args=(self._proc,), name="sharedstate-monitor", daemon=True).start()
             return self
@@ -271,30 +271,33 @@ class StateServer:
         return f"<sharedstate.StateServer {status} at {self.address} pid {self.pid}>"
 
 
-def _restart_forkserver() -> None:
-    """Make the next forkserver child see the variables just exported.
-
-    A running forkserver forks every child from its own copy of the environment, taken when it started;
-    stopped, it starts again on demand with the current one. Children it already made are not affected.
-    """
+def _warn_if_forkserver_running() -> None:
+    """A forkserver that is already running forks every child from the environment it started with, so
+    its children do not see the variables just exported (stopping it would wait for, and break, the
+    children it already made)."""
     try:
         from multiprocessing import forkserver
     except ImportError:  # a platform without it
         return
     running = getattr(forkserver, "_forkserver", None)
-    if running is None or getattr(running, "_forkserver_pid", None) is None or not hasattr(running, "_stop"):
-        return
-    try:
-        running._stop()
-    except OSError:  # inherited through fork: not ours to stop
-        pass
+    if running is not None and getattr(running, "_forkserver_pid", None) is not None:
+        log.warning(
+            "a multiprocessing forkserver was already running when the sharedstate server started: the "
+            "processes it starts do not see SHAREDSTATE_ADDRESS; pass them the State handle instead"
+        )
 
 
 def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a server process and wait until it listens; return it and what it reported."""
     code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from sharedstate._serverproc import main; main()"
     proc = subprocess.Popen(
-        [spawn.get_executable(), "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+        [spawn.get_executable(), "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        close_fds=True,
+        # Its own session: a Ctrl-C in the terminal (SIGINT to the foreground group) is for the owner,
+        # which decides when the server stops; the server still stops when the owner dies.
+        start_new_session=True,
     )
     assert proc.stdin is not None and proc.stdout is not None
     try:

@@ -8,11 +8,13 @@ then serves until it is told to stop (``shutdown``, SIGTERM, SIGINT) or its owne
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -37,6 +39,8 @@ from ._values import check_value
 
 log = logging.getLogger("sharedstate")
 
+#: Connections that may wait to be accepted.
+LISTEN_BACKLOG = 1024
 #: How often the server checks that its owner process is still alive.
 OWNER_POLL_S = 0.5
 
@@ -162,6 +166,11 @@ class StateService(Store):
         """Write a snapshot; return its path. Filters apply in Pode's order: scope, then include, then
         exclude (so exclude has the last word)."""
         target = self._target(path, "save")
+        if target == self.path and (include is not None or exclude or scope):
+            raise ValueError(
+                f"a filtered save would drop names from the server's own snapshot {target}: "
+                "save a filtered snapshot to another path"
+            )
         return str(self.save_to(target, include, exclude, scope))
 
     def save_to(
@@ -250,6 +259,12 @@ class ManagerServer(managers.Server):
 
     def __init__(self, service: StateService, address: Address, authkey: bytes) -> None:
         super().__init__({}, address, authkey, "pickle")
+        # The manager listens with a backlog of 16 (Python < 3.13): a pool of processes connecting at
+        # once would overflow it. listen() again raises the backlog of the same socket.
+        inner = getattr(self.listener, "_listener", None)
+        sock = getattr(inner, "_socket", None)
+        if sock is not None:
+            sock.listen(LISTEN_BACKLOG)
         self.service = service
         self.id_to_obj[STORE_ID] = (service, frozenset(service.EXPOSED), None)
         self.stop_event = threading.Event()
@@ -265,6 +280,9 @@ class ManagerServer(managers.Server):
         finally:
             _current.conn = _current.client = None
             self.service.disconnected(client)
+        # serve_client returns only when the server stops. Returning normally would make the manager send
+        # one more ('#RETURN', None), which a client waiting for an answer would take as a success.
+        raise SystemExit(0)
 
     def accepter(self) -> None:
         while not self.stop_event.is_set():
@@ -279,9 +297,14 @@ class ManagerServer(managers.Server):
 
 
 def _clear_stale_socket(address: str) -> None:
-    """Remove a socket file left by a server that died, refuse one that a live server answers on."""
-    if not os.path.exists(address):
+    """Remove a socket file left by a server that died, refuse one that a live server answers on, and
+    never touch anything that is not a socket."""
+    try:
+        mode = os.lstat(address).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, "the address exists and is not a socket", address)
     probe = socket.socket(socket.AF_UNIX)
     try:
         probe.settimeout(1.0)
@@ -415,6 +438,12 @@ class ServerProcess:
                 pass  # logged and kept in stats by save_to; the server serves on
 
     def close(self) -> None:
+        server = self.server
+        if server is not None:
+            try:
+                server.listener.close()  # no new connections; also unlinks a Unix socket
+            except OSError:
+                pass
         path = self.service.path
         if path is not None:
             saved = False
@@ -428,12 +457,6 @@ class ServerProcess:
                 self.service.journal.close(remove=saved)
         if self._ownership is not None:
             self._ownership.release()
-        server = self.server
-        if server is not None:
-            try:
-                server.listener.close()  # also unlinks a Unix socket
-            except OSError:
-                pass
         if self._key_file is not None:
             try:
                 os.unlink(self._key_file)

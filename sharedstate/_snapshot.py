@@ -92,7 +92,7 @@ def read_snapshot(path: Path) -> Entries | None:
         return None
     try:
         return parse_snapshot(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, DecodeError and PodeError too
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:  # any shape of bad data
         reason = f"invalid JSON ({exc})" if isinstance(exc, json.JSONDecodeError) else str(exc)
         raise SnapshotError(f"{path} is not a valid snapshot: {reason}", str(path)) from None
 

@@ -65,10 +65,11 @@ class Store:
             self.journal.commit(number)
 
     # -- reads -------------------------------------------------------------------------------------
-    def get(self, name: str, default: Any = None) -> Any:
+    def get(self, name: str, missing: Any = None) -> Any:
+        """The value, or ``missing`` (the client's marker for "no such name")."""
         with self._mutex:
             self.ops += 1
-            return self._data.get(name, default)
+            return self._data.get(name, missing)
 
     def getitem(self, name: str) -> Any:
         with self._mutex:

@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing import connection as mpc
 from pathlib import Path
@@ -39,6 +40,9 @@ def parse_address(address: object) -> Address:
             raise TypeError(f"a TCP address must be (host: str, port: int), not {address!r}")
         if not 0 <= address[1] <= 65535:
             raise ValueError(f"port out of range in address {address!r}")
+        if ":" in address[0]:
+            # multiprocessing's listener makes IPv4 sockets only.
+            raise ValueError(f"IPv6 addresses are not supported ({address[0]!r}): use an IPv4 address or a Unix socket")
         return (address[0], address[1])
     if isinstance(address, os.PathLike):
         address = os.fspath(address)
@@ -150,20 +154,40 @@ def _set_recv_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(_TIMEVAL, whole, int((seconds - whole) * 1e6)))
 
 
+def _connect_socket(address: Address, family: int, text: str, timeout: float) -> socket.socket:
+    """A connected blocking socket. A Unix socket whose accept queue is full refuses at once (EAGAIN)
+    rather than waiting: that is retried with a short backoff until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        sock = socket.socket(family)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.connect(address)
+            sock.settimeout(None)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() + pause > deadline:
+                raise ServerUnavailable(
+                    f"the server at {text} accepted no connection within {timeout:g} s", text
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise ServerUnavailable(f"no sharedstate server at {text} ({exc.strerror})", text) from None
+        except OSError as exc:
+            sock.close()
+            raise ServerUnavailable(f"cannot connect to the sharedstate server at {text}: {exc}", text) from None
+
+
 def _handshake(address: Address, authkey: bytes | None, timeout: float) -> mpc.Connection:
     """Connect and authenticate both ways, each step within ``timeout`` seconds."""
     text = format_address(address)
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family)
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    sock = _connect_socket(address, family, text, timeout)
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(address)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise ServerUnavailable(f"no sharedstate server at {text} ({exc.strerror})", text) from None
-        except OSError as exc:
-            raise ServerUnavailable(f"cannot connect to the sharedstate server at {text}: {exc}", text) from None
-        sock.settimeout(None)
         # A blocking socket with a receive timeout: the handshake cannot hang on a server that accepted
         # the connection but does not answer (stopped, overloaded, or not a sharedstate server).
         _set_recv_timeout(sock, timeout)

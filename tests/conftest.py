@@ -48,6 +48,17 @@ def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseCo
     return multiprocessing.get_context(request.param)
 
 
+def stop_forkserver() -> None:
+    """Stop this process' forkserver, if one runs, so the next one starts with the current environment
+    (as in a program that starts its StateServer before its first forkserver process). Only for tests:
+    every child of an earlier test has exited by now, so this does not wait on anyone."""
+    from multiprocessing import forkserver
+
+    running = getattr(forkserver, "_forkserver", None)
+    if running is not None and getattr(running, "_forkserver_pid", None) is not None:
+        running._stop()
+
+
 def process_state(pid: int) -> str:
     """The state letter of ``pid`` in /proc (``R``, ``S``, ``Z``...), or ``""`` once it is gone."""
     try:

@@ -6,7 +6,7 @@ import concurrent.futures
 import pickle
 
 import workers
-from conftest import reap
+from conftest import reap, stop_forkserver
 
 import sharedstate
 
@@ -19,6 +19,7 @@ def test_eight_pool_tasks_of_250_incr_end_at_exactly_2000(state, mp_context):
 
 
 def test_pool_tasks_connect_from_the_environment(state, mp_context):
+    stop_forkserver()  # the server is started before any forkserver, as a program would do
     with mp_context.Pool(4) as pool:
         pool.starmap(workers.incr_many_from_env, [("env-hits", 100)] * 8)
     assert state.get("env-hits") == 800
@@ -46,6 +47,7 @@ def test_a_state_handle_and_a_lock_go_to_a_process(state, mp_context):
 
 
 def test_a_child_connects_with_no_arguments(state, mp_context):
+    stop_forkserver()
     state.set("greeting", "hi from the parent")
     queue = mp_context.Queue()
     proc = mp_context.Process(target=workers.connect_and_report, args=(queue,))
@@ -73,3 +75,31 @@ def test_two_servers_in_one_process_stay_apart():
         assert one.state.get("who") == "one" and two.state.get("who") == "two"
         assert sharedstate.connect(one.address, one.authkey).get("who") == "one"
         assert sharedstate.connect(two.address, two.authkey).get("who") == "two"
+
+
+def test_a_forkserver_already_running_is_named_in_a_warning(caplog):
+    """Its children keep the environment it started with, so the owner says so when it starts a server."""
+    import logging
+    import multiprocessing
+
+    proc = multiprocessing.get_context("forkserver").Process(target=workers.noop)
+    proc.start()  # the forkserver now runs
+    proc.join(30)
+    with caplog.at_level(logging.WARNING, logger="sharedstate"):
+        with sharedstate.StateServer():
+            pass
+    assert "forkserver was already running" in caplog.text
+    stop_forkserver()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sharedstate"):
+        with sharedstate.StateServer():
+            pass
+    assert "forkserver" not in caplog.text
+
+
+def test_state_handles_close_their_connections(server):
+    before = server.state.stats()["clients"]
+    with sharedstate.connect(server.address, server.authkey) as other:
+        other.get("x")
+        assert server.state.stats()["clients"] == before + 1
+    assert server.state.stats()["clients"] == before

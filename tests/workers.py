@@ -160,3 +160,43 @@ def fill_storage(folder: str, process: int, count: int) -> None:
     storage = sharedstate.LocalFileStorage(folder)
     for i in range(count):
         storage.set(f"p{process}-{i}", i)
+
+
+def noop() -> None:
+    pass
+
+
+def fail_inside_lock(state: sharedstate.State, held, go, result) -> None:
+    """Inside the lock, make calls that fail in this process; the lock must stay held."""
+    with state.lock:
+        failures = 0
+        assert state.get("missing", default=lambda: 0)() == 0  # a default never travels
+        try:
+            state.set("bad", object())
+        except TypeError:
+            failures += 1
+        try:
+            state.names("(")
+        except ValueError:
+            failures += 1
+        result.value = 1 if failures == 2 else 0
+        held.set()
+        go.wait(30)
+
+
+def connect_burst(address: str, authkey: bytes, threads: int) -> int:
+    """``threads`` threads connecting at the same instant."""
+    barrier = threading.Barrier(threads)
+    done = []
+
+    def one() -> None:
+        barrier.wait(30)
+        sharedstate.connect(address, authkey).incr("burst")
+        done.append(1)
+
+    workers_ = [threading.Thread(target=one) for _ in range(threads)]
+    for w in workers_:
+        w.start()
+    for w in workers_:
+        w.join(60)
+    return len(done)

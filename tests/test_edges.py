@@ -1,0 +1,157 @@
+"""Edges found in review: shutdown races, addresses that are not sockets, errors inside a lock, bursts of
+connections, filtered saves, malformed files, terminal signals, IPv6."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+import workers
+from conftest import exited, kill, reap, wait_until
+
+import sharedstate
+from sharedstate._snapshot import read_snapshot
+from sharedstate._transport import open_control
+
+
+def test_no_call_is_acknowledged_and_then_lost_while_the_server_stops(tmp_path):
+    """Every call that returned normally during a shutdown is in the final snapshot (over TCP, where a
+    stray manager reply would otherwise be read as the answer to the next call)."""
+    path = tmp_path / "state.json"
+    server = sharedstate.StateServer(path=path, address=("127.0.0.1", 0), restart=False).start()
+    pid = server.pid
+    try:
+        handles = [sharedstate.connect(server.address, server.authkey) for _ in range(4)]
+        for h in handles:
+            h.get("warm")
+        acknowledged = []
+        stop = threading.Event()
+
+        def hammer(h, i):
+            n = 0
+            while not stop.is_set():
+                try:
+                    if h.incr(f"n{i}") is None:
+                        raise AssertionError("a call returned a stray reply")
+                    n += 1
+                except sharedstate.ServerUnavailable:
+                    break
+            acknowledged.append((i, n))
+
+        threads = [threading.Thread(target=hammer, args=(h, i)) for i, h in enumerate(handles)]
+        for t in threads:
+            t.start()
+        open_control(("127.0.0.1", int(server.address.rsplit(":", 1)[1])), server.authkey, "shutdown")
+        wait_until(lambda: exited(pid), 15, what="the server to stop")
+        stop.set()
+        for t in threads:
+            t.join(10)
+    finally:
+        stop.set()
+        server.shutdown()
+    saved = read_snapshot(path).data
+    for i, n in acknowledged:
+        assert saved.get(f"n{i}", 0) == n, (i, n, saved.get(f"n{i}"))
+
+
+def test_an_address_that_is_a_regular_file_is_refused_and_kept(tmp_path):
+    precious = tmp_path / "important.json"
+    precious.write_text('{"keep": "me"}')
+    with pytest.raises(FileExistsError, match="not a socket"):
+        sharedstate.StateServer(address=str(precious)).start()
+    assert json.loads(precious.read_text()) == {"keep": "me"}
+
+
+def test_an_address_in_use_by_a_live_server_is_refused(server):
+    with pytest.raises(OSError, match="in use"):
+        sharedstate.StateServer(address=server.address).start()
+    assert server.state.get("x") is None  # the first one is untouched
+
+
+def test_a_failed_call_inside_the_lock_does_not_free_it(state, mp_context):
+    held, go = mp_context.Event(), mp_context.Event()
+    result = mp_context.Value("i", 0)
+    proc = mp_context.Process(target=workers.fail_inside_lock, args=(state, held, go, result))
+    proc.start()
+    try:
+        assert held.wait(30)
+        assert result.value == 1  # the child's failed calls raised, and it still held the lock
+        assert state.lock.owner() == proc.pid
+        assert state.lock.acquire(blocking=False) is False
+        go.set()
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        go.set()
+        reap(proc)
+    assert state.stats()["lock_recoveries"] == 0
+
+
+def test_a_burst_of_connections_all_get_through(server, mp_context):
+    with mp_context.Pool(6) as pool:
+        counts = pool.starmap(workers.connect_burst, [(server.address, server.authkey, 30)] * 6)
+    assert counts == [30] * 6
+    assert server.state.get("burst") == 180
+
+
+def test_a_filtered_save_to_the_servers_own_file_is_refused(tmp_path):
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, durability="journal") as server:
+        server.state.update({"a": 1, "b": 2})
+        for filters in ({"include": ["a"]}, {"exclude": ["b"]}, {"scope": "s"}):
+            with pytest.raises(ValueError, match="own snapshot"):
+                server.state.save(**filters)
+            with pytest.raises(ValueError, match="own snapshot"):
+                server.state.save(path, **filters)
+        pid = server.pid
+        kill(pid)  # a crash now must not lose b
+        wait_until(lambda: server.pid != pid and _get(server.state, "b") == 2, 15, what="the restarted server")
+        assert server.state.snapshot() == {"a": 1, "b": 2}
+
+
+def _get(state, name):
+    try:
+        return state.get(name)
+    except sharedstate.ServerUnavailable:
+        return None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"format": "sharedstate", "version": 1, "scopes": {}, "names": {"a": {"$type": "uuid", "value": 5}}}',
+        b'{"format": "sharedstate", "version": 1, "scopes": {}, "names": {"a": {"$type": "set", "value": [[1]]}}}',
+        b'{"format": "sharedstate", "version": 1, "scopes": {"a": 5}, "names": {"a": 1}}',
+        b'{"__pode_state_metadata__": {"Version": 2}, "__pode_state_data__": {"Type": "Hashtable", "Items": 5}}',
+        b'{"__pode_state_metadata__": {"Version": 2}, "__pode_state_data__": '
+        b'{"Type": "ConcurrentDictionary", "Items": [{"Key": "x", "Value": {"Type": "List", "Items": 5}}]}}',
+        b'{"__pode_state_metadata__": {"Version": 2}, "__pode_state_data__": [1, 2]}',
+        b'{"__pode_state_metadata__": 7}',
+    ],
+)
+def test_malformed_files_of_any_shape_are_snapshot_errors(state, tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    state.set("keep", 1)
+    with pytest.raises(sharedstate.SnapshotError):
+        state.restore(path)
+    assert state.snapshot() == {"keep": 1}
+    with pytest.raises(sharedstate.SnapshotError):
+        sharedstate.StateServer(path=path).start()
+    assert path.read_bytes() == content
+
+
+def test_the_server_is_out_of_reach_of_a_terminal_ctrl_c(server):
+    """It runs in a session of its own: SIGINT to the owner's process group is the owner's to handle."""
+    assert os.getpgid(server.pid) != os.getpgid(0)
+    assert os.getsid(server.pid) != os.getsid(0)
+
+
+@pytest.mark.parametrize("address", [("::1", 0), "[::1]:0"])
+def test_ipv6_addresses_are_refused_clearly(address):
+    with pytest.raises(ValueError, match="IPv6"):
+        sharedstate.StateServer(address=address)
+    with pytest.raises(ValueError, match="IPv6"):
+        sharedstate.connect(address, b"k")
