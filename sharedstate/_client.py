@@ -14,6 +14,7 @@ import psutil
 
 from ._errors import ServerUnavailable, SharedStateError
 from ._lock import Lock
+from ._store import MISSING
 from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_address, parse_address, resolve
 from ._values import check_name, check_names, check_scope, check_value
 
@@ -24,16 +25,7 @@ _NO_KWARGS: dict[str, Any] = {}
 _hello_cache: dict[int, dict[str, Any]] = {}
 
 
-class _Missing:
-    """Stands for "no such name" in a ``get``: the caller's default never travels to the server."""
 
-    __slots__ = ()
-
-    def __reduce__(self) -> str:
-        return "_MISSING"
-
-
-_MISSING = _Missing()
 
 
 def _hello() -> dict[str, Any]:
@@ -116,8 +108,8 @@ class State:
     # -- Pode's calls -------------------------------------------------------------------------------
     def get(self, name: str, default: Any = None) -> Any:
         """The value of ``name``, or ``default`` when there is no such name."""
-        value = self._call("get", (check_name(name), _MISSING))
-        return default if value is _MISSING else value
+        value = self._call("get", (check_name(name),))
+        return default if value is MISSING else value
 
     def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
         """Store ``value`` under ``name``, replacing its value and scopes; return ``value``.

@@ -176,8 +176,9 @@ class LockTable:
         self._forget_if_idle(key, entry)
 
     def _forget_if_idle(self, key: str | None, entry: _Entry) -> None:
-        # Named locks come and go with their names; keep only the ones in use.
-        if entry.owner is None and entry.waiters == 0 and self._entries.get(key) is entry:
+        # Named locks come and go with their names: keep only the ones in use (and always the global one,
+        # so its uncontended acquire allocates nothing).
+        if key is not None and entry.owner is None and entry.waiters == 0 and self._entries.get(key) is entry:
             del self._entries[key]
 
     def _check_holder(self, key: str | None, entry: _Entry) -> None:

@@ -221,8 +221,8 @@ class StateService(Store):
         return self.install(target, snapshot, merge)
 
     def install(self, target: Path, snapshot: Snapshot, merge: bool = False) -> int:
-        data, scopes, _ = snapshot
-        for name, value in data.items():  # Pode's files are JSON of any shape: check what they hold
+        data, scopes = snapshot.data, snapshot.scopes
+        for name, value in data.items() if snapshot.foreign else ():  # Pode's JSON may hold any shape
             try:
                 check_value(name, value)
             except (TypeError, ValueError) as exc:

@@ -39,6 +39,8 @@ class Snapshot(NamedTuple):
     scopes: dict[str, tuple[str, ...]]
     #: The journal generation the snapshot covers (0 when not written by a journaling server).
     generation: int = 0
+    #: Read from another program's format (Pode's): its values are checked before they are stored.
+    foreign: bool = False
 
 
 _OURS = re.compile(r'\s*\{\s*"format"\s*:\s*"sharedstate"')
@@ -104,9 +106,9 @@ def parse_snapshot(text: str) -> Snapshot:
     if isinstance(doc, dict) and doc.get("format") == FORMAT:  # ours, but not as we write it
         return _ours(json.loads(text, object_hook=object_hook))
     if _pode.is_pode_v2(doc):
-        return Snapshot(*_pode.read_v2(doc))
+        return Snapshot(*_pode.read_v2(doc), foreign=True)
     if isinstance(doc, dict):
-        return Snapshot(*_pode.read_legacy(doc))
+        return Snapshot(*_pode.read_legacy(doc), foreign=True)
     raise ValueError(f"expected a JSON object, found {type(doc).__name__}")
 
 

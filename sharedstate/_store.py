@@ -19,6 +19,22 @@ if TYPE_CHECKING:
     from ._journal import Journal
 
 _MISSING = object()
+
+
+class _Missing:
+    """What ``get`` answers for a name that does not exist; it pickles as a reference to ``MISSING``, so
+    it is the same object in every process."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = _Missing()
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 
 
@@ -65,11 +81,11 @@ class Store:
             self.journal.commit(number)
 
     # -- reads -------------------------------------------------------------------------------------
-    def get(self, name: str, missing: Any = None) -> Any:
-        """The value, or ``missing`` (the client's marker for "no such name")."""
+    def get(self, name: str) -> Any:
+        """The value, or ``MISSING`` (the caller's default never travels to the server)."""
         with self._mutex:
             self.ops += 1
-            return self._data.get(name, missing)
+            return self._data.get(name, MISSING)
 
     def getitem(self, name: str) -> Any:
         with self._mutex:

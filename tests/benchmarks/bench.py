@@ -1,0 +1,350 @@
+"""sharedstate against its peers, measured side by side in one run.
+
+    python tests/benchmarks/bench.py [--names 1000000] [--ops 20000] [--runs 1]
+
+Prints every figure, then the ratios the project holds itself to (see METHOD.md beside this file).
+Not collected by pytest. redis-py with a local redis-server, and diskcache, are measured when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import sharedstate  # noqa: E402
+
+CTX = multiprocessing.get_context("fork")
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latencies(call, n: int) -> list[float]:
+    out = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t = clock()
+        call()
+        out.append(clock() - t)
+    return out
+
+
+# -- the floor: a raw Pipe round trip ------------------------------------------------------------------
+def _echo(conn) -> None:
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        conn.send(msg)
+
+
+def pipe_floor(n: int) -> list[float]:
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=_echo, args=(child,))
+    proc.start()
+    try:
+        for _ in range(1000):
+            parent.send("x")
+            parent.recv()
+        return latencies(lambda: (parent.send(("get", "key")), parent.recv()), n)
+    finally:
+        parent.send(None)
+        proc.join()
+
+
+# -- many processes at once ----------------------------------------------------------------------------
+def _run_many(target, args_for, procs: int) -> float:
+    """Start ``procs`` processes that wait on a barrier, time from the barrier to the last one's end."""
+    barrier = CTX.Barrier(procs + 1)
+    workers = [CTX.Process(target=target, args=(barrier, *args_for(i))) for i in range(procs)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start
+
+
+def _manager_recipe(barrier, d, lock, n) -> None:
+    barrier.wait()
+    for _ in range(n):
+        with lock:
+            d["c"] = d.get("c", 0) + 1
+
+
+def _state_incr(barrier, state, n) -> None:
+    state.get("warm")
+    barrier.wait()
+    for _ in range(n):
+        state.incr("c")
+
+
+def _state_recipe(barrier, state, n) -> None:
+    state.get("warm")
+    barrier.wait()
+    for _ in range(n):
+        with state.lock:
+            state.set("r", state.get("r", 0) + 1)
+
+
+def _redis_incr(barrier, socket_path, n) -> None:
+    import redis
+
+    r = redis.Redis(unix_socket_path=socket_path)
+    r.ping()
+    barrier.wait()
+    for _ in range(n):
+        r.incr("c")
+
+
+def _diskcache_incr(barrier, folder, n) -> None:
+    import diskcache
+
+    cache = diskcache.Cache(folder)
+    barrier.wait()
+    for _ in range(n):
+        cache.incr("c")
+
+
+def _plain_dict_rss(names: int, queue) -> None:
+    data = {f"name-{i}": i for i in range(names)}
+    gc.collect()
+    queue.put(psutil.Process().memory_info().rss)
+    del data
+
+
+def _baseline_rss(queue) -> None:
+    queue.put(psutil.Process().memory_info().rss)
+
+
+def measure(args) -> dict[str, float]:
+    r: dict[str, float] = {}
+    n = args.ops
+    rounds = 10
+    parent, child = CTX.Pipe()
+    echo = CTX.Process(target=_echo, args=(child,))
+    echo.start()
+    with multiprocessing.Manager() as manager, sharedstate.StateServer() as quick:
+        d = manager.dict()
+        d["key"] = 1
+        state = quick.state
+        state.set("key", 1)
+        calls = {
+            "pipe_rtt": lambda: (parent.send(("get", "key")), parent.recv()),
+            "manager_get": lambda: d.get("key"),
+            "get": lambda: state.get("key"),
+        }
+        samples: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(rounds):  # interleaved, so that drift on a noisy machine hits all three alike
+            for key, call in calls.items():
+                latencies(call, 200)  # warm
+                samples[key] += latencies(call, max(200, n // rounds))
+        for key, values in samples.items():
+            r[f"{key}_p50_us"] = pct(values, 0.5) * 1e6
+        r["get_p99_us"] = pct(samples["get"], 0.99) * 1e6
+        lat = latencies(lambda: d.__setitem__("key", 2), n)
+        r["manager_set_p50_us"] = pct(lat, 0.5) * 1e6
+        lock = manager.Lock()
+        per = max(200, n // 20)
+        took = _run_many(_manager_recipe, lambda i: (d, lock, per), 4)
+        assert d["c"] == 4 * per
+        r["manager_recipe_4p_per_s"] = 4 * per / took
+    parent.send(None)
+    echo.join()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with sharedstate.StateServer(path=os.path.join(tmp, "s.json"), save_every=None) as server:
+            state = server.state
+            state.set("key", 1)
+            lat = latencies(lambda: state.set("key", 2), n)
+            r["set_p50_us"], r["set_p99_us"] = pct(lat, 0.5) * 1e6, pct(lat, 0.99) * 1e6
+            for procs in (1, 2, 4, 8):
+                state.set("c", 0)
+                per = max(500, n // 4)
+                took = _run_many(_state_incr, lambda i, per=per: (state, per), procs)
+                assert state.get("c") == procs * per
+                r[f"incr_{procs}p_per_s"] = procs * per / took
+            per = max(200, n // 20)
+            took = _run_many(_state_recipe, lambda i: (state, per), 4)
+            assert state.get("r") == 4 * per
+            r["recipe_4p_per_s"] = 4 * per / took
+            batch = {f"u{i}": i for i in range(1000)}
+            r["update_1000_ms"] = statistics.median(_time(lambda: state.update(batch)) for _ in range(20)) * 1e3
+            r["sets_1000_ms"] = (
+                statistics.median(_time(lambda: [state.set(k, v) for k, v in batch.items()]) for _ in range(3)) * 1e3
+            )
+            state.clear()
+            state.update({f"name-{i}": i for i in range(1000)})
+            lat = latencies(lambda: state.get("name-500"), n)
+            r["get_at_1k_p50_us"] = pct(lat, 0.5) * 1e6
+
+            # 1,000,000 names
+            names = args.names
+            for start in range(0, names, 20_000):
+                state.update({f"name-{i}": i for i in range(start, min(names, start + 20_000))})
+            gc.collect()
+            lat = latencies(lambda: state.get("name-500"), n)
+            r["get_at_big_p50_us"] = pct(lat, 0.5) * 1e6
+            r["server_rss_mb"] = state.stats()["rss_bytes"] / 2**20
+
+            waits: list[float] = []
+            stop = threading.Event()
+
+            def client() -> None:
+                other = sharedstate.connect(server.address, server.authkey)
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    other.get("name-1")
+                    waits.append(time.perf_counter() - t)
+
+            t = threading.Thread(target=client)
+            t.start()
+            time.sleep(0.2)
+            r["save_big_s"] = _time(lambda: state.save())
+            time.sleep(0.1)
+            stop.set()
+            t.join()
+            r["worst_wait_during_save_ms"] = max(waits) * 1e3
+            r["restore_big_s"] = _time(lambda: state.restore())
+            assert len(state) == names
+
+        plain = {f"name-{i}": i for i in range(args.names)}
+        target = Path(tmp) / "plain.json"
+
+        def dump(one_shot: bool) -> None:
+            with open(target, "w") as f:
+                if one_shot:  # json.dumps runs the C encoder in one call: faster than json.dump
+                    f.write(json.dumps(plain))
+                else:
+                    json.dump(plain, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        # The reference is the faster of the two plain ways to write the same dict.
+        r["json_dump_fsync_s"] = min(_time(lambda: dump(False)), _time(lambda: dump(True)))
+        r["json_load_s"] = _time(lambda: json.loads(target.read_text()))
+        plain.clear()
+        queue = CTX.Queue()
+        proc = CTX.Process(target=_plain_dict_rss, args=(args.names, queue))
+        proc.start()
+        r["plain_dict_rss_mb"] = queue.get() / 2**20
+        proc.join()
+
+        with sharedstate.StateServer(path=os.path.join(tmp, "j.json"), durability="journal", save_every=None) as s:
+            for _ in range(500):
+                s.state.set("k", 1)
+            lat = latencies(lambda: s.state.set("k", {"a": 1}), n // 4)
+            r["journal_set_p50_us"] = pct(lat, 0.5) * 1e6
+
+    redis_server = shutil.which("redis-server")
+    try:
+        import redis  # noqa: F401
+
+        have_redis = redis_server is not None
+    except ImportError:
+        have_redis = False
+    if have_redis:
+        with tempfile.TemporaryDirectory() as tmp:
+            sock = os.path.join(tmp, "redis.sock")
+            proc = subprocess.Popen(
+                [redis_server, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+            )
+            try:
+                deadline = time.monotonic() + 10
+                while not os.path.exists(sock) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                per = max(500, n // 4)
+                took = _run_many(_redis_incr, lambda i: (sock, per), 4)
+                r["redis_incr_4p_per_s"] = 4 * per / took
+            finally:
+                proc.terminate()
+                proc.wait()
+    try:
+        import diskcache  # noqa: F401
+
+        with tempfile.TemporaryDirectory() as tmp:
+            per = max(200, n // 20)
+            took = _run_many(_diskcache_incr, lambda i: (tmp, per), 4)
+            r["diskcache_incr_4p_per_s"] = 4 * per / took
+    except ImportError:
+        pass
+    return r
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+TARGETS = [
+    # (label, value, target, higher is better)
+    ("get rate vs Manager dict get", lambda r: r["manager_get_p50_us"] / r["get_p50_us"], 0.9, True),
+    ("get rate vs pipe floor", lambda r: r["pipe_rtt_p50_us"] / r["get_p50_us"], 0.8, True),
+    ("incr 4 procs vs Manager recipe", lambda r: r["incr_4p_per_s"] / r["manager_recipe_4p_per_s"], 4.0, True),
+    ("incr 4 procs vs redis INCR", lambda r: r["incr_4p_per_s"] / r["redis_incr_4p_per_s"], 1.0, True),
+    (
+        "lock+get+set 4 procs vs Manager recipe",
+        lambda r: r["recipe_4p_per_s"] / r["manager_recipe_4p_per_s"],
+        1.0,
+        True,
+    ),
+    ("update 1000 vs 1000 sets (speed-up)", lambda r: r["sets_1000_ms"] / r["update_1000_ms"], 50.0, True),
+    ("save big vs json.dump+fsync", lambda r: r["save_big_s"] / r["json_dump_fsync_s"], 2.0, False),
+    ("restore big vs json.load", lambda r: r["restore_big_s"] / r["json_load_s"], 2.0, False),
+    ("worst client wait during save (ms)", lambda r: r["worst_wait_during_save_ms"], 100.0, False),
+    ("server RSS vs plain dict process", lambda r: r["server_rss_mb"] / r["plain_dict_rss_mb"], 2.0, False),
+    ("get at big vs at 1k (slow-down)", lambda r: r["get_at_big_p50_us"] / r["get_at_1k_p50_us"], 1.2, False),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--names", type=int, default=1_000_000)
+    parser.add_argument("--ops", type=int, default=20_000)
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    runs = [measure(args) for _ in range(args.runs)]
+    keys = list(runs[0])
+    print(f"{'figure':34} " + " ".join(f"{'run ' + str(i + 1):>12}" for i in range(args.runs)))
+    for key in keys:
+        print(f"{key:34} " + " ".join(f"{run.get(key, float('nan')):12.2f}" for run in runs))
+    for missing, what in (("redis_incr_4p_per_s", "redis (redis-server and redis-py)"),
+                          ("diskcache_incr_4p_per_s", "diskcache")):  # fmt: skip
+        if missing not in runs[0]:
+            print(f"skipped: {what} is not installed")
+    print()
+    print(f"{'target':42} {'goal':>8} " + " ".join(f"{'run ' + str(i + 1):>8}" for i in range(args.runs)) + "  holds")
+    for label, ratio, goal, higher in TARGETS:
+        values = []
+        for run in runs:
+            try:
+                values.append(ratio(run))
+            except KeyError:
+                values.append(float("nan"))
+        ok = all((v >= goal) if higher else (v <= goal) for v in values)
+        sign = ">=" if higher else "<="
+        cells = " ".join(f"{v:8.2f}" for v in values)
+        print(f"{label:42} {sign}{goal:6.2f} {cells}  {'yes' if ok else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
