@@ -25,9 +25,6 @@ _NO_KWARGS: dict[str, Any] = {}
 _hello_cache: dict[int, dict[str, Any]] = {}
 
 
-
-
-
 def _hello() -> dict[str, Any]:
     """How this process introduces itself to a server: pid, start time and machine, so the server can
     tell when it is gone."""

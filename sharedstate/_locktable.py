@@ -63,13 +63,14 @@ class Client:
 
 
 class _Entry:
-    __slots__ = ("owner", "client", "count", "cond", "waiters", "checked_at")
+    __slots__ = ("owner", "client", "count", "held", "waiters", "checked_at")
 
-    def __init__(self, mutex: threading.Lock) -> None:
+    def __init__(self) -> None:
         self.owner: tuple[Hashable, Hashable] | None = None
         self.client: Client | None = None
         self.count = 0
-        self.cond = threading.Condition(mutex)
+        #: Locked while anyone holds the lock: waiters block on it in C, so a release wakes one at once.
+        self.held = threading.Lock()
         self.waiters = 0
         self.checked_at = 0.0
 
@@ -102,35 +103,41 @@ class LockTable:
         with self._mutex:
             entry = self._entries.get(key)
             if entry is None:
-                entry = self._entries[key] = _Entry(self._mutex)
-            if entry.owner is None:
-                self._take(entry, owner, client)
-                return True
+                entry = self._entries[key] = _Entry()
             if entry.owner == owner:
                 entry.count += 1
                 return True
-            deadline = None if timeout is None else time.monotonic() + timeout
+            if entry.held.acquire(False):
+                self._take(entry, owner, client)
+                return True
+            self._check_holder(key, entry)
+            if entry.held.acquire(False):
+                self._take(entry, owner, client)
+                return True
+            if not blocking:
+                return False
             entry.waiters += 1
-            try:
-                while True:
-                    self._check_holder(key, entry)
-                    if entry.owner is None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                wait = POLL_S
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return False
+                if entry.held.acquire(timeout=wait):
+                    with self._mutex:
+                        if abandoned():  # nobody will release it: pass it on
+                            entry.held.release()
+                            return False
                         self._take(entry, owner, client)
                         return True
-                    if not blocking:
-                        return False
-                    wait = POLL_S
-                    if deadline is not None:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            return False
-                        wait = min(wait, remaining)
-                    entry.cond.wait(wait)
-                    if abandoned():
-                        if entry.owner is None:
-                            entry.cond.notify()  # pass the wake-up on to a waiter that still wants it
-                        return False
-            finally:
+                if abandoned():
+                    return False
+                with self._mutex:
+                    self._check_holder(key, entry)
+        finally:
+            with self._mutex:
                 entry.waiters -= 1
                 self._forget_if_idle(key, entry)
 
@@ -148,7 +155,7 @@ class LockTable:
     def locked(self, key: str | None) -> bool:
         with self._mutex:
             entry = self._entries.get(key)
-            return entry is not None and entry.owner is not None
+            return entry is not None and entry.held.locked()
 
     def owner(self, key: str | None) -> int | None:
         with self._mutex:
@@ -172,13 +179,13 @@ class LockTable:
         entry.owner = None
         entry.client = None
         entry.count = 0
-        entry.cond.notify()
+        entry.held.release()
         self._forget_if_idle(key, entry)
 
     def _forget_if_idle(self, key: str | None, entry: _Entry) -> None:
         # Named locks come and go with their names: keep only the ones in use (and always the global one,
         # so its uncontended acquire allocates nothing).
-        if key is not None and entry.owner is None and entry.waiters == 0 and self._entries.get(key) is entry:
+        if key is not None and entry.waiters == 0 and not entry.held.locked() and self._entries.get(key) is entry:
             del self._entries[key]
 
     def _check_holder(self, key: str | None, entry: _Entry) -> None:
