@@ -105,7 +105,9 @@ class State:
     # -- Pode's calls -------------------------------------------------------------------------------
     def get(self, name: str, default: Any = None) -> Any:
         """The value of ``name``, or ``default`` when there is no such name."""
-        value = self._call("get", (check_name(name),))
+        if type(name) is not str:
+            name = check_name(name)
+        value = self._call("get", (name,))
         return default if value is MISSING else value
 
     def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:

@@ -272,6 +272,20 @@ def open_control(address: Address, authkey: bytes, funcname: str, timeout: float
         conn.close()
 
 
+#: Bumped in every forked child: a connection made before a fork belongs to the parent. (Cheaper than
+#: comparing os.getpid() on every call, which is a system call.)
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class ConnectionPool:
     """One connection per thread for one client handle; dropped in a forked child and after any failure.
 
@@ -284,17 +298,17 @@ class ConnectionPool:
         self.authkey = authkey
         self.hello = hello
         self._local = threading.local()
-        self._pid = os.getpid()
+        self._generation = _fork_generation
         self.server_info: dict[str, Any] | None = None
 
     def get(self) -> mpc.Connection:
         local = self._local
         conn = getattr(local, "conn", None)
-        if conn is not None and self._pid == os.getpid():
+        if conn is not None and self._generation == _fork_generation:
             return conn
-        if self._pid != os.getpid():
+        if self._generation != _fork_generation:
             self._local = local = threading.local()
-            self._pid = os.getpid()
+            self._generation = _fork_generation
         conn, info = open_connection(self.address, self.authkey, self.hello())
         self.server_info = info
         local.conn = conn
@@ -304,7 +318,7 @@ class ConnectionPool:
         """Close this thread's connection (after a failure, or when the handle is closed)."""
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
-        if conn is not None and self._pid == os.getpid():
+        if conn is not None and self._generation == _fork_generation:
             try:
                 conn.close()
             except OSError:
