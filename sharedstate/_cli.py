@@ -89,8 +89,8 @@ def _json_out(value: Any) -> None:
 def _json_in(text: str) -> Any:
     try:
         return json.loads(text, object_hook=object_hook)
-    except ValueError as exc:
-        raise UserError(f"not valid JSON: {text!r} ({exc})") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise UserError(f"not valid JSON: {text[:80]!r} ({exc})") from None
 
 
 def _number(text: str) -> Any:
@@ -148,6 +148,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
 
         def forward(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and _terminal_signals_our_group():
+                return  # a Ctrl-C: the terminal sent it to the command too
             try:
                 child.send_signal(signum)
             except ProcessLookupError:
@@ -159,6 +161,14 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _terminal_signals_our_group() -> bool:
+    """Whether this process group is a terminal's foreground group (so a Ctrl-C reaches every member)."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -204,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     handlers = {"serve": _serve, "run": _run, "show": _show}
     try:
         code = handlers.get(args.command, _client)(args)
-    except (UserError, SharedStateError, OSError, TypeError, ValueError) as exc:
+    except (UserError, SharedStateError, OSError, TypeError, ValueError, RecursionError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

@@ -61,7 +61,7 @@ def write_atomic(path: Path, pieces: Iterable[str], backup: bool = True) -> None
 
 def remove_stray_temp_files(folder: Path, prefix: str) -> None:
     """Remove the temporary files (``PREFIX….PID.RANDOM.tmp``) of writers that are no longer alive."""
-    pattern = re.compile(re.escape(prefix) + r"(?:.*\.)?(\d+)(?:\.[0-9a-f]+)?\.tmp")
+    pattern = re.compile(re.escape(prefix) + r"(?:.*\.)?(\d+)\.[0-9a-f]{8}\.tmp")  # write_atomic's names
     try:
         candidates = list(folder.iterdir())
     except OSError:

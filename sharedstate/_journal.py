@@ -132,9 +132,15 @@ class Journal:
         assert self._fd is not None
         data = _line(encode(record))
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except BaseException:
+            # A record written in part (a full disk) must not stay in front of the next one.
+            os.ftruncate(self._fd, start)
+            raise
         self._written += 1
         return self._written
 

@@ -102,7 +102,8 @@ class StateService(Store):
         self.address: Address | None = None
         self._clients: dict[Hashable, Client] = {}
         self._clients_mutex = threading.Lock()
-        self.path = None if config.path is None else Path(config.path)
+        # Resolved, so that another spelling of the same file (.., a symlink) is still this server's file.
+        self.path = None if config.path is None else Path(config.path).resolve()
         self.last_save_at: float | None = None
         self.last_save_s: float | None = None
         self.last_save_error: str | None = None
@@ -151,7 +152,7 @@ class StateService(Store):
     # -- snapshots ----------------------------------------------------------------------------------
     def _target(self, path: str | None, verb: str) -> Path:
         if path is not None:
-            return Path(path)
+            return Path(path).resolve()
         if self.path is None:
             raise ValueError(f"{verb}() needs a path: this server was started without one")
         return self.path
@@ -181,13 +182,15 @@ class StateService(Store):
         scope: tuple[str, ...] = (),
         final: bool = False,
         why: str = "save",
+        generation: int = 0,
     ) -> Path:
         with self._save_mutex:
             started = time.time()
             clock = time.perf_counter()
             # A save of the server's own file starts a new journal generation, which the file records.
             journal = self.journal if target == self.path else None
-            generation = journal.generation + 1 if journal is not None else 0
+            if journal is not None:
+                generation = journal.generation + 1
             data, scopes = self.entries(final=final, new_generation=generation or None)
             if scope:
                 wanted = set(scope)
@@ -379,8 +382,11 @@ class ServerProcess:
             else:
                 journal.start_generation(newest + 1)
             journal.start_flusher()
-        elif replayed:  # a journal left by a journaling server: fold it into the snapshot
-            service.save_to(path, why="save after replaying the journal")
+        else:
+            if replayed:  # a journal left by a journaling server: fold it into the snapshot
+                # A generation above every journal on disk: if the clean-up below does not happen, the
+                # next start still replays none of them twice.
+                service.save_to(path, why="save after replaying the journal", generation=newest + 1)
             Journal(path, "everysec").close(remove=True)
 
     def stop(self, reason: str) -> None:

@@ -159,9 +159,7 @@ class FileOwnership:
             ) from None
         remove_stray_temp_files(self.path.parent, f".{self.path.name}.")
         try:
-            tmp = self._owner_file.with_name(f".{self._owner_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(f"{os.getpid()}\n")
-            os.replace(tmp, self._owner_file)
+            write_atomic(self._owner_file, [f"{os.getpid()}\n"], backup=False)
         except OSError:
             pass  # only for the error message of a second server
 

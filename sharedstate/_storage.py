@@ -20,7 +20,7 @@ import filelock
 from ._codec import encode, object_hook
 from ._errors import SnapshotError
 from ._files import fsync_dir, remove_stray_temp_files, write_atomic
-from ._values import check_value
+from ._values import check_text, check_value
 
 #: Longest hex-encoded key kept in a file name (name limits are 255 bytes on common file systems).
 _MAX_HEX = 200
@@ -28,7 +28,7 @@ _ENTRY = re.compile(r"([kh])-([0-9a-f]*)\.json")
 
 
 def _file_name(key: str) -> str:
-    raw = key.encode("utf-8", "surrogatepass")
+    raw = key.encode("utf-8")
     hexed = raw.hex()
     if len(hexed) <= _MAX_HEX:
         return f"k-{hexed}.json"
@@ -38,7 +38,7 @@ def _file_name(key: str) -> str:
 def _check_key(key: object) -> str:
     if not isinstance(key, str):
         raise TypeError(f"a storage key must be a str, not {type(key).__name__}: {key!r}")
-    return str.__str__(key)
+    return check_text(str.__str__(key), "a storage key")
 
 
 class LocalFileStorage:
@@ -66,7 +66,8 @@ class LocalFileStorage:
         #: Serialises changes between processes (and threads): each set/remove/clear is atomic.
         self._lock = filelock.FileLock(str(self.directory / ".lock"), mode=0o600, thread_local=False)
         with self._lock:
-            remove_stray_temp_files(self.directory, ".")
+            remove_stray_temp_files(self.directory, ".k-")
+            remove_stray_temp_files(self.directory, ".h-")
 
     def __repr__(self) -> str:
         return f"<sharedstate.LocalFileStorage {self.directory}>"
@@ -117,7 +118,10 @@ class LocalFileStorage:
             if match is None:
                 continue
             if match.group(1) == "k":
-                keys.add(bytes.fromhex(match.group(2)).decode("utf-8", "surrogatepass"))
+                try:
+                    keys.add(bytes.fromhex(match.group(2)).decode("utf-8"))
+                except ValueError:  # not a name this class writes: someone else's file
+                    continue
             else:
                 entry = self._read(path)
                 if entry is not None:

@@ -40,13 +40,25 @@ CONTAINER_TYPES: frozenset[type] = frozenset({list, tuple, dict, set, frozenset}
 MAX_DEPTH = 200
 
 
+def check_text(text: str, where: str) -> str:
+    """Refuse a string that cannot be written as UTF-8 (a lone surrogate, as ``os.fsdecode`` makes of
+    bytes that are not UTF-8): no snapshot, journal or storage file could hold it."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{where}: text {text!r} cannot be stored: {exc.reason} at {exc.start}") from None
+    return text
+
+
 def check_name(name: object) -> str:
-    """Return ``name`` as a plain ``str``; raise ``TypeError`` if it is not a string."""
+    """Return ``name`` as a plain ``str``; raise ``TypeError`` if it is not a string (``ValueError`` if it
+    cannot be written as UTF-8)."""
     if type(name) is str:
-        return name
+        return check_text(name, "a state name")
     if isinstance(name, str):
         # A str subclass (a StrEnum, say) is stored under its plain text.
-        return str.__str__(name)
+        return check_text(str.__str__(name), "a state name")
     raise TypeError(f"a state name must be a str, not {type(name).__name__}: {name!r}")
 
 
@@ -63,14 +75,14 @@ def check_scope(scope: object) -> tuple[str, ...]:
     if scope is None:
         return ()
     if isinstance(scope, str):
-        return (str.__str__(scope),)
+        return (check_text(str.__str__(scope), "a scope"),)
     if not isinstance(scope, (list, tuple, set, frozenset)):
         raise TypeError(f"a scope must be a str or a list of str, not {type(scope).__name__}")
     items = []
     for item in scope:
         if not isinstance(item, str):
             raise TypeError(f"a scope must be a str or a list of str; found {type(item).__name__}: {item!r}")
-        items.append(str.__str__(item))
+        items.append(check_text(str.__str__(item), "a scope"))
     return tuple(sorted(set(items)))
 
 
@@ -79,12 +91,18 @@ def check_value(name: str, value: object) -> None:
     may be stored. The message names the name and the path to the offending part, e.g.
     ``'cfg'['users'][2]: object is not a storable type``."""
     kind = type(value)
+    if kind is str:
+        check_text(value, repr(name))
+        return
     if kind in SCALAR_TYPES:
         return
     _check(value, kind, name, (), 0)
 
 
 def _check(value: Any, kind: type, name: str, path: tuple[str, ...], depth: int) -> None:
+    if kind is str:
+        check_text(value, _where(name, path))
+        return
     if kind in SCALAR_TYPES:
         return
     if kind in TZ_TYPES:
@@ -106,18 +124,19 @@ def _check(value: Any, kind: type, name: str, path: tuple[str, ...], depth: int)
         for key, item in value.items():
             if type(key) is not str:
                 raise TypeError(f"{_where(name, path)}: dict key {key!r} is {type(key).__name__}, but keys must be str")
+            check_text(key, _where(name, path))
             item_kind = type(item)
-            if item_kind not in SCALAR_TYPES:
+            if item_kind not in SCALAR_TYPES or item_kind is str:
                 _check(item, item_kind, name, (*path, f"[{key!r}]"), depth)
     elif kind is list or kind is tuple:
         for index, item in enumerate(value):
             item_kind = type(item)
-            if item_kind not in SCALAR_TYPES:
+            if item_kind not in SCALAR_TYPES or item_kind is str:
                 _check(item, item_kind, name, (*path, f"[{index}]"), depth)
     else:  # set, frozenset
         for item in value:
             item_kind = type(item)
-            if item_kind not in SCALAR_TYPES:
+            if item_kind not in SCALAR_TYPES or item_kind is str:
                 _check(item, item_kind, name, (*path, f"{{{item!r}}}"), depth)
 
 

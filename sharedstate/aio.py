@@ -189,7 +189,11 @@ class AsyncLock:
     async def release(self) -> None:
         """Release once; ``RuntimeError`` if the current task does not hold the lock."""
         token = _task_token()
-        await self._state._run(self._state._sync._call, "lock_release", (self._name, token))
+        future = asyncio.get_running_loop().run_in_executor(
+            self._state._executor, self._state._sync._call, "lock_release", (self._name, token)
+        )
+        # Shielded: a task cancelled while its release waits for a worker thread still releases.
+        await asyncio.shield(future)
 
     async def locked(self) -> bool:
         return await self._state._run(self._state._sync._call, "lock_locked", (self._name,))

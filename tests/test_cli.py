@@ -164,3 +164,8 @@ def test_the_console_script_when_installed():
         pytest.skip("the package is not installed in this environment (CI installs it)")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "serve" in result.stdout
+
+
+def test_json_nested_too_deep_is_one_line(tmp_path):
+    result = cli("set", "x", "[" * 5000 + "]" * 5000, env={"SHAREDSTATE_ADDRESS": str(tmp_path / "none.sock")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1

@@ -155,3 +155,132 @@ def test_ipv6_addresses_are_refused_clearly(address):
         sharedstate.StateServer(address=address)
     with pytest.raises(ValueError, match="IPv6"):
         sharedstate.connect(address, b"k")
+
+
+BAD_TEXT = "x\udcff"  # what os.fsdecode makes of bytes that are not UTF-8
+
+
+def test_text_that_cannot_be_written_as_utf8_is_refused_and_saves_keep_working(tmp_path):
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path) as server:
+        state = server.state
+        state.set("important", 42)
+        for call in (
+            lambda: state.set("bad", BAD_TEXT),
+            lambda: state.set(BAD_TEXT, 1),
+            lambda: state.set("bad", [1, {"k": (BAD_TEXT,)}]),
+            lambda: state.set("bad", {BAD_TEXT: 1}),
+            lambda: state.set("bad", 1, scope=BAD_TEXT),
+            lambda: state.update({"ok": 1, "bad": BAD_TEXT}),
+            lambda: state.append("list", BAD_TEXT),
+        ):
+            with pytest.raises(ValueError, match="cannot be stored"):
+                call()
+        assert state.snapshot() == {"important": 42}
+        server.save()
+    assert read_snapshot(path).data == {"important": 42}
+    storage = sharedstate.LocalFileStorage(tmp_path / "storage")
+    with pytest.raises(ValueError):
+        storage.set(BAD_TEXT, 1)
+    with pytest.raises(ValueError):
+        storage.set("k", BAD_TEXT)
+    assert storage.getAllKeys() == set()
+
+
+def test_a_journal_write_that_fails_half_way_leaves_no_torn_record(tmp_path):
+    """A file-size limit makes a large record fail part-way (as a full disk would); the changes that
+    succeed afterwards must all replay."""
+    import psutil
+
+    path = tmp_path / "state.json"
+    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
+    try:
+        state = server.state
+        state.set("before", 1)
+        process = psutil.Process(server.pid)
+        limits = process.rlimit(psutil.RLIMIT_FSIZE)
+        size = (tmp_path / "state.json.journal").stat().st_size
+        process.rlimit(psutil.RLIMIT_FSIZE, (size + 1000, limits[1]))
+        with pytest.raises(OSError):
+            state.set("big", "x" * 100_000)
+        assert "big" not in state
+        process.rlimit(psutil.RLIMIT_FSIZE, limits)
+        state.set("after", 2)
+        state.incr("after")
+        kill(server.pid)
+        wait_until(lambda: exited(server.pid), 10, what="the server to die")
+    finally:
+        server.shutdown()
+    with sharedstate.StateServer(path=path, durability="journal") as again:
+        assert again.state.snapshot() == {"before": 1, "after": 3}
+
+
+def test_a_save_to_another_spelling_of_the_servers_file_counts_as_its_own(tmp_path):
+    path = tmp_path / "state.json"
+    (tmp_path / "sub").mkdir()
+    other_spelling = tmp_path / "sub" / ".." / "state.json"
+    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
+    try:
+        server.state.incr("x")
+        server.state.save(other_spelling)
+        server.state.incr("x")
+        with pytest.raises(ValueError, match="own snapshot"):
+            server.state.save(other_spelling, include=["x"])
+        kill(server.pid)
+        wait_until(lambda: exited(server.pid), 10, what="the server to die")
+    finally:
+        server.shutdown()
+    with sharedstate.StateServer(path=path, durability="journal") as again:
+        assert again.state.get("x") == 2  # each increment replayed exactly once
+
+
+def test_a_snapshot_server_folding_in_a_journal_writes_a_generation_above_it(tmp_path):
+    from sharedstate._journal import journal_files
+
+    path = tmp_path / "state.json"
+    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
+    server.state.incr("x")
+    kill(server.pid)
+    wait_until(lambda: exited(server.pid), 10, what="the server to die")
+    server.shutdown()
+    newest = max(g for g, _ in journal_files(path))
+    with sharedstate.StateServer(path=path) as plain:
+        assert plain.state.get("x") == 1
+        assert read_snapshot(path).generation > newest  # a crash before the clean-up replays nothing twice
+        assert journal_files(path) == []
+
+
+def test_a_task_cancelled_while_releasing_still_releases(server):
+    import asyncio
+
+    from sharedstate import aio
+
+    async def main():
+        state = await aio.connect()
+        lock = state.lock
+        holding, go = asyncio.Event(), asyncio.Event()
+
+        async def holder():
+            await lock.acquire()
+            holding.set()
+            await go.wait()
+            await lock.release()
+
+        async def waiter():
+            async with lock:
+                pass
+
+        task = asyncio.create_task(holder())
+        await holding.wait()
+        waiters = [asyncio.create_task(waiter()) for _ in range(20)]  # they fill the worker threads
+        await asyncio.sleep(0.3)  # every worker thread is now busy with a waiter's slice
+        go.set()
+        await asyncio.sleep(0)  # the holder submits its release, which queues behind the waiters
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        done, pending = await asyncio.wait(waiters, timeout=20)
+        assert not pending, "a waiter never got the lock: the cancelled release leaked it"
+        assert not await lock.locked()
+        await state.close()
+
+    asyncio.run(main())
