@@ -1,4 +1,4 @@
-"""Edges found in review: shutdown races, addresses that are not sockets, errors inside a lock, bursts of
+"""Edges: shutdown races, addresses that are not sockets, errors inside a lock, bursts of
 connections, filtered saves, malformed files, terminal signals, IPv6."""
 
 from __future__ import annotations
