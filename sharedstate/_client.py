@@ -19,6 +19,8 @@ from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_ad
 from ._values import check_name, check_names, check_scope, check_value
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)
+#: Values with nothing to check (str is checked: it must encode as UTF-8).
+_PLAIN_FAST = frozenset({int, float, bool, type(None)})
 _dumps = ForkingPickler.dumps
 _NO_KWARGS: dict[str, Any] = {}
 
@@ -116,9 +118,11 @@ class State:
         Raises ``TypeError`` for a name that is not a ``str`` or a value (at any depth) of a type that
         cannot be stored; the state is then unchanged.
         """
-        name = check_name(name)
-        check_value(name, value)
-        scopes = check_scope(scope)
+        if type(name) is not str or not name.isascii():
+            name = check_name(name)
+        if type(value) not in _PLAIN_FAST:  # ints, floats, bools, None: nothing to check
+            check_value(name, value)
+        scopes = check_scope(scope) if scope is not None else ()
         self._call("set", (name, value, scopes) if scopes else (name, value))
         return value
 

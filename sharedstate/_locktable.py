@@ -127,9 +127,9 @@ class LockTable:
                         return False
                 if entry.held.acquire(timeout=wait):
                     with self._mutex:
-                        if abandoned():  # nobody will release it: pass it on
-                            entry.held.release()
-                            return False
+                        # (Whether the caller is still there is checked when a wait times out, not
+                        # here: a system call on every hand-over would slow every contended lock. A lock
+                        # taken for a caller that just vanished is found by the liveness check.)
                         self._take(entry, owner, client)
                         return True
                 if abandoned():
