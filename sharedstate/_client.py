@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import decimal
+import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,7 +22,16 @@ from ._values import check_name, check_names, check_scope, check_value
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).
 _PLAIN_FAST = frozenset({int, float, bool, type(None)})
-_dumps = ForkingPickler.dumps
+
+
+def _dumps(obj: Any) -> bytes:
+    """Pickle a request as multiprocessing does, as bytes (not a view of a BytesIO: Python 3.13.0 can
+    complain when such a buffer outlives its export)."""
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return buf.getvalue()
+
+
 _NO_KWARGS: dict[str, Any] = {}
 
 _hello_cache: dict[int, dict[str, Any]] = {}
