@@ -100,6 +100,20 @@ def reap(*procs: multiprocessing.process.BaseProcess | subprocess.Popen[bytes], 
             proc.join()
 
 
+def run_to_completion(procs, timeout: float = 120.0, go=None) -> None:
+    """Start ``procs`` (then set ``go``, if given), wait for each to exit 0, and always reap them."""
+    for proc in procs:
+        proc.start()
+    if go is not None:
+        go.set()
+    try:
+        for proc in procs:
+            proc.join(timeout)
+            assert proc.exitcode == 0, f"{proc.name} ended with {proc.exitcode}"
+    finally:
+        reap(*procs)
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition") -> float:
     """Poll ``predicate`` until it is true; return the seconds it took; fail past ``timeout``."""
     start = time.monotonic()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import workers
-from conftest import kill, process_state, reap, wait_until
+from conftest import kill, process_state, reap, run_to_completion, wait_until
 
 import sharedstate
 
@@ -238,14 +238,6 @@ def test_lock_get_set_recipe_from_four_processes_loses_nothing(recipe_server, mp
     procs = [
         mp_context.Process(target=workers.locked_read_modify_write, args=(state, "c", 200, start)) for _ in range(4)
     ]
-    for p in procs:
-        p.start()
-    start.set()
-    try:
-        for p in procs:
-            p.join(60)
-            assert p.exitcode == 0
-    finally:
-        reap(*procs)
+    run_to_completion(procs, 60, go=start)
     assert state.get("c") == 800
     assert not state.lock.locked()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import workers
-from conftest import ROOT, reap
+from conftest import ROOT, reap, run_to_completion
 from test_values import VALUES, same
 
 import sharedstate
@@ -127,14 +127,7 @@ def test_a_writer_killed_after_its_200th_set_lost_none(tmp_path):
 def test_four_processes_writing_300_keys_each_leave_1200(tmp_path, mp_context):
     folder = str(tmp_path / "state")
     procs = [mp_context.Process(target=workers.fill_storage, args=(folder, p, 300)) for p in range(4)]
-    for proc in procs:
-        proc.start()
-    try:
-        for proc in procs:
-            proc.join(120)
-            assert proc.exitcode == 0
-    finally:
-        reap(*procs)
+    run_to_completion(procs, 120)
     storage = sharedstate.LocalFileStorage(folder)
     keys = storage.getAllKeys()
     assert len(keys) == 1200
