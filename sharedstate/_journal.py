@@ -101,11 +101,14 @@ def journal_files(snapshot: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def replay_records(snapshot: Path, snapshot_generation: int) -> Iterator[list[Any]]:
-    """The records to replay after a snapshot of ``snapshot_generation``, oldest first."""
-    for generation, path in journal_files(snapshot):
+def replay_records(
+    snapshot: Path, snapshot_generation: int, files: list[tuple[int, Path]] | None = None
+) -> Iterator[list[Any]]:
+    """The records to replay after a snapshot of ``snapshot_generation``, oldest first (``files``: what
+    ``journal_files(snapshot)`` found, if the caller has it already)."""
+    for generation, path in journal_files(snapshot) if files is None else files:
         if generation >= snapshot_generation:
-            file_generation, records = read_journal(path)
+            _, records = read_journal(path)
             log.info("replaying %d changes from %s", len(records), path)
             yield from records
 

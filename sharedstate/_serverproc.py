@@ -368,11 +368,12 @@ class ServerProcess:
             service.install(path, snapshot)
             generation = snapshot.generation
             log.info("restored %d names from %s", len(snapshot.data), path)
+        files = journal_files(path)
         replayed = 0
-        for record in replay_records(path, generation):
+        for record in replay_records(path, generation, files):
             service.apply(record)
             replayed += 1
-        newest = max([generation, *(g for g, _ in journal_files(path))])
+        newest = max([generation, *(g for g, _ in files)])
         if self.config.durability == "journal":
             journal = Journal(path, self.config.journal_fsync)
             journal.generation = newest

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import filelock
 
 from . import _pode
-from ._codec import MARK, DecodeError, encode, iter_json_object, object_hook
+from ._codec import encode, iter_json_object, object_hook
 from ._errors import SnapshotError, StateFileBusy
 from ._files import backup_path, remove_stray_temp_files, write_atomic
 
@@ -28,8 +28,6 @@ log = logging.getLogger("sharedstate")
 
 FORMAT = "sharedstate"
 VERSION = 1
-
-Entries = tuple[dict[str, Any], dict[str, tuple[str, ...]]]
 
 
 class Snapshot(NamedTuple):
@@ -77,7 +75,7 @@ def _decode_text(raw: bytes, path: Path) -> str:
         raise SnapshotError(f"{path} is not a valid snapshot: not {encoding} text ({exc.reason})", str(path)) from None
 
 
-def read_snapshot(path: Path) -> Entries | None:
+def read_snapshot(path: Path) -> Snapshot | None:
     """The values and scopes in ``path``; ``None`` for a missing file or one that is empty or only white
     space. Raises ``SnapshotError`` naming the file and the reason for anything else that is not valid.
     """
@@ -172,4 +170,4 @@ class FileOwnership:
         self._lock.release(force=True)
 
 
-__all__ = ["MARK", "DecodeError", "FileOwnership", "read_snapshot", "write_snapshot", "backup_path"]
+__all__ = ["FileOwnership", "Snapshot", "backup_path", "read_snapshot", "write_snapshot"]

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._journal import Journal
 
-_MISSING = object()
-
 
 class _Missing:
     """What ``get`` answers for a name that does not exist; it pickles as a reference to ``MISSING``, so
@@ -90,8 +88,8 @@ class Store:
     def getitem(self, name: str) -> Any:
         with self._mutex:
             self.ops += 1
-            value = self._data.get(name, _MISSING)
-        if value is _MISSING:
+            value = self._data.get(name, MISSING)
+        if value is MISSING:
             raise KeyError(name)
         return value
 
@@ -242,8 +240,8 @@ class Store:
     def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
         with self._mutex:
             self.ops += 1
-            current = self._data.get(name, _MISSING)
-            if current is _MISSING:
+            current = self._data.get(name, MISSING)
+            if current is MISSING:
                 if expected is not None:
                     return False
             elif current != expected:
@@ -256,8 +254,8 @@ class Store:
     def append(self, name: str, item: Any) -> int:
         with self._mutex:
             self.ops += 1
-            current = self._data.get(name, _MISSING)
-            if current is _MISSING:
+            current = self._data.get(name, MISSING)
+            if current is MISSING:
                 new = [item]
             elif type(current) is list:
                 new = [*current, item]  # a new list: stored values are never mutated in place

@@ -299,7 +299,6 @@ class ConnectionPool:
         self.hello = hello
         self._local = threading.local()
         self._generation = _fork_generation
-        self.server_info: dict[str, Any] | None = None
 
     def get(self) -> mpc.Connection:
         local = self._local
@@ -309,8 +308,7 @@ class ConnectionPool:
         if self._generation != _fork_generation:
             self._local = local = threading.local()
             self._generation = _fork_generation
-        conn, info = open_connection(self.address, self.authkey, self.hello())
-        self.server_info = info
+        conn, _ = open_connection(self.address, self.authkey, self.hello())
         local.conn = conn
         return conn
 

@@ -90,13 +90,7 @@ def check_value(name: str, value: object) -> None:
     """Raise ``TypeError`` (or ``ValueError`` for nesting deeper than ``MAX_DEPTH``) unless ``value``
     may be stored. The message names the name and the path to the offending part, e.g.
     ``'cfg'['users'][2]: object is not a storable type``."""
-    kind = type(value)
-    if kind is str:
-        check_text(value, repr(name))
-        return
-    if kind in SCALAR_TYPES:
-        return
-    _check(value, kind, name, (), 0)
+    _check(value, type(value), name, (), 0)
 
 
 def _check(value: Any, kind: type, name: str, path: tuple[str, ...], depth: int) -> None:
