@@ -13,11 +13,13 @@ from typing import Any
 
 import psutil
 
+from ._cache import NOT_CACHED, PRESENT, ClientCache
 from ._errors import ServerUnavailable, SharedStateError
 from ._lock import Lock
 from ._store import MISSING
 from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_address, parse_address, resolve
 from ._values import check_name, check_names, check_scope, check_value
+from ._versions import attach
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).
@@ -65,10 +67,22 @@ class State:
     def __init__(self, address: Address | str, authkey: bytes | None, *, cache: bool = True) -> None:
         self._address = parse_address(address)
         self._authkey = authkey
-        self._cache = bool(cache)
-        self._pool = ConnectionPool(self._address, authkey, _hello)
+        self._use_cache = bool(cache)
+        #: The values this handle read (``_cache``), for the server process it talks to; ``None`` when
+        #: off, before the first connection, or when the server's version table cannot be mapped here.
+        self._cache: ClientCache | None = None
+        self._pool = ConnectionPool(self._address, authkey, _hello, self._connected if cache else None)
 
     # -- plumbing -----------------------------------------------------------------------------------
+    def _connected(self, info: dict[str, Any]) -> None:
+        """A connection opened: keep the cache if it is the same server process, else start anew."""
+        versions = info.get("versions")
+        cache = self._cache
+        if cache is not None and isinstance(versions, dict) and versions.get("token") == cache.token:
+            return
+        view = attach(versions)
+        self._cache = None if view is None else ClientCache(view)
+
     def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         # Pickled before anything is sent: an argument that cannot be pickled fails here, and the
         # connection (which keeps this process' locks alive) stays usable.
@@ -79,8 +93,10 @@ class State:
             conn.send_bytes(request)
             kind, result = conn.recv()
         except BaseException as exc:
-            # A half-sent request or an unread answer: the connection cannot be used again.
+            # A half-sent request or an unread answer: the connection cannot be used again. The cache
+            # goes with it: the next connection may reach a new server process.
             pool.drop()
+            self._cache = None
             if isinstance(exc, (EOFError, OSError)):
                 raise ServerUnavailable(
                     f"the sharedstate server at {self.address} went away during {method}()", self.address
@@ -109,17 +125,49 @@ class State:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The key travels with the handle: whoever can unpickle it can use the state.
-        return (_rebuild, (self.address, self._authkey, self._cache))
+        return (_rebuild, (self.address, self._authkey, self._use_cache))
 
     def __repr__(self) -> str:
         return f"<sharedstate.State at {self.address}>"
 
     # -- Pode's calls -------------------------------------------------------------------------------
+    def _read(self, name: str, method: str = "get") -> Any:
+        """The value of ``name`` (``MISSING`` if there is none), from the cache when it is still the
+        server's; ``method="contains"`` asks only whether the name exists (``PRESENT`` or ``MISSING``)."""
+        cache = self._cache
+        if cache is not None:
+            value = cache.lookup(name)
+            if value is not NOT_CACHED and (value is not PRESENT or method == "contains"):
+                return value
+        if self._use_cache:
+            self._pool.get()  # (re)connect first: that may make a new cache
+            cache = self._cache
+        # The counters are read before the request: a change after this makes the entry stale.
+        stamp = None if cache is None else cache.stamp(name)
+        value = self._call(method, (name,))
+        if method == "contains":
+            value = PRESENT if value else MISSING
+        if stamp is not None:
+            cache.fill(name, stamp, value)
+        return value
+
+    def _peek(self, name: str) -> Any:
+        """The cached value of ``name`` (``MISSING`` for a name known not to exist) if it is still the
+        server's, else ``NOT_CACHED``; never a round trip (the asyncio client answers hits at once)."""
+        cache = self._cache
+        if cache is None:
+            return NOT_CACHED
+        value = cache.lookup(name)
+        return NOT_CACHED if value is PRESENT else value
+
     def get(self, name: str, default: Any = None) -> Any:
-        """The value of ``name``, or ``default`` when there is no such name."""
+        """The value of ``name``, or ``default`` when there is no such name.
+
+        A value this handle read before and that has not changed since is answered from its cache,
+        with no round trip (``connect(cache=False)`` turns that off)."""
         if type(name) is not str:
             name = check_name(name)
-        value = self._call("get", (name,))
+        value = self._read(name)
         return default if value is MISSING else value
 
     def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
@@ -142,7 +190,7 @@ class State:
 
     def contains(self, name: str) -> bool:
         """Whether ``name`` exists."""
-        return self._call("contains", (check_name(name),))
+        return self._read(check_name(name), "contains") is not MISSING
 
     def names(self, pattern: str | None = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
         """The sorted names, those matching the regular expression ``pattern`` (``re.search``) and
@@ -209,8 +257,23 @@ class State:
             self._call("update", (checked,))
 
     def get_many(self, names: Iterable[str]) -> dict[str, Any]:
-        """The values of those of ``names`` that exist, in one call."""
-        return self._call("get_many", (check_names(names),))
+        """The values of those of ``names`` that exist, in one call (none when every one is cached)."""
+        names = check_names(names)
+        cache = self._cache
+        if cache is not None:
+            found = cache.lookup_many(names)
+            if found is not None:
+                return found
+        if self._use_cache:
+            self._pool.get()
+            cache = self._cache
+        if cache is None:
+            return self._call("get_many", (names,))
+        stamps = cache.stamps(names)
+        found = self._call("get_many", (names,))
+        for name, stamp in stamps.items():
+            cache.fill(name, stamp, found.get(name, MISSING))
+        return found
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of every name and value."""
@@ -264,7 +327,10 @@ class State:
 
     # -- mapping sugar ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
-        return self._call("getitem", (check_name(name),))
+        value = self._read(check_name(name))
+        if value is MISSING:
+            raise KeyError(name)
+        return value
 
     def __setitem__(self, name: str, value: Any) -> None:
         self.set(name, value)

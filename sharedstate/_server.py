@@ -35,6 +35,7 @@ from ._transport import (
     open_control,
     parse_address,
 )
+from ._versions import retire
 
 log = logging.getLogger("sharedstate")
 
@@ -111,6 +112,8 @@ class StateServer:
         self._stopped = False
         self._mutex = threading.RLock()
         self._restarts = 0
+        #: The shared memory version table of the running server process (``{"name", "token"}``).
+        self._versions: dict[str, Any] | None = None
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -162,6 +165,7 @@ class StateServer:
                 self._cleanup_tmpdir()
                 raise
             self._address = info["address"]
+            self._versions = info.get("versions")
             self._config.address = self._address
             os.environ[ENV_ADDRESS] = format_address(self._address)
             os.environ[ENV_AUTHKEY] = self._authkey.hex()
@@ -202,6 +206,11 @@ class StateServer:
         while True:
             code = proc.wait()
             with self._mutex:
+                # A server that died did not retire its version table: clients must not trust their
+                # cached values any more, and the block must not outlive it.
+                versions = self._versions
+                if versions is not None and self._proc is proc:
+                    retire(versions["name"], versions["token"])
                 if self._stopping or self._stopped or self._proc is not proc:
                     return
                 clean = code == 0 or code in (-signal.SIGTERM, -signal.SIGINT)
@@ -211,11 +220,12 @@ class StateServer:
                 log.warning("the sharedstate server (pid %d) died with status %d; starting it again", proc.pid, code)
                 assert self._config is not None
                 try:
-                    proc, _ = _spawn(self._config)
+                    proc, info = _spawn(self._config)
                 except (OSError, SharedStateError) as exc:
                     log.error("could not start the sharedstate server again: %s", exc)
                     return
                 self._proc = proc
+                self._versions = info.get("versions")
                 self._restarts += 1
 
     def shutdown(self) -> None:

@@ -36,6 +36,7 @@ from ._snapshot import FileOwnership, Snapshot, read_snapshot, write_snapshot
 from ._store import Store
 from ._transport import BOOT_SCOPE, STORE_ID, Address, format_address, key_file_for
 from ._values import check_value
+from ._versions import VersionTable
 
 log = logging.getLogger("sharedstate")
 
@@ -130,7 +131,8 @@ class StateService(Store):
             self.locks.release_client(client)
 
     def info(self) -> dict[str, Any]:
-        return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at}
+        versions = None if self.versions is None else self.versions.info()
+        return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at, "versions": versions}
 
     # -- locks --------------------------------------------------------------------------------------
     def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> bool:
@@ -357,6 +359,12 @@ class ServerProcess:
         finally:
             os.umask(old_umask)
         self.service.address = self.server.address
+        # Only once the address is ours: the block's name comes from it, and making it retires a block
+        # that a killed server left there.
+        try:
+            self.service.versions = VersionTable(self.server.address)
+        except OSError as exc:  # no POSIX shared memory here: clients then read through the server
+            log.warning("no shared memory for the clients' caches (%s): every read is a round trip", exc)
         return self.server.address
 
     def _recover(self, path: Path) -> None:
@@ -462,6 +470,8 @@ class ServerProcess:
             if self.service.journal is not None:
                 # The final snapshot holds every change: the journal is only needed if it failed.
                 self.service.journal.close(remove=saved)
+        if self.service.versions is not None:
+            self.service.versions.close()
         if self._ownership is not None:
             self._ownership.release()
         if self._key_file is not None:
@@ -489,7 +499,8 @@ def main() -> None:
         out.write(reply)
         out.flush()
         os._exit(1)
-    out.write(pickle.dumps(("ready", {"pid": os.getpid(), "address": address})))
+    versions = None if process.service.versions is None else process.service.versions.info()
+    out.write(pickle.dumps(("ready", {"pid": os.getpid(), "address": address, "versions": versions})))
     out.flush()
     # Nothing more goes to the owner's pipe: stdout becomes /dev/null.
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._journal import Journal
+    from ._versions import VersionTable
 
 
 class _Missing:
@@ -67,6 +68,17 @@ class Store:
         self.ops = 0
         #: Where changes are written before they are made (``durability="journal"``), or ``None``.
         self.journal: Journal | None = None
+        #: The shared counters that tell clients' caches a name changed, or ``None``. Bumped with the
+        #: mutex held, so before the changing call returns.
+        self.versions: VersionTable | None = None
+
+    def _changed(self, name: str) -> None:
+        if self.versions is not None:
+            self.versions.bump(name)
+
+    def _changed_all(self) -> None:
+        if self.versions is not None:
+            self.versions.bump_all()
 
     def _record(self, *record: Any) -> int:
         """Journal a change (with the mutex held, before making it); return the number to commit."""
@@ -154,14 +166,18 @@ class Store:
                 self._scopes[name] = scope
             else:
                 self._scopes.pop(name, None)
+            self._changed(name)
         self._commit(number)
 
     def remove(self, name: str) -> Any:
         with self._mutex:
             self.ops += 1
-            number = self._record("remove", name) if name in self._data else 0
+            if name not in self._data:
+                return None
+            number = self._record("remove", name)
             self._scopes.pop(name, None)
-            value = self._data.pop(name, None)
+            value = self._data.pop(name)
+            self._changed(name)
         self._commit(number)
         return value
 
@@ -173,6 +189,7 @@ class Store:
             number = self._record("remove", name)
             del self._data[name]
             self._scopes.pop(name, None)
+            self._changed(name)
         self._commit(number)
 
     def clear(self) -> None:
@@ -181,6 +198,7 @@ class Store:
             number = self._record("clear")
             self._data.clear()
             self._scopes.clear()
+            self._changed_all()
         self._commit(number)
 
     def update(self, mapping: dict[str, Any]) -> None:
@@ -192,6 +210,9 @@ class Store:
             if scopes:
                 for name in mapping:
                     scopes.pop(name, None)
+            if self.versions is not None:
+                for name in mapping:
+                    self.versions.bump(name)
         self._commit(number)
 
     def replace(self, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], merge: bool) -> None:
@@ -203,9 +224,13 @@ class Store:
                 for name in data:
                     self._scopes.pop(name, None)
                 self._scopes.update(scopes)
+                if self.versions is not None:
+                    for name in data:
+                        self.versions.bump(name)
             else:
                 self._data = dict(data)
                 self._scopes = dict(scopes)
+                self._changed_all()
         self._commit(number)
 
     # -- atomic read-modify-write ------------------------------------------------------------------
@@ -223,6 +248,7 @@ class Store:
                 ) from None
             number = self._record("incr", name, by)
             self._data[name] = new
+            self._changed(name)
         self._commit(number)
         return new
 
@@ -234,6 +260,7 @@ class Store:
                 return data[name]
             number = self._record("setdefault", name, default)
             data[name] = default
+            self._changed(name)
         self._commit(number)
         return default
 
@@ -248,6 +275,7 @@ class Store:
                 return False
             number = self._record("put", name, new)
             self._data[name] = new
+            self._changed(name)
         self._commit(number)
         return True
 
@@ -263,6 +291,7 @@ class Store:
                 raise TypeError(f"cannot append to {name!r}: it holds {type(current).__name__}, not a list")
             number = self._record("append", name, item)
             self._data[name] = new
+            self._changed(name)
         self._commit(number)
         return len(new)
 
@@ -274,6 +303,7 @@ class Store:
             name, value = args
             with self._mutex:
                 self._data[name] = value
+                self._changed(name)
         elif op == "replace":
             data, scopes, merge = args
             self.replace(data, {name: tuple(scope) for name, scope in scopes.items()}, merge)

@@ -293,10 +293,18 @@ class ConnectionPool:
     across ``fork``: the child opens its own.
     """
 
-    def __init__(self, address: Address, authkey: bytes | None, hello: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        address: Address,
+        authkey: bytes | None,
+        hello: Callable[[], dict[str, Any]],
+        on_connect: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.address = address
         self.authkey = authkey
         self.hello = hello
+        #: Called with what the server says about itself each time a connection opens.
+        self.on_connect = on_connect
         self._local = threading.local()
         self._generation = _fork_generation
 
@@ -308,8 +316,10 @@ class ConnectionPool:
         if self._generation != _fork_generation:
             self._local = local = threading.local()
             self._generation = _fork_generation
-        conn, _ = open_connection(self.address, self.authkey, self.hello())
+        conn, info = open_connection(self.address, self.authkey, self.hello())
         local.conn = conn
+        if self.on_connect is not None:
+            self.on_connect(info)
         return conn
 
     def drop(self) -> None:

@@ -23,11 +23,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ._cache import NOT_CACHED
 from ._client import State
 from ._client import connect as _connect
 from ._errors import LockTimeout
 from ._lock import check_timeout
 from ._locktable import describe
+from ._store import MISSING
 from ._values import check_name
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
@@ -82,7 +84,12 @@ class AsyncState:
         return f"<sharedstate.aio.AsyncState at {self.address}>"
 
     async def get(self, name: str, default: Any = None) -> Any:
-        return await self._run(self._sync.get, name, default)
+        if type(name) is not str:
+            name = check_name(name)
+        value = self._sync._peek(name)  # a cached value costs no thread hop and no round trip
+        if value is NOT_CACHED:
+            return await self._run(self._sync.get, name, default)
+        return default if value is MISSING else value
 
     async def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
         return await self._run(lambda: self._sync.set(name, value, scope=scope))

@@ -200,3 +200,41 @@ def connect_burst(address: str, authkey: bytes, threads: int) -> int:
     for w in workers_:
         w.join(60)
     return len(done)
+
+
+def write_sequence(state: sharedstate.State, name: str, count: int, returned, index: int, start) -> None:
+    """Write 1..count to ``name``; after each write returns, publish its number in ``returned[index]``.
+    ``start`` is an Event or a Barrier.
+    The first writer also sets ``slow`` every 25 writes: a name readers mostly find in their caches."""
+    start.wait(30)
+    for seq in range(1, count + 1):
+        state.set(name, seq)
+        returned[index] = seq
+        if index == 0 and seq % 25 == 0:
+            state.set("slow", seq)
+
+
+def read_monotonic(state: sharedstate.State, names: list[str], count: int, returned, start, hits, index: int) -> None:
+    """Read ``names`` until every writer is done. A read must see at least the number whose write had
+    returned before the read began, and never go back; ``hits[index]`` counts reads of ``slow`` that
+    the cache answered."""
+    from sharedstate._cache import NOT_CACHED
+
+    start.wait(30)
+    last = dict.fromkeys([*names, "slow"], 0)
+    deadline = time.monotonic() + 90
+    while True:
+        floors = [returned[i] for i in range(len(names))]  # read before the reads begin
+        for name, floor in zip(names, floors, strict=True):
+            value = state.get(name, 0)
+            assert value >= floor, f"{name}: read {value} after the write of {floor} had returned"
+            assert value >= last[name], f"{name}: read {value} after reading {last[name]}"
+            last[name] = value
+        if state._peek("slow") is not NOT_CACHED:
+            hits[index] += 1
+        value = state.get("slow", 0)
+        assert value >= last["slow"], f"slow: read {value} after reading {last['slow']}"
+        last["slow"] = value
+        if min(floors) == count:
+            return
+        assert time.monotonic() < deadline, "the writers did not finish in time"
