@@ -123,6 +123,88 @@ def _diskcache_incr(barrier, folder, n) -> None:
         cache.incr("c")
 
 
+#: The read-mostly workload's names: each of 4 processes reads one at random 95 times in 100, and sets one
+#: 5 times in 100.
+MIXED_NAMES = 1000
+
+
+def _mixed(barrier, state, names: int, n: int, seed: int) -> None:
+    """95% reads and 5% writes of ``names`` names, chosen at random."""
+    import random
+
+    rng = random.Random(seed)
+    keys = [f"m{i}" for i in range(names)]
+    plan = [(rng.random() < 0.05, rng.choice(keys)) for _ in range(n)]
+    state.get("warm")
+    barrier.wait()
+    for write, key in plan:
+        if write:
+            state.set(key, rng.random())
+        else:
+            state.get(key)
+
+
+def _ultradict_get(n: int) -> list[float] | None:
+    """UltraDict's get through a second view of the dict, when it is installed."""
+    try:
+        from UltraDict import UltraDict
+    except ImportError:
+        return None
+    ultra = UltraDict()
+    try:
+        ultra["key"] = 1
+        other = UltraDict(name=ultra.name)
+        try:
+            latencies(lambda: other.get("key"), 1000)
+            return latencies(lambda: other.get("key"), n)
+        finally:
+            other.close()
+    finally:
+        ultra.close()
+        ultra.unlink()
+
+
+def measure_cache(args, r: dict[str, float]) -> None:
+    """The client cache: an unchanged value read with no round trip, against the peers' reads, and a
+    read-mostly workload from 4 processes with the cache on and off."""
+    n = args.ops
+    parent, child = CTX.Pipe()
+    echo = CTX.Process(target=_echo, args=(child,))
+    echo.start()
+    try:
+        with multiprocessing.Manager() as manager, sharedstate.StateServer() as server:
+            d = manager.dict()
+            d["key"] = 1
+            cached = sharedstate.connect(server.address, server.authkey)
+            cached.set("key", {"a": 1})
+            cached.set("int", 1)
+            calls = {
+                "cache_pipe_rtt": lambda: (parent.send(("get", "key")), parent.recv()),
+                "cache_manager_get": lambda: d.get("key"),
+                "cached_get": lambda: cached.get("int"),
+                "cached_get_dict": lambda: cached.get("key"),
+            }
+            samples: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(10):
+                for key, call in calls.items():
+                    latencies(call, 200)
+                    samples[key] += latencies(call, max(200, n // 10))
+            for key, values in samples.items():
+                r[f"{key}_p50_us"] = pct(values, 0.5) * 1e6
+            ultra = _ultradict_get(n)
+            if ultra is not None:
+                r["ultradict_get_p50_us"] = pct(ultra, 0.5) * 1e6
+            per = max(2000, n // 2)
+            for cache in (True, False):
+                handle = sharedstate.connect(server.address, server.authkey, cache=cache)
+                handle.update({f"m{i}": 0.0 for i in range(MIXED_NAMES)})
+                took = _run_many(_mixed, lambda i, h=handle: (h, MIXED_NAMES, per, i), 4)
+                r[f"mixed_{'cache' if cache else 'nocache'}_4p_per_s"] = 4 * per / took
+    finally:
+        parent.send(None)
+        echo.join()
+
+
 def _plain_dict_rss(names: int, queue) -> None:
     data = {f"name-{i}": i for i in range(names)}
     gc.collect()
@@ -144,7 +226,8 @@ def measure(args) -> dict[str, float]:
     with multiprocessing.Manager() as manager, sharedstate.StateServer() as quick:
         d = manager.dict()
         d["key"] = 1
-        state = quick.state
+        # The round trip: the cache would answer an unchanged value without one (measured apart below).
+        state = sharedstate.connect(quick.address, quick.authkey, cache=False)
         state.set("key", 1)
         calls = {
             "pipe_rtt": lambda: (parent.send(("get", "key")), parent.recv()),
@@ -171,7 +254,7 @@ def measure(args) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         with sharedstate.StateServer(path=os.path.join(tmp, "s.json"), save_every=None) as server:
-            state = server.state
+            state = sharedstate.connect(server.address, server.authkey, cache=False)
             state.set("key", 1)
             lat = latencies(lambda: state.set("key", 2), n)
             r["set_p50_us"], r["set_p99_us"] = pct(lat, 0.5) * 1e6, pct(lat, 0.99) * 1e6
@@ -208,7 +291,7 @@ def measure(args) -> dict[str, float]:
             stop = threading.Event()
 
             def client() -> None:
-                other = sharedstate.connect(server.address, server.authkey)
+                other = sharedstate.connect(server.address, server.authkey, cache=False)
                 while not stop.is_set():
                     t = time.perf_counter()
                     other.get("name-1")
@@ -313,6 +396,18 @@ TARGETS = [
     ("worst client wait during save (ms)", lambda r: r["worst_wait_during_save_ms"], 100.0, False),
     ("server RSS vs plain dict process", lambda r: r["server_rss_mb"] / r["plain_dict_rss_mb"], 2.0, False),
     ("get at big vs at 1k (slow-down)", lambda r: r["get_at_big_p50_us"] / r["get_at_1k_p50_us"], 1.2, False),
+    (
+        "cached get vs Manager dict get (speed-up)",
+        lambda r: r["cache_manager_get_p50_us"] / r["cached_get_p50_us"],
+        20.0,
+        True,
+    ),
+    (
+        "mixed 95/5, 4 procs: cache vs cache=False",
+        lambda r: r["mixed_cache_4p_per_s"] / r["mixed_nocache_4p_per_s"],
+        3.0,
+        True,
+    ),
 ]
 
 
@@ -321,15 +416,25 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=1_000_000)
     parser.add_argument("--ops", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--only", choices=["all", "cache"], default="all", help="cache: the client cache's figures alone"
+    )
     args = parser.parse_args()
-    runs = [measure(args) for _ in range(args.runs)]
+    if args.only == "cache":
+        runs = []
+        for _ in range(args.runs):
+            runs.append({})
+            measure_cache(args, runs[-1])
+    else:
+        runs = [measure(args) for _ in range(args.runs)]
     keys = list(runs[0])
     print(f"{'figure':34} " + " ".join(f"{'run ' + str(i + 1):>12}" for i in range(args.runs)))
     for key in keys:
         print(f"{key:34} " + " ".join(f"{run.get(key, float('nan')):12.2f}" for run in runs))
     for missing, what in (("redis_incr_4p_per_s", "redis (redis-server and redis-py)"),
-                          ("diskcache_incr_4p_per_s", "diskcache")):  # fmt: skip
-        if missing not in runs[0]:
+                          ("diskcache_incr_4p_per_s", "diskcache"),
+                          ("ultradict_get_p50_us", "UltraDict")):  # fmt: skip
+        if missing not in runs[0] and (args.only == "all" or missing.startswith("ultradict")):
             print(f"skipped: {what} is not installed")
     print()
     print(f"{'target':42} {'goal':>8} " + " ".join(f"{'run ' + str(i + 1):>8}" for i in range(args.runs)) + "  holds")
