@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import os
 import pickle
 import threading
 import uuid
@@ -67,11 +68,13 @@ Stamp = tuple[int, int, int]
 class ClientCache:
     """The entries of one handle for one server process (a new server gets a new cache)."""
 
-    __slots__ = ("view", "token", "_words", "_entries", "_bytes", "_mutex")
+    __slots__ = ("view", "token", "pid", "_words", "_entries", "_bytes", "_mutex")
 
     def __init__(self, view: VersionView) -> None:
         self.view = view
         self.token = view.token
+        #: The process that made it: a forked child makes its own (its mutex may have been held at fork).
+        self.pid = os.getpid()
         self._words = view.words
         #: name -> (slot, epoch, version, value or None, pickled value or None, size)
         self._entries: OrderedDict[str, tuple[int, int, int, Any, bytes | None, int]] = OrderedDict()

@@ -78,7 +78,12 @@ class State:
         """A connection opened: keep the cache if it is the same server process, else start anew."""
         versions = info.get("versions")
         cache = self._cache
-        if cache is not None and isinstance(versions, dict) and versions.get("token") == cache.token:
+        if (
+            cache is not None
+            and isinstance(versions, dict)
+            and versions.get("token") == cache.token
+            and cache.pid == os.getpid()
+        ):
             return
         view = attach(versions)
         self._cache = None if view is None else ClientCache(view)
