@@ -186,7 +186,11 @@ class State:
         if type(value) not in _PLAIN_FAST:  # ints, floats, bools, None: nothing to check
             check_value(name, value)
         scopes = check_scope(scope) if scope is not None else ()
-        self._call("set", (name, value, scopes) if scopes else (name, value))
+        stamp = self._call("set", (name, value, scopes) if scopes else (name, value))
+        cache = self._cache
+        if stamp is not None and cache is not None:
+            # The server's counters right after this change: the value is the server's until they move.
+            cache.fill(name, stamp, value)
         return value
 
     def remove(self, name: str) -> Any:

@@ -72,9 +72,9 @@ class Store:
         #: mutex held, so before the changing call returns.
         self.versions: VersionTable | None = None
 
-    def _changed(self, name: str) -> None:
-        if self.versions is not None:
-            self.versions.bump(name)
+    def _changed(self, name: str) -> tuple[int, int, int] | None:
+        """Bump the counter of ``name``; return its counters after the change, if there is a table."""
+        return None if self.versions is None else self.versions.bump(name)
 
     def _changed_all(self) -> None:
         if self.versions is not None:
@@ -157,7 +157,9 @@ class Store:
                 self._mutex.release()
 
     # -- writes ------------------------------------------------------------------------------------
-    def set(self, name: str, value: Any, scope: tuple[str, ...] = ()) -> None:
+    def set(self, name: str, value: Any, scope: tuple[str, ...] = ()) -> tuple[int, int, int] | None:
+        """Store ``value``; return the name's counters after the change, so the caller's cache can keep
+        the value it just set."""
         with self._mutex:
             self.ops += 1
             number = self._record("set", name, value, scope)
@@ -166,8 +168,9 @@ class Store:
                 self._scopes[name] = scope
             else:
                 self._scopes.pop(name, None)
-            self._changed(name)
+            stamp = self._changed(name)
         self._commit(number)
+        return stamp
 
     def remove(self, name: str) -> Any:
         with self._mutex:

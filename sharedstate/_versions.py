@@ -122,10 +122,12 @@ class VersionTable:
         """What a client needs to map the block."""
         return {"name": self.name, "token": self.token}
 
-    def bump(self, name: str) -> None:
+    def bump(self, name: str) -> tuple[int, int, int]:
+        """Count a change of ``name``; return its counters after it (``slot, epoch, version``)."""
         words = self.words
         slot = slot_of(name)
-        words[slot] = (words[slot] + 1) & 0xFFFFFFFFFFFFFFFF
+        version = words[slot] = (words[slot] + 1) & 0xFFFFFFFFFFFFFFFF
+        return slot, words[EPOCH], version
 
     def bump_all(self) -> None:
         words = self.words

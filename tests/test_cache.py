@@ -359,3 +359,16 @@ def test_the_next_server_at_an_address_retires_the_block_of_a_killed_one(tmp_pat
                 reap(proc)
                 proc.stdout.close()
     wait_until(lambda: not shm_entry(name).exists(), 10, what="the block's removal")
+
+
+def test_a_value_a_handle_set_is_read_back_with_no_round_trip_until_changed(server):
+    state = server.state
+    other = sharedstate.connect(server.address, server.authkey, cache=False)
+    value = {"rows": [1, 2]}
+    state.set("mine", value)
+    value["rows"].append(3)  # changing the object after set changes neither the server nor the cache
+    before = ops(state)
+    assert state.get("mine") == {"rows": [1, 2]}
+    assert ops(state) - before == 1
+    other.set("mine", "theirs")
+    assert state.get("mine") == "theirs"
