@@ -62,7 +62,13 @@ DEFAULT_LEASE = 2.0
 MIN_LEASE, MAX_LEASE = 0.1, 3600.0
 #: Longest single wait of a lock waiter before it asks again (it wakes earlier on a release, or when
 #: the holder's lease runs out).
-WAIT_SLICE_S = 0.25
+WAIT_SLICE_S = 0.5
+#: Redis serves the timeouts of blocking commands on its clock ticks (``hz``, 10 a second by default),
+#: so a ``BLPOP`` timeout ends up to this much late. A release wakes a waiter at once all the same.
+REDIS_TICK_S = 0.1
+#: How often a waiter asks in the last moments before the holder's lease runs out or its own timeout
+#: ends, where a ``BLPOP`` timeout would be too coarse.
+POLL_S = 0.02
 #: Names per HSCAN step.
 SCAN_COUNT = 1000
 #: Fields per HSET inside one MULTI block when many names are written at once.
@@ -854,18 +860,23 @@ class RedisState(State):
                 return True
             if not blocking:
                 return False
-            wait = WAIT_SLICE_S
-            if left >= 0:  # wake when the holder's lease runs out, if nobody releases before
-                wait = min(wait, left / 1000 + 0.001)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                wait = min(wait, remaining)
             if left == -2:
-                continue  # released between the two commands of the script: at once
-            # BLPOP counts 0 as "forever" and rounds to milliseconds.
-            conn.client.blpop([wake], timeout=max(wait, 0.002))
+                continue  # released between the two commands of the script: ask again at once
+            now = time.monotonic()
+            until = now + WAIT_SLICE_S
+            if left >= 0:  # the holder's lease runs out then, unless it renews it or releases first
+                until = min(until, now + left / 1000 + 0.001)
+            if deadline is not None:
+                if now >= deadline:
+                    return False
+                until = min(until, deadline)
+            span = until - now
+            if span > 2 * REDIS_TICK_S:
+                # Woken at once by a release; the timeout itself is served on one of Redis' ticks, so
+                # it may end up to a tick late: ask for one tick less.
+                conn.client.blpop([wake], timeout=span - REDIS_TICK_S)
+            else:  # the last moments before the lease runs out or the caller gives up: on time
+                time.sleep(min(span, POLL_S))
 
     @_redis_call
     def _lock_release(self, name: str | None, owner: Any) -> None:

@@ -224,7 +224,17 @@ class AsyncLock:
         await self.release()
 
 
-async def connect(address: object = None, authkey: bytes | None = None, *, cache: bool = True) -> AsyncState:
-    """``sharedstate.connect()`` for asyncio: same arguments and errors, and it does not block the loop."""
-    state = await asyncio.get_running_loop().run_in_executor(None, lambda: _connect(address, authkey, cache=cache))
+async def connect(
+    address: object = None,
+    authkey: bytes | None = None,
+    *,
+    cache: bool = True,
+    namespace: str | None = None,
+    lease: float | None = None,
+) -> AsyncState:
+    """``sharedstate.connect()`` for asyncio: same arguments and errors (a Redis URL too), and it does
+    not block the loop."""
+    state = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: _connect(address, authkey, cache=cache, namespace=namespace, lease=lease)
+    )
     return AsyncState(state)
