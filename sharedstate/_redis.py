@@ -288,11 +288,14 @@ class _Process:
 
 
 _process = _Process()
+#: Serialises the opening of clients (replaced in a child: another thread may have held it at the fork).
+_opening = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
-    global _leases
+    global _leases, _opening
     _process.forked()
+    _opening = threading.Lock()
     # Locks belong to the parent's threads (the parent keeps renewing them); the child holds none.
     _leases = _Leases()
 
@@ -473,14 +476,13 @@ class RedisState(State):
         self._scopes_key = prefix + "scopes"
         self._keys = [self._data_key, self._scopes_key]
         self._conn_: _Conn | None = None
-        self._open_mutex = threading.Lock()
 
     # -- plumbing -----------------------------------------------------------------------------------
     @property
     def _conn(self) -> _Conn:
         conn = self._conn_
         if conn is None or conn.generation != _process.generation:
-            with self._open_mutex:
+            with _opening:
                 conn = self._conn_
                 if conn is None or conn.generation != _process.generation:
                     # After a fork the parent's client is left alone: its sockets are the parent's.

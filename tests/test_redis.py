@@ -534,14 +534,17 @@ def test_the_client_commands_work_on_redis(redis_server, redis_namespace, tmp_pa
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("hooks", [False, True], ids=["plain", "with-server-hooks"])
-def test_the_gunicorn_example_runs_on_redis_by_changing_only_the_address(redis_server, redis_namespace, hooks):
+@pytest.mark.parametrize("server_kind", ["gunicorn", "gunicorn-with-server-hooks", "uvicorn-asyncio"])
+def test_the_web_examples_run_on_redis_by_changing_only_the_address(redis_server, redis_namespace, server_kind):
     from test_web import WEB, free_port, get, hammer, start, stop_group, wait_ready
 
     address = f"{redis_server.tcp_url}?namespace={redis_namespace}"
-    config = ["-c", str(WEB / "gunicorn.conf.py")] if hooks else []
+    config = ["-c", str(WEB / "gunicorn.conf.py")] if server_kind == "gunicorn-with-server-hooks" else []
 
     def argv(port):
+        if server_kind == "uvicorn-asyncio":
+            return [sys.executable, "-m", "uvicorn", "--workers", "3", "--host", "127.0.0.1", "--port", str(port),
+                    "--app-dir", str(WEB), "--no-access-log", "asgi_app:app"]  # fmt: skip
         return [sys.executable, "-m", "gunicorn", *config, "-w", "4", "-b", f"127.0.0.1:{port}", "--chdir", str(WEB),
                 "wsgi_app:app"]  # fmt: skip
 
