@@ -198,17 +198,27 @@ class RedisServer:
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
+                # Plain sockets first: some redis-py versions leave a socket open when a connect fails.
+                if self._listening():
                     with redis.Redis(unix_socket_path=str(self.socket)) as client:
                         client.ping()
-                    with redis.Redis(host="127.0.0.1", port=self.port) as client:
-                        client.ping()
                     return self
-                except redis.exceptions.ConnectionError:
-                    time.sleep(0.05)
+                time.sleep(0.05)
             self.stop()
         log = (self.folder / "redis.log").read_text() if (self.folder / "redis.log").exists() else ""
         raise RuntimeError(f"redis-server did not start: {log[-2000:]}")
+
+    def _listening(self) -> bool:
+        import socket
+
+        for family, address in ((socket.AF_UNIX, str(self.socket)), (socket.AF_INET, ("127.0.0.1", self.port))):
+            with socket.socket(family) as probe:
+                probe.settimeout(1)
+                try:
+                    probe.connect(address)
+                except OSError:
+                    return False
+        return True
 
     def client(self):
         import redis
