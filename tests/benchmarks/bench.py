@@ -369,7 +369,7 @@ TARGETS = [
     ("server RSS vs plain dict process", lambda r: r["server_rss_mb"] / r["plain_dict_rss_mb"], 2.0, False),
     ("get at big vs at 1k (slow-down)", lambda r: r["get_at_big_p50_us"] / r["get_at_1k_p50_us"], 1.2, False),
     (
-        "Redis backend incr 4 procs vs redis-py INCR",
+        "Redis backend incr 4p vs redis-py INCR",
         lambda r: r["redis_backend_incr_4p_per_s"] / r["redis_py_incr_4p_per_s"],
         0.5,
         True,
