@@ -499,14 +499,34 @@ def test_the_asyncio_client_on_redis(redis_server, redis_namespace):
         with pytest.raises(asyncio.CancelledError):
             await waiter
         await state.lock.release()
-        for _ in range(100):  # a wait that was in flight may take the lock, and then gives it back
-            if not await state.lock.locked():
-                break
-            await asyncio.sleep(0.05)
+        # A request of the cancelled wait still in flight may take the lock: it must give it back.
+        assert await state.lock.acquire(timeout=5)
+        await state.lock.release()
         assert not await state.lock.locked()
         await state.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_cancelled_asyncio_wait_gives_the_lock_back_even_after_close(redis_server, redis_namespace):
+    """close() right after a cancelled wait: a request still in flight that takes the lock gives it back."""
+    sync = connect(redis_server, redis_namespace)
+
+    async def main():
+        state = await aio.connect(redis_server.url, namespace=redis_namespace)
+        await state.lock.acquire()
+        waiter = asyncio.create_task(state.lock.acquire())
+        await asyncio.sleep(0.25)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await state.lock.release()
+        await state.close()
+
+    for _ in range(20):
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert sync.lock.acquire(timeout=5), "a cancelled wait kept the lock"
+        sync.lock.release()
 
 
 def cli(*args: str, address: str) -> subprocess.CompletedProcess:
