@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
-        sub.add_argument("--address", help=f"the server's address (default: ${ENV_ADDRESS})")
+        sub.add_argument("--address", help=f"the server's address or a redis:// URL (default: ${ENV_ADDRESS})")
         return sub
 
     client("get", "print a value as JSON").add_argument("name")
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     handlers = {"serve": _serve, "run": _run, "show": _show}
     try:
         code = handlers.get(args.command, _client)(args)
-    except (UserError, SharedStateError, OSError, TypeError, ValueError, RecursionError) as exc:
+    except (UserError, SharedStateError, OSError, TypeError, ValueError, RecursionError, ImportError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

@@ -379,7 +379,14 @@ def _rebuild(address: str, authkey: bytes | None, cache: bool) -> State:
     return State(address, authkey, cache=cache)
 
 
-def connect(address: object = None, authkey: bytes | None = None, *, cache: bool = True) -> State:
+def connect(
+    address: object = None,
+    authkey: bytes | None = None,
+    *,
+    cache: bool = True,
+    namespace: str | None = None,
+    lease: float | None = None,
+) -> State:
     """Connect to a running server and return a ``State`` handle.
 
     ``address`` and ``authkey`` default to ``SHAREDSTATE_ADDRESS`` and ``SHAREDSTATE_AUTHKEY``, which
@@ -387,8 +394,18 @@ def connect(address: object = None, authkey: bytes | None = None, *, cache: bool
     the key is read from ``ADDRESS.key``. Raises ``ServerUnavailable`` when no server answers (within
     5 seconds) and ``AccessDenied`` when the key is refused.
 
+    A ``redis://``, ``rediss://`` or ``unix://`` URL (given, or in ``SHAREDSTATE_ADDRESS``) connects to
+    Redis or Valkey instead, with the keys of ``namespace`` and locks leased for ``lease`` seconds
+    (``sharedstate._redis.connect``).
+
     >>> state = sharedstate.connect()          # doctest: +SKIP
+    >>> state = sharedstate.connect("redis://localhost:6379/0", namespace="myapp")  # doctest: +SKIP
     """
+    from . import _redis  # the Redis backend (redis-py itself is imported only for a Redis URL)
+
+    redis_state = _redis.connect(address, authkey, cache=cache, namespace=namespace, lease=lease)
+    if redis_state is not None:
+        return redis_state
     parsed, key = resolve(address, authkey)
     state = State(parsed, key, cache=cache)
     state._pool.get()  # connect now: fail here, not at the first call

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +35,8 @@ from ._store import MISSING
 from ._values import check_name
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
+
+log = logging.getLogger("sharedstate")
 
 T = TypeVar("T")
 
@@ -151,6 +155,15 @@ for _name in ("get", "set", "remove", "contains", "names", "clear", "incr", "set
     getattr(AsyncState, _name).__doc__ = getattr(State, _name).__doc__
 
 
+def _give_back(call: Callable[..., Any], name: str | None, token: str) -> None:
+    """Release a lock that a cancelled wait took after all (in a thread of its own: the workers and the
+    loop may be gone)."""
+    try:
+        call("lock_release", (name, token))
+    except Exception as exc:
+        log.warning("could not give back %s taken by a cancelled wait: %s", describe(name), exc)
+
+
 class AsyncLock:
     """A server lock for asyncio: ``async with state.lock``, ``await lock.acquire()``. The owner is the
     task that acquired it. Waiting never blocks the event loop."""
@@ -181,16 +194,17 @@ class AsyncLock:
     async def _attempt(self, token: str, blocking: bool, wait: float | None) -> bool:
         call = self._state._sync._call
         args = (self._name, token, blocking, wait if blocking else None)
-        future = asyncio.get_running_loop().run_in_executor(self._state._executor, call, "lock_acquire", args)
+        attempt = self._state._executor.submit(call, "lock_acquire", args)
         try:
-            return await asyncio.shield(future)
+            return await asyncio.shield(asyncio.wrap_future(attempt))
         except asyncio.CancelledError:
-            # The request may still take the lock for a task that is gone: give it back when it does.
-            def give_back(done: asyncio.Future[bool]) -> None:
+            # The request may still take the lock for a task that is gone: give it back when it does. The
+            # callback hangs on the worker's own future, so it runs even if the loop has closed by then.
+            def give_back(done: Future[bool]) -> None:
                 if not done.cancelled() and done.exception() is None and done.result():
-                    self._state._executor.submit(call, "lock_release", (self._name, token))
+                    threading.Thread(target=_give_back, args=(call, self._name, token), daemon=True).start()
 
-            future.add_done_callback(give_back)
+            attempt.add_done_callback(give_back)
             raise
 
     async def release(self) -> None:
@@ -231,7 +245,17 @@ class AsyncLock:
         await self.release()
 
 
-async def connect(address: object = None, authkey: bytes | None = None, *, cache: bool = True) -> AsyncState:
-    """``sharedstate.connect()`` for asyncio: same arguments and errors, and it does not block the loop."""
-    state = await asyncio.get_running_loop().run_in_executor(None, lambda: _connect(address, authkey, cache=cache))
+async def connect(
+    address: object = None,
+    authkey: bytes | None = None,
+    *,
+    cache: bool = True,
+    namespace: str | None = None,
+    lease: float | None = None,
+) -> AsyncState:
+    """``sharedstate.connect()`` for asyncio: same arguments and errors (a Redis URL too), and it does
+    not block the loop."""
+    state = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: _connect(address, authkey, cache=cache, namespace=namespace, lease=lease)
+    )
     return AsyncState(state)

@@ -163,3 +163,149 @@ def logged(tmp_path: Path) -> Iterator[LoggedServer]:
         yield LoggedServer(srv, tmp_path / "server.log")
     finally:
         srv.shutdown()
+
+
+# -- Redis ---------------------------------------------------------------------------------------------
+class RedisServer:
+    """A private ``redis-server`` (Debian's package) for the tests: a Unix socket and a loopback TCP
+    port, no persistence, and ``KEYS``/``HKEYS`` disabled, so a call that lists keys the forbidden way
+    fails instead of passing."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.socket = folder / "redis.sock"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The Unix-socket URL (the fastest way in)."""
+        return f"unix://{self.socket}"
+
+    @property
+    def tcp_url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        for _ in range(5):  # a free port can be taken between the probe and redis-server's bind
+            self.port = _free_port()
+            argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.socket),
+                    "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(self.folder),
+                    "--logfile", str(self.folder / "redis.log"), "--rename-command", "KEYS", "",
+                    "--rename-command", "HKEYS", ""]  # fmt: skip
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                # Plain sockets first: some redis-py versions leave a socket open when a connect fails.
+                if self._listening():
+                    with redis.Redis(unix_socket_path=str(self.socket)) as client:
+                        client.ping()
+                    return self
+                time.sleep(0.05)
+            self.stop()
+        log = (self.folder / "redis.log").read_text() if (self.folder / "redis.log").exists() else ""
+        raise RuntimeError(f"redis-server did not start: {log[-2000:]}")
+
+    def _listening(self) -> bool:
+        import socket
+
+        for family, address in ((socket.AF_UNIX, str(self.socket)), (socket.AF_INET, ("127.0.0.1", self.port))):
+            with socket.socket(family) as probe:
+                probe.settimeout(1)
+                try:
+                    probe.connect(address)
+                except OSError:
+                    return False
+        return True
+
+    def client(self):
+        import redis
+
+        return redis.Redis(unix_socket_path=str(self.socket))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            reap(self.proc)
+            self.proc = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_missing() -> str | None:
+    """Why the Redis tests cannot run here, or ``None``."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)"
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "redis-py is not installed (pip install 'sharedstate[redis]', or the test extra)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session. Missing redis-server or redis-py: the Redis tests are
+    skipped, except under CI=true, where they fail (CI never skips them silently)."""
+    why = redis_missing()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}: CI runs the Redis backend's tests")
+        pytest.skip(why)
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def drop_namespace(redis_server: RedisServer, namespace: str) -> None:
+    """Delete every key of ``namespace`` (SCAN, as the forbidden KEYS would)."""
+    with redis_server.client() as client:
+        keys = list(client.scan_iter(match=namespace.replace("*", r"\*") + ":*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture
+def redis_namespace(redis_server: RedisServer) -> Iterator[str]:
+    """A fresh namespace, removed afterwards."""
+    import uuid
+
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield namespace
+    finally:
+        drop_namespace(redis_server, namespace)
+
+
+@pytest.fixture
+def redis_state(redis_server: RedisServer, redis_namespace: str) -> Iterator[sharedstate.State]:
+    """A state in Redis, in a namespace of its own."""
+    state = sharedstate.connect(redis_server.url, namespace=redis_namespace)
+    try:
+        yield state
+    finally:
+        state.close()
+
+
+#: The backends the State test-suite runs on.
+BACKENDS = ["local", "redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def any_state(request: pytest.FixtureRequest) -> sharedstate.State:
+    """A state on each backend in turn: the local server, then Redis."""
+    if request.param == "local":
+        return request.getfixturevalue("server").state
+    return request.getfixturevalue("redis_state")

@@ -14,6 +14,12 @@ from conftest import kill, process_state, reap, run_to_completion, wait_until
 import sharedstate
 
 
+@pytest.fixture
+def state(any_state):
+    """Every test here that takes ``state`` runs once per backend: the local server, then Redis."""
+    return any_state
+
+
 def test_reentrant_in_one_thread(state):
     lock = state.lock
     assert lock.acquire() is True
@@ -183,7 +189,8 @@ def test_a_dead_holder_is_found_even_if_its_connection_stays_open(logged, end):
         reap(proc)
 
 
-def test_closing_every_connection_frees_the_lock(state, mp_context):
+def test_closing_every_connection_frees_the_lock(server, mp_context):
+    state = server.state  # the local server's behaviour: a Redis lock is leased, not tied to connections
     held, go = mp_context.Event(), mp_context.Event()
     proc = mp_context.Process(target=workers.hold_lock_then_close, args=(state, held, go))
     proc.start()
@@ -198,8 +205,9 @@ def test_closing_every_connection_frees_the_lock(state, mp_context):
         reap(proc)
 
 
-def test_an_interrupted_wait_does_not_take_the_lock(state, mp_context):
+def test_an_interrupted_wait_does_not_take_the_lock(server, mp_context):
     """A client that gives up mid-wait (its connection closes) must not be handed the lock later."""
+    state = server.state  # the local server's waiters (a Redis waiter asks again, it is never handed a lock)
     held = mp_context.Event()
     holder = mp_context.Process(target=workers.hold_lock_forever, args=(state, None, held))
     holder.start()

@@ -226,6 +226,12 @@ class StateModel(RuleBasedStateMachine):
         assert len(self.state) == len(self.model)
 
 
+@pytest.fixture
+def state(any_state):
+    """The model test runs once per backend: the local server, then Redis."""
+    return any_state
+
+
 def test_every_call_against_a_dict_model(state):
     StateModel.state = state
     run_state_machine_as_test(StateModel, settings=settings(PROFILE, max_examples=60, stateful_step_count=25))

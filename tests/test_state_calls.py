@@ -9,6 +9,12 @@ import pytest
 import sharedstate
 
 
+@pytest.fixture
+def state(any_state):
+    """Every test here that takes ``state`` runs once per backend: the local server, then Redis."""
+    return any_state
+
+
 def test_get_of_a_missing_name_gives_none_or_the_default(state):
     assert state.get("missing") is None
     assert state.get("missing", 42) == 42
@@ -201,7 +207,8 @@ def test_names_are_case_sensitive(state):
     assert state.get("Key") == 1 and state.get("key") == 2
 
 
-def test_stats_reports_the_server(server, state):
+def test_stats_reports_the_server(server):
+    state = server.state  # the local server's figures (Redis': test_redis.py)
     state.update({"a": 1, "b": 2})
     stats = state.stats()
     for key in (

@@ -11,6 +11,13 @@ from collections import OrderedDict
 
 import pytest
 
+
+@pytest.fixture
+def state(any_state):
+    """Every test here that takes ``state`` runs once per backend: the local server, then Redis."""
+    return any_state
+
+
 UTC = datetime.timezone.utc
 
 VALUES = {

@@ -372,6 +372,61 @@ def measure(args) -> dict[str, float]:
     return r
 
 
+# -- the Redis backend (API.md section 10) ---------------------------------------------------------------
+def redis_backend(args) -> dict[str, float]:
+    """sharedstate on a Redis URL against redis-py's own commands, on one redis-server (Unix socket, no
+    persistence), measured side by side: get p50 (interleaved rounds), incr and the lock recipe from 4
+    processes. Empty when redis-server or redis-py is missing."""
+    r: dict[str, float] = {}
+    redis_server = shutil.which("redis-server")
+    try:
+        import redis
+    except ImportError:
+        return r
+    if redis_server is None:
+        return r
+    n = args.ops
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "redis.sock")
+        proc = subprocess.Popen(
+            [redis_server, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no", "--dir", tmp],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not os.path.exists(sock) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            state = sharedstate.connect(f"unix://{sock}", namespace="bench")
+            raw = redis.Redis(unix_socket_path=sock)
+            state.set("key", 1)
+            raw.set("key", 1)
+            calls = {"redis_backend_get": lambda: state.get("key"), "redis_py_get": lambda: raw.get("key")}
+            samples: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(10):
+                for key, call in calls.items():
+                    latencies(call, 200)
+                    samples[key] += latencies(call, max(200, n // 10))
+            for key, values in samples.items():
+                r[f"{key}_p50_us"] = pct(values, 0.5) * 1e6
+            per = max(500, n // 4)
+            took = _run_many(_redis_incr, lambda i: (sock, per), 4)
+            assert int(raw.get("c")) == 4 * per
+            r["redis_py_incr_4p_per_s"] = 4 * per / took
+            took = _run_many(_state_incr, lambda i: (state, per), 4)
+            assert state.get("c") == 4 * per
+            r["redis_backend_incr_4p_per_s"] = 4 * per / took
+            per = max(200, n // 20)
+            took = _run_many(_state_recipe, lambda i: (state, per), 4)
+            assert state.get("r") == 4 * per
+            r["redis_backend_recipe_4p_per_s"] = 4 * per / took
+            raw.close()
+            state.close()
+        finally:
+            proc.terminate()
+            proc.wait()
+    return r
+
+
 def _time(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -408,6 +463,12 @@ TARGETS = [
         3.0,
         True,
     ),
+    (
+        "Redis backend incr 4p vs redis-py INCR",
+        lambda r: r["redis_backend_incr_4p_per_s"] / r["redis_py_incr_4p_per_s"],
+        0.5,
+        True,
+    ),
 ]
 
 
@@ -427,6 +488,8 @@ def main() -> None:
             measure_cache(args, runs[-1])
     else:
         runs = [measure(args) for _ in range(args.runs)]
+        for run in runs:
+            run.update(redis_backend(args))
     keys = list(runs[0])
     print(f"{'figure':34} " + " ".join(f"{'run ' + str(i + 1):>12}" for i in range(args.runs)))
     for key in keys:

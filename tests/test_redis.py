@@ -1,0 +1,589 @@
+"""The Redis backend (API.md section 10): what it does beyond the State test-suite, which runs on it too.
+
+Every test here runs against a private redis-server (see ``redis_server`` in conftest.py) that has
+``KEYS`` and ``HKEYS`` disabled, in a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import decimal
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import workers
+from conftest import ROOT, drop_namespace, kill, reap, run_to_completion, wait_until
+from test_values import VALUES, same
+
+import sharedstate
+from sharedstate import aio
+from sharedstate._redis import DEFAULT_LEASE, RedisState
+
+
+def connect(redis_server, namespace, **options) -> RedisState:
+    state = sharedstate.connect(redis_server.url, namespace=namespace, **options)
+    assert isinstance(state, RedisState)
+    return state
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """An environment with nothing of the test process' sharedstate variables (another host's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+# -- connecting ----------------------------------------------------------------------------------------
+def test_a_redis_url_gives_a_state_and_the_same_calls(redis_server, redis_namespace):
+    state = connect(redis_server, redis_namespace)
+    assert isinstance(state, sharedstate.State)
+    assert state.address == redis_server.url and state.namespace == redis_namespace
+    assert redis_namespace in repr(state)
+    state.set("a", 1)
+    again = sharedstate.connect(f"{redis_server.url}?namespace={redis_namespace}")
+    assert again.get("a") == 1
+
+
+def test_shared_state_address_may_hold_a_redis_url(redis_server, redis_namespace, monkeypatch):
+    monkeypatch.setenv("SHAREDSTATE_ADDRESS", f"{redis_server.tcp_url}?namespace={redis_namespace}")
+    monkeypatch.delenv("SHAREDSTATE_AUTHKEY", raising=False)
+    state = sharedstate.connect()
+    assert isinstance(state, RedisState) and state.namespace == redis_namespace
+    assert state.incr("hits") == 1
+    assert connect(redis_server, redis_namespace).get("hits") == 1
+
+
+def test_no_redis_server_is_server_unavailable_at_once(redis_server):
+    from conftest import _free_port
+
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    start = time.monotonic()
+    with pytest.raises(sharedstate.ServerUnavailable) as info:
+        sharedstate.connect(url)
+    assert time.monotonic() - start < 6
+    assert info.value.address == url and url in str(info.value)
+
+
+def test_wrong_credentials_are_access_denied_and_a_password_is_hidden(redis_server):
+    with redis_server.client() as admin:
+        admin.acl_setuser("sstest", enabled=True, passwords=["+right"], keys=["*"], commands=["+@all"])
+    try:
+        port = redis_server.port
+        with pytest.raises(sharedstate.AccessDenied) as info:
+            sharedstate.connect(f"redis://sstest:wrong@127.0.0.1:{port}/0")
+        assert "wrong" not in str(info.value) and "sstest:***@" in str(info.value)
+        state = sharedstate.connect(f"redis://sstest:right@127.0.0.1:{port}/0", namespace="acl-test")
+        assert state.address == f"redis://sstest:***@127.0.0.1:{port}/0"
+        assert "right" not in repr(state) and "right" not in str(state.stats())
+        assert pickle.loads(pickle.dumps(state)).incr("n") == 1  # the password travels with the handle
+    finally:
+        drop_namespace(redis_server, "acl-test")
+        with redis_server.client() as admin:
+            admin.acl_deluser("sstest")
+
+
+def test_options_are_checked(redis_server, redis_namespace, server):
+    with pytest.raises(ValueError, match="two namespaces"):
+        sharedstate.connect(f"{redis_server.url}?namespace=a", namespace="b")
+    with pytest.raises(ValueError, match="namespace must not be empty"):
+        sharedstate.connect(redis_server.url, namespace="")
+    with pytest.raises(TypeError, match="namespace must be a str"):
+        sharedstate.connect(redis_server.url, namespace=5)
+    for lease in (0, -1, float("nan"), 10_000):
+        with pytest.raises(ValueError, match="lease"):
+            sharedstate.connect(redis_server.url, lease=lease)
+    with pytest.raises(ValueError, match="lease"):
+        sharedstate.connect(f"{redis_server.url}?lease=soon")
+    assert sharedstate.connect(f"{redis_server.url}?lease=0.5&namespace={redis_namespace}").lease == 0.5
+    with pytest.raises(ValueError, match="password in the URL"):
+        sharedstate.connect(redis_server.url, b"key")
+    with pytest.raises(TypeError, match="options of a Redis state"):
+        sharedstate.connect(server.address, server.authkey, namespace="x")
+    assert connect(redis_server, redis_namespace).lease == DEFAULT_LEASE == 2.0
+
+
+def test_without_redis_py_the_error_names_the_extra(redis_server):
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "import sharedstate\n"
+        f"try:\n    sharedstate.connect({redis_server.url!r})\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert "pip install 'sharedstate[redis]'" in result.stdout, result.stderr
+    cli = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['redis'] = None\nfrom sharedstate._cli import main; main()",
+         "get", "x"],
+        env=clean_env(SHAREDSTATE_ADDRESS=redis_server.url), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert "pip install 'sharedstate[redis]'" in cli.stderr
+
+
+def test_a_redis_state_overrides_every_call_of_state():
+    """A call added to State must be added to RedisState too (State's own would talk to no server)."""
+    generic = {"lock", "named_lock"}  # built on ``_call``'s lock calls, which RedisState answers
+    sugar = {"__getitem__", "__delitem__", "__len__", "__reduce__", "__repr__", "__init__"}
+    for name in dir(sharedstate.State):
+        if (name.startswith("_") and name not in sugar) or name in generic:
+            continue
+        assert name in RedisState.__dict__, f"RedisState does not implement State.{name}"
+    for name in dir(RedisState):
+        if not name.startswith("_"):
+            assert getattr(RedisState, name).__doc__, f"RedisState.{name} has no docstring"
+
+
+def test_namespaces_keep_states_apart(redis_server, redis_namespace):
+    one = connect(redis_server, redis_namespace + "-one")
+    two = connect(redis_server, redis_namespace + "-two")
+    try:
+        one.set("a", 1, scope="s")
+        two.set("a", "other")
+        assert one.get("a") == 1 and two.get("a") == "other"
+        assert one.names(scope="s") == ["a"] and two.names(scope="s") == []
+        with one.lock:
+            assert not two.lock.locked()
+            assert two.lock.acquire(blocking=False)
+            two.lock.release()
+        one.clear()
+        assert len(one) == 0 and two.snapshot() == {"a": "other"}
+    finally:
+        drop_namespace(redis_server, redis_namespace + "-one")
+        drop_namespace(redis_server, redis_namespace + "-two")
+
+
+def test_names_walk_a_large_state_by_hscan(redis_state):
+    """KEYS and HKEYS are disabled on the test server; 5,000 names take several HSCAN steps."""
+    redis_state.update({f"n{i:05}": i for i in range(5000)})
+    for i in range(0, 5000, 2):
+        redis_state.set(f"n{i:05}", i, scope="even")
+    names = redis_state.names()
+    assert names == [f"n{i:05}" for i in range(5000)]
+    assert redis_state.names("^n0001") == [f"n{i:05}" for i in range(10, 20)]
+    assert redis_state.names(scope="even") == [f"n{i:05}" for i in range(0, 5000, 2)]
+    assert list(redis_state) == names and len(redis_state) == 5000
+
+
+# -- exact numbers and equality --------------------------------------------------------------------------
+def test_incr_keeps_python_number_semantics(redis_state):
+    state = redis_state
+    total = 0.0
+    for _ in range(10):
+        total += 0.1
+        assert state.incr("f", 0.1) == total  # the same float as Python's own sum, bit for bit
+    assert type(state.get("f")) is float
+    big = 2**53 - 1
+    assert state.incr("big", big) == big
+    assert state.incr("big", 2) == 2**53 + 1  # past exact doubles: finished in Python
+    assert state.incr("big", 2**200) == 2**53 + 1 + 2**200
+    assert state.incr("i", 3) == 3 and type(state.get("i")) is int
+    assert state.incr("i", 0.5) == 3.5 and type(state.get("i")) is float
+    assert state.incr("whole", 2.0) == 2.0 and type(state.get("whole")) is float
+    assert state.incr("neg", -(10**14)) == -(10**14)
+    state.set("huge", 1e308)
+    assert state.incr("huge", 1e308) == float("inf")
+    with decimal.localcontext(decimal.Context(prec=3)):  # the caller's context does not matter
+        assert state.incr("d", decimal.Decimal("1.23456789")) == decimal.Decimal("1.23456789")
+        assert state.incr("d", 1) == decimal.Decimal("2.23456789")
+    state.set("flag", False)
+    with pytest.raises(TypeError, match="holds bool"):
+        state.incr("flag")
+    state.set("tagged", {"$type": "x"})
+    with pytest.raises(TypeError, match="holds dict"):
+        state.incr("tagged")
+    assert state.get("flag") is False and state.get("tagged") == {"$type": "x"}
+
+
+def test_compare_and_set_uses_python_equality(redis_state):
+    state = redis_state
+    state.set("n", 1)
+    assert state.compare_and_set("n", 1.0, "one-float")  # 1 == 1.0
+    state.set("n", True)
+    assert state.compare_and_set("n", 1, "true-is-one")
+    state.set("s", {1.0, 2})
+    assert state.compare_and_set("s", frozenset({1, 2}), "set")  # {1.0, 2} == frozenset({1, 2})
+    state.set("z", -0.0)
+    assert state.compare_and_set("z", 0, "zero")
+    state.set("b", bytearray(b"x"))
+    assert state.compare_and_set("b", b"x", "bytes")
+    state.set("t", (1, 2))
+    assert not state.compare_and_set("t", [1, 2], "no")  # a tuple is not a list
+    state.set("nan", [float("nan")])
+    assert not state.compare_and_set("nan", [float("nan")], "no")  # NaN equals nothing
+    assert state.get_many(["n", "s", "z", "b", "t"]) == {"n": "true-is-one", "s": "set", "z": "zero", "b": "bytes",
+                                                          "t": (1, 2)}  # fmt: skip
+
+
+def test_append_keeps_exact_items(redis_state):
+    state = redis_state
+    state.set("l", [2**70, 1.5, "x"])
+    assert state.append("l", {"$type": "not a tag"}) == 4
+    assert state.append("l", decimal.Decimal("0.1")) == 5
+    assert same(state.get("l"), [2**70, 1.5, "x", {"$type": "not a tag"}, decimal.Decimal("0.1")])
+    state.set("empty", [])
+    assert state.append("empty", None) == 1 and state.get("empty") == [None]
+
+
+def test_concurrent_python_finished_incrs_lose_nothing(redis_state):
+    """Decimal and big integers go through an optimistic compare-and-swap: exact under contention."""
+    state = redis_state
+
+    def work():
+        for _ in range(100):
+            state.incr("d", decimal.Decimal("0.01"))
+            state.incr("big", 2**64)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert state.get("d") == decimal.Decimal("4.00") and state.get("big") == 400 * 2**64
+
+
+# -- many processes ----------------------------------------------------------------------------------------
+def test_four_processes_times_500_incr_end_at_exactly_2000(redis_state, mp_context):
+    procs = [mp_context.Process(target=workers.incr_many, args=(redis_state, "hits", 500)) for _ in range(4)]
+    run_to_completion(procs, 120)
+    assert redis_state.get("hits") == 2000
+
+
+def test_lock_get_set_recipe_from_four_processes_is_exact(redis_state, mp_context):
+    start = mp_context.Event()
+    procs = [
+        mp_context.Process(target=workers.locked_read_modify_write, args=(redis_state, "c", 200, start))
+        for _ in range(4)
+    ]
+    run_to_completion(procs, 120, go=start)
+    assert redis_state.get("c") == 800
+    assert not redis_state.lock.locked()
+
+
+def test_sigkill_of_a_lock_holder_frees_the_lock_within_the_lease(redis_state, mp_context):
+    state = redis_state
+    held = mp_context.Event()
+    proc = mp_context.Process(target=workers.hold_lock_forever, args=(state, None, held))
+    proc.start()
+    try:
+        assert held.wait(30)
+        assert state.lock.owner() == proc.pid
+        assert not state.lock.acquire(timeout=0.2)
+        kill(proc.pid)
+        killed = time.monotonic()
+        assert state.lock.acquire(timeout=DEFAULT_LEASE + 5), "the dead holder's lock was never freed"
+        took = time.monotonic() - killed
+        try:
+            assert state.lock.owner() == os.getpid()
+        finally:
+            state.lock.release()
+        assert took <= DEFAULT_LEASE + 0.25, f"took {took:.2f} s, the lease is {DEFAULT_LEASE} s"
+    finally:
+        reap(proc)
+
+
+def test_a_holder_never_loses_a_lock_it_renews(redis_server, redis_namespace, mp_context):
+    lease = 0.3
+    state = connect(redis_server, redis_namespace, lease=lease)
+    result = mp_context.Value("i", -1)
+    with state.named_lock("job"):
+        deadline = time.monotonic() + 6 * lease
+        while time.monotonic() < deadline:  # six leases long, another process never gets it
+            proc = mp_context.Process(target=workers.try_lock, args=(state, result, "job"))
+            run_to_completion([proc], 60)
+            assert result.value == 0
+    assert not state.named_lock("job").locked()
+
+
+def test_a_lock_whose_lease_ran_out_is_not_released_silently(redis_server, redis_namespace, caplog):
+    state = connect(redis_server, redis_namespace, lease=0.3)
+    lock = state.named_lock("job")
+    lock.acquire()
+    with redis_server.client() as client:  # what a lease that ran out looks like
+        client.delete(f"{redis_namespace}:lock:job")
+    with caplog.at_level(logging.WARNING, logger="sharedstate"):
+        wait_until(lambda: "lost lock 'job'" in caplog.text, 5, what="the renewal to notice")
+    assert lock.acquire(blocking=False) is True  # reentrant: this thread still counts it as held
+    lock.release()
+    with pytest.raises(RuntimeError, match="lease of 0.3 s ran out"):
+        lock.release()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        lock.release()
+
+
+def test_locks_wake_a_waiting_process_at_once(redis_state):
+    """A release wakes a waiter at once (no polling interval to wait out)."""
+    lock = redis_state.named_lock("w")
+    acquired = threading.Event()
+    lock.acquire()
+
+    def waiter():
+        with redis_state.named_lock("w"):
+            acquired.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    try:
+        time.sleep(0.3)
+        released = time.monotonic()
+        lock.release()
+        assert acquired.wait(10)
+        assert time.monotonic() - released < 0.2
+    finally:
+        t.join(10)
+
+
+def test_two_hosts_share_a_counter_over_tcp(redis_server, redis_namespace, tmp_path):
+    """Two unrelated programs, each with an environment of its own (its home, its folder, no variable
+    but the address), count in one state over TCP."""
+    code = (
+        "import sharedstate, os\n"
+        "state = sharedstate.connect()\n"
+        "for _ in range(500):\n"
+        "    state.incr('visits')\n"
+        "for _ in range(100):\n"
+        "    with state.lock:\n"
+        "        state.set('ledger', state.get('ledger', 0) + 1)\n"
+        "state.append('hosts', os.environ['HOST_NAME'])\n"
+    )
+    address = f"{redis_server.tcp_url}?namespace={redis_namespace}"
+    procs = []
+    for host in ("alpha", "beta"):
+        home = tmp_path / host
+        home.mkdir()
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(home),
+               "TMPDIR": str(home), "HOST_NAME": host, "SHAREDSTATE_ADDRESS": address}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=home, stderr=subprocess.PIPE))
+    try:
+        for proc in procs:
+            assert proc.wait(120) == 0, proc.stderr.read().decode()
+    finally:
+        reap(*procs)
+        for proc in procs:
+            proc.stderr.close()
+    state = connect(redis_server, redis_namespace)
+    assert state.get("visits") == 1000 and state.get("ledger") == 200
+    assert sorted(state.get("hosts")) == ["alpha", "beta"]
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------
+def test_a_snapshot_moves_from_the_local_server_to_redis_and_back(server, redis_state, tmp_path):
+    local = server.state
+    local.update(VALUES)
+    local.set("scoped", {"a": [1, (2, 3)]}, scope=["web", "admin"])
+    local.set("tagged-key", {"$type": "not a tag", "n": 1}, scope="web")
+    first = local.save(tmp_path / "local.json")
+    expected = local.snapshot()
+
+    assert redis_state.restore(first) == len(expected)
+    moved = redis_state.snapshot()
+    assert moved.keys() == expected.keys()
+    assert all(same(moved[k], v) for k, v in expected.items()), [k for k in expected if not same(moved[k], expected[k])]
+    assert redis_state.names(scope="web") == ["scoped", "tagged-key"]
+    assert redis_state.names(scope="admin") == ["scoped"]
+
+    second = redis_state.save(tmp_path / "redis.json")
+    local.clear()
+    assert local.restore(second) == len(expected)
+    back = local.snapshot()
+    assert all(same(back[k], v) for k, v in expected.items())
+    assert local.names(scope="web") == ["scoped", "tagged-key"]
+    header = json.loads(second.read_text())
+    assert header["format"] == "sharedstate" and header["count"] == len(expected)
+    assert oct(second.stat().st_mode & 0o777) == "0o600"
+
+
+def test_save_filters_and_restore_merges_on_redis(redis_state, tmp_path):
+    state = redis_state
+    state.set("a", 1, scope="web")
+    state.set("b", 2, scope="web")
+    state.set("c", 3)
+    path = state.save(tmp_path / "f.json", scope="web", exclude=["b"])
+    assert path == tmp_path / "f.json"
+    state.save(tmp_path / "f.json", include=["c", "zz"])  # the previous file becomes the .bak
+    assert (tmp_path / "f.json.bak").exists()
+    state.clear()
+    state.set("x", 9)
+    assert state.restore(tmp_path / "f.json.bak", merge=True) == 1
+    assert state.snapshot() == {"a": 1, "x": 9} and state.names(scope="web") == ["a"]
+    assert state.restore(tmp_path / "f.json") == 1
+    assert state.snapshot() == {"c": 3} and state.names(scope="web") == []
+    assert state.restore(tmp_path / "missing.json") == 0 and state.snapshot() == {"c": 3}
+    (tmp_path / "empty.json").write_text("  \n")
+    assert state.restore(tmp_path / "empty.json") == 0
+
+
+def test_save_and_restore_need_a_path_and_a_bad_file_changes_nothing(redis_state, tmp_path):
+    state = redis_state
+    state.set("keep", 1)
+    with pytest.raises(ValueError, match="needs a path"):
+        state.save()
+    with pytest.raises(ValueError, match="needs a path"):
+        state.restore()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "sharedstate", "version": 1, "names": {"x": {"$type": "nope", "value": 1}}}')
+    with pytest.raises(sharedstate.SnapshotError, match="bad.json"):
+        state.restore(bad)
+    pode = tmp_path / "pode.json"
+    pode.write_text(json.dumps({"when": {"Value": "/Date(0)/", "Scope": ["s"]}}))
+    assert state.restore(pode, merge=True) == 1
+    assert state.get("when") == datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    assert state.names(scope="s") == ["when"] and state.get("keep") == 1
+
+
+def test_stats_on_redis(redis_server, redis_state):
+    redis_state.update({"a": 1, "b": 2})
+    stats = redis_state.stats()
+    for key in ("names", "pid", "rss_bytes", "uptime_s", "ops", "clients", "last_save_at", "last_save_s",
+                "last_save_error", "lock_recoveries"):  # fmt: skip
+        assert key in stats
+    assert stats["names"] == 2 and stats["pid"] == redis_server.proc.pid
+    assert stats["rss_bytes"] > 1_000_000 and stats["clients"] >= 1 and stats["ops"] > 0
+    assert stats["backend"] == "redis" and stats["namespace"] == redis_state.namespace
+    assert stats["last_save_at"] is None and stats["lock_recoveries"] == 0
+    assert stats["redis_aof_enabled"] is False
+
+
+# -- processes, forks, asyncio, the command line, a web server ---------------------------------------------
+def test_a_forked_child_uses_connections_of_its_own(redis_state):
+    redis_state.set("n", 0)
+    with redis_state.lock:
+        pid = os.fork()
+        if pid == 0:  # the child: new connections, and none of the parent's locks
+            code = 1
+            try:
+                redis_state.incr("n")
+                code = 0 if not redis_state.lock.acquire(blocking=False) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert redis_state.incr("n") == 2  # the parent's connection still works
+    assert not redis_state.lock.locked()
+
+
+def test_the_asyncio_client_on_redis(redis_server, redis_namespace):
+    async def main():
+        state = await aio.connect(redis_server.url, namespace=redis_namespace)
+        results = await asyncio.gather(*(state.incr("hits") for _ in range(200)))
+        assert sorted(results) == list(range(1, 201))
+        assert await state.set("a", b"x", scope="s") == b"x"
+        assert await state.names(scope="s") == ["a"]
+        assert (await state.stats())["backend"] == "redis"
+        inside = 0
+        most = 0
+
+        async def one():
+            nonlocal inside, most
+            async with state.lock:  # tasks exclude each other like threads
+                inside += 1
+                most = max(most, inside)
+                await asyncio.sleep(0.01)
+                inside -= 1
+
+        await asyncio.gather(*(one() for _ in range(10)))
+        assert most == 1
+        await state.lock.acquire()
+        waiter = asyncio.create_task(state.lock.acquire())
+        await asyncio.sleep(0.3)
+        waiter.cancel()  # a cancelled wait never keeps the lock
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await state.lock.release()
+        # A request of the cancelled wait still in flight may take the lock: it must give it back.
+        assert await state.lock.acquire(timeout=5)
+        await state.lock.release()
+        assert not await state.lock.locked()
+        await state.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_cancelled_asyncio_wait_gives_the_lock_back_even_after_close(redis_server, redis_namespace):
+    """close() right after a cancelled wait: a request still in flight that takes the lock gives it back."""
+    sync = connect(redis_server, redis_namespace)
+
+    async def main():
+        state = await aio.connect(redis_server.url, namespace=redis_namespace)
+        await state.lock.acquire()
+        waiter = asyncio.create_task(state.lock.acquire())
+        await asyncio.sleep(0.25)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await state.lock.release()
+        await state.close()
+
+    for _ in range(20):
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert sync.lock.acquire(timeout=5), "a cancelled wait kept the lock"
+        sync.lock.release()
+
+
+def cli(*args: str, address: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sharedstate", *args], env=clean_env(SHAREDSTATE_ADDRESS=address),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_the_client_commands_work_on_redis(redis_server, redis_namespace, tmp_path):
+    address = f"{redis_server.url}?namespace={redis_namespace}"
+    assert cli("set", "greeting", '"héllo"', "--scope", "web", address=address).returncode == 0
+    assert json.loads(cli("get", "greeting", address=address).stdout) == "héllo"
+    assert cli("incr", "hits", "5", address=address).stdout.strip() == "5"
+    assert json.loads(cli("names", address=address).stdout) == ["greeting", "hits"]
+    assert json.loads(cli("stats", address=address).stdout)["names"] == 2
+    saved = cli("save", str(tmp_path / "s.json"), address=address)
+    assert saved.stdout.strip() == str(tmp_path / "s.json")
+    assert json.loads(cli("remove", "hits", address=address).stdout) == 5
+    assert cli("restore", str(tmp_path / "s.json"), address=address).stdout.strip() == "2"
+    no_path = cli("save", address=address)
+    assert no_path.returncode == 1 and "needs a path" in no_path.stderr and "Traceback" not in no_path.stderr
+    state = connect(redis_server, redis_namespace)
+    assert state.get("hits") == 5 and state.names(scope="web") == ["greeting"]
+    down = cli("get", "x", address="redis://127.0.0.1:1/0")
+    assert down.returncode == 1 and "no Redis server answers" in down.stderr and "Traceback" not in down.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("server_kind", ["gunicorn", "gunicorn-with-server-hooks", "uvicorn-asyncio"])
+def test_the_web_examples_run_on_redis_by_changing_only_the_address(redis_server, redis_namespace, server_kind):
+    from test_web import WEB, free_port, get, hammer, start, stop_group, wait_ready
+
+    address = f"{redis_server.tcp_url}?namespace={redis_namespace}"
+    config = ["-c", str(WEB / "gunicorn.conf.py")] if server_kind == "gunicorn-with-server-hooks" else []
+
+    def argv(port):
+        if server_kind == "uvicorn-asyncio":
+            return [sys.executable, "-m", "uvicorn", "--workers", "3", "--host", "127.0.0.1", "--port", str(port),
+                    "--app-dir", str(WEB), "--no-access-log", "asgi_app:app"]  # fmt: skip
+        return [sys.executable, "-m", "gunicorn", *config, "-w", "4", "-b", f"127.0.0.1:{port}", "--chdir", str(WEB),
+                "wsgi_app:app"]  # fmt: skip
+
+    port = free_port()
+    proc = start(argv(port), {"SHAREDSTATE_ADDRESS": address})
+    try:
+        wait_ready(proc, port)
+        replies = hammer(port)
+        counts = sorted(r["hits"] for r in replies)
+        assert counts == list(range(1, len(replies) + 1)), "lost or repeated counts"
+        assert len({r["pid"] for r in replies}) >= 2, "served by a single worker"
+    finally:
+        stop_group(proc)
+    state = connect(redis_server, redis_namespace)
+    assert state.get("hits") == len(replies)
+    port = free_port()
+    proc = start(argv(port), {"SHAREDSTATE_ADDRESS": address})
+    try:
+        wait_ready(proc, port)
+        assert get(port)["hits"] == len(replies) + 1  # the count lives in Redis, across restarts
+    finally:
+        stop_group(proc)
