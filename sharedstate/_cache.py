@@ -5,8 +5,9 @@ request left (``_versions``). While both are unchanged the server has not change
 value is served with no round trip. A value that could be mutated is kept pickled and unpickled on every
 hit, so what a caller does to the object it got never reaches the cache.
 
-Memory is bounded: at most ``MAX_ENTRIES`` names and ``MAX_BYTES`` of values per handle, the least
-recently used going first; a value larger than ``MAX_VALUE_BYTES`` is never cached.
+The handles of one process on one server share one cache. Its memory is bounded: at most
+``MAX_ENTRIES`` names and ``MAX_BYTES`` of values, the least recently used going first; a value larger
+than ``MAX_VALUE_BYTES`` is never cached.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datetime
 import decimal
 import os
 import pickle
+import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -22,11 +24,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._store import MISSING
-from ._versions import EPOCH, VersionView, slot_of
+from ._versions import EPOCH, TOKEN, VersionView, attach, slot_of
 
-#: Names one handle keeps at most.
+#: Names one process keeps at most for one server.
 MAX_ENTRIES = 10_000
-#: Bytes of values one handle keeps at most (pickled size; the text of a str, the bytes of bytes).
+#: Bytes of values one process keeps at most for one server (pickled size, or ``sys.getsizeof``).
 MAX_BYTES = 32 * 1024 * 1024
 #: A value larger than this is fetched every time.
 MAX_VALUE_BYTES = 1024 * 1024
@@ -63,18 +65,26 @@ _IMMUTABLE = frozenset(
 )
 
 Stamp = tuple[int, int, int]
+#: A value as the cache keeps it: (the object when immutable, else None; its pickle, else None; size).
+Encoded = tuple[Any, "bytes | None", int]
+
+
+def encode(value: Any) -> Encoded:
+    """A value as an entry keeps it: the object itself when it cannot change, else its pickle."""
+    if type(value) in _IMMUTABLE:
+        return value, None, sys.getsizeof(value)
+    blob = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    return None, blob, len(blob)
 
 
 class ClientCache:
-    """The entries of one handle for one server process (a new server gets a new cache)."""
+    """The entries of one process for one server process, shared by every handle on that server."""
 
-    __slots__ = ("view", "token", "pid", "_words", "_entries", "_bytes", "_mutex")
+    __slots__ = ("view", "token", "_words", "_entries", "_bytes", "_mutex")
 
     def __init__(self, view: VersionView) -> None:
         self.view = view
         self.token = view.token
-        #: The process that made it: a forked child makes its own (its mutex may have been held at fork).
-        self.pid = os.getpid()
         self._words = view.words
         #: name -> (slot, epoch, version, value or None, pickled value or None, size)
         self._entries: OrderedDict[str, tuple[int, int, int, Any, bytes | None, int]] = OrderedDict()
@@ -88,6 +98,10 @@ class ClientCache:
     def size_bytes(self) -> int:
         return self._bytes
 
+    def live(self) -> bool:
+        """False once the server retired its table (it stopped, or died and was cleaned up after)."""
+        return self._words[TOKEN] == self.token
+
     def lookup(self, name: str) -> Any:
         """The value of ``name`` (``MISSING`` for a name known not to exist, ``PRESENT`` for one known to
         exist), or ``NOT_CACHED`` when there is no entry or the name may have changed since."""
@@ -95,9 +109,9 @@ class ClientCache:
         if entry is None:
             return NOT_CACHED
         words = self._words
-        # Counters only grow: equal now (slot) and a moment later (epoch) means equal in between, so the
-        # value is the server's at an instant within this call.
-        if words[entry[0]] != entry[2] or words[EPOCH] != entry[1]:
+        # Counters only grow: equal now (slot) and a moment later (epoch, token) means equal in between,
+        # so the value is the server's at an instant within this call.
+        if words[entry[0]] != entry[2] or words[EPOCH] != entry[1] or words[TOKEN] != self.token:
             return NOT_CACHED
         try:
             self._entries.move_to_end(name)
@@ -107,20 +121,20 @@ class ClientCache:
         return entry[3] if blob is None else pickle.loads(blob)
 
     def lookup_many(self, names: list[str]) -> dict[str, Any] | None:
-        """Every one of ``names`` from the cache, as of one instant, or ``None`` if any is not cached."""
+        """Every one of ``names`` from the cache, as of one instant, or ``None`` if any is not cached.
+
+        Every entry's counters were read before the first check here: each one still equal at its check
+        was equal at the first check too, so all the values were the server's at that instant."""
         entries = self._entries
+        words = self._words
         found = []
         for name in names:
             entry = entries.get(name)
-            if entry is None or entry[3] is PRESENT:
+            if entry is None or entry[3] is PRESENT or words[entry[0]] != entry[2] or words[EPOCH] != entry[1]:
                 return None
             found.append((name, entry))
-        words = self._words
-        # Checked twice: every counter equal in both passes was equal at the instant between them.
-        for _ in range(2):
-            for _, entry in found:
-                if words[entry[0]] != entry[2] or words[EPOCH] != entry[1]:
-                    return None
+        if words[TOKEN] != self.token:
+            return None
         result = {}
         for name, entry in found:
             value = entry[3] if entry[4] is None else pickle.loads(entry[4])
@@ -139,14 +153,10 @@ class ClientCache:
 
     def fill(self, name: str, stamp: Stamp, value: Any) -> None:
         """Keep ``value`` (just fetched, with ``stamp`` read before the request) for ``name``."""
-        if type(value) in _IMMUTABLE:
-            blob = None
-            size = len(value) if type(value) in (str, bytes) else 0
-            kept = value
-        else:
-            blob = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-            size = len(blob)
-            kept = None
+        self.put(name, stamp, encode(value))
+
+    def put(self, name: str, stamp: Stamp, encoded: Encoded) -> None:
+        kept, blob, size = encoded
         slot, epoch, version = stamp
         with self._mutex:
             entries = self._entries
@@ -160,3 +170,39 @@ class ClientCache:
             while len(entries) > MAX_ENTRIES or self._bytes > MAX_BYTES:
                 _, evicted = entries.popitem(last=False)
                 self._bytes -= evicted[5]
+
+
+# -- one cache per server process, shared by this process' handles --------------------------------------
+_caches: dict[int, ClientCache] = {}
+_caches_mutex = threading.Lock()
+
+
+def cache_for(versions: object) -> ClientCache | None:
+    """This process' cache for the server that described its table as ``versions``; ``None`` when this
+    process cannot map it. Caches of servers that retired their table are let go."""
+    if not isinstance(versions, dict):
+        return None
+    token = versions.get("token")
+    with _caches_mutex:
+        cache = _caches.get(token)  # type: ignore[arg-type]
+        if cache is not None and cache.live():
+            return cache
+        view = attach(versions)
+        for old in [t for t, c in _caches.items() if not c.live()]:
+            del _caches[old]
+        if view is None:
+            return None
+        cache = _caches[view.token] = ClientCache(view)
+        return cache
+
+
+def _forget_after_fork() -> None:
+    # A forked child starts with caches of its own: a mutex may have been held by another thread at the
+    # fork (the parent's entries would be right, but not worth that risk).
+    global _caches_mutex
+    _caches.clear()
+    _caches_mutex = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)

@@ -13,13 +13,12 @@ from typing import Any
 
 import psutil
 
-from ._cache import NOT_CACHED, PRESENT, ClientCache
+from ._cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
 from ._errors import ServerUnavailable, SharedStateError
 from ._lock import Lock
 from ._store import MISSING
 from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_address, parse_address, resolve
 from ._values import check_name, check_names, check_scope, check_value
-from ._versions import attach
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).
@@ -75,18 +74,8 @@ class State:
 
     # -- plumbing -----------------------------------------------------------------------------------
     def _connected(self, info: dict[str, Any]) -> None:
-        """A connection opened: keep the cache if it is the same server process, else start anew."""
-        versions = info.get("versions")
-        cache = self._cache
-        if (
-            cache is not None
-            and isinstance(versions, dict)
-            and versions.get("token") == cache.token
-            and cache.pid == os.getpid()
-        ):
-            return
-        view = attach(versions)
-        self._cache = None if view is None else ClientCache(view)
+        """A connection opened: use this process' cache for that server process."""
+        self._cache = cache_for(info.get("versions"))
 
     def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         # Pickled before anything is sent: an argument that cannot be pickled fails here, and the
@@ -186,11 +175,15 @@ class State:
         if type(value) not in _PLAIN_FAST:  # ints, floats, bools, None: nothing to check
             check_value(name, value)
         scopes = check_scope(scope) if scope is not None else ()
-        stamp = self._call("set", (name, value, scopes) if scopes else (name, value))
         cache = self._cache
-        if stamp is not None and cache is not None:
+        if cache is None and self._use_cache:
+            self._pool.get()  # connect first: that brings the cache
+            cache = self._cache
+        kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
+        stamp = self._call("set", (name, value, scopes) if scopes else (name, value))
+        if stamp is not None and kept is not None and cache is self._cache:
             # The server's counters right after this change: the value is the server's until they move.
-            cache.fill(name, stamp, value)
+            cache.put(name, stamp, kept)
         return value
 
     def remove(self, name: str) -> Any:

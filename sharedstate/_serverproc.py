@@ -459,6 +459,20 @@ class ServerProcess:
                 server.listener.close()  # no new connections; also unlinks a Unix socket
             except OSError:
                 pass
+        try:
+            self._final_save()
+        finally:
+            if self.service.versions is not None:
+                self.service.versions.close()
+            if self._ownership is not None:
+                self._ownership.release()
+            if self._key_file is not None:
+                try:
+                    os.unlink(self._key_file)
+                except FileNotFoundError:
+                    pass
+
+    def _final_save(self) -> None:
         path = self.service.path
         if path is not None:
             saved = False
@@ -470,15 +484,6 @@ class ServerProcess:
             if self.service.journal is not None:
                 # The final snapshot holds every change: the journal is only needed if it failed.
                 self.service.journal.close(remove=saved)
-        if self.service.versions is not None:
-            self.service.versions.close()
-        if self._ownership is not None:
-            self._ownership.release()
-        if self._key_file is not None:
-            try:
-                os.unlink(self._key_file)
-            except FileNotFoundError:
-                pass
 
 
 def main() -> None:

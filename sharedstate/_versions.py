@@ -5,37 +5,56 @@ The server keeps a block of POSIX shared memory (``/dev/shm/sharedstate-…`` on
 - word 0, the *token*: a random number naming the live server process (0 once the block is retired);
 - word 1, the *epoch*: bumped by a change of every name at once (``clear``, a full ``restore``) and when
   the block is retired; it starts at a random number, so no two servers share one;
+- word 2, the *format*: the layout and number of counters, so a client never reads a block it does
+  not understand;
+- words 3 and 4: the server's pid and its start time, so any later server can tell a block whose
+  server is gone;
 - then ``SLOTS`` counters: a name hashes (CRC-32 of its UTF-8) to one of them, and every change of the
   name bumps its counter before the changing call returns.
 
 A client reads the epoch and the name's counter *before* it asks the server for a value, and keeps the
-value with them; while both are unchanged, the value is still the server's. A change that returned
-before a read began has bumped the counter already, so a read never returns a value older than it.
+value with them; while the token is live and both counters are unchanged, the value is still the
+server's. A change that returned before a read began has bumped the counter already, so a read never
+returns a value older than it.
 
 The block is made with the ``shm_open`` primitive that ``multiprocessing.shared_memory`` is built on,
 but without that module's resource tracker: on Python < 3.13 the tracker of every process that merely
-attaches a block unlinks it when that process exits. Clients map it read-only. Its name is derived from
-the server's address, so the next server at an address finds and retires a block left by one that was
-killed; the owner of a server that crashed retires it at once.
+attaches a block unlinks it when that process exits. Clients map it read-only. A stopping server
+retires its block (token 0) and removes it; the owner of a server that crashed does the same at once;
+and every server that starts retires and removes the blocks of this user whose server is gone (killed
+with no owner left, say).
 """
 
 from __future__ import annotations
 
-import _posixshmem
 import hashlib
 import mmap
 import os
 import secrets
+import struct
 import zlib
 
-from ._transport import BOOT_SCOPE, Address, format_address
+import psutil
+
+from ._locktable import process_alive
+from ._transport import Address
+
+try:
+    import _posixshmem
+except ImportError:  # no POSIX shared memory here: clients read through the server
+    _posixshmem = None
 
 #: Counters per server (a power of two). Names that share a counter only cost each other cache misses.
 SLOTS = 1 << 16
-HEADER_WORDS = 2
-TOKEN, EPOCH = 0, 1
+TOKEN, EPOCH, FORMAT, PID, STARTED = range(5)
+HEADER_WORDS = 5
+#: Layout version 1, and the number of counters.
+FORMAT_ID = (1 << 32) | SLOTS
 SIZE = (HEADER_WORDS + SLOTS) * 8
+PREFIX = "sharedstate-"
 _MASK = SLOTS - 1
+_WORD = 0xFFFFFFFFFFFFFFFF
+_SHM = "/dev/shm"
 
 
 def slot_of(name: str) -> int:
@@ -44,21 +63,39 @@ def slot_of(name: str) -> int:
 
 
 def block_name(address: Address) -> str:
-    """The shared memory name of the server at ``address`` (short enough for every POSIX system)."""
-    seed = f"{os.getuid()}|{BOOT_SCOPE}|{format_address(address)}".encode("utf-8", "surrogatepass")
-    return "/sharedstate-" + hashlib.sha256(seed).hexdigest()[:16]
+    """The shared memory name of the server at ``address`` (short enough for every POSIX system).
+
+    One address, one name, however it is spelled: a Unix socket by its real path, TCP by its port (the
+    interface it listens on may change between two servers)."""
+    where = f"tcp:{address[1]}" if isinstance(address, tuple) else f"unix:{os.path.realpath(address)}"
+    return "/" + PREFIX + hashlib.sha256(f"{os.getuid()}|{where}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _double_bits(value: float) -> int:
+    return struct.unpack("<Q", struct.pack("<d", value))[0]
+
+
+def _bits_double(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
 
 
 def _map(name: str, writable: bool) -> tuple[mmap.mmap, memoryview]:
+    if _posixshmem is None:
+        raise OSError("no POSIX shared memory on this platform")
     fd = _posixshmem.shm_open(name, os.O_RDWR if writable else os.O_RDONLY, mode=0o600)
     try:
-        if os.fstat(fd).st_size < SIZE:
-            raise OSError(f"shared memory {name} is smaller than a version table")
+        if os.fstat(fd).st_size != SIZE:
+            raise OSError(f"shared memory {name} is not a version table")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, prot)
     finally:
         os.close(fd)
-    return mm, memoryview(mm).cast("Q")
+    words = memoryview(mm).cast("Q")
+    if words[FORMAT] != FORMAT_ID:
+        words.release()
+        mm.close()
+        raise OSError(f"shared memory {name} is not a version table of this version")
+    return mm, words
 
 
 def _unlink(name: str) -> None:
@@ -68,22 +105,28 @@ def _unlink(name: str) -> None:
         pass
 
 
-def retire(name: str, token: int | None = None) -> bool:
-    """Mark the block ``name`` as belonging to no live server and remove it; ``token`` (when given) must
-    match, so a block that a newer server made under the same name is left alone. Returns whether a
-    block was retired. Clients that still map it see its epoch change, so none of their cached values
-    is served again."""
+def _retire_words(words: memoryview) -> None:
+    words[TOKEN] = 0
+    words[EPOCH] = (words[EPOCH] + 1) & _WORD
+
+
+def retire(name: str, token: int | None = None, only_if_dead: bool = False) -> bool:
+    """Mark the block ``name`` as belonging to no live server and remove it. ``token`` (when given) must
+    match, so a block that a newer server made under the same name is left alone; ``only_if_dead``
+    leaves the block of a live server alone. Returns whether the name is free now. Clients that still
+    map the block see its token go, so none of their cached values is served again."""
     try:
         mm, words = _map(name, writable=True)
-    except (FileNotFoundError, PermissionError):
-        return False
-    except OSError:  # not a version table: not ours to remove
+    except FileNotFoundError:
+        return True
+    except OSError:  # another user's, or not a version table: not ours to remove
         return False
     try:
         if token is not None and words[TOKEN] != token:
             return False
-        words[TOKEN] = 0
-        words[EPOCH] = (words[EPOCH] + 1) & 0xFFFFFFFFFFFFFFFF
+        if only_if_dead and words[TOKEN] != 0 and process_alive(words[PID], _bits_double(words[STARTED])):
+            return False
+        _retire_words(words)
         _unlink(name)
         return True
     finally:
@@ -91,18 +134,48 @@ def retire(name: str, token: int | None = None) -> bool:
         mm.close()
 
 
+def sweep() -> int:
+    """Retire and remove every block of this user whose server is gone; return how many."""
+    try:
+        entries = os.listdir(_SHM)
+    except OSError:  # no /dev/shm to list (not Linux): only the names this server uses are checked
+        return 0
+    uid = os.getuid()
+    removed = 0
+    for entry in entries:
+        if not entry.startswith(PREFIX):
+            continue
+        try:
+            if os.stat(os.path.join(_SHM, entry)).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        mapped = False
+        try:
+            mm, words = _map("/" + entry, writable=False)
+            mapped = True
+            dead = words[TOKEN] == 0 or not process_alive(words[PID], _bits_double(words[STARTED]))
+            words.release()
+            mm.close()
+        except OSError:
+            dead = False
+        if mapped and dead and retire("/" + entry, only_if_dead=True):
+            removed += 1
+    return removed
+
+
 class VersionTable:
     """The server's side: creates the block and bumps counters (always under the store's mutex)."""
 
     def __init__(self, address: Address) -> None:
+        if _posixshmem is None:
+            raise OSError("no POSIX shared memory on this platform")
+        sweep()  # blocks left by servers that were killed with no owner to remove them
         name = block_name(address)
-        retire(name)  # a block left by a server that was killed at this address
-        try:
-            fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
-        except FileExistsError:
-            # Left by another user, or not a version table: use a name of our own.
-            name = f"{name}-{secrets.token_hex(4)}"
-            fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        if not retire(name, only_if_dead=True):
+            # Held by a live server (another spelling of a TCP address?) or another user: a name of our own.
+            name = "/" + PREFIX + secrets.token_hex(8)
+        fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             os.ftruncate(fd, SIZE)
             self._mmap = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -113,10 +186,13 @@ class VersionTable:
             os.close(fd)
         self.name = name
         self.token = secrets.randbits(63) | 1
-        self.words = memoryview(self._mmap).cast("Q")
-        self._closed = False
-        self.words[EPOCH] = secrets.randbits(62)
-        self.words[TOKEN] = self.token
+        words = self.words = memoryview(self._mmap).cast("Q")
+        me = psutil.Process()
+        words[PID] = me.pid
+        words[STARTED] = _double_bits(me.create_time())
+        words[EPOCH] = secrets.randbits(62)
+        words[FORMAT] = FORMAT_ID
+        words[TOKEN] = self.token  # last: a block is valid once it has its token
 
     def info(self) -> dict[str, object]:
         """What a client needs to map the block."""
@@ -126,24 +202,20 @@ class VersionTable:
         """Count a change of ``name``; return its counters after it (``slot, epoch, version``)."""
         words = self.words
         slot = slot_of(name)
-        version = words[slot] = (words[slot] + 1) & 0xFFFFFFFFFFFFFFFF
+        version = words[slot] = (words[slot] + 1) & _WORD
         return slot, words[EPOCH], version
 
     def bump_all(self) -> None:
         words = self.words
-        words[EPOCH] = (words[EPOCH] + 1) & 0xFFFFFFFFFFFFFFFF
+        words[EPOCH] = (words[EPOCH] + 1) & _WORD
 
     def close(self) -> None:
-        """Retire and remove the block (the server is stopping)."""
-        if self._closed:
-            return
-        self._closed = True
-        words = self.words
-        words[TOKEN] = 0
-        words[EPOCH] = (words[EPOCH] + 1) & 0xFFFFFFFFFFFFFFFF
-        _unlink(self.name)
-        words.release()
-        self._mmap.close()
+        """Retire the block (the server is stopping) and remove its name if it is still this block's.
+
+        The memory stays mapped: a call still being served may bump a counter, harmlessly, and no
+        client trusts a retired block."""
+        retire(self.name, self.token)
+        _retire_words(self.words)
 
 
 class VersionView:
@@ -161,9 +233,6 @@ class VersionView:
         self.token = token
         self.words = words
         self._mmap = mm
-
-    def live(self) -> bool:
-        return self.words[TOKEN] == self.token
 
 
 def attach(info: object) -> VersionView | None:

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from workers import read_monotonic, write_sequence
 import sharedstate
 from sharedstate import _cache
 from sharedstate._cache import NOT_CACHED
-from sharedstate._versions import EPOCH, TOKEN, block_name, slot_of
+from sharedstate._versions import EPOCH, TOKEN, block_name, retire, slot_of
 
 SHM = Path("/dev/shm")
 
@@ -197,6 +198,25 @@ def test_memory_per_handle_is_bounded(state, monkeypatch):
     assert state._peek("s39") == "y" * 1_000
 
 
+def test_contains_then_get_fetches_the_value(server):
+    other = sharedstate.connect(server.address, server.authkey, cache=False)
+    state = server.state
+    other.set("x", [1, 2])
+    assert state.contains("x")  # known to exist, value not fetched
+    assert state.get("x") == [1, 2]
+    assert state["x"] == [1, 2] and state.get_many(["x"]) == {"x": [1, 2]}
+
+
+def test_handles_of_one_process_share_one_cache(server):
+    first = sharedstate.connect(server.address, server.authkey)
+    second = sharedstate.connect(server.address, server.authkey)
+    first.set("shared", {"a": 1})
+    assert first._cache is second._cache
+    before = ops(second)
+    assert second.get("shared") == {"a": 1}  # kept by the first handle's set
+    assert ops(second) - before == 1
+
+
 def test_the_block_is_private_and_removed_at_shutdown():
     server = sharedstate.StateServer().start()
     try:
@@ -250,7 +270,7 @@ def test_reads_are_never_older_than_a_returned_write(state, mp_context):
     never read less than a number published before their read began, nor go back."""
     writers, readers, count = 2, 3, 300
     names = [f"seq{i}" for i in range(writers)]
-    returned = mp_context.RawArray("q", writers)
+    returned = mp_context.RawArray("q", writers + 1)  # each writer's last returned number, then slow's
     hits = mp_context.RawArray("q", readers)
     start = mp_context.Barrier(writers + readers)  # everyone starts together, however slow its start method
     procs = [
@@ -263,7 +283,7 @@ def test_reads_are_never_older_than_a_returned_write(state, mp_context):
         for i in range(readers)
     ]
     run_to_completion(procs, timeout=180)
-    assert list(returned) == [count] * writers
+    assert list(returned) == [count] * writers + [count]
     assert sum(hits) > 0, "no read was answered by the cache"
     assert state.get("slow") == count
 
@@ -372,3 +392,114 @@ def test_a_value_a_handle_set_is_read_back_with_no_round_trip_until_changed(serv
     assert ops(state) - before == 1
     other.set("mine", "theirs")
     assert state.get("mine") == "theirs"
+
+
+def _serve_no_address(path: Path) -> tuple[subprocess.Popen, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sharedstate", "serve", "--path", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("sharedstate: serving at"), line
+    return proc, line.split()[3]
+
+
+def test_a_block_whose_server_is_gone_is_removed_by_any_later_server(tmp_path):
+    """A server killed with no owner, at an address nobody uses again: the next server anywhere removes
+    its block."""
+    proc, address = _serve_no_address(tmp_path / "one.json")
+    try:
+        name = block_name(address)
+        assert shm_entry(name).exists()
+        kill(proc.pid, signal.SIGKILL)
+        reap(proc)
+        assert shm_entry(name).exists()
+    finally:
+        kill(proc.pid)
+        reap(proc)
+        proc.stdout.close()
+    with sharedstate.StateServer() as other:
+        other.state.set("x", 1)
+        assert not shm_entry(name).exists()
+
+
+def test_the_same_socket_spelled_another_way_is_the_same_block(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert block_name("s.sock") == block_name(str(tmp_path / "s.sock"))
+    (tmp_path / "link").symlink_to(tmp_path)
+    assert block_name(str(tmp_path / "link" / "s.sock")) == block_name("s.sock")
+    assert block_name(("127.0.0.1", 5000)) == block_name(("0.0.0.0", 5000)) != block_name(("127.0.0.1", 5001))
+
+
+def test_a_second_server_never_takes_a_live_servers_block(tmp_path, monkeypatch):
+    """Two live servers whose addresses give one name (two spellings of one TCP port cannot both
+    listen, so forced here): the second makes a block of its own and leaves the first's alone."""
+    first = sharedstate.StateServer().start()
+    try:
+        name = first._versions["name"]
+        monkeypatch.setattr("sharedstate._versions.block_name", lambda address: name)
+        table = __import__("sharedstate._versions", fromlist=["VersionTable"]).VersionTable(str(tmp_path / "x.sock"))
+        try:
+            assert table.name != name
+            assert block_words(name)[TOKEN] == first._versions["token"]
+            first.state.set("x", 1)
+            assert first.state.get("x") == 1 and first.state._peek("x") == 1
+        finally:
+            table.close()
+        assert block_words(name)[TOKEN] == first._versions["token"]  # its close removed only its own
+    finally:
+        first.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_reads_while_a_server_stops_are_never_trusted_by_the_next_one(tmp_path):
+    """Values fetched while a server stops (after it retired its table) must not be served once a new
+    server holds other values at the same address."""
+    address = str(tmp_path / "s.sock")
+    key = b"k" * 32
+    for round_ in range(5):
+        server = sharedstate.StateServer(address=address, authkey=key).start()
+        stop = threading.Event()
+        readers = [sharedstate.connect(address, key) for _ in range(3)]
+        writer = sharedstate.connect(address, key, cache=False)
+        writer.set("cfg", f"old{round_}")
+
+        def read(state: sharedstate.State, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                try:
+                    state.get("cfg")
+                except sharedstate.SharedStateError:
+                    pass
+
+        threads = [threading.Thread(target=read, args=(r,)) for r in readers]
+        for t in threads:
+            t.start()
+        try:
+            server.shutdown()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        with sharedstate.StateServer(address=address, authkey=key) as second:
+            sharedstate.connect(address, key, cache=False).set("cfg", f"new{round_}")
+            for reader in readers:
+                values = [_get_or_error(reader, "cfg") for _ in range(3)]
+                assert f"old{round_}" not in values, values
+                assert values[-1] == f"new{round_}"
+            assert second.state.get("cfg") == f"new{round_}"
+
+
+def test_values_fetched_after_the_table_is_retired_are_never_served(server):
+    """A stopping server retires its table, then may still answer calls on open connections: what a
+    client fetches then must not be served from its cache later."""
+    state = server.state
+    state.set("x", 1)
+    retire(server._versions["name"], server._versions["token"])
+    assert state.get("x") == 1
+    assert state._peek("x") is NOT_CACHED
+    assert state.get_many(["x"]) == {"x": 1} and state._cache.lookup_many(["x"]) is None

@@ -205,13 +205,15 @@ def connect_burst(address: str, authkey: bytes, threads: int) -> int:
 def write_sequence(state: sharedstate.State, name: str, count: int, returned, index: int, start) -> None:
     """Write 1..count to ``name``; after each write returns, publish its number in ``returned[index]``.
     ``start`` is an Event or a Barrier.
-    The first writer also sets ``slow`` every 25 writes: a name readers mostly find in their caches."""
+    The first writer also sets ``slow`` every 25 writes (published in the last item of ``returned``): a
+    name readers mostly find in their caches."""
     start.wait(30)
     for seq in range(1, count + 1):
         state.set(name, seq)
         returned[index] = seq
         if index == 0 and seq % 25 == 0:
             state.set("slow", seq)
+            returned[len(returned) - 1] = seq
 
 
 def read_monotonic(state: sharedstate.State, names: list[str], count: int, returned, start, hits, index: int) -> None:
@@ -225,6 +227,7 @@ def read_monotonic(state: sharedstate.State, names: list[str], count: int, retur
     deadline = time.monotonic() + 90
     while True:
         floors = [returned[i] for i in range(len(names))]  # read before the reads begin
+        slow_floor = returned[len(returned) - 1]
         for name, floor in zip(names, floors, strict=True):
             value = state.get(name, 0)
             assert value >= floor, f"{name}: read {value} after the write of {floor} had returned"
@@ -233,6 +236,7 @@ def read_monotonic(state: sharedstate.State, names: list[str], count: int, retur
         if state._peek("slow") is not NOT_CACHED:
             hits[index] += 1
         value = state.get("slow", 0)
+        assert value >= slow_floor, f"slow: read {value} after the write of {slow_floor} had returned"
         assert value >= last["slow"], f"slow: read {value} after reading {last['slow']}"
         last["slow"] = value
         if min(floors) == count:
