@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import decimal
-import io
 import os
+import pickle
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,14 @@ _NUMBER_TYPES = (int, float, decimal.Decimal)
 _PLAIN_FAST = frozenset({int, float, bool, type(None)})
 
 
-def _dumps(obj: Any) -> bytes:
-    """Pickle a request as multiprocessing does, as bytes (not a view of a BytesIO: Python 3.13.0 can
-    complain when such a buffer outlives its export)."""
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump(obj)
-    return buf.getvalue()
+#: Requests and answers are plain data (names, values, exceptions): the plain pickler does, without the
+#: per-call set-up of multiprocessing's ForkingPickler (a copy of its dispatch table, a BytesIO).
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 _NO_KWARGS: dict[str, Any] = {}
+_pickle_dumps = pickle.dumps
+_pickle_loads = pickle.loads
 
 _hello_cache: dict[int, dict[str, Any]] = {}
 
@@ -72,12 +70,11 @@ class State:
     def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         # Pickled before anything is sent: an argument that cannot be pickled fails here, and the
         # connection (which keeps this process' locks alive) stays usable.
-        request = _dumps((STORE_ID, method, args, _NO_KWARGS))
+        request = _pickle_dumps((STORE_ID, method, args, _NO_KWARGS), _PROTOCOL)
         pool = self._pool
         conn = pool.get()
         try:
-            conn.send_bytes(request)
-            kind, result = conn.recv()
+            kind, result = _pickle_loads(conn.request(request))
         except BaseException as exc:
             # A half-sent request or an unread answer: the connection cannot be used again.
             pool.drop()

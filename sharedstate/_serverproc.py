@@ -18,7 +18,8 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Hashable
+import traceback
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from multiprocessing import connection as mpc
 from multiprocessing import managers
@@ -34,7 +35,7 @@ from ._locktable import Client, LockTable, process_alive
 from ._schedule import SaveEvery, parse_schedule
 from ._snapshot import FileOwnership, Snapshot, read_snapshot, write_snapshot
 from ._store import Store
-from ._transport import BOOT_SCOPE, STORE_ID, Address, format_address, key_file_for
+from ._transport import BOOT_SCOPE, STORE_ID, Address, MessageReader, format_address, key_file_for, write_message
 from ._values import check_value
 
 log = logging.getLogger("sharedstate")
@@ -43,6 +44,8 @@ log = logging.getLogger("sharedstate")
 LISTEN_BACKLOG = 1024
 #: How often the server checks that its owner process is still alive.
 OWNER_POLL_S = 0.5
+#: Answers are plain data and exceptions, read by ``pickle.loads`` on the other side.
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 @dataclass
@@ -270,6 +273,8 @@ class ManagerServer(managers.Server):
             sock.listen(LISTEN_BACKLOG)
         self.service = service
         self.id_to_obj[STORE_ID] = (service, frozenset(service.EXPOSED), None)
+        #: What a request may call, bound once: the serving loop looks a method up in one dict.
+        self.methods: dict[str, Callable[..., Any]] = {name: getattr(service, name) for name in service.EXPOSED}
         self.stop_event = threading.Event()
 
     def accept_connection(self, c: mpc.Connection, hello: Any) -> None:  # type: ignore[override]
@@ -279,13 +284,52 @@ class ManagerServer(managers.Server):
         _current.conn, _current.client = c, client
         try:
             c.send(("#RETURN", self.service.info()))
-            self.serve_client(c)
+            self.serve(c)
         finally:
             _current.conn = _current.client = None
             self.service.disconnected(client)
-        # serve_client returns only when the server stops. Returning normally would make the manager send
-        # one more ('#RETURN', None), which a client waiting for an answer would take as a success.
+        # Returning normally would make the manager send one more ('#RETURN', None), which a client
+        # waiting for an answer would take as a success.
         raise SystemExit(0)
+
+    def serve(self, conn: mpc.Connection) -> None:
+        """Answer one client's requests until it goes away or the server stops: the stdlib's
+        ``serve_client`` loop with the same requests and answers, made leaner (one read and one write
+        per call, the plain pickler, methods bound once). A method's exception is answered with
+        ``('#ERROR', exception)``; a request that is not a call of an exposed method with
+        ``('#TRACEBACK', text)``; an answer that cannot be pickled with ``('#UNSERIALIZABLE', text)``."""
+        reader = MessageReader(conn.fileno())
+        read, fd = reader.read, reader.fd
+        methods = self.methods
+        stopping = self.stop_event.is_set
+        loads, dumps = pickle.loads, pickle.dumps
+        while not stopping():
+            try:
+                request = read()
+            except (EOFError, OSError):
+                return  # the client closed its connection (or it broke)
+            try:
+                ident, name, args, kwds = loads(request)
+                if ident != STORE_ID:
+                    raise KeyError(f"no object with id {ident!r}")
+                function = methods[name]
+            except Exception:
+                reply: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
+            else:
+                try:
+                    result = function(*args, **kwds) if kwds else function(*args)
+                except Exception as exc:
+                    reply = ("#ERROR", exc)
+                else:
+                    reply = ("#RETURN", result)
+            try:
+                try:
+                    payload = dumps(reply, _PROTOCOL)
+                except Exception:
+                    payload = dumps(("#UNSERIALIZABLE", traceback.format_exc()), _PROTOCOL)
+                write_message(fd, payload)
+            except Exception:
+                return  # the client is gone
 
     def accepter(self) -> None:
         while not self.stop_event.is_set():
