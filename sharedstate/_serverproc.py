@@ -9,9 +9,11 @@ then serves until it is told to stop (``shutdown``, SIGTERM, SIGINT) or its owne
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import stat
@@ -35,7 +37,17 @@ from ._locktable import Client, LockTable, process_alive
 from ._schedule import SaveEvery, parse_schedule
 from ._snapshot import FileOwnership, Snapshot, read_snapshot, write_snapshot
 from ._store import Store
-from ._transport import BOOT_SCOPE, STORE_ID, Address, MessageReader, format_address, key_file_for, write_message
+from ._transport import (
+    BOOT_SCOPE,
+    STORE_ID,
+    Address,
+    MessageReader,
+    format_address,
+    frame,
+    key_file_for,
+    write_message,
+    write_raw,
+)
 from ._values import check_value
 
 log = logging.getLogger("sharedstate")
@@ -46,6 +58,8 @@ LISTEN_BACKLOG = 1024
 OWNER_POLL_S = 0.5
 #: Answers are plain data and exceptions, read by ``pickle.loads`` on the other side.
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+#: The answer to a lock_acquire that was handed the lock, framed.
+_GRANTED = frame(pickle.dumps(("#RETURN", True), _PROTOCOL))
 
 
 @dataclass
@@ -69,19 +83,34 @@ class _Current(threading.local):
 
     conn: mpc.Connection | None = None
     client: Client | None = None
+    #: Writes "you have the lock" to that connection: how a lock is handed over to a waiting call.
+    notify: Callable[[], None] | None = None
+    #: Waits up to so many seconds for that connection to have something to read.
+    readable: Callable[[float], bool] | None = None
+
+
+class _Handed:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HANDED"
+
+
+#: What ``lock_acquire`` returns when the lock was handed over after a wait: the answer is written.
+HANDED = _Handed()
 
 
 _current = _Current()
 
 
-def _abandoned() -> bool:
-    """True when the client of this thread's connection has gone away mid-call (it sends nothing else
-    while it waits for an answer, so anything readable is end-of-file)."""
-    conn = _current.conn
-    try:
-        return conn is None or conn.poll(0)
-    except (OSError, EOFError, ValueError):
-        return True
+def _readable_within(fd: int) -> Callable[[float], bool]:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+
+    def readable(seconds: float) -> bool:
+        return bool(poller.poll(seconds * 1000))
+
+    return readable
 
 
 class StateService(Store):
@@ -136,10 +165,17 @@ class StateService(Store):
         return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at}
 
     # -- locks --------------------------------------------------------------------------------------
-    def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> bool:
-        client = _current.client
-        assert client is not None
-        return self.locks.acquire(key, client, thread, blocking, timeout, _abandoned)
+    def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> Any:
+        current = _current
+        client = current.client
+        assert client is not None and current.notify is not None and current.readable is not None
+        taken = self.locks.acquire(key, client, thread, blocking, timeout, current.notify)
+        if taken is True or taken is False:
+            return taken
+        # A wait. This thread waits on its connection rather than on the lock, so that the thread that
+        # frees the lock answers the caller itself (one wake-up fewer on every hand-over): the answer is
+        # then written already, which HANDED tells the serving loop.
+        return HANDED if self.locks.wait(taken, current.readable) else False
 
     def lock_release(self, key: str | None, thread: Hashable) -> None:
         client = _current.client
@@ -282,11 +318,13 @@ class ManagerServer(managers.Server):
             raise TypeError("not a sharedstate client")
         client = self.service.connected(hello)
         _current.conn, _current.client = c, client
+        _current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
+        _current.readable = _readable_within(c.fileno())
         try:
             c.send(("#RETURN", self.service.info()))
             self.serve(c)
         finally:
-            _current.conn = _current.client = None
+            _current.conn = _current.client = _current.notify = _current.readable = None
             self.service.disconnected(client)
         # Returning normally would make the manager send one more ('#RETURN', None), which a client
         # waiting for an answer would take as a success.
@@ -321,6 +359,8 @@ class ManagerServer(managers.Server):
                 except Exception as exc:
                     reply = ("#ERROR", exc)
                 else:
+                    if result is HANDED:
+                        continue  # a lock handed over: its answer is written already
                     reply = ("#RETURN", result)
             try:
                 try:

@@ -174,6 +174,18 @@ def write_message(fd: int, payload: bytes) -> None:
     _write_all(fd, payload)
 
 
+def frame(payload: bytes) -> bytes:
+    """A framed message, header and payload."""
+    n = len(payload)
+    return (_HEADER.pack(n) if n <= _LONG else _HEADER.pack(-1) + _LONG_HEADER.pack(n)) + payload
+
+
+def write_raw(fd: int, data: bytes) -> None:
+    """Write bytes that are already framed, whole."""
+    if os.write(fd, data) != len(data):
+        _write_all(fd, data)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -229,11 +241,6 @@ class MessageReader:
                 raise EOFError("end of file inside a message")
             buffer += data
 
-    @property
-    def pending(self) -> bool:
-        """Whether bytes already read wait to be parsed."""
-        return bool(self._buffer)
-
 
 class Connection(mpc.Connection):
     """A ``multiprocessing`` connection with a lean request/answer path (``request``); every stdlib method
@@ -244,7 +251,7 @@ class Connection(mpc.Connection):
         self._reader = MessageReader(handle)
 
     def request(self, payload: bytes) -> bytes | bytearray:
-        """Send one framed request and return the payload of the answer."""
+        """Send one framed request and return the payload of its answer."""
         reader = self._reader
         write_message(reader.fd, payload)
         return reader.read()
@@ -252,6 +259,7 @@ class Connection(mpc.Connection):
     def close(self) -> None:
         self._reader.fd = -1  # never reach a descriptor number that another file reuses
         super().close()
+
 
 _TIMEVAL = "@ll"
 
