@@ -199,8 +199,10 @@ class State:
             raise TypeError(f"update() takes a mapping of names to values, not {type(mapping).__name__}")
         checked = {}
         for name, value in mapping.items():
-            name = check_name(name)
-            check_value(name, value)
+            if type(name) is not str or not name.isascii():  # plain ASCII names: nothing to check
+                name = check_name(name)
+            if type(value) not in _PLAIN_FAST:
+                check_value(name, value)
             checked[name] = value
         if checked:
             self._call("update", (checked,))
