@@ -21,6 +21,8 @@ from ._values import check_name, check_names, check_scope, check_value
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).
 _PLAIN_FAST = frozenset({int, float, bool, type(None)})
+#: Names with nothing to check when ASCII (a str subclass is stored as its plain text).
+_PLAIN_NAMES = frozenset({str})
 
 
 #: Requests and answers are plain data (names, values, exceptions): the plain pickler does, without the
@@ -197,13 +199,18 @@ class State:
         value is checked before anything is sent."""
         if not isinstance(mapping, Mapping):
             raise TypeError(f"update() takes a mapping of names to values, not {type(mapping).__name__}")
-        checked = {}
-        for name, value in mapping.items():
-            if type(name) is not str or not name.isascii():  # plain ASCII names: nothing to check
+        checked = dict(mapping)  # what is checked is what is sent, whatever happens to ``mapping`` meanwhile
+        # The usual batch (ASCII names, plain numbers) is checked by scans in C; anything else item by item.
+        if not (
+            _PLAIN_NAMES.issuperset(map(type, checked))
+            and all(map(str.isascii, checked))
+            and _PLAIN_FAST.issuperset(map(type, checked.values()))
+        ):
+            items, checked = checked, {}
+            for name, value in items.items():
                 name = check_name(name)
-            if type(value) not in _PLAIN_FAST:
                 check_value(name, value)
-            checked[name] = value
+                checked[name] = value
         if checked:
             self._call("update", (checked,))
 
