@@ -13,7 +13,9 @@ import gc
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +68,16 @@ def pipe_floor(n: int) -> list[float]:
     finally:
         parent.send(None)
         proc.join()
+
+
+def _socket_echo(sock) -> None:
+    """The bare transport: echo whatever arrives, one read and one write, nothing decoded."""
+    fd = sock.fileno()
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            return
+        os.write(fd, data)
 
 
 # -- many processes at once ----------------------------------------------------------------------------
@@ -185,18 +197,26 @@ def measure(args) -> dict[str, float]:
     parent, child = CTX.Pipe()
     echo = CTX.Process(target=_echo, args=(child,))
     echo.start()
+    near, far = socket.socketpair()
+    bare = CTX.Process(target=_socket_echo, args=(far,))
+    bare.start()
+    far.close()
+    near_fd = near.fileno()
+    message = pickle.dumps(("sharedstate", "get", ("key",), {}), pickle.HIGHEST_PROTOCOL)
+    message = len(message).to_bytes(4, "big") + message
     with multiprocessing.Manager() as manager, sharedstate.StateServer() as quick, _RedisServer() as redis_server:
         d = manager.dict()
         d["key"] = 1
         state = quick.state
         state.set("key", 1)
         calls = {
+            "socket_rtt": lambda: (os.write(near_fd, message), os.read(near_fd, 65536)),
             "pipe_rtt": lambda: (parent.send(("get", "key")), parent.recv()),
             "manager_get": lambda: d.get("key"),
             "get": lambda: state.get("key"),
         }
         samples: dict[str, list[float]] = {k: [] for k in calls}
-        for _ in range(rounds):  # interleaved, so that drift on a noisy machine hits all three alike
+        for _ in range(rounds):  # interleaved, so that drift on a noisy machine hits all of them alike
             for key, call in calls.items():
                 latencies(call, 200)  # warm
                 samples[key] += latencies(call, max(200, n // rounds))
@@ -262,6 +282,9 @@ def measure(args) -> dict[str, float]:
         small = state
         parent.send(None)
         echo.join()
+        near.close()
+        bare.terminate()  # (the processes forked since hold copies of its socket: it sees no end of file)
+        bare.join()
 
         with tempfile.TemporaryDirectory() as tmp:
             with sharedstate.StateServer(path=os.path.join(tmp, "s.json"), save_every=None) as server:
