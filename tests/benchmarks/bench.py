@@ -1,6 +1,6 @@
 """sharedstate against its peers, measured side by side in one run.
 
-    python tests/benchmarks/bench.py [--names 1000000] [--ops 20000] [--runs 1] [--rounds 3]
+    python tests/benchmarks/bench.py [--names 1000000] [--ops 20000] [--runs 1] [--rounds 5]
 
 Prints every figure, then the ratios the project holds itself to (see METHOD.md beside this file).
 Not collected by pytest. redis-py with a local redis-server, and diskcache, are measured when installed.
@@ -399,7 +399,7 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=1_000_000)
     parser.add_argument("--ops", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the many-process figures per run")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the many-process figures per run")
     args = parser.parse_args()
     runs = [measure(args) for _ in range(args.runs)]
     keys = list(runs[0])
