@@ -203,7 +203,7 @@ class State:
         # The usual batch (ASCII names, plain numbers) is checked by scans in C; anything else item by item.
         if not (
             _PLAIN_NAMES.issuperset(map(type, checked))
-            and all(map(str.isascii, checked))
+            and "".join(checked).isascii()
             and _PLAIN_FAST.issuperset(map(type, checked.values()))
         ):
             items, checked = checked, {}
