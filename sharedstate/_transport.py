@@ -165,13 +165,10 @@ def write_message(fd: int, payload: bytes) -> None:
     """Write one framed message, whole (a write may take less than it was given)."""
     n = len(payload)
     if n <= _JOIN_MAX:
-        data = _HEADER.pack(n) + payload
-        if os.write(fd, data) == len(data):
-            return
-        _write_all(fd, data)
+        write_raw(fd, _HEADER.pack(n) + payload)
         return
-    _write_all(fd, _HEADER.pack(n) if n <= _LONG else _HEADER.pack(-1) + _LONG_HEADER.pack(n))
-    _write_all(fd, payload)
+    write_raw(fd, _HEADER.pack(n) if n <= _LONG else _HEADER.pack(-1) + _LONG_HEADER.pack(n))
+    write_raw(fd, payload)
 
 
 def frame(payload: bytes) -> bytes:
@@ -181,15 +178,12 @@ def frame(payload: bytes) -> bytes:
 
 
 def write_raw(fd: int, data: bytes) -> None:
-    """Write bytes that are already framed, whole."""
-    if os.write(fd, data) != len(data):
-        _write_all(fd, data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    """Write bytes that are already framed, whole (a write may take less than it was given)."""
+    written = os.write(fd, data)
+    if written != len(data):
+        with memoryview(data) as view:
+            while written < len(data):
+                written += os.write(fd, view[written:])
 
 
 class MessageReader:
@@ -227,16 +221,24 @@ class MessageReader:
         elif size < 0:
             raise OSError(f"invalid message length {size}")
         end = start + size
-        self._fill(buffer, end)
-        if len(buffer) == end:  # nothing read past this message: no copy of a large payload
-            del buffer[:start]
-            return buffer
-        self._buffer = bytes(buffer[end:])
-        return bytes(buffer[start:end])
+        if len(buffer) >= end:
+            self._buffer = bytes(buffer[end:])
+            return bytes(buffer[start:end])
+        # The rest of a large message: read straight into its place, never past its end.
+        payload = bytearray(size)
+        have = len(buffer) - start
+        payload[:have] = buffer[start:]
+        with memoryview(payload) as view:
+            while have < size:
+                got = os.readv(self.fd, [view[have:]])
+                if not got:
+                    raise EOFError("end of file inside a message")
+                have += got
+        return payload
 
     def _fill(self, buffer: bytearray, size: int) -> None:
         while len(buffer) < size:
-            data = os.read(self.fd, max(READ_SIZE, size - len(buffer)))
+            data = os.read(self.fd, READ_SIZE)
             if not data:
                 raise EOFError("end of file inside a message")
             buffer += data
