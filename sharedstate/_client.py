@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import decimal
-import io
 import os
+import pickle
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,18 @@ from ._values import check_name, check_names, check_scope, check_value
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).
 _PLAIN_FAST = frozenset({int, float, bool, type(None)})
+#: Names with nothing to check when ASCII (a str subclass is stored as its plain text).
+_PLAIN_NAMES = frozenset({str})
 
 
-def _dumps(obj: Any) -> bytes:
-    """Pickle a request as multiprocessing does, as bytes (not a view of a BytesIO: Python 3.13.0 can
-    complain when such a buffer outlives its export)."""
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump(obj)
-    return buf.getvalue()
+#: Requests and answers are plain data (names, values, exceptions): the plain pickler does, without the
+#: per-call set-up of multiprocessing's ForkingPickler (a copy of its dispatch table, a BytesIO).
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 _NO_KWARGS: dict[str, Any] = {}
+_pickle_dumps = pickle.dumps
+_pickle_loads = pickle.loads
 
 _hello_cache: dict[int, dict[str, Any]] = {}
 
@@ -80,12 +80,11 @@ class State:
     def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         # Pickled before anything is sent: an argument that cannot be pickled fails here, and the
         # connection (which keeps this process' locks alive) stays usable.
-        request = _dumps((STORE_ID, method, args, _NO_KWARGS))
+        request = _pickle_dumps((STORE_ID, method, args, _NO_KWARGS), _PROTOCOL)
         pool = self._pool
         conn = pool.get()
         try:
-            conn.send_bytes(request)
-            kind, result = conn.recv()
+            kind, result = _pickle_loads(conn.request(request))
         except BaseException as exc:
             # A half-sent request or an unread answer: the connection cannot be used again. The cache
             # goes with it: the next connection may reach a new server process.
@@ -250,11 +249,18 @@ class State:
         value is checked before anything is sent."""
         if not isinstance(mapping, Mapping):
             raise TypeError(f"update() takes a mapping of names to values, not {type(mapping).__name__}")
-        checked = {}
-        for name, value in mapping.items():
-            name = check_name(name)
-            check_value(name, value)
-            checked[name] = value
+        checked = dict(mapping)  # what is checked is what is sent, whatever happens to ``mapping`` meanwhile
+        # The usual batch (ASCII names, plain numbers) is checked by scans in C; anything else item by item.
+        if not (
+            _PLAIN_NAMES.issuperset(map(type, checked))
+            and "".join(checked).isascii()
+            and _PLAIN_FAST.issuperset(map(type, checked.values()))
+        ):
+            items, checked = checked, {}
+            for name, value in items.items():
+                name = check_name(name)
+                check_value(name, value)
+                checked[name] = value
         if checked:
             self._call("update", (checked,))
 

@@ -13,6 +13,8 @@ from ._locktable import describe
 if TYPE_CHECKING:
     from ._client import State
 
+_get_ident = threading.get_ident
+
 
 def check_timeout(blocking: object, timeout: object) -> float | None:
     """Validate ``acquire``'s arguments as ``threading.Lock`` does; ``-1`` means no timeout."""
@@ -53,12 +55,13 @@ class Lock:
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Acquire the lock; return ``True`` once held, ``False`` if not free in time (or at once when
         ``blocking`` is false). ``timeout`` in seconds; ``None`` (or ``-1``) waits as long as it takes."""
-        timeout = check_timeout(blocking, timeout)
-        return self._state._call("lock_acquire", (self._name, threading.get_ident(), blocking, timeout))
+        if blocking is not True or timeout is not None:
+            timeout = check_timeout(blocking, timeout)
+        return self._state._call("lock_acquire", (self._name, _get_ident(), blocking, timeout))
 
     def release(self) -> None:
         """Release the lock once. Raises ``RuntimeError`` if this thread does not hold it."""
-        self._state._call("lock_release", (self._name, threading.get_ident()))
+        self._state._call("lock_release", (self._name, _get_ident()))
 
     def locked(self) -> bool:
         """Whether any thread of any process holds the lock."""
@@ -84,11 +87,11 @@ class Lock:
             self.release()
 
     def __enter__(self) -> Lock:
-        self.acquire()
+        self._state._call("lock_acquire", (self._name, _get_ident(), True, None))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.release()
+        self._state._call("lock_release", (self._name, _get_ident()))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Lock, (self._state, self._name))

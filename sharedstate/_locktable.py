@@ -4,7 +4,8 @@ A lock belongs to one thread (or asyncio task) of one client process. Unlike the
 it does not stay locked forever when its holder dies: it is freed when every connection of the holder's
 process has closed (the usual case: the kernel closes them at exit), or, while someone waits for it,
 when the holder's process is found dead (exited, a zombie, or its pid reused). Liveness is checked only
-on the contended path, so an uncontended acquire stays one dictionary update.
+on the contended path, so an uncontended acquire stays one dictionary update. A freed lock goes to the
+first waiting call, whose caller the freeing thread tells at once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import psutil
 
@@ -62,16 +65,39 @@ class Client:
         return f"<client pid {self.pid}>"
 
 
+class _Waiter:
+    """A call waiting for a lock. The thread that frees the lock hands it over: it makes the waiter the
+    owner and tells its caller at once (``notify``), so the waiting thread need not wake first."""
+
+    __slots__ = ("key", "entry", "owner", "client", "notify", "deadline", "granted")
+
+    def __init__(
+        self,
+        key: str | None,
+        entry: _Entry,
+        owner: tuple[Hashable, Hashable],
+        client: Client,
+        notify: Callable[[], Any],
+        deadline: float | None,
+    ) -> None:
+        self.key = key
+        self.entry = entry
+        self.owner = owner
+        self.client = client
+        self.notify = notify
+        self.deadline = deadline
+        self.granted = False
+
+
 class _Entry:
-    __slots__ = ("owner", "client", "count", "held", "waiters", "checked_at")
+    __slots__ = ("owner", "client", "count", "queue", "checked_at")
 
     def __init__(self) -> None:
         self.owner: tuple[Hashable, Hashable] | None = None
         self.client: Client | None = None
         self.count = 0
-        #: Locked while anyone holds the lock: waiters block on it in C, so a release wakes one at once.
-        self.held = threading.Lock()
-        self.waiters = 0
+        #: Calls waiting for the lock, first come first served (none while the lock is free).
+        self.queue: deque[_Waiter] = deque()
         self.checked_at = 0.0
 
 
@@ -95,51 +121,58 @@ class LockTable:
         thread: Hashable,
         blocking: bool,
         timeout: float | None,
-        abandoned: Callable[[], bool],
-    ) -> bool:
-        """Take the lock for ``(client, thread)``; reentrant. ``abandoned`` tells a waiter that its caller
-        has gone away, so it stops waiting rather than taking a lock nobody will release."""
+        notify: Callable[[], Any],
+    ) -> bool | _Waiter:
+        """Take the lock for ``(client, thread)``; reentrant. Returns ``True`` when taken, ``False`` when
+        not (not blocking, or a timeout of 0), or else a waiter, queued: pass it to ``wait``. Whoever
+        frees the lock hands it to the first waiter and calls its ``notify`` (with the table's mutex
+        held: it must not block), which tells the caller it holds the lock."""
         owner = (client.key, thread)
         with self._mutex:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = _Entry()
+            if entry.owner is None:
+                entry.owner = owner
+                entry.client = client
+                entry.count = 1
+                return True
             if entry.owner == owner:
                 entry.count += 1
                 return True
-            if entry.held.acquire(False):
-                self._take(entry, owner, client)
-                return True
             self._check_holder(key, entry)
-            if entry.held.acquire(False):
-                self._take(entry, owner, client)
+            if entry.owner is None:
+                entry.owner = owner
+                entry.client = client
+                entry.count = 1
                 return True
-            if not blocking:
+            if not blocking or (timeout is not None and timeout <= 0):
                 return False
-            entry.waiters += 1
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while True:
-                wait = POLL_S
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        return False
-                if entry.held.acquire(timeout=wait):
-                    with self._mutex:
-                        # (Whether the caller is still there is checked when a wait times out, not
-                        # here: a system call on every hand-over would slow every contended lock. A lock
-                        # taken for a caller that just vanished is found by the liveness check.)
-                        self._take(entry, owner, client)
-                        return True
-                if abandoned():
-                    return False
-                with self._mutex:
-                    self._check_holder(key, entry)
-        finally:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            waiter = _Waiter(key, entry, owner, client, notify, deadline)
+            entry.queue.append(waiter)
+            return waiter
+
+    def wait(self, waiter: _Waiter, readable: Callable[[float], bool]) -> bool:
+        """Wait until ``waiter`` is handed the lock (``True``: its caller has been told) or gives up
+        (``False``: its timeout passed, or its caller went away). ``readable(seconds)`` waits up to that
+        long for the caller's connection to have something to read: while a call waits the caller sends
+        nothing, so that is its next request (it was told it holds the lock) or the end of its
+        connection. Every ``POLL_S`` the holder's liveness is checked."""
+        key, entry, deadline = waiter.key, waiter.entry, waiter.deadline
+        while True:
+            wait = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
+            ready = wait > 0 and readable(wait)
             with self._mutex:
-                entry.waiters -= 1
-                self._forget_if_idle(key, entry)
+                if waiter.granted:
+                    return True
+                if ready or (deadline is not None and time.monotonic() >= deadline):
+                    entry.queue.remove(waiter)
+                    self._forget_if_idle(key, entry)
+                    return False
+                self._check_holder(key, entry)
+                if waiter.granted:  # the holder was gone, and this waiter was first
+                    return True
 
     def release(self, key: str | None, client: Client, thread: Hashable) -> None:
         owner = (client.key, thread)
@@ -155,7 +188,7 @@ class LockTable:
     def locked(self, key: str | None) -> bool:
         with self._mutex:
             entry = self._entries.get(key)
-            return entry is not None and entry.held.locked()
+            return entry is not None and entry.owner is not None
 
     def owner(self, key: str | None) -> int | None:
         with self._mutex:
@@ -170,22 +203,28 @@ class LockTable:
                     self._recover(key, entry, "its process closed its last connection")
 
     # -- internals, called with the mutex held ------------------------------------------------------
-    def _take(self, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client) -> None:
-        entry.owner = owner
-        entry.client = client
-        entry.count = 1
-
     def _free(self, key: str | None, entry: _Entry) -> None:
+        """Free the lock, or hand it to the first waiter and tell that waiter's caller."""
+        if entry.queue:
+            waiter = entry.queue.popleft()
+            entry.owner = waiter.owner
+            entry.client = waiter.client
+            entry.count = 1
+            waiter.granted = True
+            try:
+                waiter.notify()
+            except Exception:
+                pass  # its caller is gone: the end of its connection frees what it holds
+            return
         entry.owner = None
         entry.client = None
         entry.count = 0
-        entry.held.release()
         self._forget_if_idle(key, entry)
 
     def _forget_if_idle(self, key: str | None, entry: _Entry) -> None:
         # Named locks come and go with their names: keep only the ones in use (and always the global one,
         # so its uncontended acquire allocates nothing).
-        if key is not None and entry.waiters == 0 and not entry.held.locked() and self._entries.get(key) is entry:
+        if key is not None and entry.owner is None and not entry.queue and self._entries.get(key) is entry:
             del self._entries[key]
 
     def _check_holder(self, key: str | None, entry: _Entry) -> None:
@@ -211,5 +250,5 @@ class LockTable:
             entries = self._entries.values()
             return {
                 "locks_held": sum(1 for e in entries if e.owner is not None),
-                "lock_waiters": sum(e.waiters for e in entries),
+                "lock_waiters": sum(len(e.queue) for e in entries),
             }

@@ -9,16 +9,19 @@ then serves until it is told to stop (``shutdown``, SIGTERM, SIGINT) or its owne
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import stat
 import sys
 import threading
 import time
-from collections.abc import Hashable
+import traceback
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from multiprocessing import connection as mpc
 from multiprocessing import managers
@@ -34,7 +37,17 @@ from ._locktable import Client, LockTable, process_alive
 from ._schedule import SaveEvery, parse_schedule
 from ._snapshot import FileOwnership, Snapshot, read_snapshot, write_snapshot
 from ._store import Store
-from ._transport import BOOT_SCOPE, STORE_ID, Address, format_address, key_file_for
+from ._transport import (
+    BOOT_SCOPE,
+    STORE_ID,
+    Address,
+    MessageReader,
+    format_address,
+    frame,
+    key_file_for,
+    write_message,
+    write_raw,
+)
 from ._values import check_value
 from ._versions import VersionTable
 
@@ -44,6 +57,10 @@ log = logging.getLogger("sharedstate")
 LISTEN_BACKLOG = 1024
 #: How often the server checks that its owner process is still alive.
 OWNER_POLL_S = 0.5
+#: Answers are plain data and exceptions, read by ``pickle.loads`` on the other side.
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+#: The answer to a lock_acquire that was handed the lock, framed.
+_GRANTED = frame(pickle.dumps(("#RETURN", True), _PROTOCOL))
 
 
 @dataclass
@@ -67,19 +84,34 @@ class _Current(threading.local):
 
     conn: mpc.Connection | None = None
     client: Client | None = None
+    #: Writes "you have the lock" to that connection: how a lock is handed over to a waiting call.
+    notify: Callable[[], None] | None = None
+    #: Waits up to so many seconds for that connection to have something to read.
+    readable: Callable[[float], bool] | None = None
+
+
+class _Handed:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HANDED"
+
+
+#: What ``lock_acquire`` returns when the lock was handed over after a wait: the answer is written.
+HANDED = _Handed()
 
 
 _current = _Current()
 
 
-def _abandoned() -> bool:
-    """True when the client of this thread's connection has gone away mid-call (it sends nothing else
-    while it waits for an answer, so anything readable is end-of-file)."""
-    conn = _current.conn
-    try:
-        return conn is None or conn.poll(0)
-    except (OSError, EOFError, ValueError):
-        return True
+def _readable_within(fd: int) -> Callable[[float], bool]:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+
+    def readable(seconds: float) -> bool:
+        return bool(poller.poll(seconds * 1000))
+
+    return readable
 
 
 class StateService(Store):
@@ -135,10 +167,17 @@ class StateService(Store):
         return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at, "versions": versions}
 
     # -- locks --------------------------------------------------------------------------------------
-    def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> bool:
-        client = _current.client
-        assert client is not None
-        return self.locks.acquire(key, client, thread, blocking, timeout, _abandoned)
+    def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> Any:
+        current = _current
+        client = current.client
+        assert client is not None and current.notify is not None and current.readable is not None
+        taken = self.locks.acquire(key, client, thread, blocking, timeout, current.notify)
+        if taken is True or taken is False:
+            return taken
+        # A wait. This thread waits on its connection rather than on the lock, so that the thread that
+        # frees the lock answers the caller itself (one wake-up fewer on every hand-over): the answer is
+        # then written already, which HANDED tells the serving loop.
+        return HANDED if self.locks.wait(taken, current.readable) else False
 
     def lock_release(self, key: str | None, thread: Hashable) -> None:
         client = _current.client
@@ -272,6 +311,8 @@ class ManagerServer(managers.Server):
             sock.listen(LISTEN_BACKLOG)
         self.service = service
         self.id_to_obj[STORE_ID] = (service, frozenset(service.EXPOSED), None)
+        #: What a request may call, bound once: the serving loop looks a method up in one dict.
+        self.methods: dict[str, Callable[..., Any]] = {name: getattr(service, name) for name in service.EXPOSED}
         self.stop_event = threading.Event()
 
     def accept_connection(self, c: mpc.Connection, hello: Any) -> None:  # type: ignore[override]
@@ -279,15 +320,58 @@ class ManagerServer(managers.Server):
             raise TypeError("not a sharedstate client")
         client = self.service.connected(hello)
         _current.conn, _current.client = c, client
+        _current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
+        _current.readable = _readable_within(c.fileno())
         try:
             c.send(("#RETURN", self.service.info()))
-            self.serve_client(c)
+            self.serve(c)
         finally:
-            _current.conn = _current.client = None
+            _current.conn = _current.client = _current.notify = _current.readable = None
             self.service.disconnected(client)
-        # serve_client returns only when the server stops. Returning normally would make the manager send
-        # one more ('#RETURN', None), which a client waiting for an answer would take as a success.
+        # Returning normally would make the manager send one more ('#RETURN', None), which a client
+        # waiting for an answer would take as a success.
         raise SystemExit(0)
+
+    def serve(self, conn: mpc.Connection) -> None:
+        """Answer one client's requests until it goes away or the server stops: the stdlib's
+        ``serve_client`` loop with the same requests and answers, made leaner (one read and one write
+        per call, the plain pickler, methods bound once). A method's exception is answered with
+        ``('#ERROR', exception)``; a request that is not a call of an exposed method with
+        ``('#TRACEBACK', text)``; an answer that cannot be pickled with ``('#UNSERIALIZABLE', text)``."""
+        reader = MessageReader(conn.fileno())
+        read, fd = reader.read, reader.fd
+        methods = self.methods
+        stopping = self.stop_event.is_set
+        loads, dumps = pickle.loads, pickle.dumps
+        while not stopping():
+            try:
+                request = read()
+            except (EOFError, OSError):
+                return  # the client closed its connection (or it broke)
+            try:
+                ident, name, args, kwds = loads(request)
+                if ident != STORE_ID:
+                    raise KeyError(f"no object with id {ident!r}")
+                function = methods[name]
+            except Exception:
+                reply: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
+            else:
+                try:
+                    result = function(*args, **kwds) if kwds else function(*args)
+                except Exception as exc:
+                    reply = ("#ERROR", exc)
+                else:
+                    if result is HANDED:
+                        continue  # a lock handed over: its answer is written already
+                    reply = ("#RETURN", result)
+            try:
+                try:
+                    payload = dumps(reply, _PROTOCOL)
+                except Exception:
+                    payload = dumps(("#UNSERIALIZABLE", traceback.format_exc()), _PROTOCOL)
+                write_message(fd, payload)
+            except Exception:
+                return  # the client is gone
 
     def accepter(self) -> None:
         while not self.stop_event.is_set():

@@ -2,7 +2,10 @@
 
 The wire protocol is that of ``multiprocessing.managers``: an HMAC challenge in both directions, then an
 ``accept_connection`` request, then pickled ``(ident, method, args, kwargs)`` requests answered by
-``('#RETURN', result)`` or ``('#ERROR', exception)``.
+``('#RETURN', result)`` or ``('#ERROR', exception)``, each message framed as ``multiprocessing.connection``
+frames it (a 4-byte big-endian length, then the pickle). Calls read and write those frames with one
+system call each way where the stdlib's ``Connection`` makes two reads per message (``Connection``,
+``MessageReader`` and ``write_message`` below); the handshake still goes through the stdlib.
 """
 
 from __future__ import annotations
@@ -146,6 +149,120 @@ def _boot_scope() -> str:
 
 BOOT_SCOPE = _boot_scope()
 
+# -- framing -----------------------------------------------------------------------------------------
+#: multiprocessing's frame header: a signed big-endian length; -1 announces an 8-byte length after it
+#: (messages of 2 GiB or more).
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+_LONG = 0x7FFFFFFF
+#: Bytes asked for by one read: a request or an answer of up to this size costs one system call.
+READ_SIZE = 65536
+#: Payloads up to this size are copied behind their header and written in one call (as the stdlib does).
+_JOIN_MAX = 16384
+
+
+def write_message(fd: int, payload: bytes) -> None:
+    """Write one framed message, whole (a write may take less than it was given)."""
+    n = len(payload)
+    if n <= _JOIN_MAX:
+        write_raw(fd, _HEADER.pack(n) + payload)
+        return
+    write_raw(fd, _HEADER.pack(n) if n <= _LONG else _HEADER.pack(-1) + _LONG_HEADER.pack(n))
+    write_raw(fd, payload)
+
+
+def frame(payload: bytes) -> bytes:
+    """A framed message, header and payload."""
+    n = len(payload)
+    return (_HEADER.pack(n) if n <= _LONG else _HEADER.pack(-1) + _LONG_HEADER.pack(n)) + payload
+
+
+def write_raw(fd: int, data: bytes) -> None:
+    """Write bytes that are already framed, whole (a write may take less than it was given)."""
+    written = os.write(fd, data)
+    if written != len(data):
+        with memoryview(data) as view:
+            while written < len(data):
+                written += os.write(fd, view[written:])
+
+
+class MessageReader:
+    """Reads framed messages from a file descriptor, as few system calls as it takes: usually one read
+    of up to ``READ_SIZE`` bytes per message. Bytes read past the end of a message (a peer that sends
+    two messages at once) are kept for the next ``read``. End of file raises ``EOFError``."""
+
+    __slots__ = ("fd", "_buffer")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+
+    def read(self) -> bytes | bytearray:
+        """The payload of the next message."""
+        if not self._buffer:
+            data = os.read(self.fd, READ_SIZE)
+            if len(data) >= 4 and _HEADER.unpack_from(data)[0] == len(data) - 4:
+                return data[4:]  # the usual case: exactly one whole message
+            if not data:
+                raise EOFError("end of file")
+            self._buffer = data
+        return self._read_slowly()
+
+    def _read_slowly(self) -> bytes | bytearray:
+        buffer = bytearray(self._buffer)
+        self._buffer = b""
+        self._fill(buffer, 4)
+        (size,) = _HEADER.unpack_from(buffer)
+        start = 4
+        if size == -1:
+            self._fill(buffer, 12)
+            (size,) = _LONG_HEADER.unpack_from(buffer, 4)
+            start = 12
+        elif size < 0:
+            raise OSError(f"invalid message length {size}")
+        end = start + size
+        if len(buffer) >= end:
+            self._buffer = bytes(buffer[end:])
+            return bytes(buffer[start:end])
+        # The rest of a large message: read straight into its place, never past its end.
+        payload = bytearray(size)
+        have = len(buffer) - start
+        payload[:have] = buffer[start:]
+        with memoryview(payload) as view:
+            while have < size:
+                got = os.readv(self.fd, [view[have:]])
+                if not got:
+                    raise EOFError("end of file inside a message")
+                have += got
+        return payload
+
+    def _fill(self, buffer: bytearray, size: int) -> None:
+        while len(buffer) < size:
+            data = os.read(self.fd, READ_SIZE)
+            if not data:
+                raise EOFError("end of file inside a message")
+            buffer += data
+
+
+class Connection(mpc.Connection):
+    """A ``multiprocessing`` connection with a lean request/answer path (``request``); every stdlib method
+    still works for the handshake."""
+
+    def __init__(self, handle: int) -> None:
+        super().__init__(handle)
+        self._reader = MessageReader(handle)
+
+    def request(self, payload: bytes) -> bytes | bytearray:
+        """Send one framed request and return the payload of its answer."""
+        reader = self._reader
+        write_message(reader.fd, payload)
+        return reader.read()
+
+    def close(self) -> None:
+        self._reader.fd = -1  # never reach a descriptor number that another file reuses
+        super().close()
+
+
 _TIMEVAL = "@ll"
 
 
@@ -182,7 +299,7 @@ def _connect_socket(address: Address, family: int, text: str, timeout: float) ->
             raise ServerUnavailable(f"cannot connect to the sharedstate server at {text}: {exc}", text) from None
 
 
-def _handshake(address: Address, authkey: bytes | None, timeout: float) -> mpc.Connection:
+def _handshake(address: Address, authkey: bytes | None, timeout: float) -> Connection:
     """Connect and authenticate both ways, each step within ``timeout`` seconds."""
     text = format_address(address)
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
@@ -191,7 +308,7 @@ def _handshake(address: Address, authkey: bytes | None, timeout: float) -> mpc.C
         # A blocking socket with a receive timeout: the handshake cannot hang on a server that accepted
         # the connection but does not answer (stopped, overloaded, or not a sharedstate server).
         _set_recv_timeout(sock, timeout)
-        conn = mpc.Connection(sock.detach())
+        conn = Connection(sock.detach())
     finally:
         sock.close()
     try:
@@ -225,7 +342,7 @@ def _raise_unavailable(exc: BaseException, text: str, timeout: float) -> None:
         raise ServerUnavailable(f"the server at {text} closed the connection during the handshake", text) from None
 
 
-def _request(conn: mpc.Connection, text: str, funcname: str, args: tuple[Any, ...]) -> Any:
+def _request(conn: Connection, text: str, funcname: str, args: tuple[Any, ...]) -> Any:
     conn.send((None, funcname, args, {}))
     kind, result = conn.recv()
     if kind != "#RETURN":
@@ -235,7 +352,7 @@ def _request(conn: mpc.Connection, text: str, funcname: str, args: tuple[Any, ..
 
 def open_connection(
     address: Address, authkey: bytes | None, hello: dict[str, Any], timeout: float = CONNECT_TIMEOUT
-) -> tuple[mpc.Connection, dict[str, Any]]:
+) -> tuple[Connection, dict[str, Any]]:
     """Connect, authenticate and introduce this client, every step within ``timeout`` seconds.
 
     Returns the connection and what the server said about itself. Raises ``ServerUnavailable`` when
@@ -308,7 +425,7 @@ class ConnectionPool:
         self._local = threading.local()
         self._generation = _fork_generation
 
-    def get(self) -> mpc.Connection:
+    def get(self) -> Connection:
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is not None and self._generation == _fork_generation:
