@@ -334,11 +334,14 @@ def test_a_crashed_server_that_stays_down_leaves_no_block_and_no_cached_reads(tm
         server.shutdown()
 
 
-def _serve(address: str, path: Path) -> tuple[subprocess.Popen, int]:
+def _serve(path: Path, address: str | None = None) -> tuple[subprocess.Popen, str]:
+    """``sharedstate serve`` in the background (at ``address``, or where it chooses); returns the process
+    and the address it serves at."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
     env["PYTHONPATH"] = str(ROOT)
+    where = [] if address is None else ["--address", address]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", address],
+        [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), *where],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -346,7 +349,7 @@ def _serve(address: str, path: Path) -> tuple[subprocess.Popen, int]:
     )
     line = proc.stdout.readline()
     assert line.startswith("sharedstate: serving at"), line
-    return proc, proc.pid
+    return proc, line.split()[3]
 
 
 def test_the_next_server_at_an_address_retires_the_block_of_a_killed_one(tmp_path):
@@ -354,7 +357,7 @@ def test_the_next_server_at_an_address_retires_the_block_of_a_killed_one(tmp_pat
     retires the block it left, so old handles stop trusting their cached values."""
     address = str(tmp_path / "s.sock")
     name = block_name(address)
-    first, _ = _serve(address, tmp_path / "one.json")
+    first, _ = _serve(tmp_path / "one.json", address)
     second = None
     try:
         reader = sharedstate.connect(address)
@@ -365,7 +368,7 @@ def test_the_next_server_at_an_address_retires_the_block_of_a_killed_one(tmp_pat
         reap(first)
         assert shm_entry(name).exists()  # nobody was there to remove it
         assert reader._peek("x") == "from the first server"
-        second, _ = _serve(address, tmp_path / "two.json")
+        second, _ = _serve(tmp_path / "two.json", address)
         words = block_words(name)
         assert words[TOKEN] != 0 and words[EPOCH] != epoch  # a new block under the same name
         assert reader._peek("x") is NOT_CACHED
@@ -394,25 +397,10 @@ def test_a_value_a_handle_set_is_read_back_with_no_round_trip_until_changed(serv
     assert state.get("mine") == "theirs"
 
 
-def _serve_no_address(path: Path) -> tuple[subprocess.Popen, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sharedstate", "serve", "--path", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("sharedstate: serving at"), line
-    return proc, line.split()[3]
-
-
 def test_a_block_whose_server_is_gone_is_removed_by_any_later_server(tmp_path):
     """A server killed with no owner, at an address nobody uses again: the next server anywhere removes
     its block."""
-    proc, address = _serve_no_address(tmp_path / "one.json")
+    proc, address = _serve(tmp_path / "one.json")
     try:
         name = block_name(address)
         assert shm_entry(name).exists()

@@ -47,6 +47,20 @@ def latencies(call, n: int) -> list[float]:
     return out
 
 
+def interleaved(calls: dict, n: int, r: dict[str, float], rounds: int = 10) -> dict[str, list[float]]:
+    """Time each of ``calls`` about ``n`` times, in rounds of one warmed batch of each call after the
+    other, so that drift on a noisy machine hits all of them alike; put each one's p50 (µs) in ``r`` as
+    ``NAME_p50_us`` and return the samples."""
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            latencies(call, 200)  # warm
+            samples[key] += latencies(call, max(200, n // rounds))
+    for key, values in samples.items():
+        r[f"{key}_p50_us"] = pct(values, 0.5) * 1e6
+    return samples
+
+
 # -- the floor: a raw Pipe round trip ------------------------------------------------------------------
 def _echo(conn) -> None:
     while True:
@@ -196,13 +210,7 @@ def measure_cache(args, r: dict[str, float]) -> None:
                 "cached_get": lambda: cached.get("int"),
                 "cached_get_dict": lambda: cached.get("key"),
             }
-            samples: dict[str, list[float]] = {k: [] for k in calls}
-            for _ in range(10):
-                for key, call in calls.items():
-                    latencies(call, 200)
-                    samples[key] += latencies(call, max(200, n // 10))
-            for key, values in samples.items():
-                r[f"{key}_p50_us"] = pct(values, 0.5) * 1e6
+            interleaved(calls, n, r)
             ultra = _ultradict_get(n)
             if ultra is not None:
                 r["ultradict_get_p50_us"] = pct(ultra, 0.5) * 1e6
@@ -298,13 +306,7 @@ def measure(args) -> dict[str, float]:
             "manager_get": lambda: d.get("key"),
             "get": lambda: state.get("key"),
         }
-        samples: dict[str, list[float]] = {k: [] for k in calls}
-        for _ in range(rounds):  # interleaved, so that drift on a noisy machine hits all of them alike
-            for key, call in calls.items():
-                latencies(call, 200)  # warm
-                samples[key] += latencies(call, max(200, n // rounds))
-        for key, values in samples.items():
-            r[f"{key}_p50_us"] = pct(values, 0.5) * 1e6
+        samples = interleaved(calls, n, r, rounds)
         r["get_p99_us"] = pct(samples["get"], 0.99) * 1e6
         lat = latencies(lambda: d.__setitem__("key", 2), n)
         r["manager_set_p50_us"] = pct(lat, 0.5) * 1e6
@@ -480,13 +482,7 @@ def redis_backend(args) -> dict[str, float]:
             state.set("key", 1)
             raw.set("key", 1)
             calls = {"redis_backend_get": lambda: state.get("key"), "redis_py_get": lambda: raw.get("key")}
-            samples: dict[str, list[float]] = {k: [] for k in calls}
-            for _ in range(10):
-                for key, call in calls.items():
-                    latencies(call, 200)
-                    samples[key] += latencies(call, max(200, n // 10))
-            for key, values in samples.items():
-                r[f"{key}_p50_us"] = pct(values, 0.5) * 1e6
+            interleaved(calls, n, r)
             per = max(500, n // 4)
             took = _run_many(_redis_incr, lambda i: (sock, per), 4)
             assert int(raw.get("c")) == 4 * per
