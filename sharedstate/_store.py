@@ -214,8 +214,7 @@ class Store:
                 for name in mapping:
                     scopes.pop(name, None)
             if self.versions is not None:
-                for name in mapping:
-                    self.versions.bump(name)
+                self.versions.bump_many(mapping)
         self._commit(number)
 
     def replace(self, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], merge: bool) -> None:
@@ -228,8 +227,7 @@ class Store:
                     self._scopes.pop(name, None)
                 self._scopes.update(scopes)
                 if self.versions is not None:
-                    for name in data:
-                        self.versions.bump(name)
+                    self.versions.bump_many(data)
             else:
                 self._data = dict(data)
                 self._scopes = dict(scopes)

@@ -59,7 +59,11 @@ _SHM = "/dev/shm"
 
 def slot_of(name: str) -> int:
     """The index of the word that counts the changes of ``name``."""
-    return HEADER_WORDS + (zlib.crc32(name.encode("utf-8", "surrogatepass")) & _MASK)
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:  # never stored (set refuses it), but it may be read
+        raw = name.encode("utf-8", "surrogatepass")
+    return HEADER_WORDS + (zlib.crc32(raw) & _MASK)
 
 
 def block_name(address: Address) -> str:
@@ -204,6 +208,17 @@ class VersionTable:
         slot = slot_of(name)
         version = words[slot] = (words[slot] + 1) & _WORD
         return slot, words[EPOCH], version
+
+    def bump_many(self, names: object) -> None:
+        """``bump`` for each of ``names`` (an ``update``), in one tight loop."""
+        words = self.words
+        crc = zlib.crc32
+        try:
+            slots = {crc(name.encode()) & _MASK for name in names}  # type: ignore[attr-defined]
+        except UnicodeEncodeError:
+            slots = {slot_of(name) - HEADER_WORDS for name in names}  # type: ignore[attr-defined]
+        for slot in slots:
+            words[slot + HEADER_WORDS] += 1
 
     def bump_all(self) -> None:
         words = self.words
