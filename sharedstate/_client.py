@@ -77,6 +77,12 @@ class State:
         """A connection opened: use this process' cache for that server process."""
         self._cache = cache_for(info.get("versions"))
 
+    def _fresh_cache(self) -> ClientCache | None:
+        """The cache, once this thread is connected (a new connection may bring a new server's cache)."""
+        if self._use_cache:
+            self._pool.get()
+        return self._cache
+
     def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         # Pickled before anything is sent: an argument that cannot be pickled fails here, and the
         # connection (which keeps this process' locks alive) stays usable.
@@ -132,9 +138,7 @@ class State:
             value = cache.lookup(name)
             if value is not NOT_CACHED and (value is not PRESENT or method == "contains"):
                 return value
-        if self._use_cache:
-            self._pool.get()  # (re)connect first: that may make a new cache
-            cache = self._cache
+        cache = self._fresh_cache()
         # The counters are read before the request: a change after this makes the entry stale.
         stamp = None if cache is None else cache.stamp(name)
         value = self._call(method, (name,))
@@ -174,10 +178,7 @@ class State:
         if type(value) not in _PLAIN_FAST:  # ints, floats, bools, None: nothing to check
             check_value(name, value)
         scopes = check_scope(scope) if scope is not None else ()
-        cache = self._cache
-        if cache is None and self._use_cache:
-            self._pool.get()  # connect first: that brings the cache
-            cache = self._cache
+        cache = self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
         stamp = self._call("set", (name, value, scopes) if scopes else (name, value))
         if stamp is not None and kept is not None and cache is self._cache:
@@ -272,9 +273,7 @@ class State:
             found = cache.lookup_many(names)
             if found is not None:
                 return found
-        if self._use_cache:
-            self._pool.get()
-            cache = self._cache
+        cache = self._fresh_cache()
         if cache is None:
             return self._call("get_many", (names,))
         stamps = cache.stamps(names)

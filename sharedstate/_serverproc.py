@@ -80,9 +80,8 @@ class ServerConfig:
 
 
 class _Current(threading.local):
-    """The connection and client that the current server thread is serving."""
+    """The client that the current server thread is serving, and how to reach its connection."""
 
-    conn: mpc.Connection | None = None
     client: Client | None = None
     #: Writes "you have the lock" to that connection: how a lock is handed over to a waiting call.
     notify: Callable[[], None] | None = None
@@ -319,14 +318,14 @@ class ManagerServer(managers.Server):
         if not isinstance(hello, dict) or "pid" not in hello or "scope" not in hello:
             raise TypeError("not a sharedstate client")
         client = self.service.connected(hello)
-        _current.conn, _current.client = c, client
+        _current.client = client
         _current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
         _current.readable = _readable_within(c.fileno())
         try:
             c.send(("#RETURN", self.service.info()))
             self.serve(c)
         finally:
-            _current.conn = _current.client = _current.notify = _current.readable = None
+            _current.client = _current.notify = _current.readable = None
             self.service.disconnected(client)
         # Returning normally would make the manager send one more ('#RETURN', None), which a client
         # waiting for an answer would take as a success.

@@ -76,6 +76,10 @@ class Store:
         """Bump the counter of ``name``; return its counters after the change, if there is a table."""
         return None if self.versions is None else self.versions.bump(name)
 
+    def _changed_many(self, names: Any) -> None:
+        if self.versions is not None:
+            self.versions.bump_many(names)
+
     def _changed_all(self) -> None:
         if self.versions is not None:
             self.versions.bump_all()
@@ -213,8 +217,7 @@ class Store:
             if scopes:
                 for name in mapping:
                     scopes.pop(name, None)
-            if self.versions is not None:
-                self.versions.bump_many(mapping)
+            self._changed_many(mapping)
         self._commit(number)
 
     def replace(self, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], merge: bool) -> None:
@@ -226,8 +229,7 @@ class Store:
                 for name in data:
                     self._scopes.pop(name, None)
                 self._scopes.update(scopes)
-                if self.versions is not None:
-                    self.versions.bump_many(data)
+                self._changed_many(data)
             else:
                 self._data = dict(data)
                 self._scopes = dict(scopes)
