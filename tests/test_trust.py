@@ -25,6 +25,7 @@ import pytest
 from conftest import reap, wait_until
 
 import sharedstate
+from sharedstate._transport import parse_address
 
 INTRUDER = "ss-intruder"
 #: What the squatter makes whoever loads its answer do: create this file.
@@ -264,11 +265,6 @@ def any_server(request, tmp_path) -> Iterator[sharedstate.StateServer]:
         server.shutdown()
 
 
-def _address(server: sharedstate.StateServer) -> str | tuple[str, int]:
-    parsed = sharedstate._transport.parse_address(server.address)
-    return parsed
-
-
 def _frame(payload: bytes) -> bytes:
     return struct.pack("!i", len(payload)) + payload
 
@@ -284,7 +280,7 @@ def _frame(payload: bytes) -> bytes:
     ],
 )
 def test_a_peer_that_fails_the_challenge_gets_no_traceback(any_server, hello):
-    sock = _raw(_address(any_server))
+    sock = _raw(parse_address(any_server.address))
     try:
         conn = mpc.Connection(os.dup(sock.fileno()))
         try:
@@ -309,7 +305,7 @@ def test_a_peer_that_fails_the_challenge_gets_no_traceback(any_server, hello):
 def test_a_peer_that_sends_a_pickle_instead_of_the_challenge_answer_gets_no_traceback(any_server):
     import pickle
 
-    sock = _raw(_address(any_server))
+    sock = _raw(parse_address(any_server.address))
     try:
         sock.sendall(_frame(pickle.dumps((None, "accept_connection", ({"pid": 1, "scope": "x"},), {}))))
         frames = _read_frames(sock)
@@ -327,12 +323,12 @@ SERVER_FD_LIMIT = 256
 class CliServer:
     """``sharedstate serve`` under a low descriptor limit (soft and hard, so it cannot raise it)."""
 
-    def __init__(self, tmp_path: Path, kind: str, save_every: str = "none") -> None:
+    def __init__(self, tmp_path: Path, kind: str, save_every: str = "none", soft_limit: int = SERVER_FD_LIMIT) -> None:
         self.path = tmp_path / "state.json"
         address = "127.0.0.1:0" if kind == "tcp" else str(tmp_path / "cli.sock")
 
         def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (SERVER_FD_LIMIT, SERVER_FD_LIMIT))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft_limit, SERVER_FD_LIMIT))
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
         argv = [sys.executable, "-m", "sharedstate", "serve", "--path", str(self.path), "--address", address,
@@ -348,7 +344,7 @@ class CliServer:
                 if kind == "unix" or "SHAREDSTATE_AUTHKEY" in exported:
                     break
         assert "SHAREDSTATE_ADDRESS" in exported, "the server did not start"
-        self.address = sharedstate._transport.parse_address(exported["SHAREDSTATE_ADDRESS"])
+        self.address = parse_address(exported["SHAREDSTATE_ADDRESS"])
         if kind == "tcp":
             self.key = bytes.fromhex(exported["SHAREDSTATE_AUTHKEY"])
         else:
@@ -474,3 +470,13 @@ def test_saves_and_stats_work_with_every_descriptor_taken(tmp_path, kind):
     assert code == 0
     text = server.path.read_text()
     assert '"at the limit"' in text and '"last"' in text
+
+
+def test_the_server_raises_its_open_file_limit_to_the_hard_limit(tmp_path):
+    server = CliServer(tmp_path, "unix", soft_limit=64)
+    try:
+        limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
+        line = next(text for text in limits.splitlines() if text.startswith("Max open files"))
+        assert line.split()[3:5] == [str(SERVER_FD_LIMIT), str(SERVER_FD_LIMIT)], line
+    finally:
+        assert server.stop() == 0
