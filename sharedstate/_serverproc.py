@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from ._admission import Admission, raise_fd_limit
 from ._errors import SnapshotError
 from ._files import write_atomic
 from ._journal import Journal, journal_files, replay_records
@@ -304,10 +305,9 @@ class ManagerServer(managers.Server):
         super().__init__({}, address, authkey, "pickle")
         # The manager listens with a backlog of 16 (Python < 3.13): a pool of processes connecting at
         # once would overflow it. listen() again raises the backlog of the same socket.
-        inner = getattr(self.listener, "_listener", None)
-        sock = getattr(inner, "_socket", None)
-        if sock is not None:
-            sock.listen(LISTEN_BACKLOG)
+        sock = self.listener._listener._socket
+        sock.listen(LISTEN_BACKLOG)
+        self.admission = Admission(sock, raise_fd_limit())
         self.service = service
         self.id_to_obj[STORE_ID] = (service, frozenset(service.EXPOSED), None)
         #: What a request may call, bound once: the serving loop looks a method up in one dict.
@@ -373,15 +373,64 @@ class ManagerServer(managers.Server):
                 return  # the client is gone
 
     def accepter(self) -> None:
+        admission = self.admission
         while not self.stop_event.is_set():
             try:
-                c = self.listener.accept()
+                fd = admission.accept()
             except OSError:
                 if self.stop_event.is_set():
                     return
-                time.sleep(0.01)  # e.g. out of file descriptors: do not spin
+                time.sleep(0.01)  # do not spin on a failing accept
                 continue
-            threading.Thread(target=self.handle_request, args=(c,), daemon=True).start()
+            if fd is None:
+                continue
+            try:
+                threading.Thread(target=self.handle_request, args=(fd,), daemon=True).start()
+            except RuntimeError:  # no thread to spare: the connection goes, the server stays
+                admission.admitted(fd)
+                os.close(fd)
+
+    def handle_request(self, fd: int) -> None:  # type: ignore[override]
+        """Serve one connection: the challenge both ways, then one request of the manager protocol
+        (usually accept_connection, which serves the client until it leaves).
+
+        Until the peer has proved it knows the key it is sent nothing but the challenge and its fixed
+        failure message: a failed or garbled challenge closes the connection without a word (the
+        stdlib's server would answer with a traceback, which names the server's files)."""
+        c = mpc.Connection(fd)
+        try:
+            try:
+                mpc.deliver_challenge(c, self.authkey)
+                mpc.answer_challenge(c, self.authkey)
+            except Exception:  # a wrong key, garbage, a timeout or a peer that left: just close
+                return
+            finally:
+                self.admission.admitted(fd)
+            self._serve_request(c)
+        except SystemExit:
+            pass  # accept_connection and the stdlib's serve_client end with it
+        finally:
+            c.close()
+
+    def _serve_request(self, c: mpc.Connection) -> None:
+        """The stdlib's handling of an authenticated connection's first request."""
+        try:
+            request = c.recv()
+            ignore, funcname, args, kwds = request
+            if funcname not in self.public:
+                raise ValueError(f"{funcname!r} unrecognized")
+            func = getattr(self, funcname)
+        except Exception:
+            msg: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
+        else:
+            try:
+                msg = ("#RETURN", func(c, *args, **kwds))
+            except Exception:
+                msg = ("#TRACEBACK", traceback.format_exc())
+        try:
+            c.send(msg)
+        except Exception:
+            pass  # the client is gone
 
 
 def _clear_stale_socket(address: str) -> None:

@@ -10,9 +10,11 @@ system call each way where the stdlib's ``Connection`` makes two reads per messa
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -93,20 +95,78 @@ def key_file_for(address: Address) -> Path | None:
     return Path(address + ".key")
 
 
+#: A key file holds 64 hex digits and a newline; anything much larger is not one.
+_KEY_FILE_MAX = 4096
+
+
+def _trusted_owner(uid: int) -> bool:
+    """A file this process may take a key from, or trust a server behind: its own, or root's."""
+    return uid in (os.geteuid(), 0)
+
+
 def read_key_file(address: Address) -> bytes | None:
+    """The key in ``ADDRESS.key``, if there is one and it can be trusted.
+
+    A key this process did not generate is only as good as the file it came from: a key that another
+    user wrote, or could read, lets that user answer the challenge as the server, and the client then
+    unpickles whatever that user sends. So the file (opened without following a symlink, checked on the
+    opened descriptor) must be a regular file of this user or root that nobody else may read or write,
+    and the socket beside it must belong to this user or root too. Otherwise ``AccessDenied`` names
+    the file.
+    """
     path = key_file_for(address)
     if path is None:
         return None
+    text = format_address(address)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        text = path.read_text(encoding="ascii").strip()
+        fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise AccessDenied(f"cannot read the key file {path}: {exc.strerror}", format_address(address)) from exc
+        if exc.errno == errno.ELOOP:
+            raise AccessDenied(f"the key file {path} is a symbolic link: refusing to trust it", text) from None
+        raise AccessDenied(f"cannot read the key file {path}: {exc.strerror}", text) from exc
     try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise AccessDenied(f"the key file {path} does not hold a hex key", format_address(address)) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AccessDenied(f"the key file {path} is not a regular file: refusing to trust it", text)
+        if not _trusted_owner(info.st_uid):
+            raise AccessDenied(
+                f"the key file {path} belongs to uid {info.st_uid}, not to this user or root: refusing to trust it",
+                text,
+            )
+        if info.st_mode & 0o066:
+            raise AccessDenied(
+                f"the key file {path} is readable or writable by others (mode {stat.S_IMODE(info.st_mode):04o}): "
+                "refusing to trust it",
+                text,
+            )
+        data = os.read(fd, _KEY_FILE_MAX)
+    finally:
+        os.close(fd)
+    try:
+        key = bytes.fromhex(data.decode("ascii").strip())
+    except ValueError:  # also UnicodeDecodeError
+        raise AccessDenied(f"the key file {path} does not hold a hex key", text) from None
+    _check_socket_owner(address, path)
+    return key
+
+
+def _check_socket_owner(address: Address, key_path: Path) -> None:
+    """The socket beside a trusted key file must be this user's or root's: a socket of another user is
+    a server of that user, whatever the key file says."""
+    assert isinstance(address, str)
+    try:
+        info = os.stat(address)
+    except OSError:
+        return  # nothing there (yet): connecting reports that
+    if not _trusted_owner(info.st_uid):
+        raise AccessDenied(
+            f"the socket {address} belongs to uid {info.st_uid}, not to this user or root: refusing to use "
+            f"the key in {key_path} with it",
+            address,
+        )
 
 
 def resolve(address: object = None, authkey: object = None) -> tuple[Address, bytes | None]:
@@ -282,6 +342,10 @@ def _connect_socket(address: Address, family: int, text: str, timeout: float) ->
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.connect(address)
             sock.settimeout(None)
+            if family == socket.AF_INET:
+                # The handshake ends with two writes in a row (the last challenge answer, then the first
+                # request): with Nagle's algorithm the second waits for a delayed ACK, 40 ms per connect.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         except BlockingIOError:
             sock.close()
@@ -312,8 +376,11 @@ def _handshake(address: Address, authkey: bytes | None, timeout: float) -> Conne
     finally:
         sock.close()
     try:
-        key = authkey if authkey is not None else b""
+        # Without a key, one nobody knows: an empty key would let any peer pass both challenges.
+        key = authkey if authkey is not None else os.urandom(32)
         try:
+            # Both ways before anything else is read: the first pickle this client loads (the answer to
+            # accept_connection) comes from a peer that has proved it knows the key.
             mpc.answer_challenge(conn, key)
             mpc.deliver_challenge(conn, key)
         except mpc.AuthenticationError:
