@@ -151,8 +151,9 @@ def write_atomic(
             try:
                 os.link(path, bak_tmp)
             except OSError:  # no hard links here: a copy does (the snapshot stays in place meanwhile)
-                bak_tmp.write_bytes(path.read_bytes())
-                os.chmod(bak_tmp, 0o600)
+                copy = os.open(bak_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                with os.fdopen(copy, "wb") as out:
+                    out.write(path.read_bytes())
             os.replace(bak_tmp, bak)
         os.replace(tmp, path)
         fsync_dir(folder)

@@ -25,7 +25,7 @@ from conftest import ROOT, exited, kill, reap, start_with_log, wait_until
 
 import sharedstate
 from sharedstate._codec import object_hook
-from sharedstate._files import write_atomic
+from sharedstate._files import read_regular, write_atomic
 from sharedstate._journal import journal_path
 from sharedstate._snapshot import read_snapshot, snapshot_pieces, write_snapshot
 
@@ -331,6 +331,20 @@ def test_the_server_refuses_a_fifo_even_from_a_client_that_does_not_check(tmp_pa
         state._call("restore", (str(fifo), False))
     with pytest.raises(sharedstate.SnapshotError, match="FIFO"):
         state._call("save", (str(fifo), None, None, ()))
+
+
+def test_reading_never_blocks_on_a_fifo_nor_reads_an_endless_device(tmp_path):
+    """The check on the opened descriptor itself: what a path turns into after any check by name."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for source in (fifo, Path("/dev/zero")):
+        with pytest.raises(sharedstate.SnapshotError, match="not a regular file"):
+            read_regular(source)
+        with pytest.raises(sharedstate.SnapshotError, match="not a regular file"):
+            read_snapshot(source)
+    grows = tmp_path / "grows"
+    grows.write_bytes(b"abc")
+    assert read_regular(grows) == b"abc" and read_regular(grows, 2) == b"ab"
 
 
 def test_redis_save_and_restore_refuse_devices_and_fifos(tmp_path, private_null, redis_state):
