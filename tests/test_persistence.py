@@ -309,7 +309,7 @@ def test_restore_from_a_fifo_or_dev_zero_is_refused_at_once(tmp_path, state):
     for source in (fifo, zero):
         errors = []
 
-        def call(source=source):
+        def call(source=source, errors=errors):
             try:
                 state.restore(source)
             except sharedstate.SnapshotError as exc:
@@ -439,7 +439,10 @@ def test_files_planted_by_another_user_are_never_written_into(attacker, shared_f
 def test_an_owner_file_link_planted_by_another_user_is_refused(attacker, shared_folder):
     path = shared_folder / "state.json"
     theirs = shared_folder / "theirs.txt"
-    as_user(attacker, f"import os\nopen({str(theirs)!r}, 'w').write('mine')\nos.symlink({str(theirs)!r}, {str(path)!r} + '.owner')\n")  # fmt: skip
+    as_user(
+        attacker,
+        f"import os\nopen({str(theirs)!r}, 'w').write('mine')\nos.symlink({str(theirs)!r}, {str(path)!r} + '.owner')\n",
+    )
     with pytest.raises(sharedstate.SnapshotError, match=r"state\.json\.owner"):
         sharedstate.StateServer(path=path, save_every=None).start()
     assert theirs.read_text() == "mine"
