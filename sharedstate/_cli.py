@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     client("save", "save a snapshot now, print its path").add_argument("path", nargs="?")
     client("restore", "restore a snapshot, print how many names it held").add_argument("path")
     client("stats", "print the server's figures")
+    client("dump", "print the live state as JSON (the names and values, encoded as show does)")
     show = commands.add_parser("show", help="print a snapshot file (no server needed)")
     show.add_argument("file")
     return parser
@@ -129,7 +130,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"export {ENV_ADDRESS}={text}", flush=True)
         if key_file is None:  # TCP: no key file, so the clients need the key itself
             print(f"export {ENV_AUTHKEY}={config.authkey.hex()}", flush=True)
-        return process.run()
+        code = process.run()
+        if process.final_error is not None:  # logged too; the exit status is what a supervisor sees
+            print(f"{PROG}: error: {process.final_error}", file=sys.stderr)
+            return 1
+        return code
     finally:
         plan._cleanup_tmpdir()
 
@@ -176,6 +181,9 @@ def _client(args: argparse.Namespace) -> int:
     # Read the user's input before reaching for the server: a typo is reported as such.
     value = _json_in(args.json) if command == "set" else None
     by = _number(args.by) if command == "incr" else None
+    if command == "restore" and not os.path.lexists(args.path):
+        # The library restores nothing from a missing file (Pode's rule); a command line names one on purpose.
+        raise UserError(f"no such file: {args.path}")
     address: Any | None = None if args.address is None else parse_address(args.address)
     state = connect(address)
     if command == "get":
@@ -194,6 +202,8 @@ def _client(args: argparse.Namespace) -> int:
         print(state.restore(args.path))
     elif command == "stats":
         _json_out(state.stats())
+    elif command == "dump":
+        print(json.dumps(encode({"names": state.snapshot()}), ensure_ascii=False, indent=2, allow_nan=False))
     return 0
 
 

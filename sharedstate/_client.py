@@ -14,6 +14,7 @@ import psutil
 
 from ._cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
 from ._errors import ServerUnavailable, SharedStateError
+from ._files import caller_target
 from ._lock import Lock
 from ._store import MISSING
 from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_address, parse_address, resolve
@@ -302,7 +303,7 @@ class State:
         Raises ``ValueError`` when neither the server nor the call gives a path, and the ``OSError`` of a
         failed write (the previous file is then untouched).
         """
-        target = _absolute(path)
+        target = _absolute(path, "save")
         include_list = None if include is None else check_names(include)
         exclude_list = None if exclude is None else check_names(exclude)
         return Path(self._call("save", (target, include_list, exclude_list, check_scope(scope))))
@@ -315,7 +316,7 @@ class State:
         """
         if type(merge) is not bool:
             raise TypeError(f"merge must be a bool, not {type(merge).__name__}")
-        return self._call("restore", (_absolute(path), merge))
+        return self._call("restore", (_absolute(path, "restore"), merge))
 
     def stats(self) -> dict[str, Any]:
         """The server's figures: ``names``, ``pid``, ``rss_bytes``, ``uptime_s``, ``ops``, ``clients``,
@@ -359,18 +360,13 @@ class State:
         return True
 
 
-def _absolute(path: object) -> str | None:
-    """A path argument as an absolute path (the server may run in another folder)."""
+def _absolute(path: object, verb: str) -> str | None:
+    """A path argument resolved here, in the caller's process (the server may run in another folder,
+    and ``/dev/stdout`` there is not the caller's); ``SnapshotError`` for something other than a regular
+    file."""
     if path is None:
         return None
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
-    text = os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError("path must be text, not bytes")
-    if not text:
-        raise ValueError("path must not be empty")
-    return os.path.abspath(text)
+    return str(caller_target(path, verb))
 
 
 def _rebuild(address: str, authkey: bytes | None, cache: bool) -> State:

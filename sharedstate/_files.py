@@ -1,5 +1,6 @@
 """Files written so that a crash never leaves a torn one: atomic replace, fsync of the folder, and the
-clean-up of what a writer killed mid-write leaves behind."""
+clean-up of what a writer killed mid-write leaves behind; and the checks that keep every file operation
+on regular files (never a device, a FIFO or a file another user planted)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable
+import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
+
+from ._errors import SnapshotError
 
 log = logging.getLogger("sharedstate")
 
@@ -27,10 +31,109 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, pieces: Iterable[str], backup: bool = True) -> None:
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_slot(path: Path, ours: bool = True) -> None:
+    """Refuse ``path`` if something other than a regular file is there (a directory, device, FIFO,
+    socket or symbolic link), or, with ``ours``, a file that belongs to another user: the server creates
+    or replaces its files there, and must never write into or through what someone else put in place.
+    A missing file is fine."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SnapshotError(f"cannot use {path}: {exc.strerror}", str(path)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"cannot use {path}: it is {_kind(st.st_mode)}, not a regular file", str(path))
+    if ours and st.st_uid != os.geteuid():
+        raise SnapshotError(
+            f"cannot use {path}: it belongs to another user (uid {st.st_uid}), not to this server's "
+            f"(uid {os.geteuid()}); remove it if it is not needed",
+            str(path),
+        )
+
+
+def caller_target(path: object, verb: str) -> Path:
+    """The file a ``save(path)``/``restore(path)`` means, resolved in the calling process (so
+    ``/dev/stdout`` is the caller's, and the server, which may run elsewhere, gets a plain path).
+    Raises ``SnapshotError`` if it exists and is not a regular file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError("path must be text, not bytes")
+    if not text:
+        raise ValueError("path must not be empty")
+    # Followed first: a symlink to a device is refused even where its target has no name of its own
+    # (/dev/stdout may resolve to "pipe:[123]").
+    try:
+        st = os.stat(text)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"cannot {verb} {text}: it is {_kind(st.st_mode)}, not a regular file", text)
+    real = Path(os.path.realpath(text))
+    check_slot(real, ours=False)
+    return real
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes | None:
+    """The bytes of the regular file ``path`` (``None`` if it is missing), read without ever blocking on
+    a FIFO or reading an endless device: opened non-blocking, checked on the open descriptor, and read
+    up to the size it had when opened (at most ``limit`` bytes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc.strerror}", str(path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(f"cannot read {path}: it is {_kind(st.st_mode)}, not a regular file", str(path))
+        os.set_blocking(fd, True)
+        chunks, left = [], st.st_size if limit is None else min(st.st_size, limit)
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc.strerror}", str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def write_atomic(
+    path: Path, pieces: Iterable[str], backup: bool = True, finish: Callable[[int], None] | None = None
+) -> None:
     """Write the text ``pieces`` to ``path`` atomically: a temporary file in the same folder (mode 0600),
     flushed and fsynced, the current file hard-linked to ``NAME.bak`` (``backup``: so a good file stays in
-    place at every instant), a rename over ``path``, and an fsync of the folder."""
+    place at every instant), a rename over ``path``, and an fsync of the folder. ``finish`` gets the
+    temporary file's descriptor once every piece is written, before the fsync (to fill in a checksum).
+    Refuses (``SnapshotError``) a ``path`` that is a directory, device, FIFO or socket: a rename would
+    replace the device node itself."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise SnapshotError(f"cannot write {path}: it is {_kind(mode)}, not a regular file", str(path))
     folder = path.parent
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
@@ -39,6 +142,8 @@ def write_atomic(path: Path, pieces: Iterable[str], backup: bool = True) -> None
             for piece in pieces:
                 f.write(piece)
             f.flush()
+            if finish is not None:
+                finish(f.fileno())
             os.fsync(f.fileno())
         if backup and path.exists():
             bak = backup_path(path)
@@ -46,8 +151,9 @@ def write_atomic(path: Path, pieces: Iterable[str], backup: bool = True) -> None
             try:
                 os.link(path, bak_tmp)
             except OSError:  # no hard links here: a copy does (the snapshot stays in place meanwhile)
-                bak_tmp.write_bytes(path.read_bytes())
-                os.chmod(bak_tmp, 0o600)
+                copy = os.open(bak_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                with os.fdopen(copy, "wb") as out:
+                    out.write(path.read_bytes())
             os.replace(bak_tmp, bak)
         os.replace(tmp, path)
         fsync_dir(folder)

@@ -7,7 +7,9 @@ holds the store's mutex, writes the snapshot with that generation in its header,
 journal over ``PATH.journal``. At start, the records of every journal whose generation is not older than
 the snapshot's are replayed, in order, so a crash at any point of a save replays each change exactly once.
 
-A torn last line (a crash mid-write) is dropped; a bad line before the last is an error.
+A torn last line (a crash mid-write) is dropped; a bad line before the last is an error, and so is a
+damaged header: the server then refuses to start and leaves the file as it is. Only a header that a
+crash cut short (an empty file, or a prefix of a header line) marks a file that holds nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from ._codec import encode, object_hook
 from ._errors import SnapshotError
-from ._files import fsync_dir
+from ._files import check_slot, fsync_dir, read_regular
 
 log = logging.getLogger("sharedstate")
 
@@ -55,19 +57,49 @@ def _parse_line(line: bytes) -> Any:
         return None
 
 
+_HEADER_START = b' {"format":"%s","generation":' % FORMAT.encode()
+
+
+def _torn_header(raw: bytes) -> bool:
+    """Whether ``raw`` (a whole file) is what a crash while writing a header leaves: nothing, zeros, or
+    the start of a header line (no newline yet). Such a file never held a record."""
+    if not raw.strip(b"\0"):
+        return True
+    if b"\n" in raw or not re.fullmatch(rb"[0-9a-f]{0,8}", raw[:8]):
+        return False
+    rest = raw[8:]
+    if len(rest) <= len(_HEADER_START):
+        return _HEADER_START.startswith(rest)
+    return rest.startswith(_HEADER_START) and re.fullmatch(rb"\d*\}?", rest[len(_HEADER_START) :]) is not None
+
+
+def _header_generation(line: bytes) -> int | None:
+    header = _parse_line(line)
+    if not isinstance(header, dict) or header.get("format") != FORMAT or type(header.get("generation")) is not int:
+        return None
+    return header["generation"]
+
+
+def _raw(path: Path, limit: int | None = None) -> bytes:
+    raw = read_regular(path, limit)
+    if raw is None:
+        raise SnapshotError(f"{path}: the journal vanished while it was being read", str(path))
+    return raw
+
+
 def read_journal(path: Path) -> tuple[int, list[list[Any]]]:
-    """The generation and records of one journal file. Raises ``SnapshotError`` if a line other than the
-    last is damaged; a damaged or unfinished last line is dropped with a warning."""
-    raw = path.read_bytes()
+    """The generation and records of one journal file. Raises ``SnapshotError`` if the header or a line
+    other than the last is damaged; a damaged or unfinished last line is dropped with a warning."""
+    raw = _raw(path)
     lines = raw.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline; else an unfinished record
+    if not lines:
+        raise SnapshotError(f"{path} is not a valid journal: line 1 (the header) is unfinished", str(path))
+    generation = _header_generation(lines[0])
+    if generation is None:
+        raise SnapshotError(f"{path} is not a valid journal: line 1 (the header) is damaged", str(path))
     if tail:
         log.warning("%s: dropped an unfinished last record (%d bytes) left by a crash", path, len(tail))
-    if not lines:
-        raise SnapshotError(f"{path} is not a valid journal: no header", str(path))
-    header = _parse_line(lines[0])
-    if not isinstance(header, dict) or header.get("format") != FORMAT or type(header.get("generation")) is not int:
-        raise SnapshotError(f"{path} is not a valid journal: bad header", str(path))
     records = []
     for number, line in enumerate(lines[1:], start=2):
         record = _parse_line(line)
@@ -77,27 +109,49 @@ def read_journal(path: Path) -> tuple[int, list[list[Any]]]:
                 break
             raise SnapshotError(f"{path} is not a valid journal: line {number} is damaged", str(path))
         records.append(record)
-    return header["generation"], records
+    return generation, records
+
+
+def _candidates(snapshot: Path) -> list[Path]:
+    base = journal_path(snapshot)
+    pattern = re.compile(re.escape(base.name) + r"(\.\d+)?")
+    try:
+        return [candidate for candidate in base.parent.iterdir() if pattern.fullmatch(candidate.name)]
+    except OSError:
+        return []
+
+
+def scan_journals(snapshot: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """At start: every journal file of ``snapshot`` by generation, and those a crash left with a torn
+    header (they hold nothing). Raises ``SnapshotError`` naming the file for anything else: a damaged
+    header, or a journal's name taken by something that is not our regular file."""
+    found, torn = [], []
+    for candidate in _candidates(snapshot):
+        check_slot(candidate)
+        raw = _raw(candidate, 4096)  # a header is far shorter
+        first, newline, _ = raw.partition(b"\n")
+        generation = _header_generation(first) if newline else None
+        if generation is not None:
+            found.append((generation, candidate))
+        elif _torn_header(raw):
+            torn.append(candidate)
+        else:
+            raise SnapshotError(f"{candidate} is not a valid journal: line 1 (the header) is damaged", str(candidate))
+    return sorted(found), torn
 
 
 def journal_files(snapshot: Path) -> list[tuple[int, Path]]:
-    """Every journal file of ``snapshot`` that has a readable header, by generation."""
-    base = journal_path(snapshot)
-    pattern = re.compile(re.escape(base.name) + r"(\.\d+)?")
+    """Every journal file of ``snapshot`` that has a readable header, by generation (for clean-ups: a
+    file whose header cannot be read is never removed)."""
     found = []
-    try:
-        candidates = list(base.parent.iterdir())
-    except OSError:
-        return []
-    for candidate in candidates:
-        if pattern.fullmatch(candidate.name):
-            try:
-                with open(candidate, "rb") as f:
-                    header = _parse_line(f.readline().rstrip(b"\n"))
-            except OSError:
-                continue
-            if isinstance(header, dict) and type(header.get("generation")) is int:
-                found.append((header["generation"], candidate))
+    for candidate in _candidates(snapshot):
+        try:
+            raw = read_regular(candidate, 4096)  # never blocks on a FIFO put there
+        except SnapshotError:
+            continue
+        generation = None if raw is None else _header_generation(raw.partition(b"\n")[0])
+        if generation is not None:
+            found.append((generation, candidate))
     return sorted(found)
 
 
@@ -151,7 +205,9 @@ class Journal:
         """Switch to a new journal file of ``generation`` (``PATH.journal.GEN`` until the snapshot that
         covers the old one is written). The old file is flushed to the disk first."""
         name = self.base if self._fd is None and not self.base.exists() else Path(f"{self.base}.{generation}")
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        # A new file, never one that is there already (planted by someone else, or a link to one).
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(name, flags, 0o600)
         header = _line({"format": FORMAT, "generation": generation})
         os.write(fd, header)
         os.fsync(fd)

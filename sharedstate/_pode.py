@@ -30,6 +30,7 @@ _DICT_TYPES = {
     "ConcurrentDictionary",
     "PodeConcurrentOrderedDictionary",
     "PSCustomObject",
+    "SyncHashtable",  # [hashtable]::Synchronized(...), the type of Pode's own shared state
 }
 _LIST_TYPES = {"List", "ConcurrentBag", "PodeConcurrentList", "ConcurrentQueue", "ConcurrentStack"}
 _SET_TYPES = {"HashSet", "SortedSet", "PodeConcurrentSet"}

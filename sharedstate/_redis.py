@@ -44,6 +44,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from ._client import State
 from ._codec import encode, object_hook
 from ._errors import AccessDenied, ServerUnavailable, SharedStateError, SnapshotError
+from ._files import caller_target
 from ._locktable import describe
 from ._snapshot import read_snapshot, write_snapshot
 from ._transport import ENV_ADDRESS
@@ -959,14 +960,7 @@ def _target(path: object, verb: str) -> Path:
             f"{verb}() on a Redis state needs a path: it has no snapshot file of its own "
             "(Redis' own persistence keeps its data)"
         )
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
-    text = os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError("path must be text, not bytes")
-    if not text:
-        raise ValueError("path must not be empty")
-    return Path(os.path.abspath(text))
+    return caller_target(path, verb)  # the same rules as the local server's: a regular file, resolved here
 
 
 # -- leases --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import psutil
 from ._client import State
 from ._errors import ServerUnavailable, SharedStateError
 from ._schedule import SaveEvery, parse_schedule
-from ._serverproc import ServerConfig
+from ._serverproc import EXIT_SAVE_FAILED, ServerConfig
 from ._transport import (
     ENV_ADDRESS,
     ENV_AUTHKEY,
@@ -213,11 +213,12 @@ class StateServer:
                     retire(versions["name"], versions["token"])
                 if self._stopping or self._stopped or self._proc is not proc:
                     return
-                clean = code == 0 or code in (-signal.SIGTERM, -signal.SIGINT)
+                clean = code in (0, EXIT_SAVE_FAILED, -signal.SIGTERM, -signal.SIGINT)
                 if clean or not self._restart:
                     log.warning("the sharedstate server (pid %d) exited with status %d", proc.pid, code)
                     return
                 log.warning("the sharedstate server (pid %d) died with status %d; starting it again", proc.pid, code)
+                _final_report(proc)  # nothing to report: it crashed; this closes the pipe
                 assert self._config is not None
                 try:
                     proc, info = _spawn(self._config)
@@ -230,7 +231,8 @@ class StateServer:
 
     def shutdown(self) -> None:
         """Stop the server: it saves (when a path is set) and exits. Idempotent; waits at most about
-        ``2 * STOP_TIMEOUT_S`` seconds, escalating to SIGTERM and then SIGKILL."""
+        ``2 * STOP_TIMEOUT_S`` seconds, escalating to SIGTERM and then SIGKILL. Raises ``SnapshotError``
+        (naming the path and the reason) once the server has stopped if its final save failed."""
         with self._mutex:
             if self._proc is None or self._stopped:
                 self._stopped = True
@@ -249,6 +251,7 @@ class StateServer:
                 except (SharedStateError, OSError):
                     pass
                 _wait_or_kill(proc, STOP_TIMEOUT_S)
+            failed = _final_report(proc)
         finally:
             with self._mutex:
                 self._stopped = True
@@ -257,6 +260,8 @@ class StateServer:
                 os.environ.pop(ENV_ADDRESS, None)
                 os.environ.pop(ENV_AUTHKEY, None)
             atexit.unregister(self._shutdown_at_exit)
+        if failed is not None:
+            raise failed
 
     def _shutdown_at_exit(self) -> None:
         if os.getpid() == self._owner_pid:  # not in a forked child that inherited this object
@@ -297,25 +302,66 @@ def _warn_if_forkserver_running() -> None:
         )
 
 
+def _final_report(proc: subprocess.Popen[bytes]) -> SharedStateError | None:
+    """What an exited server process reported about its final save (the error, if it failed); closes the
+    pipe it reported on."""
+    fd = getattr(proc, "report_fd", None)
+    if fd is None:
+        return None
+    proc.report_fd = None  # type: ignore[attr-defined]
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:  # a forked child of ours may hold the other end: do not wait for it
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    try:
+        kind, error = pickle.loads(b"".join(chunks))
+    except Exception:
+        return None  # killed before it could say (the escalation of a shutdown that took too long)
+    return error if kind == "stopped" and isinstance(error, SharedStateError) else None
+
+
 def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """Start a server process and wait until it listens; return it and what it reported."""
+    """Start a server process and wait until it listens; return it and what it reported. The process
+    gets a pipe of its own to tell, as it exits, whether its final save failed (``proc.report_fd``)."""
     code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from sharedstate._serverproc import main; main()"
-    proc = subprocess.Popen(
-        [spawn.get_executable(), "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        close_fds=True,
-        # Its own session: a Ctrl-C in the terminal (SIGINT to the foreground group) is for the owner,
-        # which decides when the server stops; the server still stops when the owner dies.
-        start_new_session=True,
-    )
+    report_r, report_w = os.pipe()
+    os.set_blocking(report_r, False)
+    config.report_fd = report_w
+    payload = pickle.dumps(config)
+    config.report_fd = None  # the same config starts the next process, with its own pipe
+    try:
+        proc = subprocess.Popen(
+            [spawn.get_executable(), "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+            pass_fds=(report_w,),
+            # Its own session: a Ctrl-C in the terminal (SIGINT to the foreground group) is for the owner,
+            # which decides when the server stops; the server still stops when the owner dies.
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(report_r)
+        raise
+    finally:
+        os.close(report_w)
+    proc.report_fd = report_r  # type: ignore[attr-defined]
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        proc.stdin.write(pickle.dumps(config))
+        proc.stdin.write(payload)
         proc.stdin.close()
         reply = _read_reply(proc, START_TIMEOUT_S)
     except BaseException:
         _wait_or_kill(proc, 0)
+        _final_report(proc)
         raise
     finally:
         proc.stdout.close()
@@ -323,11 +369,13 @@ def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any
         kind, value = pickle.loads(reply)
     except Exception:
         _wait_or_kill(proc, 0)
+        _final_report(proc)
         raise ServerUnavailable(
             f"the server process exited with status {proc.wait()} before it listened", format_address(config.address)
         ) from None
     if kind == "error":
         _wait_or_kill(proc, 5)
+        _final_report(proc)
         raise value
     return proc, value
 

@@ -32,8 +32,8 @@ import psutil
 
 from ._admission import Admission, raise_fd_limit
 from ._errors import SnapshotError
-from ._files import write_atomic
-from ._journal import Journal, journal_files, replay_records
+from ._files import backup_path, check_slot, write_atomic
+from ._journal import Journal, replay_records, scan_journals
 from ._locktable import Client, LockTable, process_alive
 from ._schedule import SaveEvery, parse_schedule
 from ._snapshot import FileOwnership, Snapshot, read_snapshot, write_snapshot
@@ -78,6 +78,12 @@ class ServerConfig:
     durability: str = "snapshot"
     journal_fsync: str = "everysec"
     log_level: int = logging.WARNING
+    #: Where the process writes, as it exits, whether its final save failed (a pipe to the owner).
+    report_fd: int | None = None
+
+
+#: The exit status of a server process that stopped as asked but could not write its final snapshot.
+EXIT_SAVE_FAILED = 3
 
 
 class _Current(threading.local):
@@ -140,6 +146,8 @@ class StateService(Store):
         self.last_save_at: float | None = None
         self.last_save_s: float | None = None
         self.last_save_error: str | None = None
+        #: 1 when the server started from ``NAME.bak`` because the snapshot was missing.
+        self.restored_from_backup = 0
         self._save_mutex = threading.Lock()
 
     # -- clients ------------------------------------------------------------------------------------
@@ -193,7 +201,11 @@ class StateService(Store):
     # -- snapshots ----------------------------------------------------------------------------------
     def _target(self, path: str | None, verb: str) -> Path:
         if path is not None:
-            return Path(path).resolve()
+            # The caller resolved it already (in its own process); resolving here again only makes
+            # another spelling of the server's own file compare equal to it.
+            target = Path(path).resolve()
+            check_slot(target, ours=False)
+            return target
         if self.path is None:
             raise ValueError(f"{verb}() needs a path: this server was started without one")
         return self.path
@@ -292,6 +304,7 @@ class StateService(Store):
             "last_save_s": self.last_save_s,
             "last_save_error": self.last_save_error,
             "lock_recoveries": self.locks.recoveries,
+            "restored_from_backup": self.restored_from_backup,
             **self.locks.status(),
             "address": format_address(self.address) if self.address is not None else None,
             "path": self.config.path,
@@ -466,12 +479,18 @@ class ServerProcess:
         self.stop_reason: str | None = None
         self._key_file: str | None = None
         self._ownership: FileOwnership | None = None
+        #: Why the final save failed, for the owner (``None``: it did not fail, or there was none).
+        self.final_error: SnapshotError | None = None
         self.schedule = parse_schedule(config.save_every) if config.path is not None else None
 
     def open(self) -> Address:
         config = self.config
         path = self.service.path
         if path is not None:
+            # One clear error before anything is created or taken, rather than a failure at each save.
+            check_slot(path, ours=False)
+            for beside in (backup_path(path), *FileOwnership.files(path)):
+                check_slot(beside)
             self._ownership = FileOwnership(path)
             self._ownership.acquire()
             try:
@@ -502,13 +521,23 @@ class ServerProcess:
     def _recover(self, path: Path) -> None:
         """Restore the snapshot, replay the journals it does not cover, and open the journal."""
         service = self.service
+        files, torn = scan_journals(path)  # before anything is restored: a damaged journal refuses the start
         snapshot = read_snapshot(path)
         generation = 0
+        bak = backup_path(path)
+        if snapshot is None and not path.exists() and bak.exists():
+            # Never start empty beside a good backup: the next saves would replace it with nothing.
+            snapshot = read_snapshot(bak)
+            if snapshot is not None:
+                log.warning("%s is missing: starting from its backup %s (%d names)", path, bak, len(snapshot.data))
+                service.restored_from_backup = 1
         if snapshot is not None:
             service.install(path, snapshot)
             generation = snapshot.generation
             log.info("restored %d names from %s", len(snapshot.data), path)
-        files = journal_files(path)
+        for empty in torn:
+            log.warning("%s: removed a journal whose header a crash cut short (it held no changes)", empty)
+            empty.unlink()
         replayed = 0
         for record in replay_records(path, generation, files):
             service.apply(record)
@@ -561,7 +590,7 @@ class ServerProcess:
             self.stop_reason = "shutdown requested"
         log.info("stopping: %s", self.stop_reason)
         self.close()
-        return 0
+        return 0 if self.final_error is None else EXIT_SAVE_FAILED
 
     def _watch_owner(self) -> None:
         config = self.config
@@ -611,8 +640,14 @@ class ServerProcess:
             try:
                 self.service.save_to(path, final=True, why="final save")
                 saved = True
-            except Exception:
-                pass  # logged by save_to
+            except Exception as exc:  # logged by save_to
+                if self.service.journal is not None:
+                    kept = "the journal beside it keeps every change"
+                else:
+                    kept = "the changes since the last save are lost"
+                self.final_error = SnapshotError(
+                    f"the final save to {path} failed ({type(exc).__name__}: {exc}); {kept}", str(path)
+                )
             if self.service.journal is not None:
                 # The final snapshot holds every change: the journal is only needed if it failed.
                 self.service.journal.close(remove=saved)
@@ -645,4 +680,9 @@ def main() -> None:
     os.close(devnull)
     code = process.run()
     logging.shutdown()
+    if config.report_fd is not None:
+        try:
+            os.write(config.report_fd, pickle.dumps(("stopped", process.final_error)))
+        except OSError:
+            pass  # the owner is gone: nobody to tell
     os._exit(code)

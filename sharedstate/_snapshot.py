@@ -3,6 +3,11 @@
 A save writes a temporary file in the same folder (mode 0600), flushes and fsyncs it, hard-links the
 current file to ``NAME.bak`` (so a good snapshot stays in place at every instant), renames the temporary
 file over the snapshot, and fsyncs the folder. A crash at any moment leaves the old or the new file.
+
+The header (the file's first line) carries ``"sha256"``: the SHA-256 of the whole file as written with
+those 64 digits all ``0``. It is written as that placeholder, the digest is taken while the rest of the
+file streams out, then filled in. So the checksum covers the header's other fields and every section
+after it, whatever sections a later version adds. Version 1 files (no checksum) are still read.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import codecs
 import datetime
 import decimal
+import hashlib
 import json
 import logging
 import os
@@ -22,12 +28,16 @@ import filelock
 from . import _pode
 from ._codec import encode, iter_json_object, object_hook
 from ._errors import SnapshotError, StateFileBusy
-from ._files import backup_path, remove_stray_temp_files, write_atomic
+from ._files import backup_path, read_regular, remove_stray_temp_files, write_atomic
 
 log = logging.getLogger("sharedstate")
 
 FORMAT = "sharedstate"
-VERSION = 1
+#: 2: the header carries a checksum. 1 (read, never written): no checksum.
+VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_CHECKSUM_KEY = "sha256"
+_PLACEHOLDER = "0" * 64
 
 
 class Snapshot(NamedTuple):
@@ -39,17 +49,71 @@ class Snapshot(NamedTuple):
     generation: int = 0
     #: Read from another program's format (Pode's): its values are checked before they are stored.
     foreign: bool = False
+    #: The format version of one of our files.
+    version: int = VERSION
 
 
-_OURS = re.compile(r'\s*\{\s*"format"\s*:\s*"sharedstate"')
+#: Where the header is: the first line, which Pode's files never fill (``{`` alone, or their metadata).
+_HEADER_SPAN = 4096
+#: Either mark in the first line makes a file ours: a damaged bit can spoil only one of them, so a
+#: damaged header of ours is never taken for a Pode file.
+_MARKS = (
+    re.compile(rb'"format"\s*:\s*"sharedstate"'),
+    re.compile(rb'"%s"\s*:\s*"[0-9a-f]{64}"' % _CHECKSUM_KEY.encode()),
+)
+_CHECKSUM = re.compile(rb'"%s"\s*:\s*"([0-9a-f]{64})"' % _CHECKSUM_KEY.encode())
+
+
+def _first_line(raw: bytes) -> bytes:
+    return raw[:_HEADER_SPAN].split(b"\n", 1)[0]
+
+
+def has_our_header(raw: bytes) -> bool:
+    """Whether ``raw`` starts with a sharedstate header, even a damaged one."""
+    line = _first_line(raw)
+    return any(mark.search(line) for mark in _MARKS)
+
+
+def check_checksum(raw: bytes) -> bool | None:
+    """``None`` if the header has no checksum, else whether the checksum matches the content."""
+    match = _CHECKSUM.search(_first_line(raw))
+    if match is None:
+        return None
+    start, end = match.span(1)
+    digest = hashlib.sha256()
+    digest.update(raw[:start])
+    digest.update(_PLACEHOLDER.encode())
+    digest.update(raw[end:])
+    return digest.hexdigest() == match.group(1).decode()
+
+
+class _Sealer:
+    """Hashes a snapshot's text as it streams out, then fills the digest into the header."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.offset = -1  # of the placeholder, in bytes from the start of the file
+
+    def pieces(self, pieces: Any) -> Any:
+        for number, piece in enumerate(pieces):
+            if number == 0:
+                self.offset = len(piece.encode("utf-8")) - len(_PLACEHOLDER) - 1  # the header ends in 0..0"
+            self.digest.update(piece.encode("utf-8"))
+            yield piece
+
+    def finish(self, fd: int) -> None:
+        assert self.offset > 0
+        os.pwrite(fd, self.digest.hexdigest().encode(), self.offset)
 
 
 def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> Any:
-    """The text of a snapshot file, in pieces: the header, the scopes, then one name per line."""
+    """The text of a snapshot file, in pieces: the header (its first line, the checksum placeholder
+    last), the scopes, then one name per line."""
     saved_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
     header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "saved_at": saved_at, "count": len(data)}
     if generation:
         header["journal"] = generation
+    header[_CHECKSUM_KEY] = _PLACEHOLDER
     yield json.dumps(header)[:-1]
     scope_lists = {name: list(scope) for name, scope in scopes.items() if name in data}
     yield ',\n"scopes": ' + json.dumps(encode(scope_lists), ensure_ascii=False)
@@ -59,7 +123,8 @@ def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], ge
 
 
 def write_snapshot(path: Path, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> None:
-    write_atomic(path, snapshot_pieces(data, scopes, generation))
+    sealer = _Sealer()
+    write_atomic(path, sealer.pieces(snapshot_pieces(data, scopes, generation)), finish=sealer.finish)
 
 
 def _decode_text(raw: bytes, path: Path) -> str:
@@ -79,18 +144,23 @@ def read_snapshot(path: Path) -> Snapshot | None:
     """The values and scopes in ``path``; ``None`` for a missing file or one that is empty or only white
     space. Raises ``SnapshotError`` naming the file and the reason for anything else that is not valid.
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = read_regular(path)
+    if raw is None:
         return None
-    except IsADirectoryError:
-        raise SnapshotError(f"{path} is not a valid snapshot: it is a directory", str(path)) from None
-    except OSError as exc:
-        raise SnapshotError(f"cannot read {path}: {exc.strerror}", str(path)) from None
+    ours = has_our_header(raw)
+    if ours:
+        valid = check_checksum(raw)
+        if valid is False:
+            raise SnapshotError(f"{path} is not a valid snapshot: its checksum does not match its content", str(path))
     text = _decode_text(raw, path)
     if not text.strip():
         return None
     try:
+        if ours:
+            snapshot = _ours(json.loads(text, object_hook=object_hook))
+            if valid is None and snapshot.version != 1:
+                raise ValueError(f"the header has no {_CHECKSUM_KEY!r} checksum")
+            return snapshot
         return parse_snapshot(text)
     except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:  # any shape of bad data
         reason = f"invalid JSON ({exc})" if isinstance(exc, json.JSONDecodeError) else str(exc)
@@ -98,11 +168,13 @@ def read_snapshot(path: Path) -> Snapshot | None:
 
 
 def parse_snapshot(text: str) -> Snapshot:
-    if _OURS.match(text):
-        return _ours(json.loads(text, object_hook=object_hook))
+    """A file without our header on its first line: Pode's, or one of ours laid out anew (by hand)."""
     doc = json.loads(text, parse_float=decimal.Decimal)
-    if isinstance(doc, dict) and doc.get("format") == FORMAT:  # ours, but not as we write it
-        return _ours(json.loads(text, object_hook=object_hook))
+    if isinstance(doc, dict) and doc.get("format") == FORMAT:
+        snapshot = _ours(json.loads(text, object_hook=object_hook))
+        if snapshot.version != 1:
+            raise ValueError("the header is not on the first line, as written: its checksum cannot be checked")
+        return snapshot
     if _pode.is_pode_v2(doc):
         return Snapshot(*_pode.read_v2(doc), foreign=True)
     if isinstance(doc, dict):
@@ -113,8 +185,10 @@ def parse_snapshot(text: str) -> Snapshot:
 def _ours(doc: Any) -> Snapshot:
     if not isinstance(doc, dict):
         raise ValueError("expected a JSON object")
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"the header does not name the {FORMAT!r} format")
     version = doc.get("version")
-    if version != VERSION:
+    if type(version) is not int or version not in _READABLE_VERSIONS:
         raise ValueError(f"unsupported {FORMAT} format version {version!r} (this is version {VERSION})")
     data = doc.get("names")
     scopes = doc.get("scopes", {})
@@ -129,7 +203,7 @@ def _ours(doc: Any) -> Snapshot:
     generation = doc.get("journal", 0)
     if type(generation) is not int or generation < 0:
         raise ValueError(f"bad journal generation {generation!r}")
-    return Snapshot(data, checked, generation)
+    return Snapshot(data, checked, generation, version=version)
 
 
 class FileOwnership:
@@ -138,8 +212,14 @@ class FileOwnership:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = filelock.FileLock(str(path) + ".lock", timeout=0, mode=0o600)
-        self._owner_file = path.with_name(path.name + ".owner")
+        lock_file, self._owner_file = self.files(path)
+        self._lock = filelock.FileLock(str(lock_file), timeout=0, mode=0o600)
+
+    @staticmethod
+    def files(path: Path) -> tuple[Path, Path]:
+        """The lock file and the owner file beside ``path`` (filelock opens the lock file with
+        ``O_TRUNC``, following links: its place is checked before it is taken)."""
+        return path.with_name(path.name + ".lock"), path.with_name(path.name + ".owner")
 
     def acquire(self) -> None:
         try:

@@ -46,7 +46,8 @@ def test_the_file_is_readable_json_with_a_header(tmp_path):
         state.set("greeting", "héllo", scope="web")
         state.set("n", 1)
     doc = json.loads(path.read_text(encoding="utf-8"))
-    assert doc["format"] == "sharedstate" and doc["version"] == 1 and doc["saved_at"].endswith("+00:00")
+    assert doc["format"] == "sharedstate" and doc["version"] == 2 and doc["saved_at"].endswith("+00:00")
+    assert len(doc["sha256"]) == 64
     assert doc["names"] == {"greeting": "héllo", "n": 1}
     assert doc["scopes"] == {"greeting": ["web"]}
     assert "héllo" in path.read_text(encoding="utf-8")  # not \u escapes
