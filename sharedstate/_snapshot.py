@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,7 +29,7 @@ import filelock
 from . import _pode
 from ._codec import encode, iter_json_object, object_hook
 from ._errors import SnapshotError, StateFileBusy
-from ._files import backup_path, read_regular, remove_stray_temp_files, write_atomic
+from ._files import backup_path, check_slot, read_regular, remove_stray_temp_files, write_atomic
 
 log = logging.getLogger("sharedstate")
 
@@ -222,6 +223,7 @@ class FileOwnership:
         return path.with_name(path.name + ".lock"), path.with_name(path.name + ".owner")
 
     def acquire(self) -> None:
+        self._claim_lock_file()
         try:
             self._lock.acquire()
         except filelock.Timeout:
@@ -240,6 +242,25 @@ class FileOwnership:
             write_atomic(self._owner_file, [f"{os.getpid()}\n"], backup=False)
         except OSError:
             pass  # only for the error message of a second server
+
+    def _claim_lock_file(self) -> None:
+        """Create the lock file (or open the one there) without following a link, and check it is a
+        regular file of this user, before filelock opens it with ``O_TRUNC``: a check of a missing file
+        followed by filelock's own open would leave a moment in which another user could plant a symbolic
+        link there. Once the file exists, nobody else can swap it in a sticky folder such as /tmp."""
+        lock_file = Path(self._lock.lock_file)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(lock_file, flags, 0o600)
+        except OSError as exc:
+            raise SnapshotError(f"cannot use {lock_file}: {exc.strerror}", str(lock_file)) from None
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            check_slot(lock_file)  # names what is wrong
+            raise SnapshotError(f"cannot use {lock_file}: it is not a regular file of this user", str(lock_file))
 
     def release(self) -> None:
         try:

@@ -223,7 +223,7 @@ def make_device_link(where: Path) -> None:
 
 
 KINDS = {"directory": make_directory, "fifo": make_fifo, "socket": make_socket, "device": make_device_link}
-SLOTS = ["state.json", "state.json.bak", "state.json.journal", "state.json.owner"]
+SLOTS = ["state.json", "state.json.bak", "state.json.journal", "state.json.owner", "state.json.lock"]
 
 
 @pytest.mark.parametrize("slot", SLOTS)
