@@ -5,7 +5,6 @@ from __future__ import annotations
 import decimal
 import os
 import pickle
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import psutil
 from ._cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
 from ._errors import ServerUnavailable, SharedStateError
 from ._lock import Lock
+from ._pattern import compile_pattern
 from ._store import MISSING
 from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_address, parse_address, resolve
 from ._values import check_name, check_names, check_scope, check_value
@@ -196,18 +196,16 @@ class State:
 
     def names(self, pattern: str | None = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
         """The sorted names, those matching the regular expression ``pattern`` (``re.search``) and
-        having any of the scopes ``scope`` when given. An invalid pattern raises ``ValueError``."""
-        if pattern is not None:
-            if not isinstance(pattern, str):
-                raise TypeError(f"pattern must be a str, not {type(pattern).__name__}")
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid pattern {pattern!r}: {exc}") from None
-        scopes = check_scope(scope)
-        if scope is not None and not scopes:
-            return []
-        return self._call("names", (pattern, scopes))
+        having any of the scopes ``scope`` when given (an empty list: no filter). An invalid pattern
+        raises ``ValueError``. The server matches with RE2 only; names it leaves undecided (a pattern
+        with backreferences or lookaround, say) are matched here, with ``re``, at this caller's cost."""
+        checked = None if pattern is None else compile_pattern(pattern)
+        found = self._call("names", (None if checked is None else checked.text, check_scope(scope)))
+        if type(found) is tuple:
+            matched, undecided = found
+            assert checked is not None
+            found = sorted(matched + checked.search_undecided(undecided))
+        return found
 
     def clear(self) -> None:
         """Remove every name."""

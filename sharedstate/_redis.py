@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import threading
 import time
@@ -45,6 +44,7 @@ from ._client import State
 from ._codec import encode, object_hook
 from ._errors import AccessDenied, ServerUnavailable, SharedStateError, SnapshotError
 from ._locktable import describe
+from ._pattern import compile_pattern
 from ._snapshot import read_snapshot, write_snapshot
 from ._transport import ENV_ADDRESS
 from ._values import check_name, check_names, check_scope, check_text, check_value
@@ -556,17 +556,8 @@ class RedisState(State):
 
     @_redis_call
     def names(self, pattern: str | None = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
-        search = None
-        if pattern is not None:
-            if not isinstance(pattern, str):
-                raise TypeError(f"pattern must be a str, not {type(pattern).__name__}")
-            try:
-                search = re.compile(pattern).search
-            except re.error as exc:
-                raise ValueError(f"invalid pattern {pattern!r}: {exc}") from None
-        scopes = check_scope(scope)
-        if scope is not None and not scopes:
-            return []
+        checked = None if pattern is None else compile_pattern(pattern)
+        scopes = check_scope(scope)  # an empty list: no filter (Pode's rule)
         if scopes:
             wanted = set(scopes)
             found = {
@@ -576,7 +567,8 @@ class RedisState(State):
             }
         else:
             found = {_text(name) for name, _ in self._scan(self._data_key, False)}
-        names = [n for n in found if search(n)] if search is not None else list(found)
+        # Matched in this process, so a backtracking pattern costs only its caller.
+        names = checked.filter(found) if checked is not None else list(found)
         names.sort()
         return names
 

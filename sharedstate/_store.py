@@ -11,9 +11,10 @@ depends on the current state, such as the type of the value ``incr`` adds to.
 from __future__ import annotations
 
 import decimal
-import re
 import threading
 from typing import TYPE_CHECKING, Any
+
+from ._pattern import compile_pattern
 
 if TYPE_CHECKING:
     from ._journal import Journal
@@ -125,7 +126,15 @@ class Store:
             self.ops += 1
             return len(self._data)
 
-    def names(self, pattern: str | None = None, scope: tuple[str, ...] = ()) -> list[str]:
+    def names(
+        self, pattern: str | None = None, scope: tuple[str, ...] = ()
+    ) -> list[str] | tuple[list[str], list[str]]:
+        """The sorted names having any of ``scope`` (all when empty) that ``pattern`` is found in.
+
+        Only RE2 runs here (linear time: no pattern can stall other clients). Names RE2 cannot decide
+        as ``re.search`` would are answered apart: ``(matched, undecided)``, for the caller to match
+        with ``re`` in its own process (``_pattern``)."""
+        checked = None if pattern is None else compile_pattern(pattern)  # ValueError before any work
         with self._mutex:
             self.ops += 1
             if scope:
@@ -133,11 +142,12 @@ class Store:
                 found = [n for n, s in self._scopes.items() if not wanted.isdisjoint(s)]
             else:
                 found = list(self._data)
-        if pattern is not None:
-            search = re.compile(pattern).search
-            found = [n for n in found if search(n)]
-        found.sort()
-        return found
+        if checked is None:
+            found.sort()
+            return found
+        matched, undecided = checked.split(found)
+        matched.sort()
+        return (matched, undecided) if undecided else matched
 
     def snapshot(self) -> dict[str, Any]:
         with self._mutex:
