@@ -14,6 +14,7 @@ import decimal
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ._journal import encode_record
 from ._pattern import compile_pattern
 
 if TYPE_CHECKING:
@@ -219,9 +220,14 @@ class Store:
         self._commit(number)
 
     def update(self, mapping: dict[str, Any]) -> None:
+        # Encoding the journal record of a large mapping is most of an update's work: it is done before
+        # the mutex is taken, so other calls do not wait for it; the line is still written under the
+        # mutex, so the journal's order stays the order of the changes.
+        journal = self.journal
+        line = None if journal is None else encode_record(["update", mapping])
         with self._mutex:
             self.ops += 1
-            number = self._record("update", mapping)
+            number = 0 if journal is None or line is None else journal.append_line(line)
             self._data.update(mapping)
             scopes = self._scopes
             if scopes:
