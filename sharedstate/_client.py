@@ -220,6 +220,8 @@ class State:
         name = check_name(name)
         if type(by) not in _NUMBER_TYPES:
             raise TypeError(f"cannot incr {name!r} by {type(by).__name__}: by must be an int, float or Decimal")
+        if type(by) is decimal.Decimal:
+            check_value(name, by)  # a signalling NaN: ValueError
         return self._call("incr", (name, by))
 
     def setdefault(self, name: str, default: Any) -> Any:

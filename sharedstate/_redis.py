@@ -599,6 +599,8 @@ class RedisState(State):
         kind = type(by)
         if kind not in _NUMBER_TYPES:
             raise TypeError(f"cannot incr {name!r} by {kind.__name__}: by must be an int, float or Decimal")
+        if kind is decimal.Decimal:
+            check_value(name, by)  # a signalling NaN: ValueError
         if (kind is int and -_EXACT_INT < by < _EXACT_INT) or (kind is float and math.isfinite(by)):
             reply = self._conn.incr(keys=self._keys[:1], args=[name, repr(by), "i" if kind is int else "f"])
             status = reply[0]
@@ -935,6 +937,8 @@ def _add(name: str, current: Any, by: Any) -> Any:
             return current + by
     except TypeError:
         raise TypeError(f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}") from None
+    except decimal.DecimalException as exc:  # an overflow (the context traps it)
+        raise ValueError(f"cannot incr {name!r} by {by!r}: {type(exc).__name__}") from None
 
 
 def _appended(name: str, current: Any, item: Any) -> list[Any]:

@@ -265,6 +265,8 @@ class Store:
                 raise TypeError(
                     f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}"
                 ) from None
+            except decimal.DecimalException as exc:  # a signalling NaN or an overflow
+                raise ValueError(f"cannot incr {name!r} by {by!r}: {type(exc).__name__}") from None
             number = self._record("incr", name, by)
             self._data[name] = new
             self._changed(name)
