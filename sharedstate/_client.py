@@ -104,7 +104,12 @@ class State:
         if kind == "#RETURN":
             return result
         if kind == "#ERROR":
-            raise result
+            try:
+                raise result
+            finally:
+                # The traceback holds this frame: without this, frame -> result -> traceback -> frame
+                # would keep the exception and everything it refers to until a garbage collection.
+                del result
         raise SharedStateError(f"the server at {self.address} failed in {method}(): {result}")
 
     @property
@@ -303,8 +308,9 @@ class State:
         failed write (the previous file is then untouched).
         """
         target = _absolute(path)
-        include_list = None if include is None else check_names(include)
-        exclude_list = None if exclude is None else check_names(exclude)
+        # An empty list is no filter (Pode's rule), as for names(scope=[]).
+        include_list = (check_names(include) if include is not None else None) or None
+        exclude_list = check_names(exclude) if exclude is not None else None
         return Path(self._call("save", (target, include_list, exclude_list, check_scope(scope))))
 
     def restore(self, path: str | os.PathLike[str] | None = None, *, merge: bool = False) -> int:

@@ -729,8 +729,9 @@ class RedisState(State):
         failed write (the previous file is then untouched).
         """
         target = _target(path, "save")
-        include_list = None if include is None else check_names(include)
-        exclude_list = None if exclude is None else check_names(exclude)
+        # An empty list is no filter (Pode's rule), as for names(scope=[]).
+        include_list = (check_names(include) if include is not None else None) or None
+        exclude_list = check_names(exclude) if exclude is not None else None
         wanted = set(check_scope(scope))
         pipe = self._conn.client.pipeline(transaction=True)
         pipe.hgetall(self._data_key)
