@@ -5,7 +5,6 @@ from __future__ import annotations
 import decimal
 import os
 import pickle
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from ._cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
 from ._errors import ServerUnavailable, SharedStateError
 from ._files import caller_target
 from ._lock import Lock
+from ._pattern import compile_pattern
 from ._store import MISSING
 from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_address, parse_address, resolve
 from ._values import check_name, check_names, check_scope, check_value
@@ -105,7 +105,12 @@ class State:
         if kind == "#RETURN":
             return result
         if kind == "#ERROR":
-            raise result
+            try:
+                raise result
+            finally:
+                # The traceback holds this frame: without this, frame -> result -> traceback -> frame
+                # would keep the exception and everything it refers to until a garbage collection.
+                del result
         raise SharedStateError(f"the server at {self.address} failed in {method}(): {result}")
 
     @property
@@ -197,18 +202,16 @@ class State:
 
     def names(self, pattern: str | None = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
         """The sorted names, those matching the regular expression ``pattern`` (``re.search``) and
-        having any of the scopes ``scope`` when given. An invalid pattern raises ``ValueError``."""
-        if pattern is not None:
-            if not isinstance(pattern, str):
-                raise TypeError(f"pattern must be a str, not {type(pattern).__name__}")
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid pattern {pattern!r}: {exc}") from None
-        scopes = check_scope(scope)
-        if scope is not None and not scopes:
-            return []
-        return self._call("names", (pattern, scopes))
+        having any of the scopes ``scope`` when given (an empty list: no filter). An invalid pattern
+        raises ``ValueError``. The server matches with RE2 only; names it leaves undecided (a pattern
+        with backreferences or lookaround, say) are matched here, with ``re``, at this caller's cost."""
+        checked = None if pattern is None else compile_pattern(pattern)
+        found = self._call("names", (None if checked is None else checked.text, check_scope(scope)))
+        if type(found) is tuple:
+            matched, undecided = found
+            assert checked is not None
+            found = sorted(matched + checked.search_undecided(undecided))
+        return found
 
     def clear(self) -> None:
         """Remove every name."""
@@ -223,6 +226,8 @@ class State:
         name = check_name(name)
         if type(by) not in _NUMBER_TYPES:
             raise TypeError(f"cannot incr {name!r} by {type(by).__name__}: by must be an int, float or Decimal")
+        if type(by) is decimal.Decimal:
+            check_value(name, by)  # a signalling NaN: ValueError
         return self._call("incr", (name, by))
 
     def setdefault(self, name: str, default: Any) -> Any:
@@ -304,8 +309,9 @@ class State:
         failed write (the previous file is then untouched).
         """
         target = _absolute(path, "save")
-        include_list = None if include is None else check_names(include)
-        exclude_list = None if exclude is None else check_names(exclude)
+        # An empty list is no filter (Pode's rule), as for names(scope=[]).
+        include_list = (check_names(include) if include is not None else None) or None
+        exclude_list = check_names(exclude) if exclude is not None else None
         return Path(self._call("save", (target, include_list, exclude_list, check_scope(scope))))
 
     def restore(self, path: str | os.PathLike[str] | None = None, *, merge: bool = False) -> int:

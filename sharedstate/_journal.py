@@ -14,6 +14,7 @@ crash cut short (an empty file, or a prefix of a header line) marks a file that 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,9 +40,31 @@ def journal_path(snapshot: Path) -> Path:
     return snapshot.with_name(snapshot.name + ".journal")
 
 
+#: Names per call of the JSON encoder when a record holds a large mapping (an ``update``).
+CHUNK = 10_000
+
+
 def _line(obj: Any) -> bytes:
-    body = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    body = _json(obj).encode("utf-8")
     return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _json(obj: Any) -> str:
+    """``obj`` as compact JSON. A record ending in a large mapping is written in pieces of ``CHUNK``
+    names: the C encoder holds the GIL for a whole call, so one call over 500,000 names would stop
+    every other thread of the server for a few hundred milliseconds. The text is the same."""
+    dumps = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if type(obj) is not list or not obj or type(obj[-1]) is not dict or len(obj[-1]) <= CHUNK:
+        return dumps(obj)
+    items = list(obj[-1].items())
+    pieces = [dumps(dict(items[start : start + CHUNK]))[1:-1] for start in range(0, len(items), CHUNK)]
+    head = dumps(obj[:-1])[:-1]  # '["update"' (or '[' alone)
+    return head + ("," if len(obj) > 1 else "") + "{" + ",".join(pieces) + "}]"
+
+
+def encode_record(record: list[Any]) -> bytes:
+    """The journal line of ``record``: the costly part of journaling, which needs no lock."""
+    return _line(encode(record))
 
 
 def _parse_line(line: bytes) -> Any:
@@ -186,8 +209,12 @@ class Journal:
     # -- writing (called with the store's mutex held) ---------------------------------------------
     def append(self, record: list[Any]) -> int:
         """Write one record; return its number, for ``commit``."""
+        return self.append_line(encode_record(record))
+
+    def append_line(self, data: bytes) -> int:
+        """Write one record encoded by ``encode_record`` (maybe before the store's mutex was taken: the
+        order of the lines is the order of these calls); return its number, for ``commit``."""
         assert self._fd is not None
-        data = _line(encode(record))
         view = memoryview(data)
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:

@@ -41,7 +41,7 @@ class Lock:
     ...     state.set("total", state.get("total", 0) + 1)
     """
 
-    __slots__ = ("_state", "_name")
+    __slots__ = ("_state", "_name", "__weakref__")  # weakly referable, like threading's locks
 
     def __init__(self, state: State, name: str | None) -> None:
         self._state = state

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import threading
 import time
@@ -46,6 +45,7 @@ from ._codec import encode, object_hook
 from ._errors import AccessDenied, ServerUnavailable, SharedStateError, SnapshotError
 from ._files import caller_target
 from ._locktable import describe
+from ._pattern import compile_pattern
 from ._snapshot import read_snapshot, write_snapshot
 from ._transport import ENV_ADDRESS
 from ._values import check_name, check_names, check_scope, check_text, check_value
@@ -557,17 +557,8 @@ class RedisState(State):
 
     @_redis_call
     def names(self, pattern: str | None = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
-        search = None
-        if pattern is not None:
-            if not isinstance(pattern, str):
-                raise TypeError(f"pattern must be a str, not {type(pattern).__name__}")
-            try:
-                search = re.compile(pattern).search
-            except re.error as exc:
-                raise ValueError(f"invalid pattern {pattern!r}: {exc}") from None
-        scopes = check_scope(scope)
-        if scope is not None and not scopes:
-            return []
+        checked = None if pattern is None else compile_pattern(pattern)
+        scopes = check_scope(scope)  # an empty list: no filter (Pode's rule)
         if scopes:
             wanted = set(scopes)
             found = {
@@ -577,7 +568,8 @@ class RedisState(State):
             }
         else:
             found = {_text(name) for name, _ in self._scan(self._data_key, False)}
-        names = [n for n in found if search(n)] if search is not None else list(found)
+        # Matched in this process, so a backtracking pattern costs only its caller.
+        names = checked.filter(found) if checked is not None else list(found)
         names.sort()
         return names
 
@@ -608,6 +600,8 @@ class RedisState(State):
         kind = type(by)
         if kind not in _NUMBER_TYPES:
             raise TypeError(f"cannot incr {name!r} by {kind.__name__}: by must be an int, float or Decimal")
+        if kind is decimal.Decimal:
+            check_value(name, by)  # a signalling NaN: ValueError
         if (kind is int and -_EXACT_INT < by < _EXACT_INT) or (kind is float and math.isfinite(by)):
             reply = self._conn.incr(keys=self._keys[:1], args=[name, repr(by), "i" if kind is int else "f"])
             status = reply[0]
@@ -736,8 +730,9 @@ class RedisState(State):
         failed write (the previous file is then untouched).
         """
         target = _target(path, "save")
-        include_list = None if include is None else check_names(include)
-        exclude_list = None if exclude is None else check_names(exclude)
+        # An empty list is no filter (Pode's rule), as for names(scope=[]).
+        include_list = (check_names(include) if include is not None else None) or None
+        exclude_list = check_names(exclude) if exclude is not None else None
         wanted = set(check_scope(scope))
         pipe = self._conn.client.pipeline(transaction=True)
         pipe.hgetall(self._data_key)
@@ -944,6 +939,8 @@ def _add(name: str, current: Any, by: Any) -> Any:
             return current + by
     except TypeError:
         raise TypeError(f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}") from None
+    except decimal.DecimalException as exc:  # an overflow (the context traps it)
+        raise ValueError(f"cannot incr {name!r} by {by!r}: {type(exc).__name__}") from None
 
 
 def _appended(name: str, current: Any, item: Any) -> list[Any]:

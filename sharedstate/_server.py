@@ -276,6 +276,9 @@ class StateServer:
             self._tmpdir = None
 
     def __enter__(self) -> StateServer:
+        # ``with StateServer(...).start() as server:`` enters a server that is running already.
+        if self._proc is not None and not self._stopped:
+            return self
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

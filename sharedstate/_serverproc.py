@@ -220,7 +220,8 @@ class StateService(Store):
         """Write a snapshot; return its path. Filters apply in Pode's order: scope, then include, then
         exclude (so exclude has the last word)."""
         target = self._target(path, "save")
-        if target == self.path and (include is not None or exclude or scope):
+        include = include or None  # an empty list is no filter (Pode's rule)
+        if target == self.path and (include or exclude or scope):
             raise ValueError(
                 f"a filtered save would drop names from the server's own snapshot {target}: "
                 "save a filtered snapshot to another path"
@@ -248,7 +249,7 @@ class StateService(Store):
             if scope:
                 wanted = set(scope)
                 data = {n: v for n, v in data.items() if not wanted.isdisjoint(scopes.get(n, ()))}
-            if include is not None:
+            if include:
                 data = {n: data[n] for n in include if n in data}
             if exclude:
                 for name in exclude:
@@ -371,7 +372,9 @@ class ManagerServer(managers.Server):
                 try:
                     result = function(*args, **kwds) if kwds else function(*args)
                 except Exception as exc:
-                    reply = ("#ERROR", exc)
+                    # Without its traceback: the reply, kept until the next request, would otherwise hold
+                    # this frame through it (a cycle only the garbage collector frees).
+                    reply = ("#ERROR", exc.with_traceback(None))
                 else:
                     if result is HANDED:
                         continue  # a lock handed over: its answer is written already

@@ -11,9 +11,11 @@ depends on the current state, such as the type of the value ``incr`` adds to.
 from __future__ import annotations
 
 import decimal
-import re
 import threading
 from typing import TYPE_CHECKING, Any
+
+from ._journal import encode_record
+from ._pattern import compile_pattern
 
 if TYPE_CHECKING:
     from ._journal import Journal
@@ -125,7 +127,15 @@ class Store:
             self.ops += 1
             return len(self._data)
 
-    def names(self, pattern: str | None = None, scope: tuple[str, ...] = ()) -> list[str]:
+    def names(
+        self, pattern: str | None = None, scope: tuple[str, ...] = ()
+    ) -> list[str] | tuple[list[str], list[str]]:
+        """The sorted names having any of ``scope`` (all when empty) that ``pattern`` is found in.
+
+        Only RE2 runs here (linear time: no pattern can stall other clients). Names RE2 cannot decide
+        as ``re.search`` would are answered apart: ``(matched, undecided)``, for the caller to match
+        with ``re`` in its own process (``_pattern``)."""
+        checked = None if pattern is None else compile_pattern(pattern)  # ValueError before any work
         with self._mutex:
             self.ops += 1
             if scope:
@@ -133,11 +143,12 @@ class Store:
                 found = [n for n, s in self._scopes.items() if not wanted.isdisjoint(s)]
             else:
                 found = list(self._data)
-        if pattern is not None:
-            search = re.compile(pattern).search
-            found = [n for n in found if search(n)]
-        found.sort()
-        return found
+        if checked is None:
+            found.sort()
+            return found
+        matched, undecided = checked.split(found)
+        matched.sort()
+        return (matched, undecided) if undecided else matched
 
     def snapshot(self) -> dict[str, Any]:
         with self._mutex:
@@ -209,9 +220,14 @@ class Store:
         self._commit(number)
 
     def update(self, mapping: dict[str, Any]) -> None:
+        # Encoding the journal record of a large mapping is most of an update's work: it is done before
+        # the mutex is taken, so other calls do not wait for it; the line is still written under the
+        # mutex, so the journal's order stays the order of the changes.
+        journal = self.journal
+        line = None if journal is None else encode_record(["update", mapping])
         with self._mutex:
             self.ops += 1
-            number = self._record("update", mapping)
+            number = 0 if journal is None or line is None else journal.append_line(line)
             self._data.update(mapping)
             scopes = self._scopes
             if scopes:
@@ -249,6 +265,8 @@ class Store:
                 raise TypeError(
                     f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}"
                 ) from None
+            except decimal.DecimalException as exc:  # a signalling NaN or an overflow
+                raise ValueError(f"cannot incr {name!r} by {by!r}: {type(exc).__name__}") from None
             number = self._record("incr", name, by)
             self._data[name] = new
             self._changed(name)

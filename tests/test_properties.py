@@ -212,7 +212,7 @@ class StateModel(RuleBasedStateMachine):
             expected = sorted(
                 n
                 for n in self.model
-                if (compiled is None or compiled.search(n)) and (scope is None or wanted & self.scopes.get(n, set()))
+                if (compiled is None or compiled.search(n)) and (not wanted or wanted & self.scopes.get(n, set()))
             )
             assert self.state.names(pattern, scope=scope) == expected
 

@@ -114,8 +114,8 @@ def test_save_filters_in_podes_order(state_with_scopes, tmp_path):
     assert saved_names(out) == ["b"]
     state.save(out, scope="web", exclude=["a"])
     assert saved_names(out) == ["b"]
-    state.save(out, include=[])
-    assert saved_names(out) == []
+    state.save(out, include=[])  # an empty list is no filter (Pode's rule)
+    assert saved_names(out) == ["a", "b", "c", "d"]
 
 
 def test_a_relative_path_is_the_callers(state_with_scopes, tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def test_names_filtered_by_scope(state):
     assert state.names(scope=["admin"]) == ["b", "c"]
     assert state.names(scope=["web", "admin"]) == ["a", "b", "c"]
     assert state.names("^[bc]$", scope="web") == ["b"]
-    assert state.names(scope=[]) == []
+    assert state.names(scope=[]) == ["a", "b", "c", "d"]  # an empty list is no filter (Pode's rule)
     state.set("a", 1)  # set replaces the scope too
     assert state.names(scope="web") == ["b"]
 
