@@ -1,0 +1,210 @@
+"""The server's lock file: who holds which lock, so a server process restarted after a crash rebuilds its
+lock table instead of handing a held lock to a second process.
+
+Every change of a holder (taken, taken again, released once, freed) appends one JSON line with the
+lock's state after it; the last line about a lock wins. One ``write`` of a short line, no fsync: the file
+must survive a crash of the server process, which the kernel's page cache does, not one of the host
+(after which no holder is alive anyway). It grows until it is rewritten with only the held locks, at
+each start and when it passes ``COMPACT_BYTES``.
+
+The file lives in the server's private folder (made by its owner, mode 0700). It is created with
+``O_EXCL``/``O_NOFOLLOW``, mode 0600, and read only when it is a regular file of this user that nobody
+else may write; anything else is logged and ignored, never a failed start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+log = logging.getLogger("sharedstate")
+
+#: The file is rewritten with only the held locks once it has grown past this.
+COMPACT_BYTES = 256 * 1024
+#: A lock file larger than this is not read (it cannot hold that many locks of a live server).
+MAX_READ_BYTES = 64 * 1024 * 1024
+
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass
+class Holder:
+    """A held lock as the file recorded it."""
+
+    key: str | None
+    #: The holding client: ``(scope, pid, create_time)``, as the server keys its clients.
+    client: tuple[str, int, float | None]
+    thread: Hashable
+    count: int
+    lease: float | None
+
+
+def _persistable(thread: Hashable) -> bool:
+    # Thread idents (int) and asyncio task tokens (str): what the clients send. Anything else is not
+    # written, and a restart then loses that lock (its holder gets LockLost).
+    return type(thread) in (int, str)
+
+
+def _line(key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None) -> bytes:
+    scope, pid, ctime = client
+    return (json.dumps(["h", key, scope, pid, ctime, thread, count, lease], separators=(",", ":")) + "\n").encode()
+
+
+def _free_line(key: str | None) -> bytes:
+    return (json.dumps(["f", key], separators=(",", ":")) + "\n").encode()
+
+
+class LockFile:
+    """Appends the lock table's changes to one file (see the module's docstring)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._size = 0
+        self._failed = False
+
+    # -- start --------------------------------------------------------------------------------------
+    def load(self) -> list[Holder]:
+        """The locks held when the last server process stopped; ``[]`` when there is no usable file.
+        Never raises: a damaged file is logged and read as far as it can be trusted."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            log.error("lock file %s cannot be opened (%s): locks held before the restart are lost", self.path, exc)
+            return []
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                log.error("lock file %s is not a regular file: ignored, locks held before are lost", self.path)
+                return []
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                log.error("lock file %s belongs to another user or others may write it: ignored", self.path)
+                return []
+            if info.st_size > MAX_READ_BYTES:
+                log.error("lock file %s is %d bytes, too large to be ours: ignored", self.path, info.st_size)
+                return []
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        except OSError as exc:
+            log.error("lock file %s cannot be read (%s): locks held before the restart are lost", self.path, exc)
+            return []
+        finally:
+            os.close(fd)
+        return self._parse(b"".join(chunks))
+
+    def _parse(self, data: bytes) -> list[Holder]:
+        holders: dict[str | None, Holder] = {}
+        lines = data.split(b"\n")
+        torn = lines.pop()  # the part after the last newline: empty, or a write cut short
+        if torn:
+            log.warning("lock file %s ends in a partial line: dropped", self.path)
+        damaged = 0
+        for number, raw in enumerate(lines, 1):
+            try:
+                record = json.loads(raw)
+                if record[0] == "f" and len(record) == 2 and (record[1] is None or type(record[1]) is str):
+                    holders.pop(record[1], None)
+                    continue
+                kind, key, scope, pid, ctime, thread, count, lease = record
+                if not (
+                    kind == "h"
+                    and (key is None or type(key) is str)
+                    and type(scope) is str
+                    and type(pid) is int
+                    and (ctime is None or type(ctime) in (int, float))
+                    and _persistable(thread)
+                    and type(count) is int
+                    and count > 0
+                    and (lease is None or (type(lease) in (int, float) and lease > 0))
+                ):
+                    raise ValueError("not a lock record")
+            except (ValueError, TypeError, IndexError, KeyError):
+                damaged += 1
+                if damaged == 1:
+                    log.error("lock file %s: line %d is damaged and skipped", self.path, number)
+                continue
+            holders[key] = Holder(key, (scope, pid, ctime), thread, count, lease)
+        if damaged > 1:
+            log.error("lock file %s: %d damaged lines skipped in all", self.path, damaged)
+        return list(holders.values())
+
+    def start(self, holders: Iterable[Holder]) -> None:
+        """Begin a fresh file holding ``holders`` (what this server process rebuilt)."""
+        self._rewrite(_line(h.key, h.client, h.thread, h.count, h.lease) for h in holders)
+
+    # -- changes (called with the lock table's mutex held) -------------------------------------------
+    def held(self, key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None) -> None:
+        if _persistable(thread):
+            self._append(_line(key, client, thread, count, lease))
+        else:
+            self._append(_free_line(key))
+
+    def freed(self, key: str | None) -> None:
+        self._append(_free_line(key))
+
+    def needs_compacting(self) -> bool:
+        return self._size > COMPACT_BYTES
+
+    def compact(self, held: Iterable[tuple[str | None, tuple, Hashable, int, float | None]]) -> None:
+        self._rewrite(_line(*h) for h in held if _persistable(h[2]))
+
+    def close(self, remove: bool) -> None:
+        """Stop writing; ``remove``: the server stops cleanly, so no lock outlives it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if remove:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _append(self, line: bytes) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            self._size += os.write(fd, line)
+        except OSError as exc:
+            self._broken(exc)
+
+    def _rewrite(self, lines: Iterable[bytes]) -> None:
+        """Write a new file beside the old one and put it in its place: a crash at any moment leaves one
+        whole file."""
+        temp = self.path + ".new"
+        data = b"".join(lines)
+        try:
+            try:
+                os.unlink(temp)  # left by a crash during a rewrite; the folder is this user's alone
+            except FileNotFoundError:
+                pass
+            fd = os.open(temp, _OPEN_NEW, 0o600)
+            try:
+                os.write(fd, data)
+                os.replace(temp, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as exc:
+            self._broken(exc)
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._size, self._failed = fd, len(data), False
+
+    def _broken(self, exc: OSError) -> None:
+        if not self._failed:
+            self._failed = True
+            log.error(
+                "cannot write the lock file %s (%s): locks taken now are lost if the server process crashes",
+                self.path,
+                exc,
+            )
