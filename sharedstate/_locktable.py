@@ -302,6 +302,9 @@ class LockTable:
     def _take(
         self, key: str | None, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client, lease: float | None
     ) -> None:
+        # Freeing a dead holder's named lock may have dropped the entry from the table just before: put it
+        # back, or the lock would be held in an entry nobody else sees.
+        self._entries[key] = entry
         entry.owner = owner
         entry.client = client
         entry.count = 1
