@@ -464,3 +464,57 @@ def test_a_lease_is_kept_by_a_pickled_lock(state):
 
     lock = pickle.loads(pickle.dumps(state.named_lock("x", lease=2.5)))
     assert lock.lease == 2.5 and lock.name == "x"
+
+
+# -- the Redis backend -------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("global_lock", [False, True], ids=["named_lock", "global-lock"])
+def test_redis_locks_take_a_lease_of_their_own_and_a_lost_one_is_lock_lost(redis_server, redis_namespace, global_lock):
+    lease = 0.5
+    # The state's own lease is long: only the lock's own lease lets another process in.
+    url = f"{redis_server.url}?namespace={redis_namespace}&lease=30"
+    ctx = multiprocessing.get_context("fork")
+    leased, plain = ctx.Event(), ctx.Event()
+    go, results = ctx.Event(), ctx.Queue()
+    holder = ctx.Process(
+        target=hold_with_lease_until_told, args=(url, None, "leased", lease, leased, go, results, global_lock)
+    )
+    keeper = ctx.Process(target=hold_forever, args=(url, None, "plain", None, plain))
+    holder.start()
+    keeper.start()
+    state = sharedstate.connect(url)
+    try:
+        assert leased.wait(WAIT_S) and plain.wait(WAIT_S)
+        lock = state.lock if global_lock else state.named_lock("leased")
+        os.kill(holder.pid, signal.SIGSTOP)
+        os.kill(keeper.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        assert lock.acquire(timeout=lease + 5)
+        took = time.monotonic() - started
+        assert took <= lease + 1.0, f"took {took:.2f} s"
+        assert state.named_lock("plain").acquire(timeout=lease + 1.0) is False
+        os.kill(holder.pid, signal.SIGCONT)
+        go.set()
+        kind, error = results.get(timeout=WAIT_S)
+        assert kind == "release raised" and error[0] == "LockLost", (kind, error)
+        assert lock.owner() == os.getpid()
+        lock.release()
+    finally:
+        go.set()
+        for proc in (holder, keeper):
+            kill(proc.pid, signal.SIGCONT)
+        kill(keeper.pid)
+        reap(holder, keeper)
+        state.close()
+
+
+def test_redis_lock_leases_are_checked(redis_state):
+    for lease in (0, -1, float("nan"), 0.01, 10_000):
+        with pytest.raises(ValueError, match="lease"):
+            redis_state.named_lock("x", lease=lease).acquire()
+    with pytest.raises(TypeError, match="lease"):
+        redis_state.lock.acquire(lease="1")
+    assert not redis_state.lock.locked() and not redis_state.named_lock("x").locked()
+    with redis_state.named_lock("x", lease=0.2):  # renewed while it runs, so held past its lease
+        time.sleep(0.5)
+        assert redis_state.named_lock("x").owner() == os.getpid()
