@@ -20,6 +20,7 @@ import os
 import stat
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 
 log = logging.getLogger("sharedstate")
 
@@ -49,13 +50,33 @@ def _persistable(thread: Hashable) -> bool:
     return type(thread) in (int, str)
 
 
+# The lines are JSON, put together by hand: json.dumps of the whole record costs several microseconds,
+# paid on every acquire and release.
+_quote = encode_basestring_ascii
+#: The encoded form of each client tuple seen lately (few clients, many lock calls each).
+_clients: dict[tuple, str] = {}
+
+
+def _json(value: object) -> str:
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _quote(value)
+    return repr(value)  # int, float: their repr is valid JSON (a lease is finite)
+
+
 def _line(key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None) -> bytes:
-    scope, pid, ctime = client
-    return (json.dumps(["h", key, scope, pid, ctime, thread, count, lease], separators=(",", ":")) + "\n").encode()
+    encoded = _clients.get(client)
+    if encoded is None:
+        if len(_clients) > 4096:
+            _clients.clear()
+        scope, pid, ctime = client
+        encoded = _clients[client] = f"{_quote(scope)},{pid},{json.dumps(ctime)}"
+    return f'["h",{_json(key)},{encoded},{_json(thread)},{count},{_json(lease)}]\n'.encode()
 
 
 def _free_line(key: str | None) -> bytes:
-    return (json.dumps(["f", key], separators=(",", ":")) + "\n").encode()
+    return f'["f",{_json(key)}]\n'.encode()
 
 
 class LockFile:
