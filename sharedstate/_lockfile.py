@@ -2,10 +2,11 @@
 lock table instead of handing a held lock to a second process.
 
 Every change of a holder (taken, taken again, released once, freed) appends one JSON line with the
-lock's state after it; the last line about a lock wins. One ``write`` of a short line, no fsync: the file
-must survive a crash of the server process, which the kernel's page cache does, not one of the host
-(after which no holder is alive anyway). It grows until it is rewritten with only the held locks, at
-each start and when it passes ``COMPACT_BYTES``.
+lock's state after it; the last line about a lock wins. The file is mapped in memory (``MAP_SHARED``), so
+an append is a copy into the kernel's page cache with no system call, and no fsync: the file must survive
+a crash of the server process, which the page cache does, not one of the host (after which no holder is
+alive anyway). The mapped file has a fixed size; what follows the last line is zero bytes. When it is
+full it is rewritten with only the held locks (as at each start), in a file at least ``MIN_BYTES`` large.
 
 The file lives in the server's private folder (made by its owner, mode 0700). It is created with
 ``O_EXCL``/``O_NOFOLLOW``, mode 0600, and read only when it is a regular file of this user that nobody
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import stat
 from collections.abc import Hashable, Iterable
@@ -24,12 +26,13 @@ from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 
 log = logging.getLogger("sharedstate")
 
-#: The file is rewritten with only the held locks once it has grown past this.
-COMPACT_BYTES = 256 * 1024
+#: The size of a new lock file (or four times what it holds, if more): appends fill it, then it is
+#: rewritten with only the held locks.
+MIN_BYTES = 256 * 1024
 #: A lock file larger than this is not read (it cannot hold that many locks of a live server).
 MAX_READ_BYTES = 64 * 1024 * 1024
 
-_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_OPEN_NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass
@@ -84,8 +87,9 @@ class LockFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd: int | None = None
-        self._size = 0
+        self._map: mmap.mmap | None = None
+        #: Where the next line goes.
+        self._end = 0
         self._failed = False
 
     # -- start --------------------------------------------------------------------------------------
@@ -118,7 +122,10 @@ class LockFile:
             return []
         finally:
             os.close(fd)
-        return self._parse(b"".join(chunks))
+        lines, _, rest = b"".join(chunks).partition(b"\0")
+        if rest.strip(b"\0"):
+            log.error("lock file %s has data after its end: that part is damaged and skipped", self.path)
+        return self._parse(lines)
 
     def _parse(self, data: bytes) -> list[Holder]:
         holders: dict[str | None, Holder] = {}
@@ -161,26 +168,25 @@ class LockFile:
         self._rewrite(_line(h.key, h.client, h.thread, h.count, h.lease) for h in holders)
 
     # -- changes (called with the lock table's mutex held) -------------------------------------------
-    def held(self, key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None) -> None:
+    def held(self, key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None) -> bool:
+        """Record a holder; ``False`` when the file is full: ``compact`` it (with this change in it)."""
         if _persistable(thread):
-            self._append(_line(key, client, thread, count, lease))
-        else:
-            self._append(_free_line(key))
+            return self._append(_line(key, client, thread, count, lease))
+        return self._append(_free_line(key))
 
-    def freed(self, key: str | None) -> None:
-        self._append(_free_line(key))
-
-    def needs_compacting(self) -> bool:
-        return self._size > COMPACT_BYTES
+    def freed(self, key: str | None) -> bool:
+        """Record a freed lock; ``False`` when the file is full, as for ``held``."""
+        return self._append(_free_line(key))
 
     def compact(self, held: Iterable[tuple[str | None, tuple, Hashable, int, float | None]]) -> None:
+        """Rewrite the file with only ``held``: ``(key, client, thread, count, lease)`` of each held lock."""
         self._rewrite(_line(*h) for h in held if _persistable(h[2]))
 
     def close(self, remove: bool) -> None:
         """Stop writing; ``remove``: the server stops cleanly, so no lock outlives it."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if remove:
             try:
                 os.unlink(self.path)
@@ -188,20 +194,25 @@ class LockFile:
                 pass
 
     # -- internals ----------------------------------------------------------------------------------
-    def _append(self, line: bytes) -> None:
-        fd = self._fd
-        if fd is None:
-            return
-        try:
-            self._size += os.write(fd, line)
-        except OSError as exc:
-            self._broken(exc)
+    def _append(self, line: bytes) -> bool:
+        mapped = self._map
+        if mapped is None:
+            return True  # no file (it could not be made): nothing to keep
+        start = self._end
+        end = start + len(line)
+        if end >= len(mapped):  # one zero byte always ends the lines
+            return False
+        mapped[start:end] = line
+        self._end = end
+        return True
 
     def _rewrite(self, lines: Iterable[bytes]) -> None:
         """Write a new file beside the old one and put it in its place: a crash at any moment leaves one
         whole file."""
         temp = self.path + ".new"
         data = b"".join(lines)
+        size = max(MIN_BYTES, -(-4 * len(data) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        mapped = None
         try:
             try:
                 os.unlink(temp)  # left by a crash during a rewrite; the folder is this user's alone
@@ -209,23 +220,37 @@ class LockFile:
                 pass
             fd = os.open(temp, _OPEN_NEW, 0o600)
             try:
-                os.write(fd, data)
+                # Blocks reserved now: a full disk is an error here, not a SIGBUS at a later append.
+                os.posix_fallocate(fd, 0, size)
+                mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                mapped[: len(data)] = data
                 os.replace(temp, self.path)
-            except BaseException:
-                os.close(fd)
-                raise
-        except OSError as exc:
+            finally:
+                os.close(fd)  # the mapping stays
+        except (OSError, ValueError) as exc:
+            # Without a file no restart can trust, the next server process rebuilds no lock: their holders
+            # get LockLost, rather than a stale file keeping locks of live processes held.
+            for stale in (mapped, self._map):
+                if stale is not None:
+                    stale.close()
+            self._map = None
+            for name in (temp, self.path):
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
             self._broken(exc)
             return
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd, self._size, self._failed = fd, len(data), False
+        if self._map is not None:
+            self._map.close()
+        self._map, self._end, self._failed = mapped, len(data), False
 
-    def _broken(self, exc: OSError) -> None:
+    def _broken(self, exc: Exception) -> None:
         if not self._failed:
             self._failed = True
             log.error(
-                "cannot write the lock file %s (%s): locks taken now are lost if the server process crashes",
+                "cannot write the lock file %s (%s): if this server process crashes, the next one frees every "
+                "lock (their holders get LockLost)",
                 self.path,
                 exc,
             )

@@ -319,13 +319,17 @@ class LockTable:
         if file is None:
             return
         assert entry.owner is not None and entry.client is not None
-        file.held(key, entry.client.key, entry.owner[1], entry.count, entry.lease)
-        if file.needs_compacting():
-            file.compact(
-                (k, e.client.key, e.owner[1], e.count, e.lease)
-                for k, e in self._entries.items()
-                if e.owner is not None and e.client is not None
-            )
+        if not file.held(key, entry.client.key, entry.owner[1], entry.count, entry.lease):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the full lock file with the held locks (the change that did not fit among them)."""
+        assert self._file is not None
+        self._file.compact(
+            (k, e.client.key, e.owner[1], e.count, e.lease)
+            for k, e in self._entries.items()
+            if e.owner is not None and e.client is not None
+        )
 
     def _expire(self, key: str | None, entry: _Entry) -> None:
         """Free the lock if its holder's lease ran out."""
@@ -347,8 +351,8 @@ class LockTable:
         entry.client = None
         entry.count = 0
         entry.lease = None
-        if self._file is not None:
-            self._file.freed(key)
+        if self._file is not None and not self._file.freed(key):
+            self._compact()
         self._forget_if_idle(key, entry)
 
     def _forget_if_idle(self, key: str | None, entry: _Entry) -> None:

@@ -277,7 +277,7 @@ def test_a_holder_whose_lock_the_restarted_server_lost_gets_lock_lost(tmp_path, 
                 if damage == "removed":
                     path.unlink()
                 elif damage == "garbage":
-                    path.write_bytes(b"\x00\xff not json\n[1, 2\n")
+                    path.write_bytes(b"\xff not json\n[1, 2\n" + bytes(100) + b"more\n")
                 elif damage == "symlink":
                     path.unlink()
                     path.symlink_to(target)
@@ -306,7 +306,8 @@ def test_a_holder_whose_lock_the_restarted_server_lost_gets_lock_lost(tmp_path, 
         assert path.stat().st_mode & 0o777 == 0o600
         log = (tmp_path / "server.log").read_text()
         if damage == "garbage":
-            assert "is damaged and skipped" in log
+            assert "line 1 is damaged and skipped" in log and "2 damaged lines" in log
+            assert "has data after its end" in log
         elif damage == "symlink":
             assert "cannot be opened" in log
         elif damage == "others-may-write":
