@@ -55,18 +55,12 @@ def check_lease(lease: object) -> float | None:
 
 
 # -- what this process believes it holds -------------------------------------------------------------
-class _Held:
-    __slots__ = ("count", "lost")
-
-    def __init__(self) -> None:
-        self.count = 0
-        #: The server said (or the lease renewal found) that the lock is no longer this holder's: every
-        #: call on it raises ``LockLost`` until the holder has released as often as it acquired.
-        self.lost = False
-
-
-#: ``(server address, lock name, owner)`` -> what that owner (thread ident or task token) holds.
-_held: dict[tuple[str, str | None, Hashable], _Held] = {}
+#: ``(server address, lock name, owner)`` -> how often that owner (a thread ident or an asyncio task's
+#: token) believes it holds the lock.
+_held: dict[tuple[Any, str | None, Hashable], int] = {}
+#: Those of ``_held`` that the server said (or the lease renewal found) are no longer their owner's:
+#: every call on them raises ``LockLost`` until the owner has released as often as it acquired.
+_lost: set[tuple[Any, str | None, Hashable]] = set()
 
 
 def acquire_call(
@@ -74,48 +68,52 @@ def acquire_call(
 ) -> bool:
     """Acquire ``name`` for ``owner`` through ``state``; ``LockLost`` if ``owner`` believed it held it and
     the server no longer has it as its own."""
-    ident = (state.address, name, owner)
-    held = _held.get(ident)
-    count = 0 if held is None else held.count
-    if held is not None and held.lost:
+    ident = (state._address, name, owner)
+    count = _held.get(ident, 0)
+    if count and ident in _lost:
         raise lost(name)
     try:
         taken = state._call("lock_acquire", (name, owner, blocking, timeout, lease, count))
     except LockLost:
-        if held is not None:
-            held.lost = True
+        if count:
+            _lost.add(ident)
             _renewals.discard(ident)
         raise
     if taken:
-        if held is None:
-            held = _held[ident] = _Held()
+        _held[ident] = count + 1
+        if not count:
+            if _lost:  # a renewal that lost a lock the owner released meanwhile may have left it there
+                _lost.discard(ident)
             if lease is not None and not state._renews_leases:
                 _renewals.add(ident, state, lease)
-        held.count += 1
     return taken
 
 
 def release_call(state: State, name: str | None, owner: Hashable) -> None:
     """Release ``name`` once for ``owner``: ``LockLost`` if it was lost meanwhile, ``RuntimeError`` if
     ``owner`` does not hold it."""
-    ident = (state.address, name, owner)
-    held = _held.get(ident)
-    if held is None:
+    ident = (state._address, name, owner)
+    count = _held.get(ident, 0)
+    if not count:
         state._call("lock_release", (name, owner, 0))
         return
-    if not held.lost:
+    was_lost = ident in _lost
+    if not was_lost:
         try:
-            state._call("lock_release", (name, owner, held.count))
+            state._call("lock_release", (name, owner, count))
         except LockLost:
-            held.lost = True
+            was_lost = True
         # Any other failure (the server out of reach) leaves the belief as it was: the release did not
         # happen, or the server is gone with its locks, which the next call finds out.
-    held.count -= 1
-    if held.count <= 0:
-        if _held.get(ident) is held:
-            del _held[ident]
+    if count > 1:
+        _held[ident] = count - 1
+        if was_lost:
+            _lost.add(ident)
+    else:
+        _held.pop(ident, None)
+        _lost.discard(ident)
         _renewals.discard(ident)
-    if held.lost:
+    if was_lost:
         raise lost(name)
 
 
@@ -134,11 +132,11 @@ class _Renewals:
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._leases: dict[tuple[str, str | None, Hashable], _Lease] = {}
+        self._leases: dict[tuple[Any, str | None, Hashable], _Lease] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(self, ident: tuple[str, str | None, Hashable], state: State, lease: float) -> None:
+    def add(self, ident: tuple[Any, str | None, Hashable], state: State, lease: float) -> None:
         with self._mutex:
             self._leases[ident] = _Lease(state, lease)
             if self._thread is None:
@@ -146,9 +144,10 @@ class _Renewals:
                 self._thread.start()
         self._wake.set()
 
-    def discard(self, ident: tuple[str, str | None, Hashable]) -> None:
-        with self._mutex:
-            self._leases.pop(ident, None)
+    def discard(self, ident: tuple[Any, str | None, Hashable]) -> None:
+        if ident in self._leases:  # read without the mutex: most locks have no lease
+            with self._mutex:
+                self._leases.pop(ident, None)
 
     def _renew_forever(self) -> None:
         while True:
@@ -163,7 +162,7 @@ class _Renewals:
 
     def _renew_due(self) -> None:
         now = time.monotonic()
-        groups: dict[int, tuple[State, list[tuple[str, str | None, Hashable]]]] = {}
+        groups: dict[int, tuple[State, list[tuple[Any, str | None, Hashable]]]] = {}
         with self._mutex:
             for ident, lease in self._leases.items():
                 if lease.renew_at <= now:
@@ -188,9 +187,8 @@ class _Renewals:
                         continue  # released meanwhile
                     if (ident[1], ident[2]) in gone_set:
                         del self._leases[ident]
-                        held = _held.get(ident)
-                        if held is not None:
-                            held.lost = True
+                        if ident in _held:
+                            _lost.add(ident)
                         log.warning(
                             "lost %s at %s: its lease of %g s ran out before it was renewed",
                             describe(ident[1]),
@@ -213,6 +211,7 @@ def _after_fork_in_child() -> None:
     # A forked child holds none of its parent's locks, and no renewal thread runs in it.
     global _renewals
     _held.clear()
+    _lost.clear()
     _renewals = _Renewals()
 
 
