@@ -72,6 +72,28 @@ def hold_then_call_after_restart(address, authkey, name, held, restarted, result
         _report(results, "error", _error(exc))
 
 
+def hold_then_close(address, authkey, name, held, closed, go, results) -> None:
+    """Hold ``name``, close every connection (the server frees the lock), then report what the next
+    calls on the lock raise."""
+    try:
+        state = sharedstate.connect(address, authkey)
+        lock = state.named_lock(name)
+        lock.acquire()
+        held.set()
+        state.close()
+        closed.set()
+        assert go.wait(WAIT_S)
+        outcomes = []
+        for call in (lock.release, lambda: lock.acquire(blocking=False)):
+            try:
+                outcomes.append(("returned", call()))
+            except Exception as exc:
+                outcomes.append(_error(exc))
+        _report(results, "outcomes", outcomes)
+    except BaseException as exc:
+        _report(results, "error", _error(exc))
+
+
 def hold_forever(address, authkey, name, lease, held) -> None:
     state = sharedstate.connect(address, authkey)
     (state.lock if name is None else state.named_lock(name)).acquire(lease=lease)
@@ -314,6 +336,30 @@ def test_a_holder_whose_lock_the_restarted_server_lost_gets_lock_lost(tmp_path, 
             assert "others may write it" in log
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_holder_whose_connections_closed_gets_lock_lost_not_a_second_hold(method):
+    ctx = multiprocessing.get_context(method)
+    with sharedstate.StateServer() as server:
+        held, closed, go, results = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+        args = (server.address, server.authkey, "job", held, closed, go, results)
+        holder = ctx.Process(target=hold_then_close, args=args)
+        holder.start()
+        try:
+            assert held.wait(WAIT_S) and closed.wait(WAIT_S)
+            lock = server.state.named_lock("job")
+            assert lock.acquire(timeout=5)  # freed when the holder's last connection closed
+            go.set()
+            outcomes = get(results, "outcomes")
+            # Its release is LockLost and frees nothing; after that the thread holds nothing, so a new
+            # acquire is an ordinary one (and finds the lock taken).
+            assert outcomes == [outcomes[0], ("returned", False)] and outcomes[0][0] == "LockLost", outcomes
+            assert lock.owner() == os.getpid()
+            lock.release()
+        finally:
+            go.set()
+            reap(holder)
 
 
 def test_the_lock_file_is_private_and_gone_after_a_clean_stop():
