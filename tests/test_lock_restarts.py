@@ -278,7 +278,7 @@ def test_a_holder_that_dies_while_the_server_is_down_loses_its_lock_at_the_resta
         server.shutdown()
 
 
-@pytest.mark.parametrize("damage", ["removed", "garbage", "symlink", "others-may-write"])
+@pytest.mark.parametrize("damage", ["removed", "garbage", "symlink", "others-may-write", "directory"])
 def test_a_holder_whose_lock_the_restarted_server_lost_gets_lock_lost(tmp_path, damage):
     ctx = multiprocessing.get_context("fork")
     server = start_with_log(tmp_path / "server.log")
@@ -303,6 +303,9 @@ def test_a_holder_whose_lock_the_restarted_server_lost_gets_lock_lost(tmp_path, 
                 elif damage == "symlink":
                     path.unlink()
                     path.symlink_to(target)
+                elif damage == "directory":
+                    path.unlink()
+                    path.mkdir()
                 else:
                     path.chmod(0o666)
 
@@ -325,8 +328,11 @@ def test_a_holder_whose_lock_the_restarted_server_lost_gets_lock_lost(tmp_path, 
             reap(holder)
         assert target.read_text() == "untouched\n"
         assert not path.is_symlink()
-        assert path.stat().st_mode & 0o777 == 0o600
         log = (tmp_path / "server.log").read_text()
+        if damage == "directory":  # the server runs on, without a lock file, and says so
+            assert "is not a regular file" in log and "cannot write the lock file" in log
+        else:
+            assert path.stat().st_mode & 0o777 == 0o600
         if damage == "garbage":
             assert "line 1 is damaged and skipped" in log and "2 damaged lines" in log
             assert "has data after its end" in log
@@ -360,6 +366,33 @@ def test_a_holder_whose_connections_closed_gets_lock_lost_not_a_second_hold(meth
         finally:
             go.set()
             reap(holder)
+
+
+def test_the_lock_file_keeps_only_held_locks_when_it_fills_up(tmp_path):
+    from sharedstate._lockfile import MIN_BYTES, LockFile
+    from sharedstate._locktable import Client, LockTable
+
+    def client(pid: int) -> Client:
+        made = Client(("here", pid, 1.5), pid, False, 1.5)
+        made.conns = 1
+        return made
+
+    holder, other = client(1), client(2)
+    path = str(tmp_path / "locks")
+    file = LockFile(path)
+    file.start([])
+    table = LockTable(file)
+    assert table.acquire("kept", holder, 7, True, None, print, 2.5, 0) is True
+    assert table.acquire("kept", holder, 7, True, None, print, None, 1) is True  # reentrant: count 2
+    for i in range(3 * MIN_BYTES // 100):  # several times what the file holds
+        assert table.acquire(f"lock {i}", other, 9, True, None, print) is True
+        table.release(f"lock {i}", other, 9, 1)
+    assert os.path.getsize(path) == MIN_BYTES
+    (found,) = LockFile(path).load()
+    assert (found.key, found.client, found.thread, found.count, found.lease) == ("kept", holder.key, 7, 2, 2.5)
+    table.release("kept", holder, 7, 2)
+    table.release("kept", holder, 7, 1)
+    assert LockFile(path).load() == []
 
 
 def test_the_lock_file_is_private_and_gone_after_a_clean_stop():
