@@ -202,7 +202,10 @@ class LockFile:
         end = start + len(line)
         if end >= len(mapped):  # one zero byte always ends the lines
             return False
-        mapped[start:end] = line
+        try:
+            mapped[start:end] = line
+        except ValueError:  # closed by a server that is stopping: nothing to keep any more
+            return True
         self._end = end
         return True
 
