@@ -91,11 +91,23 @@ class LockFile:
         #: Where the next line goes.
         self._end = 0
         self._failed = False
+        #: The folder is not private to this user: no lock file is read or written there.
+        self._unsafe = False
 
     # -- start --------------------------------------------------------------------------------------
     def load(self) -> list[Holder]:
         """The locks held when the last server process stopped; ``[]`` when there is no usable file.
         Never raises: a damaged file is logged and read as far as it can be trusted."""
+        folder = os.path.dirname(self.path) or "."
+        try:
+            info = os.lstat(folder)
+            private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+        except OSError:
+            private = False
+        if not private:
+            self._unsafe = True
+            log.error("the folder of the lock file %s is not this user's alone: no lock survives a crash", self.path)
+            return []
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK)
         except FileNotFoundError:
@@ -165,6 +177,8 @@ class LockFile:
 
     def start(self, holders: Iterable[Holder]) -> None:
         """Begin a fresh file holding ``holders`` (what this server process rebuilt)."""
+        if self._unsafe:
+            return
         self._rewrite(_line(h.key, h.client, h.thread, h.count, h.lease) for h in holders)
 
     # -- changes (called with the lock table's mutex held) -------------------------------------------

@@ -395,6 +395,24 @@ def test_the_lock_file_keeps_only_held_locks_when_it_fills_up(tmp_path):
     assert LockFile(path).load() == []
 
 
+def test_a_lock_file_in_a_folder_others_may_write_is_neither_read_nor_written(tmp_path, caplog):
+    from sharedstate._lockfile import Holder, LockFile
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    path = folder / "locks"
+    path.write_text('["h","job","here",1,1.5,7,1,null]\n')
+    path.chmod(0o600)
+    folder.chmod(0o777)
+    file = LockFile(str(path))
+    assert file.load() == []
+    assert "not this user's alone" in caplog.text
+    file.start([Holder("other", ("here", 2, 1.5), 9, 1, None)])
+    assert path.read_text() == '["h","job","here",1,1.5,7,1,null]\n'  # left as it was
+    folder.chmod(0o700)
+    assert [h.key for h in LockFile(str(path)).load()] == ["job"]
+
+
 def test_the_lock_file_is_private_and_gone_after_a_clean_stop():
     server = sharedstate.StateServer().start()
     try:
