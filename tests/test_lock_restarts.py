@@ -94,6 +94,48 @@ def hold_then_close(address, authkey, name, held, closed, go, results) -> None:
         _report(results, "error", _error(exc))
 
 
+def take_turns(address, authkey, inside, overlaps, turns, stop, results) -> None:
+    """Take the global lock again and again across restarts of the server, counting the turns and any
+    moment at which another process was inside too. A call that meets the restart is made again on a
+    new connection (until calls retry by themselves)."""
+    from sharedstate import LockLost, ServerUnavailable
+
+    def again(call):
+        while True:
+            try:
+                return call()
+            except ServerUnavailable:
+                state.close()
+                time.sleep(0.02)
+
+    try:
+        state = sharedstate.connect(address, authkey)
+        lock = state.lock
+        while not stop.is_set():
+            if not again(lambda: lock.acquire(timeout=0.5)):
+                continue
+            with inside.get_lock():
+                inside.value += 1
+                if inside.value > 1:
+                    overlaps.value += 1
+            # Work inside the lock that needs the server: a holder inside when the server is killed
+            # stays inside until the new server answers.
+            again(lambda: state.incr("work"))
+            time.sleep(0.01)
+            again(lambda: state.incr("work"))
+            with inside.get_lock():
+                inside.value -= 1
+            try:
+                again(lock.release)
+            except LockLost:
+                pass  # a release the killed server made but did not answer: nobody else's lock is touched
+            with turns.get_lock():
+                turns.value += 1
+        _report(results, "done")
+    except BaseException as exc:
+        _report(results, "error", _error(exc))
+
+
 def hold_forever(address, authkey, name, lease, held) -> None:
     state = sharedstate.connect(address, authkey)
     (state.lock if name is None else state.named_lock(name)).acquire(lease=lease)
@@ -218,6 +260,36 @@ def test_a_lock_held_across_a_server_crash_stays_its_live_holders(method):
             release.set()
             reap(holder)
         assert holder.exitcode == 0
+
+
+@pytest.mark.timeout(180)
+def test_the_lock_never_has_two_holders_while_the_server_is_killed_again_and_again():
+    ctx = multiprocessing.get_context("fork")
+    with sharedstate.StateServer() as server:
+        inside, overlaps, turns = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+        stop, results = ctx.Event(), ctx.Queue()
+        args = (server.address, server.authkey, inside, overlaps, turns, stop, results)
+        workers = [ctx.Process(target=take_turns, args=args) for _ in range(4)]
+        for proc in workers:
+            proc.start()
+        try:
+
+            def twenty_more_turns(what: str) -> None:
+                before = turns.value
+                wait_until(lambda: turns.value >= before + 20, WAIT_S, what=what)
+
+            for _ in range(6):
+                twenty_more_turns("turns between two kills")
+                crash_and_restart(server).close()
+            twenty_more_turns("turns after the last restart")
+            stop.set()
+            assert [results.get(timeout=WAIT_S) for _ in workers] == [("done", None)] * len(workers)
+        finally:
+            stop.set()
+            reap(*workers)
+        assert overlaps.value == 0
+        assert server.state.lock.acquire(timeout=5)  # and nobody holds it at the end
+        server.state.lock.release()
 
 
 def test_a_holder_that_reconnects_after_the_restart_frees_its_lock_when_its_connections_close():
