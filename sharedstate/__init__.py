@@ -10,6 +10,7 @@ from . import aio
 from ._client import State, connect
 from ._errors import (
     AccessDenied,
+    LockLost,
     LockTimeout,
     ServerUnavailable,
     SharedStateError,
@@ -26,6 +27,7 @@ __all__ = [
     "AccessDenied",
     "LocalFileStorage",
     "Lock",
+    "LockLost",
     "LockTimeout",
     "ServerUnavailable",
     "SharedStateError",

@@ -330,14 +330,18 @@ class State:
         return self._call("stats", ())
 
     # -- locks --------------------------------------------------------------------------------------
+    #: Whether this backend renews leased locks itself (Redis does); else ``Lock``'s thread does.
+    _renews_leases = False
+
     @property
     def lock(self) -> Lock:
         """The global lock (Pode's ``Lock-PodeObject`` on the state)."""
         return Lock(self, None)
 
-    def named_lock(self, name: str) -> Lock:
-        """An independent lock for ``name`` (any ``str``; it need not be a stored name)."""
-        return Lock(self, check_name(name))
+    def named_lock(self, name: str, lease: float | None = None) -> Lock:
+        """An independent lock for ``name`` (any ``str``; it need not be a stored name). ``lease``: a
+        holder that is alive but has not renewed it for that many seconds (a stopped process) loses it."""
+        return Lock(self, check_name(name), lease)
 
     # -- mapping sugar ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:

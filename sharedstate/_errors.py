@@ -6,6 +6,7 @@ from typing import Any
 
 __all__ = [
     "AccessDenied",
+    "LockLost",
     "LockTimeout",
     "ServerUnavailable",
     "SharedStateError",
@@ -57,6 +58,15 @@ class LockTimeout(SharedStateError, TimeoutError):
     ``timeout``."""
 
     _facts = ("name", "timeout")
+
+
+class LockLost(SharedStateError, RuntimeError):
+    """A lock this thread (or task) believed it held is no longer its own: the server lost it in a
+    restart, freed it when the holder's connections closed, or its lease ran out. Raised at the next call
+    on that lock, so a holder never goes on as a silent second holder. Has ``name`` (``None`` for the
+    global lock)."""
+
+    _facts = ("name",)
 
 
 class SnapshotError(SharedStateError, ValueError):

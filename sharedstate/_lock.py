@@ -1,17 +1,29 @@
-"""The client side of the server's locks: ``state.lock`` and ``state.named_lock(name)``."""
+"""The client side of the server's locks: ``state.lock`` and ``state.named_lock(name)``.
+
+The process keeps what each of its threads (or asyncio tasks) believes it holds, and says so to the
+server: a lock the server no longer has as that thread's (lost in a restart, freed when the process'
+connections closed, or its lease ran out) is then ``LockLost`` at the next call on it, never silently
+taken a second time. Leased locks are renewed by one daemon thread per process.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ._errors import LockTimeout
-from ._locktable import describe
+from ._errors import LockLost, LockTimeout
+from ._locktable import describe, lost
 
 if TYPE_CHECKING:
     from ._client import State
+
+log = logging.getLogger("sharedstate")
 
 _get_ident = threading.get_ident
 
@@ -31,37 +43,227 @@ def check_timeout(blocking: object, timeout: object) -> float | None:
     return float(timeout)
 
 
+def check_lease(lease: object) -> float | None:
+    """Validate a lock's lease: ``None`` (no lease) or a positive, finite number of seconds."""
+    if lease is None:
+        return None
+    if type(lease) not in (int, float):
+        raise TypeError(f"lease must be a number of seconds or None, not {type(lease).__name__}")
+    if not 0 < lease < math.inf:  # also refuses NaN
+        raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
+    return float(lease)
+
+
+# -- what this process believes it holds -------------------------------------------------------------
+#: ``(server address, lock name, owner)`` -> how often that owner (a thread ident or an asyncio task's
+#: token) believes it holds the lock.
+_held: dict[tuple[Any, str | None, Hashable], int] = {}
+#: Those of ``_held`` that the server said (or the lease renewal found) are no longer their owner's:
+#: every call on them raises ``LockLost`` until the owner has released as often as it acquired.
+_lost: set[tuple[Any, str | None, Hashable]] = set()
+
+
+def acquire_call(
+    state: State, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None
+) -> bool:
+    """Acquire ``name`` for ``owner`` through ``state``; ``LockLost`` if ``owner`` believed it held it and
+    the server no longer has it as its own."""
+    ident = (state._address, name, owner)
+    count = _held.get(ident, 0)
+    if count and ident in _lost:
+        raise lost(name)
+    try:
+        taken = state._call("lock_acquire", (name, owner, blocking, timeout, lease, count))
+    except LockLost:
+        if count:
+            _lost.add(ident)
+            _renewals.discard(ident)
+        raise
+    if taken:
+        _held[ident] = count + 1
+        if not count:
+            if _lost:  # a renewal that lost a lock the owner released meanwhile may have left it there
+                _lost.discard(ident)
+            if lease is not None and not state._renews_leases:
+                _renewals.add(ident, state, lease)
+    return taken
+
+
+def release_call(state: State, name: str | None, owner: Hashable) -> None:
+    """Release ``name`` once for ``owner``: ``LockLost`` if it was lost meanwhile, ``RuntimeError`` if
+    ``owner`` does not hold it."""
+    ident = (state._address, name, owner)
+    count = _held.get(ident, 0)
+    if not count:
+        state._call("lock_release", (name, owner, 0))
+        return
+    was_lost = ident in _lost
+    if not was_lost:
+        try:
+            state._call("lock_release", (name, owner, count))
+        except LockLost:
+            was_lost = True
+        # Any other failure (the server out of reach) leaves the belief as it was: the release did not
+        # happen, or the server is gone with its locks, which the next call finds out.
+    if count > 1:
+        _held[ident] = count - 1
+        if was_lost:
+            _lost.add(ident)
+    else:
+        _held.pop(ident, None)
+        _lost.discard(ident)
+        _renewals.discard(ident)
+    if was_lost:
+        raise lost(name)
+
+
+class _Lease:
+    __slots__ = ("state", "lease", "renew_at")
+
+    def __init__(self, state: State, lease: float) -> None:
+        self.state = state
+        self.lease = lease
+        self.renew_at = time.monotonic() + lease / 3
+
+
+class _Renewals:
+    """The leased locks of this process and the one daemon thread that renews them every third of their
+    lease, in one call per server, while the process runs (a stopped process renews nothing)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._leases: dict[tuple[Any, str | None, Hashable], _Lease] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, ident: tuple[Any, str | None, Hashable], state: State, lease: float) -> None:
+        with self._mutex:
+            self._leases[ident] = _Lease(state, lease)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._renew_forever, name="sharedstate-renew", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def discard(self, ident: tuple[Any, str | None, Hashable]) -> None:
+        if ident in self._leases:  # read without the mutex: most locks have no lease
+            with self._mutex:
+                self._leases.pop(ident, None)
+
+    def _renew_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                self._renew_due()
+            except Exception:  # never let this thread die: every leased lock depends on it
+                log.exception("renewing lock leases failed")
+            with self._mutex:
+                pending = [lease.renew_at for lease in self._leases.values()]
+            self._wake.wait(max(0.0, min(pending) - time.monotonic()) if pending else None)
+
+    def _renew_due(self) -> None:
+        now = time.monotonic()
+        groups: dict[int, tuple[State, list[tuple[Any, str | None, Hashable]]]] = {}
+        with self._mutex:
+            for ident, lease in self._leases.items():
+                if lease.renew_at <= now:
+                    groups.setdefault(id(lease.state), (lease.state, []))[1].append(ident)
+        for state, idents in groups.values():
+            try:
+                gone = state._call("lock_renew", ([(name, owner) for _, name, owner in idents],))
+            except Exception as exc:
+                # Try again soon: the lease is lost only if no renewal gets through before it runs out.
+                log.warning("could not renew lock leases at %s: %s", state.address, exc)
+                with self._mutex:
+                    for ident in idents:
+                        lease = self._leases.get(ident)
+                        if lease is not None:
+                            lease.renew_at = time.monotonic() + min(0.1, lease.lease / 10)
+                continue
+            gone_set = set(gone)
+            with self._mutex:
+                for ident in idents:
+                    lease = self._leases.get(ident)
+                    if lease is None:
+                        continue  # released meanwhile
+                    if (ident[1], ident[2]) in gone_set:
+                        del self._leases[ident]
+                        if ident in _held:
+                            _lost.add(ident)
+                        log.warning(
+                            "lost %s at %s: its lease of %g s ran out before it was renewed",
+                            describe(ident[1]),
+                            ident[0],
+                            lease.lease,
+                        )
+                    else:
+                        lease.renew_at = time.monotonic() + lease.lease / 3
+                still_used = any(lease.state is state for lease in self._leases.values())
+            if not still_used:
+                # This thread's connection would keep the process' locks alive after the holder closed
+                # its own ones: give it up while there is nothing to renew there.
+                state.close()
+
+
+_renewals = _Renewals()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child holds none of its parent's locks, and no renewal thread runs in it.
+    global _renewals
+    _held.clear()
+    _lost.clear()
+    _renewals = _Renewals()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Lock:
     """A cross-process reentrant lock kept by the server (Pode's ``Lock-PodeObject``).
 
     It belongs to the thread that acquired it, may be acquired again by that thread (each ``acquire``
-    needs its ``release``), and is freed by the server within a second if the holding process dies.
+    needs its ``release``), and is freed by the server within a second if the holding process dies. It
+    stays held across a crash and restart of the server while its holder lives. With a ``lease`` (in
+    seconds), a holder that is alive but stopped for that long loses it; without one it keeps it. A
+    holder that lost its lock gets ``LockLost`` at its next call on it.
 
     >>> with state.lock:                                   # doctest: +SKIP
     ...     state.set("total", state.get("total", 0) + 1)
     """
 
-    __slots__ = ("_state", "_name", "__weakref__")  # weakly referable, like threading's locks
+    __slots__ = ("_state", "_name", "_lease", "__weakref__")  # weakly referable, like threading's locks
 
-    def __init__(self, state: State, name: str | None) -> None:
+    def __init__(self, state: State, name: str | None, lease: float | None = None) -> None:
         self._state = state
         self._name = name
+        self._lease = check_lease(lease)
 
     @property
     def name(self) -> str | None:
         """The lock's name; ``None`` for the global lock."""
         return self._name
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+    @property
+    def lease(self) -> float | None:
+        """The lease of each acquire of this lock, in seconds (``None``: none)."""
+        return self._lease
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None, lease: float | None = None) -> bool:
         """Acquire the lock; return ``True`` once held, ``False`` if not free in time (or at once when
-        ``blocking`` is false). ``timeout`` in seconds; ``None`` (or ``-1``) waits as long as it takes."""
+        ``blocking`` is false). ``timeout`` in seconds; ``None`` (or ``-1``) waits as long as it takes.
+        ``lease``: seconds the lock stays this thread's without a renewal (renewed in the background
+        while the process runs); default: the lock's own. ``LockLost`` if this thread held the lock
+        (a reentrant acquire) and lost it."""
         if blocking is not True or timeout is not None:
             timeout = check_timeout(blocking, timeout)
-        return self._state._call("lock_acquire", (self._name, _get_ident(), blocking, timeout))
+        lease = self._lease if lease is None else check_lease(lease)
+        return acquire_call(self._state, self._name, _get_ident(), blocking, timeout, lease)
 
     def release(self) -> None:
-        """Release the lock once. Raises ``RuntimeError`` if this thread does not hold it."""
-        self._state._call("lock_release", (self._name, _get_ident()))
+        """Release the lock once. Raises ``RuntimeError`` if this thread does not hold it, and
+        ``LockLost`` if it held it and lost it (its lease ran out, or the server lost it)."""
+        release_call(self._state, self._name, _get_ident())
 
     def locked(self) -> bool:
         """Whether any thread of any process holds the lock."""
@@ -72,10 +274,10 @@ class Lock:
         return self._state._call("lock_owner", (self._name,))
 
     @contextmanager
-    def hold(self, timeout: float = 5.0) -> Iterator[Lock]:
+    def hold(self, timeout: float = 5.0, lease: float | None = None) -> Iterator[Lock]:
         """Hold the lock for a ``with`` block, or raise ``LockTimeout`` if it is not acquired within
         ``timeout`` seconds."""
-        if not self.acquire(timeout=timeout):
+        if not self.acquire(timeout=timeout, lease=lease):
             raise LockTimeout(
                 f"{describe(self._name)} was not acquired within {timeout:g} s (held by pid {self.owner()})",
                 self._name,
@@ -87,14 +289,14 @@ class Lock:
             self.release()
 
     def __enter__(self) -> Lock:
-        self._state._call("lock_acquire", (self._name, _get_ident(), True, None))
+        acquire_call(self._state, self._name, _get_ident(), True, None, self._lease)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._state._call("lock_release", (self._name, _get_ident()))
+        release_call(self._state, self._name, _get_ident())
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Lock, (self._state, self._name))
+        return (Lock, (self._state, self._name, self._lease))
 
     def __repr__(self) -> str:
         return f"<sharedstate.Lock {describe(self._name)} at {self._state.address}>"

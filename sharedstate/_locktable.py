@@ -4,8 +4,16 @@ A lock belongs to one thread (or asyncio task) of one client process. Unlike the
 it does not stay locked forever when its holder dies: it is freed when every connection of the holder's
 process has closed (the usual case: the kernel closes them at exit), or, while someone waits for it,
 when the holder's process is found dead (exited, a zombie, or its pid reused). Liveness is checked only
-on the contended path, so an uncontended acquire stays one dictionary update. A freed lock goes to the
-first waiting call, whose caller the freeing thread tells at once.
+on the contended path, so an uncontended acquire stays one dictionary update (and one line appended to
+the lock file, when there is one). A freed lock goes to the first waiting call, whose caller the freeing
+thread tells at once.
+
+A lock may carry a lease: a holder that has not renewed it for that many seconds (a process stopped or
+hung) loses it. Without one, a stopped holder keeps its lock as long as its process exists.
+
+A caller that believes it holds a lock says so (``held``): if the table has it as someone else's or as
+free (lost in a restart, freed when the holder's connections closed, or its lease ran out), the call
+raises ``LockLost`` instead of silently taking it again.
 """
 
 from __future__ import annotations
@@ -19,12 +27,18 @@ from typing import Any
 
 import psutil
 
+from ._errors import LockLost
+from ._lockfile import Holder, LockFile
+
 log = logging.getLogger("sharedstate")
 
 #: How often a waiter wakes to check the holder's liveness (the 1 s recovery bound rests on this).
 POLL_S = 0.25
 #: Liveness of one holder is checked at most this often, however many waiters there are.
 CHECK_EVERY_S = 0.2
+#: A holder rebuilt from the lock file that is not on this machine (so its liveness cannot be checked)
+#: keeps its lock this long without reconnecting, then loses it to a waiter.
+RECONNECT_GRACE_S = 10.0
 
 
 def process_alive(pid: int, create_time: float | None) -> bool:
@@ -44,7 +58,7 @@ def process_alive(pid: int, create_time: float | None) -> bool:
 class Client:
     """One client process, as the server knows it, with the number of its open connections."""
 
-    __slots__ = ("key", "pid", "local", "create_time", "conns")
+    __slots__ = ("key", "pid", "local", "create_time", "conns", "rebuilt_until")
 
     def __init__(self, key: Hashable, pid: int, local: bool, create_time: float | None) -> None:
         self.key = key
@@ -54,11 +68,17 @@ class Client:
         #: The process' start time as psutil reports it, to tell it from a later process with its pid.
         self.create_time = create_time
         self.conns = 0
+        #: Set for a holder rebuilt from the lock file after a restart, which has not reconnected yet: it
+        #: counts as alive while its process is (or, not on this machine, until this monotonic time).
+        self.rebuilt_until: float | None = None
 
     def alive(self) -> bool:
         """False when the process is gone: no connection left, exited, a zombie, or its pid reused."""
         if self.conns <= 0:
-            return False
+            if self.rebuilt_until is None:
+                return False
+            if not self.local:
+                return time.monotonic() < self.rebuilt_until
         return not self.local or process_alive(self.pid, self.create_time)
 
     def __repr__(self) -> str:
@@ -69,7 +89,7 @@ class _Waiter:
     """A call waiting for a lock. The thread that frees the lock hands it over: it makes the waiter the
     owner and tells its caller at once (``notify``), so the waiting thread need not wake first."""
 
-    __slots__ = ("key", "entry", "owner", "client", "notify", "deadline", "granted")
+    __slots__ = ("key", "entry", "owner", "client", "notify", "deadline", "granted", "lease")
 
     def __init__(
         self,
@@ -79,6 +99,7 @@ class _Waiter:
         client: Client,
         notify: Callable[[], Any],
         deadline: float | None,
+        lease: float | None,
     ) -> None:
         self.key = key
         self.entry = entry
@@ -87,10 +108,11 @@ class _Waiter:
         self.notify = notify
         self.deadline = deadline
         self.granted = False
+        self.lease = lease
 
 
 class _Entry:
-    __slots__ = ("owner", "client", "count", "queue", "checked_at")
+    __slots__ = ("owner", "client", "count", "queue", "checked_at", "lease", "renewed_at")
 
     def __init__(self) -> None:
         self.owner: tuple[Hashable, Hashable] | None = None
@@ -99,20 +121,62 @@ class _Entry:
         #: Calls waiting for the lock, first come first served (none while the lock is free).
         self.queue: deque[_Waiter] = deque()
         self.checked_at = 0.0
+        #: The holder's lease in seconds (``None``: none), and when it last took or renewed the lock.
+        self.lease: float | None = None
+        self.renewed_at = 0.0
 
 
 def describe(key: str | None) -> str:
     return "the global lock" if key is None else f"lock {key!r}"
 
 
+def lost(key: str | None) -> LockLost:
+    return LockLost(
+        f"{describe(key)} is no longer held by this thread: the server freed it (its lease ran out, the "
+        "server restarted without it, or this process' connections closed), so another holder may have "
+        "had it since",
+        key,
+    )
+
+
 class LockTable:
     """Every lock of one server, by name (``None`` for the global lock)."""
 
-    def __init__(self) -> None:
+    def __init__(self, file: LockFile | None = None) -> None:
         self._mutex = threading.Lock()
         self._entries: dict[str | None, _Entry] = {}
         #: Locks freed because their holder died or disconnected.
         self.recoveries = 0
+        #: Where every change of a holder is recorded, for the next server process after a crash.
+        self._file = file
+
+    def rebuild(self, holders: list[Holder], client_for: Callable[[Holder], Client]) -> None:
+        """Hold again the locks the lock file recorded, for holders still alive; free (and count) those
+        of dead ones. ``client_for`` gives the (not yet connected) client of a holder."""
+        with self._mutex:
+            now = time.monotonic()
+            kept = []
+            for holder in holders:
+                client = client_for(holder)
+                if not client.alive():
+                    self.recoveries += 1
+                    log.warning(
+                        "released %s held by pid %s before the restart: its process is gone",
+                        describe(holder.key),
+                        client.pid,
+                    )
+                    continue
+                entry = self._entries[holder.key] = _Entry()
+                entry.owner = (client.key, holder.thread)
+                entry.client = client
+                entry.count = holder.count
+                entry.lease = holder.lease
+                entry.renewed_at = now
+                kept.append(holder)
+            if kept:
+                log.warning("kept %d lock(s) held across the restart by live processes", len(kept))
+            if self._file is not None:
+                self._file.start(kept)
 
     def acquire(
         self,
@@ -122,34 +186,42 @@ class LockTable:
         blocking: bool,
         timeout: float | None,
         notify: Callable[[], Any],
+        lease: float | None = None,
+        held: int = 0,
     ) -> bool | _Waiter:
         """Take the lock for ``(client, thread)``; reentrant. Returns ``True`` when taken, ``False`` when
         not (not blocking, or a timeout of 0), or else a waiter, queued: pass it to ``wait``. Whoever
         frees the lock hands it to the first waiter and calls its ``notify`` (with the table's mutex
-        held: it must not block), which tells the caller it holds the lock."""
+        held: it must not block), which tells the caller it holds the lock. ``lease``: seconds the lock
+        stays held without a renewal. ``held``: how often the caller believes it holds the lock already
+        (a reentrant acquire when above 0); ``LockLost`` if it does not hold it. The caller's count
+        wins: when it believes it holds the lock 0 times, an earlier acquire's answer never reached
+        it."""
         owner = (client.key, thread)
         with self._mutex:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = _Entry()
-            if entry.owner is None:
-                entry.owner = owner
-                entry.client = client
-                entry.count = 1
+            elif entry.lease is not None:
+                self._expire(key, entry)
+            if entry.owner is None and not held:
+                self._take(key, entry, owner, client, lease)
                 return True
             if entry.owner == owner:
-                entry.count += 1
+                entry.count = held + 1
+                self._record(key, entry)
                 return True
+            if held:
+                self._forget_if_idle(key, entry)
+                raise lost(key)
             self._check_holder(key, entry)
             if entry.owner is None:
-                entry.owner = owner
-                entry.client = client
-                entry.count = 1
+                self._take(key, entry, owner, client, lease)
                 return True
             if not blocking or (timeout is not None and timeout <= 0):
                 return False
             deadline = None if timeout is None else time.monotonic() + timeout
-            waiter = _Waiter(key, entry, owner, client, notify, deadline)
+            waiter = _Waiter(key, entry, owner, client, notify, deadline, lease)
             entry.queue.append(waiter)
             return waiter
 
@@ -174,16 +246,40 @@ class LockTable:
                 if waiter.granted:  # the holder was gone, and this waiter was first
                     return True
 
-    def release(self, key: str | None, client: Client, thread: Hashable) -> None:
+    def release(self, key: str | None, client: Client, thread: Hashable, held: int = 0) -> None:
+        """Release once. ``held``: how often the caller believes it holds the lock; above 0, losing it
+        is ``LockLost`` rather than the ``RuntimeError`` of a release by a thread that never held it."""
         owner = (client.key, thread)
         with self._mutex:
             entry = self._entries.get(key)
+            if entry is not None and entry.lease is not None:
+                self._expire(key, entry)
             if entry is None or entry.owner != owner:
+                if held:
+                    raise lost(key)
                 holder = "nobody" if entry is None or entry.client is None else f"pid {entry.client.pid}"
                 raise RuntimeError(f"cannot release {describe(key)}: this thread does not hold it (held by {holder})")
-            entry.count -= 1
-            if entry.count == 0:
+            entry.count = held - 1 if held > 0 else entry.count - 1
+            if entry.count <= 0:
                 self._free(key, entry)
+            else:
+                self._record(key, entry)
+
+    def renew(self, client: Client, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
+        """Renew the leases of ``locks`` (``(key, thread)`` pairs) held by ``client``; return those it no
+        longer holds."""
+        gone = []
+        with self._mutex:
+            now = time.monotonic()
+            for key, thread in locks:
+                entry = self._entries.get(key)
+                if entry is not None and entry.lease is not None:
+                    self._expire(key, entry)
+                if entry is None or entry.owner != (client.key, thread):
+                    gone.append((key, thread))
+                else:
+                    entry.renewed_at = now
+        return gone
 
     def locked(self, key: str | None) -> bool:
         with self._mutex:
@@ -203,13 +299,48 @@ class LockTable:
                     self._recover(key, entry, "its process closed its last connection")
 
     # -- internals, called with the mutex held ------------------------------------------------------
+    def _take(
+        self, key: str | None, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client, lease: float | None
+    ) -> None:
+        # Freeing a dead holder's named lock may have dropped the entry from the table just before: put it
+        # back, or the lock would be held in an entry nobody else sees.
+        self._entries[key] = entry
+        entry.owner = owner
+        entry.client = client
+        entry.count = 1
+        entry.lease = lease
+        if lease is not None:
+            entry.renewed_at = time.monotonic()
+        self._record(key, entry)
+
+    def _record(self, key: str | None, entry: _Entry) -> None:
+        """Write the lock's new holder (or count) to the lock file."""
+        file = self._file
+        if file is None:
+            return
+        assert entry.owner is not None and entry.client is not None
+        if not file.held(key, entry.client.key, entry.owner[1], entry.count, entry.lease):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the full lock file with the held locks (the change that did not fit among them)."""
+        assert self._file is not None
+        self._file.compact(
+            (k, e.client.key, e.owner[1], e.count, e.lease)
+            for k, e in self._entries.items()
+            if e.owner is not None and e.client is not None
+        )
+
+    def _expire(self, key: str | None, entry: _Entry) -> None:
+        """Free the lock if its holder's lease ran out."""
+        if entry.owner is not None and entry.lease is not None and time.monotonic() - entry.renewed_at > entry.lease:
+            self._recover(key, entry, f"its lease of {entry.lease:g} s ran out without a renewal")
+
     def _free(self, key: str | None, entry: _Entry) -> None:
         """Free the lock, or hand it to the first waiter and tell that waiter's caller."""
         if entry.queue:
             waiter = entry.queue.popleft()
-            entry.owner = waiter.owner
-            entry.client = waiter.client
-            entry.count = 1
+            self._take(key, entry, waiter.owner, waiter.client, waiter.lease)
             waiter.granted = True
             try:
                 waiter.notify()
@@ -219,6 +350,9 @@ class LockTable:
         entry.owner = None
         entry.client = None
         entry.count = 0
+        entry.lease = None
+        if self._file is not None and not self._file.freed(key):
+            self._compact()
         self._forget_if_idle(key, entry)
 
     def _forget_if_idle(self, key: str | None, entry: _Entry) -> None:
@@ -231,6 +365,10 @@ class LockTable:
         client = entry.client
         if client is None:
             return
+        if entry.lease is not None:  # cheap, so not rate limited: the lease bound is to the poll
+            self._expire(key, entry)
+            if entry.client is not client:
+                return
         now = time.monotonic()
         if now - entry.checked_at < CHECK_EVERY_S:
             return

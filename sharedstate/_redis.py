@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ._client import State
 from ._codec import encode, object_hook
-from ._errors import AccessDenied, ServerUnavailable, SharedStateError, SnapshotError
+from ._errors import AccessDenied, LockLost, ServerUnavailable, SharedStateError, SnapshotError
 from ._files import caller_target
 from ._locktable import describe
 from ._pattern import compile_pattern
@@ -841,20 +841,34 @@ class RedisState(State):
             return self._prefix + "lock", self._prefix + "wake"
         return f"{self._prefix}lock:{name}", f"{self._prefix}wake:{name}"
 
+    _renews_leases = True
+
     @_redis_call
-    def _lock_acquire(self, name: str | None, owner: Any, blocking: bool, timeout: float | None) -> bool:
+    def _lock_acquire(
+        self,
+        name: str | None,
+        owner: Any,
+        blocking: bool,
+        timeout: float | None,
+        lease: float | None = None,
+        held: int = 0,
+    ) -> bool:
+        """``lease``: this lock's own lease (default: the state's); ``held`` is the generic client's
+        count, not needed here: this process keeps its own."""
         key, wake = self._lock_keys(name)
         ident = (self._url, key)
         leases = _leases
         if leases.reenter(ident, owner):
             return True
+        lease = self._lease if lease is None else _check_lease(lease)
+        lease_ms = max(1, round(lease * 1000))
         token = f"{os.getpid()}:{_process.token}:{owner}"
         deadline = None if timeout is None else time.monotonic() + timeout
         conn = self._conn
         while True:
-            left = conn.acquire(keys=[key], args=[token, self._lease_ms])
+            left = conn.acquire(keys=[key], args=[token, lease_ms])
             if left == -3:
-                leases.add(ident, _Held(self, conn, name, key, token, owner))
+                leases.add(ident, _Held(self, conn, name, key, token, owner, lease))
                 return True
             if not blocking:
                 return False
@@ -877,7 +891,7 @@ class RedisState(State):
                 time.sleep(min(span, POLL_S))
 
     @_redis_call
-    def _lock_release(self, name: str | None, owner: Any) -> None:
+    def _lock_release(self, name: str | None, owner: Any, held_count: int = 0) -> None:
         key, wake = self._lock_keys(name)
         held = _leases.leave(self._url, key, owner)
         if held is None:
@@ -888,11 +902,12 @@ class RedisState(State):
             )
         if held is _STILL_HELD:
             return
-        released = self._conn.release(keys=[key, wake], args=[held.token, self._lease_ms])
+        released = self._conn.release(keys=[key, wake], args=[held.token, held.lease_ms])
         if released != 1 or held.lost:
-            raise RuntimeError(
-                f"cannot release {describe(name)}: its lease of {self._lease:g} s ran out before it was renewed "
-                "(was this process stopped, or Redis out of reach?), so another process may have held it too"
+            raise LockLost(
+                f"cannot release {describe(name)}: its lease of {held.lease:g} s ran out before it was renewed "
+                "(was this process stopped, or Redis out of reach?), so another process may have held it too",
+                name,
             )
 
     @_redis_call
@@ -964,9 +979,14 @@ def _target(path: object, verb: str) -> Path:
 class _Held:
     """A lock this process holds: who holds it, how often, and when to renew its lease."""
 
-    __slots__ = ("state", "conn", "name", "key", "token", "owner", "count", "renew_at", "lost", "__weakref__")
+    __slots__ = (
+        "state", "conn", "name", "key", "token", "owner", "count", "renew_at", "lost", "lease", "lease_ms",
+        "__weakref__",
+    )  # fmt: skip
 
-    def __init__(self, state: RedisState, conn: _Conn, name: str | None, key: str, token: str, owner: Any) -> None:
+    def __init__(
+        self, state: RedisState, conn: _Conn, name: str | None, key: str, token: str, owner: Any, lease: float
+    ) -> None:
         self.state = state
         self.conn = conn
         self.name = name
@@ -974,7 +994,9 @@ class _Held:
         self.token = token
         self.owner = owner
         self.count = 1
-        self.renew_at = time.monotonic() + state._lease / 3
+        self.lease = lease
+        self.lease_ms = max(1, round(lease * 1000))
+        self.renew_at = time.monotonic() + lease / 3
         #: The lease ran out before a renewal: another process may have taken the lock.
         self.lost = False
 
@@ -993,9 +1015,18 @@ class _Leases:
         self._thread: threading.Thread | None = None
 
     def reenter(self, ident: tuple[str, str], owner: Any) -> bool:
+        """Count one more acquire by ``owner`` if it holds the lock; ``LockLost`` (and the lock forgotten)
+        if its lease was lost."""
         with self._mutex:
             held = self._held.get(ident)
             if held is not None and held.owner == owner:
+                if held.lost:
+                    del self._held[ident]
+                    raise LockLost(
+                        f"{describe(held.name)} is no longer held by this thread: its lease of {held.lease:g} s "
+                        "ran out before it was renewed, so another process may have held it since",
+                        held.name,
+                    )
                 held.count += 1
                 return True
             return False
@@ -1032,7 +1063,7 @@ class _Leases:
                     try:
                         self._renew(h)
                     except Exception:  # never let this thread die: every held lock depends on it
-                        h.renew_at = time.monotonic() + min(0.1, h.state._lease / 10)
+                        h.renew_at = time.monotonic() + min(0.1, h.lease / 10)
                         log.exception("renewing the lease of %s failed", describe(h.name))
             with self._mutex:
                 pending = [h.renew_at for h in self._held.values() if not h.lost]
@@ -1041,14 +1072,14 @@ class _Leases:
     def _renew(self, held: _Held) -> None:
         state = held.state
         try:
-            renewed = held.conn.renew(keys=[held.key], args=[held.token, state._lease_ms])
+            renewed = held.conn.renew(keys=[held.key], args=[held.token, held.lease_ms])
         except _RedisError as exc:
             # Try again soon: the lease is lost only if no renewal gets through before it runs out.
-            held.renew_at = time.monotonic() + min(0.1, state._lease / 10)
+            held.renew_at = time.monotonic() + min(0.1, held.lease / 10)
             log.warning("could not renew the lease of %s at %s: %s", describe(held.name), state.address, exc)
             return
         if renewed == 1:
-            held.renew_at = time.monotonic() + state._lease / 3
+            held.renew_at = time.monotonic() + held.lease / 3
             return
         with self._mutex:
             if self._held.get((state._url, held.key)) is not held:
@@ -1058,7 +1089,7 @@ class _Leases:
             "lost %s at %s: its lease of %g s ran out before it was renewed",
             describe(held.name),
             state.address,
-            state._lease,
+            held.lease,
         )
 
 

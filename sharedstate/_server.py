@@ -183,9 +183,11 @@ class StateServer:
         serve`` runs it in its own process). Makes the key, and the private folder of the socket."""
         self._authkey = self._given_authkey or secrets.token_bytes(32)
         address = self._address
-        if address is None:
-            # A private folder: only this user may enter it, so only this user reaches the socket.
+        # A private folder: only this user may enter it, so only this user reaches the socket (when the
+        # address is not given) and the lock file that a restarted server process reads.
+        if self._tmpdir is None:
             self._tmpdir = tempfile.mkdtemp(prefix="sharedstate-")
+        if address is None:
             address = os.path.join(self._tmpdir, "state.sock")
         owner = psutil.Process() if owned else None
         return ServerConfig(
@@ -199,6 +201,7 @@ class StateServer:
             durability=self._durability,
             journal_fsync=self._journal_fsync,
             log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
+            lock_file=os.path.join(self._tmpdir, "locks"),
         )
 
     def _monitor(self, proc: subprocess.Popen[bytes]) -> None:

@@ -34,7 +34,8 @@ from ._admission import Admission, raise_fd_limit
 from ._errors import SnapshotError
 from ._files import backup_path, check_slot, write_atomic
 from ._journal import Journal, replay_records, scan_journals
-from ._locktable import Client, LockTable, process_alive
+from ._lockfile import Holder, LockFile
+from ._locktable import RECONNECT_GRACE_S, Client, LockTable, process_alive
 from ._schedule import SaveEvery, parse_schedule
 from ._snapshot import FileOwnership, Snapshot, read_snapshot, write_snapshot
 from ._store import Store
@@ -80,6 +81,9 @@ class ServerConfig:
     log_level: int = logging.WARNING
     #: Where the process writes, as it exits, whether its final save failed (a pipe to the owner).
     report_fd: int | None = None
+    #: Where the lock table is recorded, in a folder only this user may write, so a server process
+    #: started again after a crash holds the same locks (``None``: locks do not survive a crash).
+    lock_file: str | None = None
 
 
 #: The exit status of a server process that stopped as asked but could not write its final snapshot.
@@ -128,6 +132,7 @@ class StateService(Store):
         "lock_release",
         "lock_locked",
         "lock_owner",
+        "lock_renew",
         "stats",
         "save",
         "restore",
@@ -136,7 +141,8 @@ class StateService(Store):
     def __init__(self, config: ServerConfig) -> None:
         super().__init__()
         self.config = config
-        self.locks = LockTable()
+        self.lock_file = None if config.lock_file is None else LockFile(config.lock_file)
+        self.locks = LockTable(self.lock_file)
         self.started_at = time.time()
         self.address: Address | None = None
         self._clients: dict[Hashable, Client] = {}
@@ -161,6 +167,28 @@ class StateService(Store):
             client.conns += 1
         return client
 
+    def rebuild_locks(self) -> None:
+        """Hold again the locks that the previous server process recorded (after a crash), for the
+        holders still alive; each holder is a client that has not connected yet."""
+        if self.lock_file is None:
+            return
+        grace = time.monotonic() + RECONNECT_GRACE_S
+
+        def client_for(holder: Holder) -> Client:
+            scope, pid, ctime = holder.client
+            with self._clients_mutex:
+                client = self._clients.get(holder.client)
+                if client is None:
+                    client = self._clients[holder.client] = Client(holder.client, pid, scope == BOOT_SCOPE, ctime)
+                    client.rebuilt_until = grace
+            return client
+
+        self.locks.rebuild(self.lock_file.load(), client_for)
+        with self._clients_mutex:  # the holders found dead need no place among the clients
+            for key, client in list(self._clients.items()):
+                if client.conns == 0 and not client.alive():
+                    del self._clients[key]
+
     def disconnected(self, client: Client) -> None:
         with self._clients_mutex:
             client.conns -= 1
@@ -175,11 +203,19 @@ class StateService(Store):
         return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at, "versions": versions}
 
     # -- locks --------------------------------------------------------------------------------------
-    def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> Any:
+    def lock_acquire(
+        self,
+        key: str | None,
+        thread: Hashable,
+        blocking: bool,
+        timeout: float | None,
+        lease: float | None = None,
+        held: int = 0,
+    ) -> Any:
         current = _current
         client = current.client
         assert client is not None and current.notify is not None and current.readable is not None
-        taken = self.locks.acquire(key, client, thread, blocking, timeout, current.notify)
+        taken = self.locks.acquire(key, client, thread, blocking, timeout, current.notify, lease, held)
         if taken is True or taken is False:
             return taken
         # A wait. This thread waits on its connection rather than on the lock, so that the thread that
@@ -187,10 +223,15 @@ class StateService(Store):
         # then written already, which HANDED tells the serving loop.
         return HANDED if self.locks.wait(taken, current.readable) else False
 
-    def lock_release(self, key: str | None, thread: Hashable) -> None:
+    def lock_release(self, key: str | None, thread: Hashable, held: int = 0) -> None:
         client = _current.client
         assert client is not None
-        self.locks.release(key, client, thread)
+        self.locks.release(key, client, thread, held)
+
+    def lock_renew(self, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
+        client = _current.client
+        assert client is not None
+        return self.locks.renew(client, locks)
 
     def lock_locked(self, key: str | None) -> bool:
         return self.locks.locked(key)
@@ -501,6 +542,7 @@ class ServerProcess:
             except BaseException:
                 self._ownership.release()
                 raise
+        self.service.rebuild_locks()
         if isinstance(config.address, str):
             _clear_stale_socket(config.address)
             if config.write_key_file:
@@ -630,6 +672,8 @@ class ServerProcess:
                 self.service.versions.close()
             if self._ownership is not None:
                 self._ownership.release()
+            if self.service.lock_file is not None:  # a clean stop: no lock outlives this server
+                self.service.lock_file.close(remove=True)
             if self._key_file is not None:
                 try:
                     os.unlink(self._key_file)

@@ -29,7 +29,7 @@ from ._cache import NOT_CACHED
 from ._client import State
 from ._client import connect as _connect
 from ._errors import LockTimeout
-from ._lock import check_timeout
+from ._lock import acquire_call, check_lease, check_timeout, release_call
 from ._locktable import describe
 from ._store import MISSING
 from ._values import check_name
@@ -145,9 +145,9 @@ class AsyncState:
         """The global lock, owned per task."""
         return self._lock
 
-    def named_lock(self, name: str) -> AsyncLock:
-        """An independent lock for ``name``, owned per task."""
-        return AsyncLock(self, check_name(name))
+    def named_lock(self, name: str, lease: float | None = None) -> AsyncLock:
+        """An independent lock for ``name``, owned per task; ``lease`` as for ``State.named_lock``."""
+        return AsyncLock(self, check_name(name), lease)
 
 
 for _name in ("get", "set", "remove", "contains", "names", "clear", "incr", "setdefault", "compare_and_set",
@@ -155,30 +155,38 @@ for _name in ("get", "set", "remove", "contains", "names", "clear", "incr", "set
     getattr(AsyncState, _name).__doc__ = getattr(State, _name).__doc__
 
 
-def _give_back(call: Callable[..., Any], name: str | None, token: str) -> None:
+def _give_back(state: Any, name: str | None, token: str) -> None:
     """Release a lock that a cancelled wait took after all (in a thread of its own: the workers and the
     loop may be gone)."""
     try:
-        call("lock_release", (name, token))
+        release_call(state, name, token)
     except Exception as exc:
         log.warning("could not give back %s taken by a cancelled wait: %s", describe(name), exc)
 
 
 class AsyncLock:
     """A server lock for asyncio: ``async with state.lock``, ``await lock.acquire()``. The owner is the
-    task that acquired it. Waiting never blocks the event loop."""
+    task that acquired it. Waiting never blocks the event loop. ``lease``, ``LockLost`` and the promises
+    across a server restart are those of ``sharedstate.Lock``."""
 
-    def __init__(self, state: AsyncState, name: str | None) -> None:
+    def __init__(self, state: AsyncState, name: str | None, lease: float | None = None) -> None:
         self._state = state
         self._name = name
+        self._lease = check_lease(lease)
 
     @property
     def name(self) -> str | None:
         return self._name
 
-    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """Acquire for the current task; ``False`` if not free in time (or at once when not blocking)."""
+    @property
+    def lease(self) -> float | None:
+        return self._lease
+
+    async def acquire(self, blocking: bool = True, timeout: float | None = None, lease: float | None = None) -> bool:
+        """Acquire for the current task; ``False`` if not free in time (or at once when not blocking).
+        ``LockLost`` if the task held the lock (a reentrant acquire) and lost it."""
         timeout = check_timeout(blocking, timeout)
+        lease = self._lease if lease is None else check_lease(lease)
         token = _task_token()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -186,15 +194,16 @@ class AsyncLock:
                 wait = None
             else:
                 wait = LOCK_SLICE_S if deadline is None else max(0.0, min(LOCK_SLICE_S, deadline - time.monotonic()))
-            if await self._attempt(token, blocking and wait is not None and wait > 0, wait):
+            if await self._attempt(token, blocking and wait is not None and wait > 0, wait, lease):
                 return True
             if not blocking or (deadline is not None and time.monotonic() >= deadline):
                 return False
 
-    async def _attempt(self, token: str, blocking: bool, wait: float | None) -> bool:
-        call = self._state._sync._call
-        args = (self._name, token, blocking, wait if blocking else None)
-        attempt = self._state._executor.submit(call, "lock_acquire", args)
+    async def _attempt(self, token: str, blocking: bool, wait: float | None, lease: float | None) -> bool:
+        state = self._state._sync
+        attempt = self._state._executor.submit(
+            acquire_call, state, self._name, token, blocking, wait if blocking else None, lease
+        )
         try:
             return await asyncio.shield(asyncio.wrap_future(attempt))
         except asyncio.CancelledError:
@@ -202,16 +211,17 @@ class AsyncLock:
             # callback hangs on the worker's own future, so it runs even if the loop has closed by then.
             def give_back(done: Future[bool]) -> None:
                 if not done.cancelled() and done.exception() is None and done.result():
-                    threading.Thread(target=_give_back, args=(call, self._name, token), daemon=True).start()
+                    threading.Thread(target=_give_back, args=(state, self._name, token), daemon=True).start()
 
             attempt.add_done_callback(give_back)
             raise
 
     async def release(self) -> None:
-        """Release once; ``RuntimeError`` if the current task does not hold the lock."""
+        """Release once; ``RuntimeError`` if the current task does not hold the lock, ``LockLost`` if it
+        held it and lost it."""
         token = _task_token()
         future = asyncio.get_running_loop().run_in_executor(
-            self._state._executor, self._state._sync._call, "lock_release", (self._name, token)
+            self._state._executor, release_call, self._state._sync, self._name, token
         )
         # Shielded: a task cancelled while its release waits for a worker thread still releases.
         await asyncio.shield(future)

@@ -12,6 +12,7 @@ CASES = [
     (sharedstate.ServerUnavailable("no server at /x.sock", "/x.sock"), ConnectionError, {"address": "/x.sock"}),
     (sharedstate.AccessDenied("key refused at /x.sock", "/x.sock"), PermissionError, {"address": "/x.sock"}),
     (sharedstate.LockTimeout("lock 'a' not acquired in 2 s", "a", 2.0), TimeoutError, {"name": "a", "timeout": 2.0}),
+    (sharedstate.LockLost("lock 'a' was lost", "a"), RuntimeError, {"name": "a"}),
     (sharedstate.SnapshotError("bad file /s.json: not JSON", "/s.json"), ValueError, {"path": "/s.json"}),
     (sharedstate.StateFileBusy("/s.json is owned by pid 12", "/s.json", 12), Exception, {"path": "/s.json", "pid": 12}),
 ]
