@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from ._answers import Duplicate, current_request
 from ._errors import SnapshotError
 from ._files import write_atomic
 from ._journal import Journal, journal_files, replay_records
@@ -77,6 +78,8 @@ class ServerConfig:
     durability: str = "snapshot"
     journal_fsync: str = "everysec"
     log_level: int = logging.WARNING
+    #: The owner starts this server again if it crashes: clients then retry their calls (``info``).
+    restart: bool = False
 
 
 class _Current(threading.local):
@@ -103,14 +106,45 @@ HANDED = _Handed()
 _current = _Current()
 
 
-def _readable_within(fd: int) -> Callable[[float], bool]:
+#: A keepalive: an empty message, which no answer is (an answer is a pickle).
+_KEEPALIVE = frame(b"")
+
+
+def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float], bool]:
+    """``readable(seconds)``: whether ``fd`` has something to read within that long. With ``keepalive``
+    (seconds), a waiting caller is sent an empty message at least that often meanwhile, so that its
+    receive timeout tells a long lock wait from a server that stopped answering."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+    if keepalive is None:
 
-    def readable(seconds: float) -> bool:
-        return bool(poller.poll(seconds * 1000))
+        def readable(seconds: float) -> bool:
+            return bool(poller.poll(seconds * 1000))
 
-    return readable
+        return readable
+
+    interval = max(keepalive, 0.001)
+    last = [0.0]  # when the last keepalive went out
+
+    def readable_with_keepalives(seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            if now - last[0] >= interval:
+                # One small write: it never splits a hand-over's answer written by another thread. A
+                # keepalive that lands after that answer is skipped by the client before its next one.
+                try:
+                    write_raw(fd, _KEEPALIVE)
+                except OSError:
+                    return True  # the caller is gone: its wait ends
+                last[0] = now
+            span = min(end, last[0] + interval) - now
+            if poller.poll(max(0.0, span) * 1000):
+                return True
+            if time.monotonic() >= end:
+                return False
+
+    return readable_with_keepalives
 
 
 class StateService(Store):
@@ -163,7 +197,34 @@ class StateService(Store):
 
     def info(self) -> dict[str, Any]:
         versions = None if self.versions is None else self.versions.info()
-        return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at, "versions": versions}
+        config = self.config
+        restart = None
+        if config.restart and config.owner_pid is not None:
+            # Clients retry a call that a crash interrupted while this owner lives to restart the server.
+            restart = {"owner": config.owner_pid, "ctime": config.owner_create_time, "scope": BOOT_SCOPE}
+        return {
+            "service": STORE_ID,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "versions": versions,
+            "restart": restart,
+        }
+
+    def call_once(self, rid: Any, function: Callable[..., Any], args: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
+        """Run a write that carries a request id ``(client, sequence)``; if that id was applied already
+        (before a crash, say), answer what it answered then instead of applying it again."""
+        if type(rid) is not tuple or len(rid) != 2 or type(rid[0]) is not str or type(rid[1]) is not int:
+            raise TypeError(f"a request id is (client: str, sequence: int), not {rid!r}")
+        known = self.answers.lookup(*rid)
+        if known is not self.answers.NOT_FOUND:
+            return known
+        current_request.rid = rid
+        try:
+            return function(*args, **kwds) if kwds else function(*args)
+        except Duplicate as duplicate:  # the same id arrived twice at once (checked again under the mutex)
+            return duplicate.answer
+        finally:
+            current_request.rid = None
 
     # -- locks --------------------------------------------------------------------------------------
     def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> Any:
@@ -231,7 +292,7 @@ class StateService(Store):
             journal = self.journal if target == self.path else None
             if journal is not None:
                 generation = journal.generation + 1
-            data, scopes = self.entries(final=final, new_generation=generation or None)
+            data, scopes, answers = self.entries(final=final, new_generation=generation or None)
             if scope:
                 wanted = set(scope)
                 data = {n: v for n, v in data.items() if not wanted.isdisjoint(scopes.get(n, ()))}
@@ -241,7 +302,8 @@ class StateService(Store):
                 for name in exclude:
                     data.pop(name, None)
             try:
-                write_snapshot(target, data, scopes, generation)
+                # Only the server's own file keeps the answers: they belong to this server's clients.
+                write_snapshot(target, data, scopes, generation, answers if target == self.path else None)
                 if journal is not None:
                     journal.covered(generation)
             except Exception as exc:
@@ -320,7 +382,10 @@ class ManagerServer(managers.Server):
         client = self.service.connected(hello)
         _current.client = client
         _current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
-        _current.readable = _readable_within(c.fileno())
+        keepalive = hello.get("keepalive")
+        _current.readable = _readable_within(
+            c.fileno(), keepalive if type(keepalive) in (int, float) and keepalive > 0 else None
+        )
         try:
             c.send(("#RETURN", self.service.info()))
             self.serve(c)
@@ -340,6 +405,7 @@ class ManagerServer(managers.Server):
         reader = MessageReader(conn.fileno())
         read, fd = reader.read, reader.fd
         methods = self.methods
+        call_once = self.service.call_once
         stopping = self.stop_event.is_set
         loads, dumps = pickle.loads, pickle.dumps
         while not stopping():
@@ -349,14 +415,18 @@ class ManagerServer(managers.Server):
                 return  # the client closed its connection (or it broke)
             try:
                 ident, name, args, kwds = loads(request)
-                if ident != STORE_ID:
+                # A write names the store by its request id instead (``StateService.call_once``).
+                if ident != STORE_ID and type(ident) is not tuple:
                     raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
             except Exception:
                 reply: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
             else:
                 try:
-                    result = function(*args, **kwds) if kwds else function(*args)
+                    if ident == STORE_ID:
+                        result = function(*args, **kwds) if kwds else function(*args)
+                    else:
+                        result = call_once(ident, function, args, kwds)
                 except Exception as exc:
                     reply = ("#ERROR", exc)
                 else:
@@ -457,6 +527,7 @@ class ServerProcess:
         generation = 0
         if snapshot is not None:
             service.install(path, snapshot)
+            service.answers.load(snapshot.answers or {})
             generation = snapshot.generation
             log.info("restored %d names from %s", len(snapshot.data), path)
         files = journal_files(path)

@@ -39,13 +39,21 @@ class Snapshot(NamedTuple):
     generation: int = 0
     #: Read from another program's format (Pode's): its values are checked before they are stored.
     foreign: bool = False
+    #: The server's last answer to each client's last write (``_answers``), in its own snapshots only.
+    answers: dict[str, Any] | None = None
 
 
 _OURS = re.compile(r'\s*\{\s*"format"\s*:\s*"sharedstate"')
 
 
-def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> Any:
-    """The text of a snapshot file, in pieces: the header, the scopes, then one name per line."""
+def snapshot_pieces(
+    data: dict[str, Any],
+    scopes: dict[str, tuple[str, ...]],
+    generation: int = 0,
+    answers: dict[str, Any] | None = None,
+) -> Any:
+    """The text of a snapshot file, in pieces: the header, the scopes, the server's last answers (in
+    its own snapshots), then one name per line."""
     saved_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
     header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "saved_at": saved_at, "count": len(data)}
     if generation:
@@ -53,13 +61,21 @@ def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], ge
     yield json.dumps(header)[:-1]
     scope_lists = {name: list(scope) for name, scope in scopes.items() if name in data}
     yield ',\n"scopes": ' + json.dumps(encode(scope_lists), ensure_ascii=False)
+    if answers:
+        yield ',\n"answers": ' + json.dumps(encode(answers), ensure_ascii=False, allow_nan=False)
     yield ',\n"names": '
     yield from iter_json_object(data)
     yield "}\n"
 
 
-def write_snapshot(path: Path, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> None:
-    write_atomic(path, snapshot_pieces(data, scopes, generation))
+def write_snapshot(
+    path: Path,
+    data: dict[str, Any],
+    scopes: dict[str, tuple[str, ...]],
+    generation: int = 0,
+    answers: dict[str, Any] | None = None,
+) -> None:
+    write_atomic(path, snapshot_pieces(data, scopes, generation, answers))
 
 
 def _decode_text(raw: bytes, path: Path) -> str:
@@ -129,7 +145,10 @@ def _ours(doc: Any) -> Snapshot:
     generation = doc.get("journal", 0)
     if type(generation) is not int or generation < 0:
         raise ValueError(f"bad journal generation {generation!r}")
-    return Snapshot(data, checked, generation)
+    answers = doc.get("answers", {})
+    if not isinstance(answers, dict):
+        raise ValueError("'answers' must be an object")
+    return Snapshot(data, checked, generation, answers=answers)
 
 
 class FileOwnership:
