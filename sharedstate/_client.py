@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from ._answers import request_id
+from . import _answers
 from ._cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
 from ._errors import ServerUnavailable, SharedStateError
 from ._lock import Lock
@@ -49,6 +49,7 @@ _NO_KWARGS: dict[str, Any] = {}
 _pickle_dumps = pickle.dumps
 _pickle_loads = pickle.loads
 _monotonic = time.monotonic
+_sequence = _answers.sequence
 
 _hello_cache: dict[int, dict[str, Any]] = {}
 
@@ -76,6 +77,12 @@ def _hello() -> dict[str, Any]:
             ctime = None
         hello = _hello_cache[pid] = {"pid": pid, "scope": BOOT_SCOPE, "ctime": ctime}
     return hello
+
+
+def _hello_client() -> dict[str, Any]:
+    """``_hello`` with the client id of the thread that opens the connection (the connection is used
+    by that thread only): the server reads a write's request id as that client's."""
+    return {**_hello(), "client": _answers.client_id()}
 
 
 class State:
@@ -109,7 +116,7 @@ class State:
         self._pool = ConnectionPool(
             self._address,
             authkey,
-            _hello,
+            _hello_client,
             self._connected if cache else None,
             call_timeout=self._timeout,
             restart=restart,
@@ -137,7 +144,8 @@ class State:
     def _write(self, method: str, args: tuple[Any, ...]) -> Any:
         """``_call`` for a write: sent with a request id, so that it may be sent again after a crash
         and is still applied once."""
-        return self._send(method, _pickle_dumps((request_id(), method, args, _NO_KWARGS), _PROTOCOL), True)
+        # The sequence number alone: the connection introduced this thread's client id (``_hello_client``).
+        return self._send(method, _pickle_dumps((next(_sequence), method, args, _NO_KWARGS), _PROTOCOL), True)
 
     def _send(self, method: str, request: bytes, resendable: bool = False) -> Any:
         pool = self._pool

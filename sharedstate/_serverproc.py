@@ -210,22 +210,6 @@ class StateService(Store):
             "restart": restart,
         }
 
-    def call_once(self, rid: Any, function: Callable[..., Any], args: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
-        """Run a write that carries a request id ``(client, sequence)``; if that id was applied already
-        (before a crash, say), answer what it answered then instead of applying it again."""
-        if type(rid) is not tuple or len(rid) != 2 or type(rid[0]) is not str or type(rid[1]) is not int:
-            raise TypeError(f"a request id is (client: str, sequence: int), not {rid!r}")
-        known = self.answers.lookup(*rid)
-        if known is not self.answers.NOT_FOUND:
-            return known
-        current_request.rid = rid
-        try:
-            return function(*args, **kwds) if kwds else function(*args)
-        except Duplicate as duplicate:  # the same id arrived twice at once (checked again under the mutex)
-            return duplicate.answer
-        finally:
-            current_request.rid = None
-
     # -- locks --------------------------------------------------------------------------------------
     def lock_acquire(self, key: str | None, thread: Hashable, blocking: bool, timeout: float | None) -> Any:
         current = _current
@@ -388,7 +372,8 @@ class ManagerServer(managers.Server):
         )
         try:
             c.send(("#RETURN", self.service.info()))
-            self.serve(c)
+            writer = hello.get("client")
+            self.serve(c, writer if type(writer) is str else None)
         finally:
             _current.client = _current.notify = _current.readable = None
             self.service.disconnected(client)
@@ -396,16 +381,20 @@ class ManagerServer(managers.Server):
         # waiting for an answer would take as a success.
         raise SystemExit(0)
 
-    def serve(self, conn: mpc.Connection) -> None:
+    def serve(self, conn: mpc.Connection, client: str | None = None) -> None:
         """Answer one client's requests until it goes away or the server stops: the stdlib's
         ``serve_client`` loop with the same requests and answers, made leaner (one read and one write
         per call, the plain pickler, methods bound once). A method's exception is answered with
         ``('#ERROR', exception)``; a request that is not a call of an exposed method with
-        ``('#TRACEBACK', text)``; an answer that cannot be pickled with ``('#UNSERIALIZABLE', text)``."""
+        ``('#TRACEBACK', text)``; an answer that cannot be pickled with ``('#UNSERIALIZABLE', text)``.
+
+        A write names the store by its request id instead: its sequence number (the client is the one
+        the connection introduced as, ``client``), or ``(client, sequence)`` (``_answers``)."""
         reader = MessageReader(conn.fileno())
         read, fd = reader.read, reader.fd
         methods = self.methods
-        call_once = self.service.call_once
+        answers = self.service.answers.table
+        request_now = current_request
         stopping = self.stop_event.is_set
         loads, dumps = pickle.loads, pickle.dumps
         while not stopping():
@@ -415,8 +404,7 @@ class ManagerServer(managers.Server):
                 return  # the client closed its connection (or it broke)
             try:
                 ident, name, args, kwds = loads(request)
-                # A write names the store by its request id instead (``StateService.call_once``).
-                if ident != STORE_ID and type(ident) is not tuple:
+                if ident != STORE_ID and type(ident) is not int and type(ident) is not tuple:
                     raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
             except Exception:
@@ -426,7 +414,27 @@ class ManagerServer(managers.Server):
                     if ident == STORE_ID:
                         result = function(*args, **kwds) if kwds else function(*args)
                     else:
-                        result = call_once(ident, function, args, kwds)
+                        # A write with a request id (inline: it is on the path of every write). If the
+                        # id was applied already (before a crash, say), its answer then is the answer.
+                        if type(ident) is int:
+                            if client is None:
+                                raise TypeError("a write with a sequence number on a connection without a client id")
+                            writer, sequence = client, ident
+                        else:
+                            writer, sequence = ident if len(ident) == 2 else (None, None)
+                            if type(writer) is not str or type(sequence) is not int:
+                                raise TypeError(f"a request id is (client: str, sequence: int), not {ident!r}")
+                        entry = answers.get(writer)
+                        if entry is not None and entry[0] == sequence:
+                            result = entry[1]
+                        else:
+                            request_now.rid = (writer, sequence)
+                            try:
+                                result = function(*args, **kwds) if kwds else function(*args)
+                            except Duplicate as duplicate:  # the same id twice at once: checked under the mutex
+                                result = duplicate.answer
+                            finally:
+                                request_now.rid = None
                 except Exception as exc:
                     reply = ("#ERROR", exc)
                 else:

@@ -75,6 +75,7 @@ class Store:
         self.versions: VersionTable | None = None
         #: The last answer of each client's last write, by request id (``_answers``).
         self.answers = Answers()
+        self._answer_table = self.answers.table
 
     def _changed(self, name: str) -> tuple[int, int, int] | None:
         """Bump the counter of ``name``; return its counters after the change, if there is a table."""
@@ -98,13 +99,22 @@ class Store:
         rid = current_request.rid
         if rid is None:
             return 0 if journal is None else journal.append(list(record))
-        client, sequence = rid
-        answers = self.answers
-        known = answers.lookup(client, sequence)
-        if known is not answers.NOT_FOUND:
-            raise Duplicate(known)
-        number = 0 if journal is None else journal.append(["@", client, sequence, answer, *record])
-        answers.remember(client, sequence, answer)
+        client, sequence = rid  # checked by the serving loop
+        table = self._answer_table
+        # Taken out and put back at the end: the table stays in the order clients last wrote.
+        entry = table.pop(client, None)
+        if entry is not None and entry[0] == sequence:
+            table[client] = entry
+            raise Duplicate(entry[1])
+        try:
+            number = 0 if journal is None else journal.append(["@", client, sequence, answer, *record])
+        except BaseException:
+            if entry is not None:
+                table[client] = entry
+            raise
+        table[client] = (sequence, answer)
+        if entry is None and len(table) > self.answers.cap:
+            del table[next(iter(table))]  # the client that wrote least recently
         return number
 
     def _commit(self, number: int) -> None:

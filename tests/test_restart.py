@@ -22,7 +22,7 @@ from restart_workers import count_incrs
 
 import sharedstate
 import sharedstate.aio
-from sharedstate._answers import request_id
+from sharedstate._answers import Answers, client_id
 from sharedstate._transport import STORE_ID
 
 
@@ -273,12 +273,12 @@ def test_the_answers_are_kept_in_the_snapshot_body(tmp_path):
 
 
 def test_a_forked_child_writes_with_a_client_id_of_its_own():
-    mine = request_id()[0]
+    mine = client_id()
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            os.write(writer, request_id()[0].encode())
+            os.write(writer, client_id().encode())
         finally:
             os._exit(0)
     os.close(writer)
@@ -288,12 +288,25 @@ def test_a_forked_child_writes_with_a_client_id_of_its_own():
         os.close(reader)
         os.waitpid(pid, 0)
     assert child and child != mine
-    assert request_id()[0] == mine  # the same thread keeps its id; the sequence moves on
+    assert client_id() == mine  # the same thread keeps its id
     ids = set()
-    thread = threading.Thread(target=lambda: ids.add(request_id()[0]))
+    thread = threading.Thread(target=lambda: ids.add(client_id()))
     thread.start()
     thread.join()
     assert mine not in ids  # another thread is another client
+
+
+def test_the_table_of_answers_keeps_the_clients_that_wrote_last():
+    answers = Answers(cap=3)
+    for client in "abc":
+        answers.remember(client, 1, client.upper())
+    answers.remember("a", 2, "A2")  # a wrote again: now the most recent
+    answers.remember("d", 1, "D")  # one client too many: b, which wrote least recently, goes
+    assert list(answers.table) == ["c", "a", "d"]
+    assert answers.table["a"] == (2, "A2")
+    copy = Answers(cap=3)
+    copy.load(answers.copy())
+    assert copy.table == answers.table and list(copy.table) == ["c", "a", "d"]
 
 
 @pytest.mark.timeout(300)
