@@ -124,10 +124,22 @@ def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float
         return readable
 
     interval = max(keepalive, 0.001)
-    last = [0.0]  # when the last keepalive went out
+    # When the last keepalive went out (or the wait began), and when the last call of a wait returned: a
+    # lock wait calls this again and again, so a longer pause means a new wait, whose caller heard from
+    # the server just now (its request went out): a wait shorter than the interval costs no keepalive.
+    last = [0.0]
+    returned = [0.0]
 
     def readable_with_keepalives(seconds: float) -> bool:
-        end = time.monotonic() + seconds
+        now = time.monotonic()
+        if now - returned[0] > interval:
+            last[0] = now
+        try:
+            return _poll_with_keepalives(now + seconds)
+        finally:
+            returned[0] = time.monotonic()
+
+    def _poll_with_keepalives(end: float) -> bool:
         while True:
             now = time.monotonic()
             if now - last[0] >= interval:
