@@ -416,26 +416,25 @@ class ManagerServer(managers.Server):
                 return  # the client closed its connection (or it broke)
             try:
                 ident, name, args, kwds = loads(request)
-                if ident != STORE_ID and type(ident) is not int and type(ident) is not tuple:
-                    raise KeyError(f"no object with id {ident!r}")
+                writer = None
+                if ident != STORE_ID:
+                    # A write: its request id in place of the store's id (``_answers``).
+                    if type(ident) is int and client is not None:
+                        writer, sequence = client, ident
+                    elif type(ident) is tuple and len(ident) == 2 and type(ident[0]) is str and type(ident[1]) is int:
+                        writer, sequence = ident
+                    else:
+                        raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
             except Exception:
                 reply: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
             else:
                 try:
-                    if ident == STORE_ID:
+                    if writer is None:
                         result = function(*args, **kwds) if kwds else function(*args)
                     else:
-                        # A write with a request id (inline: it is on the path of every write). If the
-                        # id was applied already (before a crash, say), its answer then is the answer.
-                        if type(ident) is int:
-                            if client is None:
-                                raise TypeError("a write with a sequence number on a connection without a client id")
-                            writer, sequence = client, ident
-                        else:
-                            writer, sequence = ident if len(ident) == 2 else (None, None)
-                            if type(writer) is not str or type(sequence) is not int:
-                                raise TypeError(f"a request id is (client: str, sequence: int), not {ident!r}")
+                        # Inline: this is on the path of every write. If the id was applied already
+                        # (before a crash, say), the answer it had then is the answer.
                         entry = answers.get(writer)
                         if entry is not None and entry[0] == sequence:
                             result = entry[1]

@@ -490,6 +490,6 @@ def test_an_old_style_request_without_an_id_still_works(server):
     request = pickle.dumps((STORE_ID, "incr", ("n",), {}), pickle.HIGHEST_PROTOCOL)
     assert state._send("incr", request) == 1
     assert state._send("incr", request) == 2  # no id: nothing to recognise
-    with pytest.raises(TypeError, match="request id"):
+    with pytest.raises(sharedstate.SharedStateError, match="no object with id"):
         state._send("incr", pickle.dumps((("bad",), "incr", ("n",), {})), True)
     assert Path(server.address).exists()
