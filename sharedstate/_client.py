@@ -195,9 +195,9 @@ class State:
                     f"the sharedstate server at {self.address} went away during {method}()", self.address
                 ) from None
             if time.monotonic() + pause >= deadline:
+                what = str(exc) if isinstance(exc, ServerUnavailable) else f"the server went away during {method}()"
                 raise ServerUnavailable(
-                    f"the sharedstate server at {self.address} went away during {method}() and no server "
-                    f"answered there within {self._timeout:g} s",
+                    f"no sharedstate server answered {method}() at {self.address} within {self._timeout:g} s ({what})",
                     self.address,
                 ) from None
             time.sleep(pause)
