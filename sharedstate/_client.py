@@ -5,19 +5,33 @@ from __future__ import annotations
 import decimal
 import os
 import pickle
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from . import _answers
 from ._cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
 from ._errors import ServerUnavailable, SharedStateError
 from ._files import caller_target
 from ._lock import Lock
+from ._locktable import process_alive
 from ._pattern import compile_pattern
 from ._store import MISSING
-from ._transport import BOOT_SCOPE, STORE_ID, Address, ConnectionPool, format_address, parse_address, resolve
+from ._transport import (
+    BOOT_SCOPE,
+    CALL_TIMEOUT,
+    CONNECT_TIMEOUT,
+    STORE_ID,
+    Address,
+    ConnectionPool,
+    check_call_timeout,
+    format_address,
+    parse_address,
+    resolve,
+)
 from ._values import check_name, check_names, check_scope, check_value
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)
@@ -35,8 +49,21 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _NO_KWARGS: dict[str, Any] = {}
 _pickle_dumps = pickle.dumps
 _pickle_loads = pickle.loads
+_monotonic = time.monotonic
+_sequence = _answers.sequence
 
 _hello_cache: dict[int, dict[str, Any]] = {}
+
+#: Calls whose request may be sent again when its answer was lost (a crash of the server): they change
+#: nothing. Writes are sent with a request id instead (``_write``), so the server applies them once.
+#: Lock calls are neither: an acquire or release that reached a server that then crashed is not repeated.
+_RESENDABLE = frozenset("get getitem contains names get_many snapshot length stats save lock_locked lock_owner".split())
+#: A restarting server binds its socket again this soon after it removed the dead server's one; a socket
+#: file missing for longer means the server stopped for good (a clean stop removes it).
+RESTART_GRACE_S = 1.0
+#: First and longest pause between attempts to reach a restarting server.
+RETRY_FIRST_S = 0.005
+RETRY_MAX_S = 0.1
 
 
 def _hello() -> dict[str, Any]:
@@ -53,6 +80,12 @@ def _hello() -> dict[str, Any]:
     return hello
 
 
+def _hello_client() -> dict[str, Any]:
+    """``_hello`` with the client id of the thread that opens the connection (the connection is used
+    by that thread only): the server reads a write's request id as that client's."""
+    return {**_hello(), "client": _answers.client_id()}
+
+
 class State:
     """A handle on the shared dictionary of one server (Pode's ``Set/Get/Remove/Test-PodeState``).
 
@@ -64,14 +97,31 @@ class State:
     its own connection. Get one from ``StateServer.state`` or ``sharedstate.connect()``.
     """
 
-    def __init__(self, address: Address | str, authkey: bytes | None, *, cache: bool = True) -> None:
+    def __init__(
+        self,
+        address: Address | str,
+        authkey: bytes | None,
+        *,
+        cache: bool = True,
+        timeout: float = CALL_TIMEOUT,
+        restart: dict[str, Any] | None = None,
+    ) -> None:
         self._address = parse_address(address)
         self._authkey = authkey
         self._use_cache = bool(cache)
+        #: The deadline of one call (``connect(timeout=)``).
+        self._timeout = check_call_timeout(timeout)
         #: The values this handle read (``_cache``), for the server process it talks to; ``None`` when
         #: off, before the first connection, or when the server's version table cannot be mapped here.
         self._cache: ClientCache | None = None
-        self._pool = ConnectionPool(self._address, authkey, _hello, self._connected if cache else None)
+        self._pool = ConnectionPool(
+            self._address,
+            authkey,
+            _hello_client,
+            self._connected if cache else None,
+            call_timeout=self._timeout,
+            restart=restart,
+        )
 
     # -- plumbing -----------------------------------------------------------------------------------
     def _connected(self, info: dict[str, Any]) -> None:
@@ -81,27 +131,34 @@ class State:
     def _fresh_cache(self) -> ClientCache | None:
         """The cache, once this thread is connected (a new connection may bring a new server's cache)."""
         if self._use_cache:
-            self._pool.get()
+            try:
+                self._pool.get()
+            except ServerUnavailable:
+                return None  # the call itself reconnects, or waits for a restarting server
         return self._cache
 
     def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         # Pickled before anything is sent: an argument that cannot be pickled fails here, and the
         # connection (which keeps this process' locks alive) stays usable.
-        request = _pickle_dumps((STORE_ID, method, args, _NO_KWARGS), _PROTOCOL)
+        return self._send(method, _pickle_dumps((STORE_ID, method, args, _NO_KWARGS), _PROTOCOL))
+
+    def _write(self, method: str, args: tuple[Any, ...]) -> Any:
+        """``_call`` for a write: sent with a request id, so that it may be sent again after a crash
+        and is still applied once."""
+        # The sequence number alone: the connection introduced this thread's client id (``_hello_client``).
+        return self._send(method, _pickle_dumps((next(_sequence), method, args, _NO_KWARGS), _PROTOCOL), True)
+
+    def _send(self, method: str, request: bytes, resendable: bool = False) -> Any:
         pool = self._pool
-        conn = pool.get()
+        conn = None
+        start = _monotonic()
         try:
-            kind, result = _pickle_loads(conn.request(request))
+            conn = pool.get()
+            answer = conn.request(request)
         except BaseException as exc:
-            # A half-sent request or an unread answer: the connection cannot be used again. The cache
-            # goes with it: the next connection may reach a new server process.
-            pool.drop()
-            self._cache = None
-            if isinstance(exc, (EOFError, OSError)):
-                raise ServerUnavailable(
-                    f"the sharedstate server at {self.address} went away during {method}()", self.address
-                ) from None
-            raise
+            resendable = resendable or method in _RESENDABLE
+            answer = self._recover(method, request, resendable, conn is not None, exc, start + self._timeout)
+        kind, result = _pickle_loads(answer)
         if kind == "#RETURN":
             return result
         if kind == "#ERROR":
@@ -112,6 +169,75 @@ class State:
                 # would keep the exception and everything it refers to until a garbage collection.
                 del result
         raise SharedStateError(f"the server at {self.address} failed in {method}(): {result}")
+
+    def _recover(
+        self, method: str, request: bytes, resendable: bool, sent: bool, exc: BaseException, deadline: float
+    ) -> Any:
+        """A call failed on its way (``sent``: perhaps after its request left). Drop the connection: a
+        half-sent request or an unread answer leaves it unusable, and the cache goes with it (the next
+        connection may reach a new server process). Then, while the server's owner may be restarting
+        it, send the request again on a new connection until a server answers, before ``deadline`` (the
+        call's start plus its timeout); return that answer. Otherwise raise ``ServerUnavailable`` (or the
+        error itself, if it is not one of the transport)."""
+        pool = self._pool
+        pause = RETRY_FIRST_S
+        missing_since: list[float] = []
+        while True:
+            pool.drop()
+            self._cache = None
+            if not isinstance(exc, (EOFError, OSError)) or (
+                isinstance(exc, SharedStateError) and not isinstance(exc, ServerUnavailable)
+            ):
+                raise exc
+            if isinstance(exc, BlockingIOError):  # the socket's timeout: nothing came back in time
+                raise ServerUnavailable(
+                    f"the sharedstate server at {self.address} did not answer {method}() within {self._timeout:g} s",
+                    self.address,
+                ) from None
+            if (sent and not resendable) or not self._restart_expected(missing_since):
+                if isinstance(exc, ServerUnavailable):
+                    raise exc
+                raise ServerUnavailable(
+                    f"the sharedstate server at {self.address} went away during {method}()", self.address
+                ) from None
+            if time.monotonic() + pause >= deadline:
+                what = str(exc) if isinstance(exc, ServerUnavailable) else f"the server went away during {method}()"
+                raise ServerUnavailable(
+                    f"no sharedstate server answered {method}() at {self.address} within {self._timeout:g} s ({what})",
+                    self.address,
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_S)
+            conn = None
+            try:
+                conn = pool.get(max(0.001, min(CONNECT_TIMEOUT, deadline - time.monotonic())))
+                # This attempt may wait only for what is left of the call's time.
+                conn.set_timeout(max(0.001, deadline - time.monotonic()))
+                answer = conn.request(request)
+            except BaseException as again:
+                exc, sent = again, conn is not None
+                continue
+            conn.set_timeout(self._timeout)
+            return answer
+
+    def _restart_expected(self, missing_since: list[float]) -> bool:
+        """Whether the server's owner will start it again (the last server said it would, the owner
+        lives, and its socket file is there, or went away only a moment ago)."""
+        restart = self._pool.restart
+        if not restart:
+            return False
+        if restart.get("scope") == BOOT_SCOPE and not process_alive(restart.get("owner"), restart.get("ctime")):
+            return False
+        address = self._address
+        if isinstance(address, str) and not os.path.exists(address):
+            now = time.monotonic()
+            if not missing_since:
+                missing_since.append(now)
+            elif now - missing_since[0] > RESTART_GRACE_S:
+                return False
+        else:
+            missing_since.clear()
+        return True
 
     @property
     def address(self) -> str:
@@ -129,8 +255,9 @@ class State:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # The key travels with the handle: whoever can unpickle it can use the state.
-        return (_rebuild, (self.address, self._authkey, self._use_cache))
+        # The key travels with the handle: whoever can unpickle it can use the state. So does what the
+        # server said about its restart, so a new process' first call can wait for a restarting server.
+        return (_rebuild, (self.address, self._authkey, self._use_cache, self._timeout, self._pool.restart))
 
     def __repr__(self) -> str:
         return f"<sharedstate.State at {self.address}>"
@@ -150,7 +277,7 @@ class State:
         value = self._call(method, (name,))
         if method == "contains":
             value = PRESENT if value else MISSING
-        if stamp is not None:
+        if stamp is not None and cache is self._cache:  # not after a reconnection to a new server
             cache.fill(name, stamp, value)
         return value
 
@@ -186,7 +313,7 @@ class State:
         scopes = check_scope(scope) if scope is not None else ()
         cache = self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
-        stamp = self._call("set", (name, value, scopes) if scopes else (name, value))
+        stamp = self._write("set", (name, value, scopes) if scopes else (name, value))
         if stamp is not None and kept is not None and cache is self._cache:
             # The server's counters right after this change: the value is the server's until they move.
             cache.put(name, stamp, kept)
@@ -194,7 +321,7 @@ class State:
 
     def remove(self, name: str) -> Any:
         """Remove ``name``; return its value, or ``None`` if there was no such name."""
-        return self._call("remove", (check_name(name),))
+        return self._write("remove", (check_name(name),))
 
     def contains(self, name: str) -> bool:
         """Whether ``name`` exists."""
@@ -215,7 +342,7 @@ class State:
 
     def clear(self) -> None:
         """Remove every name."""
-        self._call("clear", ())
+        self._write("clear", ())
 
     # -- atomic calls -------------------------------------------------------------------------------
     def incr(self, name: str, by: int | float = 1) -> Any:
@@ -228,13 +355,13 @@ class State:
             raise TypeError(f"cannot incr {name!r} by {type(by).__name__}: by must be an int, float or Decimal")
         if type(by) is decimal.Decimal:
             check_value(name, by)  # a signalling NaN: ValueError
-        return self._call("incr", (name, by))
+        return self._write("incr", (name, by))
 
     def setdefault(self, name: str, default: Any) -> Any:
         """Store ``default`` under ``name`` unless the name exists; return the stored value. Atomic."""
         name = check_name(name)
         check_value(name, default)
-        return self._call("setdefault", (name, default))
+        return self._write("setdefault", (name, default))
 
     def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
         """Store ``new`` under ``name`` only if its current value ``== expected`` (a missing name matches
@@ -242,14 +369,14 @@ class State:
         name = check_name(name)
         check_value(name, expected)
         check_value(name, new)
-        return self._call("compare_and_set", (name, expected, new))
+        return self._write("compare_and_set", (name, expected, new))
 
     def append(self, name: str, item: Any) -> int:
         """Append ``item`` to the list under ``name`` (a missing name starts an empty list); return the
         new length. Atomic. Raises ``TypeError`` if the stored value is not a list."""
         name = check_name(name)
         check_value(name, item)
-        return self._call("append", (name, item))
+        return self._write("append", (name, item))
 
     def update(self, mapping: Mapping[str, Any]) -> None:
         """Store many names in one call, all or nothing, like ``set`` without a scope. Every name and
@@ -269,7 +396,7 @@ class State:
                 check_value(name, value)
                 checked[name] = value
         if checked:
-            self._call("update", (checked,))
+            self._write("update", (checked,))
 
     def get_many(self, names: Iterable[str]) -> dict[str, Any]:
         """The values of those of ``names`` that exist, in one call (none when every one is cached)."""
@@ -284,8 +411,9 @@ class State:
             return self._call("get_many", (names,))
         stamps = cache.stamps(names)
         found = self._call("get_many", (names,))
-        for name, stamp in stamps.items():
-            cache.fill(name, stamp, found.get(name, MISSING))
+        if cache is self._cache:  # not after a reconnection to a new server
+            for name, stamp in stamps.items():
+                cache.fill(name, stamp, found.get(name, MISSING))
         return found
 
     def snapshot(self) -> dict[str, Any]:
@@ -322,7 +450,7 @@ class State:
         """
         if type(merge) is not bool:
             raise TypeError(f"merge must be a bool, not {type(merge).__name__}")
-        return self._call("restore", (_absolute(path, "restore"), merge))
+        return self._write("restore", (_absolute(path, "restore"), merge))
 
     def stats(self) -> dict[str, Any]:
         """The server's figures: ``names``, ``pid``, ``rss_bytes``, ``uptime_s``, ``ops``, ``clients``,
@@ -354,7 +482,7 @@ class State:
         self.set(name, value)
 
     def __delitem__(self, name: str) -> None:
-        self._call("delitem", (check_name(name),))
+        self._write("delitem", (check_name(name),))
 
     def __contains__(self, name: object) -> bool:
         return self.contains(name)  # type: ignore[arg-type]
@@ -379,8 +507,14 @@ def _absolute(path: object, verb: str) -> str | None:
     return str(caller_target(path, verb))
 
 
-def _rebuild(address: str, authkey: bytes | None, cache: bool) -> State:
-    return State(address, authkey, cache=cache)
+def _rebuild(
+    address: str,
+    authkey: bytes | None,
+    cache: bool,
+    timeout: float = CALL_TIMEOUT,
+    restart: dict[str, Any] | None = None,
+) -> State:
+    return State(address, authkey, cache=cache, timeout=timeout, restart=restart)
 
 
 def connect(
@@ -390,13 +524,23 @@ def connect(
     cache: bool = True,
     namespace: str | None = None,
     lease: float | None = None,
+    timeout: float = CALL_TIMEOUT,
 ) -> State:
     """Connect to a running server and return a ``State`` handle.
 
     ``address`` and ``authkey`` default to ``SHAREDSTATE_ADDRESS`` and ``SHAREDSTATE_AUTHKEY``, which
     ``StateServer.start()`` exports to child processes. Given an address of a Unix socket and no key,
     the key is read from ``ADDRESS.key``. Raises ``ServerUnavailable`` when no server answers (within
-    5 seconds) and ``AccessDenied`` when the key is refused.
+    5 seconds, or ``timeout`` when shorter) and ``AccessDenied`` when the key is refused.
+
+    ``timeout`` (seconds, default 30) is the deadline of one call on an open connection: a server that
+    stops answering (stopped with SIGSTOP, a frozen host) makes the call raise ``ServerUnavailable``
+    after it instead of hanging. A wait for a lock is not cut short by it: the server keeps a waiting
+    caller informed, and the wait lasts as long as the lock's own timeout says. If the server crashes
+    and its owner starts it again, a call is sent again on a new connection until the new server
+    answers, within ``timeout`` seconds; writes carry a request id, so one the crashed server applied
+    is answered again, never applied twice. ``TypeError``/``ValueError`` for a timeout that is not a
+    positive, finite number.
 
     A ``redis://``, ``rediss://`` or ``unix://`` URL (given, or in ``SHAREDSTATE_ADDRESS``) connects to
     Redis or Valkey instead, with the keys of ``namespace`` and locks leased for ``lease`` seconds
@@ -407,10 +551,11 @@ def connect(
     """
     from . import _redis  # the Redis backend (redis-py itself is imported only for a Redis URL)
 
-    redis_state = _redis.connect(address, authkey, cache=cache, namespace=namespace, lease=lease)
+    timeout = check_call_timeout(timeout)
+    redis_state = _redis.connect(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)
     if redis_state is not None:
         return redis_state
     parsed, key = resolve(address, authkey)
-    state = State(parsed, key, cache=cache)
+    state = State(parsed, key, cache=cache, timeout=timeout)
     state._pool.get()  # connect now: fail here, not at the first call
     return state

@@ -47,7 +47,7 @@ from ._files import caller_target
 from ._locktable import describe
 from ._pattern import compile_pattern
 from ._snapshot import read_snapshot, write_snapshot
-from ._transport import ENV_ADDRESS
+from ._transport import ENV_ADDRESS, check_call_timeout
 from ._values import check_name, check_names, check_scope, check_text, check_value
 
 log = logging.getLogger("sharedstate")
@@ -76,7 +76,8 @@ SCAN_COUNT = 1000
 WRITE_CHUNK = 10_000
 #: Connecting may take this long before the server counts as unavailable (as for the local server).
 CONNECT_TIMEOUT = 5.0
-#: A reply may take this long (redis-py's own default is no limit before version 8, 5 s from 8 on).
+#: A reply may take this long by default (``connect(timeout=)``; redis-py's own default is no limit
+#: before version 8, 5 s from 8 on).
 REPLY_TIMEOUT = 30.0
 _INSTALL_HINT = "pip install 'sharedstate[redis]'"
 
@@ -381,14 +382,15 @@ class _Conn:
 
     __slots__ = ("client", "generation", *_SCRIPTS)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
         redis = _import_redis()
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         options: dict[str, Any] = {
             "socket_connect_timeout": CONNECT_TIMEOUT,
-            "socket_timeout": REPLY_TIMEOUT,
+            # A Redis server that stops answering (SIGSTOP, a frozen host) fails the call after it.
+            "socket_timeout": timeout,
             # No silent retries: a script whose reply was lost may have run, and running it again
             # would count twice. A failed call raises ServerUnavailable, as on the local server.
             "retry": Retry(NoBackoff(), 0),
@@ -454,6 +456,7 @@ class RedisState(State):
         namespace: str | None = None,
         lease: float | None = None,
         cache: bool = True,
+        timeout: float = REPLY_TIMEOUT,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(SCHEMES):
             raise ValueError(f"not a Redis URL: {url!r} (expected redis://, rediss:// or unix://)")
@@ -470,6 +473,8 @@ class RedisState(State):
         self._lease_ms = max(1, round(self._lease * 1000))
         #: Accepted for the same signature as ``connect()``; a Redis state has no client cache.
         self._cache = bool(cache)
+        #: The deadline of one reply (redis-py's ``socket_timeout``).
+        self._timeout = check_call_timeout(timeout)
         self._address = _mask(url)
         prefix = self._namespace + ":"
         self._prefix = prefix
@@ -487,7 +492,7 @@ class RedisState(State):
                 conn = self._conn_
                 if conn is None or conn.generation != _process.generation:
                     # After a fork the parent's client is left alone: its sockets are the parent's.
-                    conn = self._conn_ = _Conn(self._url)
+                    conn = self._conn_ = _Conn(self._url, self._timeout)
         return conn
 
     @property
@@ -518,7 +523,7 @@ class RedisState(State):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The URL, password included, travels with the handle, as the key does with a local one.
-        return (_rebuild, (self._url, self._namespace, self._lease, self._cache, self._address))
+        return (_rebuild, (self._url, self._namespace, self._lease, self._cache, self._address, self._timeout))
 
     def __repr__(self) -> str:
         return f"<sharedstate.State at {self.address} namespace {self._namespace!r}>"
@@ -882,7 +887,9 @@ class RedisState(State):
                 if now >= deadline:
                     return False
                 until = min(until, deadline)
-            span = until - now
+            # A blocking wait also stays well inside the reply timeout, so it is never taken for a
+            # server that stopped answering.
+            span = min(until, now + self._timeout / 2) - now
             if span > 2 * REDIS_TICK_S:
                 # Woken at once by a release; the timeout itself is served on one of Redis' ticks, so
                 # it may end up to a tick late: ask for one tick less.
@@ -1097,8 +1104,10 @@ _leases = _Leases()
 
 
 # -- connecting ----------------------------------------------------------------------------------------
-def _rebuild(url: str, namespace: str, lease: float, cache: bool, address: str) -> RedisState:
-    state = RedisState(url, namespace=namespace, lease=lease, cache=cache)
+def _rebuild(
+    url: str, namespace: str, lease: float, cache: bool, address: str, timeout: float = REPLY_TIMEOUT
+) -> RedisState:
+    state = RedisState(url, namespace=namespace, lease=lease, cache=cache, timeout=timeout)
     state._address = address
     return state
 
@@ -1110,6 +1119,7 @@ def connect(
     cache: bool = True,
     namespace: str | None = None,
     lease: float | None = None,
+    timeout: float = REPLY_TIMEOUT,
 ) -> RedisState | None:
     """``sharedstate.connect()`` for a Redis URL: a connected ``RedisState``, or ``None`` when
     ``address`` (or ``SHAREDSTATE_ADDRESS``, when ``address`` is ``None``) is not a Redis URL.
@@ -1119,7 +1129,9 @@ def connect(
     dead holder's lock stays held. A password goes in the URL (``redis://:PASSWORD@host:6379/0``), not
     in ``authkey``. ``cache`` is accepted and ignored. Raises ``ServerUnavailable`` when no Redis server
     answers (within 5 seconds), ``AccessDenied`` when it refuses the credentials, and ``ImportError``
-    naming ``pip install 'sharedstate[redis]'`` without redis-py.
+    naming ``pip install 'sharedstate[redis]'`` without redis-py. A reply that takes longer than
+    ``timeout`` seconds (a Redis server that stopped answering) raises ``ServerUnavailable``; lock waits
+    are made of shorter blocking waits, so they are not cut short by it.
     """
     url = redis_url(address)
     if url is None:
@@ -1132,6 +1144,6 @@ def connect(
         raise ValueError(
             f"{_mask(url)} is a Redis URL: give its password in the URL (redis://:PASSWORD@host), not as authkey"
         )
-    state = RedisState(url, namespace=namespace, lease=lease, cache=cache)
+    state = RedisState(url, namespace=namespace, lease=lease, cache=cache, timeout=timeout)
     state._connect()
     return state

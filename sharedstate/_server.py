@@ -27,6 +27,7 @@ from ._errors import ServerUnavailable, SharedStateError
 from ._schedule import SaveEvery, parse_schedule
 from ._serverproc import EXIT_SAVE_FAILED, ServerConfig
 from ._transport import (
+    BOOT_SCOPE,
     ENV_ADDRESS,
     ENV_AUTHKEY,
     Address,
@@ -142,7 +143,13 @@ class StateServer:
         if self._proc is None or self._address is None:
             raise ServerUnavailable("the server is not started: call start() first")
         if self._state is None:
-            self._state = State(self._address, self._authkey)
+            # What the server would say about its restart, known before the first connection: a handle
+            # pickled into a child at once still waits for a restart that its first call runs into.
+            restart = None
+            if self._restart and self._config is not None and self._config.owner_pid is not None:
+                config = self._config
+                restart = {"owner": config.owner_pid, "ctime": config.owner_create_time, "scope": BOOT_SCOPE}
+            self._state = State(self._address, self._authkey, restart=restart)
         return self._state
 
     # -- life ---------------------------------------------------------------------------------------
@@ -202,6 +209,7 @@ class StateServer:
             journal_fsync=self._journal_fsync,
             log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
             lock_file=os.path.join(self._tmpdir, "locks"),
+            restart=owned and self._restart,
         )
 
     def _monitor(self, proc: subprocess.Popen[bytes]) -> None:

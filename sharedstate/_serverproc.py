@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 
 from ._admission import Admission, raise_fd_limit
+from ._answers import Duplicate, current_request
 from ._errors import SnapshotError
 from ._files import backup_path, check_slot, write_atomic
 from ._journal import Journal, replay_records, scan_journals
@@ -84,6 +85,8 @@ class ServerConfig:
     #: Where the lock table is recorded, in a folder only this user may write, so a server process
     #: started again after a crash holds the same locks (``None``: locks do not survive a crash).
     lock_file: str | None = None
+    #: The owner starts this server again if it crashes: clients then retry their calls (``info``).
+    restart: bool = False
 
 
 #: The exit status of a server process that stopped as asked but could not write its final snapshot.
@@ -114,14 +117,57 @@ HANDED = _Handed()
 _current = _Current()
 
 
-def _readable_within(fd: int) -> Callable[[float], bool]:
+#: A keepalive: an empty message, which no answer is (an answer is a pickle).
+_KEEPALIVE = frame(b"")
+
+
+def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float], bool]:
+    """``readable(seconds)``: whether ``fd`` has something to read within that long. With ``keepalive``
+    (seconds), a waiting caller is sent an empty message at least that often meanwhile, so that its
+    receive timeout tells a long lock wait from a server that stopped answering."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+    if keepalive is None:
 
-    def readable(seconds: float) -> bool:
-        return bool(poller.poll(seconds * 1000))
+        def readable(seconds: float) -> bool:
+            return bool(poller.poll(seconds * 1000))
 
-    return readable
+        return readable
+
+    interval = max(keepalive, 0.001)
+    # When the last keepalive went out (or the wait began), and when the last call of a wait returned: a
+    # lock wait calls this again and again, so a longer pause means a new wait, whose caller heard from
+    # the server just now (its request went out): a wait shorter than the interval costs no keepalive.
+    last = [0.0]
+    returned = [0.0]
+
+    def readable_with_keepalives(seconds: float) -> bool:
+        now = time.monotonic()
+        if now - returned[0] > interval:
+            last[0] = now
+        try:
+            return _poll_with_keepalives(now + seconds)
+        finally:
+            returned[0] = time.monotonic()
+
+    def _poll_with_keepalives(end: float) -> bool:
+        while True:
+            now = time.monotonic()
+            if now - last[0] >= interval:
+                # One small write: it never splits a hand-over's answer written by another thread. A
+                # keepalive that lands after that answer is skipped by the client before its next one.
+                try:
+                    write_raw(fd, _KEEPALIVE)
+                except OSError:
+                    return True  # the caller is gone: its wait ends
+                last[0] = now
+            span = min(end, last[0] + interval) - now
+            if poller.poll(max(0.0, span) * 1000):
+                return True
+            if time.monotonic() >= end:
+                return False
+
+    return readable_with_keepalives
 
 
 class StateService(Store):
@@ -200,7 +246,18 @@ class StateService(Store):
 
     def info(self) -> dict[str, Any]:
         versions = None if self.versions is None else self.versions.info()
-        return {"service": STORE_ID, "pid": os.getpid(), "started_at": self.started_at, "versions": versions}
+        config = self.config
+        restart = None
+        if config.restart and config.owner_pid is not None:
+            # Clients retry a call that a crash interrupted while this owner lives to restart the server.
+            restart = {"owner": config.owner_pid, "ctime": config.owner_create_time, "scope": BOOT_SCOPE}
+        return {
+            "service": STORE_ID,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "versions": versions,
+            "restart": restart,
+        }
 
     # -- locks --------------------------------------------------------------------------------------
     def lock_acquire(
@@ -286,7 +343,7 @@ class StateService(Store):
             journal = self.journal if target == self.path else None
             if journal is not None:
                 generation = journal.generation + 1
-            data, scopes = self.entries(final=final, new_generation=generation or None)
+            data, scopes, answers = self.entries(final=final, new_generation=generation or None)
             if scope:
                 wanted = set(scope)
                 data = {n: v for n, v in data.items() if not wanted.isdisjoint(scopes.get(n, ()))}
@@ -296,7 +353,8 @@ class StateService(Store):
                 for name in exclude:
                     data.pop(name, None)
             try:
-                write_snapshot(target, data, scopes, generation)
+                # Only the server's own file keeps the answers: they belong to this server's clients.
+                write_snapshot(target, data, scopes, generation, answers if target == self.path else None)
                 if journal is not None:
                     journal.covered(generation)
             except Exception as exc:
@@ -375,10 +433,14 @@ class ManagerServer(managers.Server):
         client = self.service.connected(hello)
         _current.client = client
         _current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
-        _current.readable = _readable_within(c.fileno())
+        keepalive = hello.get("keepalive")
+        _current.readable = _readable_within(
+            c.fileno(), keepalive if type(keepalive) in (int, float) and keepalive > 0 else None
+        )
         try:
             c.send(("#RETURN", self.service.info()))
-            self.serve(c)
+            writer = hello.get("client")
+            self.serve(c, writer if type(writer) is str else None)
         finally:
             _current.client = _current.notify = _current.readable = None
             self.service.disconnected(client)
@@ -386,15 +448,20 @@ class ManagerServer(managers.Server):
         # waiting for an answer would take as a success.
         raise SystemExit(0)
 
-    def serve(self, conn: mpc.Connection) -> None:
+    def serve(self, conn: mpc.Connection, client: str | None = None) -> None:
         """Answer one client's requests until it goes away or the server stops: the stdlib's
         ``serve_client`` loop with the same requests and answers, made leaner (one read and one write
         per call, the plain pickler, methods bound once). A method's exception is answered with
         ``('#ERROR', exception)``; a request that is not a call of an exposed method with
-        ``('#TRACEBACK', text)``; an answer that cannot be pickled with ``('#UNSERIALIZABLE', text)``."""
+        ``('#TRACEBACK', text)``; an answer that cannot be pickled with ``('#UNSERIALIZABLE', text)``.
+
+        A write names the store by its request id instead: its sequence number (the client is the one
+        the connection introduced as, ``client``), or ``(client, sequence)`` (``_answers``)."""
         reader = MessageReader(conn.fileno())
         read, fd = reader.read, reader.fd
         methods = self.methods
+        answers = self.service.answers.table
+        request_now = current_request
         stopping = self.stop_event.is_set
         loads, dumps = pickle.loads, pickle.dumps
         while not stopping():
@@ -404,14 +471,36 @@ class ManagerServer(managers.Server):
                 return  # the client closed its connection (or it broke)
             try:
                 ident, name, args, kwds = loads(request)
+                writer = None
                 if ident != STORE_ID:
-                    raise KeyError(f"no object with id {ident!r}")
+                    # A write: its request id in place of the store's id (``_answers``).
+                    if type(ident) is int and client is not None:
+                        writer, sequence = client, ident
+                    elif type(ident) is tuple and len(ident) == 2 and type(ident[0]) is str and type(ident[1]) is int:
+                        writer, sequence = ident
+                    else:
+                        raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
             except Exception:
                 reply: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
             else:
                 try:
-                    result = function(*args, **kwds) if kwds else function(*args)
+                    if writer is None:
+                        result = function(*args, **kwds) if kwds else function(*args)
+                    else:
+                        # Inline: this is on the path of every write. If the id was applied already
+                        # (before a crash, say), the answer it had then is the answer.
+                        entry = answers.get(writer)
+                        if entry is not None and entry[0] == sequence:
+                            result = entry[1]
+                        else:
+                            request_now.rid = (writer, sequence)
+                            try:
+                                result = function(*args, **kwds) if kwds else function(*args)
+                            except Duplicate as duplicate:  # the same id twice at once: checked under the mutex
+                                result = duplicate.answer
+                            finally:
+                                request_now.rid = None
                 except Exception as exc:
                     # Without its traceback: the reply, kept until the next request, would otherwise hold
                     # this frame through it (a cycle only the garbage collector frees).
@@ -578,6 +667,7 @@ class ServerProcess:
                 service.restored_from_backup = 1
         if snapshot is not None:
             service.install(path, snapshot)
+            service.answers.load(snapshot.answers or {})
             generation = snapshot.generation
             log.info("restored %d names from %s", len(snapshot.data), path)
         for empty in torn:

@@ -52,6 +52,8 @@ class Snapshot(NamedTuple):
     foreign: bool = False
     #: The format version of one of our files.
     version: int = VERSION
+    #: The server's last answer to each client's last write (``_answers``), in its own snapshots only.
+    answers: dict[str, Any] | None = None
 
 
 #: Where the header is: the first line, which Pode's files never fill (``{`` alone, or their metadata).
@@ -107,9 +109,14 @@ class _Sealer:
         os.pwrite(fd, self.digest.hexdigest().encode(), self.offset)
 
 
-def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> Any:
+def snapshot_pieces(
+    data: dict[str, Any],
+    scopes: dict[str, tuple[str, ...]],
+    generation: int = 0,
+    answers: dict[str, Any] | None = None,
+) -> Any:
     """The text of a snapshot file, in pieces: the header (its first line, the checksum placeholder
-    last), the scopes, then one name per line."""
+    last), the scopes, the server's last answers (in its own snapshots), then one name per line."""
     saved_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
     header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "saved_at": saved_at, "count": len(data)}
     if generation:
@@ -118,14 +125,22 @@ def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], ge
     yield json.dumps(header)[:-1]
     scope_lists = {name: list(scope) for name, scope in scopes.items() if name in data}
     yield ',\n"scopes": ' + json.dumps(encode(scope_lists), ensure_ascii=False)
+    if answers:
+        yield ',\n"answers": ' + json.dumps(encode(answers), ensure_ascii=False, allow_nan=False)
     yield ',\n"names": '
     yield from iter_json_object(data)
     yield "}\n"
 
 
-def write_snapshot(path: Path, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> None:
+def write_snapshot(
+    path: Path,
+    data: dict[str, Any],
+    scopes: dict[str, tuple[str, ...]],
+    generation: int = 0,
+    answers: dict[str, Any] | None = None,
+) -> None:
     sealer = _Sealer()
-    write_atomic(path, sealer.pieces(snapshot_pieces(data, scopes, generation)), finish=sealer.finish)
+    write_atomic(path, sealer.pieces(snapshot_pieces(data, scopes, generation, answers)), finish=sealer.finish)
 
 
 def _decode_text(raw: bytes, path: Path) -> str:
@@ -204,7 +219,10 @@ def _ours(doc: Any) -> Snapshot:
     generation = doc.get("journal", 0)
     if type(generation) is not int or generation < 0:
         raise ValueError(f"bad journal generation {generation!r}")
-    return Snapshot(data, checked, generation, version=version)
+    answers = doc.get("answers", {})
+    if not isinstance(answers, dict):
+        raise ValueError("'answers' must be an object")
+    return Snapshot(data, checked, generation, version=version, answers=answers)
 
 
 class FileOwnership:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._journal import encode_record
 from ._pattern import compile_pattern
+from ._answers import Answers, Duplicate, current_request
 
 if TYPE_CHECKING:
     from ._journal import Journal
@@ -73,6 +74,9 @@ class Store:
         #: The shared counters that tell clients' caches a name changed, or ``None``. Bumped with the
         #: mutex held, so before the changing call returns.
         self.versions: VersionTable | None = None
+        #: The last answer of each client's last write, by request id (``_answers``).
+        self.answers = Answers()
+        self._answer_table = self.answers.table
 
     def _changed(self, name: str) -> tuple[int, int, int] | None:
         """Bump the counter of ``name``; return its counters after the change, if there is a table."""
@@ -86,10 +90,33 @@ class Store:
         if self.versions is not None:
             self.versions.bump_all()
 
-    def _record(self, *record: Any) -> int:
-        """Journal a change (with the mutex held, before making it); return the number to commit."""
+    def _record(self, *record: Any, answer: Any = None) -> int:
+        """Journal a change (with the mutex held, before making it); return the number to commit.
+
+        A write that carries a request id (``_answers``) is refused with ``Duplicate`` if that id was
+        applied already; else its ``answer`` is kept with it, in the table and in the journal record
+        (``["@", client, sequence, answer, op, *args]``), so a replay restores it too."""
         journal = self.journal
-        return 0 if journal is None else journal.append(list(record))
+        rid = current_request.rid
+        if rid is None:
+            return 0 if journal is None else journal.append(list(record))
+        client, sequence = rid  # checked by the serving loop
+        table = self._answer_table
+        # Taken out and put back at the end: the table stays in the order clients last wrote.
+        entry = table.pop(client, None)
+        if entry is not None and entry[0] == sequence:
+            table[client] = entry
+            raise Duplicate(entry[1])
+        try:
+            number = 0 if journal is None else journal.append(["@", client, sequence, answer, *record])
+        except BaseException:
+            if entry is not None:
+                table[client] = entry
+            raise
+        table[client] = (sequence, answer)
+        if entry is None and len(table) > self.answers.cap:
+            del table[next(iter(table))]  # the client that wrote least recently
+        return number
 
     def _commit(self, number: int) -> None:
         """After the mutex is released: wait until journal record ``number`` is durable, if asked to."""
@@ -157,8 +184,9 @@ class Store:
 
     def entries(
         self, final: bool = False, new_generation: int | None = None
-    ) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
-        """A consistent copy of the references of every value and scope (for saving): the only part of
+    ) -> tuple[dict[str, Any], dict[str, tuple[str, ...]], dict[str, Any]]:
+        """A consistent copy of the references of every value and scope, and of the table of last
+        answers (for saving): the only part of
         a save that makes other calls wait. ``final=True`` keeps the store locked afterwards, so no call
         can change it once the last snapshot of a stopping server is taken. ``new_generation`` starts a
         new journal at the same instant, so the copy holds exactly the changes of the older journals."""
@@ -166,7 +194,7 @@ class Store:
         try:
             if new_generation is not None and self.journal is not None:
                 self.journal.start_generation(new_generation)
-            return dict(self._data), dict(self._scopes)
+            return dict(self._data), dict(self._scopes), self.answers.copy()
         finally:
             if not final:
                 self._mutex.release()
@@ -192,7 +220,7 @@ class Store:
             self.ops += 1
             if name not in self._data:
                 return None
-            number = self._record("remove", name)
+            number = self._record("remove", name, answer=self._data[name])
             self._scopes.pop(name, None)
             value = self._data.pop(name)
             self._changed(name)
@@ -239,7 +267,7 @@ class Store:
     def replace(self, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], merge: bool) -> None:
         """Install restored entries: all of them (``merge=False``), or over the current ones."""
         with self._mutex:
-            number = self._record("replace", data, scopes, merge)
+            number = self._record("replace", data, scopes, merge, answer=len(data))
             if merge:
                 self._data.update(data)
                 for name in data:
@@ -267,7 +295,7 @@ class Store:
                 ) from None
             except decimal.DecimalException as exc:  # a signalling NaN or an overflow
                 raise ValueError(f"cannot incr {name!r} by {by!r}: {type(exc).__name__}") from None
-            number = self._record("incr", name, by)
+            number = self._record("incr", name, by, answer=new)
             self._data[name] = new
             self._changed(name)
         self._commit(number)
@@ -279,7 +307,7 @@ class Store:
             data = self._data
             if name in data:
                 return data[name]
-            number = self._record("setdefault", name, default)
+            number = self._record("setdefault", name, default, answer=default)
             data[name] = default
             self._changed(name)
         self._commit(number)
@@ -294,7 +322,7 @@ class Store:
                     return False
             elif current != expected:
                 return False
-            number = self._record("put", name, new)
+            number = self._record("put", name, new, answer=True)
             self._data[name] = new
             self._changed(name)
         self._commit(number)
@@ -310,7 +338,7 @@ class Store:
                 new = [*current, item]  # a new list: stored values are never mutated in place
             else:
                 raise TypeError(f"cannot append to {name!r}: it holds {type(current).__name__}, not a list")
-            number = self._record("append", name, item)
+            number = self._record("append", name, item, answer=len(new))
             self._data[name] = new
             self._changed(name)
         self._commit(number)
@@ -320,7 +348,12 @@ class Store:
     def apply(self, record: list[Any]) -> None:
         """Make a journaled change again (the journal is not open while records are replayed)."""
         op, args = record[0], record[1:]
-        if op == "put":
+        if op == "@":  # a write with its request id and answer
+            client, sequence, answer = args[:3]
+            self.apply(list(args[3:]))
+            with self._mutex:
+                self.answers.remember(client, sequence, answer)
+        elif op == "put":
             name, value = args
             with self._mutex:
                 self._data[name] = value

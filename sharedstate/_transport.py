@@ -35,6 +35,20 @@ STORE_ID = "sharedstate"
 
 #: How long connecting and authenticating may take before the server counts as unavailable.
 CONNECT_TIMEOUT = 5.0
+#: How long one call on an open connection may wait for its answer by default (``connect(timeout=)``).
+CALL_TIMEOUT = 30.0
+#: A server sends a keepalive to a caller that waits for a lock this many times per call timeout, so
+#: a long lock wait is never taken for a server that stopped answering.
+KEEPALIVES_PER_TIMEOUT = 4
+
+
+def check_call_timeout(timeout: object) -> float:
+    """``connect(timeout=)``: a positive, finite number of seconds."""
+    if type(timeout) not in (int, float):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not 0 < timeout < float("inf"):  # also refuses NaN
+        raise ValueError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    return float(timeout)
 
 
 def parse_address(address: object) -> Address:
@@ -313,10 +327,23 @@ class Connection(mpc.Connection):
         self._reader = MessageReader(handle)
 
     def request(self, payload: bytes) -> bytes | bytearray:
-        """Send one framed request and return the payload of its answer."""
+        """Send one framed request and return the payload of its answer. Empty messages are the
+        keepalives of a server while the call waits for a lock: skipped (each one restarts the receive
+        timeout). Raises ``BlockingIOError`` when nothing came within the connection's timeout."""
         reader = self._reader
         write_message(reader.fd, payload)
-        return reader.read()
+        answer = reader.read()
+        while not answer:
+            answer = reader.read()
+        return answer
+
+    def set_timeout(self, seconds: float) -> None:
+        """Give up a read or a write that makes no progress for ``seconds`` (``BlockingIOError``)."""
+        sock = socket.socket(fileno=os.dup(self.fileno()))
+        try:
+            _set_timeouts(sock, seconds)
+        finally:
+            sock.close()
 
     def close(self) -> None:
         self._reader.fd = -1  # never reach a descriptor number that another file reuses
@@ -329,6 +356,17 @@ _TIMEVAL = "@ll"
 def _set_recv_timeout(sock: socket.socket, seconds: float) -> None:
     whole = int(seconds)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(_TIMEVAL, whole, int((seconds - whole) * 1e6)))
+
+
+def _set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Receive and send timeouts of a blocking socket (so a read or write of a stopped peer ends)."""
+    whole = int(seconds)
+    micros = int((seconds - whole) * 1e6)
+    if not whole and not micros:
+        micros = 1  # a zero timeval would mean no timeout at all
+    value = struct.pack(_TIMEVAL, whole, micros)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
 def _connect_socket(address: Address, family: int, text: str, timeout: float) -> socket.socket:
@@ -418,13 +456,21 @@ def _request(conn: Connection, text: str, funcname: str, args: tuple[Any, ...]) 
 
 
 def open_connection(
-    address: Address, authkey: bytes | None, hello: dict[str, Any], timeout: float = CONNECT_TIMEOUT
+    address: Address,
+    authkey: bytes | None,
+    hello: dict[str, Any],
+    timeout: float = CONNECT_TIMEOUT,
+    call_timeout: float | None = None,
 ) -> tuple[Connection, dict[str, Any]]:
-    """Connect, authenticate and introduce this client, every step within ``timeout`` seconds.
+    """Connect, authenticate and introduce this client, every step within ``timeout`` seconds; then
+    every read and write of a call may wait ``call_timeout`` seconds (``None``: as long as it takes).
 
     Returns the connection and what the server said about itself. Raises ``ServerUnavailable`` when
     nothing answers (or it stops answering) and ``AccessDenied`` when the key is refused.
     """
+    if call_timeout is not None:
+        # The server keeps a caller that waits for a lock informed, well within its timeout.
+        hello = {**hello, "keepalive": call_timeout / KEEPALIVES_PER_TIMEOUT}
     text = format_address(address)
     conn = _handshake(address, authkey, timeout)
     try:
@@ -433,7 +479,10 @@ def open_connection(
             raise ServerUnavailable(f"the server at {text} is not a sharedstate server", text)
         sock = socket.socket(fileno=os.dup(conn.fileno()))
         try:
-            _set_recv_timeout(sock, 0)  # calls may block as long as they need (a lock wait)
+            if call_timeout is None:
+                _set_recv_timeout(sock, 0)  # calls may block as long as they need (a lock wait)
+            else:
+                _set_timeouts(sock, call_timeout)
         finally:
             sock.close()
         return conn, info
@@ -483,16 +532,25 @@ class ConnectionPool:
         authkey: bytes | None,
         hello: Callable[[], dict[str, Any]],
         on_connect: Callable[[dict[str, Any]], None] | None = None,
+        call_timeout: float | None = None,
+        restart: dict[str, Any] | None = None,
     ) -> None:
         self.address = address
         self.authkey = authkey
         self.hello = hello
         #: Called with what the server says about itself each time a connection opens.
         self.on_connect = on_connect
+        #: How long a call's read or write may make no progress (``None``: no limit).
+        self.call_timeout = call_timeout
+        #: What the last server reached said about its restart (its owner restarts it if it crashes):
+        #: ``{"owner", "ctime", "scope"}``, or ``None`` when no restart is to be expected.
+        self.restart = restart
         self._local = threading.local()
         self._generation = _fork_generation
 
-    def get(self) -> Connection:
+    def get(self, timeout: float | None = None) -> Connection:
+        """This thread's connection, opened (within ``timeout`` seconds; by default ``CONNECT_TIMEOUT``,
+        or the call timeout when that is shorter) if it has none."""
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is not None and self._generation == _fork_generation:
@@ -500,7 +558,10 @@ class ConnectionPool:
         if self._generation != _fork_generation:
             self._local = local = threading.local()
             self._generation = _fork_generation
-        conn, info = open_connection(self.address, self.authkey, self.hello())
+        if timeout is None:
+            timeout = CONNECT_TIMEOUT if self.call_timeout is None else min(CONNECT_TIMEOUT, self.call_timeout)
+        conn, info = open_connection(self.address, self.authkey, self.hello(), timeout, self.call_timeout)
+        self.restart = info.get("restart")
         local.conn = conn
         if self.on_connect is not None:
             self.on_connect(info)

@@ -32,6 +32,7 @@ from ._errors import LockTimeout
 from ._lock import acquire_call, check_lease, check_timeout, release_call
 from ._locktable import describe
 from ._store import MISSING
+from ._transport import CALL_TIMEOUT, check_call_timeout
 from ._values import check_name
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
@@ -262,10 +263,13 @@ async def connect(
     cache: bool = True,
     namespace: str | None = None,
     lease: float | None = None,
+    timeout: float = CALL_TIMEOUT,
 ) -> AsyncState:
     """``sharedstate.connect()`` for asyncio: same arguments and errors (a Redis URL too), and it does
-    not block the loop."""
+    not block the loop. ``timeout`` is the deadline of one call, as for ``sharedstate.connect()``; calls
+    interrupted by a crash of the server are sent again while its owner restarts it, the same way."""
+    timeout = check_call_timeout(timeout)  # the error at the call, not in a worker thread
     state = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: _connect(address, authkey, cache=cache, namespace=namespace, lease=lease)
+        None, lambda: _connect(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)
     )
     return AsyncState(state)

@@ -1,0 +1,108 @@
+"""Request ids and the server's table of last answers: how a write retried after a crash and restart is
+answered again instead of being applied twice.
+
+A write carries a request id ``(client, sequence)``: ``client`` names one thread of one process (a
+token made fresh in every process, also after ``fork``, and the thread's ident), and the sequence grows
+across the whole process, so it never repeats for a client. A connection is used by one thread only, so
+the client id travels once, when the connection introduces itself; each write sends only its sequence
+number (in place of the store's id). A client thread has at most one write outstanding, and retries only
+its last one: the server keeps, per client, the sequence and the answer of its last write that changed
+the state. The entry is made under the store's mutex together
+with the change and its journal record, and it is saved in the snapshot, so a restarted server knows
+every write it applied. A write that changed nothing (``compare_and_set`` that did not match, ``remove``
+of a missing name, an error) leaves no entry: its retry is simply a new attempt.
+
+The table is bounded: the ``MAX_CLIENTS`` clients that wrote last are kept (least recently written
+first out). A retried write is recognised as long as fewer than that many other client threads wrote
+after it — a retry comes within its caller's timeout, so that bound is never reached in practice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from typing import Any
+
+#: Clients (process threads) whose last answer the server keeps.
+MAX_CLIENTS = 65_536
+
+
+# -- the client's side -------------------------------------------------------------------------------
+class _ClientIds(threading.local):
+    client: str | None = None
+
+
+_token = os.urandom(8).hex()
+#: The client id of each thread (``client_id()`` makes it).
+ids = _ClientIds()
+#: The sequence numbers of this process' writes.
+sequence = itertools.count(1)
+
+
+def client_id() -> str:
+    """The client id of the calling thread."""
+    client = ids.client
+    if client is None:
+        client = ids.client = f"{_token}.{threading.get_ident()}"
+    return client
+
+
+def _after_fork_in_child() -> None:
+    # The child is another client: the parent's ids (and their answers at the server) are not its own.
+    # Only the thread that forked runs in the child: its id is the one to forget.
+    global _token
+    _token = os.urandom(8).hex()
+    ids.client = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- the server's side -------------------------------------------------------------------------------
+class _Request(threading.local):
+    """The request id of the write the current server thread is serving (``None`` for other calls)."""
+
+    rid: tuple[str, int] | None = None
+
+
+current_request = _Request()
+
+
+class Duplicate(Exception):
+    """Raised inside a write whose request id was answered already: its answer."""
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__()
+        self.answer = answer
+
+
+class Answers:
+    """The last answer of each client that wrote (callers hold the store's mutex to change it)."""
+
+    def __init__(self, cap: int = MAX_CLIENTS) -> None:
+        #: Client to ``(sequence, answer)``, least recently written first (an entry is popped and put
+        #: back at each write). Used directly on the hot paths (``Store._record``, the serving loop).
+        self.table: dict[str, tuple[int, Any]] = {}
+        self.cap = cap
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def remember(self, client: str, sequence: int, answer: Any) -> None:
+        table = self.table
+        known = table.pop(client, None) is not None
+        table[client] = (sequence, answer)
+        if not known and len(table) > self.cap:
+            del table[next(iter(table))]
+
+    def copy(self) -> dict[str, list[Any]]:
+        """The table as the snapshot holds it: client to ``[sequence, answer]``, oldest first."""
+        return {client: [sequence, answer] for client, (sequence, answer) in self.table.items()}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        """Install the table of a snapshot (what ``copy`` made); ignores entries of another shape."""
+        self.table.clear()
+        for client, entry in saved.items():
+            if isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int:
+                self.remember(client, entry[0], entry[1])

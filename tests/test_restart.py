@@ -1,0 +1,495 @@
+"""A restart callers don't see, and no hang on a silent server (issue 13, points 11 and 13).
+
+Real servers, real SIGSTOP and SIGKILL of the server process (never of the owner, which is this test
+process and restarts it), real client processes under every start method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RedisServer, exited, kill, reap, redis_missing, wait_until
+from restart_workers import count_incrs
+
+import sharedstate
+import sharedstate.aio
+from sharedstate._answers import Answers, client_id
+from sharedstate._transport import STORE_ID
+
+
+def _in_thread(call, wait: float):
+    """Run ``call`` in a thread; return ``(finished, result or exception, seconds)`` after at most
+    ``wait`` seconds (a call that hangs must fail the test, not hang it)."""
+    out: list = []
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            out.append(call())
+        except BaseException as exc:
+            out.append(exc)
+        out.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait)
+    if thread.is_alive():
+        return False, None, None, thread
+    return True, out[0], out[1], thread
+
+
+def _outcome(call):
+    try:
+        return call()
+    except BaseException as exc:
+        return exc
+
+
+@pytest.fixture
+def stoppable(tmp_path):
+    """A server that a test may SIGSTOP: continued (and then shut down and reaped) in any case."""
+    server = sharedstate.StateServer().start()
+    pid = server.pid
+    try:
+        yield server
+    finally:
+        kill(pid, signal.SIGCONT)
+        server.shutdown()
+        assert exited(pid)
+
+
+# -- point 11: a deadline on every call -----------------------------------------------------------------
+@pytest.mark.parametrize("call", ["get", "incr", "names"])
+def test_a_call_to_a_stopped_server_raises_server_unavailable_after_the_timeout(stoppable, call):
+    state = sharedstate.connect(stoppable.address, stoppable.authkey, cache=False, timeout=1.0)
+    state.set("x", 1)
+    os.kill(stoppable.pid, signal.SIGSTOP)
+    finished, result, took, thread = _in_thread(
+        {"get": lambda: state.get("x"), "incr": lambda: state.incr("n"), "names": state.names}[call], 15
+    )
+    os.kill(stoppable.pid, signal.SIGCONT)
+    thread.join(15)
+    assert finished, f"{call}() on a stopped server hung"
+    assert isinstance(result, sharedstate.ServerUnavailable), result
+    assert "within 1 s" in str(result) and stoppable.address in str(result)
+    assert 0.9 < took < 5
+    # The handle works again once the server does.
+    assert state.get("x") == 1
+
+
+def test_a_stopped_server_is_not_taken_for_a_restart(stoppable):
+    """A server that stops answering is not a crash: the call fails after its timeout, not after two."""
+    state = sharedstate.connect(stoppable.address, stoppable.authkey, cache=False, timeout=0.5)
+    state.incr("n")
+    os.kill(stoppable.pid, signal.SIGSTOP)
+    finished, result, took, thread = _in_thread(lambda: state.incr("n"), 15)
+    os.kill(stoppable.pid, signal.SIGCONT)
+    thread.join(15)
+    assert finished and isinstance(result, sharedstate.ServerUnavailable), result
+    assert took < 3
+    assert state.get("n") in (1, 2)  # it may have been applied just before the stop
+
+
+def test_a_lock_wait_longer_than_the_timeout_is_not_cut_short(stoppable):
+    holder = sharedstate.connect(stoppable.address, stoppable.authkey, timeout=0.3)
+    waiter = sharedstate.connect(stoppable.address, stoppable.authkey, timeout=0.3)
+    assert holder.lock.acquire()
+    # A wait with its own timeout, well past the call timeout: it ends with False, not an error.
+    finished, result, took, _ = _in_thread(lambda: waiter.lock.acquire(timeout=1.5), 15)
+    assert finished and result is False, result
+    assert took >= 1.4
+    # A wait with no timeout lasts until the lock is released, however long after the call timeout.
+    outcome: list = []
+
+    def acquire_and_release() -> None:
+        outcome.append(_outcome(waiter.lock.acquire))
+        waiter.lock.release()
+
+    thread = threading.Thread(target=acquire_and_release)
+    thread.start()
+    thread.join(1.5)
+    assert thread.is_alive() and not outcome, outcome  # still waiting, five call timeouts later
+    holder.lock.release()
+    thread.join(15)
+    assert outcome == [True]
+    # The keepalives of the wait leave the connection in step: the next calls get their own answers.
+    assert waiter.incr("after") == 1 and waiter.get("after") == 1
+
+
+def test_a_lock_wait_on_a_stopped_server_ends_after_the_timeout(stoppable):
+    holder = sharedstate.connect(stoppable.address, stoppable.authkey, timeout=0.5)
+    waiter = sharedstate.connect(stoppable.address, stoppable.authkey, timeout=0.5)
+    assert holder.lock.acquire()
+
+    def wait_then_stop():
+        threading.Timer(0.8, os.kill, (stoppable.pid, signal.SIGSTOP)).start()
+        return waiter.lock.acquire()
+
+    finished, result, took, thread = _in_thread(wait_then_stop, 15)
+    os.kill(stoppable.pid, signal.SIGCONT)
+    thread.join(15)
+    assert finished and isinstance(result, sharedstate.ServerUnavailable), result
+    assert 0.8 < took < 4
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [("1", TypeError), (None, TypeError), (True, TypeError), (0, ValueError), (-1.0, ValueError)]
+    + [(float("nan"), ValueError), (float("inf"), ValueError)],
+)
+def test_connect_refuses_a_timeout_that_is_not_a_positive_number(server, timeout, error):
+    with pytest.raises(error, match="timeout"):
+        sharedstate.connect(server.address, server.authkey, timeout=timeout)
+    with pytest.raises(error, match="timeout"):
+        asyncio.run(sharedstate.aio.connect(server.address, server.authkey, timeout=timeout))
+
+
+def test_the_timeout_travels_with_a_pickled_handle(server):
+    state = sharedstate.connect(server.address, server.authkey, timeout=2.5)
+    assert pickle.loads(pickle.dumps(state))._timeout == 2.5
+
+
+def test_an_async_call_to_a_stopped_server_raises_server_unavailable(stoppable):
+    async def main():
+        state = await sharedstate.aio.connect(stoppable.address, stoppable.authkey, cache=False, timeout=0.5)
+        await state.set("x", 1)
+        os.kill(stoppable.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(sharedstate.ServerUnavailable):
+                await asyncio.wait_for(state.get("x"), 15)
+            return time.monotonic() - start
+        finally:
+            os.kill(stoppable.pid, signal.SIGCONT)
+            await state.close()
+
+    assert asyncio.run(main()) < 3
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test only (it gets stopped): continued, stopped and reaped afterwards."""
+    why = redis_missing()
+    if why is not None:
+        pytest.skip(why)
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_a_call_to_a_stopped_redis_server_raises_server_unavailable_after_the_timeout(own_redis):
+    state = sharedstate.connect(own_redis.url, namespace="stop", timeout=1.0)
+    state.set("x", 1)
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    finished, result, took, thread = _in_thread(lambda: state.incr("n"), 15)
+    os.kill(own_redis.proc.pid, signal.SIGCONT)
+    thread.join(15)
+    assert finished and isinstance(result, sharedstate.ServerUnavailable), result
+    assert 0.9 < took < 5
+    # A lock wait longer than the timeout is made of shorter blocking waits: not cut short.
+    holder = sharedstate.connect(own_redis.url, namespace="stop", timeout=0.3)
+    waiter = sharedstate.connect(own_redis.url, namespace="stop", timeout=0.3)
+    assert holder.lock.acquire()
+    try:
+        # Another thread: the holder's thread would re-enter its own lock.
+        finished, result, took, _ = _in_thread(lambda: waiter.lock.acquire(timeout=1.2), 15)
+        assert finished and result is False, result
+        assert took >= 1.1
+    finally:
+        holder.lock.release()
+    assert pickle.loads(pickle.dumps(waiter))._timeout == 0.3
+
+
+# -- point 13: a restart callers don't see ------------------------------------------------------------
+def _restarted(server: sharedstate.StateServer, old_pid: int, timeout: float = 30) -> None:
+    wait_until(lambda: server.pid != old_pid, timeout, what="the owner to restart the server")
+
+
+def _raw_write(state: sharedstate.State, rid, method: str, args: tuple):
+    """Send one write with a chosen request id, as a client retrying it would."""
+    return state._send(method, pickle.dumps((rid, method, args, {}), pickle.HIGHEST_PROTOCOL), True)
+
+
+def test_a_write_sent_twice_is_applied_once_also_across_a_crash_and_a_save(tmp_path):
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, durability="journal", journal_fsync="always", save_every=None) as server:
+        state = sharedstate.connect(server.address, server.authkey, cache=False)
+        # Three clients (the server keeps the last write of each client: a client retries only that).
+        rid = ("client-a", 1)
+        assert _raw_write(state, rid, "incr", ("n", 5)) == 5
+        assert _raw_write(state, rid, "incr", ("n", 5)) == 5  # answered again, not applied again
+        assert state.get("n") == 5
+        other = ("client-b", 7)
+        assert _raw_write(state, other, "append", ("log", "a")) == 1
+        # The answers survive a crash: replayed from the journal...
+        old = server.pid
+        kill(old)
+        _restarted(server, old)
+        assert _raw_write(state, rid, "incr", ("n", 5)) == 5
+        assert state.get("n") == 5
+        assert _raw_write(state, other, "append", ("log", "a")) == 1
+        assert state.get("log") == ["a"]
+        # ...and from the snapshot once a save covered the journal.
+        third = ("client-c", 1)
+        assert _raw_write(state, third, "remove", ("log",)) == ["a"]
+        state.save()
+        old = server.pid
+        kill(old)
+        _restarted(server, old)
+        assert _raw_write(state, third, "remove", ("log",)) == ["a"]
+        assert _raw_write(state, other, "append", ("log", "a")) == 1
+        assert state.snapshot() == {"n": 5}
+        # A new request id is a new write.
+        assert state.incr("n", 5) == 10
+
+
+def test_the_answers_are_kept_in_the_snapshot_body(tmp_path):
+    import json
+
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, save_every=None) as server:
+        state = sharedstate.connect(server.address, server.authkey)
+        state.incr("n")
+        other = tmp_path / "export.json"
+        state.save(other)
+    doc = json.loads(path.read_text())
+    assert [answer for _, answer in doc["answers"].values()] == [1]
+    assert path.read_text().splitlines()[0].startswith('{"format": "sharedstate"')
+    assert "answers" not in path.read_text().splitlines()[0]  # in the body, after the header line
+    assert "answers" not in json.loads(other.read_text())  # an export holds no other client's answers
+
+
+def test_a_forked_child_writes_with_a_client_id_of_its_own():
+    mine = client_id()
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(writer, client_id().encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    try:
+        child = os.read(reader, 200).decode()
+    finally:
+        os.close(reader)
+        os.waitpid(pid, 0)
+    assert child and child != mine
+    assert client_id() == mine  # the same thread keeps its id
+    ids = set()
+    thread = threading.Thread(target=lambda: ids.add(client_id()))
+    thread.start()
+    thread.join()
+    assert mine not in ids  # another thread is another client
+
+
+def test_the_table_of_answers_keeps_the_clients_that_wrote_last():
+    answers = Answers(cap=3)
+    for client in "abc":
+        answers.remember(client, 1, client.upper())
+    answers.remember("a", 2, "A2")  # a wrote again: now the most recent
+    answers.remember("d", 1, "D")  # one client too many: b, which wrote least recently, goes
+    assert list(answers.table) == ["c", "a", "d"]
+    assert answers.table["a"] == (2, "A2")
+    copy = Answers(cap=3)
+    copy.load(answers.copy())
+    assert copy.table == answers.table and list(copy.table) == ["c", "a", "d"]
+
+
+@pytest.mark.timeout(300)
+def test_clients_of_every_start_method_see_no_error_while_the_server_is_sigkilled(tmp_path):
+    """8 client processes (fork, spawn and forkserver) incr while the server (journal, fsync="always")
+    is SIGKILLed 8 times at random moments, often between applying a write and answering it: no client
+    sees an error, and the total is exactly the number of calls that returned (nothing applied twice,
+    nothing lost)."""
+    path = tmp_path / "state.json"
+    methods = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
+    rng = random.Random(13)
+    with sharedstate.StateServer(path=path, durability="journal", journal_fsync="always", save_every=0.5) as server:
+        state = server.state
+        procs, reports, events = [], [], []
+        for i in range(8):
+            ctx = multiprocessing.get_context(methods[i % len(methods)])
+            go, stop = ctx.Event(), ctx.Event()
+            report = tmp_path / f"client-{i}.txt"
+            procs.append(ctx.Process(target=count_incrs, args=(state, "n", str(report), go, stop), name=f"client-{i}"))
+            reports.append(report)
+            events.append((go, stop))
+        try:
+            for proc in procs:
+                proc.start()
+            for go, _ in events:
+                go.set()
+            wait_until(lambda: (state.get("n") or 0) > 100, 60, what="the clients to start counting")
+            for _ in range(8):
+                time.sleep(rng.uniform(0.05, 0.4))
+                old = server.pid
+                kill(old)
+                _restarted(server, old)
+            wait_until(lambda: state.get("n") is not None, 30, what="the last restarted server")
+            for _, stop in events:
+                stop.set()
+            for proc in procs:
+                proc.join(120)
+                assert proc.exitcode == 0, f"{proc.name} ended with {proc.exitcode}"
+        finally:
+            for _, stop in events:
+                stop.set()
+            reap(*procs)
+        results = [report.read_text().split("\n", 1) for report in reports]
+        errors = [text for _, text in results if text.strip()]
+        assert not errors, errors[0]
+        done = sum(int(count) for count, _ in results)
+        assert state.get("n") == done
+    # And nothing is counted twice by the replay of the next start either.
+    with sharedstate.StateServer(path=path, durability="journal") as again:
+        assert again.state.get("n") == done
+
+
+@pytest.mark.timeout(180)
+def test_every_counted_incr_is_in_the_total_under_sigkills_in_a_loop(tmp_path):
+    """The direct test of the request ids: a journal (fsync="always") server SIGKILLed at random moments
+    in a loop while threads incr; each thread counts the calls that returned, and the total equals that
+    count exactly — a write applied before the crash was answered again, not applied twice."""
+    path = tmp_path / "state.json"
+    rng = random.Random(1313)
+    with sharedstate.StateServer(path=path, durability="journal", journal_fsync="always", save_every=None) as server:
+        stop = threading.Event()
+        counted = [0] * 4
+        errors: list[BaseException] = []
+
+        def count(slot: int) -> None:
+            handle = sharedstate.connect(server.address, server.authkey, cache=False)
+            while not stop.is_set():
+                try:
+                    handle.incr("n")
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+                counted[slot] += 1
+
+        threads = [threading.Thread(target=count, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(15):
+                time.sleep(rng.uniform(0.02, 0.3))
+                old = server.pid
+                kill(old)
+                _restarted(server, old)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert not errors, errors
+        assert server.state.get("n") == sum(counted)
+        assert sum(counted) > 0
+
+
+def test_async_calls_are_retried_across_a_restart(tmp_path):
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as server:
+
+        async def main():
+            state = await sharedstate.aio.connect(server.address, server.authkey)
+            try:
+                for _ in range(20):
+                    await state.incr("n")
+                old = server.pid
+                kill(old)
+                # Calls made while the server is dead and being restarted.
+                values = await asyncio.gather(*(state.incr("n") for _ in range(20)))
+                assert server.pid != old
+                assert sorted(values) == list(range(21, 41))
+                return await state.get("n")
+            finally:
+                await state.close()
+
+        assert asyncio.run(main()) == 40
+
+
+def test_a_handle_passed_to_a_child_waits_for_a_restarting_server(tmp_path):
+    """The first call of a handle unpickled in a new process, made while the server is down, waits for
+    the restart too (the handle carries what the server said about its restart)."""
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as server:
+        state = server.state
+        state.set("x", 1)
+        copy = pickle.loads(pickle.dumps(state))
+        copy._pool.drop()
+        old = server.pid
+        kill(old)
+        wait_until(lambda: exited(old), 10, what="the server to die")
+        fresh = pickle.loads(pickle.dumps(state))
+        assert fresh.incr("n") == 1
+        assert fresh.get("x") == 1
+
+
+def test_calls_fail_soon_when_the_server_stopped_for_good(tmp_path):
+    server = sharedstate.StateServer(save_every=None).start()
+    state = sharedstate.connect(server.address, server.authkey, cache=False)
+    state.set("x", 1)
+    os.kill(server.pid, signal.SIGTERM)  # a clean stop: the owner does not restart it
+    wait_until(lambda: exited(server.pid), 10, what="the server to stop")
+    try:
+        start = time.monotonic()
+        with pytest.raises(sharedstate.ServerUnavailable):
+            state.incr("x")
+        assert time.monotonic() - start < 3  # not the whole 30 s timeout
+    finally:
+        server.shutdown()
+
+
+def test_in_snapshot_mode_a_crash_loses_the_writes_since_the_last_save_and_a_retry_applies_once(tmp_path):
+    """What snapshot durability promises across a crash: the state (and the answers) of the last save;
+    a call in flight is applied once on that state."""
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, save_every=None) as server:
+        state = sharedstate.connect(server.address, server.authkey, cache=False)
+        state.incr("n")
+        state.save()
+        for _ in range(5):
+            state.incr("n")  # acknowledged, never saved
+        old = server.pid
+        kill(old)
+        assert state.incr("n") == 2  # the saved 1, plus this call once
+        assert server.pid != old
+
+
+def test_a_server_that_is_not_restarted_fails_calls_at_once(tmp_path):
+    address = str(tmp_path / "s.sock")
+    server = sharedstate.StateServer(address=address, restart=False).start()
+    try:
+        state = sharedstate.connect(address, server.authkey, cache=False, timeout=20)
+        state.set("x", 1)
+        kill(server.pid)
+        wait_until(lambda: exited(server.pid), 10, what="the server to die")
+        start = time.monotonic()
+        with pytest.raises(sharedstate.ServerUnavailable, match=address):
+            state.incr("x")
+        assert time.monotonic() - start < 1
+    finally:
+        server.shutdown()
+
+
+def test_an_old_style_request_without_an_id_still_works(server):
+    state = sharedstate.connect(server.address, server.authkey, cache=False)
+    request = pickle.dumps((STORE_ID, "incr", ("n",), {}), pickle.HIGHEST_PROTOCOL)
+    assert state._send("incr", request) == 1
+    assert state._send("incr", request) == 2  # no id: nothing to recognise
+    with pytest.raises(sharedstate.SharedStateError, match="no object with id"):
+        state._send("incr", pickle.dumps((("bad",), "incr", ("n",), {})), True)
+    assert Path(server.address).exists()
