@@ -460,6 +460,7 @@ def test_the_server_keeps_no_cycle_through_an_error_it_answered():
     import pickle
     import socket
     import threading
+    import types
     from multiprocessing.connection import Connection
 
     from sharedstate._serverproc import ManagerServer
@@ -478,6 +479,7 @@ def test_the_server_keeps_no_cycle_through_an_error_it_answered():
     loop = ManagerServer.__new__(ManagerServer)  # only what serve() uses
     loop.methods = {"boom": boom}
     loop.stop_event = threading.Event()
+    loop.service = types.SimpleNamespace(answers=types.SimpleNamespace(table={}))  # no write is sent
     ours, theirs = socket.socketpair()
     client, served = Connection(ours.detach()), Connection(theirs.detach())
     gc.collect()
