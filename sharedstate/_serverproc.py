@@ -296,7 +296,7 @@ class StateService(Store):
                 for name in exclude:
                     data.pop(name, None)
             try:
-                write_snapshot(target, data, scopes, generation)
+                write_snapshot(target, data, scopes, generation, ours=target == self.path)
                 if journal is not None:
                     journal.covered(generation)
             except Exception as exc:

@@ -123,9 +123,13 @@ def snapshot_pieces(data: dict[str, Any], scopes: dict[str, tuple[str, ...]], ge
     yield "}\n"
 
 
-def write_snapshot(path: Path, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0) -> None:
+def write_snapshot(
+    path: Path, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], generation: int = 0, ours: bool = True
+) -> None:
+    """``ours``: ``path`` is the server's own file, which must be a file of this user (a path a caller
+    named may be another user's file, which the caller chose)."""
     sealer = _Sealer()
-    write_atomic(path, sealer.pieces(snapshot_pieces(data, scopes, generation)), finish=sealer.finish)
+    write_atomic(path, sealer.pieces(snapshot_pieces(data, scopes, generation)), finish=sealer.finish, ours=ours)
 
 
 def _decode_text(raw: bytes, path: Path) -> str:

@@ -1,0 +1,89 @@
+"""Files the server reads and writes stay its own regular files: planted links are refused, not
+followed; a final save cut short is reported; a damaged journal is never removed as empty; the backup
+fallback replays exactly the journals it needs; only our own header marks a file as ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import exited, kill, wait_until
+from test_persistence import as_user, attacker, shared_folder  # noqa: F401  (fixtures)
+
+import sharedstate
+
+
+def saved_in_thread(server: sharedstate.StateServer, timeout: float = 30.0) -> BaseException | None:
+    """What ``save()`` raised (``None``: it returned), failing the test if it did not finish in time."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            server.state.save()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001  (handed to the test)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert outcome, f"save() did not finish within {timeout:g} s"
+    return outcome[0]
+
+
+# -- 1. a symbolic link planted at the snapshot's path ------------------------------------------------
+@pytest.mark.timeout(90)
+def test_a_link_to_a_fifo_planted_before_the_first_save_is_refused_not_followed(attacker, shared_folder):
+    path = shared_folder / "state.json"
+    fifo = shared_folder / "evil.fifo"
+    server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
+    try:
+        server.state.set("a", 1)
+        as_user(attacker, f"import os\nos.mkfifo({str(fifo)!r})\nos.symlink({str(fifo)!r}, {str(path)!r})\n")
+        error = saved_in_thread(server)
+        assert isinstance(error, sharedstate.SnapshotError), error
+        assert "state.json: it is a symbolic link" in str(error)
+        assert os.readlink(path) == str(fifo)
+        assert not os.path.lexists(shared_folder / "state.json.bak")
+        assert server.state.get("a") == 1  # the server serves on
+    finally:
+        with pytest.raises(sharedstate.SnapshotError, match="final save"):
+            server.shutdown()
+    assert os.readlink(path) == str(fifo)
+
+
+def test_restore_of_the_servers_own_file_does_not_follow_a_planted_link(attacker, shared_folder):
+    path = shared_folder / "state.json"
+    theirs = shared_folder / "theirs.json"
+    server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
+    try:
+        server.state.set("mine", 1)
+        as_user(
+            attacker,
+            f"import os\nopen({str(theirs)!r}, 'w').write('{{\"planted\": 1}}')\n"
+            f"os.symlink({str(theirs)!r}, {str(path)!r})\n",
+        )
+        with pytest.raises(sharedstate.SnapshotError, match="state.json: it is a symbolic link"):
+            server.state.restore()
+        assert server.state.snapshot() == {"mine": 1}
+    finally:
+        with pytest.raises(sharedstate.SnapshotError, match="final save"):
+            server.shutdown()
+    assert theirs.read_text() == '{"planted": 1}'
+
+
+def test_save_and_restore_of_a_path_given_through_a_link_still_work(tmp_path, server):
+    real = tmp_path / "real.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    server.state.set("a", 1)
+    server.state.save(link)  # resolved by the caller: the link's target is written, the link stays
+    assert link.is_symlink() and json.loads(real.read_text())["names"] == {"a": 1}
+    server.state.save(link)
+    assert link.is_symlink() and (tmp_path / "real.json.bak").is_file()
+    server.state.set("a", 2)
+    assert server.state.restore(link) == 1 and server.state.get("a") == 1
