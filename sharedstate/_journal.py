@@ -83,9 +83,16 @@ def _parse_line(line: bytes) -> Any:
 _HEADER_START = b' {"format":"%s","generation":' % FORMAT.encode()
 
 
+#: The longest header line (a generation of 20 digits): a longer file is never a torn header.
+_HEADER_MAX = len(_HEADER_START) + 8 + 20 + 2
+
+
 def _torn_header(raw: bytes) -> bool:
     """Whether ``raw`` (a whole file) is what a crash while writing a header leaves: nothing, zeros, or
-    the start of a header line (no newline yet). Such a file never held a record."""
+    the start of a header line (no newline yet), and no longer than a header line. Such a file never
+    held a record; a longer one did (its start may be zeroed by damage), so it is never taken for one."""
+    if len(raw) > _HEADER_MAX:
+        return False
     if not raw.strip(b"\0"):
         return True
     if b"\n" in raw or not re.fullmatch(rb"[0-9a-f]{0,8}", raw[:8]):
@@ -151,7 +158,7 @@ def scan_journals(snapshot: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
     found, torn = [], []
     for candidate in _candidates(snapshot):
         check_slot(candidate)
-        raw = _raw(candidate, 4096)  # a header is far shorter
+        raw = _raw(candidate, 4096)  # a header is far shorter (and longer than _HEADER_MAX: not torn)
         first, newline, _ = raw.partition(b"\n")
         generation = _header_generation(first) if newline else None
         if generation is not None:

@@ -87,3 +87,50 @@ def test_save_and_restore_of_a_path_given_through_a_link_still_work(tmp_path, se
     assert link.is_symlink() and (tmp_path / "real.json.bak").is_file()
     server.state.set("a", 2)
     assert server.state.restore(link) == 1 and server.state.get("a") == 1
+
+
+# -- 3. a journal whose start is zeroed still holds records -------------------------------------------
+def journaling(path: Path, **options) -> sharedstate.StateServer:
+    return sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False, **options).start()
+
+
+def crash(server: sharedstate.StateServer) -> None:
+    pid = server.pid
+    kill(pid)
+    wait_until(lambda: exited(pid), 10, what="the server to die")
+    server.shutdown()
+
+
+def test_a_journal_with_its_first_4_kib_zeroed_refuses_the_start_and_is_kept(tmp_path):
+    path = tmp_path / "state.json"
+    server = journaling(path, journal_fsync="always")
+    for i in range(150):
+        server.state.set(f"name-{i:04d}", "v" * 100)
+    crash(server)
+    journal = tmp_path / "state.json.journal"
+    raw = bytearray(journal.read_bytes())
+    assert len(raw) > 8192
+    raw[:4096] = bytes(4096)
+    journal.write_bytes(bytes(raw))
+    with pytest.raises(sharedstate.SnapshotError, match=r"state\.json\.journal is not a valid journal: line 1"):
+        journaling(path)
+    assert journal.read_bytes() == bytes(raw)
+
+
+@pytest.mark.parametrize("content", [b"", bytes(40), b'0123abcd {"format":"sharedstate-jo'])
+def test_a_journal_no_longer_than_a_torn_header_is_still_removed(tmp_path, content):
+    path = tmp_path / "state.json"
+    torn = tmp_path / "state.json.journal.9"
+    torn.write_bytes(content)
+    with sharedstate.StateServer(path=path, durability="journal") as server:
+        assert server.state.snapshot() == {}
+        assert not torn.exists()
+
+
+def test_a_short_file_of_zeros_longer_than_a_header_is_refused(tmp_path):
+    path = tmp_path / "state.json"
+    planted = tmp_path / "state.json.journal.9"
+    planted.write_bytes(bytes(200))
+    with pytest.raises(sharedstate.SnapshotError, match=r"journal\.9 is not a valid journal: line 1"):
+        journaling(path)
+    assert planted.read_bytes() == bytes(200)
