@@ -134,3 +134,20 @@ def test_a_short_file_of_zeros_longer_than_a_header_is_refused(tmp_path):
     with pytest.raises(sharedstate.SnapshotError, match=r"journal\.9 is not a valid journal: line 1"):
         journaling(path)
     assert planted.read_bytes() == bytes(200)
+
+
+# -- 6. a Pode file written on one line ----------------------------------------------------------------
+def test_a_compact_pode_file_with_a_sha256_value_is_read_as_pode(tmp_path):
+    from sharedstate._snapshot import read_snapshot
+
+    path = tmp_path / "pode.json"
+    digest = "ab" * 32
+    doc = {"release": {"Value": {"sha256": digest, "name": "x"}, "Scope": ["build"]}}
+    path.write_text(json.dumps(doc, separators=(",", ":")))  # Save-PodeState -Compress: one line
+    assert b"\n" not in path.read_bytes()
+    snapshot = read_snapshot(path)
+    assert snapshot.foreign
+    assert snapshot.data == {"release": {"sha256": digest, "name": "x"}}
+    assert snapshot.scopes == {"release": ("build",)}
+    path.write_text(json.dumps({"release": {"Value": {"sha256": digest}, "Scope": []}}))  # with spaces too
+    assert read_snapshot(path).data == {"release": {"sha256": digest}}
