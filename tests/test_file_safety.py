@@ -151,3 +151,72 @@ def test_a_compact_pode_file_with_a_sha256_value_is_read_as_pode(tmp_path):
     assert snapshot.scopes == {"release": ("build",)}
     path.write_text(json.dumps({"release": {"Value": {"sha256": digest}, "Scope": []}}))  # with spaces too
     assert read_snapshot(path).data == {"release": {"sha256": digest}}
+
+
+# -- 4. the backup and the journals it needs -----------------------------------------------------------
+def journal_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".journal" in p.name)
+
+
+def test_a_start_from_the_backup_replays_every_journal_it_needs_exactly_once(tmp_path):
+    path = tmp_path / "state.json"
+    server = journaling(path, journal_fsync="always")
+    server.state.update({"x": 1, "a": 1})
+    server.state.incr("n")
+    server.save()
+    server.state.update({"x": 2, "b": 1})
+    server.state.incr("n")
+    server.save()
+    server.state.update({"x": 3, "c": 1})
+    server.state.incr("n")
+    crash(server)
+    path.unlink()
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as again:
+        assert again.state.stats()["restored_from_backup"] == 1
+        assert again.state.snapshot() == {"x": 3, "a": 1, "b": 1, "c": 1, "n": 3}
+
+
+def test_after_a_clean_stop_the_backup_still_reaches_the_final_state(tmp_path):
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as server:
+        server.state.set("x", 1)
+        server.save()
+        server.state.set("x", 2)
+        server.state.incr("n")
+    names = journal_names(tmp_path)
+    assert len(names) == 1 and names[0].startswith("state.json.journal.")  # the one the backup needs
+    path.unlink()
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as again:
+        assert again.state.snapshot() == {"x": 2, "n": 1}
+        again.state.incr("n")
+    # Started again from the snapshot that stop wrote, the next backup has its journals too.
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as third:
+        third.state.incr("n")
+        third.save()
+        third.state.incr("n")
+        pid = third.pid
+        kill(pid)
+        wait_until(lambda: exited(pid), 10, what="the server to die")
+    path.unlink()
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as fourth:
+        assert fourth.state.snapshot() == {"x": 2, "n": 4}
+
+
+def test_a_start_from_the_backup_over_a_missing_journal_is_refused(tmp_path):
+    path = tmp_path / "state.json"
+    server = journaling(path, journal_fsync="always")
+    server.state.set("a", 1)
+    server.save()
+    server.state.set("b", 1)
+    server.save()
+    server.state.set("c", 1)
+    crash(server)
+    path.unlink()
+    older = [p for p in tmp_path.iterdir() if p.name.startswith("state.json.journal.")]
+    assert len(older) == 1
+    older[0].unlink()  # the journal from the backup to the lost snapshot
+    bak = (tmp_path / "state.json.bak").read_bytes()
+    with pytest.raises(sharedstate.SnapshotError, match=r"state\.json\.bak .*journal of generation \d+ is missing"):
+        journaling(path)
+    assert (tmp_path / "state.json.bak").read_bytes() == bak
+    assert (tmp_path / "state.json.journal").exists()
