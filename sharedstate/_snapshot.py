@@ -235,8 +235,8 @@ class FileOwnership:
         except filelock.Timeout:
             pid: int | None
             try:
-                pid = int(self._owner_file.read_text().strip())
-            except (OSError, ValueError):
+                pid = int(read_regular(self._owner_file, 64) or b"")  # never blocks on a FIFO put there
+            except (OSError, ValueError):  # SnapshotError is a ValueError
                 pid = None
             raise StateFileBusy(
                 f"{self.path} is in use by another sharedstate server (pid {pid if pid else 'unknown'})",
@@ -270,9 +270,9 @@ class FileOwnership:
 
     def release(self) -> None:
         try:
-            if self._owner_file.read_text().strip() == str(os.getpid()):
+            if (read_regular(self._owner_file, 64) or b"").strip() == str(os.getpid()).encode():
                 self._owner_file.unlink()
-        except OSError:
+        except (OSError, SnapshotError):  # a FIFO or link put there is refused, never read: left alone
             pass
         self._lock.release(force=True)
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import threading
 from pathlib import Path
 
 import pytest
 from conftest import exited, kill, wait_until
-from test_persistence import as_user, attacker, shared_folder  # noqa: F401  (fixtures)
+from test_persistence import as_user, attacker, fill, full_disk, shared_folder  # noqa: F401  (fixtures)
 
 import sharedstate
 
@@ -220,3 +221,155 @@ def test_a_start_from_the_backup_over_a_missing_journal_is_refused(tmp_path):
         journaling(path)
     assert (tmp_path / "state.json.bak").read_bytes() == bak
     assert (tmp_path / "state.json.journal").exists()
+
+
+# -- 2. a final save cut short by the escalation of a shutdown ------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("durability", ["snapshot", "journal"])
+def test_shutdown_raises_when_the_server_is_killed_before_its_final_save_finished(tmp_path, durability):
+    path = tmp_path / "state.json"
+    server = sharedstate.StateServer(path=path, save_every=None, restart=False, durability=durability).start()
+    pid = server.pid
+    server.state.set("a", 1)
+    server.save()
+    server.state.set("b", 1)  # only in the final save
+    os.kill(pid, signal.SIGSTOP)  # a final save that would never finish: shutdown must kill it
+    try:
+        with pytest.raises(sharedstate.SnapshotError, match="killed before its final save") as caught:
+            server.shutdown()
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert caught.value.path == str(path)
+    assert exited(pid)
+    kept = "journal beside it keeps" if durability == "journal" else "changes since the last save are lost"
+    assert kept in str(caught.value)
+    server.shutdown()  # idempotent: nothing more to report
+    with sharedstate.StateServer(path=path, save_every=None, durability=durability) as again:
+        assert again.state.snapshot() == ({"a": 1, "b": 1} if durability == "journal" else {"a": 1})
+
+
+def test_shutdown_of_a_server_without_a_path_killed_by_the_escalation_does_not_raise(tmp_path):
+    server = sharedstate.StateServer(restart=False).start()
+    pid = server.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        server.shutdown()
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert exited(pid)
+
+
+# -- 7. the owner file, full disks, journals that cannot be removed, damaged last lines ------------------
+@pytest.mark.timeout(90)
+def test_an_owner_file_replaced_by_a_fifo_does_not_block_the_stop(tmp_path):
+    path = tmp_path / "state.json"
+    server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
+    server.state.set("a", 1)
+    owner = tmp_path / "state.json.owner"
+    owner.unlink()
+    os.mkfifo(owner)
+    proc = server._proc
+    server.shutdown()  # the release of the claim reads the owner file: never blocks on a FIFO
+    assert proc.returncode == 0
+    assert read_snapshot_data(path) == {"a": 1}
+    assert stat.S_ISFIFO(os.lstat(owner).st_mode)  # not ours to remove
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_save_whose_journal_header_does_not_fit_on_the_disk_leaks_nothing_and_a_later_save_works(full_disk):
+    path = full_disk / "state.json"
+    server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()
+    try:
+        server.state.set("a", 1)
+        server.save()
+        before = open_fds(server.pid)
+        journals = journal_names(full_disk)
+        fill(full_disk)
+        for _ in range(3):
+            with pytest.raises(OSError, match="No space left"):
+                server.save()
+        assert open_fds(server.pid) == before
+        assert journal_names(full_disk) == journals
+        (full_disk / "filler").unlink()
+        server.save()
+        server.state.set("b", 1)
+    finally:
+        server.shutdown()
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as again:
+        assert again.state.snapshot() == {"a": 1, "b": 1}
+
+
+@pytest.fixture
+def immutable():
+    """Marks files immutable (``chattr +i``: not even root may remove them) and clears the mark after."""
+    import subprocess
+
+    marked: list[Path] = []
+
+    def mark(where: Path) -> None:
+        done = subprocess.run(["chattr", "+i", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mark a file immutable here: {done.stderr.decode().strip()}")
+        marked.append(where)
+
+    yield mark
+    for where in marked:
+        subprocess.run(["chattr", "-i", str(where)], check=False)
+
+
+def test_an_old_journal_that_cannot_be_removed_does_not_fail_saves(attacker, shared_folder, immutable):
+    """Another user plants an old journal after the start; the server may not remove it (immutable here:
+    root could remove another user's file from a sticky folder, a server run by a normal user could not)."""
+    from sharedstate._journal import FORMAT, _line
+
+    path = shared_folder / "state.json"
+    planted = shared_folder / "state.json.journal.99"
+    server = journaling(path)
+    try:
+        server.state.set("a", 1)
+        server.save()
+        server.state.set("b", 1)
+        server.save()
+        header = _line({"format": FORMAT, "generation": 0})
+        as_user(attacker, f"open({str(planted)!r}, 'wb').write({header!r})\n")
+        immutable(planted)
+        server.state.set("c", 1)
+        server.save()  # the snapshot is written: a journal it cannot remove does not make the save fail
+        assert server.state.stats()["last_save_error"] is None
+        server.state.set("d", 1)
+    finally:
+        server.shutdown()  # nor the final one
+    assert read_snapshot_data(path) == {"a": 1, "b": 1, "c": 1, "d": 1}
+    assert planted.read_bytes() == header
+
+
+def read_snapshot_data(path: Path) -> dict:
+    from sharedstate._snapshot import read_snapshot
+
+    return read_snapshot(path).data
+
+
+def test_a_complete_last_journal_line_with_a_bad_crc_refuses_the_start(tmp_path):
+    path = tmp_path / "state.json"
+    server = journaling(path, journal_fsync="always")
+    for i in range(5):
+        server.state.set(f"k{i}", i)
+    crash(server)
+    journal = tmp_path / "state.json.journal"
+    lines = journal.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and b"k4" in lines[-2]
+    lines[-2] = lines[-2].replace(b"k4", b"kX")  # whole (it ends in its newline), but its CRC no longer matches
+    journal.write_bytes(b"\n".join(lines))
+    before = journal.read_bytes()
+    with pytest.raises(sharedstate.SnapshotError, match=f"line {len(lines) - 1} is damaged"):
+        journaling(path)
+    assert journal.read_bytes() == before
