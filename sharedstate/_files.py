@@ -166,9 +166,9 @@ def write_atomic(
     temporary file's descriptor once every piece is written, before the fsync (to fill in a checksum).
     Refuses (``SnapshotError``, the file there untouched) a ``path`` that is not a regular file (a
     directory, device, FIFO, socket or symbolic link: a rename would replace the node itself, and the
-    backup would be made through the link), or with ``ours`` a file that belongs to another user (the
-    backup would be a link to their file)."""
-    current = _check_target(path, ours)
+    backup would be made through the link), or with ``ours`` and ``backup`` a file that belongs to another
+    user (the backup would be a hard link to their file, which they could change)."""
+    current = _check_target(path, ours and backup)
     folder = path.parent
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)

@@ -57,6 +57,24 @@ def test_a_link_to_a_fifo_planted_before_the_first_save_is_refused_not_followed(
     assert os.readlink(path) == str(fifo)
 
 
+def test_a_file_planted_at_the_snapshot_path_before_the_first_save_is_not_taken_as_the_backup(
+    attacker, shared_folder
+):
+    path = shared_folder / "state.json"
+    server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
+    try:
+        server.state.set("a", 1)
+        as_user(attacker, f"open({str(path)!r}, 'w').write('{{}}')\n")
+        error = saved_in_thread(server)
+        assert isinstance(error, sharedstate.SnapshotError), error
+        assert "state.json: it belongs to another user" in str(error)
+        assert not os.path.lexists(shared_folder / "state.json.bak")  # never a hard link to their file
+    finally:
+        with pytest.raises(sharedstate.SnapshotError, match="final save"):
+            server.shutdown()
+    assert path.read_text() == "{}"
+
+
 def test_restore_of_the_servers_own_file_does_not_follow_a_planted_link(attacker, shared_folder):
     path = shared_folder / "state.json"
     theirs = shared_folder / "theirs.json"
