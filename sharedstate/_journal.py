@@ -5,8 +5,9 @@ A journal file holds a header line and one record a line, each ``CRC32 JSON``. I
 generation. A save of the server's own file starts a new generation in ``PATH.journal.GEN`` while it
 holds the store's mutex, writes the snapshot with that generation in its header, then renames the new
 journal over ``PATH.journal`` (the journal it replaces, which ends where the new snapshot starts, is
-kept as ``PATH.journal.GEN`` of its own generation). At start, the records of every journal whose generation is not older than
-the snapshot's are replayed, in order, so a crash at any point of a save replays each change exactly once.
+kept as ``PATH.journal.GEN`` of its own generation). At start, the records of every journal whose
+generation is not older than the snapshot's are replayed, in order, so a crash at any point of a save
+replays each change exactly once.
 
 The snapshot's backup (``PATH.bak``, the snapshot before) is of an older generation: a save removes
 only the journals older than the backup's, so a start from the backup (when the snapshot is missing)

@@ -58,8 +58,9 @@ class Snapshot(NamedTuple):
 _HEADER_SPAN = 4096
 #: Either mark makes a file ours: a damaged bit can spoil only one of them, so a damaged header of ours
 #: is never taken for a Pode file. Both are anchored to the header object as written: the format first
-#: at offset 0, the checksum last at the end of the first line (before the comma that ends it). A Pode file written on one line
-#: (``Save-PodeState -Compress``) may hold ``"sha256": "<64 hex digits>"`` in a value, never there.
+#: at offset 0, the checksum last at the end of the first line (before the comma that ends it). A Pode
+#: file written on one line (``Save-PodeState -Compress``) may hold ``"sha256": "<64 hex digits>"`` in a
+#: value, never there.
 _MARKS = (
     re.compile(rb'\A\{\s*"format"\s*:\s*"sharedstate"'),
     re.compile(rb'"%s"\s*:\s*"[0-9a-f]{64}"\s*,?\s*\Z' % _CHECKSUM_KEY.encode()),
