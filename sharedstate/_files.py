@@ -19,6 +19,9 @@ from ._errors import SnapshotError
 log = logging.getLogger("sharedstate")
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 def backup_path(path: Path) -> Path:
     return path.with_name(path.name + ".bak")
 
@@ -93,13 +96,15 @@ def caller_target(path: object, verb: str) -> Path:
 def read_regular(path: Path, limit: int | None = None) -> bytes | None:
     """The bytes of the regular file ``path`` (``None`` if it is missing), read without ever blocking on
     a FIFO or reading an endless device: opened non-blocking, checked on the open descriptor, and read
-    up to the size it had when opened (at most ``limit`` bytes)."""
+    up to the size it had when opened (at most ``limit`` bytes). A symbolic link there is refused, not
+    followed: the server's own files are never links, and a path a caller gave was resolved by
+    ``caller_target`` already, so a link here is one planted since."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise SnapshotError(f"cannot read {path}: {exc.strerror}", str(path)) from None
+        raise SnapshotError(f"cannot read {path}: {_open_failure(path, exc)}", str(path)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -119,24 +124,54 @@ def read_regular(path: Path, limit: int | None = None) -> bytes | None:
         os.close(fd)
 
 
+def _open_failure(path: Path, exc: OSError) -> str:
+    """Why ``open(path, O_NOFOLLOW)`` failed, in words: ELOOP there means a symbolic link."""
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return "it is a symbolic link, not a regular file"
+    except OSError:
+        pass
+    return exc.strerror or str(exc)
+
+
+def _check_target(path: Path, ours: bool) -> os.stat_result | None:
+    """The ``lstat`` of what ``write_atomic`` would replace (``None``: nothing there). Refuses anything
+    but a regular file (a symbolic link too: a link planted where the file is missing would have the
+    backup made of whatever it points to), and with ``ours`` a file of another user."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"cannot write {path}: it is {_kind(st.st_mode)}, not a regular file", str(path))
+    if ours and st.st_uid != os.geteuid():
+        raise SnapshotError(
+            f"cannot write {path}: it belongs to another user (uid {st.st_uid}), not to this server's "
+            f"(uid {os.geteuid()}); remove it if it is not needed",
+            str(path),
+        )
+    return st
+
+
 def write_atomic(
-    path: Path, pieces: Iterable[str], backup: bool = True, finish: Callable[[int], None] | None = None
+    path: Path,
+    pieces: Iterable[str],
+    backup: bool = True,
+    finish: Callable[[int], None] | None = None,
+    ours: bool = True,
 ) -> None:
     """Write the text ``pieces`` to ``path`` atomically: a temporary file in the same folder (mode 0600),
     flushed and fsynced, the current file hard-linked to ``NAME.bak`` (``backup``: so a good file stays in
     place at every instant), a rename over ``path``, and an fsync of the folder. ``finish`` gets the
     temporary file's descriptor once every piece is written, before the fsync (to fill in a checksum).
-    Refuses (``SnapshotError``) a ``path`` that is a directory, device, FIFO or socket: a rename would
-    replace the device node itself."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-        raise SnapshotError(f"cannot write {path}: it is {_kind(mode)}, not a regular file", str(path))
+    Refuses (``SnapshotError``, the file there untouched) a ``path`` that is not a regular file (a
+    directory, device, FIFO, socket or symbolic link: a rename would replace the node itself, and the
+    backup would be made through the link), or with ``ours`` and ``backup`` a file that belongs to another
+    user (the backup would be a hard link to their file, which they could change)."""
+    current = _check_target(path, ours and backup)
     folder = path.parent
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for piece in pieces:
@@ -145,16 +180,19 @@ def write_atomic(
             if finish is not None:
                 finish(f.fileno())
             os.fsync(f.fileno())
-        if backup and path.exists():
+        if backup and current is not None:
             bak = backup_path(path)
             bak_tmp = folder / f".{bak.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
-                os.link(path, bak_tmp)
+                os.link(path, bak_tmp, follow_symlinks=False)
             except OSError:  # no hard links here: a copy does (the snapshot stays in place meanwhile)
-                copy = os.open(bak_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-                with os.fdopen(copy, "wb") as out:
-                    out.write(path.read_bytes())
-            os.replace(bak_tmp, bak)
+                content = read_regular(path)
+                if content is not None:
+                    copy = os.open(bak_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+                    with os.fdopen(copy, "wb") as out:
+                        out.write(content)
+            if os.path.lexists(bak_tmp):
+                os.replace(bak_tmp, bak)
         os.replace(tmp, path)
         fsync_dir(folder)
     except BaseException:

@@ -4,12 +4,22 @@ returns, and replayed after the snapshot when a server starts.
 A journal file holds a header line and one record a line, each ``CRC32 JSON``. Its header names its
 generation. A save of the server's own file starts a new generation in ``PATH.journal.GEN`` while it
 holds the store's mutex, writes the snapshot with that generation in its header, then renames the new
-journal over ``PATH.journal``. At start, the records of every journal whose generation is not older than
-the snapshot's are replayed, in order, so a crash at any point of a save replays each change exactly once.
+journal over ``PATH.journal`` (the journal it replaces, which ends where the new snapshot starts, is
+kept as ``PATH.journal.GEN`` of its own generation). At start, the records of every journal whose
+generation is not older than the snapshot's are replayed, in order, so a crash at any point of a save
+replays each change exactly once.
 
-A torn last line (a crash mid-write) is dropped; a bad line before the last is an error, and so is a
-damaged header: the server then refuses to start and leaves the file as it is. Only a header that a
-crash cut short (an empty file, or a prefix of a header line) marks a file that holds nothing.
+The snapshot's backup (``PATH.bak``, the snapshot before) is of an older generation: a save removes
+only the journals older than the backup's, so a start from the backup (when the snapshot is missing)
+replays the journals from its generation on, exactly once. If one of them is missing, the start is
+refused rather than replaying later changes over a gap. A server starts its journal at the generation of
+the snapshot it restored when there is no journal of that generation yet (after a clean stop), so the
+generations beside a snapshot have no gaps.
+
+A torn last line (a crash mid-write: no newline at its end) is dropped; any complete line that is bad
+is an error, and so is a damaged header: the server then refuses to start and leaves the file as it is.
+Only a header that a crash cut short (a file no longer than a header line that is empty, zeros, or the
+start of a header line) marks a file that holds nothing.
 """
 
 from __future__ import annotations
@@ -83,9 +93,16 @@ def _parse_line(line: bytes) -> Any:
 _HEADER_START = b' {"format":"%s","generation":' % FORMAT.encode()
 
 
+#: The longest header line (a generation of 20 digits): a longer file is never a torn header.
+_HEADER_MAX = len(_HEADER_START) + 8 + 20 + 2
+
+
 def _torn_header(raw: bytes) -> bool:
     """Whether ``raw`` (a whole file) is what a crash while writing a header leaves: nothing, zeros, or
-    the start of a header line (no newline yet). Such a file never held a record."""
+    the start of a header line (no newline yet), and no longer than a header line. Such a file never
+    held a record; a longer one did (its start may be zeroed by damage), so it is never taken for one."""
+    if len(raw) > _HEADER_MAX:
+        return False
     if not raw.strip(b"\0"):
         return True
     if b"\n" in raw or not re.fullmatch(rb"[0-9a-f]{0,8}", raw[:8]):
@@ -111,8 +128,9 @@ def _raw(path: Path, limit: int | None = None) -> bytes:
 
 
 def read_journal(path: Path) -> tuple[int, list[list[Any]]]:
-    """The generation and records of one journal file. Raises ``SnapshotError`` if the header or a line
-    other than the last is damaged; a damaged or unfinished last line is dropped with a warning."""
+    """The generation and records of one journal file. Raises ``SnapshotError`` if the header or any
+    complete line is damaged; an unfinished last line (no newline: a crash tore it) is dropped with a
+    warning."""
     raw = _raw(path)
     lines = raw.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline; else an unfinished record
@@ -127,9 +145,7 @@ def read_journal(path: Path) -> tuple[int, list[list[Any]]]:
     for number, line in enumerate(lines[1:], start=2):
         record = _parse_line(line)
         if not isinstance(record, list) or not record:
-            if number == len(lines):
-                log.warning("%s: dropped a damaged last record (line %d) left by a crash", path, number)
-                break
+            # Even the last: a line that ends in its newline was written whole, so a crash did not tear it.
             raise SnapshotError(f"{path} is not a valid journal: line {number} is damaged", str(path))
         records.append(record)
     return generation, records
@@ -151,7 +167,7 @@ def scan_journals(snapshot: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
     found, torn = [], []
     for candidate in _candidates(snapshot):
         check_slot(candidate)
-        raw = _raw(candidate, 4096)  # a header is far shorter
+        raw = _raw(candidate, 4096)  # a header is far shorter (and longer than _HEADER_MAX: not torn)
         first, newline, _ = raw.partition(b"\n")
         generation = _header_generation(first) if newline else None
         if generation is not None:
@@ -198,6 +214,9 @@ class Journal:
         self.base = journal_path(snapshot)
         self.always = fsync == "always"
         self.generation = 0
+        #: The generation of the snapshot at the server's path (the next save makes it the backup): the
+        #: journals from it on are kept. Set at start to that of the snapshot the server started from.
+        self.saved = 0
         self._fd: int | None = None
         self._file: Path | None = None
         self._written = 0  # records written so far
@@ -235,9 +254,13 @@ class Journal:
         # A new file, never one that is there already (planted by someone else, or a link to one).
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(name, flags, 0o600)
-        header = _line({"format": FORMAT, "generation": generation})
-        os.write(fd, header)
-        os.fsync(fd)
+        try:
+            os.write(fd, _line({"format": FORMAT, "generation": generation}))
+            os.fsync(fd)
+        except BaseException:  # a full disk: the old journal stays the open one, this file holds nothing
+            os.close(fd)
+            _remove(name)
+            raise
         with self._sync_lock:
             old = self._fd
             if old is not None:
@@ -274,20 +297,26 @@ class Journal:
 
     # -- after a save -------------------------------------------------------------------------------
     def covered(self, generation: int) -> None:
-        """The snapshot of ``generation`` is on the disk: older journals are no longer needed."""
+        """The snapshot of ``generation`` is on the disk, and the file it replaced (of generation
+        ``self.saved``) is its backup now. The journal that ends at this snapshot is kept under its own
+        generation, ``PATH.journal.GEN``, with every other journal the backup needs (from its generation
+        on): a start from the backup replays them all, exactly once. Older journals are removed."""
+        keep_from, self.saved = self.saved, generation
         if self._file is not None and self._file != self.base and self.generation == generation:
+            for older, path in journal_files(self.snapshot):
+                if path == self.base and older < generation:
+                    os.replace(path, Path(f"{self.base}.{older}"))
             os.replace(self._file, self.base)
             self._file = self.base
         for older, path in journal_files(self.snapshot):
-            if older < generation and path != self._file:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+            if older < keep_from and path != self._file:
+                _remove(path)
         fsync_dir(self.base.parent)
 
     def close(self, remove: bool) -> None:
-        """Stop; with ``remove`` (the final snapshot holds everything) delete every journal file."""
+        """Stop; with ``remove`` (the final snapshot holds everything) delete the open journal, which
+        holds nothing the snapshot lacks (those the backup needs stay); of a journal never opened (a
+        server without journaling that folded them into its snapshot), delete every journal file."""
         self._stop.set()
         with self._sync_lock:
             if self._fd is not None:
@@ -296,7 +325,17 @@ class Journal:
                 self._fd = None
         if remove:
             for _, path in journal_files(self.snapshot):
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                if self._file is None or path == self._file:
+                    _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a journal file that is no longer needed; one that cannot be deleted (a file another user
+    put there, in a folder with the sticky bit) is left with a warning: the save that covered it
+    succeeded all the same."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s, which is no longer needed: %s", path, exc.strerror or exc)

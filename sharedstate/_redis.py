@@ -754,7 +754,7 @@ class RedisState(State):
             dropped = set(exclude_list)
             names = [n for n in names if n not in dropped]
         data = {name: _loads(raw_data[name.encode("utf-8")]) for name in names}
-        write_snapshot(target, data, scopes)
+        write_snapshot(target, data, scopes, ours=False)  # a path the caller chose
         return target
 
     @_redis_call

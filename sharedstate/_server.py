@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from ._client import State
-from ._errors import ServerUnavailable, SharedStateError
+from ._errors import ServerUnavailable, SharedStateError, SnapshotError
 from ._schedule import SaveEvery, parse_schedule
 from ._serverproc import EXIT_SAVE_FAILED, ServerConfig
 from ._transport import (
@@ -243,7 +243,8 @@ class StateServer:
     def shutdown(self) -> None:
         """Stop the server: it saves (when a path is set) and exits. Idempotent; waits at most about
         ``2 * STOP_TIMEOUT_S`` seconds, escalating to SIGTERM and then SIGKILL. Raises ``SnapshotError``
-        (naming the path and the reason) once the server has stopped if its final save failed."""
+        (naming the path and the reason) once the server has stopped if its final save failed, or, with a
+        path, if it had to be killed before it reported that its final save finished."""
         with self._mutex:
             if self._proc is None or self._stopped:
                 self._stopped = True
@@ -255,14 +256,28 @@ class StateServer:
         try:
             if self._state is not None:
                 self._state.close()
+            escalated = False
             if proc.poll() is None:
                 assert self._address is not None and self._authkey is not None
                 try:
                     open_control(self._address, self._authkey, "shutdown")
                 except (SharedStateError, OSError):
                     pass
-                _wait_or_kill(proc, STOP_TIMEOUT_S)
-            failed = _final_report(proc)
+                escalated = _wait_or_kill(proc, STOP_TIMEOUT_S)
+            reported, failed = _final_report(proc)
+            if escalated and not reported and failed is None and self._path is not None:
+                # Killed by the escalation (a final save that did not finish in time, or a stopped
+                # process): whatever it was saving may be lost, which must not pass for a clean stop.
+                kept = (
+                    "the journal beside it keeps every change"
+                    if self._durability == "journal"
+                    else "the changes since the last save are lost"
+                )
+                failed = SnapshotError(
+                    f"the server was killed before its final save to {self._path} finished (it did not stop "
+                    f"within {STOP_TIMEOUT_S:g} s; exit status {proc.returncode}); {kept}",
+                    str(self._path),
+                )
         finally:
             with self._mutex:
                 self._stopped = True
@@ -316,12 +331,12 @@ def _warn_if_forkserver_running() -> None:
         )
 
 
-def _final_report(proc: subprocess.Popen[bytes]) -> SharedStateError | None:
-    """What an exited server process reported about its final save (the error, if it failed); closes the
-    pipe it reported on."""
+def _final_report(proc: subprocess.Popen[bytes]) -> tuple[bool, SharedStateError | None]:
+    """Whether an exited server process reported that it stopped, and what it reported about its final
+    save (the error, if it failed); closes the pipe it reported on."""
     fd = getattr(proc, "report_fd", None)
     if fd is None:
-        return None
+        return False, None
     proc.report_fd = None  # type: ignore[attr-defined]
     chunks = []
     try:
@@ -338,8 +353,10 @@ def _final_report(proc: subprocess.Popen[bytes]) -> SharedStateError | None:
     try:
         kind, error = pickle.loads(b"".join(chunks))
     except Exception:
-        return None  # killed before it could say (the escalation of a shutdown that took too long)
-    return error if kind == "stopped" and isinstance(error, SharedStateError) else None
+        return False, None  # killed before it could say (the escalation of a shutdown that took too long)
+    if kind != "stopped":
+        return False, None
+    return True, error if isinstance(error, SharedStateError) else None
 
 
 def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
@@ -411,8 +428,9 @@ def _read_reply(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
             chunks.append(chunk)
 
 
-def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait for ``proc`` to exit; past ``timeout``, SIGTERM it, then SIGKILL it. Always reaps it."""
+def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for ``proc`` to exit; past ``timeout``, SIGTERM it, then SIGKILL it. Always reaps it. Returns
+    whether it had to be signalled."""
     for step in (None, proc.terminate, proc.kill):
         if step is not None:
             try:
@@ -421,10 +439,11 @@ def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
                 pass
         try:
             proc.wait(timeout if step is None else STOP_TIMEOUT_S / 2)
-            return
+            return step is not None
         except subprocess.TimeoutExpired:
             continue
     proc.wait()
+    return True
 
 
 @contextmanager

@@ -354,7 +354,8 @@ class StateService(Store):
                     data.pop(name, None)
             try:
                 # Only the server's own file keeps the answers: they belong to this server's clients.
-                write_snapshot(target, data, scopes, generation, answers if target == self.path else None)
+                own = target == self.path
+                write_snapshot(target, data, scopes, generation, answers if own else None, ours=own)
                 if journal is not None:
                     journal.covered(generation)
             except Exception as exc:
@@ -579,6 +580,23 @@ class ManagerServer(managers.Server):
             pass  # the client is gone
 
 
+def _check_backup_journals(path: Path, bak: Path, generation: int, files: list[tuple[int, Path]]) -> None:
+    """Refuse to start from the backup ``bak`` (of journal ``generation``) if the journals to replay
+    over it do not follow it without a gap: later changes replayed over a state that lacks earlier ones
+    would make a state that never existed."""
+    needed = [g for g, _ in files if g >= generation]
+    if needed and needed != list(range(generation, generation + len(needed))):
+        present = ", ".join(str(p) for g, p in files if g >= generation)
+        missing = sorted(set(range(generation, needed[-1] + 1)) - set(needed)) or [generation]
+        raise SnapshotError(
+            f"{path} is missing and its backup {bak} (journal generation {generation}) cannot be "
+            f"brought up to date: the journal of generation {missing[0]} is missing, so replaying {present} over "
+            f"the backup would skip changes; restore a snapshot by hand, or move those journals away to start "
+            f"from the backup alone",
+            str(bak),
+        )
+
+
 def _clear_stale_socket(address: str) -> None:
     """Remove a socket file left by a server that died, refuse one that a live server answers on, and
     never touch anything that is not a socket."""
@@ -663,6 +681,7 @@ class ServerProcess:
             # Never start empty beside a good backup: the next saves would replace it with nothing.
             snapshot = read_snapshot(bak)
             if snapshot is not None:
+                _check_backup_journals(path, bak, snapshot.generation, files)
                 log.warning("%s is missing: starting from its backup %s (%d names)", path, bak, len(snapshot.data))
                 service.restored_from_backup = 1
         if snapshot is not None:
@@ -681,9 +700,14 @@ class ServerProcess:
         if self.config.durability == "journal":
             journal = Journal(path, self.config.journal_fsync)
             journal.generation = newest
+            journal.saved = generation
             service.journal = journal
             if replayed:
                 service.save_to(path, why="save after replaying the journal")
+            elif newest == generation and generation not in {g for g, _ in files}:
+                # The journal of the snapshot's own generation (a clean stop removed it, empty): so the
+                # backup the next save makes of this snapshot has every journal it needs, with no gap.
+                journal.start_generation(generation)
             else:
                 journal.start_generation(newest + 1)
             journal.start_flusher()

@@ -58,13 +58,16 @@ class Snapshot(NamedTuple):
 
 #: Where the header is: the first line, which Pode's files never fill (``{`` alone, or their metadata).
 _HEADER_SPAN = 4096
-#: Either mark in the first line makes a file ours: a damaged bit can spoil only one of them, so a
-#: damaged header of ours is never taken for a Pode file.
+#: Either mark makes a file ours: a damaged bit can spoil only one of them, so a damaged header of ours
+#: is never taken for a Pode file. Both are anchored to the header object as written: the format first
+#: at offset 0, the checksum last at the end of the first line (before the comma that ends it). A Pode
+#: file written on one line (``Save-PodeState -Compress``) may hold ``"sha256": "<64 hex digits>"`` in a
+#: value, never there.
 _MARKS = (
-    re.compile(rb'"format"\s*:\s*"sharedstate"'),
-    re.compile(rb'"%s"\s*:\s*"[0-9a-f]{64}"' % _CHECKSUM_KEY.encode()),
+    re.compile(rb'\A\{\s*"format"\s*:\s*"sharedstate"'),
+    re.compile(rb'"%s"\s*:\s*"[0-9a-f]{64}"\s*,?\s*\Z' % _CHECKSUM_KEY.encode()),
 )
-_CHECKSUM = re.compile(rb'"%s"\s*:\s*"([0-9a-f]{64})"' % _CHECKSUM_KEY.encode())
+_CHECKSUM = re.compile(rb'"%s"\s*:\s*"([0-9a-f]{64})"\s*,?\s*\Z' % _CHECKSUM_KEY.encode())
 
 
 def _first_line(raw: bytes) -> bytes:
@@ -138,9 +141,13 @@ def write_snapshot(
     scopes: dict[str, tuple[str, ...]],
     generation: int = 0,
     answers: dict[str, Any] | None = None,
+    ours: bool = True,
 ) -> None:
+    """``ours``: ``path`` is the server's own file, which must be a file of this user (a path a caller
+    named may be another user's file, which the caller chose)."""
     sealer = _Sealer()
-    write_atomic(path, sealer.pieces(snapshot_pieces(data, scopes, generation, answers)), finish=sealer.finish)
+    pieces = sealer.pieces(snapshot_pieces(data, scopes, generation, answers))
+    write_atomic(path, pieces, finish=sealer.finish, ours=ours)
 
 
 def _decode_text(raw: bytes, path: Path) -> str:
@@ -247,8 +254,8 @@ class FileOwnership:
         except filelock.Timeout:
             pid: int | None
             try:
-                pid = int(self._owner_file.read_text().strip())
-            except (OSError, ValueError):
+                pid = int(read_regular(self._owner_file, 64) or b"")  # never blocks on a FIFO put there
+            except (OSError, ValueError):  # SnapshotError is a ValueError
                 pid = None
             raise StateFileBusy(
                 f"{self.path} is in use by another sharedstate server (pid {pid if pid else 'unknown'})",
@@ -282,9 +289,9 @@ class FileOwnership:
 
     def release(self) -> None:
         try:
-            if self._owner_file.read_text().strip() == str(os.getpid()):
+            if (read_regular(self._owner_file, 64) or b"").strip() == str(os.getpid()).encode():
                 self._owner_file.unlink()
-        except OSError:
+        except (OSError, SnapshotError):  # a FIFO or link put there is refused, never read: left alone
             pass
         self._lock.release(force=True)
 
