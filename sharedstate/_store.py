@@ -14,9 +14,9 @@ import decimal
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ._answers import Answers, Duplicate, current_request
 from ._journal import encode_record
 from ._pattern import compile_pattern
-from ._answers import Answers, Duplicate, current_request
 
 if TYPE_CHECKING:
     from ._journal import Journal

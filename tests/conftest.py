@@ -309,3 +309,79 @@ def any_state(request: pytest.FixtureRequest) -> sharedstate.State:
     if request.param == "local":
         return request.getfixturevalue("server").state
     return request.getfixturevalue("redis_state")
+
+
+# -- a second OS user, for what another user of the machine can do -----------------------------------
+SECOND_USER = "ss-other"
+#: The Python the second user runs (the test's own may live where that user cannot reach it).
+_second_user_python: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def second_user() -> str:
+    """A second, unprivileged OS user (made once, as root), and a Python interpreter it may run."""
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create and act as a second user")
+    try:
+        pwd.getpwnam(SECOND_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", SECOND_USER], check=True)
+    for candidate in (sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"):
+        try:
+            subprocess.run([candidate, "-I", "-c", "pass"], user=SECOND_USER, cwd="/", capture_output=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        _second_user_python[:] = [candidate]
+        return SECOND_USER
+    pytest.skip(f"no Python that {SECOND_USER} may run")
+
+
+def second_user_python() -> str:
+    """The interpreter the ``second_user`` fixture found for that user."""
+    return _second_user_python[0]
+
+
+def as_user(user: str, code: str) -> None:
+    """Run ``code`` as ``user`` (the ``second_user`` fixture's), and check it succeeded."""
+    subprocess.run([second_user_python(), "-I", "-c", code], user=user, cwd="/", check=True, timeout=60)
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder every user may create files in (like /tmp: sticky, writable by all)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="ss-shared-", dir="/tmp"))
+    os.chmod(folder, 0o1777)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- a file system that fills up ---------------------------------------------------------------------
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, mounted for this test (we are root) and unmounted after it."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Fill the file system of ``folder`` to the last block."""
+    with open(folder / "filler", "wb", buffering=0) as f:  # unbuffered: nothing left to fail at close
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass

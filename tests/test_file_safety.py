@@ -12,8 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import exited, kill, wait_until
-from test_persistence import as_user, attacker, fill, full_disk, shared_folder  # noqa: F401  (fixtures)
+from conftest import as_user, exited, fill, kill, wait_until
 
 import sharedstate
 
@@ -38,13 +37,13 @@ def saved_in_thread(server: sharedstate.StateServer, timeout: float = 30.0) -> B
 
 # -- 1. a symbolic link planted at the snapshot's path ------------------------------------------------
 @pytest.mark.timeout(90)
-def test_a_link_to_a_fifo_planted_before_the_first_save_is_refused_not_followed(attacker, shared_folder):
+def test_a_link_to_a_fifo_planted_before_the_first_save_is_refused_not_followed(second_user, shared_folder):
     path = shared_folder / "state.json"
     fifo = shared_folder / "evil.fifo"
     server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
     try:
         server.state.set("a", 1)
-        as_user(attacker, f"import os\nos.mkfifo({str(fifo)!r})\nos.symlink({str(fifo)!r}, {str(path)!r})\n")
+        as_user(second_user, f"import os\nos.mkfifo({str(fifo)!r})\nos.symlink({str(fifo)!r}, {str(path)!r})\n")
         error = saved_in_thread(server)
         assert isinstance(error, sharedstate.SnapshotError), error
         assert "state.json: it is a symbolic link" in str(error)
@@ -58,13 +57,13 @@ def test_a_link_to_a_fifo_planted_before_the_first_save_is_refused_not_followed(
 
 
 def test_a_file_planted_at_the_snapshot_path_before_the_first_save_is_not_taken_as_the_backup(
-    attacker, shared_folder
+    second_user, shared_folder
 ):
     path = shared_folder / "state.json"
     server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
     try:
         server.state.set("a", 1)
-        as_user(attacker, f"open({str(path)!r}, 'w').write('{{}}')\n")
+        as_user(second_user, f"open({str(path)!r}, 'w').write('{{}}')\n")
         error = saved_in_thread(server)
         assert isinstance(error, sharedstate.SnapshotError), error
         assert "state.json: it belongs to another user" in str(error)
@@ -75,14 +74,14 @@ def test_a_file_planted_at_the_snapshot_path_before_the_first_save_is_not_taken_
     assert path.read_text() == "{}"
 
 
-def test_restore_of_the_servers_own_file_does_not_follow_a_planted_link(attacker, shared_folder):
+def test_restore_of_the_servers_own_file_does_not_follow_a_planted_link(second_user, shared_folder):
     path = shared_folder / "state.json"
     theirs = shared_folder / "theirs.json"
     server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
     try:
         server.state.set("mine", 1)
         as_user(
-            attacker,
+            second_user,
             f"import os\nopen({str(theirs)!r}, 'w').write('{{\"planted\": 1}}')\n"
             f"os.symlink({str(theirs)!r}, {str(path)!r})\n",
         )
@@ -344,7 +343,7 @@ def immutable():
         subprocess.run(["chattr", "-i", str(where)], check=False)
 
 
-def test_an_old_journal_that_cannot_be_removed_does_not_fail_saves(attacker, shared_folder, immutable):
+def test_an_old_journal_that_cannot_be_removed_does_not_fail_saves(second_user, shared_folder, immutable):
     """Another user plants an old journal after the start; the server may not remove it (immutable here:
     root could remove another user's file from a sticky folder, a server run by a normal user could not)."""
     from sharedstate._journal import FORMAT, _line
@@ -358,7 +357,7 @@ def test_an_old_journal_that_cannot_be_removed_does_not_fail_saves(attacker, sha
         server.state.set("b", 1)
         server.save()
         header = _line({"format": FORMAT, "generation": 0})
-        as_user(attacker, f"open({str(planted)!r}, 'wb').write({header!r})\n")
+        as_user(second_user, f"open({str(planted)!r}, 'wb').write({header!r})\n")
         immutable(planted)
         server.state.set("c", 1)
         server.save()  # the snapshot is written: a journal it cannot remove does not make the save fail

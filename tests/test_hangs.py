@@ -22,10 +22,10 @@ import warnings
 import weakref
 
 import pytest
+from conftest import exited, kill, wait_until
 
 import sharedstate
 import sharedstate.aio
-from conftest import exited, kill, wait_until
 from sharedstate._pattern import compile_pattern
 
 #: A probe in its own process: a loop of uncached ``get`` calls, worst latency printed on "stop".

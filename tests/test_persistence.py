@@ -10,26 +10,22 @@ import json
 import os
 import pwd
 import random
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, exited, kill, reap, start_with_log, wait_until
+from conftest import ROOT, as_user, exited, fill, kill, reap, start_with_log, wait_until
 
 import sharedstate
 from sharedstate._codec import object_hook
 from sharedstate._files import read_regular, write_atomic
 from sharedstate._journal import journal_path
 from sharedstate._snapshot import read_snapshot, snapshot_pieces, write_snapshot
-
-ATTACKER = "ssattacker"
 
 
 def journaling(path, **options) -> sharedstate.StateServer:
@@ -386,39 +382,13 @@ def test_cli_restore_of_a_missing_file_exits_1_with_one_line(tmp_path, server):
 
 
 # -- 6. files planted by another user ---------------------------------------------------------------
-@pytest.fixture(scope="session")
-def attacker() -> str:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create and act as a second user")
-    try:
-        pwd.getpwnam(ATTACKER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", ATTACKER], check=True)
-    return ATTACKER
-
-
-@pytest.fixture
-def shared_folder() -> Path:
-    """A folder both users may create files in (like /tmp: sticky, writable by all)."""
-    folder = Path(tempfile.mkdtemp(prefix="ss-shared-", dir="/tmp"))
-    os.chmod(folder, 0o1777)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def as_user(user: str, code: str) -> None:
-    subprocess.run(["/usr/bin/python3", "-c", code], user=user, check=True, timeout=60)
-
-
-def test_files_planted_by_another_user_are_never_written_into(attacker, shared_folder):
+def test_files_planted_by_another_user_are_never_written_into(second_user, shared_folder):
     path = shared_folder / "state.json"
     crashed_with_acknowledged_writes(path, 3)  # the next start replays, saves, and opens journal.2
     (shared_folder / "state.json.owner").unlink()  # the killed server's pid: gone after a reboot, say
     theirs = shared_folder / "theirs.txt"
     as_user(
-        attacker,
+        second_user,
         f"import os\n"
         f"open({str(theirs)!r}, 'w').write('mine\\n')\n"
         f"for n in (1, 2, 3):\n"
@@ -429,18 +399,18 @@ def test_files_planted_by_another_user_are_never_written_into(attacker, shared_f
     with pytest.raises(sharedstate.SnapshotError, match=r"state\.json\.owner: it is a symbolic link"):
         journaling(path)
     assert os.readlink(shared_folder / "state.json.owner") == str(theirs)
-    as_user(attacker, f"import os\nos.unlink({str(path)!r} + '.owner')\n")
+    as_user(second_user, f"import os\nos.unlink({str(path)!r} + '.owner')\n")
     with pytest.raises(sharedstate.SnapshotError, match=r"state\.json\.journal\.\d: it belongs to another user"):
         journaling(path)
     for name in planted:
-        assert name.read_text() == "mine\n" and name.stat().st_uid == pwd.getpwnam(attacker).pw_uid
+        assert name.read_text() == "mine\n" and name.stat().st_uid == pwd.getpwnam(second_user).pw_uid
 
 
-def test_an_owner_file_link_planted_by_another_user_is_refused(attacker, shared_folder):
+def test_an_owner_file_link_planted_by_another_user_is_refused(second_user, shared_folder):
     path = shared_folder / "state.json"
     theirs = shared_folder / "theirs.txt"
     as_user(
-        attacker,
+        second_user,
         f"import os\nopen({str(theirs)!r}, 'w').write('mine')\nos.symlink({str(theirs)!r}, {str(path)!r} + '.owner')\n",
     )
     with pytest.raises(sharedstate.SnapshotError, match=r"state\.json\.owner"):
@@ -449,29 +419,6 @@ def test_an_owner_file_link_planted_by_another_user_is_refused(attacker, shared_
 
 
 # -- 16. a final save that fails ------------------------------------------------------------------
-@pytest.fixture
-def full_disk(tmp_path) -> Path:
-    """A 64 KiB tmpfs, mounted for this test (we are root) and unmounted after it."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(folder: Path) -> None:
-    with open(folder / "filler", "wb", buffering=0) as f:  # unbuffered: nothing left to fail at close
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-
-
 def test_shutdown_raises_when_the_final_save_fails_on_a_full_disk(full_disk):
     path = full_disk / "state.json"
     server = sharedstate.StateServer(path=path, save_every=None).start()

@@ -7,14 +7,11 @@ The attacker is a real second OS user running a real squatting server; the flood
 from __future__ import annotations
 
 import os
-import pwd
 import resource
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -22,48 +19,13 @@ from multiprocessing import connection as mpc
 from pathlib import Path
 
 import pytest
-from conftest import reap, wait_until
+from conftest import reap, second_user_python, wait_until
 
 import sharedstate
 from sharedstate._transport import parse_address
 
-INTRUDER = "ss-intruder"
 #: What the squatter makes whoever loads its answer do: create this file.
 MARKER = "pwned"
-
-
-#: The Python the intruder runs (this one may live where that user cannot reach it).
-_intruder_python: list[str] = []
-
-
-@pytest.fixture(scope="session")
-def intruder() -> str:
-    """A second, unprivileged OS user, and a Python interpreter it can run."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a second user")
-    try:
-        pwd.getpwnam(INTRUDER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", INTRUDER], check=True)
-    for candidate in (sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"):
-        try:
-            subprocess.run([candidate, "-I", "-c", "pass"], user=INTRUDER, cwd="/", capture_output=True, check=True)
-        except (OSError, subprocess.CalledProcessError):
-            continue
-        _intruder_python[:] = [candidate]
-        return INTRUDER
-    pytest.skip(f"no Python that {INTRUDER} may run")
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A world-writable, sticky temp folder, like /tmp."""
-    folder = Path(tempfile.mkdtemp(prefix="ss-shared-", dir="/tmp"))
-    os.chmod(folder, 0o1777)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # The squatter: listens at a socket before the real server does, answers the challenge with the key it
@@ -103,7 +65,7 @@ SQUATTER = textwrap.dedent(
 
 def _start_squatter(user: str, address: Path, key: bytes) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [_intruder_python[0], "-I", "-c", SQUATTER, str(address), str(address.parent / MARKER), key.hex()],
+        [second_user_python(), "-I", "-c", SQUATTER, str(address), str(address.parent / MARKER), key.hex()],
         user=user,
         stdout=subprocess.PIPE,
         cwd="/",
@@ -121,16 +83,16 @@ def _plant_key(user: str, path: Path, key: bytes, mode: int) -> None:
     """Write a key file as ``user``, with ``mode``."""
     script = f"import os; fd = os.open({str(path)!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, {mode}); " \
              f"os.write(fd, b{key.hex()!r}); os.fchmod(fd, {mode})"  # fmt: skip
-    subprocess.run([_intruder_python[0], "-I", "-c", script], user=user, check=True, cwd="/")
+    subprocess.run([second_user_python(), "-I", "-c", script], user=user, check=True, cwd="/")
 
 
 @pytest.fixture
-def squat(intruder: str, shared_tmp: Path) -> Iterator[tuple[Path, bytes]]:
+def squat(second_user: str, shared_folder: Path) -> Iterator[tuple[Path, bytes]]:
     """Another user's server at ``app.sock`` with a world-readable ``app.sock.key`` planted beside it."""
-    address = shared_tmp / "app.sock"
+    address = shared_folder / "app.sock"
     key = os.urandom(32)
-    _plant_key(intruder, Path(str(address) + ".key"), key, 0o644)
-    proc = _start_squatter(intruder, address, key)
+    _plant_key(second_user, Path(str(address) + ".key"), key, 0o644)
+    proc = _start_squatter(second_user, address, key)
     try:
         yield address, key
     finally:
@@ -147,11 +109,11 @@ def test_a_key_planted_by_another_user_beside_a_squatted_socket_is_refused(squat
     assert not (address.parent / MARKER).exists(), "the squatter's pickle was loaded"
 
 
-def test_a_root_key_file_beside_another_users_socket_is_refused(intruder, shared_tmp):
+def test_a_root_key_file_beside_another_users_socket_is_refused(second_user, shared_folder):
     # The key file passes every check (root's, 0600) but the server behind the socket is another user's.
-    address = shared_tmp / "app.sock"
+    address = shared_folder / "app.sock"
     key = os.urandom(32)
-    proc = _start_squatter(intruder, address, key)
+    proc = _start_squatter(second_user, address, key)
     try:
         key_file = Path(f"{address}.key")
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -159,20 +121,20 @@ def test_a_root_key_file_beside_another_users_socket_is_refused(intruder, shared
         os.close(fd)
         with pytest.raises(sharedstate.AccessDenied, match=f"socket {address}"):
             sharedstate.connect(str(address))
-        assert not (shared_tmp / MARKER).exists(), "the squatter's pickle was loaded"
+        assert not (shared_folder / MARKER).exists(), "the squatter's pickle was loaded"
     finally:
         proc.kill()
         reap(proc)
 
 
-def test_without_a_key_file_a_squatter_cannot_answer_the_challenge(intruder, shared_tmp):
+def test_without_a_key_file_a_squatter_cannot_answer_the_challenge(second_user, shared_folder):
     # No key at all: the client must not fall back to a key a squatter can guess (the empty key).
-    address = shared_tmp / "app.sock"
-    proc = _start_squatter(intruder, address, b"")
+    address = shared_folder / "app.sock"
+    proc = _start_squatter(second_user, address, b"")
     try:
         with pytest.raises((sharedstate.AccessDenied, sharedstate.ServerUnavailable)):
             sharedstate.connect(str(address))
-        assert not (shared_tmp / MARKER).exists(), "the squatter's pickle was loaded"
+        assert not (shared_folder / MARKER).exists(), "the squatter's pickle was loaded"
     finally:
         proc.kill()
         reap(proc)
