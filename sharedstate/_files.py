@@ -48,25 +48,26 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def check_slot(path: Path, ours: bool = True) -> None:
+def check_slot(path: Path, ours: bool = True, verb: str = "use") -> os.stat_result | None:
     """Refuse ``path`` if something other than a regular file is there (a directory, device, FIFO,
     socket or symbolic link), or, with ``ours``, a file that belongs to another user: the server creates
     or replaces its files there, and must never write into or through what someone else put in place.
-    A missing file is fine."""
+    Return its ``lstat`` (``None``: nothing there, which is fine). ``verb`` words the error."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
-        raise SnapshotError(f"cannot use {path}: {exc.strerror}", str(path)) from None
+        raise SnapshotError(f"cannot {verb} {path}: {exc.strerror}", str(path)) from None
     if not stat.S_ISREG(st.st_mode):
-        raise SnapshotError(f"cannot use {path}: it is {_kind(st.st_mode)}, not a regular file", str(path))
+        raise SnapshotError(f"cannot {verb} {path}: it is {_kind(st.st_mode)}, not a regular file", str(path))
     if ours and st.st_uid != os.geteuid():
         raise SnapshotError(
-            f"cannot use {path}: it belongs to another user (uid {st.st_uid}), not to this server's "
+            f"cannot {verb} {path}: it belongs to another user (uid {st.st_uid}), not to this server's "
             f"(uid {os.geteuid()}); remove it if it is not needed",
             str(path),
         )
+    return st
 
 
 def caller_target(path: object, verb: str) -> Path:
@@ -134,25 +135,6 @@ def _open_failure(path: Path, exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _check_target(path: Path, ours: bool) -> os.stat_result | None:
-    """The ``lstat`` of what ``write_atomic`` would replace (``None``: nothing there). Refuses anything
-    but a regular file (a symbolic link too: a link planted where the file is missing would have the
-    backup made of whatever it points to), and with ``ours`` a file of another user."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        raise SnapshotError(f"cannot write {path}: it is {_kind(st.st_mode)}, not a regular file", str(path))
-    if ours and st.st_uid != os.geteuid():
-        raise SnapshotError(
-            f"cannot write {path}: it belongs to another user (uid {st.st_uid}), not to this server's "
-            f"(uid {os.geteuid()}); remove it if it is not needed",
-            str(path),
-        )
-    return st
-
-
 def write_atomic(
     path: Path,
     pieces: Iterable[str],
@@ -168,7 +150,7 @@ def write_atomic(
     directory, device, FIFO, socket or symbolic link: a rename would replace the node itself, and the
     backup would be made through the link), or with ``ours`` and ``backup`` a file that belongs to another
     user (the backup would be a hard link to their file, which they could change)."""
-    current = _check_target(path, ours and backup)
+    current = check_slot(path, ours and backup, verb="write")
     folder = path.parent
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
