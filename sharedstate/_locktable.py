@@ -190,7 +190,8 @@ class LockTable:
             if kept:
                 log.warning("kept %d lock(s) held across the restart by live processes", len(kept))
             if self._file is not None:
-                self._released = dict(self._file.released)
+                # The latest last; the file may hold more than the table keeps (appended since a rewrite).
+                self._released = dict(list(self._file.released.items())[-MAX_RELEASED:])
                 self._file.start(kept, self._released)
 
     def acquire(

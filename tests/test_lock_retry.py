@@ -294,3 +294,31 @@ def test_an_asyncio_acquire_waiting_at_the_kill_gets_the_lock_and_releases_it():
             holder.join(WAIT_S)
         assert taken is True and owner == os.getpid()
         assert not lock.locked()
+
+
+def test_a_release_is_answered_again_after_the_lock_file_was_rewritten_full():
+    from sharedstate._lockfile import MIN_BYTES
+
+    with sharedstate.StateServer() as server:
+        state = server.state
+        me = threading.get_ident()
+        state.named_lock("job").acquire()
+        release = ("job", me, 1, 515151)
+        assert state._lock_call("lock_release", release) is None
+        path = Path(server._config.lock_file)
+        first = path.stat().st_ino
+
+        def fill() -> None:  # another holder's calls, until the file was rewritten at least once
+            lock = state.named_lock("other")
+            for _ in range(2 * MIN_BYTES // 60):
+                lock.acquire()
+                lock.release()
+
+        filler = threading.Thread(target=fill)
+        filler.start()
+        filler.join(WAIT_S * 2)
+        assert path.stat().st_ino != first, "the lock file was not rewritten"
+        restart(server)
+        assert state._lock_call("lock_release", release) is None
+        with pytest.raises(LockLost):
+            state._lock_call("lock_release", ("job", me, 1, 515152))
