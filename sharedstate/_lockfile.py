@@ -4,11 +4,13 @@ lock table instead of handing a held lock to a second process.
 Every change of a holder (taken, taken again, released once, freed) appends one JSON line with the
 lock's state after it; the last line about a lock wins. A release of a holder's last count is its own
 line (``"r"``): it frees the lock and records, per holder, the request that released it, so a release
-sent again after a crash (its answer lost) is told apart from a lock the restart lost (``_lock``). The file is mapped in memory (``MAP_SHARED``), so
-an append is a copy into the kernel's page cache with no system call, and no fsync: the file must survive
-a crash of the server process, which the page cache does, not one of the host (after which no holder is
-alive anyway). The mapped file has a fixed size; what follows the last line is zero bytes. When it is
-full it is rewritten with only the held locks (as at each start), in a file at least ``MIN_BYTES`` large.
+sent again after a crash (its answer lost) is told apart from a lock the restart lost (``_lock``).
+
+The file is mapped in memory (``MAP_SHARED``), so an append is a copy into the kernel's page cache with
+no system call, and no fsync: the file must survive a crash of the server process, which the page cache
+does, not one of the host (after which no holder is alive anyway). The mapped file has a fixed size;
+what follows the last line is zero bytes. When it is full it is rewritten with only the held locks and
+the holders' last releases (as at each start), in a file at least ``MIN_BYTES`` large.
 
 The file lives in the server's private folder (made by its owner, mode 0700). It is created with
 ``O_EXCL``/``O_NOFOLLOW``, mode 0600, and read only when it is a regular file of this user that nobody
