@@ -277,7 +277,8 @@ class Lock:
 
     It belongs to the thread that acquired it, may be acquired again by that thread (each ``acquire``
     needs its ``release``), and is freed by the server within a second if the holding process dies. It
-    stays held across a crash and restart of the server while its holder lives. With a ``lease`` (in
+    stays held across a crash and restart of the server while its holder lives, and a call on it that
+    the crash cut off is sent again to the new server and applied once. With a ``lease`` (in
     seconds), a holder that is alive but stopped for that long loses it; without one it keeps it. A
     holder that lost its lock gets ``LockLost`` at its next call on it.
 
