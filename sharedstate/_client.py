@@ -6,7 +6,7 @@ import decimal
 import os
 import pickle
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,9 @@ _sequence = _answers.sequence
 _hello_cache: dict[int, dict[str, Any]] = {}
 
 #: Calls whose request may be sent again when its answer was lost (a crash of the server): they change
-#: nothing. Writes are sent with a request id instead (``_write``), so the server applies them once.
-#: Lock calls are neither: an acquire or release that reached a server that then crashed is not repeated.
+#: nothing. Writes are sent with a request id instead (``_write``), so the server applies them once. Lock
+#: calls carry what their caller believes it holds (and a release its request id), so the server applies
+#: them once too (``_lock_call``; ``_locktable`` explains how).
 _RESENDABLE = frozenset("get getitem contains names get_many snapshot length stats save lock_locked lock_owner".split())
 #: A restarting server binds its socket again this soon after it removed the dead server's one; a socket
 #: file missing for longer means the server stopped for good (a clean stop removes it).
@@ -148,7 +149,20 @@ class State:
         # The sequence number alone: the connection introduced this thread's client id (``_hello_client``).
         return self._send(method, _pickle_dumps((next(_sequence), method, args, _NO_KWARGS), _PROTOCOL), True)
 
-    def _send(self, method: str, request: bytes, resendable: bool = False) -> Any:
+    def _lock_call(self, method: str, args: tuple[Any, ...], again: Callable[[], tuple[Any, ...]] | None = None) -> Any:
+        """``_call`` for a lock call, sent again if the server crashes before it answers (and its owner
+        starts it again): the server answers a call it applied already as it did then. ``again()`` gives
+        the arguments of a later attempt (an acquire's remaining timeout); by default, the same ones."""
+        request = _pickle_dumps((STORE_ID, method, args, _NO_KWARGS), _PROTOCOL)
+        if again is None:
+            return self._send(method, request, True, request)
+        return self._send(
+            method, request, True, lambda: _pickle_dumps((STORE_ID, method, again(), _NO_KWARGS), _PROTOCOL)
+        )
+
+    def _send(
+        self, method: str, request: bytes, resendable: bool = False, again: bytes | Callable[[], bytes] | None = None
+    ) -> Any:
         pool = self._pool
         conn = None
         start = _monotonic()
@@ -156,8 +170,14 @@ class State:
             conn = pool.get()
             answer = conn.request(request)
         except BaseException as exc:
-            resendable = resendable or method in _RESENDABLE
-            answer = self._recover(method, request, resendable, conn is not None, exc, start + self._timeout)
+            if again is None:
+                resendable = resendable or method in _RESENDABLE
+                deadline = start + self._timeout
+            else:
+                # A lock call (``again``: its request for a later attempt) may have waited long for its
+                # lock before the failure: the new server gets the call's timeout from now.
+                request, deadline = again, _monotonic() + self._timeout  # type: ignore[assignment]
+            answer = self._recover(method, request, resendable, conn is not None, exc, deadline)
         kind, result = _pickle_loads(answer)
         if kind == "#RETURN":
             return result
@@ -171,7 +191,13 @@ class State:
         raise SharedStateError(f"the server at {self.address} failed in {method}(): {result}")
 
     def _recover(
-        self, method: str, request: bytes, resendable: bool, sent: bool, exc: BaseException, deadline: float
+        self,
+        method: str,
+        request: bytes | Callable[[], bytes],
+        resendable: bool,
+        sent: bool,
+        exc: BaseException,
+        deadline: float,
     ) -> Any:
         """A call failed on its way (``sent``: perhaps after its request left). Drop the connection: a
         half-sent request or an unread answer leaves it unusable, and the cache goes with it (the next
@@ -213,7 +239,7 @@ class State:
                 conn = pool.get(max(0.001, min(CONNECT_TIMEOUT, deadline - time.monotonic())))
                 # This attempt may wait only for what is left of the call's time.
                 conn.set_timeout(max(0.001, deadline - time.monotonic()))
-                answer = conn.request(request)
+                answer = conn.request(request if type(request) is bytes else request())  # type: ignore[operator]
             except BaseException as again:
                 exc, sent = again, conn is not None
                 continue

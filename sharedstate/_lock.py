@@ -4,6 +4,26 @@ The process keeps what each of its threads (or asyncio tasks) believes it holds,
 server: a lock the server no longer has as that thread's (lost in a restart, freed when the process'
 connections closed, or its lease ran out) is then ``LockLost`` at the next call on it, never silently
 taken a second time. Leased locks are renewed by one daemon thread per process.
+
+Across a crash and restart of the server, lock calls are as transparent as the others: a call whose
+answer the crash lost is sent again to the new server (``State._lock_call``), which rebuilt its locks
+from the lock file, and that server answers it as the old one would have, applying it at most once:
+
+- an acquire sends the count its thread believes it holds, and the table sets the count to one more
+  than that: an acquire the old server applied (the lock file has this thread as the holder, count + 1)
+  is answered ``True`` again, not counted twice; one it did not apply is applied now. A blocking acquire
+  that was waiting waits again, for what is left of its timeout (``timeout=None``: as long as it takes);
+- a release sends the count too, so a release that left the lock held is the same count either way. The
+  release of the last count frees the lock, after which "released" and "lost" look alike to the new
+  server: that release carries a request id (unique in the process; a thread retries only its last
+  call), and the lock file records, per holder, the id of the last release that freed one of its locks
+  (``"r"`` lines, kept with the held locks when the file is rewritten). The same release sent again finds
+  its id there and is answered ``None``; a lock lost for another reason (the lock file gone or damaged,
+  its holder's connections closed, its lease ran out) has no such record and is ``LockLost``;
+- a lease renewal changes nothing but the time of the last renewal, so it is simply sent again.
+
+The lock file, not the journal, keeps these records: locks are the lock table's, which survives a crash
+of the server process whatever the state's durability.
 """
 
 from __future__ import annotations
@@ -17,6 +37,7 @@ from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ._answers import sequence as _sequence
 from ._errors import LockLost, LockTimeout
 from ._locktable import describe, lost
 
@@ -63,6 +84,22 @@ _held: dict[tuple[Any, str | None, Hashable], int] = {}
 _lost: set[tuple[Any, str | None, Hashable]] = set()
 
 
+#: Handle class -> whether it talks to a sharedstate server (Redis' handle is a ``State`` with a ``_call``
+#: of its own, which does the lock calls itself).
+_server_handles: dict[type, bool] = {}
+
+
+def _lock_caller(state: State) -> Any:
+    """``state._lock_call`` for a handle on a sharedstate server, else ``None``."""
+    cls = type(state)
+    local = _server_handles.get(cls)
+    if local is None:
+        from ._client import State  # imported here: _client imports this module
+
+        local = _server_handles[cls] = cls._call is State._call
+    return state._lock_call if local else None
+
+
 def acquire_call(
     state: State, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None
 ) -> bool:
@@ -72,8 +109,19 @@ def acquire_call(
     count = _held.get(ident, 0)
     if count and ident in _lost:
         raise lost(name)
+    args = (name, owner, blocking, timeout, lease, count)
     try:
-        taken = state._call("lock_acquire", (name, owner, blocking, timeout, lease, count))
+        call = _lock_caller(state)
+        if call is None:  # a backend of its own (Redis)
+            taken = state._call("lock_acquire", args)
+        elif timeout is None or not blocking:
+            taken = call("lock_acquire", args)
+        else:
+            # Sent again after a crash of the server: with what is left of the timeout.
+            end = time.monotonic() + timeout
+            taken = call(
+                "lock_acquire", args, lambda: (name, owner, blocking, max(0.0, end - time.monotonic()), lease, count)
+            )
     except LockLost:
         if count:
             _lost.add(ident)
@@ -100,7 +148,12 @@ def release_call(state: State, name: str | None, owner: Hashable) -> None:
     was_lost = ident in _lost
     if not was_lost:
         try:
-            state._call("lock_release", (name, owner, count))
+            call = _lock_caller(state)
+            if call is None:  # a backend of its own (Redis)
+                state._call("lock_release", (name, owner, count))
+            else:
+                # The request id tells a release sent again after a crash from a lost lock (see above).
+                call("lock_release", (name, owner, count, next(_sequence)))
         except LockLost:
             was_lost = True
         # Any other failure (the server out of reach) leaves the belief as it was: the release did not
@@ -169,7 +222,7 @@ class _Renewals:
                     groups.setdefault(id(lease.state), (lease.state, []))[1].append(ident)
         for state, idents in groups.values():
             try:
-                gone = state._call("lock_renew", ([(name, owner) for _, name, owner in idents],))
+                gone = state._lock_call("lock_renew", ([(name, owner) for _, name, owner in idents],))
             except Exception as exc:
                 # Try again soon: the lease is lost only if no renewal gets through before it runs out.
                 log.warning("could not renew lock leases at %s: %s", state.address, exc)
@@ -224,7 +277,8 @@ class Lock:
 
     It belongs to the thread that acquired it, may be acquired again by that thread (each ``acquire``
     needs its ``release``), and is freed by the server within a second if the holding process dies. It
-    stays held across a crash and restart of the server while its holder lives. With a ``lease`` (in
+    stays held across a crash and restart of the server while its holder lives, and a call on it that
+    the crash cut off is sent again to the new server and applied once. With a ``lease`` (in
     seconds), a holder that is alive but stopped for that long loses it; without one it keeps it. A
     holder that lost its lock gets ``LockLost`` at its next call on it.
 

@@ -2,11 +2,15 @@
 lock table instead of handing a held lock to a second process.
 
 Every change of a holder (taken, taken again, released once, freed) appends one JSON line with the
-lock's state after it; the last line about a lock wins. The file is mapped in memory (``MAP_SHARED``), so
-an append is a copy into the kernel's page cache with no system call, and no fsync: the file must survive
-a crash of the server process, which the page cache does, not one of the host (after which no holder is
-alive anyway). The mapped file has a fixed size; what follows the last line is zero bytes. When it is
-full it is rewritten with only the held locks (as at each start), in a file at least ``MIN_BYTES`` large.
+lock's state after it; the last line about a lock wins. A release of a holder's last count is its own
+line (``"r"``): it frees the lock and records, per holder, the request that released it, so a release
+sent again after a crash (its answer lost) is told apart from a lock the restart lost (``_lock``).
+
+The file is mapped in memory (``MAP_SHARED``), so an append is a copy into the kernel's page cache with
+no system call, and no fsync: the file must survive a crash of the server process, which the page cache
+does, not one of the host (after which no holder is alive anyway). The mapped file has a fixed size;
+what follows the last line is zero bytes. When it is full it is rewritten with only the held locks and
+the holders' last releases (as at each start), in a file at least ``MIN_BYTES`` large.
 
 The file lives in the server's private folder (made by its owner, mode 0700). It is created with
 ``O_EXCL``/``O_NOFOLLOW``, mode 0600, and read only when it is a regular file of this user that nobody
@@ -15,6 +19,7 @@ else may write; anything else is logged and ignored, never a failed start.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import mmap
@@ -73,13 +78,35 @@ def _line(key: str | None, client: tuple, thread: Hashable, count: int, lease: f
     if encoded is None:
         if len(_clients) > 4096:
             _clients.clear()
-        scope, pid, ctime = client
-        encoded = _clients[client] = f"{_quote(scope)},{pid},{json.dumps(ctime)}"
+        encoded = _clients[client] = _client_json(client)
     return f'["h",{_json(key)},{encoded},{_json(thread)},{count},{_json(lease)}]\n'.encode()
 
 
 def _free_line(key: str | None) -> bytes:
     return f'["f",{_json(key)}]\n'.encode()
+
+
+def _client_json(client: tuple) -> str:
+    scope, pid, ctime = client
+    return f"{_quote(scope)},{pid},{json.dumps(ctime)}"
+
+
+def _released_line(key: str | None, client: tuple, thread: Hashable, request: int) -> bytes:
+    encoded = _clients.get(client)
+    if encoded is None:
+        encoded = _client_json(client)
+    return f'["r",{_json(key)},{encoded},{_json(thread)},{request}]\n'.encode()
+
+
+#: ``(client, thread)`` -> ``(key, request)``: the last lock each holder released itself, and the
+#: request id of that release.
+Released = dict[tuple[tuple, Hashable], tuple[str | None, int]]
+
+
+def _released_lines(released: Released) -> Iterable[bytes]:
+    for (client, thread), (key, request) in released.items():
+        if _persistable(thread):
+            yield _released_line(key, client, thread, request)
 
 
 class LockFile:
@@ -93,6 +120,8 @@ class LockFile:
         self._failed = False
         #: The folder is not private to this user: no lock file is read or written there.
         self._unsafe = False
+        #: The releases ``load`` found (what the lock table needs to answer a release sent again).
+        self.released: Released = {}
 
     # -- start --------------------------------------------------------------------------------------
     def load(self) -> list[Holder]:
@@ -141,6 +170,8 @@ class LockFile:
 
     def _parse(self, data: bytes) -> list[Holder]:
         holders: dict[str | None, Holder] = {}
+        released: Released = self.released
+        released.clear()
         lines = data.split(b"\n")
         torn = lines.pop()  # the part after the last newline: empty, or a write cut short
         if torn:
@@ -151,6 +182,22 @@ class LockFile:
                 record = json.loads(raw)
                 if record[0] == "f" and len(record) == 2 and (record[1] is None or type(record[1]) is str):
                     holders.pop(record[1], None)
+                    continue
+                if record[0] == "r":
+                    kind, key, scope, pid, ctime, thread, request = record
+                    if not (
+                        (key is None or type(key) is str)
+                        and type(scope) is str
+                        and type(pid) is int
+                        and (ctime is None or type(ctime) in (int, float))
+                        and _persistable(thread)
+                        and type(request) is int
+                    ):
+                        raise ValueError("not a release record")
+                    holders.pop(key, None)
+                    owner = ((scope, pid, ctime), thread)
+                    released.pop(owner, None)  # the latest release last, as the lock table keeps them
+                    released[owner] = (key, request)
                     continue
                 kind, key, scope, pid, ctime, thread, count, lease = record
                 if not (
@@ -175,11 +222,15 @@ class LockFile:
             log.error("lock file %s: %d damaged lines skipped in all", self.path, damaged)
         return list(holders.values())
 
-    def start(self, holders: Iterable[Holder]) -> None:
-        """Begin a fresh file holding ``holders`` (what this server process rebuilt)."""
+    def start(self, holders: Iterable[Holder], released: Released | None = None) -> None:
+        """Begin a fresh file holding ``holders`` (what this server process rebuilt) and ``released``."""
         if self._unsafe:
             return
-        self._rewrite(_line(h.key, h.client, h.thread, h.count, h.lease) for h in holders)
+        self._rewrite(
+            itertools.chain(
+                _released_lines(released or {}), (_line(h.key, h.client, h.thread, h.count, h.lease) for h in holders)
+            )
+        )
 
     # -- changes (called with the lock table's mutex held) -------------------------------------------
     def held(self, key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None) -> bool:
@@ -192,9 +243,21 @@ class LockFile:
         """Record a freed lock; ``False`` when the file is full, as for ``held``."""
         return self._append(_free_line(key))
 
-    def compact(self, held: Iterable[tuple[str | None, tuple, Hashable, int, float | None]]) -> None:
-        """Rewrite the file with only ``held``: ``(key, client, thread, count, lease)`` of each held lock."""
-        self._rewrite(_line(*h) for h in held if _persistable(h[2]))
+    def released_by(self, key: str | None, client: tuple, thread: Hashable, request: int) -> bool:
+        """Record that the holder released its last count of ``key`` (which frees it) with the release
+        ``request``; ``False`` when the file is full, as for ``held``."""
+        if _persistable(thread):
+            return self._append(_released_line(key, client, thread, request))
+        return self._append(_free_line(key))
+
+    def compact(
+        self, held: Iterable[tuple[str | None, tuple, Hashable, int, float | None]], released: Released | None = None
+    ) -> None:
+        """Rewrite the file with only ``held`` (``(key, client, thread, count, lease)`` of each held lock)
+        and ``released``. The releases go first: a later holder of the same lock is the one that counts."""
+        self._rewrite(
+            itertools.chain(_released_lines(released or {}), (_line(*h) for h in held if _persistable(h[2])))
+        )
 
     def close(self, remove: bool) -> None:
         """Stop writing; ``remove``: the server stops cleanly, so no lock outlives it."""

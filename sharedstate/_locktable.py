@@ -14,6 +14,13 @@ hung) loses it. Without one, a stopped holder keeps its lock as long as its proc
 A caller that believes it holds a lock says so (``held``): if the table has it as someone else's or as
 free (lost in a restart, freed when the holder's connections closed, or its lease ran out), the call
 raises ``LockLost`` instead of silently taking it again.
+
+Lock calls may arrive twice: a client sends a call again when the server crashed before answering, and
+the server restarted from the lock file may have applied it. The caller's count makes an acquire and any
+release but the last one idempotent (the count after the call is the caller's count plus or minus one).
+The last release frees the lock, after which the table cannot tell "released" from "lost" by the holder
+alone: so it keeps, per holder, the request id of the last release that freed a lock of its own (in the
+lock file too), and a release carrying that id again is answered as it was, with nothing changed.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ CHECK_EVERY_S = 0.2
 #: A holder rebuilt from the lock file that is not on this machine (so its liveness cannot be checked)
 #: keeps its lock this long without reconnecting, then loses it to a waiter.
 RECONNECT_GRACE_S = 10.0
+#: Holders (thread of a client process) whose last own release the table keeps, least recent first out.
+#: A release sent again is recognised while fewer than that many other holders released a lock after
+#: it: it comes within its caller's call timeout of the crash, far within that bound.
+MAX_RELEASED = 4096
 
 
 def process_alive(pid: int, create_time: float | None) -> bool:
@@ -149,6 +160,9 @@ class LockTable:
         self.recoveries = 0
         #: Where every change of a holder is recorded, for the next server process after a crash.
         self._file = file
+        #: ``(client key, thread)`` -> ``(key, request)``: the last release that freed a lock of that
+        #: holder, and its request id, so that the same release sent again is not ``LockLost``.
+        self._released: dict[tuple[Hashable, Hashable], tuple[str | None, int]] = {}
 
     def rebuild(self, holders: list[Holder], client_for: Callable[[Holder], Client]) -> None:
         """Hold again the locks the lock file recorded, for holders still alive; free (and count) those
@@ -176,7 +190,9 @@ class LockTable:
             if kept:
                 log.warning("kept %d lock(s) held across the restart by live processes", len(kept))
             if self._file is not None:
-                self._file.start(kept)
+                # The latest last; the file may hold more than the table keeps (appended since a rewrite).
+                self._released = dict(list(self._file.released.items())[-MAX_RELEASED:])
+                self._file.start(kept, self._released)
 
     def acquire(
         self,
@@ -208,6 +224,8 @@ class LockTable:
                 self._take(key, entry, owner, client, lease)
                 return True
             if entry.owner == owner:
+                if not held:
+                    log.info("%s is this caller's already: an acquire sent again after a restart", describe(key))
                 entry.count = held + 1
                 self._record(key, entry)
                 return True
@@ -246,9 +264,11 @@ class LockTable:
                 if waiter.granted:  # the holder was gone, and this waiter was first
                     return True
 
-    def release(self, key: str | None, client: Client, thread: Hashable, held: int = 0) -> None:
+    def release(self, key: str | None, client: Client, thread: Hashable, held: int = 0, request: int = 0) -> None:
         """Release once. ``held``: how often the caller believes it holds the lock; above 0, losing it
-        is ``LockLost`` rather than the ``RuntimeError`` of a release by a thread that never held it."""
+        is ``LockLost`` rather than the ``RuntimeError`` of a release by a thread that never held it.
+        ``request``: the release's id (unique in the client process, 0: none); a release that freed the
+        lock and comes again with the same id is answered again (``None``) and changes nothing."""
         owner = (client.key, thread)
         with self._mutex:
             entry = self._entries.get(key)
@@ -256,14 +276,28 @@ class LockTable:
                 self._expire(key, entry)
             if entry is None or entry.owner != owner:
                 if held:
+                    if request and self._released.get(owner) == (key, request):
+                        # Applied before the crash that lost its answer.
+                        log.info("%s was released by this caller already: a release sent again", describe(key))
+                        return
                     raise lost(key)
                 holder = "nobody" if entry is None or entry.client is None else f"pid {entry.client.pid}"
                 raise RuntimeError(f"cannot release {describe(key)}: this thread does not hold it (held by {holder})")
             entry.count = held - 1 if held > 0 else entry.count - 1
-            if entry.count <= 0:
+            if entry.count > 0:
+                self._record(key, entry)
+            elif not request:
                 self._free(key, entry)
             else:
-                self._record(key, entry)
+                released = self._released
+                if released.pop(owner, None) is None and len(released) >= MAX_RELEASED:
+                    del released[next(iter(released))]
+                released[owner] = (key, request)
+                file = self._file
+                full = file is not None and not file.released_by(key, client.key, thread, request)
+                self._free(key, entry, recorded=True)
+                if full:
+                    self._compact()  # once the lock is free (or its next holder's): with the release in it
 
     def renew(self, client: Client, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
         """Renew the leases of ``locks`` (``(key, thread)`` pairs) held by ``client``; return those it no
@@ -326,9 +360,12 @@ class LockTable:
         """Rewrite the full lock file with the held locks (the change that did not fit among them)."""
         assert self._file is not None
         self._file.compact(
-            (k, e.client.key, e.owner[1], e.count, e.lease)
-            for k, e in self._entries.items()
-            if e.owner is not None and e.client is not None
+            (
+                (k, e.client.key, e.owner[1], e.count, e.lease)
+                for k, e in self._entries.items()
+                if e.owner is not None and e.client is not None
+            ),
+            self._released,
         )
 
     def _expire(self, key: str | None, entry: _Entry) -> None:
@@ -336,8 +373,9 @@ class LockTable:
         if entry.owner is not None and entry.lease is not None and time.monotonic() - entry.renewed_at > entry.lease:
             self._recover(key, entry, f"its lease of {entry.lease:g} s ran out without a renewal")
 
-    def _free(self, key: str | None, entry: _Entry) -> None:
-        """Free the lock, or hand it to the first waiter and tell that waiter's caller."""
+    def _free(self, key: str | None, entry: _Entry, recorded: bool = False) -> None:
+        """Free the lock, or hand it to the first waiter and tell that waiter's caller. ``recorded``: the
+        lock file says already that the lock is free."""
         if entry.queue:
             waiter = entry.queue.popleft()
             self._take(key, entry, waiter.owner, waiter.client, waiter.lease)
@@ -351,7 +389,7 @@ class LockTable:
         entry.client = None
         entry.count = 0
         entry.lease = None
-        if self._file is not None and not self._file.freed(key):
+        if self._file is not None and not recorded and not self._file.freed(key):
             self._compact()
         self._forget_if_idle(key, entry)
 

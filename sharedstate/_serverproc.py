@@ -280,10 +280,10 @@ class StateService(Store):
         # then written already, which HANDED tells the serving loop.
         return HANDED if self.locks.wait(taken, current.readable) else False
 
-    def lock_release(self, key: str | None, thread: Hashable, held: int = 0) -> None:
+    def lock_release(self, key: str | None, thread: Hashable, held: int = 0, request: int = 0) -> None:
         client = _current.client
         assert client is not None
-        self.locks.release(key, client, thread, held)
+        self.locks.release(key, client, thread, held, request)
 
     def lock_renew(self, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
         client = _current.client

@@ -41,9 +41,7 @@ def hold_across_restart(address, authkey, name, held, restarted, release, result
         with lock:
             held.set()
             assert restarted.wait(WAIT_S)
-            # The connection to the killed server is dead: drop it (calls are not retried across a
-            # restart yet, so the first call on it would raise ServerUnavailable).
-            state.close()
+            # The connection to the killed server is dead: the call is sent again to the new one.
             _report(results, "reconnected", lock.owner())
             assert release.wait(WAIT_S)
         lock.release()
@@ -60,7 +58,6 @@ def hold_then_call_after_restart(address, authkey, name, held, restarted, result
         lock.acquire()
         held.set()
         assert restarted.wait(WAIT_S)
-        state.close()
         outcomes = []
         for call in (lambda: lock.acquire(blocking=False), lock.release, lock.release):
             try:
@@ -96,23 +93,13 @@ def hold_then_close(address, authkey, name, held, closed, go, results) -> None:
 
 def take_turns(address, authkey, inside, overlaps, turns, stop, results) -> None:
     """Take the global lock again and again across restarts of the server, counting the turns and any
-    moment at which another process was inside too. A call that meets the restart is made again on a
-    new connection (until calls retry by themselves)."""
-    from sharedstate import LockLost, ServerUnavailable
-
-    def again(call):
-        while True:
-            try:
-                return call()
-            except ServerUnavailable:
-                state.close()
-                time.sleep(0.02)
-
+    moment at which another process was inside too. Every call, the lock's included, goes through the
+    restarts by itself: any exception ends the child with an error."""
     try:
         state = sharedstate.connect(address, authkey)
         lock = state.lock
         while not stop.is_set():
-            if not again(lambda: lock.acquire(timeout=0.5)):
+            if not lock.acquire(timeout=0.5):
                 continue
             with inside.get_lock():
                 inside.value += 1
@@ -120,15 +107,12 @@ def take_turns(address, authkey, inside, overlaps, turns, stop, results) -> None
                     overlaps.value += 1
             # Work inside the lock that needs the server: a holder inside when the server is killed
             # stays inside until the new server answers.
-            again(lambda: state.incr("work"))
+            state.incr("work")
             time.sleep(0.01)
-            again(lambda: state.incr("work"))
+            state.incr("work")
             with inside.get_lock():
                 inside.value -= 1
-            try:
-                again(lock.release)
-            except LockLost:
-                pass  # a release the killed server made but did not answer: nobody else's lock is touched
+            lock.release()
             with turns.get_lock():
                 turns.value += 1
         _report(results, "done")
