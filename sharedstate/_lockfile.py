@@ -255,9 +255,7 @@ class LockFile:
     ) -> None:
         """Rewrite the file with only ``held`` (``(key, client, thread, count, lease)`` of each held lock)
         and ``released``. The releases go first: a later holder of the same lock is the one that counts."""
-        self._rewrite(
-            itertools.chain(_released_lines(released or {}), (_line(*h) for h in held if _persistable(h[2])))
-        )
+        self._rewrite(itertools.chain(_released_lines(released or {}), (_line(*h) for h in held if _persistable(h[2]))))
 
     def close(self, remove: bool) -> None:
         """Stop writing; ``remove``: the server stops cleanly, so no lock outlives it."""

@@ -23,9 +23,9 @@ from typing import Any
 import psutil
 
 from ._client import State
+from ._config import EXIT_SAVE_FAILED, ServerConfig
 from ._errors import ServerUnavailable, SharedStateError, SnapshotError
 from ._schedule import SaveEvery, parse_schedule
-from ._serverproc import EXIT_SAVE_FAILED, ServerConfig
 from ._transport import (
     BOOT_SCOPE,
     ENV_ADDRESS,

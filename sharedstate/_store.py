@@ -154,9 +154,7 @@ class Store:
             self.ops += 1
             return len(self._data)
 
-    def names(
-        self, pattern: str | None = None, scope: tuple[str, ...] = ()
-    ) -> list[str] | tuple[list[str], list[str]]:
+    def names(self, pattern: str | None = None, scope: tuple[str, ...] = ()) -> list[str] | tuple[list[str], list[str]]:
         """The sorted names having any of ``scope`` (all when empty) that ``pattern`` is found in.
 
         Only RE2 runs here (linear time: no pattern can stall other clients). Names RE2 cannot decide

@@ -169,3 +169,25 @@ def test_the_console_script_when_installed():
 def test_json_nested_too_deep_is_one_line(tmp_path):
     result = cli("set", "x", "[" * 5000 + "]" * 5000, env={"SHAREDSTATE_ADDRESS": str(tmp_path / "none.sock")})
     assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_serve_saves_on_a_sigterm_sent_as_soon_as_it_prints_its_address(tmp_path, attempt):
+    """The address is printed only once a stop signal leads to the final save (a supervisor may stop
+    the server the moment it has started)."""
+    path = tmp_path / "state.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", str(tmp_path / "s.sock")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("sharedstate: serving at ")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        reap(proc)
+        proc.stdout.close()
+    from sharedstate._snapshot import read_snapshot
+
+    assert read_snapshot(path).data == {}  # the final save ran

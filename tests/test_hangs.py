@@ -463,7 +463,7 @@ def test_the_server_keeps_no_cycle_through_an_error_it_answered():
     import types
     from multiprocessing.connection import Connection
 
-    from sharedstate._serverproc import ManagerServer
+    from sharedstate._serving import ManagerServer
     from sharedstate._transport import STORE_ID
 
     raised = []

@@ -1,0 +1,353 @@
+"""The store as the server process serves it: the lock calls, snapshots and statistics around
+``Store``, and what each serving thread knows of the client it serves."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ._config import ServerConfig
+from ._errors import SnapshotError
+from ._files import check_slot
+from ._lockfile import Holder, LockFile
+from ._locktable import RECONNECT_GRACE_S, Client, LockTable
+from ._snapshot import Snapshot, read_snapshot, write_snapshot
+from ._store import Store
+from ._transport import (
+    BOOT_SCOPE,
+    STORE_ID,
+    Address,
+    format_address,
+    frame,
+    write_raw,
+)
+from ._values import check_value
+
+log = logging.getLogger("sharedstate")
+
+
+class _Current(threading.local):
+    """The client that the current server thread is serving, and how to reach its connection."""
+
+    client: Client | None = None
+    #: Writes "you have the lock" to that connection: how a lock is handed over to a waiting call.
+    notify: Callable[[], None] | None = None
+    #: Waits up to so many seconds for that connection to have something to read.
+    readable: Callable[[float], bool] | None = None
+
+
+class _Handed:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HANDED"
+
+
+#: What ``lock_acquire`` returns when the lock was handed over after a wait: the answer is written.
+HANDED = _Handed()
+
+
+_current = _Current()
+
+
+#: A keepalive: an empty message, which no answer is (an answer is a pickle).
+_KEEPALIVE = frame(b"")
+
+
+def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float], bool]:
+    """``readable(seconds)``: whether ``fd`` has something to read within that long. With ``keepalive``
+    (seconds), a waiting caller is sent an empty message at least that often meanwhile, so that its
+    receive timeout tells a long lock wait from a server that stopped answering."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if keepalive is None:
+
+        def readable(seconds: float) -> bool:
+            return bool(poller.poll(seconds * 1000))
+
+        return readable
+
+    interval = max(keepalive, 0.001)
+    # When the last keepalive went out (or the wait began), and when the last call of a wait returned: a
+    # lock wait calls this again and again, so a longer pause means a new wait, whose caller heard from
+    # the server just now (its request went out): a wait shorter than the interval costs no keepalive.
+    last = [0.0]
+    returned = [0.0]
+
+    def readable_with_keepalives(seconds: float) -> bool:
+        now = time.monotonic()
+        if now - returned[0] > interval:
+            last[0] = now
+        try:
+            return _poll_with_keepalives(now + seconds)
+        finally:
+            returned[0] = time.monotonic()
+
+    def _poll_with_keepalives(end: float) -> bool:
+        while True:
+            now = time.monotonic()
+            if now - last[0] >= interval:
+                # One small write: it never splits a hand-over's answer written by another thread. A
+                # keepalive that lands after that answer is skipped by the client before its next one.
+                try:
+                    write_raw(fd, _KEEPALIVE)
+                except OSError:
+                    return True  # the caller is gone: its wait ends
+                last[0] = now
+            span = min(end, last[0] + interval) - now
+            if poller.poll(max(0.0, span) * 1000):
+                return True
+            if time.monotonic() >= end:
+                return False
+
+    return readable_with_keepalives
+
+
+class StateService(Store):
+    """The store as clients see it: data operations, locks and statistics."""
+
+    EXPOSED = Store.EXPOSED + (
+        "lock_acquire",
+        "lock_release",
+        "lock_locked",
+        "lock_owner",
+        "lock_renew",
+        "stats",
+        "save",
+        "restore",
+    )
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.lock_file = None if config.lock_file is None else LockFile(config.lock_file)
+        self.locks = LockTable(self.lock_file)
+        self.started_at = time.time()
+        self.address: Address | None = None
+        self._clients: dict[Hashable, Client] = {}
+        self._clients_mutex = threading.Lock()
+        # Resolved, so that another spelling of the same file (.., a symlink) is still this server's file.
+        self.path = None if config.path is None else Path(config.path).resolve()
+        self.last_save_at: float | None = None
+        self.last_save_s: float | None = None
+        self.last_save_error: str | None = None
+        #: 1 when the server started from ``NAME.bak`` because the snapshot was missing.
+        self.restored_from_backup = 0
+        self._save_mutex = threading.Lock()
+
+    # -- clients ------------------------------------------------------------------------------------
+    def connected(self, hello: dict[str, Any]) -> Client:
+        pid, scope, ctime = hello["pid"], hello["scope"], hello.get("ctime")
+        key = (scope, pid, ctime)
+        with self._clients_mutex:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = Client(key, pid, scope == BOOT_SCOPE, ctime)
+            client.conns += 1
+        return client
+
+    def rebuild_locks(self) -> None:
+        """Hold again the locks that the previous server process recorded (after a crash), for the
+        holders still alive; each holder is a client that has not connected yet."""
+        if self.lock_file is None:
+            return
+        grace = time.monotonic() + RECONNECT_GRACE_S
+
+        def client_for(holder: Holder) -> Client:
+            scope, pid, ctime = holder.client
+            with self._clients_mutex:
+                client = self._clients.get(holder.client)
+                if client is None:
+                    client = self._clients[holder.client] = Client(holder.client, pid, scope == BOOT_SCOPE, ctime)
+                    client.rebuilt_until = grace
+            return client
+
+        self.locks.rebuild(self.lock_file.load(), client_for)
+        with self._clients_mutex:  # the holders found dead need no place among the clients
+            for key, client in list(self._clients.items()):
+                if client.conns == 0 and not client.alive():
+                    del self._clients[key]
+
+    def disconnected(self, client: Client) -> None:
+        with self._clients_mutex:
+            client.conns -= 1
+            gone = client.conns == 0
+            if gone and self._clients.get(client.key) is client:
+                del self._clients[client.key]
+        if gone:
+            self.locks.release_client(client)
+
+    def info(self) -> dict[str, Any]:
+        versions = None if self.versions is None else self.versions.info()
+        config = self.config
+        restart = None
+        if config.restart and config.owner_pid is not None:
+            # Clients retry a call that a crash interrupted while this owner lives to restart the server.
+            restart = {"owner": config.owner_pid, "ctime": config.owner_create_time, "scope": BOOT_SCOPE}
+        return {
+            "service": STORE_ID,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "versions": versions,
+            "restart": restart,
+        }
+
+    # -- locks --------------------------------------------------------------------------------------
+    def lock_acquire(
+        self,
+        key: str | None,
+        thread: Hashable,
+        blocking: bool,
+        timeout: float | None,
+        lease: float | None = None,
+        held: int = 0,
+    ) -> Any:
+        current = _current
+        client = current.client
+        assert client is not None and current.notify is not None and current.readable is not None
+        taken = self.locks.acquire(key, client, thread, blocking, timeout, current.notify, lease, held)
+        if taken is True or taken is False:
+            return taken
+        # A wait. This thread waits on its connection rather than on the lock, so that the thread that
+        # frees the lock answers the caller itself (one wake-up fewer on every hand-over): the answer is
+        # then written already, which HANDED tells the serving loop.
+        return HANDED if self.locks.wait(taken, current.readable) else False
+
+    def lock_release(self, key: str | None, thread: Hashable, held: int = 0, request: int = 0) -> None:
+        client = _current.client
+        assert client is not None
+        self.locks.release(key, client, thread, held, request)
+
+    def lock_renew(self, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
+        client = _current.client
+        assert client is not None
+        return self.locks.renew(client, locks)
+
+    def lock_locked(self, key: str | None) -> bool:
+        return self.locks.locked(key)
+
+    def lock_owner(self, key: str | None) -> int | None:
+        return self.locks.owner(key)
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def _target(self, path: str | None, verb: str) -> Path:
+        if path is not None:
+            # The caller resolved it already (in its own process); resolving here again only makes
+            # another spelling of the server's own file compare equal to it.
+            target = Path(path).resolve()
+            check_slot(target, ours=False)
+            return target
+        if self.path is None:
+            raise ValueError(f"{verb}() needs a path: this server was started without one")
+        return self.path
+
+    def save(
+        self,
+        path: str | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        scope: tuple[str, ...] = (),
+    ) -> str:
+        """Write a snapshot; return its path. Filters apply in Pode's order: scope, then include, then
+        exclude (so exclude has the last word)."""
+        target = self._target(path, "save")
+        include = include or None  # an empty list is no filter (Pode's rule)
+        if target == self.path and (include or exclude or scope):
+            raise ValueError(
+                f"a filtered save would drop names from the server's own snapshot {target}: "
+                "save a filtered snapshot to another path"
+            )
+        return str(self.save_to(target, include, exclude, scope))
+
+    def save_to(
+        self,
+        target: Path,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        scope: tuple[str, ...] = (),
+        final: bool = False,
+        why: str = "save",
+        generation: int = 0,
+    ) -> Path:
+        with self._save_mutex:
+            started = time.time()
+            clock = time.perf_counter()
+            # A save of the server's own file starts a new journal generation, which the file records.
+            journal = self.journal if target == self.path else None
+            if journal is not None:
+                generation = journal.generation + 1
+            data, scopes, answers = self.entries(final=final, new_generation=generation or None)
+            if scope:
+                wanted = set(scope)
+                data = {n: v for n, v in data.items() if not wanted.isdisjoint(scopes.get(n, ()))}
+            if include:
+                data = {n: data[n] for n in include if n in data}
+            if exclude:
+                for name in exclude:
+                    data.pop(name, None)
+            try:
+                # Only the server's own file keeps the answers: they belong to this server's clients.
+                own = target == self.path
+                write_snapshot(target, data, scopes, generation, answers if own else None, ours=own)
+                if journal is not None:
+                    journal.covered(generation)
+            except Exception as exc:
+                self.last_save_error = f"{target}: {type(exc).__name__}: {exc}"
+                log.error("%s of %d names to %s failed, the previous file is kept: %s", why, len(data), target, exc)
+                raise
+            self.last_save_at = started
+            self.last_save_s = time.perf_counter() - clock
+            self.last_save_error = None
+            log.info("%s: %d names to %s in %.3f s", why, len(data), target, self.last_save_s)
+            return target
+
+    def restore(self, path: str | None = None, merge: bool = False) -> int:
+        """Load a snapshot (ours or Pode's); return the number of names in it. A missing or empty file
+        restores nothing and changes nothing."""
+        target = self._target(path, "restore")
+        snapshot = read_snapshot(target)
+        if snapshot is None:
+            return 0
+        return self.install(target, snapshot, merge)
+
+    def install(self, target: Path, snapshot: Snapshot, merge: bool = False) -> int:
+        data, scopes = snapshot.data, snapshot.scopes
+        for name, value in data.items() if snapshot.foreign else ():  # Pode's JSON may hold any shape
+            try:
+                check_value(name, value)
+            except (TypeError, ValueError) as exc:
+                raise SnapshotError(f"{target} is not a valid snapshot: {exc}", str(target)) from None
+        self.replace(data, scopes, merge)
+        return len(data)
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._mutex:
+            self.ops += 1
+            names, ops = len(self._data), self.ops
+        with self._clients_mutex:
+            clients = sum(c.conns for c in self._clients.values())
+        return {
+            "names": names,
+            "pid": os.getpid(),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "uptime_s": time.time() - self.started_at,
+            "ops": ops,
+            "clients": clients,
+            "last_save_at": self.last_save_at,
+            "last_save_s": self.last_save_s,
+            "last_save_error": self.last_save_error,
+            "lock_recoveries": self.locks.recoveries,
+            "restored_from_backup": self.restored_from_backup,
+            **self.locks.status(),
+            "address": format_address(self.address) if self.address is not None else None,
+            "path": self.config.path,
+        }
