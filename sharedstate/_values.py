@@ -49,13 +49,15 @@ MAX_DEPTH = 200
 MAX_PARTS = 50_000_000
 #: Items that need no check at all (str is checked for UTF-8; Decimal for a signalling NaN).
 _LEAF_TYPES = SCALAR_TYPES - {str, decimal.Decimal}
-#: Leaf-only containers shorter than this are counted again at each reference instead of being
-#: remembered: a memo entry costs more than counting a few items, and the walk of a container that
-#: holds only leaves can never grow beyond its length. Containers that hold containers are always
-#: remembered, which is what keeps the count linear in the value's size in memory.
+#: Containers of fewer parts than this are counted again at each reference instead of being remembered:
+#: a memo entry costs more than counting a few parts again. The count stays linear in the value's size in
+#: memory: a container that is not remembered costs less than this much to walk, at each reference from a
+#: container that is walked only once.
 _MEMO_FROM = 64
 _STR_ONLY = frozenset({str})
 _DECIMAL_ONLY = frozenset({decimal.Decimal})
+#: Items with nothing inside them.
+_SIMPLE_TYPES = _LEAF_TYPES | {str, decimal.Decimal}
 
 
 class PartBudget:
@@ -82,11 +84,9 @@ class _Refused(Exception):
 def check_text(text: str, where: str) -> str:
     """Refuse a string that cannot be written as UTF-8 (a lone surrogate, as ``os.fsdecode`` makes of
     bytes that are not UTF-8): no snapshot, journal or storage file could hold it."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"{where}: text {text!r} cannot be stored: {exc.reason} at {exc.start}") from None
+    problem = _text_problem(text)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     return text
 
 
@@ -134,6 +134,7 @@ def check_value(name: str, value: object, budget: PartBudget | None = None) -> N
     if budget is None:
         budget = PartBudget()
     limit = MAX_PARTS - budget.used
+    error = None
     try:
         if kind in CONTAINER_TYPES:
             known = budget.memo.get(id(value))
@@ -143,7 +144,9 @@ def check_value(name: str, value: object, budget: PartBudget | None = None) -> N
                 _check_leaf(value, kind)
             parts = 1
     except _Refused as refused:
-        raise refused.error(f"{_where(name, refused.labels[::-1])}: {refused.message}") from None
+        error = refused.error(f"{_where(name, refused.labels[::-1])}: {refused.message}")
+    if error is not None:
+        raise error  # outside the handler: the error keeps no context holding the walk's frames
     budget.used += parts
     if budget.used > MAX_PARTS:
         raise ValueError(
@@ -171,7 +174,8 @@ def _check_leaf(value: Any, kind: type) -> None:
             return
         raise _Refused(
             TypeError,
-            f"{kind.__name__} with tzinfo {type(tz).__name__} is not storable (use datetime.timezone or zoneinfo.ZoneInfo)",
+            f"{kind.__name__} with tzinfo {type(tz).__name__} is not storable "
+            "(use datetime.timezone or zoneinfo.ZoneInfo)",
         )
     else:
         raise _Refused(TypeError, f"{kind.__name__} is not a storable type")
@@ -195,7 +199,7 @@ def _walk(value: Any, kind: type, depth: int, memo: dict[int, tuple[int, int]], 
     depth += 1
     size = len(value)
     if kind is dict:
-        if not (_STR_ONLY.issuperset(map(type, value)) and all(map(str.isascii, value))):
+        if not _plain_keys(value):
             for key in value:
                 if type(key) is not str:
                     raise _Refused(TypeError, f"dict key {key!r} is {type(key).__name__}, but keys must be str")
@@ -206,13 +210,11 @@ def _walk(value: Any, kind: type, depth: int, memo: dict[int, tuple[int, int]], 
     else:
         items = value
     parts = 1 + size
-    # Scans in C for the usual containers: all items that need no check, all text, all Decimals.
-    if (
-        _LEAF_TYPES.issuperset(map(type, items))
-        or (_STR_ONLY.issuperset(map(type, items)) and all(map(str.isascii, items)))
-        or (_DECIMAL_ONLY.issuperset(map(type, items)) and not any(map(decimal.Decimal.is_snan, items)))
-    ):
-        if size >= _MEMO_FROM:
+    # The usual container holds items of one or two types: a scan in C tells, and is all the check
+    # that numbers, text and Decimals need.
+    types = set(map(type, items))
+    if types <= _LEAF_TYPES or (types <= _SIMPLE_TYPES and _simple_items_pass(items, types)):
+        if parts >= _MEMO_FROM:
             memo[id(value)] = (parts, 1)
         return parts, 1
     height = 1
@@ -222,17 +224,14 @@ def _walk(value: Any, kind: type, depth: int, memo: dict[int, tuple[int, int]], 
             if item_kind in _LEAF_TYPES:
                 continue
             if item_kind in CONTAINER_TYPES:
-                # A short tuple or list of leaves (a row, a pair) is counted here, without a call or a memo entry.
-                if (
-                    item_kind is not dict
-                    and len(item) < _MEMO_FROM
-                    and depth < MAX_DEPTH
-                    and _LEAF_TYPES.issuperset(map(type, item))
-                ):
-                    parts += len(item)
-                    if height == 1:
-                        height = 2
-                    continue
+                # A short list or tuple of leaves (a row, a pair) is checked here, without a call.
+                if item_kind is not dict and len(item) < _MEMO_FROM and depth < MAX_DEPTH:
+                    inner = set(map(type, item))
+                    if inner <= _LEAF_TYPES or (inner <= _SIMPLE_TYPES and _simple_items_pass(item, inner)):
+                        parts += len(item)
+                        if height == 1:
+                            height = 2
+                        continue
                 known = memo.get(id(item))
                 if known is None:
                     known = _walk(item, item_kind, depth, memo, limit - parts)
@@ -254,9 +253,32 @@ def _walk(value: Any, kind: type, depth: int, memo: dict[int, tuple[int, int]], 
     except _Refused as refused:
         refused.labels.append(_label(value, kind, item))
         raise
-    if height > 1 or size >= _MEMO_FROM:
+    if parts >= _MEMO_FROM:
         memo[id(value)] = (parts, height)
     return parts, height
+
+
+def _plain_keys(mapping: dict) -> bool:
+    """Whether every key is a ``str`` of ASCII text (true of almost every dict; the others are looked at
+    key by key)."""
+    return _STR_ONLY.issuperset(map(type, mapping)) and all(map(str.isascii, mapping))
+
+
+def _simple_items_pass(items: Any, types: set[type]) -> bool:
+    """Whether none of ``items`` (all of ``_SIMPLE_TYPES``, those in ``types``) is text that is not
+    UTF-8 or a signalling NaN."""
+    if types == _STR_ONLY and all(map(str.isascii, items)):
+        return True
+    if types == _DECIMAL_ONLY:
+        return not any(map(decimal.Decimal.is_snan, items))
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if not item.isascii() and _text_problem(item):
+                return False
+        elif kind is decimal.Decimal and item.is_snan():
+            return False
+    return True
 
 
 def _label(container: Any, kind: type, item: Any) -> str:
