@@ -32,7 +32,7 @@ from ._transport import (
     parse_address,
     resolve,
 )
-from ._values import check_name, check_names, check_scope, check_value
+from ._values import PartBudget, check_name, check_names, check_scope, check_value
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).
@@ -416,10 +416,10 @@ class State:
             and "".join(checked).isascii()
             and _PLAIN_FAST.issuperset(map(type, checked.values()))
         ):
-            items, checked = checked, {}
+            items, checked, budget = checked, {}, PartBudget()  # one budget: a save writes them all
             for name, value in items.items():
                 name = check_name(name)
-                check_value(name, value)
+                check_value(name, value, budget)
                 checked[name] = value
         if checked:
             self._write("update", (checked,))

@@ -48,7 +48,7 @@ from ._locktable import describe
 from ._pattern import compile_pattern
 from ._snapshot import read_snapshot, write_snapshot
 from ._transport import ENV_ADDRESS, check_call_timeout
-from ._values import check_name, check_names, check_scope, check_text, check_value
+from ._values import PartBudget, check_name, check_names, check_scope, check_text, check_value
 
 log = logging.getLogger("sharedstate")
 
@@ -677,10 +677,10 @@ class RedisState(State):
     def update(self, mapping: Mapping[str, Any]) -> None:
         if not isinstance(mapping, Mapping):
             raise TypeError(f"update() takes a mapping of names to values, not {type(mapping).__name__}")
-        encoded = {}
+        encoded, budget = {}, PartBudget()  # one budget: each value is encoded in full
         for name, value in mapping.items():
             name = check_name(name)
-            check_value(name, value)
+            check_value(name, value, budget)
             encoded[name] = value
         if not encoded:
             return
