@@ -11,6 +11,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +127,18 @@ def hold_forever(address, authkey, name, lease, held) -> None:
     held.set()
     while True:
         time.sleep(60)
+
+
+def try_lock(address, authkey, name, timeout, results) -> None:
+    """Report whether ``name`` could be taken within ``timeout`` (and release it if so)."""
+    try:
+        lock = sharedstate.connect(address, authkey).named_lock(name)
+        taken = lock.acquire(timeout=timeout)
+        if taken:
+            lock.release()
+        _report(results, "taken", taken)
+    except BaseException as exc:
+        _report(results, "error", _error(exc))
 
 
 def hold_with_lease_until_told(address, authkey, name, lease, held, go, results, global_lock=False) -> None:
@@ -300,6 +313,51 @@ def test_a_holder_that_reconnects_after_the_restart_frees_its_lock_when_its_conn
         lock.release()
         assert state.stats()["lock_recoveries"] == 1
         del restarted, release, results
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("other", ["another thread's call", "a handle opened and closed"])
+def test_a_rebuilt_lock_stays_held_while_other_connections_of_its_holders_process_close(other):
+    # The holder thread's connection died with the killed server and it makes no call for a while: other
+    # connections of its process that open and close meanwhile (bringing the process' count to 0) must
+    # not free its lock, or a second holder gets in.
+    ctx = multiprocessing.get_context("fork")
+    with sharedstate.StateServer() as server:
+        holder = sharedstate.connect(server.address, server.authkey)
+        lock = holder.named_lock("job")
+        assert lock.acquire(timeout=5)
+        crash_and_restart(server).close()
+        if other == "another thread's call":
+
+            def call() -> None:
+                holder.get("x")
+                holder.close()
+
+            thread = threading.Thread(target=call)
+            thread.start()
+            thread.join(WAIT_S)
+            assert not thread.is_alive()
+        else:
+            with sharedstate.connect(server.address, server.authkey) as state:
+                state.get("x")
+
+        def try_in_another_process(timeout: float) -> bool:
+            results = ctx.Queue()
+            proc = ctx.Process(target=try_lock, args=(server.address, server.authkey, "job", timeout, results))
+            proc.start()
+            try:
+                return get(results, "taken")
+            finally:
+                reap(proc)
+
+        assert try_in_another_process(2.0) is False
+        assert lock.acquire(timeout=5)  # the holder's first call on the new server: still its lock
+        # Reclaimed, the lock follows the usual rule again: freed when the holder's connections close.
+        holder.close()
+        assert try_in_another_process(WAIT_S) is True
+        for _ in range(2):
+            with pytest.raises(sharedstate.LockLost):
+                lock.release()
 
 
 def test_a_holder_that_dies_while_the_server_is_down_loses_its_lock_at_the_restart(tmp_path):
