@@ -331,12 +331,12 @@ class LockTable:
 
     def locked(self, key: str | None) -> bool:
         with self._mutex:
-            entry = self._entries.get(key)
+            entry = self._current(key)
             return entry is not None and entry.owner is not None
 
     def owner(self, key: str | None) -> int | None:
         with self._mutex:
-            entry = self._entries.get(key)
+            entry = self._current(key)
             return None if entry is None or entry.client is None else entry.client.pid
 
     def release_client(self, client: Client) -> None:
@@ -360,6 +360,14 @@ class LockTable:
             if entry is not None and entry.owner == owner and entry.rebuilt:
                 entry.rebuilt = False
                 entry.client = client
+
+    def _current(self, key: str | None) -> _Entry | None:
+        """The lock's entry once a lease that ran out has freed it (as an acquire would), so that those
+        who only look do not see a holder that lost it."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.lease is not None:
+            self._expire(key, entry)
+        return entry
 
     def _take(
         self, key: str | None, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client, lease: float | None
