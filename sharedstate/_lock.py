@@ -215,29 +215,29 @@ class _Renewals:
 
     def _renew_due(self) -> None:
         now = time.monotonic()
-        groups: dict[int, tuple[State, list[tuple[Any, str | None, Hashable]]]] = {}
+        groups: dict[int, tuple[State, list[tuple[tuple[Any, str | None, Hashable], _Lease]]]] = {}
         with self._mutex:
             for ident, lease in self._leases.items():
                 if lease.renew_at <= now:
-                    groups.setdefault(id(lease.state), (lease.state, []))[1].append(ident)
-        for state, idents in groups.values():
+                    groups.setdefault(id(lease.state), (lease.state, []))[1].append((ident, lease))
+        for state, sent in groups.values():
             try:
-                gone = state._lock_call("lock_renew", ([(name, owner) for _, name, owner in idents],))
+                gone = state._lock_call("lock_renew", ([(name, owner) for (_, name, owner), _ in sent],))
             except Exception as exc:
                 # Try again soon: the lease is lost only if no renewal gets through before it runs out.
                 log.warning("could not renew lock leases at %s: %s", state.address, exc)
                 with self._mutex:
-                    for ident in idents:
-                        lease = self._leases.get(ident)
-                        if lease is not None:
+                    for ident, lease in sent:
+                        if self._leases.get(ident) is lease:
                             lease.renew_at = time.monotonic() + min(0.1, lease.lease / 10)
                 continue
             gone_set = set(gone)
             with self._mutex:
-                for ident in idents:
-                    lease = self._leases.get(ident)
-                    if lease is None:
-                        continue  # released meanwhile
+                for ident, lease in sent:
+                    if self._leases.get(ident) is not lease:
+                        # Released meanwhile, or released and taken again: the answer may be about the
+                        # moment in between, when the lock was free, so it says nothing of the new hold.
+                        continue
                     if (ident[1], ident[2]) in gone_set:
                         del self._leases[ident]
                         if ident in _held:

@@ -8,6 +8,10 @@ on the contended path, so an uncontended acquire stays one dictionary update (an
 the lock file, when there is one). A freed lock goes to the first waiting call, whose caller the freeing
 thread tells at once.
 
+A lock rebuilt after a restart is "not yet reclaimed" until its holder thread makes a lock call on the
+new server: until then the holder may have no connection at all, so its process closing its other
+connections does not free it while the process lives (a waiter still frees it once the process is gone).
+
 A lock may carry a lease: a holder that has not renewed it for that many seconds (a process stopped or
 hung) loses it. Without one, a stopped holder keeps its lock as long as its process exists.
 
@@ -123,7 +127,7 @@ class _Waiter:
 
 
 class _Entry:
-    __slots__ = ("owner", "client", "count", "queue", "checked_at", "lease", "renewed_at")
+    __slots__ = ("owner", "client", "count", "queue", "checked_at", "lease", "renewed_at", "rebuilt")
 
     def __init__(self) -> None:
         self.owner: tuple[Hashable, Hashable] | None = None
@@ -135,6 +139,8 @@ class _Entry:
         #: The holder's lease in seconds (``None``: none), and when it last took or renewed the lock.
         self.lease: float | None = None
         self.renewed_at = 0.0
+        #: Rebuilt from the lock file, and its holder thread has made no lock call since.
+        self.rebuilt = False
 
 
 def describe(key: str | None) -> str:
@@ -163,6 +169,8 @@ class LockTable:
         #: ``(client key, thread)`` -> ``(key, request)``: the last release that freed a lock of that
         #: holder, and its request id, so that the same release sent again is not ``LockLost``.
         self._released: dict[tuple[Hashable, Hashable], tuple[str | None, int]] = {}
+        #: Holder -> the keys of its locks rebuilt after a restart and not yet reclaimed (see ``_reclaim``).
+        self._rebuilt: dict[tuple[Hashable, Hashable], list[str | None]] = {}
 
     def rebuild(self, holders: list[Holder], client_for: Callable[[Holder], Client]) -> None:
         """Hold again the locks the lock file recorded, for holders still alive; free (and count) those
@@ -186,6 +194,8 @@ class LockTable:
                 entry.count = holder.count
                 entry.lease = holder.lease
                 entry.renewed_at = now
+                entry.rebuilt = True
+                self._rebuilt.setdefault(entry.owner, []).append(holder.key)
                 kept.append(holder)
             if kept:
                 log.warning("kept %d lock(s) held across the restart by live processes", len(kept))
@@ -215,6 +225,8 @@ class LockTable:
         it."""
         owner = (client.key, thread)
         with self._mutex:
+            if self._rebuilt:
+                self._reclaim(owner, client)
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = _Entry()
@@ -271,6 +283,8 @@ class LockTable:
         lock and comes again with the same id is answered again (``None``) and changes nothing."""
         owner = (client.key, thread)
         with self._mutex:
+            if self._rebuilt:
+                self._reclaim(owner, client)
             entry = self._entries.get(key)
             if entry is not None and entry.lease is not None:
                 self._expire(key, entry)
@@ -317,22 +331,44 @@ class LockTable:
 
     def locked(self, key: str | None) -> bool:
         with self._mutex:
-            entry = self._entries.get(key)
+            entry = self._current(key)
             return entry is not None and entry.owner is not None
 
     def owner(self, key: str | None) -> int | None:
         with self._mutex:
-            entry = self._entries.get(key)
+            entry = self._current(key)
             return None if entry is None or entry.client is None else entry.client.pid
 
     def release_client(self, client: Client) -> None:
-        """Free every lock ``client`` holds: its last connection has closed."""
+        """Free every lock ``client`` holds: its last connection has closed. Not a lock rebuilt after a
+        restart whose holder thread has not reclaimed it, while the process lives: that thread may simply
+        not have called since (its connection died with the old server), whatever others closed."""
         with self._mutex:
             for key, entry in list(self._entries.items()):
                 if entry.client is client:
+                    if entry.rebuilt and client.alive():  # no connection left: alive only if rebuilt
+                        continue
                     self._recover(key, entry, "its process closed its last connection")
 
     # -- internals, called with the mutex held ------------------------------------------------------
+    def _reclaim(self, owner: tuple[Hashable, Hashable], client: Client) -> None:
+        """The holder thread of locks rebuilt after a restart calls again: from now on its locks follow
+        the usual rule (freed when every connection of its process has closed), on its current client
+        (the rebuilt one may have been dropped when other connections of the process closed)."""
+        for key in self._rebuilt.pop(owner, ()):
+            entry = self._entries.get(key)
+            if entry is not None and entry.owner == owner and entry.rebuilt:
+                entry.rebuilt = False
+                entry.client = client
+
+    def _current(self, key: str | None) -> _Entry | None:
+        """The lock's entry once a lease that ran out has freed it (as an acquire would), so that those
+        who only look do not see a holder that lost it."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.lease is not None:
+            self._expire(key, entry)
+        return entry
+
     def _take(
         self, key: str | None, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client, lease: float | None
     ) -> None:
@@ -343,6 +379,7 @@ class LockTable:
         entry.client = client
         entry.count = 1
         entry.lease = lease
+        entry.rebuilt = False
         if lease is not None:
             entry.renewed_at = time.monotonic()
         self._record(key, entry)
@@ -389,6 +426,7 @@ class LockTable:
         entry.client = None
         entry.count = 0
         entry.lease = None
+        entry.rebuilt = False
         if self._file is not None and not recorded and not self._file.freed(key):
             self._compact()
         self._forget_if_idle(key, entry)

@@ -11,6 +11,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from conftest import START_METHODS, kill, reap, start_with_log, wait_until
 
 import sharedstate
+from sharedstate import _client as sharedstate_client
 
 #: How long a test waits for anything that should happen at once (a restart, a child's answer).
 WAIT_S = 30
@@ -126,6 +128,18 @@ def hold_forever(address, authkey, name, lease, held) -> None:
     held.set()
     while True:
         time.sleep(60)
+
+
+def try_lock(address, authkey, name, timeout, results) -> None:
+    """Report whether ``name`` could be taken within ``timeout`` (and release it if so)."""
+    try:
+        lock = sharedstate.connect(address, authkey).named_lock(name)
+        taken = lock.acquire(timeout=timeout)
+        if taken:
+            lock.release()
+        _report(results, "taken", taken)
+    except BaseException as exc:
+        _report(results, "error", _error(exc))
 
 
 def hold_with_lease_until_told(address, authkey, name, lease, held, go, results, global_lock=False) -> None:
@@ -300,6 +314,51 @@ def test_a_holder_that_reconnects_after_the_restart_frees_its_lock_when_its_conn
         lock.release()
         assert state.stats()["lock_recoveries"] == 1
         del restarted, release, results
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("other", ["another thread's call", "a handle opened and closed"])
+def test_a_rebuilt_lock_stays_held_while_other_connections_of_its_holders_process_close(other):
+    # The holder thread's connection died with the killed server and it makes no call for a while: other
+    # connections of its process that open and close meanwhile (bringing the process' count to 0) must
+    # not free its lock, or a second holder gets in.
+    ctx = multiprocessing.get_context("fork")
+    with sharedstate.StateServer() as server:
+        holder = sharedstate.connect(server.address, server.authkey)
+        lock = holder.named_lock("job")
+        assert lock.acquire(timeout=5)
+        crash_and_restart(server).close()
+        if other == "another thread's call":
+
+            def call() -> None:
+                holder.get("x")
+                holder.close()
+
+            thread = threading.Thread(target=call)
+            thread.start()
+            thread.join(WAIT_S)
+            assert not thread.is_alive()
+        else:
+            with sharedstate.connect(server.address, server.authkey) as state:
+                state.get("x")
+
+        def try_in_another_process(timeout: float) -> bool:
+            results = ctx.Queue()
+            proc = ctx.Process(target=try_lock, args=(server.address, server.authkey, "job", timeout, results))
+            proc.start()
+            try:
+                return get(results, "taken")
+            finally:
+                reap(proc)
+
+        assert try_in_another_process(2.0) is False
+        assert lock.acquire(timeout=5)  # the holder's first call on the new server: still its lock
+        # Reclaimed, the lock follows the usual rule again: freed when the holder's connections close.
+        holder.close()
+        assert try_in_another_process(WAIT_S) is True
+        for _ in range(2):
+            with pytest.raises(sharedstate.LockLost):
+                lock.release()
 
 
 def test_a_holder_that_dies_while_the_server_is_down_loses_its_lock_at_the_restart(tmp_path):
@@ -523,6 +582,72 @@ def test_a_stopped_holder_loses_a_leased_lock_and_its_release_raises_lock_lost(g
                 kill(proc.pid, signal.SIGCONT)
             kill(keeper.pid)
             reap(holder, keeper)
+
+
+@pytest.mark.timeout(60)
+def test_a_leased_lock_whose_lease_ran_out_shows_as_free_to_locked_and_owner():
+    lease = 1.0
+    ctx = multiprocessing.get_context("fork")
+    with sharedstate.StateServer() as server:
+        state = server.state
+        held = ctx.Event()
+        holder = ctx.Process(target=hold_forever, args=(server.address, server.authkey, "job", lease, held))
+        holder.start()
+        try:
+            assert held.wait(WAIT_S)
+            lock = state.named_lock("job")
+            assert lock.owner() == holder.pid
+            os.kill(holder.pid, signal.SIGSTOP)
+            # Nobody acquires: the lease runs out all the same for those who only look.
+            wait_until(lambda: not lock.locked(), lease + 5, what="locked() to see the lease run out")
+            assert lock.owner() is None
+            assert lock.acquire(timeout=0)
+            lock.release()
+            assert state.stats()["lock_recoveries"] == 1  # counted once
+        finally:
+            kill(holder.pid, signal.SIGCONT)
+            kill(holder.pid)
+            reap(holder)
+
+
+@pytest.mark.timeout(90)
+def test_a_renewal_answered_while_the_lock_was_briefly_free_does_not_lose_the_lock_taken_again(monkeypatch):
+    # The race under test: a renewal reaches the server in the moment between a release and the next
+    # acquire of the same lock (so it is answered "gone"), and its answer is read only after that
+    # acquire. The wrapper holds the renewal thread at those two points until the holder has done its part.
+    lease = 3.0
+    renewing, released, answered, reacquired, renewed_again = (threading.Event() for _ in range(5))
+    original = sharedstate_client.State._lock_call
+    with sharedstate.StateServer() as server:
+        state = server.state
+
+        def lock_call(self, method, args, again=None):
+            if method != "lock_renew" or self is not state or threading.current_thread().name != "sharedstate-renew":
+                return original(self, method, args, again)
+            if renewing.is_set():
+                renewed_again.set()
+                return original(self, method, args, again)
+            renewing.set()
+            assert released.wait(WAIT_S)
+            answer = original(self, method, args, again)
+            answered.set()
+            assert reacquired.wait(WAIT_S)
+            return answer
+
+        monkeypatch.setattr(sharedstate_client.State, "_lock_call", lock_call)
+        lock = state.named_lock("job", lease=lease)
+        assert lock.acquire(timeout=5)
+        assert renewing.wait(WAIT_S)
+        lock.release()
+        released.set()
+        assert answered.wait(WAIT_S)
+        assert lock.acquire(timeout=5)
+        reacquired.set()
+        # The new hold is renewed in turn (a lease lost by mistake would never be renewed again).
+        assert renewed_again.wait(WAIT_S)
+        lock.release()  # not LockLost
+        assert not lock.locked()
+        assert state.stats()["lock_recoveries"] == 0
 
 
 @pytest.mark.timeout(60)
