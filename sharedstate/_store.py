@@ -327,10 +327,12 @@ class Store:
             try:
                 new = current + by
             except TypeError:
+                self._check_duplicate()
                 raise TypeError(
                     f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}"
                 ) from None
             except decimal.DecimalException as exc:  # a signalling NaN or an overflow
+                self._check_duplicate()
                 raise ValueError(f"cannot incr {name!r} by {by!r}: {type(exc).__name__}") from None
             number = self._record("incr", name, by, answer=new)
             self._data[name] = new
