@@ -367,10 +367,10 @@ def test_a_resend_that_misses_the_fast_check_is_answered_as_applied():
     assert twice(("c", 3), lambda: store.compare_and_set("n", 1, 5)) == (True, True)  # not False
     assert twice(("c", 4), lambda: store.setdefault("d", 1)) == (1, 1)
     assert twice(("c", 5), lambda: store.append("log", 1)) == (1, 1)
-    assert store.snapshot() == {"n": 5, "d": 1, "log": [1], "u": 1}
     assert twice(("c", 7), lambda: store.update({"u": 1})) == (None, None)
     # An incr whose name another client set to text since: answered 1, not a TypeError.
     assert twice(("c", 6), lambda: (store.incr("k"), store._data.__setitem__("k", "text"))[0]) == (1, 1)
+    assert store.snapshot() == {"n": 5, "d": 1, "log": [1], "u": 1, "k": "text"}
 
 
 def test_the_answers_are_kept_in_the_snapshot_body(tmp_path):
