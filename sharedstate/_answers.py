@@ -77,6 +77,25 @@ class Duplicate(Exception):
         self.answer = answer
 
 
+class Removed:
+    """The answer of a ``remove``: the value it removed, kept only until the next save.
+
+    A removed value is answered again to a retry the server can still recognise from memory or from the
+    journal, but it is never written into a snapshot (a removed secret must not stay on disk, nor in
+    memory past that save): a snapshot keeps the entry with the answer ``None``, so a ``remove`` retried
+    after a crash that only the snapshot covers is still applied once, and answers ``None``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def answer_of(kept: Any) -> Any:
+    """The answer a kept answer stands for (``Removed`` holds its value)."""
+    return kept.value if type(kept) is Removed else kept
+
+
 class Answers:
     """The last answer of each client that wrote (callers hold the store's mutex to change it)."""
 
@@ -97,8 +116,16 @@ class Answers:
             del table[next(iter(table))]
 
     def copy(self) -> dict[str, list[Any]]:
-        """The table as the snapshot holds it: client to ``[sequence, answer]``, oldest first."""
-        return {client: [sequence, answer] for client, (sequence, answer) in self.table.items()}
+        """The table as the snapshot holds it: client to ``[sequence, answer]``, oldest first. Removed
+        values are left out (``None``), and forgotten here too (``Removed``)."""
+        table = self.table
+        saved = {}
+        for client, (sequence, answer) in table.items():
+            if type(answer) is Removed:
+                answer = None
+                table[client] = (sequence, None)  # the same key: the order and size stay
+            saved[client] = [sequence, answer]
+        return saved
 
     def load(self, saved: dict[str, Any]) -> None:
         """Install the table of a snapshot (what ``copy`` made); ignores entries of another shape."""

@@ -138,16 +138,17 @@ class State:
                 return None  # the call itself reconnects, or waits for a restarting server
         return self._cache
 
-    def _call(self, method: str, args: tuple[Any, ...]) -> Any:
+    def _call(self, method: str, args: tuple[Any, ...], start: float | None = None) -> Any:
         # Pickled before anything is sent: an argument that cannot be pickled fails here, and the
         # connection (which keeps this process' locks alive) stays usable.
-        return self._send(method, _pickle_dumps((STORE_ID, method, args, _NO_KWARGS), _PROTOCOL))
+        return self._send(method, _pickle_dumps((STORE_ID, method, args, _NO_KWARGS), _PROTOCOL), start=start)
 
-    def _write(self, method: str, args: tuple[Any, ...]) -> Any:
+    def _write(self, method: str, args: tuple[Any, ...], start: float | None = None) -> Any:
         """``_call`` for a write: sent with a request id, so that it may be sent again after a crash
         and is still applied once."""
         # The sequence number alone: the connection introduced this thread's client id (``_hello_client``).
-        return self._send(method, _pickle_dumps((next(_sequence), method, args, _NO_KWARGS), _PROTOCOL), True)
+        request = _pickle_dumps((next(_sequence), method, args, _NO_KWARGS), _PROTOCOL)
+        return self._send(method, request, True, start=start)
 
     def _lock_call(self, method: str, args: tuple[Any, ...], again: Callable[[], tuple[Any, ...]] | None = None) -> Any:
         """``_call`` for a lock call, sent again if the server crashes before it answers (and its owner
@@ -161,13 +162,24 @@ class State:
         )
 
     def _send(
-        self, method: str, request: bytes, resendable: bool = False, again: bytes | Callable[[], bytes] | None = None
+        self,
+        method: str,
+        request: bytes,
+        resendable: bool = False,
+        again: bytes | Callable[[], bytes] | None = None,
+        start: float | None = None,
     ) -> Any:
+        """``start``: when the call began, if it already tried to connect (``_fresh_cache``): a new
+        attempt may take only what is left of the call's time."""
         pool = self._pool
         conn = None
-        start = _monotonic()
+        if start is None:
+            start = _monotonic()
+            connect_within = None
+        else:
+            connect_within = max(0.001, min(CONNECT_TIMEOUT, start + self._timeout - _monotonic()))
         try:
-            conn = pool.get()
+            conn = pool.get(connect_within)
             answer = conn.request(request)
         except BaseException as exc:
             if again is None:
@@ -297,10 +309,11 @@ class State:
             value = cache.lookup(name)
             if value is not NOT_CACHED and (value is not PRESENT or method == "contains"):
                 return value
+        start = _monotonic()
         cache = self._fresh_cache()
         # The counters are read before the request: a change after this makes the entry stale.
         stamp = None if cache is None else cache.stamp(name)
-        value = self._call(method, (name,))
+        value = self._call(method, (name,), start)
         if method == "contains":
             value = PRESENT if value else MISSING
         if stamp is not None and cache is self._cache:  # not after a reconnection to a new server
@@ -337,9 +350,10 @@ class State:
         if type(value) not in _PLAIN_FAST:  # ints, floats, bools, None: nothing to check
             check_value(name, value)
         scopes = check_scope(scope) if scope is not None else ()
+        start = _monotonic()
         cache = self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
-        stamp = self._write("set", (name, value, scopes) if scopes else (name, value))
+        stamp = self._write("set", (name, value, scopes) if scopes else (name, value), start)
         if stamp is not None and kept is not None and cache is self._cache:
             # The server's counters right after this change: the value is the server's until they move.
             cache.put(name, stamp, kept)
@@ -432,11 +446,12 @@ class State:
             found = cache.lookup_many(names)
             if found is not None:
                 return found
+        start = _monotonic()
         cache = self._fresh_cache()
         if cache is None:
-            return self._call("get_many", (names,))
+            return self._call("get_many", (names,), start)
         stamps = cache.stamps(names)
-        found = self._call("get_many", (names,))
+        found = self._call("get_many", (names,), start)
         if cache is self._cache:  # not after a reconnection to a new server
             for name, stamp in stamps.items():
                 cache.fill(name, stamp, found.get(name, MISSING))
@@ -559,14 +574,14 @@ def connect(
     the key is read from ``ADDRESS.key``. Raises ``ServerUnavailable`` when no server answers (within
     5 seconds, or ``timeout`` when shorter) and ``AccessDenied`` when the key is refused.
 
-    ``timeout`` (seconds, default 30) is the deadline of one call on an open connection: a server that
+    ``timeout`` (seconds, default 30, at most 86400) is the deadline of one call, connecting included: a server that
     stops answering (stopped with SIGSTOP, a frozen host) makes the call raise ``ServerUnavailable``
     after it instead of hanging. A wait for a lock is not cut short by it: the server keeps a waiting
     caller informed, and the wait lasts as long as the lock's own timeout says. If the server crashes
     and its owner starts it again, a call is sent again on a new connection until the new server
     answers, within ``timeout`` seconds; writes carry a request id, so one the crashed server applied
     is answered again, never applied twice. ``TypeError``/``ValueError`` for a timeout that is not a
-    positive, finite number.
+    positive number of at most a day.
 
     A ``redis://``, ``rediss://`` or ``unix://`` URL (given, or in ``SHAREDSTATE_ADDRESS``) connects to
     Redis or Valkey instead, with the keys of ``namespace`` and locks leased for ``lease`` seconds

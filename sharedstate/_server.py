@@ -10,6 +10,7 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -235,6 +236,7 @@ class StateServer:
                     proc, info = _spawn(self._config)
                 except (OSError, SharedStateError) as exc:
                     log.error("could not start the sharedstate server again: %s", exc)
+                    _remove_dead_socket(self._address)
                     return
                 self._proc = proc
                 self._versions = info.get("versions")
@@ -460,3 +462,15 @@ def serve(
     """
     with StateServer(path, save_every, **options) as server:
         yield server.state
+
+
+def _remove_dead_socket(address: Any) -> None:
+    """No server will bind the socket of a server that could not be started again: without its file,
+    clients waiting for a restart give up at once (``State._restart_expected``), not at their timeout."""
+    if not isinstance(address, str):
+        return  # TCP: nothing on disk tells clients; they wait until their call's timeout
+    try:
+        if stat.S_ISSOCK(os.lstat(address).st_mode):
+            os.unlink(address)
+    except OSError:
+        pass

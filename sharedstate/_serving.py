@@ -16,7 +16,7 @@ from multiprocessing import managers
 from typing import Any
 
 from ._admission import Admission, raise_fd_limit
-from ._answers import Duplicate, current_request
+from ._answers import Duplicate, answer_of, current_request
 from ._service import HANDED, StateService, _current, _readable_within
 from ._transport import (
     STORE_ID,
@@ -118,7 +118,7 @@ class ManagerServer(managers.Server):
                         # (before a crash, say), the answer it had then is the answer.
                         entry = answers.get(writer)
                         if entry is not None and entry[0] == sequence:
-                            result = entry[1]
+                            result = answer_of(entry[1])
                         else:
                             request_now.rid = (writer, sequence)
                             try:

@@ -14,7 +14,7 @@ import decimal
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ._answers import Answers, Duplicate, current_request
+from ._answers import Answers, Duplicate, Removed, answer_of, current_request
 from ._journal import encode_record
 from ._pattern import compile_pattern
 
@@ -106,17 +106,33 @@ class Store:
         entry = table.pop(client, None)
         if entry is not None and entry[0] == sequence:
             table[client] = entry
-            raise Duplicate(entry[1])
+            raise Duplicate(answer_of(entry[1]))
         try:
-            number = 0 if journal is None else journal.append(["@", client, sequence, answer, *record])
+            number = 0 if journal is None else journal.append(["@", client, sequence, answer_of(answer), *record])
         except BaseException:
             if entry is not None:
                 table[client] = entry
             raise
+        self._keep(client, sequence, answer, entry)
+        return number
+
+    def _keep(self, client: str, sequence: int, answer: Any, entry: tuple[int, Any] | None) -> None:
+        """Make ``answer`` the client's last one (its old ``entry`` was popped from the table)."""
+        table = self._answer_table
         table[client] = (sequence, answer)
         if entry is None and len(table) > self.answers.cap:
             del table[next(iter(table))]  # the client that wrote least recently
-        return number
+
+    def _check_duplicate(self) -> None:
+        """With the mutex held, before a write's early return or error: ``Duplicate`` if its request id
+        was applied already (the serving loop's look-up runs without the mutex, so a resend that races
+        the original can pass it; then a removed name must not answer None, nor a matched
+        ``compare_and_set`` False)."""
+        rid = current_request.rid
+        if rid is not None:
+            entry = self._answer_table.get(rid[0])
+            if entry is not None and entry[0] == rid[1]:
+                raise Duplicate(answer_of(entry[1]))
 
     def _commit(self, number: int) -> None:
         """After the mutex is released: wait until journal record ``number`` is durable, if asked to."""
@@ -217,8 +233,9 @@ class Store:
         with self._mutex:
             self.ops += 1
             if name not in self._data:
+                self._check_duplicate()
                 return None
-            number = self._record("remove", name, answer=self._data[name])
+            number = self._record("remove", name, answer=Removed(self._data[name]))
             self._scopes.pop(name, None)
             value = self._data.pop(name)
             self._changed(name)
@@ -229,6 +246,7 @@ class Store:
         with self._mutex:
             self.ops += 1
             if name not in self._data:
+                self._check_duplicate()
                 raise KeyError(name)
             number = self._record("remove", name)
             del self._data[name]
@@ -248,12 +266,32 @@ class Store:
     def update(self, mapping: dict[str, Any]) -> None:
         # Encoding the journal record of a large mapping is most of an update's work: it is done before
         # the mutex is taken, so other calls do not wait for it; the line is still written under the
-        # mutex, so the journal's order stays the order of the changes.
+        # mutex, so the journal's order stays the order of the changes. The request id is checked and
+        # kept under the mutex, as ``_record`` does.
         journal = self.journal
-        line = None if journal is None else encode_record(["update", mapping])
+        rid = current_request.rid
+        if journal is None:
+            line = None
+        elif rid is None:
+            line = encode_record(["update", mapping])
+        else:
+            line = encode_record(["@", rid[0], rid[1], None, "update", mapping])
         with self._mutex:
             self.ops += 1
-            number = 0 if journal is None or line is None else journal.append_line(line)
+            entry = None
+            if rid is not None:
+                entry = self._answer_table.pop(rid[0], None)
+                if entry is not None and entry[0] == rid[1]:
+                    self._answer_table[rid[0]] = entry
+                    raise Duplicate(answer_of(entry[1]))
+            try:
+                number = 0 if line is None else journal.append_line(line)  # type: ignore[union-attr]
+            except BaseException:
+                if entry is not None:
+                    self._answer_table[rid[0]] = entry  # type: ignore[index]
+                raise
+            if rid is not None:
+                self._keep(rid[0], rid[1], None, entry)
             self._data.update(mapping)
             scopes = self._scopes
             if scopes:
@@ -284,14 +322,17 @@ class Store:
             self.ops += 1
             current = self._data.get(name, 0)
             if type(current) not in _NUMBER_TYPES:
+                self._check_duplicate()
                 raise TypeError(f"cannot incr {name!r}: it holds {type(current).__name__}, not a number")
             try:
                 new = current + by
             except TypeError:
+                self._check_duplicate()
                 raise TypeError(
                     f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}"
                 ) from None
             except decimal.DecimalException as exc:  # a signalling NaN or an overflow
+                self._check_duplicate()
                 raise ValueError(f"cannot incr {name!r} by {by!r}: {type(exc).__name__}") from None
             number = self._record("incr", name, by, answer=new)
             self._data[name] = new
@@ -304,6 +345,7 @@ class Store:
             self.ops += 1
             data = self._data
             if name in data:
+                self._check_duplicate()
                 return data[name]
             number = self._record("setdefault", name, default, answer=default)
             data[name] = default
@@ -317,8 +359,10 @@ class Store:
             current = self._data.get(name, MISSING)
             if current is MISSING:
                 if expected is not None:
+                    self._check_duplicate()
                     return False
             elif current != expected:
+                self._check_duplicate()
                 return False
             number = self._record("put", name, new, answer=True)
             self._data[name] = new
@@ -335,6 +379,7 @@ class Store:
             elif type(current) is list:
                 new = [*current, item]  # a new list: stored values are never mutated in place
             else:
+                self._check_duplicate()
                 raise TypeError(f"cannot append to {name!r}: it holds {type(current).__name__}, not a list")
             number = self._record("append", name, item, answer=len(new))
             self._data[name] = new
@@ -348,6 +393,8 @@ class Store:
         op, args = record[0], record[1:]
         if op == "@":  # a write with its request id and answer
             client, sequence, answer = args[:3]
+            if args[3] == "remove" and answer is not None:
+                answer = Removed(answer)  # as ``remove`` keeps it
             self.apply(list(args[3:]))
             with self._mutex:
                 self.answers.remember(client, sequence, answer)

@@ -37,17 +37,23 @@ STORE_ID = "sharedstate"
 CONNECT_TIMEOUT = 5.0
 #: How long one call on an open connection may wait for its answer by default (``connect(timeout=)``).
 CALL_TIMEOUT = 30.0
+#: The longest call timeout: a server silent for a day is not answering. Longer ones do not fit the
+#: socket options and poll intervals they end up in (1e19 s overflows a timeval; a poll takes at most
+#: 2**31 ms, and the server's keepalive interval is a quarter of the timeout).
+MAX_CALL_TIMEOUT = 86_400.0
 #: A server sends a keepalive to a caller that waits for a lock this many times per call timeout, so
 #: a long lock wait is never taken for a server that stopped answering.
 KEEPALIVES_PER_TIMEOUT = 4
 
 
 def check_call_timeout(timeout: object) -> float:
-    """``connect(timeout=)``: a positive, finite number of seconds."""
+    """``connect(timeout=)``: a positive number of seconds, at most ``MAX_CALL_TIMEOUT``."""
     if type(timeout) not in (int, float):
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if not 0 < timeout < float("inf"):  # also refuses NaN
-        raise ValueError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    if not 0 < timeout <= MAX_CALL_TIMEOUT:  # also refuses NaN and infinity
+        raise ValueError(
+            f"timeout must be a positive number of seconds, at most {MAX_CALL_TIMEOUT:g} (a day), not {timeout!r}"
+        )
     return float(timeout)
 
 

@@ -7,6 +7,7 @@ process and restarts it), real client processes under every start method.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import pickle
@@ -22,7 +23,8 @@ from restart_workers import count_incrs
 
 import sharedstate
 import sharedstate.aio
-from sharedstate._answers import Answers, client_id
+from sharedstate._answers import Answers, Duplicate, client_id, current_request
+from sharedstate._store import Store
 from sharedstate._transport import STORE_ID
 
 
@@ -144,13 +146,37 @@ def test_a_lock_wait_on_a_stopped_server_ends_after_the_timeout(stoppable):
 @pytest.mark.parametrize(
     ("timeout", "error"),
     [("1", TypeError), (None, TypeError), (True, TypeError), (0, ValueError), (-1.0, ValueError)]
-    + [(float("nan"), ValueError), (float("inf"), ValueError)],
+    + [(float("nan"), ValueError), (float("inf"), ValueError), (1e19, ValueError), (86_400.5, ValueError)],
 )
 def test_connect_refuses_a_timeout_that_is_not_a_positive_number(server, timeout, error):
     with pytest.raises(error, match="timeout"):
         sharedstate.connect(server.address, server.authkey, timeout=timeout)
     with pytest.raises(error, match="timeout"):
         asyncio.run(sharedstate.aio.connect(server.address, server.authkey, timeout=timeout))
+
+
+def test_a_timeout_of_a_day_is_the_longest_accepted(server):
+    state = sharedstate.connect(server.address, server.authkey, timeout=86_400)
+    state.set("a", 1)
+    assert state.get("a") == 1
+
+
+@pytest.mark.parametrize("call", ["get", "set", "get_many"])
+def test_a_call_that_must_connect_to_a_stopped_server_fails_within_its_timeout(stoppable, call):
+    state = sharedstate.connect(stoppable.address, stoppable.authkey, timeout=1.0)
+    state.set("x", 1)
+    os.kill(stoppable.pid, signal.SIGSTOP)
+    state.close()  # the next call must connect (once for the cache, then for the call: both in 1 s)
+    finished, result, took, thread = _in_thread(
+        {"get": lambda: state.get("y"), "set": lambda: state.set("y", 1), "get_many": lambda: state.get_many(["y"])}[
+            call
+        ],
+        15,
+    )
+    os.kill(stoppable.pid, signal.SIGCONT)
+    thread.join(15)
+    assert finished and isinstance(result, sharedstate.ServerUnavailable), result
+    assert 0.8 < took < 1.6  # was 2.05 s: two connection attempts of 1 s each
 
 
 def test_the_timeout_travels_with_a_pickled_handle(server):
@@ -249,11 +275,102 @@ def test_a_write_sent_twice_is_applied_once_also_across_a_crash_and_a_save(tmp_p
         old = server.pid
         kill(old)
         _restarted(server, old)
-        assert _raw_write(state, third, "remove", ("log",)) == ["a"]
+        # Applied once; a snapshot keeps no removed value, so the retry answers None.
+        assert _raw_write(state, third, "remove", ("log",)) is None
         assert _raw_write(state, other, "append", ("log", "a")) == 1
         assert state.snapshot() == {"n": 5}
         # A new request id is a new write.
         assert state.incr("n", 5) == 10
+
+
+@pytest.mark.parametrize("durability", ["journal", "snapshot"])
+def test_an_update_sent_again_is_applied_once(tmp_path, durability):
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, durability=durability, journal_fsync="always", save_every=None) as server:
+        state = sharedstate.connect(server.address, server.authkey, cache=False)
+        rid = ("client-u", 1)
+        assert _raw_write(state, rid, "update", ({"y": 1},)) is None
+        state.set("y", 2)  # another client's later write
+        assert _raw_write(state, rid, "update", ({"y": 1},)) is None  # answered again, not applied again
+        assert state.get("y") == 2
+        if durability == "journal":
+            # The journal keeps the update with its id: a resend after a crash is not applied either.
+            journals = [p for p in tmp_path.iterdir() if "journal" in p.name]
+            assert any('["@","client-u",1,null,"update"' in p.read_text() for p in journals)
+            old = server.pid
+            kill(old)
+            _restarted(server, old)
+            assert _raw_write(state, rid, "update", ({"y": 1},)) is None
+            assert state.get("y") == 2
+        state.save()
+        old = server.pid
+        kill(old)
+        _restarted(server, old)
+        assert _raw_write(state, rid, "update", ({"y": 1},)) is None
+        assert state.get("y") == 2
+
+
+@pytest.mark.parametrize("durability", ["journal", "snapshot"])
+def test_a_removed_value_is_never_written_into_a_snapshot(tmp_path, durability):
+    path = tmp_path / "state.json"
+    secret = "TOP-SECRET-" + "x" * 100_000
+    with sharedstate.StateServer(path=path, durability=durability, save_every=None) as server:
+        state = sharedstate.connect(server.address, server.authkey, cache=False)
+        state.set("secret", secret)
+        rid = ("client-r", 1)
+        assert _raw_write(state, rid, "remove", ("secret",)) == secret
+        # Until a save, a resend is answered the removed value.
+        assert _raw_write(state, rid, "remove", ("secret",)) == secret
+        if durability == "journal":
+            # The journal's record keeps it until the save a restarted server makes after replaying it.
+            assert any("TOP-SECRET" in p.read_text() for p in tmp_path.iterdir() if "journal" in p.name)
+            old = server.pid
+            kill(old)
+            _restarted(server, old)
+            assert b"TOP-SECRET" not in path.read_bytes()  # (the .bak is the state before the remove)
+            state.set("secret", "new")
+            assert _raw_write(state, rid, "remove", ("secret",)) is None  # applied once, before the crash
+            assert state.get("secret") == "new"
+        state.save()
+        assert b"TOP-SECRET" not in path.read_bytes()
+        # Past the save the value is forgotten in memory too; the retry is still not applied again.
+        state.set("secret", "new")
+        assert _raw_write(state, rid, "remove", ("secret",)) is None
+        assert state.get("secret") == "new"
+        state.save()
+    assert b"TOP-SECRET" not in path.read_bytes()
+    assert json.loads(path.read_text())["answers"]["client-r"] == [1, None]  # applied, answer left out
+
+
+def test_a_resend_that_misses_the_fast_check_is_answered_as_applied():
+    """The serving loop looks the id up without the store's mutex: a resend racing its original can miss
+    it. Then the store's own check, under the mutex, answers it before any early return or error."""
+    store = Store()
+    store.set("n", 1)
+
+    def twice(rid, call):
+        current_request.rid = rid
+        try:
+            first = call()
+            try:
+                call()
+            except Duplicate as duplicate:
+                return first, duplicate.answer
+            return first, "applied or answered anew"
+        finally:
+            current_request.rid = None
+
+    store.set("gone", "v")
+    assert twice(("c", 1), lambda: store.remove("gone")) == ("v", "v")  # not None
+    store.set("gone", "v")
+    assert twice(("c", 2), lambda: store.delitem("gone"))[1] is None  # not KeyError
+    assert twice(("c", 3), lambda: store.compare_and_set("n", 1, 5)) == (True, True)  # not False
+    assert twice(("c", 4), lambda: store.setdefault("d", 1)) == (1, 1)
+    assert twice(("c", 5), lambda: store.append("log", 1)) == (1, 1)
+    assert twice(("c", 7), lambda: store.update({"u": 1})) == (None, None)
+    # An incr whose name another client set to text since: answered 1, not a TypeError.
+    assert twice(("c", 6), lambda: (store.incr("k"), store._data.__setitem__("k", "text"))[0]) == (1, 1)
+    assert store.snapshot() == {"n": 5, "d": 1, "log": [1], "u": 1, "k": "text"}
 
 
 def test_the_answers_are_kept_in_the_snapshot_body(tmp_path):
@@ -483,6 +600,32 @@ def test_a_server_that_is_not_restarted_fails_calls_at_once(tmp_path):
         assert time.monotonic() - start < 1
     finally:
         server.shutdown()
+
+
+def test_calls_stop_waiting_when_the_owner_could_not_start_the_server_again(tmp_path):
+    path = tmp_path / "state.json"
+    server = sharedstate.StateServer(path=path, save_every=None).start()
+    try:
+        state = sharedstate.connect(server.address, server.authkey, cache=False, timeout=20)
+        state.set("x", 1)
+        Path(f"{path}.bak").mkdir()  # the next start is refused: a directory where the .bak should be
+        old = server.pid
+        kill(old)
+        wait_until(lambda: exited(old), 10, what="the server to die")
+        start = time.monotonic()
+        with pytest.raises(sharedstate.ServerUnavailable):
+            state.get("x")
+        assert time.monotonic() - start < 10  # not the whole 20 s timeout
+        start = time.monotonic()
+        with pytest.raises(sharedstate.ServerUnavailable):
+            state.incr("x")
+        assert time.monotonic() - start < 3
+        assert server.pid == old  # no server was started again
+    finally:
+        try:
+            server.shutdown()
+        except sharedstate.SharedStateError:
+            pass
 
 
 def test_an_old_style_request_without_an_id_still_works(server):
