@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._addresses import ENV_ADDRESS, ENV_AUTHKEY, format_address, key_file_for, parse_address
 from ._client import connect
 from ._codec import encode, object_hook
 from ._errors import SharedStateError
 from ._schedule import parse_schedule
 from ._server import StateServer
 from ._snapshot import read_snapshot
-from ._transport import ENV_ADDRESS, ENV_AUTHKEY, format_address, key_file_for, parse_address
 
 PROG = "sharedstate"
 

@@ -13,6 +13,17 @@ from typing import Any
 import psutil
 
 from . import _answers
+from ._addresses import (
+    BOOT_SCOPE,
+    CALL_TIMEOUT,
+    CONNECT_TIMEOUT,
+    STORE_ID,
+    Address,
+    check_call_timeout,
+    format_address,
+    parse_address,
+    resolve,
+)
 from ._cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
 from ._errors import ServerUnavailable, SharedStateError
 from ._files import caller_target
@@ -20,18 +31,7 @@ from ._lock import Lock
 from ._locktable import process_alive
 from ._pattern import compile_pattern
 from ._store import MISSING
-from ._transport import (
-    BOOT_SCOPE,
-    CALL_TIMEOUT,
-    CONNECT_TIMEOUT,
-    STORE_ID,
-    Address,
-    ConnectionPool,
-    check_call_timeout,
-    format_address,
-    parse_address,
-    resolve,
-)
+from ._transport import ConnectionPool
 from ._values import PartBudget, check_name, check_names, check_scope, check_value
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)

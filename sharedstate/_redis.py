@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from ._addresses import ENV_ADDRESS, check_call_timeout
 from ._client import State
 from ._codec import encode, object_hook
 from ._errors import AccessDenied, LockLost, ServerUnavailable, SharedStateError, SnapshotError
@@ -47,7 +48,6 @@ from ._files import caller_target
 from ._locktable import describe
 from ._pattern import compile_pattern
 from ._snapshot import read_snapshot, write_snapshot
-from ._transport import ENV_ADDRESS, check_call_timeout
 from ._values import PartBudget, check_name, check_names, check_scope, check_text, check_value
 
 log = logging.getLogger("sharedstate")

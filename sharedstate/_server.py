@@ -23,20 +23,12 @@ from typing import Any
 
 import psutil
 
+from ._addresses import BOOT_SCOPE, ENV_ADDRESS, ENV_AUTHKEY, Address, format_address, is_loopback, parse_address
 from ._client import State
 from ._config import EXIT_SAVE_FAILED, ServerConfig
 from ._errors import ServerUnavailable, SharedStateError, SnapshotError
 from ._schedule import SaveEvery, parse_schedule
-from ._transport import (
-    BOOT_SCOPE,
-    ENV_ADDRESS,
-    ENV_AUTHKEY,
-    Address,
-    format_address,
-    is_loopback,
-    open_control,
-    parse_address,
-)
+from ._transport import open_control
 from ._versions import retire
 
 log = logging.getLogger("sharedstate")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._addresses import Address, key_file_for
 from ._config import EXIT_SAVE_FAILED, ServerConfig
 from ._errors import SnapshotError
 from ._files import backup_path, check_slot, write_atomic
@@ -30,7 +31,6 @@ from ._schedule import parse_schedule
 from ._service import StateService
 from ._serving import ManagerServer
 from ._snapshot import FileOwnership, read_snapshot
-from ._transport import Address, key_file_for
 from ._versions import VersionTable
 
 log = logging.getLogger("sharedstate")

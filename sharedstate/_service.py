@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 
+from ._addresses import BOOT_SCOPE, STORE_ID, Address, format_address
 from ._config import ServerConfig
 from ._errors import SnapshotError
 from ._files import check_slot
@@ -21,14 +22,7 @@ from ._lockfile import Holder, LockFile
 from ._locktable import RECONNECT_GRACE_S, Client, LockTable
 from ._snapshot import Snapshot, read_snapshot, write_snapshot
 from ._store import Store
-from ._transport import (
-    BOOT_SCOPE,
-    STORE_ID,
-    Address,
-    format_address,
-    frame,
-    write_raw,
-)
+from ._transport import frame, write_raw
 from ._values import check_value
 
 log = logging.getLogger("sharedstate")

@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ._addresses import CALL_TIMEOUT, check_call_timeout
 from ._cache import NOT_CACHED
 from ._client import State
 from ._client import connect as _connect
@@ -32,7 +33,6 @@ from ._errors import LockTimeout
 from ._lock import acquire_call, check_lease, check_timeout, release_call
 from ._locktable import describe
 from ._store import MISSING
-from ._transport import CALL_TIMEOUT, check_call_timeout
 from ._values import check_name
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
