@@ -385,3 +385,17 @@ def fill(folder: Path) -> None:
                 f.write(b"\0" * 4096)
         except OSError:
             pass
+
+
+# -- journaling servers that crash ---------------------------------------------------------------------
+def journaling(path: Path, **options) -> sharedstate.StateServer:
+    """A started server with a journal, no schedule, and no restart after a crash."""
+    return sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False, **options).start()
+
+
+def crash(server: sharedstate.StateServer) -> None:
+    """SIGKILL the server process and wait for it (restart=False servers stay down)."""
+    pid = server.pid
+    kill(pid)
+    wait_until(lambda: exited(pid), 10, what="the server to die")
+    server.shutdown()

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import as_user, exited, fill, kill, wait_until
+from conftest import as_user, crash, exited, fill, journaling, kill, wait_until
 
 import sharedstate
 
@@ -108,15 +108,6 @@ def test_save_and_restore_of_a_path_given_through_a_link_still_work(tmp_path, se
 
 
 # -- 3. a journal whose start is zeroed still holds records -------------------------------------------
-def journaling(path: Path, **options) -> sharedstate.StateServer:
-    return sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False, **options).start()
-
-
-def crash(server: sharedstate.StateServer) -> None:
-    pid = server.pid
-    kill(pid)
-    wait_until(lambda: exited(pid), 10, what="the server to die")
-    server.shutdown()
 
 
 def test_a_journal_with_its_first_4_kib_zeroed_refuses_the_start_and_is_kept(tmp_path):

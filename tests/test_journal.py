@@ -6,24 +6,11 @@ import random
 import threading
 
 import pytest
-from conftest import exited, kill, wait_until
+from conftest import crash, journaling, kill
 
 import sharedstate
 from sharedstate._journal import journal_path, read_journal
 from sharedstate._snapshot import read_snapshot
-
-
-def journaling(path, **options) -> sharedstate.StateServer:
-    """A started server with a journal, no schedule, and no restart after a crash."""
-    return sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False, **options).start()
-
-
-def crash(server: sharedstate.StateServer) -> None:
-    """SIGKILL the server process and wait for it (restart=False servers stay down)."""
-    pid = server.pid
-    kill(pid)
-    wait_until(lambda: exited(pid), 10, what="the server to die")
-    server.shutdown()
 
 
 def crashed_after_sets(path, count: int):

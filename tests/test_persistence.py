@@ -19,24 +19,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, as_user, exited, fill, kill, reap, start_with_log, wait_until
+from conftest import ROOT, as_user, crash, exited, fill, journaling, reap, start_with_log
 
 import sharedstate
 from sharedstate._codec import object_hook
 from sharedstate._files import read_regular, write_atomic
 from sharedstate._journal import journal_path
 from sharedstate._snapshot import read_snapshot, snapshot_pieces, write_snapshot
-
-
-def journaling(path, **options) -> sharedstate.StateServer:
-    return sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False, **options).start()
-
-
-def crash(server: sharedstate.StateServer) -> None:
-    pid = server.pid
-    kill(pid)
-    wait_until(lambda: exited(pid), 10, what="the server to die")
-    server.shutdown()
 
 
 def crashed_with_acknowledged_writes(path: Path, count: int = 20) -> Path:
