@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, kill, reap
+from conftest import ROOT, kill, reap, start_serve
 
 import sharedstate
 
@@ -30,15 +30,7 @@ def standalone(tmp_path):
     """``sharedstate serve`` in the background; yields (process, address, path)."""
     path = tmp_path / "state.json"
     address = str(tmp_path / "s.sock")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    proc = start_serve(path, address, text=True)
     try:
         first = proc.stdout.readline()
         assert first.startswith(f"sharedstate: serving at {address}"), first + proc.stderr.read()
@@ -176,10 +168,7 @@ def test_serve_saves_on_a_sigterm_sent_as_soon_as_it_prints_its_address(tmp_path
     """The address is printed only once a stop signal leads to the final save (a supervisor may stop
     the server the moment it has started)."""
     path = tmp_path / "state.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    argv = [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", str(tmp_path / "s.sock")]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    proc = start_serve(path, str(tmp_path / "s.sock"), text=True, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("sharedstate: serving at ")

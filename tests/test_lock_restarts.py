@@ -34,6 +34,17 @@ def _error(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc)
 
 
+def _outcomes(*calls) -> list[tuple[str, object]]:
+    """What each call returned, or the error it raised, in order."""
+    outcomes: list[tuple[str, object]] = []
+    for call in calls:
+        try:
+            outcomes.append(("returned", call()))
+        except Exception as exc:
+            outcomes.append(_error(exc))
+    return outcomes
+
+
 def hold_across_restart(address, authkey, name, held, restarted, release, results) -> None:
     """Take ``name`` twice (reentrant), hold it across the server's restart, then release it twice."""
     try:
@@ -60,13 +71,7 @@ def hold_then_call_after_restart(address, authkey, name, held, restarted, result
         lock.acquire()
         held.set()
         assert restarted.wait(WAIT_S)
-        outcomes = []
-        for call in (lambda: lock.acquire(blocking=False), lock.release, lock.release):
-            try:
-                outcomes.append(("returned", call()))
-            except Exception as exc:
-                outcomes.append(_error(exc))
-        _report(results, "outcomes", outcomes)
+        _report(results, "outcomes", _outcomes(lambda: lock.acquire(blocking=False), lock.release, lock.release))
     except BaseException as exc:
         _report(results, "error", _error(exc))
 
@@ -82,13 +87,7 @@ def hold_then_close(address, authkey, name, held, closed, go, results) -> None:
         state.close()
         closed.set()
         assert go.wait(WAIT_S)
-        outcomes = []
-        for call in (lock.release, lambda: lock.acquire(blocking=False)):
-            try:
-                outcomes.append(("returned", call()))
-            except Exception as exc:
-                outcomes.append(_error(exc))
-        _report(results, "outcomes", outcomes)
+        _report(results, "outcomes", _outcomes(lock.release, lambda: lock.acquire(blocking=False)))
     except BaseException as exc:
         _report(results, "error", _error(exc))
 

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, as_user, crash, exited, fill, journaling, reap, start_with_log
+from conftest import ROOT, as_user, crash, exited, fill, journaling, reap, start_serve, start_with_log
 
 import sharedstate
 from sharedstate._codec import object_hook
@@ -428,14 +428,7 @@ def test_shutdown_raises_when_the_final_save_fails_on_a_full_disk(full_disk):
 def test_serve_exits_non_zero_when_the_final_save_fails(full_disk, tmp_path):
     path = full_disk / "state.json"
     address = str(tmp_path / "s.sock")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
+    proc = start_serve(path, address)
     try:
         assert proc.stdout.readline().startswith(b"sharedstate: serving at")
         state = sharedstate.connect(address)
