@@ -6,9 +6,7 @@
 1
 """
 
-from . import aio
-from ._client import State, connect
-from ._errors import (
+from sharedstate._errors import (
     AccessDenied,
     LockLost,
     LockTimeout,
@@ -17,9 +15,12 @@ from ._errors import (
     SnapshotError,
     StateFileBusy,
 )
-from ._lock import Lock
-from ._server import StateServer, serve
-from ._storage import LocalFileStorage
+from sharedstate._lock import Lock
+from sharedstate._owner import StateServer, serve
+from sharedstate._state import State, connect
+from sharedstate._storage import LocalFileStorage
+
+from . import aio
 
 __version__ = "0.1.0"
 

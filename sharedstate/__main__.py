@@ -1,6 +1,6 @@
 """``python -m sharedstate``: the command line."""
 
-from ._cli import main
+from sharedstate._cli import main
 
 if __name__ == "__main__":
     main()

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._addresses import ENV_ADDRESS, ENV_AUTHKEY, format_address, key_file_for, parse_address
-from ._client import connect
-from ._codec import encode, object_hook
-from ._errors import SharedStateError
-from ._schedule import parse_schedule
-from ._server import StateServer
-from ._snapshot import read_snapshot
+from sharedstate._errors import SharedStateError
+from sharedstate._owner import StateServer
+from sharedstate._state import connect
+from sharedstate.persistence.codec import encode, object_hook
+from sharedstate.persistence.schedule import parse_schedule
+from sharedstate.persistence.snapshot import read_snapshot
+from sharedstate.wire.addresses import ENV_ADDRESS, ENV_AUTHKEY, format_address, key_file_for, parse_address
 
 PROG = "sharedstate"
 
@@ -113,7 +113,7 @@ def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> int:
     """A standalone server in this very process: no owner to watch, stops with a final save."""
-    from ._serverproc import ServerProcess
+    from sharedstate.server.process import ServerProcess
 
     plan = StateServer(**_server_kwargs(args))  # checks every option as StateServer does
     logging.getLogger("sharedstate").setLevel(logging.INFO)

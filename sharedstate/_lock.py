@@ -37,12 +37,12 @@ from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ._answers import sequence as _sequence
-from ._errors import LockLost, LockTimeout
-from ._locktable import describe, lost
+from sharedstate._errors import LockLost, LockTimeout
+from sharedstate.server.locktable import describe, lost
+from sharedstate.wire.answers import sequence as _sequence
 
 if TYPE_CHECKING:
-    from ._client import State
+    from sharedstate._state import State
 
 log = logging.getLogger("sharedstate")
 
@@ -94,7 +94,7 @@ def _lock_caller(state: State) -> Any:
     cls = type(state)
     local = _server_handles.get(cls)
     if local is None:
-        from ._client import State  # imported here: _client imports this module
+        from sharedstate._state import State  # imported here: _client imports this module
 
         local = _server_handles[cls] = cls._call is State._call
     return state._lock_call if local else None

@@ -17,10 +17,10 @@ from typing import Any
 
 import filelock
 
-from ._codec import encode, object_hook
-from ._errors import SnapshotError
-from ._files import fsync_dir, remove_stray_temp_files, write_atomic
-from ._values import check_text, check_value
+from sharedstate._errors import SnapshotError
+from sharedstate._values import check_text, check_value
+from sharedstate.persistence.codec import encode, object_hook
+from sharedstate.persistence.files import fsync_dir, remove_stray_temp_files, write_atomic
 
 #: Longest hex-encoded key kept in a file name (name limits are 255 bytes on common file systems).
 _MAX_HEX = 200

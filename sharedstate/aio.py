@@ -25,15 +25,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._addresses import CALL_TIMEOUT, check_call_timeout
-from ._cache import NOT_CACHED
-from ._client import State
-from ._client import connect as _connect
-from ._errors import LockTimeout
-from ._lock import acquire_call, check_lease, check_timeout, release_call
-from ._locktable import describe
-from ._store import MISSING
-from ._values import check_name
+from sharedstate._errors import LockTimeout
+from sharedstate._lock import acquire_call, check_lease, check_timeout, release_call
+from sharedstate._state import State
+from sharedstate._state import connect as _connect
+from sharedstate._values import check_name
+from sharedstate.server.locktable import describe
+from sharedstate.server.store import MISSING
+from sharedstate.wire.addresses import CALL_TIMEOUT, check_call_timeout
+from sharedstate.wire.cache import NOT_CACHED
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
 

@@ -17,9 +17,9 @@ from conftest import ROOT, kill, reap, run_to_completion, wait_until
 from workers import read_monotonic, write_sequence
 
 import sharedstate
-from sharedstate import _cache
-from sharedstate._cache import NOT_CACHED
-from sharedstate._versions import EPOCH, TOKEN, block_name, retire, slot_of
+from sharedstate.wire import cache as _cache
+from sharedstate.wire.cache import NOT_CACHED
+from sharedstate.wire.versions import EPOCH, TOKEN, block_name, retire, slot_of
 
 SHM = Path("/dev/shm")
 
@@ -430,8 +430,10 @@ def test_a_second_server_never_takes_a_live_servers_block(tmp_path, monkeypatch)
     first = sharedstate.StateServer().start()
     try:
         name = first._versions["name"]
-        monkeypatch.setattr("sharedstate._versions.block_name", lambda address: name)
-        table = __import__("sharedstate._versions", fromlist=["VersionTable"]).VersionTable(str(tmp_path / "x.sock"))
+        monkeypatch.setattr("sharedstate.wire.versions.block_name", lambda address: name)
+        table = __import__("sharedstate.wire.versions", fromlist=["VersionTable"]).VersionTable(
+            str(tmp_path / "x.sock")
+        )
         try:
             assert table.name != name
             assert block_words(name)[TOKEN] == first._versions["token"]

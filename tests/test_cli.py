@@ -177,6 +177,6 @@ def test_serve_saves_on_a_sigterm_sent_as_soon_as_it_prints_its_address(tmp_path
     finally:
         reap(proc)
         proc.stdout.close()
-    from sharedstate._snapshot import read_snapshot
+    from sharedstate.persistence.snapshot import read_snapshot
 
     assert read_snapshot(path).data == {}  # the final save ran

@@ -9,7 +9,7 @@ import pytest
 from conftest import kill
 
 import sharedstate
-from sharedstate._snapshot import backup_path, read_snapshot
+from sharedstate.persistence.snapshot import backup_path, read_snapshot
 
 NAMES = 50_000
 

@@ -12,8 +12,8 @@ import workers
 from conftest import exited, kill, reap, wait_until
 
 import sharedstate
-from sharedstate._snapshot import read_snapshot
-from sharedstate._transport import open_control
+from sharedstate.persistence.snapshot import read_snapshot
+from sharedstate.wire.transport import open_control
 
 
 def test_no_call_is_acknowledged_and_then_lost_while_the_server_stops(tmp_path):
@@ -235,7 +235,7 @@ def test_a_save_to_another_spelling_of_the_servers_file_counts_as_its_own(tmp_pa
 
 
 def test_a_snapshot_server_folding_in_a_journal_writes_a_generation_above_it(tmp_path):
-    from sharedstate._journal import journal_files
+    from sharedstate.persistence.journal import journal_files
 
     path = tmp_path / "state.json"
     server = sharedstate.StateServer(path=path, durability="journal", save_every=None, restart=False).start()

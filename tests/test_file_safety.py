@@ -147,7 +147,7 @@ def test_a_short_file_of_zeros_longer_than_a_header_is_refused(tmp_path):
 
 # -- 6. a Pode file written on one line ----------------------------------------------------------------
 def test_a_compact_pode_file_with_a_sha256_value_is_read_as_pode(tmp_path):
-    from sharedstate._snapshot import read_snapshot
+    from sharedstate.persistence.snapshot import read_snapshot
 
     path = tmp_path / "pode.json"
     digest = "ab" * 32
@@ -337,7 +337,7 @@ def immutable():
 def test_an_old_journal_that_cannot_be_removed_does_not_fail_saves(second_user, shared_folder, immutable):
     """Another user plants an old journal after the start; the server may not remove it (immutable here:
     root could remove another user's file from a sticky folder, a server run by a normal user could not)."""
-    from sharedstate._journal import FORMAT, _line
+    from sharedstate.persistence.journal import FORMAT, _line
 
     path = shared_folder / "state.json"
     planted = shared_folder / "state.json.journal.99"
@@ -361,7 +361,7 @@ def test_an_old_journal_that_cannot_be_removed_does_not_fail_saves(second_user, 
 
 
 def read_snapshot_data(path: Path) -> dict:
-    from sharedstate._snapshot import read_snapshot
+    from sharedstate.persistence.snapshot import read_snapshot
 
     return read_snapshot(path).data
 

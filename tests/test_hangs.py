@@ -463,8 +463,8 @@ def test_the_server_keeps_no_cycle_through_an_error_it_answered():
     import types
     from multiprocessing.connection import Connection
 
-    from sharedstate._addresses import STORE_ID
-    from sharedstate._serving import ManagerServer
+    from sharedstate.server.serving import ManagerServer
+    from sharedstate.wire.addresses import STORE_ID
 
     raised = []
 

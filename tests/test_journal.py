@@ -9,8 +9,8 @@ import pytest
 from conftest import crash, journaling, kill
 
 import sharedstate
-from sharedstate._journal import journal_path, read_journal
-from sharedstate._snapshot import read_snapshot
+from sharedstate.persistence.journal import journal_path, read_journal
+from sharedstate.persistence.snapshot import read_snapshot
 
 
 def crashed_after_sets(path, count: int):
@@ -195,8 +195,8 @@ def test_a_crash_at_any_moment_of_a_save_replays_every_change_exactly_once(tmp_p
 @pytest.mark.parametrize("crash_point", ["before the snapshot", "between snapshot and rename", "after the rename"])
 def test_each_crash_point_of_a_save_replays_each_record_once(tmp_path, crash_point):
     """The files a save leaves at each instant, and what start-up replays from them."""
-    from sharedstate._journal import Journal, replay_records
-    from sharedstate._snapshot import write_snapshot
+    from sharedstate.persistence.journal import Journal, replay_records
+    from sharedstate.persistence.snapshot import write_snapshot
 
     path = tmp_path / "state.json"
     journal = Journal(path, "always")

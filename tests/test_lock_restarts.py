@@ -19,7 +19,7 @@ import pytest
 from conftest import START_METHODS, kill, reap, start_with_log, wait_until
 
 import sharedstate
-from sharedstate import _client as sharedstate_client
+from sharedstate import _state as sharedstate_client
 
 #: How long a test waits for anything that should happen at once (a restart, a child's answer).
 WAIT_S = 30
@@ -483,8 +483,8 @@ def test_a_holder_whose_connections_closed_gets_lock_lost_not_a_second_hold(meth
 
 
 def test_the_lock_file_keeps_only_held_locks_when_it_fills_up(tmp_path):
-    from sharedstate._lockfile import MIN_BYTES, LockFile
-    from sharedstate._locktable import Client, LockTable
+    from sharedstate.server.lockfile import MIN_BYTES, LockFile
+    from sharedstate.server.locktable import Client, LockTable
 
     def client(pid: int) -> Client:
         made = Client(("here", pid, 1.5), pid, False, 1.5)
@@ -510,7 +510,7 @@ def test_the_lock_file_keeps_only_held_locks_when_it_fills_up(tmp_path):
 
 
 def test_a_lock_file_in_a_folder_others_may_write_is_neither_read_nor_written(tmp_path, caplog):
-    from sharedstate._lockfile import Holder, LockFile
+    from sharedstate.server.lockfile import Holder, LockFile
 
     folder = tmp_path / "shared"
     folder.mkdir()

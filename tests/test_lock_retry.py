@@ -297,7 +297,7 @@ def test_an_asyncio_acquire_waiting_at_the_kill_gets_the_lock_and_releases_it():
 
 
 def test_a_release_is_answered_again_after_the_lock_file_was_rewritten_full():
-    from sharedstate._lockfile import MIN_BYTES
+    from sharedstate.server.lockfile import MIN_BYTES
 
     with sharedstate.StateServer() as server:
         state = server.state

@@ -22,10 +22,10 @@ import pytest
 from conftest import ROOT, as_user, crash, exited, fill, journaling, reap, start_serve, start_with_log
 
 import sharedstate
-from sharedstate._codec import object_hook
-from sharedstate._files import read_regular, write_atomic
-from sharedstate._journal import journal_path
-from sharedstate._snapshot import read_snapshot, snapshot_pieces, write_snapshot
+from sharedstate.persistence.codec import object_hook
+from sharedstate.persistence.files import read_regular, write_atomic
+from sharedstate.persistence.journal import journal_path
+from sharedstate.persistence.snapshot import read_snapshot, snapshot_pieces, write_snapshot
 
 
 def crashed_with_acknowledged_writes(path: Path, count: int = 20) -> Path:
@@ -131,7 +131,7 @@ def test_a_misspelt_format_key_is_refused_not_read_as_a_pode_file(tmp_path):
 
 def test_a_new_section_after_the_header_is_covered_by_the_checksum(tmp_path):
     """A later version may add a section (say, the last answer per client): it is covered as written."""
-    from sharedstate._snapshot import _Sealer
+    from sharedstate.persistence.snapshot import _Sealer
 
     path = tmp_path / "state.json"
     pieces = list(snapshot_pieces({"a": 1}, {}))

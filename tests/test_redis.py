@@ -25,7 +25,7 @@ from test_values import VALUES, same
 
 import sharedstate
 from sharedstate import aio
-from sharedstate._redis import DEFAULT_LEASE, RedisState
+from sharedstate.backends.redis import DEFAULT_LEASE, RedisState
 
 
 def connect(redis_server, namespace, **options) -> RedisState:

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, TESTS, exited, kill, reap, wait_until
 
 import sharedstate
-from sharedstate._snapshot import read_snapshot
+from sharedstate.persistence.snapshot import read_snapshot
 
 
 def start_owner(path, durability="snapshot") -> tuple[subprocess.Popen, dict]:

@@ -23,9 +23,9 @@ from restart_workers import count_incrs
 
 import sharedstate
 import sharedstate.aio
-from sharedstate._addresses import STORE_ID
-from sharedstate._answers import Answers, Duplicate, client_id, current_request
-from sharedstate._store import Store
+from sharedstate.server.store import Store
+from sharedstate.wire.addresses import STORE_ID
+from sharedstate.wire.answers import Answers, Duplicate, client_id, current_request
 
 
 def _in_thread(call, wait: float):

@@ -7,7 +7,7 @@ import datetime
 import pytest
 
 import sharedstate
-from sharedstate._schedule import parse_schedule
+from sharedstate.persistence.schedule import parse_schedule
 
 
 @pytest.mark.parametrize("spec", [1, 0.5, datetime.timedelta(minutes=5), "@hourly", "@daily", "*/5 * * * *", None])

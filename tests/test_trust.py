@@ -22,7 +22,7 @@ import pytest
 from conftest import reap, second_user_python, wait_until
 
 import sharedstate
-from sharedstate._addresses import parse_address
+from sharedstate.wire.addresses import parse_address
 
 #: What the squatter makes whoever loads its answer do: create this file.
 MARKER = "pwned"

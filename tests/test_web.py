@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from conftest import ROOT, reap
 
-from sharedstate._snapshot import read_snapshot
+from sharedstate.persistence.snapshot import read_snapshot
 
 WEB = ROOT / "examples" / "web"
 REQUESTS = 400

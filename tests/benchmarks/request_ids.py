@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import sharedstate  # noqa: E402
-from sharedstate._client import State  # noqa: E402
+from sharedstate._state import State  # noqa: E402
 
 
 def median_us(samples: list[float]) -> float:

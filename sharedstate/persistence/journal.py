@@ -35,9 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._codec import encode, object_hook
-from ._errors import SnapshotError
-from ._files import check_slot, fsync_dir, read_regular
+from sharedstate._errors import SnapshotError
+from sharedstate.persistence.codec import encode, object_hook
+from sharedstate.persistence.files import check_slot, fsync_dir, read_regular
 
 log = logging.getLogger("sharedstate")
 

@@ -23,13 +23,21 @@ from typing import Any
 
 import psutil
 
-from ._addresses import BOOT_SCOPE, ENV_ADDRESS, ENV_AUTHKEY, Address, format_address, is_loopback, parse_address
-from ._client import State
-from ._config import EXIT_SAVE_FAILED, ServerConfig
-from ._errors import ServerUnavailable, SharedStateError, SnapshotError
-from ._schedule import SaveEvery, parse_schedule
-from ._transport import open_control
-from ._versions import retire
+from sharedstate._errors import ServerUnavailable, SharedStateError, SnapshotError
+from sharedstate._state import State
+from sharedstate.persistence.schedule import SaveEvery, parse_schedule
+from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
+from sharedstate.wire.addresses import (
+    BOOT_SCOPE,
+    ENV_ADDRESS,
+    ENV_AUTHKEY,
+    Address,
+    format_address,
+    is_loopback,
+    parse_address,
+)
+from sharedstate.wire.transport import open_control
+from sharedstate.wire.versions import retire
 
 log = logging.getLogger("sharedstate")
 
@@ -356,7 +364,7 @@ def _final_report(proc: subprocess.Popen[bytes]) -> tuple[bool, SharedStateError
 def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a server process and wait until it listens; return it and what it reported. The process
     gets a pipe of its own to tell, as it exits, whether its final save failed (``proc.report_fd``)."""
-    code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from sharedstate._serverproc import main; main()"
+    code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from sharedstate.server.process import main; main()"
     report_r, report_w = os.pipe()
     os.set_blocking(report_r, False)
     config.report_fd = report_w

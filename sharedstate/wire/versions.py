@@ -36,8 +36,8 @@ import zlib
 
 import psutil
 
-from ._addresses import Address
-from ._locktable import process_alive
+from sharedstate.server.locktable import process_alive
+from sharedstate.wire.addresses import Address
 
 try:
     import _posixshmem

@@ -38,8 +38,8 @@ from typing import Any
 
 import psutil
 
-from ._errors import LockLost
-from ._lockfile import Holder, LockFile
+from sharedstate._errors import LockLost
+from sharedstate.server.lockfile import Holder, LockFile
 
 log = logging.getLogger("sharedstate")
 

@@ -26,10 +26,10 @@ from typing import Any, NamedTuple
 
 import filelock
 
-from . import _pode
-from ._codec import encode, iter_json_object, object_hook
-from ._errors import SnapshotError, StateFileBusy
-from ._files import backup_path, check_slot, read_regular, remove_stray_temp_files, write_atomic
+from sharedstate._errors import SnapshotError, StateFileBusy
+from sharedstate.persistence import pode as _pode
+from sharedstate.persistence.codec import encode, iter_json_object, object_hook
+from sharedstate.persistence.files import backup_path, check_slot, read_regular, remove_stray_temp_files, write_atomic
 
 log = logging.getLogger("sharedstate")
 

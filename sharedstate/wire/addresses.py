@@ -11,7 +11,7 @@ import socket
 import stat
 from pathlib import Path
 
-from ._errors import AccessDenied, ServerUnavailable
+from sharedstate._errors import AccessDenied, ServerUnavailable
 
 Address = str | tuple[str, int]
 

@@ -12,8 +12,15 @@ from typing import Any
 
 import psutil
 
-from . import _answers
-from ._addresses import (
+from sharedstate._errors import ServerUnavailable, SharedStateError
+from sharedstate._lock import Lock
+from sharedstate._pattern import compile_pattern
+from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_value
+from sharedstate.persistence.files import caller_target
+from sharedstate.server.locktable import process_alive
+from sharedstate.server.store import MISSING
+from sharedstate.wire import answers as _answers
+from sharedstate.wire.addresses import (
     BOOT_SCOPE,
     CALL_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -24,15 +31,8 @@ from ._addresses import (
     parse_address,
     resolve,
 )
-from ._cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
-from ._errors import ServerUnavailable, SharedStateError
-from ._files import caller_target
-from ._lock import Lock
-from ._locktable import process_alive
-from ._pattern import compile_pattern
-from ._store import MISSING
-from ._transport import ConnectionPool
-from ._values import PartBudget, check_name, check_names, check_scope, check_value
+from sharedstate.wire.cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
+from sharedstate.wire.transport import ConnectionPool
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).
@@ -585,12 +585,14 @@ def connect(
 
     A ``redis://``, ``rediss://`` or ``unix://`` URL (given, or in ``SHAREDSTATE_ADDRESS``) connects to
     Redis or Valkey instead, with the keys of ``namespace`` and locks leased for ``lease`` seconds
-    (``sharedstate._redis.connect``).
+    (``sharedstate.backends.redis.connect``).
 
     >>> state = sharedstate.connect()          # doctest: +SKIP
     >>> state = sharedstate.connect("redis://localhost:6379/0", namespace="myapp")  # doctest: +SKIP
     """
-    from . import _redis  # the Redis backend (redis-py itself is imported only for a Redis URL)
+    from sharedstate.backends import (
+        redis as _redis,  # the Redis backend (redis-py itself is imported only for a Redis URL)
+    )
 
     timeout = check_call_timeout(timeout)
     redis_state = _redis.connect(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)

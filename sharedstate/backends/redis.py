@@ -40,15 +40,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from ._addresses import ENV_ADDRESS, check_call_timeout
-from ._client import State
-from ._codec import encode, object_hook
-from ._errors import AccessDenied, LockLost, ServerUnavailable, SharedStateError, SnapshotError
-from ._files import caller_target
-from ._locktable import describe
-from ._pattern import compile_pattern
-from ._snapshot import read_snapshot, write_snapshot
-from ._values import PartBudget, check_name, check_names, check_scope, check_text, check_value
+from sharedstate._errors import AccessDenied, LockLost, ServerUnavailable, SharedStateError, SnapshotError
+from sharedstate._pattern import compile_pattern
+from sharedstate._state import State
+from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_text, check_value
+from sharedstate.persistence.codec import encode, object_hook
+from sharedstate.persistence.files import caller_target
+from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
+from sharedstate.server.locktable import describe
+from sharedstate.wire.addresses import ENV_ADDRESS, check_call_timeout
 
 log = logging.getLogger("sharedstate")
 

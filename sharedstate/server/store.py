@@ -14,13 +14,13 @@ import decimal
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ._answers import Answers, Duplicate, Removed, answer_of, current_request
-from ._journal import encode_record
-from ._pattern import compile_pattern
+from sharedstate._pattern import compile_pattern
+from sharedstate.persistence.journal import encode_record
+from sharedstate.wire.answers import Answers, Duplicate, Removed, answer_of, current_request
 
 if TYPE_CHECKING:
-    from ._journal import Journal
-    from ._versions import VersionTable
+    from sharedstate.persistence.journal import Journal
+    from sharedstate.wire.versions import VersionTable
 
 
 class _Missing:

@@ -14,16 +14,16 @@ from typing import Any
 
 import psutil
 
-from ._addresses import BOOT_SCOPE, STORE_ID, Address, format_address
-from ._config import ServerConfig
-from ._errors import SnapshotError
-from ._files import check_slot
-from ._lockfile import Holder, LockFile
-from ._locktable import RECONNECT_GRACE_S, Client, LockTable
-from ._snapshot import Snapshot, read_snapshot, write_snapshot
-from ._store import Store
-from ._transport import frame, write_raw
-from ._values import check_value
+from sharedstate._errors import SnapshotError
+from sharedstate._values import check_value
+from sharedstate.persistence.files import check_slot
+from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
+from sharedstate.server.config import ServerConfig
+from sharedstate.server.lockfile import Holder, LockFile
+from sharedstate.server.locktable import RECONNECT_GRACE_S, Client, LockTable
+from sharedstate.server.store import Store
+from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
+from sharedstate.wire.transport import frame, write_raw
 
 log = logging.getLogger("sharedstate")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ._addresses import Address
-from ._schedule import SaveEvery
+from sharedstate.persistence.schedule import SaveEvery
+from sharedstate.wire.addresses import Address
 
 
 @dataclass

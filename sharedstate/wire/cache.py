@@ -23,8 +23,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from ._store import MISSING
-from ._versions import EPOCH, TOKEN, VersionView, attach, slot_of
+from sharedstate.server.store import MISSING
+from sharedstate.wire.versions import EPOCH, TOKEN, VersionView, attach, slot_of
 
 #: Names one process keeps at most for one server.
 MAX_ENTRIES = 10_000

@@ -21,17 +21,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._addresses import Address, key_file_for
-from ._config import EXIT_SAVE_FAILED, ServerConfig
-from ._errors import SnapshotError
-from ._files import backup_path, check_slot, write_atomic
-from ._journal import Journal, replay_records, scan_journals
-from ._locktable import process_alive
-from ._schedule import parse_schedule
-from ._service import StateService
-from ._serving import ManagerServer
-from ._snapshot import FileOwnership, read_snapshot
-from ._versions import VersionTable
+from sharedstate._errors import SnapshotError
+from sharedstate.persistence.files import backup_path, check_slot, write_atomic
+from sharedstate.persistence.journal import Journal, replay_records, scan_journals
+from sharedstate.persistence.schedule import parse_schedule
+from sharedstate.persistence.snapshot import FileOwnership, read_snapshot
+from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
+from sharedstate.server.locktable import process_alive
+from sharedstate.server.service import StateService
+from sharedstate.server.serving import ManagerServer
+from sharedstate.wire.addresses import Address, key_file_for
+from sharedstate.wire.versions import VersionTable
 
 log = logging.getLogger("sharedstate")
 

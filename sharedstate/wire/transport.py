@@ -20,7 +20,8 @@ from collections.abc import Callable
 from multiprocessing import connection as mpc
 from typing import Any
 
-from ._addresses import (
+from sharedstate._errors import AccessDenied, ServerUnavailable, SharedStateError
+from sharedstate.wire.addresses import (
     CONNECT_TIMEOUT,
     ENV_AUTHKEY,
     KEEPALIVES_PER_TIMEOUT,
@@ -29,7 +30,6 @@ from ._addresses import (
     format_address,
     key_file_for,
 )
-from ._errors import AccessDenied, ServerUnavailable, SharedStateError
 
 # -- framing -----------------------------------------------------------------------------------------
 #: multiprocessing's frame header: a signed big-endian length; -1 announces an 8-byte length after it

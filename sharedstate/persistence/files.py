@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from ._errors import SnapshotError
+from sharedstate._errors import SnapshotError
 
 log = logging.getLogger("sharedstate")
 
