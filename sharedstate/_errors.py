@@ -79,3 +79,18 @@ class StateFileBusy(SharedStateError):
     """Another live server owns the snapshot file. Has ``path`` and ``pid`` (the owner's)."""
 
     _facts = ("path", "pid")
+
+
+def describe_lock(key: str | None) -> str:
+    """How messages name a lock: the global one, or one by its name."""
+    return "the global lock" if key is None else f"lock {key!r}"
+
+
+def lock_lost(key: str | None) -> LockLost:
+    """The error of a holder whose lock the server no longer has as its own."""
+    return LockLost(
+        f"{describe_lock(key)} is no longer held by this thread: the server freed it (its lease ran out, the "
+        "server restarted without it, or this process' connections closed), so another holder may have "
+        "had it since",
+        key,
+    )

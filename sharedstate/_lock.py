@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Hashable, Iterator
@@ -38,7 +37,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sharedstate._errors import LockLost, LockTimeout
-from sharedstate.server.locktable import describe, lost
+from sharedstate._errors import describe_lock as describe
+from sharedstate._errors import lock_lost as lost
+from sharedstate._fork import after_fork_in_child
 from sharedstate.wire.answers import sequence as _sequence
 
 if TYPE_CHECKING:
@@ -260,16 +261,13 @@ class _Renewals:
 _renewals = _Renewals()
 
 
+@after_fork_in_child
 def _after_fork_in_child() -> None:
     # A forked child holds none of its parent's locks, and no renewal thread runs in it.
     global _renewals
     _held.clear()
     _lost.clear()
     _renewals = _Renewals()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Lock:

@@ -15,10 +15,10 @@ import psutil
 from sharedstate._errors import ServerUnavailable, SharedStateError
 from sharedstate._lock import Lock
 from sharedstate._pattern import compile_pattern
+from sharedstate._processes import process_alive
+from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_value
 from sharedstate.persistence.files import caller_target
-from sharedstate.server.locktable import process_alive
-from sharedstate.server.store import MISSING
 from sharedstate.wire import answers as _answers
 from sharedstate.wire.addresses import (
     BOOT_SCOPE,
@@ -31,7 +31,7 @@ from sharedstate.wire.addresses import (
     parse_address,
     resolve,
 )
-from sharedstate.wire.cache import NOT_CACHED, PRESENT, ClientCache, cache_for, encode
+from sharedstate.wire.cache import ClientCache, cache_for, encode
 from sharedstate.wire.transport import ConnectionPool
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sharedstate._errors import LockTimeout
+from sharedstate._errors import describe_lock as describe
 from sharedstate._lock import acquire_call, check_lease, check_timeout, release_call
+from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate._state import State
 from sharedstate._state import connect as _connect
 from sharedstate._values import check_name
-from sharedstate.server.locktable import describe
-from sharedstate.server.store import MISSING
 from sharedstate.wire.addresses import CALL_TIMEOUT, check_call_timeout
-from sharedstate.wire.cache import NOT_CACHED
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
 

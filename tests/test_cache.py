@@ -17,8 +17,8 @@ from conftest import ROOT, kill, reap, run_to_completion, wait_until
 from workers import read_monotonic, write_sequence
 
 import sharedstate
+from sharedstate._sentinels import NOT_CACHED
 from sharedstate.wire import cache as _cache
-from sharedstate.wire.cache import NOT_CACHED
 from sharedstate.wire.versions import EPOCH, TOKEN, block_name, retire, slot_of
 
 SHM = Path("/dev/shm")

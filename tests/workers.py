@@ -220,7 +220,7 @@ def read_monotonic(state: sharedstate.State, names: list[str], count: int, retur
     """Read ``names`` until every writer is done. A read must see at least the number whose write had
     returned before the read began, and never go back; ``hits[index]`` counts reads of ``slow`` that
     the cache answered."""
-    from sharedstate.wire.cache import NOT_CACHED
+    from sharedstate._sentinels import NOT_CACHED
 
     start.wait(30)
     last = dict.fromkeys([*names, "slow"], 0)

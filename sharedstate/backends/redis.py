@@ -41,13 +41,15 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from sharedstate._errors import AccessDenied, LockLost, ServerUnavailable, SharedStateError, SnapshotError
+from sharedstate._errors import describe_lock as describe
+from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import compile_pattern
+from sharedstate._sentinels import MISSING, STILL_HELD
 from sharedstate._state import State
 from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_text, check_value
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.files import caller_target
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
-from sharedstate.server.locktable import describe
 from sharedstate.wire.addresses import ENV_ADDRESS, check_call_timeout
 
 log = logging.getLogger("sharedstate")
@@ -294,15 +296,13 @@ _process = _Process()
 _opening = threading.Lock()
 
 
+@after_fork_in_child
 def _after_fork_in_child() -> None:
     global _leases, _opening
     _process.forked()
     _opening = threading.Lock()
     # Locks belong to the parent's threads (the parent keeps renewing them); the child holds none.
     _leases = _Leases()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- values --------------------------------------------------------------------------------------------
@@ -668,7 +668,7 @@ class RedisState(State):
         conn = self._conn
         while True:
             raw = conn.client.hget(self._data_key, name)
-            new = change(_MISSING if raw is None else _loads(raw))
+            new = change(MISSING if raw is None else _loads(raw))
             args = [name, "1", "", _dumps(new)] if raw is None else [name, "0", raw, _dumps(new)]
             if conn.swap(keys=self._keys[:1], args=args) == 1:
                 return new
@@ -907,7 +907,7 @@ class RedisState(State):
                 f"cannot release {describe(name)}: this thread does not hold it "
                 f"(held by {'nobody' if holder is None else f'pid {holder}'})"
             )
-        if held is _STILL_HELD:
+        if held is STILL_HELD:
             return
         released = self._conn.release(keys=[key, wake], args=[held.token, held.lease_ms])
         if released != 1 or held.lost:
@@ -940,19 +940,9 @@ _LOCK_CALLS: dict[str, Callable[..., Any]] = {
 }
 
 
-class _MissingName:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-_MISSING = _MissingName()
-
-
 def _add(name: str, current: Any, by: Any) -> Any:
     """``incr``'s arithmetic, as the local server does it."""
-    if current is _MISSING:
+    if current is MISSING:
         current = 0
     if type(current) not in _NUMBER_TYPES:
         raise TypeError(f"cannot incr {name!r}: it holds {type(current).__name__}, not a number")
@@ -966,7 +956,7 @@ def _add(name: str, current: Any, by: Any) -> Any:
 
 
 def _appended(name: str, current: Any, item: Any) -> list[Any]:
-    if current is _MISSING:
+    if current is MISSING:
         return [item]
     if type(current) is not list:
         raise TypeError(f"cannot append to {name!r}: it holds {type(current).__name__}, not a list")
@@ -1008,10 +998,6 @@ class _Held:
         self.lost = False
 
 
-#: What ``_Leases.leave`` answers when the lock stays held (a reentrant release).
-_STILL_HELD: Any = object()
-
-
 class _Leases:
     """The locks this process holds, and the thread that renews their leases every third of a lease."""
 
@@ -1047,7 +1033,7 @@ class _Leases:
         self._wake.set()
 
     def leave(self, url: str, key: str, owner: Any) -> _Held | None:
-        """Count one release by ``owner``: ``None`` if it does not hold the lock, ``_STILL_HELD`` if it
+        """Count one release by ``owner``: ``None`` if it does not hold the lock, ``STILL_HELD`` if it
         still does (reentrancy), else the lock, forgotten here (the caller releases it in Redis)."""
         with self._mutex:
             held = self._held.get((url, key))
@@ -1055,7 +1041,7 @@ class _Leases:
                 return None
             held.count -= 1
             if held.count:
-                return _STILL_HELD
+                return STILL_HELD
             del self._held[(url, key)]
             return held
 

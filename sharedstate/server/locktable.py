@@ -36,9 +36,9 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import psutil
-
-from sharedstate._errors import LockLost
+from sharedstate._errors import describe_lock as describe
+from sharedstate._errors import lock_lost as lost
+from sharedstate._processes import process_alive
 from sharedstate.server.lockfile import Holder, LockFile
 
 log = logging.getLogger("sharedstate")
@@ -54,20 +54,6 @@ RECONNECT_GRACE_S = 10.0
 #: A release sent again is recognised while fewer than that many other holders released a lock after
 #: it: it comes within its caller's call timeout of the crash, far within that bound.
 MAX_RELEASED = 4096
-
-
-def process_alive(pid: int, create_time: float | None) -> bool:
-    """Whether ``pid`` is a live process, and the same one that had ``create_time`` (pids are reused).
-    A zombie (exited, not yet reaped) counts as dead; a process we may not inspect counts as alive."""
-    try:
-        process = psutil.Process(pid)
-        if create_time is not None and process.create_time() != create_time:
-            return False
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
 
 
 class Client:
@@ -141,19 +127,6 @@ class _Entry:
         self.renewed_at = 0.0
         #: Rebuilt from the lock file, and its holder thread has made no lock call since.
         self.rebuilt = False
-
-
-def describe(key: str | None) -> str:
-    return "the global lock" if key is None else f"lock {key!r}"
-
-
-def lost(key: str | None) -> LockLost:
-    return LockLost(
-        f"{describe(key)} is no longer held by this thread: the server freed it (its lease ran out, the "
-        "server restarted without it, or this process' connections closed), so another holder may have "
-        "had it since",
-        key,
-    )
 
 
 class LockTable:

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from sharedstate._errors import SnapshotError
+from sharedstate._processes import process_alive
 from sharedstate.persistence.files import backup_path, check_slot, write_atomic
 from sharedstate.persistence.journal import Journal, replay_records, scan_journals
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import FileOwnership, read_snapshot
 from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
-from sharedstate.server.locktable import process_alive
 from sharedstate.server.service import StateService
 from sharedstate.server.serving import ManagerServer
 from sharedstate.wire.addresses import Address, key_file_for

@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from sharedstate._errors import SnapshotError
+from sharedstate._sentinels import HANDED
 from sharedstate._values import check_value
 from sharedstate.persistence.files import check_slot
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
@@ -36,17 +37,6 @@ class _Current(threading.local):
     notify: Callable[[], None] | None = None
     #: Waits up to so many seconds for that connection to have something to read.
     readable: Callable[[float], bool] | None = None
-
-
-class _Handed:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "HANDED"
-
-
-#: What ``lock_acquire`` returns when the lock was handed over after a wait: the answer is written.
-HANDED = _Handed()
 
 
 _current = _Current()

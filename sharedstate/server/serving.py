@@ -15,8 +15,9 @@ from multiprocessing import connection as mpc
 from multiprocessing import managers
 from typing import Any
 
+from sharedstate._sentinels import HANDED
 from sharedstate.server.admission import Admission, raise_fd_limit
-from sharedstate.server.service import HANDED, StateService, _current, _readable_within
+from sharedstate.server.service import StateService, _current, _readable_within
 from sharedstate.wire.addresses import STORE_ID, Address
 from sharedstate.wire.answers import Duplicate, answer_of, current_request
 from sharedstate.wire.transport import MessageReader, frame, write_message, write_raw

@@ -15,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from sharedstate._pattern import compile_pattern
+from sharedstate._sentinels import MISSING
 from sharedstate.persistence.journal import encode_record
 from sharedstate.wire.answers import Answers, Duplicate, Removed, answer_of, current_request
 
@@ -23,20 +24,6 @@ if TYPE_CHECKING:
     from sharedstate.wire.versions import VersionTable
 
 
-class _Missing:
-    """What ``get`` answers for a name that does not exist; it pickles as a reference to ``MISSING``, so
-    it is the same object in every process."""
-
-    __slots__ = ()
-
-    def __reduce__(self) -> str:
-        return "MISSING"
-
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-MISSING = _Missing()
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 
 

@@ -24,6 +24,8 @@ import os
 import threading
 from typing import Any
 
+from sharedstate._fork import after_fork_in_child
+
 #: Clients (process threads) whose last answer the server keeps.
 MAX_CLIENTS = 65_536
 
@@ -48,15 +50,13 @@ def client_id() -> str:
     return client
 
 
+@after_fork_in_child
 def _after_fork_in_child() -> None:
     # The child is another client: the parent's ids (and their answers at the server) are not its own.
     # Only the thread that forked runs in the child: its id is the one to forget.
     global _token
     _token = os.urandom(8).hex()
     ids.client = None
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- the server's side -------------------------------------------------------------------------------

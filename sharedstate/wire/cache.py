@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import decimal
-import os
 import pickle
 import sys
 import threading
@@ -23,7 +22,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from sharedstate.server.store import MISSING
+from sharedstate._fork import after_fork_in_child
+from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.wire.versions import EPOCH, TOKEN, VersionView, attach, slot_of
 
 #: Names one process keeps at most for one server.
@@ -33,16 +33,6 @@ MAX_BYTES = 32 * 1024 * 1024
 #: A value larger than this is fetched every time.
 MAX_VALUE_BYTES = 1024 * 1024
 
-
-class _Present:
-    """The entry of a name known to exist (from ``contains``) whose value was not fetched."""
-
-    __slots__ = ()
-
-
-PRESENT = _Present()
-#: What ``lookup`` answers when it has no valid entry.
-NOT_CACHED = object()
 
 #: Values that cannot be changed in place: a hit returns the cached object itself.
 _IMMUTABLE = frozenset(
@@ -60,7 +50,6 @@ _IMMUTABLE = frozenset(
         datetime.time,
         datetime.timedelta,
         type(MISSING),
-        _Present,
     }
 )
 
@@ -196,13 +185,10 @@ def cache_for(versions: object) -> ClientCache | None:
         return cache
 
 
+@after_fork_in_child
 def _forget_after_fork() -> None:
     # A forked child starts with caches of its own: a mutex may have been held by another thread at the
     # fork (the parent's entries would be right, but not worth that risk).
     global _caches_mutex
     _caches.clear()
     _caches_mutex = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)

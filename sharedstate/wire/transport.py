@@ -20,6 +20,7 @@ from collections.abc import Callable
 from multiprocessing import connection as mpc
 from typing import Any
 
+from sharedstate import _fork
 from sharedstate._errors import AccessDenied, ServerUnavailable, SharedStateError
 from sharedstate.wire.addresses import (
     CONNECT_TIMEOUT,
@@ -313,20 +314,6 @@ def open_control(address: Address, authkey: bytes, funcname: str, timeout: float
         conn.close()
 
 
-#: Bumped in every forked child: a connection made before a fork belongs to the parent. (Cheaper than
-#: comparing os.getpid() on every call, which is a system call.)
-_fork_generation = 0
-
-
-def _after_fork_in_child() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class ConnectionPool:
     """One connection per thread for one client handle; dropped in a forked child and after any failure.
 
@@ -354,18 +341,18 @@ class ConnectionPool:
         #: ``{"owner", "ctime", "scope"}``, or ``None`` when no restart is to be expected.
         self.restart = restart
         self._local = threading.local()
-        self._generation = _fork_generation
+        self._generation = _fork.generation
 
     def get(self, timeout: float | None = None) -> Connection:
         """This thread's connection, opened (within ``timeout`` seconds; by default ``CONNECT_TIMEOUT``,
         or the call timeout when that is shorter) if it has none."""
         local = self._local
         conn = getattr(local, "conn", None)
-        if conn is not None and self._generation == _fork_generation:
+        if conn is not None and self._generation == _fork.generation:
             return conn
-        if self._generation != _fork_generation:
+        if self._generation != _fork.generation:
             self._local = local = threading.local()
-            self._generation = _fork_generation
+            self._generation = _fork.generation
         if timeout is None:
             timeout = CONNECT_TIMEOUT if self.call_timeout is None else min(CONNECT_TIMEOUT, self.call_timeout)
         conn, info = open_connection(self.address, self.authkey, self.hello(), timeout, self.call_timeout)
@@ -379,7 +366,7 @@ class ConnectionPool:
         """Close this thread's connection (after a failure, or when the handle is closed)."""
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
-        if conn is not None and self._generation == _fork_generation:
+        if conn is not None and self._generation == _fork.generation:
             try:
                 conn.close()
             except OSError:

@@ -36,7 +36,7 @@ import zlib
 
 import psutil
 
-from sharedstate.server.locktable import process_alive
+from sharedstate._processes import process_alive
 from sharedstate.wire.addresses import Address
 
 try:

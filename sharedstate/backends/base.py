@@ -1,0 +1,118 @@
+"""``Backend``: the operations a ``State`` delegates to, already validated.
+
+``State`` (the facade) checks every argument once, turns the public calls into these operations and
+keeps the mapping sugar; a backend only carries them out, atomically, and raises the package's errors
+(``ServerUnavailable``, ``AccessDenied``, ``SnapshotError`` ...) and the ``TypeError``/``ValueError`` that
+depend on what is stored (``incr`` of a string). Names are ``str``, values have passed
+``_values.check_value``, scopes are tuples of ``str``, paths are absolute and checked in the caller.
+
+A backend pickles: a ``State`` travels to another process as its backend, which opens its own
+connections there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from sharedstate._pattern import Pattern
+
+#: ``(name, owner)`` of a held lock, as ``Backend.lock_renew`` takes and answers them.
+LockRef = tuple[str | None, Hashable]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a ``State`` needs of the place its dictionary lives in."""
+
+    #: Whether the backend renews leased locks itself (Redis); if not, ``Lock``'s thread calls
+    #: ``lock_renew`` every third of a lease.
+    renews_leases: bool
+
+    @property
+    def address(self) -> str:
+        """Where the state lives, as ``SHAREDSTATE_ADDRESS`` holds it (no password)."""
+        ...
+
+    # -- reads --------------------------------------------------------------------------------------
+    def get(self, name: str) -> Any:
+        """The value of ``name``, or ``MISSING``."""
+        ...
+
+    def peek(self, name: str) -> Any:
+        """The value of ``name`` if this process knows it is still the stored one (a client cache hit),
+        ``MISSING`` if it knows there is no such name, else ``NOT_CACHED``. Never a round trip."""
+        ...
+
+    def contains(self, name: str) -> bool: ...
+
+    def get_many(self, names: list[str]) -> dict[str, Any]:
+        """The values of those of ``names`` that exist."""
+        ...
+
+    def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
+        """The sorted names that match ``pattern`` and have any of ``scopes`` (empty: no filter)."""
+        ...
+
+    def length(self) -> int: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    # -- writes -------------------------------------------------------------------------------------
+    def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None: ...
+
+    def remove(self, name: str) -> Any:
+        """Remove ``name``; its value, or ``MISSING``."""
+        ...
+
+    def popitem(self) -> tuple[str, Any] | None:
+        """Remove some name and return it with its value; ``None`` when the state is empty."""
+        ...
+
+    def clear(self) -> None: ...
+
+    def incr(self, name: str, by: Any) -> Any: ...
+
+    def setdefault(self, name: str, default: Any) -> Any: ...
+
+    def compare_and_set(self, name: str, expected: Any, new: Any) -> bool: ...
+
+    def append(self, name: str, item: Any) -> int: ...
+
+    def update(self, mapping: dict[str, Any]) -> None:
+        """Store every name of ``mapping`` (not empty) at once, all or nothing; their scopes go."""
+        ...
+
+    # -- files and figures --------------------------------------------------------------------------
+    def save(
+        self, path: str | None, include: list[str] | None, exclude: list[str] | None, scopes: tuple[str, ...]
+    ) -> Path: ...
+
+    def restore(self, path: str | None, merge: bool) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    # -- locks (``name`` None: the global lock; ``owner``: a thread ident or an asyncio task's token) --
+    def lock_acquire(
+        self, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None, held: int
+    ) -> bool:
+        """Acquire for ``owner``, which believes it holds the lock ``held`` times; ``LockLost`` if it
+        believed it held it and no longer does."""
+        ...
+
+    def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
+        """Release once; ``RuntimeError`` if ``owner`` does not hold it, ``LockLost`` if it lost it."""
+        ...
+
+    def lock_renew(self, held: list[LockRef]) -> list[LockRef]:
+        """Renew the leases of ``held``; answer those no longer held."""
+        ...
+
+    def lock_locked(self, name: str | None) -> bool: ...
+
+    def lock_owner(self, name: str | None) -> int | None: ...
+
+    def close(self) -> None:
+        """Close this thread's (or process') connections; the next call opens them again."""
+        ...
