@@ -36,6 +36,7 @@ class Store:
         "getitem",
         "set",
         "remove",
+        "popitem",
         "delitem",
         "contains",
         "names",
@@ -221,13 +222,30 @@ class Store:
             self.ops += 1
             if name not in self._data:
                 self._check_duplicate()
-                return None
+                return MISSING
             number = self._record("remove", name, answer=Removed(self._data[name]))
             self._scopes.pop(name, None)
             value = self._data.pop(name)
             self._changed(name)
         self._commit(number)
         return value
+
+    def popitem(self) -> tuple[str, Any] | None:
+        """Remove the name stored last and answer it with its value (``None`` when there is none)."""
+        with self._mutex:
+            self.ops += 1
+            if not self._data:
+                self._check_duplicate()
+                return None
+            name = next(reversed(self._data))
+            item = (name, self._data[name])
+            # Journaled as the remove it is; the answer holds the value, so it is kept as ``Removed``.
+            number = self._record("remove", name, answer=Removed(item))
+            del self._data[name]
+            self._scopes.pop(name, None)
+            self._changed(name)
+        self._commit(number)
+        return item
 
     def delitem(self, name: str) -> None:
         with self._mutex:
