@@ -80,9 +80,17 @@ class AsyncState:
         """The blocking ``State`` behind this handle (for code that is not async)."""
         return self._sync
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the worker threads and their connections."""
         self._executor.shutdown(wait=False)
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncState:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<sharedstate.aio.AsyncState at {self.address}>"
@@ -122,8 +130,27 @@ class AsyncState:
     async def append(self, name: str, item: Any) -> int:
         return await self._run(self._sync.append, name, item)
 
-    async def update(self, mapping: Mapping[str, Any]) -> None:
-        await self._run(self._sync.update, mapping)
+    async def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), /, **names: Any) -> None:
+        await self._run(lambda: self._sync.update(other, **names))
+
+    async def pop(self, name: str, *default: Any) -> Any:
+        return await self._run(self._sync.pop, name, *default)
+
+    async def popitem(self) -> tuple[str, Any]:
+        return await self._run(self._sync.popitem)
+
+    async def keys(self) -> Any:
+        return await self._run(self._sync.keys)
+
+    async def values(self) -> Any:
+        return await self._run(self._sync.values)
+
+    async def items(self) -> Any:
+        return await self._run(self._sync.items)
+
+    async def length(self) -> int:
+        """The number of names (``len(state)`` of the blocking handle)."""
+        return await self._run(self._sync.__len__)
 
     async def get_many(self, names: Iterable[str]) -> dict[str, Any]:
         return await self._run(self._sync.get_many, names)
@@ -151,7 +178,8 @@ class AsyncState:
 
 
 for _name in ("get", "set", "remove", "contains", "names", "clear", "incr", "setdefault", "compare_and_set",
-              "append", "update", "get_many", "snapshot", "save", "restore", "stats"):  # fmt: skip
+              "append", "update", "get_many", "snapshot", "save", "restore", "stats", "pop", "popitem", "keys",
+              "values", "items"):  # fmt: skip
     getattr(AsyncState, _name).__doc__ = getattr(State, _name).__doc__
 
 
