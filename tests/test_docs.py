@@ -10,7 +10,8 @@ What is checked, in ``README.md`` and ``docs/*.md``:
   ``API.md``). ``USER_FILES`` lists the few names that stand for a user's own files;
 - every shell snippet marked runnable runs as written and exits with status 0.
 
-Markers: an HTML comment alone on the line right before a (possibly indented) ```` ```sh ```` (or ```` ```bash ````) fence.
+Markers: an HTML comment alone on the line right before a ```` ```sh ```` (or ```` ```bash ````) fence,
+both indented alike inside a list item.
 
 - ``<!-- runnable -->``: run in a fresh temporary folder (for snippets that make their own files);
 - ``<!-- runnable: repo -->``: run in the repository's root (for snippets that name files of the
