@@ -5,9 +5,10 @@ What is checked, in ``README.md`` and ``docs/*.md``:
 - every relative link ``[text](target)`` points to a file of the repository, and ``target#anchor`` to
   a heading of that file (``#anchor`` alone: a heading of the same file), with GitHub's heading ids;
 - every repository path the text names — ``examples/…``, ``tests/…``, ``sharedstate/…``, ``docs/…``,
-  ``.ci/…``, in inline code or in a code block — exists, and so does every bare ``*.py`` or ``*.md`` file
-  name written in inline code (so no page names a module or a page that is not there, such as an
-  ``API.md``). ``USER_FILES`` lists the few names that stand for a user's own files;
+  ``.ci/…``, in inline code or in a code block — exists, and so does every bare file name written in
+  inline code (``*.py``, ``*.md``, ``*.toml``, ``*.json`` …), so no page names a module or a page that
+  is not there, such as an ``API.md``. ``USER_FILES`` lists the few names that stand for a user's own
+  files (``state.json``);
 - every shell snippet marked runnable runs as written and exits with status 0.
 
 Markers: an HTML comment alone on the line right before a ```` ```sh ```` (or ```` ```bash ````) fence,
@@ -26,6 +27,7 @@ offline in a few seconds: no ``pip install``, no server that runs until it is st
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -44,8 +46,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: A runnable snippet is killed (and fails) after this long; marked snippets take a few seconds.
 SNIPPET_TIMEOUT_S = 60.0
 
-#: Names in backticks that stand for a user's own files, not files of this repository.
-USER_FILES = frozenset({"app.py"})
+#: Names in backticks that stand for a user's own files (a snapshot it names), not files of this repository.
+USER_FILES = frozenset({"state.json"})
 
 #: Modules the architecture page names that this tree is being split into; each entry must go once the
 #: path exists (``test_pending_paths_do_not_exist_yet`` fails as a reminder).
@@ -56,7 +58,7 @@ _FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")
 _LINK = re.compile(r"(?<!!)\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 _INLINE_CODE = re.compile(r"(`+)(.+?)\1")
 _REPO_PATH = re.compile(r"(?<![\w./~$-])(?:examples|tests|sharedstate|docs|\.ci)/[\w./*-]*")
-_BARE_FILE = re.compile(r"^[\w.-]+\.(?:py|md)$")
+_BARE_FILE = re.compile(r"^[\w.-]+\.(?:py|md|toml|cfg|ini|json|txt|sh|ya?ml)$")
 
 
 def _fenced_blocks(text: str) -> list[tuple[int, str, str, str | None]]:
@@ -167,9 +169,27 @@ def _named_paths(page: Path) -> list[tuple[str, str]]:
     return found
 
 
+@functools.cache
+def _file_names() -> frozenset[str]:
+    """The names of the repository's own files: not in hidden folders (``.git``, ``.venv``), virtual
+    environments, caches or build output, whose modules would make any ``base.py`` "exist"."""
+    names = set()
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d not in ("__pycache__", "build", "dist")
+            and not d.endswith(".egg-info")
+            and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))
+        ]
+        names.update(files)
+    return frozenset(names)
+
+
 def _exists(path: str) -> bool:
     if "/" not in path:  # a bare file name: some file of that name in the repository
-        return any(".git" not in p.parts for p in ROOT.rglob(path))
+        return path in _file_names()
     if "*" in path:
         return any(ROOT.glob(path))
     return (ROOT / path).exists() and (not path.endswith("/") or (ROOT / path).is_dir())
