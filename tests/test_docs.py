@@ -21,8 +21,8 @@ both indented alike inside a list item.
 A snippet runs under ``bash -e`` (so every command of it must succeed), with the interpreter running the
 tests first on ``PATH`` (its ``python``, ``pip`` and ``sharedstate``), no ``SHAREDSTATE_*`` variables
 inherited, ``TMPDIR`` set to a temporary folder removed afterwards, in a session of its own that is
-killed after ``SNIPPET_TIMEOUT_S``. Mark only what runs
-offline in a few seconds: no ``pip install``, no server that runs until it is stopped.
+killed after ``SNIPPET_TIMEOUT_S``. Mark only what runs offline in a few seconds: no ``pip install``, no
+server that runs until it is stopped.
 """
 
 from __future__ import annotations
