@@ -15,7 +15,7 @@ import workers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from test_values import same
+from contract.storable import same
 
 import sharedstate
 

@@ -21,7 +21,7 @@ import time
 import pytest
 import workers
 from conftest import ROOT, drop_namespace, kill, reap, run_to_completion, wait_until
-from test_values import VALUES, same
+from contract.storable import VALUES, same
 
 import sharedstate
 from sharedstate import aio

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import start_with_log, wait_until
-from test_values import VALUES, same
+from contract.storable import VALUES, same
 
 import sharedstate
 
