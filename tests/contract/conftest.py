@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, drop_namespace
-from contract.faces import EventLoopThread, blocking_state
 
 import sharedstate
+from contract.faces import EventLoopThread, blocking_state
 from sharedstate import aio
 
 BACKENDS = ("local", "local-nocache", "redis", "valkey")
