@@ -121,7 +121,7 @@ def test_many_tasks_take_the_lock_one_at_a_time(async_target):
 
         async def one():
             nonlocal inside, most
-            async with state.named_lock("n"):  # tasks exclude each other like threads
+            async with state.lock:  # tasks exclude each other like threads
                 inside += 1
                 most = max(most, inside)
                 await asyncio.sleep(0.01)
@@ -129,7 +129,7 @@ def test_many_tasks_take_the_lock_one_at_a_time(async_target):
 
         await asyncio.gather(*(one() for _ in range(10)))
         assert most == 1
-        assert not await state.named_lock("n").locked()
+        assert not await state.lock.locked()
         await state.close()
 
     run(main())

@@ -93,6 +93,7 @@ CORRUPT = {
     "not json": b"hello",
     "array": b"[1, 2]",
     "bad tag": b'{"format": "sharedstate", "version": 1, "scopes": {}, "names": {"a": {"$type": "nope", "value": 1}}}',
+    "bad tag, no scopes": b'{"format": "sharedstate", "version": 1, "names": {"x": {"$type": "nope", "value": 1}}}',
     "bad bytes": b'{"format": "sharedstate", "version": 1, "scopes": {}, '
     b'"names": {"a": {"$type": "bytes", "value": "@@"}}}',
     "future version": b'{"format": "sharedstate", "version": 99, "scopes": {}, "names": {}}',
