@@ -65,9 +65,10 @@ class LocalServer:
     def __init__(self) -> None:
         self.server = sharedstate.StateServer().start()
 
-    def fresh(self) -> sharedstate.StateServer:
+    def fresh(self, new: bool = False) -> sharedstate.StateServer:
+        """The server, cleared; a new one if ``new`` or if a lock is still held or waited for."""
         stats = self.server.state.stats()
-        if stats["locks_held"] or stats["lock_waiters"]:
+        if new or stats["locks_held"] or stats["lock_waiters"]:
             self.server.shutdown()
             self.server = sharedstate.StateServer().start()
         else:
@@ -93,9 +94,15 @@ def event_loop_thread() -> Iterator[EventLoopThread]:
         loop.close()
 
 
+@pytest.fixture
+def new_local_server() -> None:
+    """Asked for by a test that reads the local server's lifetime figures (``stats()``: saves, lock
+    recoveries): its local backends then get a server of their own instead of the session's."""
+
+
 def _target(request: pytest.FixtureRequest, backend: str) -> Iterator[Target]:
     if backend in ("local", "local-nocache"):
-        server = request.getfixturevalue("local_server").fresh()
+        server = request.getfixturevalue("local_server").fresh(new="new_local_server" in request.fixturenames)
         yield Target(backend, server.address, server.authkey, None, server.pid)
         return
     remote: RedisServer = request.getfixturevalue(f"{backend}_server")

@@ -271,7 +271,7 @@ COMMON_STATS = ("names", "pid", "rss_bytes", "uptime_s", "ops", "clients", "last
                 "last_save_error", "lock_recoveries")  # fmt: skip
 
 
-def test_stats_reports_the_server(state, target):
+def test_stats_reports_the_server(new_local_server, state, target):
     state.update({"a": 1, "b": 2})
     stats = state.stats()
     for key in COMMON_STATS:
