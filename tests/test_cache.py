@@ -112,7 +112,8 @@ def test_memory_per_handle_is_bounded(state, monkeypatch):
         assert state.get(f"n{i}") == i
     cache = state.backend._cache
     assert len(cache) == 50
-    assert state.backend.peek("n199") == 199 and state.backend.peek("n0") is NOT_CACHED  # least recently used went first
+    # The least recently used went first.
+    assert state.backend.peek("n199") == 199 and state.backend.peek("n0") is NOT_CACHED
     state.set("big", "x" * 6_000)
     assert state.get("big") == "x" * 6_000
     assert state.backend.peek("big") is NOT_CACHED  # too large to keep
