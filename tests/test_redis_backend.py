@@ -26,6 +26,8 @@ from sharedstate.backends.base import Backend
 from sharedstate.backends.redis import DEFAULT_LEASE, RedisBackend, open_backend
 from sharedstate.backends.redis.scripts import EXACT_INT
 from sharedstate.persistence.snapshot import read_snapshot
+from sharedstate.server.config import ServerConfig
+from sharedstate.server.service import StateService
 from sharedstate.server.store import Store
 
 
@@ -272,19 +274,23 @@ def test_a_filtered_save_on_redis_writes_what_the_rule_selects(backend, tmp_path
         backend.restore(None, True)
 
 
-def test_a_restored_file_with_a_name_no_snapshot_can_hold_is_refused(backend, tmp_path):
-    """Our own layout without its header line (version 1): a lone surrogate as a name is refused on
-    restore, as by every save; the Redis state is unchanged."""
+def test_a_restored_file_with_a_name_no_snapshot_can_hold_is_refused_by_both_backends(backend, tmp_path):
+    """Our own layout without its header line (version 1) may hold a lone surrogate as a name, which no
+    later save could write: refused on restore, by the server as by Redis, and nothing changes. A Pode
+    file's values are checked too."""
     path = tmp_path / "bad.json"
     path.write_text('{"format": "sharedstate", "version": 1, "names": {"ok": 1, "\\ud800": 2}}')
-    backend.set("kept", 1, ())
-    with pytest.raises(SnapshotError, match="not a valid snapshot"):
-        backend.restore(str(path), False)
     pode = tmp_path / "pode.json"
     pode.write_text('{"a": "\\ud800"}')
-    with pytest.raises(SnapshotError, match="not a valid snapshot"):
-        backend.restore(str(pode), True)
-    assert backend.snapshot() == {"kept": 1}
+    service = StateService(ServerConfig(address=str(tmp_path / "s.sock"), authkey=b"k" * 32,
+                                        write_key_file=False, owner_pid=None, owner_create_time=None))  # fmt: skip
+    for target in (backend, service):
+        target.set("kept", 1, ())
+        with pytest.raises(SnapshotError, match="not a valid snapshot"):
+            target.restore(str(path), False)
+        with pytest.raises(SnapshotError, match="not a valid snapshot"):
+            target.restore(str(pode), True)
+        assert target.snapshot() == {"kept": 1}
 
 
 # -- locks ------------------------------------------------------------------------------------------------
