@@ -6,6 +6,7 @@
 1
 """
 
+from sharedstate._connect import connect
 from sharedstate._errors import (
     AccessDenied,
     LockLost,
@@ -17,7 +18,7 @@ from sharedstate._errors import (
 )
 from sharedstate._lock import Lock
 from sharedstate._owner import StateServer, serve
-from sharedstate._state import State, connect
+from sharedstate._state import State
 from sharedstate._storage import LocalFileStorage
 
 from . import aio

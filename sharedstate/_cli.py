@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from sharedstate._connect import connect
 from sharedstate._errors import SharedStateError
 from sharedstate._owner import StateServer
-from sharedstate._state import connect
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot

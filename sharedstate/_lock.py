@@ -6,7 +6,7 @@ connections closed, or its lease ran out) is then ``LockLost`` at the next call 
 taken a second time. Leased locks are renewed by one daemon thread per process.
 
 Across a crash and restart of the server, lock calls are as transparent as the others: a call whose
-answer the crash lost is sent again to the new server (``State._lock_call``), which rebuilt its locks
+answer the crash lost is sent again to the new server (``backends.local``), which rebuilt its locks
 from the lock file, and that server answers it as the old one would have, applying it at most once:
 
 - an acquire sends the count its thread believes it holds, and the table sets the count to one more
@@ -40,10 +40,10 @@ from sharedstate._errors import LockLost, LockTimeout
 from sharedstate._errors import describe_lock as describe
 from sharedstate._errors import lock_lost as lost
 from sharedstate._fork import after_fork_in_child
-from sharedstate.wire.answers import sequence as _sequence
 
 if TYPE_CHECKING:
     from sharedstate._state import State
+    from sharedstate.backends.base import Backend
 
 log = logging.getLogger("sharedstate")
 
@@ -85,44 +85,18 @@ _held: dict[tuple[Any, str | None, Hashable], int] = {}
 _lost: set[tuple[Any, str | None, Hashable]] = set()
 
 
-#: Handle class -> whether it talks to a sharedstate server (Redis' handle is a ``State`` with a ``_call``
-#: of its own, which does the lock calls itself).
-_server_handles: dict[type, bool] = {}
-
-
-def _lock_caller(state: State) -> Any:
-    """``state._lock_call`` for a handle on a sharedstate server, else ``None``."""
-    cls = type(state)
-    local = _server_handles.get(cls)
-    if local is None:
-        from sharedstate._state import State  # imported here: _client imports this module
-
-        local = _server_handles[cls] = cls._call is State._call
-    return state._lock_call if local else None
-
-
 def acquire_call(
     state: State, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None
 ) -> bool:
     """Acquire ``name`` for ``owner`` through ``state``; ``LockLost`` if ``owner`` believed it held it and
     the server no longer has it as its own."""
-    ident = (state._address, name, owner)
+    backend = state.backend
+    ident = (backend.address, name, owner)
     count = _held.get(ident, 0)
     if count and ident in _lost:
         raise lost(name)
-    args = (name, owner, blocking, timeout, lease, count)
     try:
-        call = _lock_caller(state)
-        if call is None:  # a backend of its own (Redis)
-            taken = state._call("lock_acquire", args)
-        elif timeout is None or not blocking:
-            taken = call("lock_acquire", args)
-        else:
-            # Sent again after a crash of the server: with what is left of the timeout.
-            end = time.monotonic() + timeout
-            taken = call(
-                "lock_acquire", args, lambda: (name, owner, blocking, max(0.0, end - time.monotonic()), lease, count)
-            )
+        taken = backend.lock_acquire(name, owner, blocking, timeout, lease, count)
     except LockLost:
         if count:
             _lost.add(ident)
@@ -133,28 +107,24 @@ def acquire_call(
         if not count:
             if _lost:  # a renewal that lost a lock the owner released meanwhile may have left it there
                 _lost.discard(ident)
-            if lease is not None and not state._renews_leases:
-                _renewals.add(ident, state, lease)
+            if lease is not None and not backend.renews_leases:
+                _renewals.add(ident, backend, lease)
     return taken
 
 
 def release_call(state: State, name: str | None, owner: Hashable) -> None:
     """Release ``name`` once for ``owner``: ``LockLost`` if it was lost meanwhile, ``RuntimeError`` if
     ``owner`` does not hold it."""
-    ident = (state._address, name, owner)
+    backend = state.backend
+    ident = (backend.address, name, owner)
     count = _held.get(ident, 0)
     if not count:
-        state._call("lock_release", (name, owner, 0))
+        backend.lock_release(name, owner, 0)
         return
     was_lost = ident in _lost
     if not was_lost:
         try:
-            call = _lock_caller(state)
-            if call is None:  # a backend of its own (Redis)
-                state._call("lock_release", (name, owner, count))
-            else:
-                # The request id tells a release sent again after a crash from a lost lock (see above).
-                call("lock_release", (name, owner, count, next(_sequence)))
+            backend.lock_release(name, owner, count)
         except LockLost:
             was_lost = True
         # Any other failure (the server out of reach) leaves the belief as it was: the release did not
@@ -172,10 +142,10 @@ def release_call(state: State, name: str | None, owner: Hashable) -> None:
 
 
 class _Lease:
-    __slots__ = ("state", "lease", "renew_at")
+    __slots__ = ("backend", "lease", "renew_at")
 
-    def __init__(self, state: State, lease: float) -> None:
-        self.state = state
+    def __init__(self, backend: Backend, lease: float) -> None:
+        self.backend = backend
         self.lease = lease
         self.renew_at = time.monotonic() + lease / 3
 
@@ -190,9 +160,9 @@ class _Renewals:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(self, ident: tuple[Any, str | None, Hashable], state: State, lease: float) -> None:
+    def add(self, ident: tuple[Any, str | None, Hashable], backend: Backend, lease: float) -> None:
         with self._mutex:
-            self._leases[ident] = _Lease(state, lease)
+            self._leases[ident] = _Lease(backend, lease)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._renew_forever, name="sharedstate-renew", daemon=True)
                 self._thread.start()
@@ -216,17 +186,17 @@ class _Renewals:
 
     def _renew_due(self) -> None:
         now = time.monotonic()
-        groups: dict[int, tuple[State, list[tuple[tuple[Any, str | None, Hashable], _Lease]]]] = {}
+        groups: dict[int, tuple[Backend, list[tuple[tuple[Any, str | None, Hashable], _Lease]]]] = {}
         with self._mutex:
             for ident, lease in self._leases.items():
                 if lease.renew_at <= now:
-                    groups.setdefault(id(lease.state), (lease.state, []))[1].append((ident, lease))
-        for state, sent in groups.values():
+                    groups.setdefault(id(lease.backend), (lease.backend, []))[1].append((ident, lease))
+        for backend, sent in groups.values():
             try:
-                gone = state._lock_call("lock_renew", ([(name, owner) for (_, name, owner), _ in sent],))
+                gone = backend.lock_renew([(name, owner) for (_, name, owner), _ in sent])
             except Exception as exc:
                 # Try again soon: the lease is lost only if no renewal gets through before it runs out.
-                log.warning("could not renew lock leases at %s: %s", state.address, exc)
+                log.warning("could not renew lock leases at %s: %s", backend.address, exc)
                 with self._mutex:
                     for ident, lease in sent:
                         if self._leases.get(ident) is lease:
@@ -251,11 +221,11 @@ class _Renewals:
                         )
                     else:
                         lease.renew_at = time.monotonic() + lease.lease / 3
-                still_used = any(lease.state is state for lease in self._leases.values())
+                still_used = any(lease.backend is backend for lease in self._leases.values())
             if not still_used:
                 # This thread's connection would keep the process' locks alive after the holder closed
                 # its own ones: give it up while there is nothing to renew there.
-                state.close()
+                backend.close()
 
 
 _renewals = _Renewals()
@@ -319,11 +289,11 @@ class Lock:
 
     def locked(self) -> bool:
         """Whether any thread of any process holds the lock."""
-        return self._state._call("lock_locked", (self._name,))
+        return self._state.backend.lock_locked(self._name)
 
     def owner(self) -> int | None:
         """The pid of the process holding the lock, or ``None`` when it is free."""
-        return self._state._call("lock_owner", (self._name,))
+        return self._state.backend.lock_owner(self._name)
 
     @contextmanager
     def hold(self, timeout: float = 5.0, lease: float | None = None) -> Iterator[Lock]:

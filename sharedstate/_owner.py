@@ -25,6 +25,7 @@ import psutil
 
 from sharedstate._errors import ServerUnavailable, SharedStateError, SnapshotError
 from sharedstate._state import State
+from sharedstate.backends.local import LocalBackend
 from sharedstate.persistence.schedule import SaveEvery, parse_schedule
 from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
 from sharedstate.wire.addresses import (
@@ -150,7 +151,7 @@ class StateServer:
             if self._restart and self._config is not None and self._config.owner_pid is not None:
                 config = self._config
                 restart = {"owner": config.owner_pid, "ctime": config.owner_create_time, "scope": BOOT_SCOPE}
-            self._state = State(self._address, self._authkey, restart=restart)
+            self._state = State(LocalBackend(self._address, self._authkey, restart=restart))
         return self._state
 
     # -- life ---------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from sharedstate._errors import describe_lock as describe
 from sharedstate._lock import acquire_call, check_lease, check_timeout, release_call
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate._state import State
-from sharedstate._state import connect as _connect
 from sharedstate._values import check_name
+from sharedstate.backends import open_backend
 from sharedstate.wire.addresses import CALL_TIMEOUT, check_call_timeout
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
@@ -90,7 +90,7 @@ class AsyncState:
     async def get(self, name: str, default: Any = None) -> Any:
         if type(name) is not str:
             name = check_name(name)
-        value = self._sync._peek(name)  # a cached value costs no thread hop and no round trip
+        value = self._sync.backend.peek(name)  # a cached value costs no thread hop and no round trip
         if value is NOT_CACHED:
             return await self._run(self._sync.get, name, default)
         return default if value is MISSING else value
@@ -227,11 +227,11 @@ class AsyncLock:
         await asyncio.shield(future)
 
     async def locked(self) -> bool:
-        return await self._state._run(self._state._sync._call, "lock_locked", (self._name,))
+        return await self._state._run(self._state._sync.backend.lock_locked, self._name)
 
     async def owner(self) -> int | None:
         """The pid of the holding process, or ``None``."""
-        return await self._state._run(self._state._sync._call, "lock_owner", (self._name,))
+        return await self._state._run(self._state._sync.backend.lock_owner, self._name)
 
     @asynccontextmanager
     async def hold(self, timeout: float = 5.0) -> AsyncIterator[AsyncLock]:
@@ -268,7 +268,7 @@ async def connect(
     not block the loop. ``timeout`` is the deadline of one call, as for ``sharedstate.connect()``; calls
     interrupted by a crash of the server are sent again while its owner restarts it, the same way."""
     timeout = check_call_timeout(timeout)  # the error at the call, not in a worker thread
-    state = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: _connect(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)
+    backend = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: open_backend(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)
     )
-    return AsyncState(state)
+    return AsyncState(State(backend))

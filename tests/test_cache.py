@@ -75,7 +75,7 @@ def test_cache_false_sends_every_read(server):
     for _ in range(10):
         assert reader.get("x") == 1
     assert ops(reader) - before == 11
-    assert reader._cache is None
+    assert reader.backend._cache is None
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_mutating_a_returned_value_never_changes_the_next_get(state, value):
     state.set("v", value)
     original = state.get("v")  # fills the cache
     first = state.get("v")  # a hit
-    assert state._peek("v") is not NOT_CACHED, "the value was not cached"
+    assert state.backend.peek("v") is not NOT_CACHED, "the value was not cached"
     if isinstance(first, list):
         first.append("changed")
         if isinstance(first[0], list):
@@ -161,7 +161,7 @@ def test_names_sharing_a_counter_stay_right(state):
     state.set(twin, "second")
     assert (state.get("k0"), state.get(twin)) == ("first", "second")
     state.set(twin, "changed")  # bumps the counter k0 shares
-    assert state._peek("k0") is NOT_CACHED  # a miss, never a wrong value
+    assert state.backend.peek("k0") is NOT_CACHED  # a miss, never a wrong value
     assert (state.get("k0"), state.get(twin)) == ("first", "changed")
 
 
@@ -185,17 +185,19 @@ def test_memory_per_handle_is_bounded(state, monkeypatch):
     state.update({f"n{i}": i for i in range(200)})
     for i in range(200):
         assert state.get(f"n{i}") == i
-    cache = state._cache
+    cache = state.backend._cache
     assert len(cache) == 50
-    assert state._peek("n199") == 199 and state._peek("n0") is NOT_CACHED  # least recently used went first
+    assert (
+        state.backend.peek("n199") == 199 and state.backend.peek("n0") is NOT_CACHED
+    )  # least recently used went first
     state.set("big", "x" * 6_000)
     assert state.get("big") == "x" * 6_000
-    assert state._peek("big") is NOT_CACHED  # too large to keep
+    assert state.backend.peek("big") is NOT_CACHED  # too large to keep
     state.update({f"s{i}": "y" * 1_000 for i in range(40)})
     for i in range(40):
         state.get(f"s{i}")
     assert cache.size_bytes <= 20_000 and len(cache) <= 50
-    assert state._peek("s39") == "y" * 1_000
+    assert state.backend.peek("s39") == "y" * 1_000
 
 
 def test_contains_then_get_fetches_the_value(server):
@@ -211,7 +213,7 @@ def test_handles_of_one_process_share_one_cache(server):
     first = sharedstate.connect(server.address, server.authkey)
     second = sharedstate.connect(server.address, server.authkey)
     first.set("shared", {"a": 1})
-    assert first._cache is second._cache
+    assert first.backend._cache is second.backend._cache
     before = ops(second)
     assert second.get("shared") == {"a": 1}  # kept by the first handle's set
     assert ops(second) - before == 1
@@ -242,7 +244,7 @@ def test_a_handle_pickled_into_a_child_caches_there(state, mp_context):
 def _read_twice_and_report(state, result) -> None:
     first = state.get("x")
     second = state.get("x")
-    result.put((first, second, state._peek("x") is not NOT_CACHED))
+    result.put((first, second, state.backend.peek("x") is not NOT_CACHED))
 
 
 def test_the_asyncio_client_answers_hits_without_a_round_trip(server):
@@ -301,7 +303,7 @@ def test_after_a_crash_and_restart_no_stale_value_is_served(tmp_path):
         reader = sharedstate.connect(server.address, server.authkey)
         writer = sharedstate.connect(server.address, server.authkey, cache=False)
         writer.set("x", 1)
-        assert reader.get("x") == 1 and reader._peek("x") == 1
+        assert reader.get("x") == 1 and reader.backend.peek("x") == 1
         old = dict(server._versions)
         old_pid = server.pid
         kill(old_pid)
@@ -323,11 +325,11 @@ def test_a_crashed_server_that_stays_down_leaves_no_block_and_no_cached_reads(tm
     try:
         reader = server.state
         reader.set("x", 1)
-        assert reader.get("x") == 1 and reader._peek("x") == 1
+        assert reader.get("x") == 1 and reader.backend.peek("x") == 1
         name = server._versions["name"]
         kill(server.pid)
         wait_until(lambda: not shm_entry(name).exists(), 10, what="the owner to remove the block")
-        assert reader._peek("x") is NOT_CACHED
+        assert reader.backend.peek("x") is NOT_CACHED
         with pytest.raises(sharedstate.ServerUnavailable):
             reader.get("x")
     finally:
@@ -367,11 +369,11 @@ def test_the_next_server_at_an_address_retires_the_block_of_a_killed_one(tmp_pat
         kill(first.pid, signal.SIGKILL)
         reap(first)
         assert shm_entry(name).exists()  # nobody was there to remove it
-        assert reader._peek("x") == "from the first server"
+        assert reader.backend.peek("x") == "from the first server"
         second, _ = _serve(tmp_path / "two.json", address)
         words = block_words(name)
         assert words[TOKEN] != 0 and words[EPOCH] != epoch  # a new block under the same name
-        assert reader._peek("x") is NOT_CACHED
+        assert reader.backend.peek("x") is NOT_CACHED
         assert isinstance(_get_or_error(reader, "x"), Exception)  # the dead connection
         fresh = sharedstate.connect(address)
         assert fresh.get("x") is None  # the second server has its own, empty state
@@ -438,7 +440,7 @@ def test_a_second_server_never_takes_a_live_servers_block(tmp_path, monkeypatch)
             assert table.name != name
             assert block_words(name)[TOKEN] == first._versions["token"]
             first.state.set("x", 1)
-            assert first.state.get("x") == 1 and first.state._peek("x") == 1
+            assert first.state.get("x") == 1 and first.state.backend.peek("x") == 1
         finally:
             table.close()
         assert block_words(name)[TOKEN] == first._versions["token"]  # its close removed only its own
@@ -491,5 +493,5 @@ def test_values_fetched_after_the_table_is_retired_are_never_served(server):
     state.set("x", 1)
     retire(server._versions["name"], server._versions["token"])
     assert state.get("x") == 1
-    assert state._peek("x") is NOT_CACHED
-    assert state.get_many(["x"]) == {"x": 1} and state._cache.lookup_many(["x"]) is None
+    assert state.backend.peek("x") is NOT_CACHED
+    assert state.get_many(["x"]) == {"x": 1} and state.backend._cache.lookup_many(["x"]) is None

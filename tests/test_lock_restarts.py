@@ -19,7 +19,7 @@ import pytest
 from conftest import START_METHODS, kill, reap, start_with_log, wait_until
 
 import sharedstate
-from sharedstate import _state as sharedstate_client
+from sharedstate.backends.local import LocalBackend
 
 #: How long a test waits for anything that should happen at once (a restart, a child's answer).
 WAIT_S = 30
@@ -616,24 +616,24 @@ def test_a_renewal_answered_while_the_lock_was_briefly_free_does_not_lose_the_lo
     # acquire. The wrapper holds the renewal thread at those two points until the holder has done its part.
     lease = 3.0
     renewing, released, answered, reacquired, renewed_again = (threading.Event() for _ in range(5))
-    original = sharedstate_client.State._lock_call
+    original = LocalBackend.lock_renew
     with sharedstate.StateServer() as server:
         state = server.state
 
-        def lock_call(self, method, args, again=None):
-            if method != "lock_renew" or self is not state or threading.current_thread().name != "sharedstate-renew":
-                return original(self, method, args, again)
+        def lock_renew(self, held):
+            if self is not state.backend or threading.current_thread().name != "sharedstate-renew":
+                return original(self, held)
             if renewing.is_set():
                 renewed_again.set()
-                return original(self, method, args, again)
+                return original(self, held)
             renewing.set()
             assert released.wait(WAIT_S)
-            answer = original(self, method, args, again)
+            answer = original(self, held)
             answered.set()
             assert reacquired.wait(WAIT_S)
             return answer
 
-        monkeypatch.setattr(sharedstate_client.State, "_lock_call", lock_call)
+        monkeypatch.setattr(LocalBackend, "lock_renew", lock_renew)
         lock = state.named_lock("job", lease=lease)
         assert lock.acquire(timeout=5)
         assert renewing.wait(WAIT_S)

@@ -168,23 +168,25 @@ def test_a_release_applied_by_the_killed_server_is_answered_again_and_a_lost_loc
         lock.acquire()
         # The release the client would make (count 1, a request id), whose answer then gets lost.
         release = ("job", me, 1, 424242)
-        assert state._lock_call("lock_release", release) is None
+        assert state.backend._calls.lock_call("lock_release", release) is None
         assert not lock.locked()
         restart(server)
-        assert state._lock_call("lock_release", release) is None  # the same request again
+        assert state.backend._calls.lock_call("lock_release", release) is None  # the same request again
         with pytest.raises(LockLost):
-            state._lock_call("lock_release", ("job", me, 1, 424243))  # another release: the lock is not held
+            state.backend._calls.lock_call(
+                "lock_release", ("job", me, 1, 424243)
+            )  # another release: the lock is not held
         with pytest.raises(LockLost):
-            state._lock_call("lock_release", ("job", me, 1, 0))
+            state.backend._calls.lock_call("lock_release", ("job", me, 1, 0))
         # Meanwhile someone else holds it: the same request is still answered, and it is still theirs.
         other = state.named_lock("job")
         holder = threading.Thread(target=other.acquire)
         holder.start()
         holder.join(WAIT_S)
-        assert state._lock_call("lock_release", release) is None
+        assert state.backend._calls.lock_call("lock_release", release) is None
         assert lock.locked()
         restart(server)
-        assert state._lock_call("lock_release", release) is None
+        assert state.backend._calls.lock_call("lock_release", release) is None
         assert lock.owner() == os.getpid()
 
 
@@ -193,11 +195,13 @@ def test_an_acquire_applied_by_the_killed_server_is_answered_again_and_counted_o
         state = server.state
         me = threading.get_ident()
         acquire = ("job", me, True, None, None, 0)  # this thread believes it holds the lock 0 times
-        assert state._lock_call("lock_acquire", acquire) is True
+        assert state.backend._calls.lock_call("lock_acquire", acquire) is True
         restart(server)
-        assert state._lock_call("lock_acquire", acquire) is True  # its answer lost: the same request again
+        assert (
+            state.backend._calls.lock_call("lock_acquire", acquire) is True
+        )  # its answer lost: the same request again
         # Held once: one release (the client's count 1) frees it.
-        assert state._lock_call("lock_release", ("job", me, 1, 7)) is None
+        assert state.backend._calls.lock_call("lock_release", ("job", me, 1, 7)) is None
         assert not state.named_lock("job").locked()
 
 
@@ -304,7 +308,7 @@ def test_a_release_is_answered_again_after_the_lock_file_was_rewritten_full():
         me = threading.get_ident()
         state.named_lock("job").acquire()
         release = ("job", me, 1, 515151)
-        assert state._lock_call("lock_release", release) is None
+        assert state.backend._calls.lock_call("lock_release", release) is None
         path = Path(server._config.lock_file)
         first = path.stat().st_ino
 
@@ -319,6 +323,6 @@ def test_a_release_is_answered_again_after_the_lock_file_was_rewritten_full():
         filler.join(WAIT_S * 2)
         assert path.stat().st_ino != first, "the lock file was not rewritten"
         restart(server)
-        assert state._lock_call("lock_release", release) is None
+        assert state.backend._calls.lock_call("lock_release", release) is None
         with pytest.raises(LockLost):
-            state._lock_call("lock_release", ("job", me, 1, 515152))
+            state.backend._calls.lock_call("lock_release", ("job", me, 1, 515152))

@@ -313,9 +313,9 @@ def test_the_server_refuses_a_fifo_even_from_a_client_that_does_not_check(tmp_pa
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     with pytest.raises(sharedstate.SnapshotError, match="FIFO"):
-        state._call("restore", (str(fifo), False))
+        state.backend._call("restore", (str(fifo), False))
     with pytest.raises(sharedstate.SnapshotError, match="FIFO"):
-        state._call("save", (str(fifo), None, None, ()))
+        state.backend._call("save", (str(fifo), None, None, ()))
 
 
 def test_reading_never_blocks_on_a_fifo_nor_reads_an_endless_device(tmp_path):

@@ -181,7 +181,7 @@ def test_a_call_that_must_connect_to_a_stopped_server_fails_within_its_timeout(s
 
 def test_the_timeout_travels_with_a_pickled_handle(server):
     state = sharedstate.connect(server.address, server.authkey, timeout=2.5)
-    assert pickle.loads(pickle.dumps(state))._timeout == 2.5
+    assert pickle.loads(pickle.dumps(state)).backend.timeout == 2.5
 
 
 def test_an_async_call_to_a_stopped_server_raises_server_unavailable(stoppable):
@@ -236,7 +236,7 @@ def test_a_call_to_a_stopped_redis_server_raises_server_unavailable_after_the_ti
         assert took >= 1.1
     finally:
         holder.lock.release()
-    assert pickle.loads(pickle.dumps(waiter))._timeout == 0.3
+    assert pickle.loads(pickle.dumps(waiter)).backend.timeout == 0.3
 
 
 # -- point 13: a restart callers don't see ------------------------------------------------------------
@@ -246,7 +246,7 @@ def _restarted(server: sharedstate.StateServer, old_pid: int, timeout: float = 3
 
 def _raw_write(state: sharedstate.State, rid, method: str, args: tuple):
     """Send one write with a chosen request id, as a client retrying it would."""
-    return state._send(method, pickle.dumps((rid, method, args, {}), pickle.HIGHEST_PROTOCOL), True)
+    return state.backend._calls._send(method, pickle.dumps((rid, method, args, {}), pickle.HIGHEST_PROTOCOL), True)
 
 
 def test_a_write_sent_twice_is_applied_once_also_across_a_crash_and_a_save(tmp_path):
@@ -546,7 +546,7 @@ def test_a_handle_passed_to_a_child_waits_for_a_restarting_server(tmp_path):
         state = server.state
         state.set("x", 1)
         copy = pickle.loads(pickle.dumps(state))
-        copy._pool.drop()
+        copy.backend.close()
         old = server.pid
         kill(old)
         wait_until(lambda: exited(old), 10, what="the server to die")
@@ -631,8 +631,8 @@ def test_calls_stop_waiting_when_the_owner_could_not_start_the_server_again(tmp_
 def test_an_old_style_request_without_an_id_still_works(server):
     state = sharedstate.connect(server.address, server.authkey, cache=False)
     request = pickle.dumps((STORE_ID, "incr", ("n",), {}), pickle.HIGHEST_PROTOCOL)
-    assert state._send("incr", request) == 1
-    assert state._send("incr", request) == 2  # no id: nothing to recognise
+    assert state.backend._calls._send("incr", request) == 1
+    assert state.backend._calls._send("incr", request) == 2  # no id: nothing to recognise
     with pytest.raises(sharedstate.SharedStateError, match="no object with id"):
-        state._send("incr", pickle.dumps((("bad",), "incr", ("n",), {})), True)
+        state.backend._calls._send("incr", pickle.dumps((("bad",), "incr", ("n",), {})), True)
     assert Path(server.address).exists()

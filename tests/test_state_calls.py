@@ -157,9 +157,15 @@ def test_update_sets_many_names_and_clears_their_scopes(state):
     state.update({})
 
 
-def test_update_takes_only_a_mapping(state):
+def test_update_takes_what_dict_update_takes_and_refuses_anything_else_whole(state):
+    state.update([("a", 1)], b=2)
+    assert state.snapshot() == {"a": 1, "b": 2}
+    for bad in (5, ["ab", "c"], [("x", 1), ("y",)], "xy"):
+        with pytest.raises(TypeError, match="mapping or an iterable"):
+            state.update(bad)
     with pytest.raises(TypeError):
-        state.update([("a", 1)])
+        state.update({"c": 1}, d=object())
+    assert state.snapshot() == {"a": 1, "b": 2}
 
 
 def test_get_many_returns_only_existing_names(state):
@@ -198,7 +204,7 @@ def test_mapping_sugar(state):
     assert list(state) == ["x", "y"]
     assert bool(state)
     state.clear()
-    assert bool(state)  # a handle is always true
+    assert not state  # a mapping: empty is false
 
 
 def test_names_are_case_sensitive(state):

@@ -233,7 +233,7 @@ def read_monotonic(state: sharedstate.State, names: list[str], count: int, retur
             assert value >= floor, f"{name}: read {value} after the write of {floor} had returned"
             assert value >= last[name], f"{name}: read {value} after reading {last[name]}"
             last[name] = value
-        if state._peek("slow") is not NOT_CACHED:
+        if state.backend.peek("slow") is not NOT_CACHED:
             hits[index] += 1
         value = state.get("slow", 0)
         assert value >= slow_floor, f"slow: read {value} after the write of {slow_floor} had returned"

@@ -4,3 +4,45 @@
 Valkey server (redis-py is imported only when a Redis URL is used). ``sharedstate.connect()`` picks one
 from the address.
 """
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from sharedstate.backends.base import Backend
+from sharedstate.wire.addresses import ENV_ADDRESS
+
+
+def _open_local(address: object, authkey: bytes | None, **options: Any) -> Backend:
+    from sharedstate.backends.local import open_local
+
+    if options.get("namespace") is not None or options.get("lease") is not None:
+        raise TypeError("namespace and lease are options of a Redis state: give a redis://, rediss:// or unix:// URL")
+    return open_local(address, authkey, cache=options["cache"], timeout=options["timeout"])
+
+
+def _open_redis(address: object, authkey: bytes | None, **options: Any) -> Backend:
+    from sharedstate.backends.redis import open_backend  # redis-py itself is imported on first use
+
+    options.pop("cache")  # Redis has no client cache
+    return open_backend(address, authkey=authkey, **options)
+
+
+#: URL scheme -> how to open the backend it names; any other address is a local server's.
+SCHEMES: dict[str, Callable[..., Backend]] = {
+    "redis": _open_redis,
+    "rediss": _open_redis,
+    "unix": _open_redis,
+}
+
+
+def open_backend(
+    address: object, authkey: bytes | None, *, cache: bool, namespace: str | None, lease: float | None, timeout: float
+) -> Backend:
+    """The backend ``address`` names (``SHAREDSTATE_ADDRESS`` when it is ``None``), connected."""
+    shown = os.environ.get(ENV_ADDRESS) if address is None else address
+    scheme = shown.partition("://")[0] if isinstance(shown, str) and "://" in shown else None
+    opener = SCHEMES.get(scheme, _open_local) if scheme is not None else _open_local
+    return opener(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)

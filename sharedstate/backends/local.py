@@ -1,0 +1,257 @@
+"""The local backend: the dictionary lives in a sharedstate server process (``sharedstate.server``).
+
+Each operation is one request on the calling thread's connection (``wire.calls``: sent again while the
+server's owner restarts a crashed server), except reads the client cache answers (``wire.cache``): a
+value this process read and that has not changed since costs no round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+from sharedstate._errors import ServerUnavailable
+from sharedstate._pattern import Pattern
+from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
+from sharedstate.backends.base import LockRef
+from sharedstate.wire.addresses import CALL_TIMEOUT, Address, check_call_timeout, resolve
+from sharedstate.wire.answers import sequence as _sequence
+from sharedstate.wire.cache import ClientCache, cache_for, encode
+from sharedstate.wire.calls import Calls
+
+_monotonic = time.monotonic
+
+
+class LocalBackend:
+    """The operations of ``Backend`` on a sharedstate server at ``address``. ``restart``: what the server
+    said of its restarts, carried by a pickled handle so a new process' first call can wait for a
+    restarting server."""
+
+    renews_leases = False
+
+    def __init__(
+        self,
+        address: Address | str,
+        authkey: bytes | None,
+        *,
+        cache: bool = True,
+        timeout: float = CALL_TIMEOUT,
+        restart: dict[str, Any] | None = None,
+    ) -> None:
+        self._authkey = authkey
+        self._use_cache = bool(cache)
+        #: The values this handle read, for the server process it talks to; ``None`` when off, before
+        #: the first connection, or when the server's version table cannot be mapped here.
+        self._cache: ClientCache | None = None
+        self._calls = calls = Calls(
+            address,
+            authkey,
+            timeout=check_call_timeout(timeout),
+            restart=restart,
+            connected=self._connected if cache else None,
+            dropped=self._forget_cache,
+        )
+        self._call = calls.call
+        self._write = calls.write
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def _connected(self, info: dict[str, Any]) -> None:
+        """A connection opened: use this process' cache for that server process."""
+        self._cache = cache_for(info.get("versions"))
+
+    def _forget_cache(self) -> None:
+        """A connection was given up: the next one may reach a new server process, with a new cache."""
+        self._cache = None
+
+    def _fresh_cache(self) -> ClientCache | None:
+        """The cache, once this thread is connected (a new connection may bring a new server's cache)."""
+        if self._use_cache:
+            try:
+                self._calls.pool.get()
+            except ServerUnavailable:
+                return None  # the call itself reconnects, or waits for a restarting server
+        return self._cache
+
+    def connect(self) -> None:
+        """Open this thread's connection now (``connect()`` fails there, not at the first call)."""
+        self._calls.pool.get()
+
+    @property
+    def address(self) -> str:
+        return self._calls.address
+
+    @property
+    def timeout(self) -> float:
+        """The deadline of one call, in seconds."""
+        return self._calls.timeout
+
+    def close(self) -> None:
+        self._calls.pool.drop()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The key travels with the handle: whoever can unpickle it can use the state.
+        calls = self._calls
+        return (_rebuild, (calls.address, self._authkey, self._use_cache, calls.timeout, calls.pool.restart))
+
+    def __repr__(self) -> str:
+        return f"<sharedstate local backend at {self.address}>"
+
+    # -- reads --------------------------------------------------------------------------------------
+    def _read(self, name: str, method: str) -> Any:
+        """The value of ``name`` (``MISSING`` if there is none), from the cache when it is still the
+        server's; ``method="contains"`` asks only whether the name exists (``PRESENT`` or ``MISSING``)."""
+        cache = self._cache
+        if cache is not None:
+            value = cache.lookup(name)
+            if value is not NOT_CACHED and (value is not PRESENT or method == "contains"):
+                return value
+        start = _monotonic()
+        cache = self._fresh_cache()
+        # The counters are read before the request: a change after this makes the entry stale.
+        stamp = None if cache is None else cache.stamp(name)
+        value = self._call(method, (name,), start)
+        if method == "contains":
+            value = PRESENT if value else MISSING
+        if stamp is not None and cache is self._cache:  # not after a reconnection to a new server
+            cache.fill(name, stamp, value)
+        return value
+
+    def get(self, name: str) -> Any:
+        return self._read(name, "get")
+
+    def peek(self, name: str) -> Any:
+        cache = self._cache
+        if cache is None:
+            return NOT_CACHED
+        value = cache.lookup(name)
+        return NOT_CACHED if value is PRESENT else value
+
+    def contains(self, name: str) -> bool:
+        return self._read(name, "contains") is not MISSING
+
+    def get_many(self, names: list[str]) -> dict[str, Any]:
+        cache = self._cache
+        if cache is not None:
+            found = cache.lookup_many(names)
+            if found is not None:
+                return found
+        start = _monotonic()
+        cache = self._fresh_cache()
+        if cache is None:
+            return self._call("get_many", (names,), start)
+        stamps = cache.stamps(names)
+        found = self._call("get_many", (names,), start)
+        if cache is self._cache:  # not after a reconnection to a new server
+            for name, stamp in stamps.items():
+                cache.fill(name, stamp, found.get(name, MISSING))
+        return found
+
+    def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
+        # The server matches with RE2 only; names it leaves undecided (a pattern with backreferences or
+        # lookaround, say) come back apart and are matched here, with ``re``, at this caller's cost.
+        found = self._call("names", (None if pattern is None else pattern.text, scopes))
+        if type(found) is tuple:
+            matched, undecided = found
+            assert pattern is not None
+            found = sorted(matched + pattern.search_undecided(undecided))
+        return found
+
+    def length(self) -> int:
+        return self._call("length", ())
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._call("snapshot", ())
+
+    # -- writes -------------------------------------------------------------------------------------
+    def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None:
+        start = _monotonic()
+        cache = self._fresh_cache()
+        kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
+        stamp = self._write("set", (name, value, scopes) if scopes else (name, value), start)
+        if stamp is not None and kept is not None and cache is self._cache:
+            # The server's counters right after this change: the value is the server's until they move.
+            cache.put(name, stamp, kept)
+
+    def remove(self, name: str) -> Any:
+        return self._write("remove", (name,))
+
+    def popitem(self) -> tuple[str, Any] | None:
+        return self._write("popitem", ())
+
+    def clear(self) -> None:
+        self._write("clear", ())
+
+    def incr(self, name: str, by: Any) -> Any:
+        return self._write("incr", (name, by))
+
+    def setdefault(self, name: str, default: Any) -> Any:
+        return self._write("setdefault", (name, default))
+
+    def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
+        return self._write("compare_and_set", (name, expected, new))
+
+    def append(self, name: str, item: Any) -> int:
+        return self._write("append", (name, item))
+
+    def update(self, mapping: dict[str, Any]) -> None:
+        self._write("update", (mapping,))
+
+    # -- files and figures --------------------------------------------------------------------------
+    def save(
+        self, path: str | None, include: list[str] | None, exclude: list[str] | None, scopes: tuple[str, ...]
+    ) -> Path:
+        return Path(self._call("save", (path, include, exclude, scopes)))
+
+    def restore(self, path: str | None, merge: bool) -> int:
+        return self._write("restore", (path, merge))
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("stats", ())
+
+    # -- locks --------------------------------------------------------------------------------------
+    def lock_acquire(
+        self, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None, held: int
+    ) -> bool:
+        args = (name, owner, blocking, timeout, lease, held)
+        if timeout is None or not blocking:
+            return self._calls.lock_call("lock_acquire", args)
+        # Sent again after a crash of the server: with what is left of the timeout.
+        end = _monotonic() + timeout
+
+        def again() -> tuple[Any, ...]:
+            return (name, owner, blocking, max(0.0, end - _monotonic()), lease, held)
+
+        return self._calls.lock_call("lock_acquire", args, again)
+
+    def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
+        if not held:  # the server answers with the RuntimeError naming the holder
+            self._call("lock_release", (name, owner, 0))
+            return
+        # The request id tells a release sent again after a crash from a lost lock (``server/locktable``).
+        self._calls.lock_call("lock_release", (name, owner, held, next(_sequence)))
+
+    def lock_renew(self, held: list[LockRef]) -> list[LockRef]:
+        return self._calls.lock_call("lock_renew", (held,))
+
+    def lock_locked(self, name: str | None) -> bool:
+        return self._call("lock_locked", (name,))
+
+    def lock_owner(self, name: str | None) -> int | None:
+        return self._call("lock_owner", (name,))
+
+
+def _rebuild(
+    address: str, authkey: bytes | None, cache: bool, timeout: float, restart: dict[str, Any] | None
+) -> LocalBackend:
+    return LocalBackend(address, authkey, cache=cache, timeout=timeout, restart=restart)
+
+
+def open_local(address: object, authkey: bytes | None, *, cache: bool, timeout: float) -> LocalBackend:
+    """A backend connected to the server at ``address`` (default: ``SHAREDSTATE_ADDRESS``), with its key
+    (default: ``SHAREDSTATE_AUTHKEY``, or ``ADDRESS.key`` beside a Unix socket)."""
+    parsed, key = resolve(address, authkey)
+    backend = LocalBackend(parsed, key, cache=cache, timeout=timeout)
+    backend.connect()
+    return backend
