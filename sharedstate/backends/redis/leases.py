@@ -77,6 +77,9 @@ class Leases:
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self._held: dict[LockId, Held] = {}
+        #: Locks another owner of this process took after their lease ran out, by (lock, old owner): the
+        #: old owner's next call on the lock is ``LockLost``.
+        self._taken: dict[tuple[LockId, Hashable], Held] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -84,6 +87,9 @@ class Leases:
         """Count one more acquire by ``owner`` if it holds the lock; ``LockLost`` (and the lock forgotten)
         if its lease was lost."""
         with self._mutex:
+            taken = self._taken.pop((ident, owner), None) if self._taken else None
+            if taken is not None:
+                raise lost_lease(taken)
             held = self._held.get(ident)
             if held is None or held.owner != owner:
                 return False
@@ -95,6 +101,10 @@ class Leases:
 
     def add(self, ident: LockId, held: Held) -> None:
         with self._mutex:
+            before = self._held.get(ident)
+            if before is not None:  # its lease ran out (Redis let this owner take the lock): lost
+                before.lost = True
+                self._taken[(ident, before.owner)] = before
             self._held[ident] = held
             if self._thread is None:
                 self._thread = threading.Thread(target=self._renew_forever, name="sharedstate-leases", daemon=True)
@@ -103,8 +113,12 @@ class Leases:
 
     def leave(self, ident: LockId, owner: Hashable) -> Any:
         """Count one release by ``owner``: ``None`` if it does not hold the lock, ``STILL_HELD`` if it
-        still does (reentrancy), else the ``Held`` lock, forgotten here (the caller releases it in Redis)."""
+        still does (reentrancy), else the ``Held`` lock, forgotten here (the caller releases it in Redis,
+        or raises ``LockLost`` if it is ``lost``)."""
         with self._mutex:
+            taken = self._taken.pop((ident, owner), None) if self._taken else None
+            if taken is not None:
+                return taken  # lost: the caller finds the lease ran out
             held = self._held.get(ident)
             if held is None or held.owner != owner:
                 return None

@@ -7,7 +7,7 @@ import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from sharedstate._errors import LockLost, describe_lock, lock_lost
+from sharedstate._errors import LockLost, describe_lock
 from sharedstate._sentinels import STILL_HELD
 from sharedstate.backends.base import LockRef
 from sharedstate.backends.redis import leases as _leases
@@ -50,16 +50,14 @@ class LockCalls:
     def lock_acquire(
         self, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None, held: int
     ) -> bool:
-        """``lease``: this lock's own (default: the backend's). Reentrancy is counted in this process
-        (``leases``); ``held`` (how often ``owner`` believes it holds the lock) tells a lock lost since
-        (its lease ran out, and another owner of this process took it) from one never held."""
+        """``lease``: this lock's own (default: the backend's). Reentrancy, and the locks whose lease ran
+        out, are known in this process (``leases``), per namespace; ``held`` is not used (``Lock`` counts
+        per address, which two namespaces of one database share)."""
         key, wake = self._lock_keys(name)
         ident = (self._url, key)
         registry = _leases.leases
         if registry.reenter(ident, owner):
             return True
-        if held:  # it believed it held the lock: its lease ran out and another owner took it since
-            raise lock_lost(name)
         # Redis' own bounds (``url.MIN_LEASE``..``MAX_LEASE``), narrower than any positive number ``Lock`` takes.
         lease = self.lease if lease is None else check_lease(lease)
         token = _leases.token(owner)
@@ -97,8 +95,6 @@ class LockCalls:
         key, wake = self._lock_keys(name)
         mine = _leases.leases.leave((self._url, key), owner)
         if mine is None:
-            if held:  # it believed it held the lock: its lease ran out and another owner took it since
-                raise lock_lost(name)
             holder = self.lock_owner(name)
             raise RuntimeError(
                 f"cannot release {describe_lock(name)}: this thread does not hold it "
