@@ -111,6 +111,11 @@ class RedisBackend(LockCalls):
         """Seconds a lock of this state stays held without renewal."""
         return self._target.lease
 
+    @property
+    def timeout(self) -> float:
+        """The deadline of one reply, in seconds (lock waits are made of shorter blocking waits)."""
+        return self._timeout
+
     @redis_call
     def connect(self) -> None:
         """Open this process' connection and check that Redis answers (a ``PING``)."""
