@@ -26,8 +26,8 @@ __all__ = [
     "appended",
     "check_increment",
     "check_restored",
-    "has_scope",
     "matches",
+    "scoped",
     "select_saved",
 ]
 
@@ -105,9 +105,11 @@ def matches(current: Any, expected: Any) -> bool:
 
 
 # -- scopes and save filters ----------------------------------------------------------------------------
-def has_scope(scopes: Iterable[str], wanted: set[str] | frozenset[str]) -> bool:
-    """Whether a name with ``scopes`` passes a scope filter of ``wanted`` (not empty): any one in common."""
-    return not wanted.isdisjoint(scopes)
+def scoped(scopes: Mapping[str, Iterable[str]], wanted: Iterable[str]) -> list[str]:
+    """The names, of those ``scopes`` lists with their scopes, that have any of ``wanted`` (a scope filter
+    that is not empty): the filter of ``names(scope=)`` and of a scoped ``save``."""
+    chosen = set(wanted)
+    return [name for name, scope in scopes.items() if not chosen.isdisjoint(scope)]
 
 
 def select_saved(
@@ -125,8 +127,7 @@ def select_saved(
     the names that have some."""
     selected: dict[str, _V]
     if scope:
-        wanted = set(scope)
-        selected = {n: v for n, v in data.items() if has_scope(scopes.get(n, ()), wanted)}
+        selected = {n: data[n] for n in scoped(scopes, scope) if n in data}
     else:
         selected = dict(data)
     if include:

@@ -19,7 +19,7 @@ from conftest import ROOT, reap
 
 from sharedstate import AccessDenied, LockLost, ServerUnavailable, SnapshotError
 from sharedstate._pattern import compile_pattern
-from sharedstate._rules import DECIMAL_CONTEXT, add, appended, matches, select_saved
+from sharedstate._rules import DECIMAL_CONTEXT, add, appended, matches, scoped, select_saved
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate.backends.base import Backend
 from sharedstate.backends.redis import DEFAULT_LEASE, RedisBackend, open_backend
@@ -263,6 +263,7 @@ def test_the_save_filter_applies_scope_then_include_then_exclude():
     assert select_saved(data, scopes, ["b", "c", "d"], None, ("s",)) == {"b": 2}
     assert select_saved(data, scopes, ["b", "d", "b"], ["b"], ()) == {"d": 4}
     assert select_saved(data, scopes, [], [], ()) == data  # empty filters filter nothing
+    assert scoped(scopes, ("t", "u")) == ["b", "c"]  # any one scope in common
 
 
 def test_a_filtered_save_on_redis_writes_what_the_rule_selects(backend, tmp_path):

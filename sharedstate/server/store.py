@@ -16,7 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from sharedstate._pattern import compile_pattern
-from sharedstate._rules import add, appended, has_scope, matches
+from sharedstate._rules import add, appended, matches, scoped
 from sharedstate._sentinels import MISSING
 from sharedstate.persistence.journal import encode_record
 from sharedstate.wire.answers import Answers, Duplicate, Removed, answer_of, current_request
@@ -157,8 +157,7 @@ class Store:
         with self._mutex:
             self.ops += 1
             if scope:
-                wanted = set(scope)
-                found = [n for n, s in self._scopes.items() if has_scope(s, wanted)]
+                found = scoped(self._scopes, scope)
             else:
                 found = list(self._data)
         if checked is None:

@@ -17,7 +17,7 @@ from typing import Any
 from sharedstate import _fork
 from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
-from sharedstate._rules import add, appended, check_restored, has_scope, matches, select_saved
+from sharedstate._rules import add, appended, check_restored, matches, scoped, select_saved
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate.backends.redis.connection import REPLY_TIMEOUT, Connection, redis_call
 from sharedstate.backends.redis.locks import LockCalls
@@ -161,12 +161,8 @@ class RedisBackend(LockCalls):
         """Walked by ``HSCAN`` steps of ``SCAN_COUNT`` names (one round trip each, never ``KEYS``): a name
         that exists for the whole walk is listed once; one set or removed during it may be listed or not."""
         if scopes:
-            wanted = set(scopes)
-            found = {
-                _text(name)
-                for name, value in self._scan(self._scopes_key, True)
-                if has_scope(json.loads(value), wanted)
-            }
+            stored = {_text(name): json.loads(value) for name, value in self._scan(self._scopes_key, True)}
+            found = set(scoped(stored, scopes))
         else:
             found = {_text(name) for name, _ in self._scan(self._data_key, False)}
         # Matched in this process, so a backtracking pattern costs only its caller.
