@@ -199,6 +199,27 @@ def test_incr_is_exact_on_both_sides_of_the_lua_limit(backend, redis_server):
     assert backend.incr("big", 1) == 10**30 + 1
 
 
+def _script_runs(redis_server) -> int:
+    with redis_server.client() as client:
+        return client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def test_incr_stays_in_one_script_up_to_the_lua_limit(backend, redis_server):
+    """Every integer below ``EXACT_INT`` is added by the script, 16 digits too: one script run. At the
+    limit the sum is finished in Python: the script answers so, and a compare-and-swap script follows."""
+    backend.set("warm", 2**60, ())
+    backend.incr("warm", 1)  # both scripts loaded: every call below is one EVALSHA each
+    for start in (10**15 + 5, EXACT_INT - 2, -(EXACT_INT - 2)):
+        backend.set("n", start, ())
+        before = _script_runs(redis_server)
+        assert backend.incr("n", 1) == start + 1
+        assert _script_runs(redis_server) - before == 1, start
+    backend.set("n", EXACT_INT - 1, ())
+    before = _script_runs(redis_server)
+    assert backend.incr("n", 1) == EXACT_INT
+    assert _script_runs(redis_server) - before == 2
+
+
 def test_incr_of_a_decimal_uses_the_fresh_process_context_on_both_backends(backend):
     """Not the calling thread's context: a journal replayed elsewhere, and the other backend, add alike."""
     store = Store()
