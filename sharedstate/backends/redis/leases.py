@@ -52,7 +52,7 @@ class Held:
         self.lease = lease
         self.lease_ms = lease_ms(lease)
         self.renew_at = time.monotonic() + lease / 3
-        #: The lease ran out before a renewal: another process may have taken the lock.
+        #: The lease ran out before a renewal: another holder may have taken the lock.
         self.lost = False
 
 
@@ -63,10 +63,11 @@ def token(owner: Hashable) -> str:
 
 
 def lost_lease(held: Held) -> LockLost:
+    """The error of any call by the owner of ``held`` once its lease ran out unrenewed."""
     return LockLost(
         f"{describe_lock(held.name)} is no longer held by this thread: its lease of {held.lease:g} s ran out "
-        "before it was renewed (was this process stopped, or Redis out of reach?), so another process may "
-        "have held it since",
+        "before it was renewed (was this process stopped, or Redis out of reach?), so another holder may "
+        "have had it since",
         held.name,
     )
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from sharedstate._errors import LockLost, describe_lock
+from sharedstate._errors import describe_lock
 from sharedstate._sentinels import STILL_HELD
 from sharedstate.backends.base import LockRef
 from sharedstate.backends.redis import leases as _leases
@@ -104,11 +104,7 @@ class LockCalls:
             return
         released = self._conn.run("release", [key, wake], [mine.token, mine.lease_ms])
         if released != 1 or mine.lost:
-            raise LockLost(
-                f"cannot release {describe_lock(name)}: its lease of {mine.lease:g} s ran out before it was "
-                "renewed (was this process stopped, or Redis out of reach?), so another process may have held it too",
-                name,
-            )
+            raise _leases.lost_lease(mine)
 
     def lock_renew(self, held: list[LockRef]) -> list[LockRef]:
         """Nothing to do (``renews_leases``): this process' lease thread renews its locks."""
