@@ -24,12 +24,12 @@ from contract.storable import VALUES, same
 
 import sharedstate
 from sharedstate import aio
-from sharedstate.backends.redis import DEFAULT_LEASE, RedisState
+from sharedstate.backends.redis import DEFAULT_LEASE, RedisBackend
 
 
-def connect(redis_server, namespace, **options) -> RedisState:
+def connect(redis_server, namespace, **options) -> sharedstate.State:
     state = sharedstate.connect(redis_server.url, namespace=namespace, **options)
-    assert isinstance(state, RedisState)
+    assert isinstance(state.backend, RedisBackend)
     return state
 
 
@@ -45,8 +45,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 def test_a_redis_url_gives_a_state_and_the_same_calls(redis_server, redis_namespace):
     state = connect(redis_server, redis_namespace)
     assert isinstance(state, sharedstate.State)
-    assert state.address == redis_server.url and state.namespace == redis_namespace
-    assert redis_namespace in repr(state)
+    assert state.address == redis_server.url and state.backend.namespace == redis_namespace
+    assert redis_namespace in repr(state.backend)
     state.set("a", 1)
     again = sharedstate.connect(f"{redis_server.url}?namespace={redis_namespace}")
     assert again.get("a") == 1
@@ -56,7 +56,7 @@ def test_shared_state_address_may_hold_a_redis_url(redis_server, redis_namespace
     monkeypatch.setenv("SHAREDSTATE_ADDRESS", f"{redis_server.tcp_url}?namespace={redis_namespace}")
     monkeypatch.delenv("SHAREDSTATE_AUTHKEY", raising=False)
     state = sharedstate.connect()
-    assert isinstance(state, RedisState) and state.namespace == redis_namespace
+    assert isinstance(state.backend, RedisBackend) and state.backend.namespace == redis_namespace
     assert state.incr("hits") == 1
     assert connect(redis_server, redis_namespace).get("hits") == 1
 
@@ -102,12 +102,12 @@ def test_options_are_checked(redis_server, redis_namespace, server):
             sharedstate.connect(redis_server.url, lease=lease)
     with pytest.raises(ValueError, match="lease"):
         sharedstate.connect(f"{redis_server.url}?lease=soon")
-    assert sharedstate.connect(f"{redis_server.url}?lease=0.5&namespace={redis_namespace}").lease == 0.5
+    assert sharedstate.connect(f"{redis_server.url}?lease=0.5&namespace={redis_namespace}").backend.lease == 0.5
     with pytest.raises(ValueError, match="password in the URL"):
         sharedstate.connect(redis_server.url, b"key")
     with pytest.raises(TypeError, match="options of a Redis state"):
         sharedstate.connect(server.address, server.authkey, namespace="x")
-    assert connect(redis_server, redis_namespace).lease == DEFAULT_LEASE == 2.0
+    assert connect(redis_server, redis_namespace).backend.lease == DEFAULT_LEASE == 2.0
 
 
 def test_without_redis_py_the_error_names_the_extra(redis_server):
@@ -126,19 +126,6 @@ def test_without_redis_py_the_error_names_the_extra(redis_server):
     )  # fmt: skip
     assert cli.returncode == 1 and "Traceback" not in cli.stderr
     assert "pip install 'sharedstate[redis]'" in cli.stderr
-
-
-def test_a_redis_state_overrides_every_call_of_state():
-    """A call added to State must be added to RedisState too (State's own would talk to no server)."""
-    generic = {"lock", "named_lock"}  # built on ``_call``'s lock calls, which RedisState answers
-    sugar = {"__getitem__", "__delitem__", "__len__", "__reduce__", "__repr__", "__init__"}
-    for name in dir(sharedstate.State):
-        if (name.startswith("_") and name not in sugar) or name in generic:
-            continue
-        assert name in RedisState.__dict__, f"RedisState does not implement State.{name}"
-    for name in dir(RedisState):
-        if not name.startswith("_"):
-            assert getattr(RedisState, name).__doc__, f"RedisState.{name} has no docstring"
 
 
 def test_namespaces_keep_states_apart(redis_server, redis_namespace):

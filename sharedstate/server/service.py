@@ -14,9 +14,8 @@ from typing import Any
 
 import psutil
 
-from sharedstate._errors import SnapshotError
+from sharedstate._rules import check_restored, select_saved
 from sharedstate._sentinels import HANDED
-from sharedstate._values import check_value
 from sharedstate.persistence.files import check_slot
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
 from sharedstate.server.config import ServerConfig
@@ -240,8 +239,7 @@ class StateService(Store):
         exclude: list[str] | None = None,
         scope: tuple[str, ...] = (),
     ) -> str:
-        """Write a snapshot; return its path. Filters apply in Pode's order: scope, then include, then
-        exclude (so exclude has the last word)."""
+        """Write a snapshot; return its path. Filters apply in Pode's order (``_rules.select_saved``)."""
         target = self._target(path, "save")
         include = include or None  # an empty list is no filter (Pode's rule)
         if target == self.path and (include or exclude or scope):
@@ -269,14 +267,8 @@ class StateService(Store):
             if journal is not None:
                 generation = journal.generation + 1
             data, scopes, answers = self.entries(final=final, new_generation=generation or None)
-            if scope:
-                wanted = set(scope)
-                data = {n: v for n, v in data.items() if not wanted.isdisjoint(scopes.get(n, ()))}
-            if include:
-                data = {n: data[n] for n in include if n in data}
-            if exclude:
-                for name in exclude:
-                    data.pop(name, None)
+            if scope or include or exclude:
+                data = select_saved(data, scopes, include, exclude, scope)
             try:
                 # Only the server's own file keeps the answers: they belong to this server's clients.
                 own = target == self.path
@@ -304,11 +296,7 @@ class StateService(Store):
 
     def install(self, target: Path, snapshot: Snapshot, merge: bool = False) -> int:
         data, scopes = snapshot.data, snapshot.scopes
-        for name, value in data.items() if snapshot.foreign else ():  # Pode's JSON may hold any shape
-            try:
-                check_value(name, value)
-            except (TypeError, ValueError) as exc:
-                raise SnapshotError(f"{target} is not a valid snapshot: {exc}", str(target)) from None
+        check_restored(data, snapshot.foreign, str(target))
         self.replace(data, scopes, merge)
         return len(data)
 

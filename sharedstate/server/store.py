@@ -5,7 +5,8 @@ are atomic. Stored values are never mutated in place: a change stores a new obje
 consistent copy of the dict's references, taken in one short critical section.
 
 Arguments reach the store already checked by the client (``_values``); the store checks only what
-depends on the current state, such as the type of the value ``incr`` adds to.
+depends on the current state, such as the type of the value ``incr`` adds to, with the rules the Redis
+backend applies too (``_rules``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from sharedstate._pattern import compile_pattern
+from sharedstate._rules import add, appended, matches, scoped
 from sharedstate._sentinels import MISSING
 from sharedstate.persistence.journal import encode_record
 from sharedstate.wire.answers import Answers, Duplicate, Removed, answer_of, current_request
@@ -24,20 +26,15 @@ if TYPE_CHECKING:
     from sharedstate.wire.versions import VersionTable
 
 
-_NUMBER_TYPES = (int, float, decimal.Decimal)
-
-
 class Store:
     """Names to values, each name with an optional tuple of scopes."""
 
     #: The operations a client may call, by name (the manager refuses any other).
     EXPOSED: tuple[str, ...] = (
         "get",
-        "getitem",
         "set",
         "remove",
         "popitem",
-        "delitem",
         "contains",
         "names",
         "clear",
@@ -134,14 +131,6 @@ class Store:
             self.ops += 1
             return self._data.get(name, MISSING)
 
-    def getitem(self, name: str) -> Any:
-        with self._mutex:
-            self.ops += 1
-            value = self._data.get(name, MISSING)
-        if value is MISSING:
-            raise KeyError(name)
-        return value
-
     def contains(self, name: str) -> bool:
         with self._mutex:
             self.ops += 1
@@ -168,8 +157,7 @@ class Store:
         with self._mutex:
             self.ops += 1
             if scope:
-                wanted = set(scope)
-                found = [n for n, s in self._scopes.items() if not wanted.isdisjoint(s)]
+                found = scoped(self._scopes, scope)
             else:
                 found = list(self._data)
         if checked is None:
@@ -247,18 +235,6 @@ class Store:
         self._commit(number)
         return item
 
-    def delitem(self, name: str) -> None:
-        with self._mutex:
-            self.ops += 1
-            if name not in self._data:
-                self._check_duplicate()
-                raise KeyError(name)
-            number = self._record("remove", name)
-            del self._data[name]
-            self._scopes.pop(name, None)
-            self._changed(name)
-        self._commit(number)
-
     def clear(self) -> None:
         with self._mutex:
             self.ops += 1
@@ -325,20 +301,11 @@ class Store:
     def incr(self, name: str, by: int | float | decimal.Decimal = 1) -> Any:
         with self._mutex:
             self.ops += 1
-            current = self._data.get(name, 0)
-            if type(current) not in _NUMBER_TYPES:
-                self._check_duplicate()
-                raise TypeError(f"cannot incr {name!r}: it holds {type(current).__name__}, not a number")
             try:
-                new = current + by
-            except TypeError:
+                new = add(name, self._data.get(name, MISSING), by)
+            except (TypeError, ValueError):
                 self._check_duplicate()
-                raise TypeError(
-                    f"cannot incr {name!r}: cannot add {type(by).__name__} to {type(current).__name__}"
-                ) from None
-            except decimal.DecimalException as exc:  # a signalling NaN or an overflow
-                self._check_duplicate()
-                raise ValueError(f"cannot incr {name!r} by {by!r}: {type(exc).__name__}") from None
+                raise
             number = self._record("incr", name, by, answer=new)
             self._data[name] = new
             self._changed(name)
@@ -361,12 +328,7 @@ class Store:
     def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
         with self._mutex:
             self.ops += 1
-            current = self._data.get(name, MISSING)
-            if current is MISSING:
-                if expected is not None:
-                    self._check_duplicate()
-                    return False
-            elif current != expected:
+            if not matches(self._data.get(name, MISSING), expected):
                 self._check_duplicate()
                 return False
             number = self._record("put", name, new, answer=True)
@@ -378,14 +340,11 @@ class Store:
     def append(self, name: str, item: Any) -> int:
         with self._mutex:
             self.ops += 1
-            current = self._data.get(name, MISSING)
-            if current is MISSING:
-                new = [item]
-            elif type(current) is list:
-                new = [*current, item]  # a new list: stored values are never mutated in place
-            else:
+            try:
+                new = appended(name, self._data.get(name, MISSING), item)
+            except TypeError:
                 self._check_duplicate()
-                raise TypeError(f"cannot append to {name!r}: it holds {type(current).__name__}, not a list")
+                raise
             number = self._record("append", name, item, answer=len(new))
             self._data[name] = new
             self._changed(name)

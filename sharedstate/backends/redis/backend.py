@@ -1,0 +1,365 @@
+"""``RedisBackend``: the ``Backend`` operations on the keys of one namespace of a Redis database.
+
+Arguments arrive checked by ``State``; what depends on the stored values (``incr`` of text, ``append``
+to a number, which ``compare_and_set`` matches, the filters of ``save``, the check of a restored file) is
+decided by ``_rules``, the same functions the local server uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sharedstate import _fork
+from sharedstate._fork import after_fork_in_child
+from sharedstate._pattern import Pattern
+from sharedstate._rules import add, appended, check_restored, matches, scoped, select_saved
+from sharedstate._sentinels import MISSING, NOT_CACHED
+from sharedstate.backends.redis.connection import REPLY_TIMEOUT, Connection, redis_call
+from sharedstate.backends.redis.locks import LockCalls
+from sharedstate.backends.redis.scripts import EXACT_INT
+from sharedstate.backends.redis.url import Target
+from sharedstate.persistence.codec import encode, object_hook
+from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
+from sharedstate.wire.addresses import check_call_timeout
+
+#: Names per HSCAN step (of ``names()``, and of the script of ``popitem()``).
+SCAN_COUNT = 1000
+#: Fields per HSET inside one MULTI block when many names are written at once.
+WRITE_CHUNK = 10_000
+
+#: Serialises the opening of connections (replaced in a child: another thread may have held it at the fork).
+_opening = threading.Lock()
+
+
+@after_fork_in_child
+def _after_fork_in_child() -> None:
+    global _opening
+    _opening = threading.Lock()
+
+
+def dumps(value: Any) -> str:
+    """A value as it is stored in Redis: the snapshot codec's typed JSON, compact."""
+    return json.dumps(encode(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def loads(raw: bytes | str) -> Any:
+    return json.loads(raw, object_hook=object_hook)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
+def _path(path: str | None, verb: str) -> Path:
+    if path is None:
+        raise ValueError(
+            f"{verb}() on a Redis state needs a path: it has no snapshot file of its own "
+            "(Redis' own persistence keeps its data)"
+        )
+    return Path(path)
+
+
+class RedisBackend(LockCalls):
+    """A state kept in Redis or Valkey, under the keys of one namespace (``scripts`` says how each call
+    stays atomic; ``locks`` has the lock calls). It pickles as its target (URL with password, namespace,
+    lease) and reply timeout, and opens its own connection in each process, also after a fork."""
+
+    #: Held locks are renewed by this process' lease thread (``leases``), not by ``Lock``.
+    renews_leases = True
+
+    def __init__(self, target: Target, timeout: float = REPLY_TIMEOUT) -> None:
+        self._target = target
+        self._url = target.url
+        #: The deadline of one reply (redis-py's ``socket_timeout``).
+        self._timeout = check_call_timeout(timeout)
+        prefix = target.namespace + ":"
+        self._prefix = prefix
+        self._data_key = prefix + "data"
+        self._scopes_key = prefix + "scopes"
+        self._keys = [self._data_key, self._scopes_key]
+        self._conn_: Connection | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    @property
+    def _conn(self) -> Connection:
+        conn = self._conn_
+        if conn is None or conn.generation != _fork.generation:
+            with _opening:
+                conn = self._conn_
+                if conn is None or conn.generation != _fork.generation:
+                    # After a fork the parent's client is left alone: its sockets are the parent's.
+                    conn = self._conn_ = Connection(self._url, self._timeout)
+        return conn
+
+    @property
+    def address(self) -> str:
+        """The Redis URL as given (its password hidden)."""
+        return self._target.address
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of this state's keys in the Redis database."""
+        return self._target.namespace
+
+    @property
+    def lease(self) -> float:
+        """Seconds a lock of this state stays held without renewal."""
+        return self._target.lease
+
+    @property
+    def timeout(self) -> float:
+        """The deadline of one reply, in seconds (lock waits are made of shorter blocking waits)."""
+        return self._timeout
+
+    @redis_call
+    def connect(self) -> None:
+        """Open this process' connection and check that Redis answers (a ``PING``)."""
+        self._conn.client.ping()
+
+    def close(self) -> None:
+        """Close this process' connections to Redis (the next call opens them again). Locks held stay
+        held, and renewed."""
+        conn = self._conn_
+        if conn is not None and conn.generation == _fork.generation:
+            conn.client.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The URL, password included, travels with the backend, as the key does with a local one.
+        return (type(self), (self._target, self._timeout))
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend at {self.address} namespace {self.namespace!r}>"
+
+    # -- reads --------------------------------------------------------------------------------------
+    @redis_call
+    def get(self, name: str) -> Any:
+        raw = self._conn.client.hget(self._data_key, name)
+        return MISSING if raw is None else loads(raw)
+
+    def peek(self, name: str) -> Any:
+        """Always ``NOT_CACHED``: a Redis state has no client cache, every read asks Redis."""
+        return NOT_CACHED
+
+    @redis_call
+    def contains(self, name: str) -> bool:
+        return bool(self._conn.client.hexists(self._data_key, name))
+
+    @redis_call
+    def get_many(self, names: list[str]) -> dict[str, Any]:
+        if not names:
+            return {}
+        values = self._conn.client.hmget(self._data_key, names)
+        return {name: loads(raw) for name, raw in zip(names, values, strict=True) if raw is not None}
+
+    @redis_call
+    def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
+        """Walked by ``HSCAN`` steps of ``SCAN_COUNT`` names (one round trip each, never ``KEYS``): a name
+        that exists for the whole walk is listed once; one set or removed during it may be listed or not."""
+        if scopes:
+            stored = {_text(name): json.loads(value) for name, value in self._scan(self._scopes_key, True)}
+            found = set(scoped(stored, scopes))
+        else:
+            found = {_text(name) for name, _ in self._scan(self._data_key, False)}
+        # Matched in this process, so a backtracking pattern costs only its caller.
+        names = pattern.filter(found) if pattern is not None else list(found)
+        names.sort()
+        return names
+
+    def _scan(self, key: str, values: bool) -> Iterator[tuple[bytes, Any]]:
+        """Every field of a hash (and its value when ``values``), by HSCAN steps (a field may come twice)."""
+        conn = self._conn
+        cursor: bytes | int = 0
+        flag = "1" if values else "0"
+        while True:
+            reply = conn.run("scan", [key], [cursor, SCAN_COUNT, flag])
+            cursor, items = reply[0], reply[1:]
+            if values:
+                yield from zip(items[::2], items[1::2], strict=True)
+            else:
+                for item in items:
+                    yield item, None
+            if int(cursor) == 0:
+                return
+
+    @redis_call
+    def length(self) -> int:
+        return int(self._conn.client.hlen(self._data_key))
+
+    @redis_call
+    def snapshot(self) -> dict[str, Any]:
+        return {_text(name): loads(raw) for name, raw in self._conn.client.hgetall(self._data_key).items()}
+
+    # -- writes -------------------------------------------------------------------------------------
+    @redis_call
+    def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None:
+        self._conn.run("set", self._keys, [name, dumps(value), json.dumps(list(scopes)) if scopes else ""])
+
+    @redis_call
+    def remove(self, name: str) -> Any:
+        found = self._conn.run("remove", self._keys, [name])
+        return loads(found[0]) if found else MISSING
+
+    @redis_call
+    def popitem(self) -> tuple[str, Any] | None:
+        """Remove the first name an ``HSCAN`` of the hash finds (its order is Redis' own, not the order
+        names were stored in: which name goes is unspecified), in one script."""
+        found = self._conn.run("popitem", self._keys, [SCAN_COUNT])
+        return (_text(found[0]), loads(found[1])) if found else None
+
+    @redis_call
+    def clear(self) -> None:
+        self._conn.client.delete(self._data_key, self._scopes_key)
+
+    @redis_call
+    def incr(self, name: str, by: Any) -> Any:
+        """In one script when Lua's doubles add exactly (``scripts.INCR``); else in Python, by ``_swap``."""
+        kind = type(by)
+        if (kind is int and -EXACT_INT < by < EXACT_INT) or (kind is float and math.isfinite(by)):
+            reply = self._conn.run("incr", self._keys[:1], [name, repr(by), "i" if kind is int else "f", EXACT_INT])
+            status = reply[0]
+            if status == b"ok":
+                return loads(reply[1])
+            if status == b"type":
+                add(name, loads(reply[1]), by)  # the TypeError of a value that is not a number
+        return self._swap(name, lambda current: add(name, current, by))
+
+    @redis_call
+    def setdefault(self, name: str, default: Any) -> Any:
+        reply = self._conn.run("setdefault", self._keys[:1], [name, dumps(default)])
+        return default if reply[0] == 1 else loads(reply[1])
+
+    @redis_call
+    def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
+        """Equal texts are equal values, decided in the script; other texts are compared in Python
+        (``1 == 1.0``, a set in another order), and then stored only if the name still holds that text."""
+        known = dumps(expected)
+        new_text = dumps(new)
+        # Equal texts mean equal values, except for NaN, which equals nothing: compare those in Python.
+        texts = "0" if '"nan"' in known else "1"
+        missing_matches = "1" if matches(MISSING, expected) else "0"
+        while True:
+            reply = self._conn.run("compare_and_set", self._keys[:1], [name, known, new_text, missing_matches, texts])
+            if reply == 1:
+                return True
+            if reply == 0 or not matches(loads(reply), expected):
+                return False
+            known, texts = _text(reply), "1"  # store if the name still holds exactly that text
+
+    @redis_call
+    def append(self, name: str, item: Any) -> int:
+        reply = self._conn.run("append", self._keys[:1], [name, dumps(item)])
+        status = reply[0]
+        if status == b"ok":
+            return int(reply[1])
+        if status == b"type":
+            appended(name, loads(reply[1]), item)  # the TypeError of a value that is not a list
+        return len(self._swap(name, lambda current: appended(name, current, item)))
+
+    def _swap(self, name: str, change: Callable[[Any], Any]) -> Any:
+        """Read ``name``, compute its new value in Python, and store it if the name still holds what was
+        read, else read again: two round trips an attempt, and as many attempts as other clients change
+        the name in between. ``change`` gets ``MISSING`` for a missing name, and may raise to leave
+        everything unchanged. Returns the new value."""
+        conn = self._conn
+        while True:
+            raw = conn.client.hget(self._data_key, name)
+            new = change(MISSING if raw is None else loads(raw))
+            args = [name, "1", "", dumps(new)] if raw is None else [name, "0", raw, dumps(new)]
+            if conn.run("swap", self._keys[:1], args) == 1:
+                return new
+
+    @redis_call
+    def update(self, mapping: dict[str, Any]) -> None:
+        encoded = {name: dumps(value) for name, value in mapping.items()}
+        pipe = self._conn.client.pipeline(transaction=True)
+        self._write(pipe, encoded, {}, merge=True)
+        pipe.execute()
+
+    def _write(self, pipe: Any, encoded: dict[str, str], scopes: dict[str, str], merge: bool) -> None:
+        """Queue the commands that store ``encoded`` values with ``scopes`` (names without any lose
+        theirs); with ``merge=False`` everything else goes first."""
+        if not merge:
+            pipe.delete(self._data_key, self._scopes_key)
+        names = list(encoded)
+        for start in range(0, len(names), WRITE_CHUNK):
+            chunk = names[start : start + WRITE_CHUNK]
+            pipe.hset(self._data_key, mapping={n: encoded[n] for n in chunk})
+            if merge:
+                pipe.hdel(self._scopes_key, *chunk)
+        items = list(scopes.items())
+        for start in range(0, len(items), WRITE_CHUNK):
+            pipe.hset(self._scopes_key, mapping=dict(items[start : start + WRITE_CHUNK]))
+
+    # -- files and figures --------------------------------------------------------------------------
+    @redis_call
+    def save(
+        self, path: str | None, include: list[str] | None, exclude: list[str] | None, scopes: tuple[str, ...]
+    ) -> Path:
+        """Written in the calling process, in the local server's format (so either backend restores it);
+        ``ValueError`` without a path: a Redis state has no file of its own."""
+        target = _path(path, "save")
+        pipe = self._conn.client.pipeline(transaction=True)
+        pipe.hgetall(self._data_key)
+        pipe.hgetall(self._scopes_key)
+        raw_data, raw_scopes = pipe.execute()
+        stored_scopes = {_text(name): tuple(json.loads(value)) for name, value in raw_scopes.items()}
+        stored = {_text(name): raw for name, raw in raw_data.items()}
+        selected = select_saved(stored, stored_scopes, include, exclude, scopes)
+        data = {name: loads(raw) for name, raw in selected.items()}
+        write_snapshot(target, data, stored_scopes, ours=False)  # a path the caller chose
+        return target
+
+    @redis_call
+    def restore(self, path: str | None, merge: bool) -> int:
+        """Read in the calling process; installed in one ``MULTI`` block (``merge=False``: in place of
+        everything). ``ValueError`` without a path."""
+        target = _path(path, "restore")
+        snapshot = read_snapshot(target)
+        if snapshot is None:
+            return 0
+        check_restored(snapshot.data, snapshot.foreign, str(target))
+        encoded = {name: dumps(value) for name, value in snapshot.data.items()}
+        scopes = {name: json.dumps(list(scope)) for name, scope in snapshot.scopes.items()}
+        pipe = self._conn.client.pipeline(transaction=True)
+        self._write(pipe, encoded, scopes, merge=merge)
+        pipe.execute()
+        return len(encoded)
+
+    @redis_call
+    def stats(self) -> dict[str, Any]:
+        """Under the keys of the local server's ``stats()``: ``names`` (this namespace), ``pid`` (the Redis
+        server's process, on its host), ``rss_bytes``, ``uptime_s``, ``ops`` (commands the server
+        processed, for every client and database), ``clients`` (connections to the server),
+        ``last_save_at``/``last_save_s``/``last_save_error`` (``None``: no scheduled saves of its own),
+        ``lock_recoveries`` (0: expired leases are not counted). Also ``backend`` (``"redis"``),
+        ``address``, ``namespace``, ``lease_s``, ``redis_version``, ``redis_last_save_at`` (Redis' own
+        last RDB save, Unix time), ``redis_changes_since_last_save`` and ``redis_aof_enabled``."""
+        pipe = self._conn.client.pipeline(transaction=False)
+        pipe.hlen(self._data_key)
+        pipe.info()
+        names, info = pipe.execute()
+        return {
+            "names": int(names),
+            "pid": info.get("process_id"),
+            "rss_bytes": info.get("used_memory_rss"),
+            "uptime_s": info.get("uptime_in_seconds"),
+            "ops": info.get("total_commands_processed"),
+            "clients": info.get("connected_clients"),
+            "last_save_at": None,
+            "last_save_s": None,
+            "last_save_error": None,
+            "lock_recoveries": 0,
+            "backend": "redis",
+            "address": self.address,
+            "namespace": self.namespace,
+            "lease_s": self.lease,
+            "redis_version": info.get("redis_version"),
+            "redis_last_save_at": info.get("rdb_last_save_time"),
+            "redis_changes_since_last_save": info.get("rdb_changes_since_last_save"),
+            "redis_aof_enabled": bool(info.get("aof_enabled", 0)),
+        }

@@ -1,0 +1,107 @@
+"""Connections to Redis through redis-py, and redis-py's errors as sharedstate's.
+
+redis-py is imported on the first connection, so that ``import sharedstate`` and a local state never
+need it; without it, the error names the extra to install.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sharedstate import _fork
+from sharedstate._errors import AccessDenied, ServerUnavailable, SharedStateError
+from sharedstate.backends.redis.scripts import SCRIPTS
+
+#: Connecting may take this long before the server counts as unavailable (as for the local server).
+CONNECT_TIMEOUT = 5.0
+#: A reply may take this long by default (``connect(timeout=)``; redis-py's own default is no limit
+#: before version 8, 5 s from 8 on).
+REPLY_TIMEOUT = 30.0
+INSTALL_HINT = "pip install 'sharedstate[redis]'"
+
+_redis_module: Any = None
+
+
+class _NeverRaised(Exception):
+    """Stands for redis-py's error class until redis-py is imported."""
+
+
+#: redis-py's base error class, once it is imported.
+RedisError: type[BaseException] = _NeverRaised
+
+
+def import_redis() -> Any:
+    """The ``redis`` module; ``ImportError`` naming the extra to install without it."""
+    global _redis_module, RedisError
+    if _redis_module is None:
+        try:
+            import redis
+            import redis.exceptions
+        except ImportError:
+            raise ImportError(f"a Redis URL needs redis-py, an optional extra of sharedstate: {INSTALL_HINT}") from None
+        RedisError = redis.exceptions.RedisError
+        _redis_module = redis
+    return _redis_module
+
+
+class Connection:
+    """One process' redis-py client of a backend, with every script registered on it (as attributes
+    named by ``scripts.SCRIPTS``). ``generation`` is the fork generation it was opened in: a forked child
+    must open its own, the sockets are its parent's."""
+
+    def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
+        redis = import_redis()
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        options: dict[str, Any] = {
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            # A Redis server that stops answering (SIGSTOP, a frozen host) fails the call after it.
+            "socket_timeout": timeout,
+            # No silent retries: a script whose reply was lost may have run, and running it again
+            # would count twice. A failed call raises ServerUnavailable, as on the local server.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        # Options in the URL's query win (redis-py lets them override keyword arguments).
+        self.client = redis.Redis.from_url(url, **options)
+        self.generation = _fork.generation
+        self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
+
+    def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of ``scripts.SCRIPTS`` (by ``EVALSHA``, loading it first if Redis does not know it)."""
+        return self.scripts[script](keys=keys, args=args)
+
+
+def translate(exc: BaseException, address: str, call: str) -> BaseException:
+    """A redis-py error as the error sharedstate raises for the same failure of the local server."""
+    errors = _redis_module.exceptions
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, getattr(errors, "AuthenticationError", ())) or text.startswith(("NOAUTH", "WRONGPASS")):
+        return AccessDenied(f"the Redis server at {address} refused the credentials: {text}", address)
+    if isinstance(exc, getattr(errors, "NoPermissionError", ())):
+        return AccessDenied(f"the Redis server at {address} refused {call}(): {text}", address)
+    if isinstance(exc, (errors.ConnectionError, errors.TimeoutError)):
+        if call == "connect":
+            return ServerUnavailable(f"no Redis server answers at {address}: {text}", address)
+        return ServerUnavailable(f"the Redis server at {address} went away during {call}(): {text}", address)
+    return SharedStateError(f"the Redis server at {address} failed in {call}(): {text}")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def redis_call(function: _F) -> _F:
+    """Raise sharedstate's errors, not redis-py's, from a backend method (whose ``address`` names the
+    server in the message)."""
+    call = function.__name__.strip("_")
+
+    @functools.wraps(function)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(self, *args, **kwargs)
+        except RedisError as exc:
+            raise translate(exc, self.address, call) from None
+
+    return wrapper  # type: ignore[return-value]

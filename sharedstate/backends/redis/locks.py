@@ -1,0 +1,126 @@
+"""The lock calls of ``RedisBackend``: acquire (waiting on a list a release pushes to), release, and
+who holds a lock. The locks this process holds, and their leases, are kept by ``leases``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+from sharedstate._errors import describe_lock
+from sharedstate._sentinels import STILL_HELD
+from sharedstate.backends.base import LockRef
+from sharedstate.backends.redis import leases as _leases
+from sharedstate.backends.redis.connection import redis_call
+from sharedstate.backends.redis.url import check_lease, lease_ms
+
+if TYPE_CHECKING:
+    from sharedstate.backends.redis.connection import Connection
+
+#: Longest single wait of a lock waiter before it asks again (it wakes earlier on a release, or when
+#: the holder's lease runs out).
+WAIT_SLICE_S = 0.5
+#: Redis serves the timeouts of blocking commands on its clock ticks (``hz``, 10 a second by default),
+#: so a ``BLPOP`` timeout ends up to this much late. A release wakes a waiter at once all the same.
+REDIS_TICK_S = 0.1
+#: How often a waiter asks in the last moments before the holder's lease runs out or its own timeout
+#: ends, where a ``BLPOP`` timeout would be too coarse.
+POLL_S = 0.02
+
+
+class LockCalls:
+    """The ``lock_*`` operations of the ``Backend`` protocol, for ``RedisBackend``, whose keys, connection,
+    address, lease and reply timeout they use."""
+
+    _prefix: str
+    _url: str
+    _timeout: float
+    _conn: Connection
+    address: str
+    lease: float
+
+    # -- locks --------------------------------------------------------------------------------------
+    def _lock_keys(self, name: str | None) -> tuple[str, str]:
+        """The lock's key and the list a release pushes to, to wake a waiter."""
+        if name is None:
+            return self._prefix + "lock", self._prefix + "wake"
+        return f"{self._prefix}lock:{name}", f"{self._prefix}wake:{name}"
+
+    @redis_call
+    def lock_acquire(
+        self, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None, held: int
+    ) -> bool:
+        """``lease``: this lock's own (default: the backend's). Reentrancy, and the locks whose lease ran
+        out, are known in this process (``leases``), per namespace; ``held`` is not used (``Lock`` counts
+        per address, which two namespaces of one database share)."""
+        key, wake = self._lock_keys(name)
+        ident = (self._url, key)
+        registry = _leases.leases
+        if registry.reenter(ident, owner):
+            return True
+        # Redis' own bounds (``url.MIN_LEASE``..``MAX_LEASE``), narrower than any positive number ``Lock`` takes.
+        lease = self.lease if lease is None else check_lease(lease)
+        token = _leases.token(owner)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn = self._conn
+        while True:
+            left = conn.run("acquire", [key], [token, lease_ms(lease)])
+            if left == -3:
+                registry.add(ident, _leases.Held(conn, self.address, name, key, token, owner, lease))
+                return True
+            if not blocking:
+                return False
+            if left == -2:
+                continue  # released between the two commands of the script: ask again at once
+            now = time.monotonic()
+            until = now + WAIT_SLICE_S
+            if left >= 0:  # the holder's lease runs out then, unless it renews it or releases first
+                until = min(until, now + left / 1000 + 0.001)
+            if deadline is not None:
+                if now >= deadline:
+                    return False
+                until = min(until, deadline)
+            # A blocking wait also stays well inside the reply timeout, so it is never taken for a
+            # server that stopped answering.
+            span = min(until, now + self._timeout / 2) - now
+            if span > 2 * REDIS_TICK_S:
+                # Woken at once by a release; the timeout itself is served on one of Redis' ticks, so
+                # it may end up to a tick late: ask for one tick less.
+                conn.client.blpop([wake], timeout=span - REDIS_TICK_S)
+            else:  # the last moments before the lease runs out or the caller gives up: on time
+                time.sleep(min(span, POLL_S))
+
+    @redis_call
+    def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
+        key, wake = self._lock_keys(name)
+        mine = _leases.leases.leave((self._url, key), owner)
+        if mine is None:
+            holder = self.lock_owner(name)
+            raise RuntimeError(
+                f"cannot release {describe_lock(name)}: this thread does not hold it "
+                f"(held by {'nobody' if holder is None else f'pid {holder}'})"
+            )
+        if mine is STILL_HELD:
+            return
+        released = self._conn.run("release", [key, wake], [mine.token, mine.lease_ms])
+        if released != 1 or mine.lost:
+            raise _leases.lost_lease(mine)
+
+    def lock_renew(self, held: list[LockRef]) -> list[LockRef]:
+        """Nothing to do (``renews_leases``): this process' lease thread renews its locks."""
+        return []
+
+    @redis_call
+    def lock_locked(self, name: str | None) -> bool:
+        return bool(self._conn.client.exists(self._lock_keys(name)[0]))
+
+    @redis_call
+    def lock_owner(self, name: str | None) -> int | None:
+        """The pid of the holder (on its own host), read from the token its key holds."""
+        raw = self._conn.client.get(self._lock_keys(name)[0])
+        if raw is None:
+            return None
+        try:
+            return int(raw.split(b":", 1)[0])
+        except ValueError:
+            return None
