@@ -16,12 +16,12 @@ from typing import Any
 
 from sharedstate._lock import Lock
 from sharedstate._pattern import compile_pattern
+from sharedstate._rules import check_increment
 from sharedstate._sentinels import MISSING
 from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_value
 from sharedstate.backends.base import Backend
 from sharedstate.persistence.files import caller_target
 
-_NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).
 _PLAIN_FAST = frozenset({int, float, bool, type(None)})
 #: Names with nothing to check when ASCII (a str subclass is stored as its plain text).
@@ -130,10 +130,7 @@ class State(MutableMapping[str, Any]):
         Atomic. Raises ``TypeError`` if ``by`` or the stored value is not a number; nothing changes then.
         """
         name = check_name(name)
-        if type(by) not in _NUMBER_TYPES:
-            raise TypeError(f"cannot incr {name!r} by {type(by).__name__}: by must be an int, float or Decimal")
-        if type(by) is decimal.Decimal:
-            check_value(name, by)  # a signalling NaN: ValueError
+        check_increment(name, by)
         return self._backend.incr(name, by)
 
     def setdefault(self, name: str, default: Any = None) -> Any:

@@ -49,9 +49,6 @@ SNIPPET_TIMEOUT_S = 60.0
 #: Names in backticks that stand for a user's own files (a snapshot it names), not files of this repository.
 USER_FILES = frozenset({"state.json"})
 
-#: Modules the architecture page names that this tree is being split into; each entry must go once the
-#: path exists (``test_pending_paths_do_not_exist_yet`` fails as a reminder).
-PENDING = frozenset({"sharedstate/backends/redis/"})
 
 _MARKER = re.compile(r"^\s*<!--\s*runnable(?::\s*(\w+))?\s*-->\s*$")
 _FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")
@@ -197,17 +194,8 @@ def _exists(path: str) -> bool:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_named_paths_exist(page: Path):
-    missing = [
-        f"{where}: {path}"
-        for where, path in _named_paths(page)
-        if path not in USER_FILES and path not in PENDING and not _exists(path)
-    ]
+    missing = [f"{where}: {path}" for where, path in _named_paths(page) if path not in USER_FILES and not _exists(path)]
     assert not missing, "the docs name files the repository does not have:\n" + "\n".join(missing)
-
-
-def test_pending_paths_do_not_exist_yet():
-    arrived = sorted(path for path in PENDING if _exists(path))
-    assert not arrived, f"{arrived} exist now: remove them from PENDING in tests/test_docs.py"
 
 
 def test_no_page_names_a_missing_api_md():

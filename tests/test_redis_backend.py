@@ -17,6 +17,7 @@ import sys
 import pytest
 from conftest import ROOT, reap
 
+import sharedstate
 from sharedstate import AccessDenied, LockLost, ServerUnavailable, SnapshotError
 from sharedstate._pattern import compile_pattern
 from sharedstate._rules import DECIMAL_CONTEXT, add, appended, matches, scoped, select_saved
@@ -40,15 +41,15 @@ def backend(redis_server, redis_namespace):
 
 
 # -- opening ---------------------------------------------------------------------------------------------
-def test_open_backend_answers_none_for_an_address_that_is_not_a_redis_url(monkeypatch):
+def test_an_address_that_is_not_a_redis_url_is_a_local_servers_and_takes_no_redis_options(monkeypatch):
     monkeypatch.delenv("SHAREDSTATE_ADDRESS", raising=False)
-    assert open_backend("/tmp/some.sock", namespace=None, lease=None) is None
-    assert open_backend(("127.0.0.1", 5000)) is None
-    assert open_backend(None) is None
+    for address in ("/tmp/some.sock", ("127.0.0.1", 5000), None):
+        with pytest.raises(ValueError, match="not a Redis URL"):
+            open_backend(address)
     with pytest.raises(TypeError, match="options of a Redis state"):
-        open_backend("/tmp/some.sock", namespace="x")
+        sharedstate.connect("/tmp/some.sock", namespace="x")
     with pytest.raises(TypeError, match="options of a Redis state"):
-        open_backend(None, lease=1.0)
+        sharedstate.connect(None, lease=1.0)
 
 
 def test_open_backend_checks_its_options_before_connecting(redis_server):

@@ -42,29 +42,24 @@ def open_backend(
     lease: object = None,
     timeout: float = REPLY_TIMEOUT,
     authkey: object = None,
-) -> RedisBackend | None:
-    """A connected ``RedisBackend`` for a Redis URL, or ``None`` when ``address`` (or
-    ``SHAREDSTATE_ADDRESS``, when ``address`` is ``None``) is not a ``redis://``, ``rediss://`` or
-    ``unix://`` URL.
+) -> RedisBackend:
+    """A connected ``RedisBackend`` for the Redis URL ``address`` (or ``SHAREDSTATE_ADDRESS``, when
+    ``address`` is ``None``): a ``redis://``, ``rediss://`` or ``unix://`` URL, as
+    ``sharedstate.backends.SCHEMES`` sends here.
 
     ``namespace`` (default ``"sharedstate"``, or ``?namespace=`` in the URL) prefixes every key, so
     several states share one database; ``lease`` (seconds, default 2, or ``?lease=``) bounds how long a
     dead holder's lock stays held. A password goes in the URL (``redis://:PASSWORD@host:6379/0``).
 
-    Raises ``TypeError`` for ``namespace``/``lease`` without a Redis URL, ``ValueError`` for an
-    ``authkey`` with one and for bad options; ``ServerUnavailable`` when no Redis server answers (within
-    5 seconds), ``AccessDenied`` when it refuses the credentials, and ``ImportError`` naming
-    ``pip install 'sharedstate[redis]'`` without redis-py. A reply that takes longer than ``timeout``
-    seconds (a Redis server that stopped answering) raises ``ServerUnavailable``; lock waits are made of
-    shorter blocking waits, so they are not cut short by it.
+    Raises ``ValueError`` for an address that is not a Redis URL, for an ``authkey`` and for bad options;
+    ``ServerUnavailable`` when no Redis server answers (within 5 seconds), ``AccessDenied`` when it refuses
+    the credentials, and ``ImportError`` naming ``pip install 'sharedstate[redis]'`` without redis-py. A
+    reply that takes longer than ``timeout`` seconds (a Redis server that stopped answering) raises
+    ``ServerUnavailable``; lock waits are made of shorter blocking waits, so they are not cut short by it.
     """
     url = redis_url(address)
     if url is None:
-        if namespace is not None or lease is not None:
-            raise TypeError(
-                "namespace and lease are options of a Redis state: give a redis://, rediss:// or unix:// URL"
-            )
-        return None
+        raise ValueError(f"not a Redis URL: {address!r} (expected redis://, rediss:// or unix://)")
     if authkey is not None:
         raise ValueError(
             f"{mask(url)} is a Redis URL: give its password in the URL (redis://:PASSWORD@host), not as authkey"
