@@ -36,7 +36,7 @@ from sharedstate.wire.addresses import (
     is_loopback,
     parse_address,
 )
-from sharedstate.wire.transport import open_control
+from sharedstate.wire.handshake import open_control
 from sharedstate.wire.versions import retire
 
 log = logging.getLogger("sharedstate")

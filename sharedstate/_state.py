@@ -32,7 +32,7 @@ from sharedstate.wire.addresses import (
     resolve,
 )
 from sharedstate.wire.cache import ClientCache, cache_for, encode
-from sharedstate.wire.transport import ConnectionPool
+from sharedstate.wire.pool import ConnectionPool
 
 _NUMBER_TYPES = (int, float, decimal.Decimal)
 #: Values with nothing to check (str is checked: it must encode as UTF-8).

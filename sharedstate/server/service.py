@@ -24,7 +24,7 @@ from sharedstate.server.lockfile import Holder, LockFile
 from sharedstate.server.locktable import RECONNECT_GRACE_S, Client, LockTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
-from sharedstate.wire.transport import frame, write_raw
+from sharedstate.wire.framing import frame, write_raw
 
 log = logging.getLogger("sharedstate")
 

@@ -20,7 +20,7 @@ from sharedstate.server.admission import Admission, raise_fd_limit
 from sharedstate.server.service import StateService, _current, _readable_within
 from sharedstate.wire.addresses import STORE_ID, Address
 from sharedstate.wire.answers import Duplicate, answer_of, current_request
-from sharedstate.wire.transport import MessageReader, frame, write_message, write_raw
+from sharedstate.wire.framing import MessageReader, frame, write_message, write_raw
 
 log = logging.getLogger("sharedstate")
 
