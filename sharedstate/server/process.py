@@ -235,12 +235,8 @@ class ServerProcess:
                 pass  # logged and kept in stats by save_to; the server serves on
 
     def close(self) -> None:
-        server = self.server
-        if server is not None:
-            try:
-                server.listener.close()  # no new connections; also unlinks a Unix socket
-            except OSError:
-                pass
+        if self.server is not None:
+            self.server.stop_listening()
         try:
             self._final_save()
         finally:
