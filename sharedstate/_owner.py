@@ -102,7 +102,6 @@ class StateServer:
                 )
             if authkey is None:
                 raise ValueError("a server reachable from other machines needs an explicit authkey")
-        self._allow_remote = bool(allow_remote)
 
         self._authkey: bytes | None = None
         self._tmpdir: str | None = None
@@ -113,7 +112,6 @@ class StateServer:
         self._stopping = False
         self._stopped = False
         self._mutex = threading.RLock()
-        self._restarts = 0
         #: The shared memory version table of the running server process (``{"name", "token"}``).
         self._versions: dict[str, Any] | None = None
 
@@ -240,7 +238,6 @@ class StateServer:
                     return
                 self._proc = proc
                 self._versions = info.get("versions")
-                self._restarts += 1
 
     def shutdown(self) -> None:
         """Stop the server: it saves (when a path is set) and exits. Idempotent; waits at most about

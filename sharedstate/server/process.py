@@ -307,4 +307,4 @@ def main() -> None:
     os._exit(code)
 
 
-__all__ = ["EXIT_SAVE_FAILED", "ManagerServer", "ServerConfig", "ServerProcess", "StateService", "main"]
+__all__ = ["ServerProcess", "main"]
