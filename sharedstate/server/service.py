@@ -18,9 +18,10 @@ from sharedstate._sentinels import HANDED
 from sharedstate._values import check_value
 from sharedstate.persistence.files import check_slot
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
+from sharedstate.server.clients import RECONNECT_GRACE_S, Client, Clients
 from sharedstate.server.config import ServerConfig
-from sharedstate.server.lockfile import Holder, LockFile
-from sharedstate.server.locktable import RECONNECT_GRACE_S, Client, LockTable
+from sharedstate.server.lockfile import LockFile
+from sharedstate.server.locktable import LockTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
 
@@ -62,8 +63,7 @@ class StateService(Store):
         self.locks = LockTable(self.lock_file)
         self.started_at = time.time()
         self.address: Address | None = None
-        self._clients: dict[Hashable, Client] = {}
-        self._clients_mutex = threading.Lock()
+        self.clients = Clients()
         # Resolved, so that another spelling of the same file (.., a symlink) is still this server's file.
         self.path = None if config.path is None else Path(config.path).resolve()
         self.last_save_at: float | None = None
@@ -75,14 +75,7 @@ class StateService(Store):
 
     # -- clients ------------------------------------------------------------------------------------
     def connected(self, hello: dict[str, Any]) -> Client:
-        pid, scope, ctime = hello["pid"], hello["scope"], hello.get("ctime")
-        key = (scope, pid, ctime)
-        with self._clients_mutex:
-            client = self._clients.get(key)
-            if client is None:
-                client = self._clients[key] = Client(key, pid, scope == BOOT_SCOPE, ctime)
-            client.conns += 1
-        return client
+        return self.clients.connected((hello["scope"], hello["pid"], hello.get("ctime")))
 
     def rebuild_locks(self) -> None:
         """Hold again the locks that the previous server process recorded (after a crash), for the
@@ -90,29 +83,11 @@ class StateService(Store):
         if self.lock_file is None:
             return
         grace = time.monotonic() + RECONNECT_GRACE_S
-
-        def client_for(holder: Holder) -> Client:
-            scope, pid, ctime = holder.client
-            with self._clients_mutex:
-                client = self._clients.get(holder.client)
-                if client is None:
-                    client = self._clients[holder.client] = Client(holder.client, pid, scope == BOOT_SCOPE, ctime)
-                    client.rebuilt_until = grace
-            return client
-
-        self.locks.rebuild(self.lock_file.load(), client_for)
-        with self._clients_mutex:  # the holders found dead need no place among the clients
-            for key, client in list(self._clients.items()):
-                if client.conns == 0 and not client.alive():
-                    del self._clients[key]
+        self.locks.rebuild(self.lock_file.load(), lambda holder: self.clients.holder(holder.client, grace))
+        self.clients.forget_dead()  # the holders found dead need no place among the clients
 
     def disconnected(self, client: Client) -> None:
-        with self._clients_mutex:
-            client.conns -= 1
-            gone = client.conns == 0
-            if gone and self._clients.get(client.key) is client:
-                del self._clients[client.key]
-        if gone:
+        if self.clients.disconnected(client):
             self.locks.release_client(client)
 
     def info(self) -> dict[str, Any]:
@@ -263,8 +238,7 @@ class StateService(Store):
         with self._mutex:
             self.ops += 1
             names, ops = len(self._data), self.ops
-        with self._clients_mutex:
-            clients = sum(c.conns for c in self._clients.values())
+        clients = self.clients.connections()
         return {
             "names": names,
             "pid": os.getpid(),
