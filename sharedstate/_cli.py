@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from sharedstate._connect import connect
 from sharedstate._errors import SharedStateError
-from sharedstate._owner import StateServer
+from sharedstate._owner import StateServer, standalone_config
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot
@@ -115,12 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
     """A standalone server in this very process: no owner to watch, stops with a final save."""
     from sharedstate.server.process import ServerProcess
 
-    plan = StateServer(**_server_kwargs(args))  # checks every option as StateServer does
     logging.getLogger("sharedstate").setLevel(logging.INFO)
-    config = plan._server_config(owned=False)
-    logging.basicConfig(level=logging.INFO, format="sharedstate[%(process)d] %(levelname)s: %(message)s")
-    process = ServerProcess(config)
-    try:
+    with standalone_config(**_server_kwargs(args)) as config:  # checks every option as StateServer does
+        logging.basicConfig(level=logging.INFO, format="sharedstate[%(process)d] %(levelname)s: %(message)s")
+        process = ServerProcess(config)
         bound = process.open()
         text = format_address(bound)
         key_file = key_file_for(bound)
@@ -135,8 +133,6 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: {process.final_error}", file=sys.stderr)
             return 1
         return code
-    finally:
-        plan._cleanup_tmpdir()
 
 
 def _run(args: argparse.Namespace) -> int:

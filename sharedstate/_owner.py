@@ -1,33 +1,29 @@
-"""``StateServer``: the owner's side of a server process — start, watch, restart, shut down."""
+"""``StateServer`` and ``serve()``: the public face of a server process owned by this process — its
+arguments, its address and key exported to child processes, its ``State`` handle, and its shutdown at
+exit. Starting, watching, restarting and stopping the process is ``server.supervisor``'s job."""
 
 from __future__ import annotations
 
 import atexit
 import logging
 import os
-import pickle
 import secrets
-import select
 import shutil
-import signal
-import stat
-import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from multiprocessing import spawn
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from sharedstate._errors import ServerUnavailable, SharedStateError, SnapshotError
+from sharedstate._errors import ServerUnavailable
 from sharedstate._state import State
 from sharedstate.backends.local import LocalBackend
 from sharedstate.persistence.schedule import SaveEvery, parse_schedule
-from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
+from sharedstate.server.config import ServerConfig
+from sharedstate.server.supervisor import Supervisor
 from sharedstate.wire.addresses import (
     BOOT_SCOPE,
     ENV_ADDRESS,
@@ -37,17 +33,8 @@ from sharedstate.wire.addresses import (
     is_loopback,
     parse_address,
 )
-from sharedstate.wire.transport import open_control
-from sharedstate.wire.versions import retire
 
 log = logging.getLogger("sharedstate")
-
-#: How long a new server process may take to report that it listens.
-START_TIMEOUT_S = 30.0
-#: Bounded steps of a shutdown: ask, then SIGTERM, then SIGKILL.
-STOP_TIMEOUT_S = 10.0
-#: The folder this package is imported from, put first on the server process' path.
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
 class StateServer:
@@ -103,20 +90,16 @@ class StateServer:
                 )
             if authkey is None:
                 raise ValueError("a server reachable from other machines needs an explicit authkey")
-        self._allow_remote = bool(allow_remote)
 
         self._authkey: bytes | None = None
         self._tmpdir: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
         self._config: ServerConfig | None = None
+        #: The server process, once started.
+        self._supervisor: Supervisor | None = None
         self._owner_pid: int | None = None
         self._state: State | None = None
-        self._stopping = False
         self._stopped = False
         self._mutex = threading.RLock()
-        self._restarts = 0
-        #: The shared memory version table of the running server process (``{"name", "token"}``).
-        self._versions: dict[str, Any] | None = None
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -132,7 +115,8 @@ class StateServer:
     @property
     def pid(self) -> int | None:
         """The server process' pid (``None`` before ``start()``)."""
-        return None if self._proc is None else self._proc.pid
+        proc = None if self._supervisor is None else self._supervisor.proc
+        return None if proc is None else proc.pid
 
     @property
     def path(self) -> Path | None:
@@ -142,7 +126,7 @@ class StateServer:
     @property
     def state(self) -> State:
         """A ``State`` handle for this process."""
-        if self._proc is None or self._address is None:
+        if self._supervisor is None or self._address is None:
             raise ServerUnavailable("the server is not started: call start() first")
         if self._state is None:
             # What the server would say about its restart, known before the first connection: a handle
@@ -151,7 +135,7 @@ class StateServer:
             if self._restart and self._config is not None and self._config.owner_pid is not None:
                 config = self._config
                 restart = {"owner": config.owner_pid, "ctime": config.owner_create_time, "scope": BOOT_SCOPE}
-            self._state = State(LocalBackend(self._address, self._authkey, restart=restart))
+            self._state = _handle(self._address, self._authkey, restart)
         return self._state
 
     # -- life ---------------------------------------------------------------------------------------
@@ -162,25 +146,23 @@ class StateServer:
         (an ``OSError`` for an address in use, say).
         """
         with self._mutex:
-            if self._proc is not None:
+            if self._supervisor is not None:
                 raise RuntimeError(f"the server at {self.address} is already started")
             if self._stopped:
                 raise RuntimeError("a StateServer cannot be started again after shutdown(); make a new one")
             self._owner_pid = os.getpid()
             self._config = self._server_config(owned=True)
+            supervisor = Supervisor(self._config, self._restart)
             try:
-                self._proc, info = _spawn(self._config)
+                self._address = supervisor.start()
             except BaseException:
                 self._cleanup_tmpdir()
                 raise
-            self._address = info["address"]
-            self._versions = info.get("versions")
-            self._config.address = self._address
+            self._supervisor = supervisor
             os.environ[ENV_ADDRESS] = format_address(self._address)
             os.environ[ENV_AUTHKEY] = self._authkey.hex()
             _warn_if_forkserver_running()
             atexit.register(self._shutdown_at_exit)
-            threading.Thread(target=self._monitor, args=(self._proc,), name="sharedstate-monitor", daemon=True).start()
             return self
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
@@ -214,73 +196,22 @@ class StateServer:
             restart=owned and self._restart,
         )
 
-    def _monitor(self, proc: subprocess.Popen[bytes]) -> None:
-        """Reap the server process; start it again if it crashed (not if it stopped cleanly)."""
-        while True:
-            code = proc.wait()
-            with self._mutex:
-                # A server that died did not retire its version table: clients must not trust their
-                # cached values any more, and the block must not outlive it.
-                versions = self._versions
-                if versions is not None and self._proc is proc:
-                    retire(versions["name"], versions["token"])
-                if self._stopping or self._stopped or self._proc is not proc:
-                    return
-                clean = code in (0, EXIT_SAVE_FAILED, -signal.SIGTERM, -signal.SIGINT)
-                if clean or not self._restart:
-                    log.warning("the sharedstate server (pid %d) exited with status %d", proc.pid, code)
-                    return
-                log.warning("the sharedstate server (pid %d) died with status %d; starting it again", proc.pid, code)
-                _final_report(proc)  # nothing to report: it crashed; this closes the pipe
-                assert self._config is not None
-                try:
-                    proc, info = _spawn(self._config)
-                except (OSError, SharedStateError) as exc:
-                    log.error("could not start the sharedstate server again: %s", exc)
-                    _remove_dead_socket(self._address)
-                    return
-                self._proc = proc
-                self._versions = info.get("versions")
-                self._restarts += 1
-
     def shutdown(self) -> None:
         """Stop the server: it saves (when a path is set) and exits. Idempotent; waits at most about
         ``2 * STOP_TIMEOUT_S`` seconds, escalating to SIGTERM and then SIGKILL. Raises ``SnapshotError``
         (naming the path and the reason) once the server has stopped if its final save failed, or, with a
         path, if it had to be killed before it reported that its final save finished."""
         with self._mutex:
-            if self._proc is None or self._stopped:
+            if self._supervisor is None or self._stopped:
                 self._stopped = True
                 return
             if os.getpid() != self._owner_pid:
                 raise RuntimeError(f"only the process that started the server (pid {self._owner_pid}) can shut it down")
-            self._stopping = True
-            proc = self._proc
+            supervisor = self._supervisor
         try:
             if self._state is not None:
                 self._state.close()
-            escalated = False
-            if proc.poll() is None:
-                assert self._address is not None and self._authkey is not None
-                try:
-                    open_control(self._address, self._authkey, "shutdown")
-                except (SharedStateError, OSError):
-                    pass
-                escalated = _wait_or_kill(proc, STOP_TIMEOUT_S)
-            reported, failed = _final_report(proc)
-            if escalated and not reported and failed is None and self._path is not None:
-                # Killed by the escalation (a final save that did not finish in time, or a stopped
-                # process): whatever it was saving may be lost, which must not pass for a clean stop.
-                kept = (
-                    "the journal beside it keeps every change"
-                    if self._durability == "journal"
-                    else "the changes since the last save are lost"
-                )
-                failed = SnapshotError(
-                    f"the server was killed before its final save to {self._path} finished (it did not stop "
-                    f"within {STOP_TIMEOUT_S:g} s; exit status {proc.returncode}); {kept}",
-                    str(self._path),
-                )
+            failed = supervisor.stop()
         finally:
             with self._mutex:
                 self._stopped = True
@@ -306,7 +237,7 @@ class StateServer:
 
     def __enter__(self) -> StateServer:
         # ``with StateServer(...).start() as server:`` enters a server that is running already.
-        if self._proc is not None and not self._stopped:
+        if self._supervisor is not None and not self._stopped:
             return self
         return self.start()
 
@@ -314,7 +245,7 @@ class StateServer:
         self.shutdown()
 
     def __repr__(self) -> str:
-        status = "stopped" if self._stopped else "running" if self._proc is not None else "not started"
+        status = "stopped" if self._stopped else "running" if self._supervisor is not None else "not started"
         return f"<sharedstate.StateServer {status} at {self.address} pid {self.pid}>"
 
 
@@ -334,119 +265,21 @@ def _warn_if_forkserver_running() -> None:
         )
 
 
-def _final_report(proc: subprocess.Popen[bytes]) -> tuple[bool, SharedStateError | None]:
-    """Whether an exited server process reported that it stopped, and what it reported about its final
-    save (the error, if it failed); closes the pipe it reported on."""
-    fd = getattr(proc, "report_fd", None)
-    if fd is None:
-        return False, None
-    proc.report_fd = None  # type: ignore[attr-defined]
-    chunks = []
+def _handle(address: Address, authkey: bytes | None, restart: dict[str, Any] | None) -> State:
+    """The ``State`` handle that ``server.state`` gives: the one place that builds it."""
+    return State(LocalBackend(address, authkey, restart=restart))
+
+
+@contextmanager
+def standalone_config(**options: Any) -> Iterator[ServerConfig]:
+    """The configuration of a server process that watches no owner (``sharedstate serve`` runs one in its
+    own process), from ``StateServer``'s arguments, checked as ``StateServer`` checks them. The private
+    folder it names (for the socket and the lock file) is removed when the block ends."""
+    plan = StateServer(**options)
     try:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:  # a forked child of ours may hold the other end: do not wait for it
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+        yield plan._server_config(owned=False)
     finally:
-        os.close(fd)
-    try:
-        kind, error = pickle.loads(b"".join(chunks))
-    except Exception:
-        return False, None  # killed before it could say (the escalation of a shutdown that took too long)
-    if kind != "stopped":
-        return False, None
-    return True, error if isinstance(error, SharedStateError) else None
-
-
-def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """Start a server process and wait until it listens; return it and what it reported. The process
-    gets a pipe of its own to tell, as it exits, whether its final save failed (``proc.report_fd``)."""
-    code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from sharedstate.server.process import main; main()"
-    report_r, report_w = os.pipe()
-    os.set_blocking(report_r, False)
-    config.report_fd = report_w
-    payload = pickle.dumps(config)
-    config.report_fd = None  # the same config starts the next process, with its own pipe
-    try:
-        proc = subprocess.Popen(
-            [spawn.get_executable(), "-c", code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-            pass_fds=(report_w,),
-            # Its own session: a Ctrl-C in the terminal (SIGINT to the foreground group) is for the owner,
-            # which decides when the server stops; the server still stops when the owner dies.
-            start_new_session=True,
-        )
-    except BaseException:
-        os.close(report_r)
-        raise
-    finally:
-        os.close(report_w)
-    proc.report_fd = report_r  # type: ignore[attr-defined]
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        proc.stdin.write(payload)
-        proc.stdin.close()
-        reply = _read_reply(proc, START_TIMEOUT_S)
-    except BaseException:
-        _wait_or_kill(proc, 0)
-        _final_report(proc)
-        raise
-    finally:
-        proc.stdout.close()
-    try:
-        kind, value = pickle.loads(reply)
-    except Exception:
-        _wait_or_kill(proc, 0)
-        _final_report(proc)
-        raise ServerUnavailable(
-            f"the server process exited with status {proc.wait()} before it listened", format_address(config.address)
-        ) from None
-    if kind == "error":
-        _wait_or_kill(proc, 5)
-        _final_report(proc)
-        raise value
-    return proc, value
-
-
-def _read_reply(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ServerUnavailable(f"the server process did not start within {timeout:g} s")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-
-
-def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Wait for ``proc`` to exit; past ``timeout``, SIGTERM it, then SIGKILL it. Always reaps it. Returns
-    whether it had to be signalled."""
-    for step in (None, proc.terminate, proc.kill):
-        if step is not None:
-            try:
-                step()
-            except ProcessLookupError:
-                pass
-        try:
-            proc.wait(timeout if step is None else STOP_TIMEOUT_S / 2)
-            return step is not None
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
-    return True
+        plan._cleanup_tmpdir()
 
 
 @contextmanager
@@ -463,15 +296,3 @@ def serve(
     """
     with StateServer(path, save_every, **options) as server:
         yield server.state
-
-
-def _remove_dead_socket(address: Any) -> None:
-    """No server will bind the socket of a server that could not be started again: without its file,
-    clients waiting for a restart give up at once (``State._restart_expected``), not at their timeout."""
-    if not isinstance(address, str):
-        return  # TCP: nothing on disk tells clients; they wait until their call's timeout
-    try:
-        if stat.S_ISSOCK(os.lstat(address).st_mode):
-            os.unlink(address)
-    except OSError:
-        pass

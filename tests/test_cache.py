@@ -137,10 +137,10 @@ def test_handles_of_one_process_share_one_cache(server):
 def test_the_block_is_private_and_removed_at_shutdown():
     server = sharedstate.StateServer().start()
     try:
-        name = server._versions["name"]
+        name = server._supervisor.versions["name"]
         entry = shm_entry(name)
         assert stat.S_IMODE(entry.stat().st_mode) == 0o600
-        assert block_words(name)[TOKEN] == server._versions["token"]
+        assert block_words(name)[TOKEN] == server._supervisor.versions["token"]
         server.state.set("x", 1)
         assert server.state.get("x") == 1
     finally:
@@ -219,7 +219,7 @@ def test_after_a_crash_and_restart_no_stale_value_is_served(tmp_path):
         writer = sharedstate.connect(server.address, server.authkey, cache=False)
         writer.set("x", 1)
         assert reader.get("x") == 1 and reader.backend.peek("x") == 1
-        old = dict(server._versions)
+        old = dict(server._supervisor.versions)
         old_pid = server.pid
         kill(old_pid)
         wait_until(lambda: server.pid != old_pid, 15, what="the restart")
@@ -229,7 +229,7 @@ def test_after_a_crash_and_restart_no_stale_value_is_served(tmp_path):
         seen = [_get_or_error(reader, "x") for _ in range(3)]
         assert 1 not in seen, seen
         assert seen[-1] == 2
-        new = server._versions
+        new = server._supervisor.versions
         assert new["token"] != old["token"] and new["name"] == old["name"]
         # The name holds one block, and it is the new server's: the dead server's block is gone.
         assert block_words(new["name"])[TOKEN] == new["token"]
@@ -241,7 +241,7 @@ def test_a_crashed_server_that_stays_down_leaves_no_block_and_no_cached_reads(tm
         reader = server.state
         reader.set("x", 1)
         assert reader.get("x") == 1 and reader.backend.peek("x") == 1
-        name = server._versions["name"]
+        name = server._supervisor.versions["name"]
         kill(server.pid)
         wait_until(lambda: not shm_entry(name).exists(), 10, what="the owner to remove the block")
         assert reader.backend.peek("x") is NOT_CACHED
@@ -346,19 +346,19 @@ def test_a_second_server_never_takes_a_live_servers_block(tmp_path, monkeypatch)
     listen, so forced here): the second makes a block of its own and leaves the first's alone."""
     first = sharedstate.StateServer().start()
     try:
-        name = first._versions["name"]
+        name = first._supervisor.versions["name"]
         monkeypatch.setattr("sharedstate.wire.versions.block_name", lambda address: name)
         table = __import__("sharedstate.wire.versions", fromlist=["VersionTable"]).VersionTable(
             str(tmp_path / "x.sock")
         )
         try:
             assert table.name != name
-            assert block_words(name)[TOKEN] == first._versions["token"]
+            assert block_words(name)[TOKEN] == first._supervisor.versions["token"]
             first.state.set("x", 1)
             assert first.state.get("x") == 1 and first.state.backend.peek("x") == 1
         finally:
             table.close()
-        assert block_words(name)[TOKEN] == first._versions["token"]  # its close removed only its own
+        assert block_words(name)[TOKEN] == first._supervisor.versions["token"]  # its close removed only its own
     finally:
         first.shutdown()
 
@@ -406,7 +406,7 @@ def test_values_fetched_after_the_table_is_retired_are_never_served(server):
     client fetches then must not be served from its cache later."""
     state = server.state
     state.set("x", 1)
-    retire(server._versions["name"], server._versions["token"])
+    retire(server._supervisor.versions["name"], server._supervisor.versions["token"])
     assert state.get("x") == 1
     assert state.backend.peek("x") is NOT_CACHED
     assert state.get_many(["x"]) == {"x": 1} and state.backend._cache.lookup_many(["x"]) is None

@@ -13,7 +13,7 @@ from conftest import exited, kill, reap, wait_until
 
 import sharedstate
 from sharedstate.persistence.snapshot import read_snapshot
-from sharedstate.wire.transport import open_control
+from sharedstate.wire.handshake import open_control
 
 
 def test_no_call_is_acknowledged_and_then_lost_while_the_server_stops(tmp_path):

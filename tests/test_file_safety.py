@@ -282,7 +282,7 @@ def test_an_owner_file_replaced_by_a_fifo_does_not_block_the_stop(tmp_path):
     owner = tmp_path / "state.json.owner"
     owner.unlink()
     os.mkfifo(owner)
-    proc = server._proc
+    proc = server._supervisor.proc
     server.shutdown()  # the release of the claim reads the owner file: never blocks on a FIFO
     assert proc.returncode == 0
     assert read_snapshot_data(path) == {"a": 1}

@@ -9,7 +9,7 @@ from multiprocessing import connection as mpc
 
 import pytest
 
-from sharedstate.wire.transport import MessageReader, write_message, write_raw
+from sharedstate.wire.framing import MessageReader, write_message, write_raw
 
 SIZES = [0, 1, 3, 4, 100, 16384, 16385, 65531, 65532, 65536, 200_000, 3_000_000]
 

@@ -483,8 +483,9 @@ def test_a_holder_whose_connections_closed_gets_lock_lost_not_a_second_hold(meth
 
 
 def test_the_lock_file_keeps_only_held_locks_when_it_fills_up(tmp_path):
+    from sharedstate.server.clients import Client
     from sharedstate.server.lockfile import MIN_BYTES, LockFile
-    from sharedstate.server.locktable import Client, LockTable
+    from sharedstate.server.locktable import LockTable
 
     def client(pid: int) -> Client:
         made = Client(("here", pid, 1.5), pid, False, 1.5)

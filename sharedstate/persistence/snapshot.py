@@ -17,7 +17,6 @@ import datetime
 import decimal
 import hashlib
 import json
-import logging
 import os
 import re
 import stat
@@ -30,8 +29,6 @@ from sharedstate._errors import SnapshotError, StateFileBusy
 from sharedstate.persistence import pode as _pode
 from sharedstate.persistence.codec import encode, iter_json_object, object_hook
 from sharedstate.persistence.files import backup_path, check_slot, read_regular, remove_stray_temp_files, write_atomic
-
-log = logging.getLogger("sharedstate")
 
 FORMAT = "sharedstate"
 #: 2: the header carries a checksum. 1 (read, never written): no checksum.

@@ -71,9 +71,6 @@ class Admission:
         self._spare: int | None = self._open_spare()
         self._poller = select.poll()
         self._poller.register(listening.fileno(), select.POLLIN)
-        #: Connections closed unauthenticated (timed out or pushed out) and refused for lack of descriptors.
-        self.expired = 0
-        self.refused = 0
 
     @staticmethod
     def _open_spare() -> int | None:
@@ -99,7 +96,6 @@ class Admission:
             raise
         fd = sock.fileno()
         if fd >= self.fd_ceiling:
-            self.refused += 1
             sock.close()
             return None
         sock.setblocking(True)
@@ -110,7 +106,6 @@ class Admission:
             if len(self._pending) >= MAX_PENDING:
                 oldest = next(iter(self._pending))
                 del self._pending[oldest]
-                self.expired += 1
                 _shut(oldest)
             self._pending[fd] = time.monotonic() + HANDSHAKE_TIMEOUT
         return sock.detach()
@@ -131,7 +126,6 @@ class Admission:
                 if deadline > now:
                     return min(_TICK, deadline - now)
                 del pending[fd]
-                self.expired += 1
                 _shut(fd)
         return _TICK
 
@@ -147,7 +141,6 @@ class Admission:
         try:
             sock, _ = self.listening.accept()
             sock.close()
-            self.refused += 1
         except OSError:
             pass
         self._spare = self._open_spare()

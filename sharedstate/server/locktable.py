@@ -34,11 +34,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from sharedstate._errors import describe_lock as describe
 from sharedstate._errors import lock_lost as lost
-from sharedstate._processes import process_alive
+from sharedstate.server.clients import Client
 from sharedstate.server.lockfile import Holder, LockFile
 
 log = logging.getLogger("sharedstate")
@@ -47,69 +48,25 @@ log = logging.getLogger("sharedstate")
 POLL_S = 0.25
 #: Liveness of one holder is checked at most this often, however many waiters there are.
 CHECK_EVERY_S = 0.2
-#: A holder rebuilt from the lock file that is not on this machine (so its liveness cannot be checked)
-#: keeps its lock this long without reconnecting, then loses it to a waiter.
-RECONNECT_GRACE_S = 10.0
 #: Holders (thread of a client process) whose last own release the table keeps, least recent first out.
 #: A release sent again is recognised while fewer than that many other holders released a lock after
 #: it: it comes within its caller's call timeout of the crash, far within that bound.
 MAX_RELEASED = 4096
 
 
-class Client:
-    """One client process, as the server knows it, with the number of its open connections."""
-
-    __slots__ = ("key", "pid", "local", "create_time", "conns", "rebuilt_until")
-
-    def __init__(self, key: Hashable, pid: int, local: bool, create_time: float | None) -> None:
-        self.key = key
-        self.pid = pid
-        #: Whether ``pid`` is a process of this machine and pid namespace, so psutil can look at it.
-        self.local = local and create_time is not None
-        #: The process' start time as psutil reports it, to tell it from a later process with its pid.
-        self.create_time = create_time
-        self.conns = 0
-        #: Set for a holder rebuilt from the lock file after a restart, which has not reconnected yet: it
-        #: counts as alive while its process is (or, not on this machine, until this monotonic time).
-        self.rebuilt_until: float | None = None
-
-    def alive(self) -> bool:
-        """False when the process is gone: no connection left, exited, a zombie, or its pid reused."""
-        if self.conns <= 0:
-            if self.rebuilt_until is None:
-                return False
-            if not self.local:
-                return time.monotonic() < self.rebuilt_until
-        return not self.local or process_alive(self.pid, self.create_time)
-
-    def __repr__(self) -> str:
-        return f"<client pid {self.pid}>"
-
-
+@dataclass(slots=True, eq=False)  # eq=False: a queue removes this very waiter, not an equal one
 class _Waiter:
     """A call waiting for a lock. The thread that frees the lock hands it over: it makes the waiter the
     owner and tells its caller at once (``notify``), so the waiting thread need not wake first."""
 
-    __slots__ = ("key", "entry", "owner", "client", "notify", "deadline", "granted", "lease")
-
-    def __init__(
-        self,
-        key: str | None,
-        entry: _Entry,
-        owner: tuple[Hashable, Hashable],
-        client: Client,
-        notify: Callable[[], Any],
-        deadline: float | None,
-        lease: float | None,
-    ) -> None:
-        self.key = key
-        self.entry = entry
-        self.owner = owner
-        self.client = client
-        self.notify = notify
-        self.deadline = deadline
-        self.granted = False
-        self.lease = lease
+    key: str | None
+    entry: _Entry
+    owner: tuple[Hashable, Hashable]
+    client: Client
+    notify: Callable[[], Any]
+    deadline: float | None
+    lease: float | None
+    granted: bool = False
 
 
 class _Entry:

@@ -1,7 +1,9 @@
-"""The server process: a ``multiprocessing.managers.Server`` that exposes one store at a fixed id.
+"""The server process from start to stop: take the snapshot file and recover its state (``recovery``),
+bind the address, serve (``serving``), save on schedule, watch the owner process, and save a last time.
 
-Started by ``StateServer.start()`` as ``python -c ...`` (not through ``multiprocessing``, so it never
-re-imports the user's ``__main__`` and behaves the same under every start method). It reads its
+Started by its owner's supervisor (``supervisor``) as ``python -c ...`` (not through ``multiprocessing``,
+so it never re-imports the user's ``__main__`` and behaves the same under every start method), or run in
+the process of ``sharedstate serve`` (``ServerProcess`` alone). Started by a supervisor, it reads its
 configuration as a pickle on stdin, answers ``("ready", info)`` or ``("error", exception)`` on stdout,
 then serves until it is told to stop (``shutdown``, SIGTERM, SIGINT) or its owner process dies.
 """
@@ -24,10 +26,10 @@ from typing import Any
 from sharedstate._errors import SnapshotError
 from sharedstate._processes import process_alive
 from sharedstate.persistence.files import backup_path, check_slot, write_atomic
-from sharedstate.persistence.journal import Journal, replay_records, scan_journals
 from sharedstate.persistence.schedule import parse_schedule
-from sharedstate.persistence.snapshot import FileOwnership, read_snapshot
+from sharedstate.persistence.snapshot import FileOwnership
 from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
+from sharedstate.server.recovery import recover
 from sharedstate.server.service import StateService
 from sharedstate.server.serving import ManagerServer
 from sharedstate.wire.addresses import Address, key_file_for
@@ -37,23 +39,6 @@ log = logging.getLogger("sharedstate")
 
 #: How often the server checks that its owner process is still alive.
 OWNER_POLL_S = 0.5
-
-
-def _check_backup_journals(path: Path, bak: Path, generation: int, files: list[tuple[int, Path]]) -> None:
-    """Refuse to start from the backup ``bak`` (of journal ``generation``) if the journals to replay
-    over it do not follow it without a gap: later changes replayed over a state that lacks earlier ones
-    would make a state that never existed."""
-    needed = [g for g, _ in files if g >= generation]
-    if needed and needed != list(range(generation, generation + len(needed))):
-        present = ", ".join(str(p) for g, p in files if g >= generation)
-        missing = sorted(set(range(generation, needed[-1] + 1)) - set(needed)) or [generation]
-        raise SnapshotError(
-            f"{path} is missing and its backup {bak} (journal generation {generation}) cannot be "
-            f"brought up to date: the journal of generation {missing[0]} is missing, so replaying {present} over "
-            f"the backup would skip changes; restore a snapshot by hand, or move those journals away to start "
-            f"from the backup alone",
-            str(bak),
-        )
 
 
 def _clear_stale_socket(address: str) -> None:
@@ -114,7 +99,7 @@ class ServerProcess:
             self._ownership = FileOwnership(path)
             self._ownership.acquire()
             try:
-                self._recover(path)
+                recover(self.service, path)
             except BaseException:
                 self._ownership.release()
                 raise
@@ -138,54 +123,6 @@ class ServerProcess:
         except OSError as exc:  # no POSIX shared memory here: clients then read through the server
             log.warning("no shared memory for the clients' caches (%s): every read is a round trip", exc)
         return self.server.address
-
-    def _recover(self, path: Path) -> None:
-        """Restore the snapshot, replay the journals it does not cover, and open the journal."""
-        service = self.service
-        files, torn = scan_journals(path)  # before anything is restored: a damaged journal refuses the start
-        snapshot = read_snapshot(path)
-        generation = 0
-        bak = backup_path(path)
-        if snapshot is None and not path.exists() and bak.exists():
-            # Never start empty beside a good backup: the next saves would replace it with nothing.
-            snapshot = read_snapshot(bak)
-            if snapshot is not None:
-                _check_backup_journals(path, bak, snapshot.generation, files)
-                log.warning("%s is missing: starting from its backup %s (%d names)", path, bak, len(snapshot.data))
-                service.restored_from_backup = 1
-        if snapshot is not None:
-            service.install(path, snapshot)
-            service.answers.load(snapshot.answers or {})
-            generation = snapshot.generation
-            log.info("restored %d names from %s", len(snapshot.data), path)
-        for empty in torn:
-            log.warning("%s: removed a journal whose header a crash cut short (it held no changes)", empty)
-            empty.unlink()
-        replayed = 0
-        for record in replay_records(path, generation, files):
-            service.apply(record)
-            replayed += 1
-        newest = max([generation, *(g for g, _ in files)])
-        if self.config.durability == "journal":
-            journal = Journal(path, self.config.journal_fsync)
-            journal.generation = newest
-            journal.saved = generation
-            service.journal = journal
-            if replayed:
-                service.save_to(path, why="save after replaying the journal")
-            elif newest == generation and generation not in {g for g, _ in files}:
-                # The journal of the snapshot's own generation (a clean stop removed it, empty): so the
-                # backup the next save makes of this snapshot has every journal it needs, with no gap.
-                journal.start_generation(generation)
-            else:
-                journal.start_generation(newest + 1)
-            journal.start_flusher()
-        else:
-            if replayed:  # a journal left by a journaling server: fold it into the snapshot
-                # A generation above every journal on disk: if the clean-up below does not happen, the
-                # next start still replays none of them twice.
-                service.save_to(path, why="save after replaying the journal", generation=newest + 1)
-            Journal(path, "everysec").close(remove=True)
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -235,12 +172,8 @@ class ServerProcess:
                 pass  # logged and kept in stats by save_to; the server serves on
 
     def close(self) -> None:
-        server = self.server
-        if server is not None:
-            try:
-                server.listener.close()  # no new connections; also unlinks a Unix socket
-            except OSError:
-                pass
+        if self.server is not None:
+            self.server.stop_listening()
         try:
             self._final_save()
         finally:
@@ -311,4 +244,4 @@ def main() -> None:
     os._exit(code)
 
 
-__all__ = ["EXIT_SAVE_FAILED", "ManagerServer", "ServerConfig", "ServerProcess", "StateService", "main"]
+__all__ = ["ServerProcess", "main"]

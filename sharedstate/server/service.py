@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -18,17 +17,17 @@ from sharedstate._rules import check_restored, select_saved
 from sharedstate._sentinels import HANDED
 from sharedstate.persistence.files import check_slot
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
+from sharedstate.server.clients import RECONNECT_GRACE_S, Client, Clients
 from sharedstate.server.config import ServerConfig
-from sharedstate.server.lockfile import Holder, LockFile
-from sharedstate.server.locktable import RECONNECT_GRACE_S, Client, LockTable
+from sharedstate.server.lockfile import LockFile
+from sharedstate.server.locktable import LockTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
-from sharedstate.wire.transport import frame, write_raw
 
 log = logging.getLogger("sharedstate")
 
 
-class _Current(threading.local):
+class CurrentClient(threading.local):
     """The client that the current server thread is serving, and how to reach its connection."""
 
     client: Client | None = None
@@ -38,60 +37,8 @@ class _Current(threading.local):
     readable: Callable[[float], bool] | None = None
 
 
-_current = _Current()
-
-
-#: A keepalive: an empty message, which no answer is (an answer is a pickle).
-_KEEPALIVE = frame(b"")
-
-
-def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float], bool]:
-    """``readable(seconds)``: whether ``fd`` has something to read within that long. With ``keepalive``
-    (seconds), a waiting caller is sent an empty message at least that often meanwhile, so that its
-    receive timeout tells a long lock wait from a server that stopped answering."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    if keepalive is None:
-
-        def readable(seconds: float) -> bool:
-            return bool(poller.poll(seconds * 1000))
-
-        return readable
-
-    interval = max(keepalive, 0.001)
-    # When the last keepalive went out (or the wait began), and when the last call of a wait returned: a
-    # lock wait calls this again and again, so a longer pause means a new wait, whose caller heard from
-    # the server just now (its request went out): a wait shorter than the interval costs no keepalive.
-    last = [0.0]
-    returned = [0.0]
-
-    def readable_with_keepalives(seconds: float) -> bool:
-        now = time.monotonic()
-        if now - returned[0] > interval:
-            last[0] = now
-        try:
-            return _poll_with_keepalives(now + seconds)
-        finally:
-            returned[0] = time.monotonic()
-
-    def _poll_with_keepalives(end: float) -> bool:
-        while True:
-            now = time.monotonic()
-            if now - last[0] >= interval:
-                # One small write: it never splits a hand-over's answer written by another thread. A
-                # keepalive that lands after that answer is skipped by the client before its next one.
-                try:
-                    write_raw(fd, _KEEPALIVE)
-                except OSError:
-                    return True  # the caller is gone: its wait ends
-                last[0] = now
-            span = min(end, last[0] + interval) - now
-            if poller.poll(max(0.0, span) * 1000):
-                return True
-            if time.monotonic() >= end:
-                return False
-
-    return readable_with_keepalives
+#: Set by the serving loop for the connection it serves; read by the lock calls.
+current_client = CurrentClient()
 
 
 class StateService(Store):
@@ -115,8 +62,7 @@ class StateService(Store):
         self.locks = LockTable(self.lock_file)
         self.started_at = time.time()
         self.address: Address | None = None
-        self._clients: dict[Hashable, Client] = {}
-        self._clients_mutex = threading.Lock()
+        self.clients = Clients()
         # Resolved, so that another spelling of the same file (.., a symlink) is still this server's file.
         self.path = None if config.path is None else Path(config.path).resolve()
         self.last_save_at: float | None = None
@@ -128,14 +74,7 @@ class StateService(Store):
 
     # -- clients ------------------------------------------------------------------------------------
     def connected(self, hello: dict[str, Any]) -> Client:
-        pid, scope, ctime = hello["pid"], hello["scope"], hello.get("ctime")
-        key = (scope, pid, ctime)
-        with self._clients_mutex:
-            client = self._clients.get(key)
-            if client is None:
-                client = self._clients[key] = Client(key, pid, scope == BOOT_SCOPE, ctime)
-            client.conns += 1
-        return client
+        return self.clients.connected((hello["scope"], hello["pid"], hello.get("ctime")))
 
     def rebuild_locks(self) -> None:
         """Hold again the locks that the previous server process recorded (after a crash), for the
@@ -143,29 +82,11 @@ class StateService(Store):
         if self.lock_file is None:
             return
         grace = time.monotonic() + RECONNECT_GRACE_S
-
-        def client_for(holder: Holder) -> Client:
-            scope, pid, ctime = holder.client
-            with self._clients_mutex:
-                client = self._clients.get(holder.client)
-                if client is None:
-                    client = self._clients[holder.client] = Client(holder.client, pid, scope == BOOT_SCOPE, ctime)
-                    client.rebuilt_until = grace
-            return client
-
-        self.locks.rebuild(self.lock_file.load(), client_for)
-        with self._clients_mutex:  # the holders found dead need no place among the clients
-            for key, client in list(self._clients.items()):
-                if client.conns == 0 and not client.alive():
-                    del self._clients[key]
+        self.locks.rebuild(self.lock_file.load(), lambda holder: self.clients.holder(holder.client, grace))
+        self.clients.forget_dead()  # the holders found dead need no place among the clients
 
     def disconnected(self, client: Client) -> None:
-        with self._clients_mutex:
-            client.conns -= 1
-            gone = client.conns == 0
-            if gone and self._clients.get(client.key) is client:
-                del self._clients[client.key]
-        if gone:
+        if self.clients.disconnected(client):
             self.locks.release_client(client)
 
     def info(self) -> dict[str, Any]:
@@ -193,7 +114,7 @@ class StateService(Store):
         lease: float | None = None,
         held: int = 0,
     ) -> Any:
-        current = _current
+        current = current_client
         client = current.client
         assert client is not None and current.notify is not None and current.readable is not None
         taken = self.locks.acquire(key, client, thread, blocking, timeout, current.notify, lease, held)
@@ -205,12 +126,12 @@ class StateService(Store):
         return HANDED if self.locks.wait(taken, current.readable) else False
 
     def lock_release(self, key: str | None, thread: Hashable, held: int = 0, request: int = 0) -> None:
-        client = _current.client
+        client = current_client.client
         assert client is not None
         self.locks.release(key, client, thread, held, request)
 
     def lock_renew(self, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
-        client = _current.client
+        client = current_client.client
         assert client is not None
         return self.locks.renew(client, locks)
 
@@ -305,8 +226,7 @@ class StateService(Store):
         with self._mutex:
             self.ops += 1
             names, ops = len(self._data), self.ops
-        with self._clients_mutex:
-            clients = sum(c.conns for c in self._clients.values())
+        clients = self.clients.connections()
         return {
             "names": names,
             "pid": os.getpid(),

@@ -1,5 +1,6 @@
 """The serving side of the server process: ``multiprocessing.managers.Server`` with the store at a
-fixed id, admission of new connections, and a lean serving loop."""
+fixed id, admission of new connections, a lean serving loop, and the keepalives a caller waiting for a
+lock is sent."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import functools
 import logging
 import os
 import pickle
+import select
+import socket
 import threading
 import time
 import traceback
@@ -17,10 +20,10 @@ from typing import Any
 
 from sharedstate._sentinels import HANDED
 from sharedstate.server.admission import Admission, raise_fd_limit
-from sharedstate.server.service import StateService, _current, _readable_within
+from sharedstate.server.service import StateService, current_client
 from sharedstate.wire.addresses import STORE_ID, Address
 from sharedstate.wire.answers import Duplicate, answer_of, current_request
-from sharedstate.wire.transport import MessageReader, frame, write_message, write_raw
+from sharedstate.wire.framing import MessageReader, frame, write_message, write_raw
 
 log = logging.getLogger("sharedstate")
 
@@ -32,6 +35,59 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _GRANTED = frame(pickle.dumps(("#RETURN", True), _PROTOCOL))
 
 
+#: A keepalive: an empty message, which no answer is (an answer is a pickle).
+_KEEPALIVE = frame(b"")
+
+
+def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float], bool]:
+    """``readable(seconds)``: whether ``fd`` has something to read within that long. With ``keepalive``
+    (seconds), a waiting caller is sent an empty message at least that often meanwhile, so that its
+    receive timeout tells a long lock wait from a server that stopped answering."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if keepalive is None:
+
+        def readable(seconds: float) -> bool:
+            return bool(poller.poll(seconds * 1000))
+
+        return readable
+
+    interval = max(keepalive, 0.001)
+    # When the last keepalive went out (or the wait began), and when the last call of a wait returned: a
+    # lock wait calls this again and again, so a longer pause means a new wait, whose caller heard from
+    # the server just now (its request went out): a wait shorter than the interval costs no keepalive.
+    last = [0.0]
+    returned = [0.0]
+
+    def readable_with_keepalives(seconds: float) -> bool:
+        now = time.monotonic()
+        if now - returned[0] > interval:
+            last[0] = now
+        try:
+            return _poll_with_keepalives(now + seconds)
+        finally:
+            returned[0] = time.monotonic()
+
+    def _poll_with_keepalives(end: float) -> bool:
+        while True:
+            now = time.monotonic()
+            if now - last[0] >= interval:
+                # One small write: it never splits a hand-over's answer written by another thread. A
+                # keepalive that lands after that answer is skipped by the client before its next one.
+                try:
+                    write_raw(fd, _KEEPALIVE)
+                except OSError:
+                    return True  # the caller is gone: its wait ends
+                last[0] = now
+            span = min(end, last[0] + interval) - now
+            if poller.poll(max(0.0, span) * 1000):
+                return True
+            if time.monotonic() >= end:
+                return False
+
+    return readable_with_keepalives
+
+
 class ManagerServer(managers.Server):
     """``managers.Server`` with the store at a fixed id, client tracking, and a stoppable accept loop."""
 
@@ -39,7 +95,7 @@ class ManagerServer(managers.Server):
         super().__init__({}, address, authkey, "pickle")
         # The manager listens with a backlog of 16 (Python < 3.13): a pool of processes connecting at
         # once would overflow it. listen() again raises the backlog of the same socket.
-        sock = self.listener._listener._socket
+        sock = self.listening_socket
         sock.listen(LISTEN_BACKLOG)
         self.admission = Admission(sock, raise_fd_limit())
         self.service = service
@@ -48,14 +104,28 @@ class ManagerServer(managers.Server):
         self.methods: dict[str, Callable[..., Any]] = {name: getattr(service, name) for name in service.EXPOSED}
         self.stop_event = threading.Event()
 
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The socket the server listens on. ``multiprocessing.connection.Listener`` offers no accessor:
+        this is the one place that reaches into it."""
+        return self.listener._listener._socket
+
+    def stop_listening(self) -> None:
+        """Accept no new connection (this also unlinks a Unix socket)."""
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
     def accept_connection(self, c: mpc.Connection, hello: Any) -> None:  # type: ignore[override]
         if not isinstance(hello, dict) or "pid" not in hello or "scope" not in hello:
             raise TypeError("not a sharedstate client")
         client = self.service.connected(hello)
-        _current.client = client
-        _current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
+        current = current_client
+        current.client = client
+        current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
         keepalive = hello.get("keepalive")
-        _current.readable = _readable_within(
+        current.readable = _readable_within(
             c.fileno(), keepalive if type(keepalive) in (int, float) and keepalive > 0 else None
         )
         try:
@@ -63,7 +133,7 @@ class ManagerServer(managers.Server):
             writer = hello.get("client")
             self.serve(c, writer if type(writer) is str else None)
         finally:
-            _current.client = _current.notify = _current.readable = None
+            current.client = current.notify = current.readable = None
             self.service.disconnected(client)
         # Returning normally would make the manager send one more ('#RETURN', None), which a client
         # waiting for an answer would take as a success.
@@ -77,7 +147,7 @@ class ManagerServer(managers.Server):
         ``('#TRACEBACK', text)``; an answer that cannot be pickled with ``('#UNSERIALIZABLE', text)``.
 
         A write names the store by its request id instead: its sequence number (the client is the one
-        the connection introduced as, ``client``), or ``(client, sequence)`` (``_answers``)."""
+        the connection introduced as, ``client``), or ``(client, sequence)`` (``wire.answers``)."""
         reader = MessageReader(conn.fileno())
         read, fd = reader.read, reader.fd
         methods = self.methods
@@ -94,7 +164,7 @@ class ManagerServer(managers.Server):
                 ident, name, args, kwds = loads(request)
                 writer = None
                 if ident != STORE_ID:
-                    # A write: its request id in place of the store's id (``_answers``).
+                    # A write: its request id in place of the store's id (``wire.answers``).
                     if type(ident) is int and client is not None:
                         writer, sequence = client, ident
                     elif type(ident) is tuple and len(ident) == 2 and type(ident[0]) is str and type(ident[1]) is int:

@@ -21,7 +21,7 @@ from sharedstate._errors import ServerUnavailable, SharedStateError
 from sharedstate._processes import process_alive
 from sharedstate.wire import answers as _answers
 from sharedstate.wire.addresses import BOOT_SCOPE, CONNECT_TIMEOUT, STORE_ID, Address, format_address, parse_address
-from sharedstate.wire.transport import ConnectionPool
+from sharedstate.wire.pool import ConnectionPool
 
 #: Requests and answers are plain data (names, values, exceptions): the plain pickler does, without the
 #: per-call set-up of multiprocessing's ForkingPickler (a copy of its dispatch table, a BytesIO).
