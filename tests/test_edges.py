@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 
 import pytest
@@ -284,3 +285,56 @@ def test_a_task_cancelled_while_releasing_still_releases(server):
         await state.close()
 
     asyncio.run(main())
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_a_client_pushed_out_of_the_challenge_connects_again(server, tmp_path):
+    """The server's admission closes the oldest connection still in the challenge when too many are
+    (a burst of clients, idle peers): such a client connects again, within its connect timeout, rather
+    than failing. Here a relay in front of the real server closes the first three connections the way
+    the admission does, and forwards the fourth."""
+    address = str(tmp_path / "relay.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address)
+    listener.listen(8)
+    accepted = []
+
+    def relay() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(client)
+            if len(accepted) <= 3:
+                client.shutdown(socket.SHUT_RDWR)  # pushed out before the challenge is over
+                client.close()
+                continue
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(server.address)
+            for pair in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=pair, daemon=True).start()
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    try:
+        state = sharedstate.connect(address, server.authkey, cache=False)
+        assert state.incr("relayed") == 1
+        assert len(accepted) == 4
+        state.close()
+    finally:
+        listener.close()
+        thread.join(10)

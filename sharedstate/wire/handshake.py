@@ -61,7 +61,29 @@ def _connect_socket(address: Address, family: int, text: str, timeout: float) ->
             raise ServerUnavailable(f"cannot connect to the sharedstate server at {text}: {exc}", text) from None
 
 
+#: What a client meets when the server closed its connection before the challenge was over: the server's
+#: admission pushed it out to make room (``server/admission``: a burst of clients, or idle peers, filled
+#: the connections allowed in the challenge at once). Connecting again is safe (nothing was sent yet).
+_PUSHED_OUT = (EOFError, ConnectionResetError, BrokenPipeError)
+
+
 def _handshake(address: Address, authkey: bytes | None, timeout: float) -> Connection:
+    """Connect and authenticate both ways within ``timeout`` seconds, connecting again while the server
+    closes the connection in the challenge (see ``_PUSHED_OUT``)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            return _handshake_once(address, authkey, max(0.001, deadline - time.monotonic()))
+        except _PUSHED_OUT as exc:
+            if time.monotonic() + pause > deadline:
+                _raise_unavailable(exc, format_address(address), timeout)
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
+def _handshake_once(address: Address, authkey: bytes | None, timeout: float) -> Connection:
     """Connect and authenticate both ways, each step within ``timeout`` seconds."""
     text = format_address(address)
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
@@ -93,7 +115,8 @@ def _handshake(address: Address, authkey: bytes | None, timeout: float) -> Conne
         return conn
     except BaseException as exc:
         conn.close()
-        _raise_unavailable(exc, text, timeout)
+        if not isinstance(exc, _PUSHED_OUT):  # those are ``_handshake``'s to retry
+            _raise_unavailable(exc, text, timeout)
         raise
 
 
