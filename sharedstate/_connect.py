@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sharedstate._state import State
 from sharedstate.backends import open_backend
-from sharedstate.wire.addresses import CALL_TIMEOUT, check_call_timeout
+from sharedstate.wire.addresses import CALL_TIMEOUT
 
 
 def connect(
@@ -39,5 +39,4 @@ def connect(
     >>> state = sharedstate.connect()          # doctest: +SKIP
     >>> state = sharedstate.connect("redis://localhost:6379/0", namespace="myapp")  # doctest: +SKIP
     """
-    timeout = check_call_timeout(timeout)
     return State(open_backend(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout))

@@ -86,6 +86,13 @@ def describe_lock(key: str | None) -> str:
     return "the global lock" if key is None else f"lock {key!r}"
 
 
+def lock_timeout(key: str | None, timeout: float, holder: int | None) -> LockTimeout:
+    """The error of ``hold(timeout)`` on a lock that stayed held by ``holder`` (a pid) for ``timeout`` s."""
+    return LockTimeout(
+        f"{describe_lock(key)} was not acquired within {timeout:g} s (held by pid {holder})", key, timeout
+    )
+
+
 def lock_lost(key: str | None) -> LockLost:
     """The error of a holder whose lock the server no longer has as its own."""
     return LockLost(

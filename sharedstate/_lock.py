@@ -36,7 +36,7 @@ from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from sharedstate._errors import LockLost, LockTimeout
+from sharedstate._errors import LockLost, lock_timeout
 from sharedstate._errors import describe_lock as describe
 from sharedstate._errors import lock_lost as lost
 from sharedstate._fork import after_fork_in_child
@@ -77,7 +77,7 @@ def check_lease(lease: object) -> float | None:
 
 
 # -- what this process believes it holds -------------------------------------------------------------
-#: ``(server address, lock name, owner)`` -> how often that owner (a thread ident or an asyncio task's
+#: ``(the backend's identity, lock name, owner)`` -> how often that owner (a thread ident or an asyncio task's
 #: token) believes it holds the lock.
 _held: dict[tuple[Any, str | None, Hashable], int] = {}
 #: Those of ``_held`` that the server said (or the lease renewal found) are no longer their owner's:
@@ -91,7 +91,7 @@ def acquire_call(
     """Acquire ``name`` for ``owner`` through ``state``; ``LockLost`` if ``owner`` believed it held it and
     the server no longer has it as its own."""
     backend = state.backend
-    ident = (backend.address, name, owner)
+    ident = (backend.identity, name, owner)
     count = _held.get(ident, 0)
     if count and ident in _lost:
         raise lost(name)
@@ -116,7 +116,7 @@ def release_call(state: State, name: str | None, owner: Hashable) -> None:
     """Release ``name`` once for ``owner``: ``LockLost`` if it was lost meanwhile, ``RuntimeError`` if
     ``owner`` does not hold it."""
     backend = state.backend
-    ident = (backend.address, name, owner)
+    ident = (backend.identity, name, owner)
     count = _held.get(ident, 0)
     if not count:
         backend.lock_release(name, owner, 0)
@@ -216,7 +216,7 @@ class _Renewals:
                         log.warning(
                             "lost %s at %s: its lease of %g s ran out before it was renewed",
                             describe(ident[1]),
-                            ident[0],
+                            lease.backend.address,
                             lease.lease,
                         )
                     else:
@@ -300,11 +300,7 @@ class Lock:
         """Hold the lock for a ``with`` block, or raise ``LockTimeout`` if it is not acquired within
         ``timeout`` seconds."""
         if not self.acquire(timeout=timeout, lease=lease):
-            raise LockTimeout(
-                f"{describe(self._name)} was not acquired within {timeout:g} s (held by pid {self.owner()})",
-                self._name,
-                timeout,
-            )
+            raise lock_timeout(self._name, timeout, self.owner())
         try:
             yield self
         finally:

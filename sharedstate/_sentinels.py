@@ -30,5 +30,8 @@ PRESENT = Sentinel("PRESENT")
 NOT_CACHED = Sentinel("NOT_CACHED")
 #: What the server's ``lock_acquire`` returns when the lock was handed to a waiter: the answer is written.
 HANDED = Sentinel("HANDED")
+#: The answer of a ``remove`` or ``popitem`` applied before a save, sent again after a crash: the save
+#: did not keep the removed value (``wire.answers.Removed``), so it cannot be answered again.
+DROPPED = Sentinel("DROPPED")
 #: What a release answers when the lock stays held by its owner (a reentrant release).
 STILL_HELD = Sentinel("STILL_HELD")

@@ -14,10 +14,11 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from sharedstate._errors import SharedStateError
 from sharedstate._lock import Lock
 from sharedstate._pattern import compile_pattern
 from sharedstate._rules import check_increment
-from sharedstate._sentinels import MISSING
+from sharedstate._sentinels import DROPPED, MISSING
 from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_value
 from sharedstate.backends.base import Backend
 from sharedstate.persistence.files import caller_target
@@ -45,7 +46,7 @@ class State(MutableMapping[str, Any]):
     own connection. Get one from ``StateServer.state`` or ``sharedstate.connect()``.
     """
 
-    __slots__ = ("_backend",)
+    __slots__ = ("_backend", "__weakref__")  # weakly referable, as a Lock is
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
@@ -84,7 +85,7 @@ class State(MutableMapping[str, Any]):
 
         On a local server, a value this handle read before and that has not changed since is answered
         from its cache, with no round trip (``connect(cache=False)`` turns that off)."""
-        if type(name) is not str:
+        if type(name) is not str or not name.isascii():
             name = check_name(name)
         value = self._backend.get(name)
         return default if value is MISSING else value
@@ -105,7 +106,8 @@ class State(MutableMapping[str, Any]):
     def remove(self, name: str) -> Any:
         """Remove ``name``; return its value, or ``None`` if there was no such name."""
         value = self._backend.remove(check_name(name))
-        return None if value is MISSING else value
+        # DROPPED: removed before a crash, and answered again after it without the value (``pop`` says so).
+        return None if value is MISSING or value is DROPPED else value
 
     def contains(self, name: str) -> bool:
         """Whether ``name`` exists."""
@@ -158,7 +160,9 @@ class State(MutableMapping[str, Any]):
         """Store many names in one call, all or nothing, like ``set`` without a scope: from a mapping, an
         iterable of ``(name, value)`` pairs and keyword arguments, as ``dict.update`` takes them. Every
         name and value is checked before anything is sent."""
-        if isinstance(other, Mapping):
+        if isinstance(other, State):
+            items = other.snapshot()  # one call: dict() of a handle would read it name by name
+        elif isinstance(other, Mapping):
             items = dict(other)  # what is checked is what is sent, whatever happens to ``other`` meanwhile
         else:
             try:
@@ -282,14 +286,18 @@ class State(MutableMapping[str, Any]):
             if default is _NO_DEFAULT:
                 raise KeyError(name)
             return default
+        if value is DROPPED:
+            raise _dropped(f"pop({name!r})")
         return value
 
     def popitem(self) -> tuple[str, Any]:
         """Remove some name and return ``(name, value)``; ``KeyError`` when the state is empty. Atomic.
-        Which name is not specified (on a local server, the one stored last)."""
+        Which name is not specified (on a local server, the name added last; on Redis, a random one)."""
         item = self._backend.popitem()
         if item is None:
             raise KeyError("popitem(): the state is empty")
+        if item is DROPPED:
+            raise _dropped("popitem()")
         return item
 
     def __eq__(self, other: object) -> bool:
@@ -302,6 +310,13 @@ class State(MutableMapping[str, Any]):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # equal to its contents, which change
+
+
+def _dropped(call: str) -> SharedStateError:
+    return SharedStateError(
+        f"{call} was applied by the server before it crashed, and sent again to the restarted server; a save "
+        "in between did not keep the removed value (removed values never reach a snapshot), so it is lost"
+    )
 
 
 def _sorted(data: dict[str, Any]) -> dict[str, Any]:

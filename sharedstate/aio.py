@@ -25,14 +25,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sharedstate._errors import LockTimeout
 from sharedstate._errors import describe_lock as describe
+from sharedstate._errors import lock_timeout
 from sharedstate._lock import acquire_call, check_lease, check_timeout, release_call
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate._state import State
 from sharedstate._values import check_name
 from sharedstate.backends import open_backend
-from sharedstate.wire.addresses import CALL_TIMEOUT, check_call_timeout
+from sharedstate.wire.addresses import CALL_TIMEOUT
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
 
@@ -96,7 +96,7 @@ class AsyncState:
         return f"<sharedstate.aio.AsyncState at {self.address}>"
 
     async def get(self, name: str, default: Any = None) -> Any:
-        if type(name) is not str:
+        if type(name) is not str or not name.isascii():
             name = check_name(name)
         value = self._sync.backend.peek(name)  # a cached value costs no thread hop and no round trip
         if value is NOT_CACHED:
@@ -121,7 +121,7 @@ class AsyncState:
     async def incr(self, name: str, by: Any = 1) -> Any:
         return await self._run(self._sync.incr, name, by)
 
-    async def setdefault(self, name: str, default: Any) -> Any:
+    async def setdefault(self, name: str, default: Any = None) -> Any:
         return await self._run(self._sync.setdefault, name, default)
 
     async def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
@@ -262,14 +262,10 @@ class AsyncLock:
         return await self._state._run(self._state._sync.backend.lock_owner, self._name)
 
     @asynccontextmanager
-    async def hold(self, timeout: float = 5.0) -> AsyncIterator[AsyncLock]:
+    async def hold(self, timeout: float = 5.0, lease: float | None = None) -> AsyncIterator[AsyncLock]:
         """``async with lock.hold(timeout)``: raises ``LockTimeout`` if not acquired in time."""
-        if not await self.acquire(timeout=timeout):
-            raise LockTimeout(
-                f"{describe(self._name)} was not acquired within {timeout:g} s (held by pid {await self.owner()})",
-                self._name,
-                timeout,
-            )
+        if not await self.acquire(timeout=timeout, lease=lease):
+            raise lock_timeout(self._name, timeout, await self.owner())
         try:
             yield self
         finally:
@@ -295,7 +291,6 @@ async def connect(
     """``sharedstate.connect()`` for asyncio: same arguments and errors (a Redis URL too), and it does
     not block the loop. ``timeout`` is the deadline of one call, as for ``sharedstate.connect()``; calls
     interrupted by a crash of the server are sent again while its owner restarts it, the same way."""
-    timeout = check_call_timeout(timeout)  # the error at the call, not in a worker thread
     backend = await asyncio.get_running_loop().run_in_executor(
         None, lambda: open_backend(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)
     )

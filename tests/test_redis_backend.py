@@ -362,6 +362,25 @@ def test_a_lock_whose_lease_ran_out_raises_lock_lost(backend, redis_server):
         assert not backend.lock_locked(name)
 
 
+def test_a_lock_lost_in_one_namespace_leaves_the_same_lock_of_another_namespace_alone(redis_server):
+    """Two namespaces of one database are two states: this process' lock bookkeeping keeps them apart, so
+    losing lock "x" in one does not make the release of "x" in the other a ``LockLost`` that leaves it
+    held (and renewed) for ever."""
+    first = sharedstate.connect(redis_server.url, namespace="ns-first")
+    second = sharedstate.connect(redis_server.url, namespace="ns-second")
+    assert first.backend.identity != second.backend.identity
+    mine, theirs = first.named_lock("x", lease=5), second.named_lock("x", lease=5)
+    assert mine.acquire(timeout=5) and theirs.acquire(timeout=5)
+    with redis_server.client() as client:
+        client.delete("ns-first:lock:x")  # as if its lease had run out while the process was stopped
+    with pytest.raises(LockLost):
+        mine.release()
+    theirs.release()
+    assert not theirs.locked() and not mine.locked()
+    first.close()
+    second.close()
+
+
 def test_a_waiter_is_woken_by_a_release_in_another_process(backend):
     assert backend.lock_acquire(None, "holder", True, None, None, 0)
     ctx = multiprocessing.get_context("spawn")

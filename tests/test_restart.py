@@ -7,6 +7,7 @@ process and restarts it), real client processes under every start method.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -23,7 +24,9 @@ from restart_workers import count_incrs
 
 import sharedstate
 import sharedstate.aio
+from sharedstate._sentinels import DROPPED
 from sharedstate.server.store import Store
+from sharedstate.wire import calls
 from sharedstate.wire.addresses import STORE_ID
 from sharedstate.wire.answers import Answers, Duplicate, client_id, current_request
 
@@ -275,12 +278,42 @@ def test_a_write_sent_twice_is_applied_once_also_across_a_crash_and_a_save(tmp_p
         old = server.pid
         kill(old)
         _restarted(server, old)
-        # Applied once; a snapshot keeps no removed value, so the retry answers None.
-        assert _raw_write(state, third, "remove", ("log",)) is None
+        # Applied once; a snapshot keeps no removed value, so the retry learns that it was dropped.
+        assert _raw_write(state, third, "remove", ("log",)) is DROPPED
         assert _raw_write(state, other, "append", ("log", "a")) == 1
         assert state.snapshot() == {"n": 5}
         # A new request id is a new write.
         assert state.incr("n", 5) == 10
+
+
+def test_a_pop_sent_again_after_a_crash_says_its_value_is_lost_never_none_or_key_error(tmp_path, monkeypatch):
+    """A ``pop``/``popitem`` whose answer was cut off is answered again: with its value while the server
+    that applied it runs, and after a crash (whose restart saves, and saves never keep removed values)
+    with an error saying the value is lost, never ``None`` or ``KeyError`` as if nothing had been there."""
+    path = tmp_path / "state.json"
+    with sharedstate.StateServer(path=path, durability="journal", journal_fsync="always", save_every=None) as server:
+        state = sharedstate.connect(server.address, server.authkey, cache=False)
+        state.update({"a": 1, "b": 2, "c": 3})
+        # Each call below is sent with one fixed request id, as the retry of a call whose answer was lost.
+        monkeypatch.setattr(calls, "_sequence", itertools.repeat(900_001))
+        assert state.popitem() == ("c", 3)
+        assert state.popitem() == ("c", 3)  # answered again, not applied again
+        old = server.pid
+        kill(old)
+        _restarted(server, old)
+        with pytest.raises(sharedstate.SharedStateError, match=r"popitem\(\) was applied .* lost"):
+            state.popitem()
+        monkeypatch.setattr(calls, "_sequence", itertools.repeat(900_002))
+        assert state.pop("b") == 2
+        state.save()  # a save without a crash drops the value too
+        with pytest.raises(sharedstate.SharedStateError, match=r"pop\('b'\) was applied .* lost"):
+            state.pop("b")
+        assert state.remove("b") is None  # remove() answers None for it, as documented
+        monkeypatch.undo()
+        assert state.snapshot() == {"a": 1}  # each applied once
+        assert state.popitem() == ("a", 1)
+        with pytest.raises(KeyError):
+            state.popitem()
 
 
 @pytest.mark.parametrize("durability", ["journal", "snapshot"])
@@ -329,17 +362,18 @@ def test_a_removed_value_is_never_written_into_a_snapshot(tmp_path, durability):
             _restarted(server, old)
             assert b"TOP-SECRET" not in path.read_bytes()  # (the .bak is the state before the remove)
             state.set("secret", "new")
-            assert _raw_write(state, rid, "remove", ("secret",)) is None  # applied once, before the crash
+            assert _raw_write(state, rid, "remove", ("secret",)) is DROPPED  # applied once, before the crash
             assert state.get("secret") == "new"
         state.save()
         assert b"TOP-SECRET" not in path.read_bytes()
         # Past the save the value is forgotten in memory too; the retry is still not applied again.
         state.set("secret", "new")
-        assert _raw_write(state, rid, "remove", ("secret",)) is None
+        assert _raw_write(state, rid, "remove", ("secret",)) is DROPPED
         assert state.get("secret") == "new"
         state.save()
     assert b"TOP-SECRET" not in path.read_bytes()
-    assert json.loads(path.read_text())["answers"]["client-r"] == [1, None]  # applied, answer left out
+    # Applied, its value left out: marked so, a retry learns the value is gone rather than that it was None.
+    assert json.loads(path.read_text())["answers"]["client-r"] == [1, None, "removed"]
 
 
 def test_a_resend_that_misses_the_fast_check_is_answered_as_applied():

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sharedstate.backends.base import Backend
-from sharedstate.wire.addresses import ENV_ADDRESS
+from sharedstate.wire.addresses import ENV_ADDRESS, check_call_timeout
 
 
 def _open_local(address: object, authkey: bytes | None, **options: Any) -> Backend:
@@ -30,18 +30,18 @@ def _open_redis(address: object, authkey: bytes | None, **options: Any) -> Backe
     return open_backend(address, authkey=authkey, **options)
 
 
+#: URL schemes of a Redis (or Valkey) server, as redis-py reads them.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 #: URL scheme -> how to open the backend it names; any other address is a local server's.
-SCHEMES: dict[str, Callable[..., Backend]] = {
-    "redis": _open_redis,
-    "rediss": _open_redis,
-    "unix": _open_redis,
-}
+SCHEMES: dict[str, Callable[..., Backend]] = dict.fromkeys(REDIS_SCHEMES, _open_redis)
 
 
 def open_backend(
     address: object, authkey: bytes | None, *, cache: bool, namespace: str | None, lease: float | None, timeout: float
 ) -> Backend:
-    """The backend ``address`` names (``SHAREDSTATE_ADDRESS`` when it is ``None``), connected."""
+    """The backend ``address`` names (``SHAREDSTATE_ADDRESS`` when it is ``None``), connected.
+    ``TypeError``/``ValueError`` for a call timeout that is not a positive number of at most a day."""
+    timeout = check_call_timeout(timeout)
     shown = os.environ.get(ENV_ADDRESS) if address is None else address
     scheme = shown.partition("://")[0] if isinstance(shown, str) and "://" in shown else None
     opener = SCHEMES.get(scheme, _open_local) if scheme is not None else _open_local

@@ -35,6 +35,12 @@ class Backend(Protocol):
         """Where the state lives, as ``SHAREDSTATE_ADDRESS`` holds it (no password)."""
         ...
 
+    @property
+    def identity(self) -> Hashable:
+        """The same for every handle on the same state, different for any other (two namespaces of one
+        Redis database are two states): what this process' lock bookkeeping is keyed by."""
+        ...
+
     # -- reads --------------------------------------------------------------------------------------
     def get(self, name: str) -> Any:
         """The value of ``name``, or ``MISSING``."""

@@ -16,7 +16,7 @@ from sharedstate._errors import ServerUnavailable
 from sharedstate._pattern import Pattern
 from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
-from sharedstate.wire.addresses import CALL_TIMEOUT, Address, check_call_timeout, resolve
+from sharedstate.wire.addresses import CALL_TIMEOUT, Address, resolve
 from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import ClientCache, cache_for, encode
 from sharedstate.wire.calls import Calls
@@ -48,7 +48,7 @@ class LocalBackend:
         self._calls = calls = Calls(
             address,
             authkey,
-            timeout=check_call_timeout(timeout),
+            timeout=timeout,  # checked by ``backends.open_backend``
             restart=restart,
             connected=self._connected if cache else None,
             dropped=self._forget_cache,
@@ -80,6 +80,10 @@ class LocalBackend:
 
     @property
     def address(self) -> str:
+        return self._calls.address
+
+    @property
+    def identity(self) -> Hashable:
         return self._calls.address
 
     @property

@@ -25,6 +25,7 @@ import threading
 from typing import Any
 
 from sharedstate._fork import after_fork_in_child
+from sharedstate._sentinels import DROPPED
 
 #: Clients (process threads) whose last answer the server keeps.
 MAX_CLIENTS = 65_536
@@ -77,6 +78,10 @@ class Duplicate(Exception):
         self.answer = answer
 
 
+#: How a snapshot marks the answer of a write whose removed value it did not keep.
+_DROPPED_MARK = "removed"
+
+
 class Removed:
     """The answer of a ``remove``: the value it removed, kept only until the next save.
 
@@ -117,19 +122,26 @@ class Answers:
 
     def copy(self) -> dict[str, list[Any]]:
         """The table as the snapshot holds it: client to ``[sequence, answer]``, oldest first. Removed
-        values are left out (``None``), and forgotten here too (``Removed``)."""
+        values are left out, here too: their entry becomes ``[sequence, None, "removed"]`` in the
+        snapshot, ``DROPPED`` in memory, so a retry learns its value is gone rather than that it was
+        ``None``."""
         table = self.table
         saved = {}
         for client, (sequence, answer) in table.items():
-            if type(answer) is Removed:
-                answer = None
-                table[client] = (sequence, None)  # the same key: the order and size stay
-            saved[client] = [sequence, answer]
+            if type(answer) is Removed or answer is DROPPED:
+                table[client] = (sequence, DROPPED)  # the same key: the order and size stay
+                saved[client] = [sequence, None, _DROPPED_MARK]
+            else:
+                saved[client] = [sequence, answer]
         return saved
 
     def load(self, saved: dict[str, Any]) -> None:
         """Install the table of a snapshot (what ``copy`` made); ignores entries of another shape."""
         self.table.clear()
         for client, entry in saved.items():
-            if isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int:
+            if not isinstance(entry, list) or type(entry[0] if entry else None) is not int:
+                continue
+            if len(entry) == 2:
                 self.remember(client, entry[0], entry[1])
+            elif len(entry) == 3 and entry[2] == _DROPPED_MARK:
+                self.remember(client, entry[0], DROPPED)

@@ -285,3 +285,17 @@ def test_stats_reports_the_server(new_local_server, state, target):
     else:  # Redis and Valkey: the namespace's, and the server's persistence settings
         assert stats["backend"] == "redis" and stats["namespace"] == target.namespace
         assert stats["redis_aof_enabled"] is False
+
+
+def test_get_refuses_a_name_that_cannot_be_stored_as_every_call_does(state):
+    for call in (lambda: state.get("\ud800"), lambda: state.get("\ud800", 1), lambda: state.contains("\ud800")):
+        with pytest.raises(ValueError, match="cannot be stored"):
+            call()
+
+
+def test_setdefault_answers_a_copy_of_the_value_it_stored(state):
+    default = {"k": [1]}
+    got = state.setdefault("sd", default)
+    assert got == default and got is not default
+    got["k"].append(2)
+    assert state.get("sd") == {"k": [1]}

@@ -150,3 +150,24 @@ def test_code_written_for_a_manager_dict_runs_unchanged(sync_state, child_contex
         final = dict(proxy.items())
     assert manager_dict_code(sync_state) == expected
     assert sync_state.snapshot() == final
+
+
+def test_a_handle_is_weakly_referable_and_unhashable_as_a_mapping_is(sync_state):
+    import weakref
+
+    assert weakref.ref(sync_state)() is sync_state
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(sync_state)
+
+
+def test_update_from_another_handle_reads_it_in_one_call(sync_state, sync_target):
+    source = sync_target.connect()
+    source.update({f"n{i}": i for i in range(50)})
+    first = sync_state.stats()["ops"]
+    before = sync_state.stats()["ops"]  # what a stats() call itself counts: before - first
+    sync_state.update(source)  # dict(source) would read it name by name: 52 calls, and not atomic
+    after = sync_state.stats()["ops"]
+    assert sync_state.snapshot() == {f"n{i}": i for i in range(50)}
+    if sync_target.local:
+        assert after - before - (before - first) == 2  # the source's snapshot, then the update
+    source.close()

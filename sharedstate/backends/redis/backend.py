@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,8 @@ from sharedstate.backends.redis.scripts import EXACT_INT
 from sharedstate.backends.redis.url import Target
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
-from sharedstate.wire.addresses import check_call_timeout
 
-#: Names per HSCAN step (of ``names()``, and of the script of ``popitem()``).
+#: Names per HSCAN step of ``names()``.
 SCAN_COUNT = 1000
 #: Fields per HSET inside one MULTI block when many names are written at once.
 WRITE_CHUNK = 10_000
@@ -75,8 +74,8 @@ class RedisBackend(LockCalls):
     def __init__(self, target: Target, timeout: float = REPLY_TIMEOUT) -> None:
         self._target = target
         self._url = target.url
-        #: The deadline of one reply (redis-py's ``socket_timeout``).
-        self._timeout = check_call_timeout(timeout)
+        #: The deadline of one reply (redis-py's ``socket_timeout``), checked by ``backends.open_backend``.
+        self._timeout = timeout
         prefix = target.namespace + ":"
         self._prefix = prefix
         self._data_key = prefix + "data"
@@ -100,6 +99,10 @@ class RedisBackend(LockCalls):
     def address(self) -> str:
         """The Redis URL as given (its password hidden)."""
         return self._target.address
+
+    @property
+    def identity(self) -> Hashable:
+        return (self._target.address, self._target.namespace)
 
     @property
     def namespace(self) -> str:
@@ -206,9 +209,8 @@ class RedisBackend(LockCalls):
 
     @redis_call
     def popitem(self) -> tuple[str, Any] | None:
-        """Remove the first name an ``HSCAN`` of the hash finds (its order is Redis' own, not the order
-        names were stored in: which name goes is unspecified), in one script."""
-        found = self._conn.run("popitem", self._keys, [SCAN_COUNT])
+        """Remove a name Redis picks at random (which name goes is unspecified), in one script."""
+        found = self._conn.run("popitem", self._keys, [])
         return (_text(found[0]), loads(found[1])) if found else None
 
     @redis_call
@@ -230,8 +232,9 @@ class RedisBackend(LockCalls):
 
     @redis_call
     def setdefault(self, name: str, default: Any) -> Any:
-        reply = self._conn.run("setdefault", self._keys[:1], [name, dumps(default)])
-        return default if reply[0] == 1 else loads(reply[1])
+        text = dumps(default)
+        reply = self._conn.run("setdefault", self._keys[:1], [name, text])
+        return loads(text if reply[0] == 1 else reply[1])  # a copy either way, as values are
 
     @redis_call
     def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:

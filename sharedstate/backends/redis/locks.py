@@ -51,8 +51,8 @@ class LockCalls:
         self, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None, held: int
     ) -> bool:
         """``lease``: this lock's own (default: the backend's). Reentrancy, and the locks whose lease ran
-        out, are known in this process (``leases``), per namespace; ``held`` is not used (``Lock`` counts
-        per address, which two namespaces of one database share)."""
+        out, are known in this process (``leases``, which renews them), per lock key; ``held`` is not
+        needed here."""
         key, wake = self._lock_keys(name)
         ident = (self._url, key)
         registry = _leases.leases

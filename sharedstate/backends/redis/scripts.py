@@ -31,21 +31,15 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return {v}
 """
 
-#: KEYS: data, scopes. ARGV: names per HSCAN step. Removes the first name an HSCAN from the start of the
-#: hash finds. Returns {} (nothing stored) or {name, value}.
+#: KEYS: data, scopes. Removes a name ``HRANDFIELD`` picks (Redis 6.2+; constant time, where a scan from
+#: the start of the hash would walk more and more emptied slots as names go). Returns {} or {name, value}.
 POPITEM = """
-local cursor = '0'
-repeat
-  local r = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', ARGV[1])
-  local items = r[2]
-  if #items > 0 then
-    redis.call('HDEL', KEYS[1], items[1])
-    redis.call('HDEL', KEYS[2], items[1])
-    return {items[1], items[2]}
-  end
-  cursor = r[1]
-until cursor == '0'
-return {}
+local name = redis.call('HRANDFIELD', KEYS[1])
+if not name then return {} end
+local v = redis.call('HGET', KEYS[1], name)
+redis.call('HDEL', KEYS[1], name)
+redis.call('HDEL', KEYS[2], name)
+return {name, v}
 """
 
 #: KEYS: data. ARGV: name, default. Returns {1} when it stored the default, else {0, stored value}.

@@ -8,10 +8,11 @@ from typing import NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from sharedstate._values import check_text
+from sharedstate.backends import REDIS_SCHEMES
 from sharedstate.wire.addresses import ENV_ADDRESS
 
-#: URL schemes that name a Redis (or Valkey) server, as redis-py reads them.
-SCHEMES = ("redis://", "rediss://", "unix://")
+#: The beginnings of a Redis URL (``sharedstate.backends`` sends those addresses here).
+SCHEMES = tuple(f"{scheme}://" for scheme in REDIS_SCHEMES)
 DEFAULT_NAMESPACE = "sharedstate"
 #: Seconds a lock stays held without renewal: a dead holder's lock is free within this time.
 DEFAULT_LEASE = 2.0
