@@ -32,7 +32,6 @@ from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate._state import State
 from sharedstate._values import check_name
 from sharedstate.backends import open_backend
-from sharedstate.wire.addresses import CALL_TIMEOUT
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
 
@@ -279,19 +278,10 @@ class AsyncLock:
         await self.release()
 
 
-async def connect(
-    address: object = None,
-    authkey: bytes | None = None,
-    *,
-    cache: bool = True,
-    namespace: str | None = None,
-    lease: float | None = None,
-    timeout: float = CALL_TIMEOUT,
-) -> AsyncState:
-    """``sharedstate.connect()`` for asyncio: same arguments and errors (a Redis URL too), and it does
-    not block the loop. ``timeout`` is the deadline of one call, as for ``sharedstate.connect()``; calls
-    interrupted by a crash of the server are sent again while its owner restarts it, the same way."""
-    backend = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: open_backend(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)
-    )
+async def connect(address: object = None, authkey: bytes | None = None, **options: Any) -> AsyncState:
+    """``sharedstate.connect()`` for asyncio: the same arguments (``cache``, ``namespace``, ``lease``,
+    ``timeout``, keyword-only) and errors, a Redis URL too, and it does not block the loop. ``timeout``
+    is the deadline of one call, as for ``sharedstate.connect()``; calls interrupted by a crash of the
+    server are sent again while its owner restarts it, the same way."""
+    backend = await asyncio.get_running_loop().run_in_executor(None, lambda: open_backend(address, authkey, **options))
     return AsyncState(State(backend))

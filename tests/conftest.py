@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -452,3 +453,12 @@ def start_serve(path: Path, address: str, *, text: bool = False, stderr: int = s
     env["PYTHONPATH"] = str(ROOT)
     argv = [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", address]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, text=text)
+
+
+async def cancel_a_lock_wait(lock, after: float) -> None:
+    """Wait for an asyncio ``lock`` in a task of its own, and cancel that wait after ``after`` seconds."""
+    waiter = asyncio.create_task(lock.acquire())
+    await asyncio.sleep(after)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter

@@ -19,8 +19,8 @@ import time
 
 import pytest
 import workers
-from conftest import ROOT, drop_namespace, kill, reap, run_to_completion, wait_until
-from contract.storable import VALUES, same
+from conftest import ROOT, cancel_a_lock_wait, drop_namespace, kill, reap, run_to_completion, wait_until
+from contract.storable import assert_holds, fill_every_type
 
 import sharedstate
 from sharedstate import aio
@@ -271,25 +271,15 @@ def test_two_hosts_share_a_counter_over_tcp(redis_server, redis_namespace, tmp_p
 # -- snapshots ---------------------------------------------------------------------------------------------
 def test_a_snapshot_moves_from_the_local_server_to_redis_and_back(server, redis_state, tmp_path):
     local = server.state
-    local.update(VALUES)
-    local.set("scoped", {"a": [1, (2, 3)]}, scope=["web", "admin"])
-    local.set("tagged-key", {"$type": "not a tag", "n": 1}, scope="web")
+    expected = fill_every_type(local)
     first = local.save(tmp_path / "local.json")
-    expected = local.snapshot()
-
     assert redis_state.restore(first) == len(expected)
-    moved = redis_state.snapshot()
-    assert moved.keys() == expected.keys()
-    assert all(same(moved[k], v) for k, v in expected.items()), [k for k in expected if not same(moved[k], expected[k])]
-    assert redis_state.names(scope="web") == ["scoped", "tagged-key"]
-    assert redis_state.names(scope="admin") == ["scoped"]
+    assert_holds(redis_state, expected)
 
     second = redis_state.save(tmp_path / "redis.json")
     local.clear()
     assert local.restore(second) == len(expected)
-    back = local.snapshot()
-    assert all(same(back[k], v) for k, v in expected.items())
-    assert local.names(scope="web") == ["scoped", "tagged-key"]
+    assert_holds(local, expected)
     header = json.loads(second.read_text())
     assert header["format"] == "sharedstate" and header["count"] == len(expected)
     assert oct(second.stat().st_mode & 0o777) == "0o600"
@@ -320,11 +310,7 @@ def test_a_cancelled_asyncio_wait_gives_the_lock_back_even_after_close(redis_ser
     async def main():
         state = await aio.connect(redis_server.url, namespace=redis_namespace)
         await state.lock.acquire()
-        waiter = asyncio.create_task(state.lock.acquire())
-        await asyncio.sleep(0.25)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
+        await cancel_a_lock_wait(state.lock, 0.25)
         await state.lock.release()
         await state.close()
 

@@ -12,22 +12,38 @@ from collections.abc import Callable
 from typing import Any
 
 from sharedstate.backends.base import Backend
-from sharedstate.wire.addresses import ENV_ADDRESS, check_call_timeout
+from sharedstate.wire.addresses import CALL_TIMEOUT, ENV_ADDRESS, check_call_timeout
 
 
-def _open_local(address: object, authkey: bytes | None, **options: Any) -> Backend:
+def _open_local(
+    address: object,
+    authkey: bytes | None,
+    *,
+    timeout: float,
+    cache: bool = True,
+    namespace: None = None,
+    lease: None = None,
+) -> Backend:
     from sharedstate.backends.local import open_local
 
-    if options.get("namespace") is not None or options.get("lease") is not None:
+    if namespace is not None or lease is not None:
         raise TypeError("namespace and lease are options of a Redis state: give a redis://, rediss:// or unix:// URL")
-    return open_local(address, authkey, cache=options["cache"], timeout=options["timeout"])
+    return open_local(address, authkey, cache=cache, timeout=timeout)
 
 
-def _open_redis(address: object, authkey: bytes | None, **options: Any) -> Backend:
+def _open_redis(
+    address: object,
+    authkey: bytes | None,
+    *,
+    timeout: float,
+    cache: bool = True,
+    namespace: object = None,
+    lease: object = None,
+) -> Backend:
     from sharedstate.backends.redis import open_backend  # redis-py itself is imported on first use
 
-    options.pop("cache")  # Redis has no client cache
-    return open_backend(address, authkey=authkey, **options)
+    # ``cache`` does not apply: Redis has no client cache.
+    return open_backend(address, authkey=authkey, namespace=namespace, lease=lease, timeout=timeout)
 
 
 #: URL schemes of a Redis (or Valkey) server, as redis-py reads them.
@@ -36,13 +52,12 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 SCHEMES: dict[str, Callable[..., Backend]] = dict.fromkeys(REDIS_SCHEMES, _open_redis)
 
 
-def open_backend(
-    address: object, authkey: bytes | None, *, cache: bool, namespace: str | None, lease: float | None, timeout: float
-) -> Backend:
-    """The backend ``address`` names (``SHAREDSTATE_ADDRESS`` when it is ``None``), connected.
-    ``TypeError``/``ValueError`` for a call timeout that is not a positive number of at most a day."""
-    timeout = check_call_timeout(timeout)
+def open_backend(address: object = None, authkey: bytes | None = None, **options: Any) -> Backend:
+    """The backend ``address`` names (``SHAREDSTATE_ADDRESS`` when it is ``None``), connected; ``options``
+    are the keyword arguments of ``sharedstate.connect()``. ``TypeError``/``ValueError`` for a call
+    timeout that is not a positive number of at most a day."""
+    timeout = check_call_timeout(options.pop("timeout", CALL_TIMEOUT))
     shown = os.environ.get(ENV_ADDRESS) if address is None else address
     scheme = shown.partition("://")[0] if isinstance(shown, str) and "://" in shown else None
     opener = SCHEMES.get(scheme, _open_local) if scheme is not None else _open_local
-    return opener(address, authkey, cache=cache, namespace=namespace, lease=lease, timeout=timeout)
+    return opener(address, authkey, timeout=timeout, **options)

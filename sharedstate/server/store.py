@@ -298,6 +298,14 @@ class Store:
         self._commit(number)
 
     # -- atomic read-modify-write ------------------------------------------------------------------
+    def _put(self, name: str, value: Any, record: tuple[Any, ...], answer: Any) -> int:
+        """With the mutex held: journal ``record`` with its ``answer``, then store ``value`` under ``name``;
+        return the number to commit."""
+        number = self._record(*record, answer=answer)
+        self._data[name] = value
+        self._changed(name)
+        return number
+
     def incr(self, name: str, by: int | float | decimal.Decimal = 1) -> Any:
         with self._mutex:
             self.ops += 1
@@ -306,9 +314,7 @@ class Store:
             except (TypeError, ValueError):
                 self._check_duplicate()
                 raise
-            number = self._record("incr", name, by, answer=new)
-            self._data[name] = new
-            self._changed(name)
+            number = self._put(name, new, ("incr", name, by), new)
         self._commit(number)
         return new
 
@@ -319,9 +325,7 @@ class Store:
             if name in data:
                 self._check_duplicate()
                 return data[name]
-            number = self._record("setdefault", name, default, answer=default)
-            data[name] = default
-            self._changed(name)
+            number = self._put(name, default, ("setdefault", name, default), default)
         self._commit(number)
         return default
 
@@ -331,9 +335,7 @@ class Store:
             if not matches(self._data.get(name, MISSING), expected):
                 self._check_duplicate()
                 return False
-            number = self._record("put", name, new, answer=True)
-            self._data[name] = new
-            self._changed(name)
+            number = self._put(name, new, ("put", name, new), True)
         self._commit(number)
         return True
 
@@ -345,9 +347,7 @@ class Store:
             except TypeError:
                 self._check_duplicate()
                 raise
-            number = self._record("append", name, item, answer=len(new))
-            self._data[name] = new
-            self._changed(name)
+            number = self._put(name, new, ("append", name, item), len(new))
         self._commit(number)
         return len(new)
 

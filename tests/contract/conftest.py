@@ -151,11 +151,8 @@ def state(target: Target, face: str, event_loop_thread: EventLoopThread) -> Iter
 @pytest.fixture
 def peer(target: Target) -> Iterator[sharedstate.State]:
     """Another sync handle on the same state, with no client cache: what another process would see."""
-    handle = target.connect(**({"cache": False} if target.local else {}))
-    try:
+    with target.connect(**({"cache": False} if target.local else {})) as handle:
         yield handle
-    finally:
-        handle.close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -166,11 +163,8 @@ def sync_target(request: pytest.FixtureRequest) -> Iterator[Target]:
 
 @pytest.fixture
 def sync_state(sync_target: Target) -> Iterator[sharedstate.State]:
-    handle = sync_target.connect()
-    try:
+    with sync_target.connect() as handle:
         yield handle
-    finally:
-        handle.close()
 
 
 @pytest.fixture(params=BACKENDS)

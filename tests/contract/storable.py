@@ -47,3 +47,21 @@ def same(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def fill_every_type(state) -> dict:
+    """Store ``VALUES`` and two names with scopes in ``state``; return its snapshot."""
+    state.update(VALUES)
+    state.set("scoped", {"a": [1, (2, 3)]}, scope=["web", "admin"])
+    state.set("tagged-key", {"$type": "not a tag", "n": 1}, scope="web")
+    return state.snapshot()
+
+
+def assert_holds(state, expected: dict) -> None:
+    """``state`` holds ``expected`` (what ``fill_every_type`` answered): the same names, each value equal
+    and of the same types, and the scopes."""
+    back = state.snapshot()
+    assert back.keys() == expected.keys()
+    assert all(same(back[k], v) for k, v in expected.items()), [k for k in expected if not same(back[k], expected[k])]
+    assert state.names(scope="web") == ["scoped", "tagged-key"]
+    assert state.names(scope="admin") == ["scoped"]

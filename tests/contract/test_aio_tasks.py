@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest import cancel_a_lock_wait
 
 from sharedstate import aio
 
@@ -145,11 +146,7 @@ def test_a_cancelled_wait_does_not_keep_the_lock(async_target, holder):
             sync.lock.acquire()  # held by this thread, not by a task
         else:
             await state.lock.acquire()
-        waiter = asyncio.create_task(state.lock.acquire())
-        await asyncio.sleep(0.3)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
+        await cancel_a_lock_wait(state.lock, 0.3)
         if holder == "thread":
             sync.lock.release()
         else:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import sharedstate
-from contract.storable import VALUES, same
+from contract.storable import assert_holds, fill_every_type
 
 
 @pytest.fixture
@@ -136,18 +136,11 @@ def test_save_and_restore_need_a_path(state, tmp_path):
 
 
 def test_every_type_and_scope_survive_a_save_and_a_restore(state, tmp_path):
-    state.update(VALUES)
-    state.set("scoped", {"a": [1, (2, 3)]}, scope=["web", "admin"])
-    state.set("tagged-key", {"$type": "not a tag", "n": 1}, scope="web")
-    expected = state.snapshot()
+    expected = fill_every_type(state)
     path = state.save(tmp_path / "all.json")
     state.clear()
     assert state.restore(path) == len(expected)
-    back = state.snapshot()
-    assert back.keys() == expected.keys()
-    assert all(same(back[k], v) for k, v in expected.items()), [k for k in expected if not same(back[k], expected[k])]
-    assert state.names(scope="web") == ["scoped", "tagged-key"]
-    assert state.names(scope="admin") == ["scoped"]
+    assert_holds(state, expected)
 
 
 def test_the_saved_file_is_private_json_and_the_previous_one_is_kept_as_bak(state, tmp_path):
