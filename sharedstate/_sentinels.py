@@ -33,5 +33,7 @@ HANDED = Sentinel("HANDED")
 #: The answer of a ``remove`` or ``popitem`` applied before a save, sent again after a crash: the save
 #: did not keep the removed value (``wire.answers.Removed``), so it cannot be answered again.
 DROPPED = Sentinel("DROPPED")
+#: ``pop``'s default when the caller gave none.
+NO_DEFAULT = Sentinel("NO_DEFAULT")
 #: What a release answers when the lock stays held by its owner (a reentrant release).
 STILL_HELD = Sentinel("STILL_HELD")

@@ -18,7 +18,7 @@ from sharedstate._errors import SharedStateError
 from sharedstate._lock import Lock
 from sharedstate._pattern import compile_pattern
 from sharedstate._rules import check_increment
-from sharedstate._sentinels import DROPPED, MISSING
+from sharedstate._sentinels import DROPPED, MISSING, NO_DEFAULT
 from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_value
 from sharedstate.backends.base import Backend
 from sharedstate.persistence.files import caller_target
@@ -27,8 +27,6 @@ from sharedstate.persistence.files import caller_target
 _PLAIN_FAST = frozenset({int, float, bool, type(None)})
 #: Names with nothing to check when ASCII (a str subclass is stored as its plain text).
 _PLAIN_NAMES = frozenset({str})
-#: ``pop``'s default when none is given.
-_NO_DEFAULT: Any = object()
 
 
 class State(MutableMapping[str, Any]):
@@ -278,12 +276,12 @@ class State(MutableMapping[str, Any]):
         """``(name, value)`` pairs, sorted by name: a view of one copy, taken in one call."""
         return _sorted(self.snapshot()).items()
 
-    def pop(self, name: str, default: Any = _NO_DEFAULT) -> Any:
+    def pop(self, name: str, default: Any = NO_DEFAULT) -> Any:
         """Remove ``name`` and return its value; ``default`` if there is no such name, or ``KeyError``
         when no default is given. Atomic."""
         value = self._backend.remove(check_name(name))
         if value is MISSING:
-            if default is _NO_DEFAULT:
+            if default is NO_DEFAULT:
                 raise KeyError(name)
             return default
         if value is DROPPED:
