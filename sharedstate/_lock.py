@@ -1,12 +1,13 @@
-"""The client side of the server's locks: ``state.lock`` and ``state.named_lock(name)``.
+"""``state.lock`` and ``state.named_lock(name)``: the locks of either backend, as the caller sees them.
 
 The process keeps what each of its threads (or asyncio tasks) believes it holds, and says so to the
 server: a lock the server no longer has as that thread's (lost in a restart, freed when the process'
 connections closed, or its lease ran out) is then ``LockLost`` at the next call on it, never silently
-taken a second time. Leased locks are renewed by one daemon thread per process.
+taken a second time. Leased locks of the local server are renewed by one daemon thread per process
+(a Redis backend renews its own: ``Backend.renews_leases``).
 
 Across a crash and restart of the server, lock calls are as transparent as the others: a call whose
-answer the crash lost is sent again to the new server (``backends.local``), which rebuilt its locks
+answer the crash lost is sent again to the new server (``wire.calls``), which rebuilt its locks
 from the lock file, and that server answers it as the old one would have, applying it at most once:
 
 - an acquire sends the count its thread believes it holds, and the table sets the count to one more
@@ -241,14 +242,15 @@ def _after_fork_in_child() -> None:
 
 
 class Lock:
-    """A cross-process reentrant lock kept by the server (Pode's ``Lock-PodeObject``).
+    """A cross-process reentrant lock kept by the local server or in Redis (Pode's ``Lock-PodeObject``).
 
-    It belongs to the thread that acquired it, may be acquired again by that thread (each ``acquire``
-    needs its ``release``), and is freed by the server within a second if the holding process dies. It
-    stays held across a crash and restart of the server while its holder lives, and a call on it that
-    the crash cut off is sent again to the new server and applied once. With a ``lease`` (in
-    seconds), a holder that is alive but stopped for that long loses it; without one it keeps it. A
-    holder that lost its lock gets ``LockLost`` at its next call on it.
+    It belongs to the thread that acquired it and may be acquired again by that thread (each
+    ``acquire`` needs its ``release``). On the local server it is freed within a second if the holding
+    process dies, stays held across a crash and restart of the server while its holder lives (a call on
+    it that the crash cut off is sent again to the new server and applied once), and with a ``lease``
+    (in seconds) a holder that is alive but stopped for that long loses it; without one it keeps it. On
+    Redis every lock is leased (``backends.redis``). A holder that lost its lock gets ``LockLost`` at
+    its next call on it.
 
     >>> with state.lock:                                   # doctest: +SKIP
     ...     state.set("total", state.get("total", 0) + 1)

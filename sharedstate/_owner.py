@@ -94,7 +94,7 @@ class StateServer:
         self._authkey: bytes | None = None
         self._tmpdir: str | None = None
         self._config: ServerConfig | None = None
-        #: The server process, once started.
+        #: What starts, watches and restarts the server process, once started.
         self._supervisor: Supervisor | None = None
         self._owner_pid: int | None = None
         self._state: State | None = None

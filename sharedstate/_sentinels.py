@@ -1,4 +1,4 @@
-"""The package's markers for "no value here", one module for all of them.
+"""The package's markers ("no value here", "not cached", "handed over" ...), one module for all of them.
 
 Each pickles as a reference to itself, so a marker sent by the server process is the same object in
 the client (``value is MISSING`` holds across processes).

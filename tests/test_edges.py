@@ -310,7 +310,8 @@ def test_a_client_pushed_out_of_the_challenge_connects_again(server, tmp_path):
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(address)
     listener.listen(8)
-    accepted = []
+    accepted: list[socket.socket] = []  # and the relay's connections to the server
+    pumps: list[threading.Thread] = []
 
     def relay() -> None:
         while True:
@@ -325,16 +326,24 @@ def test_a_client_pushed_out_of_the_challenge_connects_again(server, tmp_path):
                 continue
             upstream = socket.socket(socket.AF_UNIX)
             upstream.connect(server.address)
+            accepted.append(upstream)
             for pair in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=pair, daemon=True).start()
+                pumps.append(threading.Thread(target=_pump, args=pair, daemon=True))
+                pumps[-1].start()
 
     thread = threading.Thread(target=relay, daemon=True)
     thread.start()
     try:
         state = sharedstate.connect(address, server.authkey, cache=False)
         assert state.incr("relayed") == 1
-        assert len(accepted) == 4
+        assert len(accepted) == 5  # three pushed out, the fourth relayed (and its upstream)
         state.close()
     finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the relay's accept(), which close() alone would not
         listener.close()
         thread.join(10)
+        for pump in pumps:
+            pump.join(10)
+        for sock in accepted:
+            sock.close()
+        assert not thread.is_alive() and not any(pump.is_alive() for pump in pumps)

@@ -1,4 +1,4 @@
-"""The errors of API.md section 6: their bases, their facts, and pickling."""
+"""The errors of the reference (docs/reference.md, Errors): their bases, their facts, and pickling."""
 
 from __future__ import annotations
 

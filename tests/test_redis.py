@@ -1,4 +1,4 @@
-"""The Redis backend (API.md section 10): what it does beyond the contract suite (tests/contract/), which
+"""The Redis backend (docs/redis.md): what it does beyond the contract suite (tests/contract/), which
 runs every State call, value, lock and snapshot test on Redis and Valkey too.
 
 Every test here runs against a private redis-server (see ``redis_server`` in conftest.py) that has

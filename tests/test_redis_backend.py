@@ -167,6 +167,7 @@ def test_a_backend_pickles_its_target_and_connects_again(backend):
     backend.set("p", 1, ())
     copy = pickle.loads(pickle.dumps(backend))
     assert copy.namespace == backend.namespace and copy.lease == backend.lease and copy.address == backend.address
+    assert copy.timeout == backend.timeout and copy.identity == backend.identity
     assert copy._conn_ is None and copy.get("p") == 1
 
 

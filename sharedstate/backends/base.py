@@ -69,11 +69,13 @@ class Backend(Protocol):
     def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None: ...
 
     def remove(self, name: str) -> Any:
-        """Remove ``name``; its value, or ``MISSING``."""
+        """Remove ``name``; its value, or ``MISSING``. A local server may also answer ``DROPPED``: the
+        call was a retry of one applied before a save, which did not keep the removed value."""
         ...
 
     def popitem(self) -> tuple[str, Any] | None:
-        """Remove some name and return it with its value; ``None`` when the state is empty."""
+        """Remove some name and return it with its value; ``None`` when the state is empty (or
+        ``DROPPED``, as for ``remove``)."""
         ...
 
     def clear(self) -> None: ...

@@ -49,7 +49,7 @@ class Snapshot(NamedTuple):
     foreign: bool = False
     #: The format version of one of our files.
     version: int = VERSION
-    #: The server's last answer to each client's last write (``_answers``), in its own snapshots only.
+    #: The server's last answer to each client's last write (``wire.answers``), in its own snapshots only.
     answers: dict[str, Any] | None = None
 
 

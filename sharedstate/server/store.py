@@ -59,7 +59,7 @@ class Store:
         #: The shared counters that tell clients' caches a name changed, or ``None``. Bumped with the
         #: mutex held, so before the changing call returns.
         self.versions: VersionTable | None = None
-        #: The last answer of each client's last write, by request id (``_answers``).
+        #: The last answer of each client's last write, by request id (``wire.answers``).
         self.answers = Answers()
         self._answer_table = self.answers.table
 
@@ -78,7 +78,7 @@ class Store:
     def _record(self, *record: Any, answer: Any = None) -> int:
         """Journal a change (with the mutex held, before making it); return the number to commit.
 
-        A write that carries a request id (``_answers``) is refused with ``Duplicate`` if that id was
+        A write that carries a request id (``wire.answers``) is refused with ``Duplicate`` if that id was
         applied already; else its ``answer`` is kept with it, in the table and in the journal record
         (``["@", client, sequence, answer, op, *args]``), so a replay restores it too."""
         journal = self.journal
@@ -219,7 +219,7 @@ class Store:
         return value
 
     def popitem(self) -> tuple[str, Any] | None:
-        """Remove the name stored last and answer it with its value (``None`` when there is none)."""
+        """Remove the name added last and answer it with its value (``None`` when there is none)."""
         with self._mutex:
             self.ops += 1
             if not self._data:

@@ -87,8 +87,10 @@ class Removed:
 
     A removed value is answered again to a retry the server can still recognise from memory or from the
     journal, but it is never written into a snapshot (a removed secret must not stay on disk, nor in
-    memory past that save): a snapshot keeps the entry with the answer ``None``, so a ``remove`` retried
-    after a crash that only the snapshot covers is still applied once, and answers ``None``."""
+    memory past that save): a snapshot keeps the entry marked as dropped (``Answers.copy``), so a
+    ``remove`` retried after a crash that only the snapshot covers is still applied once, and answers
+    ``DROPPED`` (``remove`` gives ``None`` for it, ``pop`` and ``popitem`` an error saying the value is
+    lost)."""
 
     __slots__ = ("value",)
 

@@ -1,7 +1,7 @@
 """A ``State`` handle's cache of the values it read, kept coherent by the server's version table.
 
 An entry holds a name's value as it was fetched, with the epoch and the name's counter read *before* the
-request left (``_versions``). While both are unchanged the server has not changed the name since, so the
+request left (``wire.versions``). While both are unchanged the server has not changed the name since, so the
 value is served with no round trip. A value that could be mutated is kept pickled and unpickled on every
 hit, so what a caller does to the object it got never reaches the cache.
 

@@ -1,4 +1,4 @@
-"""The calls of State behave as API.md section 3 says (Pode's Set/Get/Remove/Test/Names-PodeState), on
+"""The calls of State (Pode's Set/Get/Remove/Test/Names-PodeState) behave as docs/reference.md says, on
 every backend and both faces."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A State is a ``collections.abc.MutableMapping`` on every backend: code written for a
 ``multiprocessing.Manager().dict()`` runs on it unchanged.
 
-Sync face only: ``AsyncState`` has no mapping protocol (its calls are coroutines, and it has none of
-``keys``/``values``/``items``/``pop``/``popitem``), so the aio face is left out of this file.
+Sync face only: ``AsyncState`` has no mapping protocol (its calls are coroutines); its ``keys``,
+``values``, ``items``, ``pop``, ``popitem`` and ``length`` are tested in tests/test_aio_handle.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ holding process (``leases``), released by a script that deletes the key only if 
 token. A dead holder stops renewing, so its lock is free within the lease.
 
 Modules: ``url`` (addresses and options), ``connection`` (redis-py, imported on first use, and its
-errors), ``scripts`` (Lua), ``leases`` (held locks), ``backend`` (``RedisBackend``).
+errors), ``scripts`` (Lua), ``leases`` (held locks and their renewal), ``locks`` (the lock calls), ``backend``
+(``RedisBackend``).
 """
 
 from __future__ import annotations
