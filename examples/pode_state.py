@@ -75,13 +75,15 @@ def main() -> None:
         print(f"listening on http://127.0.0.1:{web.server_address[1]}/", flush=True)
         # SIGTERM (and the optional time limit) stop the web server; then everything shuts down in order.
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=web.shutdown).start())
+        limit = threading.Timer(args.seconds or 0, web.shutdown)
         if args.seconds is not None:
-            threading.Timer(args.seconds, web.shutdown).start()
+            limit.start()
         try:
             web.serve_forever()
         except KeyboardInterrupt:
             pass
         finally:
+            limit.cancel()  # a stop before the time limit does not wait for it
             stop.set()
             ticker.join(10)
             web.server_close()

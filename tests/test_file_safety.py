@@ -15,6 +15,7 @@ import pytest
 from conftest import as_user, crash, exited, fill, journaling, kill, wait_until
 
 import sharedstate
+from sharedstate.server import supervisor
 
 
 def saved_in_thread(server: sharedstate.StateServer, timeout: float = 30.0) -> BaseException | None:
@@ -234,7 +235,9 @@ def test_a_start_from_the_backup_over_a_missing_journal_is_refused(tmp_path):
 # -- 2. a final save cut short by the escalation of a shutdown ------------------------------------------
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("durability", ["snapshot", "journal"])
-def test_shutdown_raises_when_the_server_is_killed_before_its_final_save_finished(tmp_path, durability):
+def test_shutdown_raises_when_the_server_is_killed_before_its_final_save_finished(tmp_path, durability, monkeypatch):
+    # The escalation's waits, shortened: what is tested is what happens when they run out.
+    monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 2.0)
     path = tmp_path / "state.json"
     server = sharedstate.StateServer(path=path, save_every=None, restart=False, durability=durability).start()
     pid = server.pid
@@ -259,7 +262,8 @@ def test_shutdown_raises_when_the_server_is_killed_before_its_final_save_finishe
         assert again.state.snapshot() == ({"a": 1, "b": 1} if durability == "journal" else {"a": 1})
 
 
-def test_shutdown_of_a_server_without_a_path_killed_by_the_escalation_does_not_raise(tmp_path):
+def test_shutdown_of_a_server_without_a_path_killed_by_the_escalation_does_not_raise(tmp_path, monkeypatch):
+    monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 2.0)
     server = sharedstate.StateServer(restart=False).start()
     pid = server.pid
     os.kill(pid, signal.SIGSTOP)
