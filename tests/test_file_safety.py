@@ -9,6 +9,8 @@ import os
 import signal
 import stat
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,50 +38,48 @@ def saved_in_thread(server: sharedstate.StateServer, timeout: float = 30.0) -> B
     return outcome[0]
 
 
+@contextmanager
+def final_save_refused(path: Path) -> Iterator[sharedstate.StateServer]:
+    """A server on ``path`` whose final save a file another user planted makes fail: its shutdown, at the
+    end of the block, raises ``SnapshotError``."""
+    server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
+    try:
+        yield server
+    finally:
+        with pytest.raises(sharedstate.SnapshotError, match="final save"):
+            server.shutdown()
+
+
 # -- 1. a symbolic link planted at the snapshot's path ------------------------------------------------
 @pytest.mark.timeout(90)
-def test_a_link_to_a_fifo_planted_before_the_first_save_is_refused_not_followed(second_user, shared_folder):
+@pytest.mark.parametrize("planted", ["link-to-a-fifo", "file"])
+def test_a_link_or_a_file_planted_before_the_first_save_is_refused_not_followed(second_user, shared_folder, planted):
     path = shared_folder / "state.json"
     fifo = shared_folder / "evil.fifo"
-    server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
-    try:
+    if planted == "file":
+        code, refusal = f"open({str(path)!r}, 'w').write('{{}}')\n", "it belongs to another user"
+    else:
+        code = f"import os\nos.mkfifo({str(fifo)!r})\nos.symlink({str(fifo)!r}, {str(path)!r})\n"
+        refusal = "it is a symbolic link"
+    with final_save_refused(path) as server:
         server.state.set("a", 1)
-        as_user(second_user, f"import os\nos.mkfifo({str(fifo)!r})\nos.symlink({str(fifo)!r}, {str(path)!r})\n")
+        as_user(second_user, code)
         error = saved_in_thread(server)
         assert isinstance(error, sharedstate.SnapshotError), error
-        assert "state.json: it is a symbolic link" in str(error)
-        assert os.readlink(path) == str(fifo)
-        assert not os.path.lexists(shared_folder / "state.json.bak")
-        assert server.state.get("a") == 1  # the server serves on
-    finally:
-        with pytest.raises(sharedstate.SnapshotError, match="final save"):
-            server.shutdown()
-    assert os.readlink(path) == str(fifo)
-
-
-def test_a_file_planted_at_the_snapshot_path_before_the_first_save_is_not_taken_as_the_backup(
-    second_user, shared_folder
-):
-    path = shared_folder / "state.json"
-    server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
-    try:
-        server.state.set("a", 1)
-        as_user(second_user, f"open({str(path)!r}, 'w').write('{{}}')\n")
-        error = saved_in_thread(server)
-        assert isinstance(error, sharedstate.SnapshotError), error
-        assert "state.json: it belongs to another user" in str(error)
+        assert f"state.json: {refusal}" in str(error)
         assert not os.path.lexists(shared_folder / "state.json.bak")  # never a hard link to their file
-    finally:
-        with pytest.raises(sharedstate.SnapshotError, match="final save"):
-            server.shutdown()
-    assert path.read_text() == "{}"
+        assert server.state.get("a") == 1  # the server serves on
+    # What they planted is as they left it, after the final save too.
+    if planted == "file":
+        assert path.read_text() == "{}"
+    else:
+        assert os.readlink(path) == str(fifo)
 
 
 def test_restore_of_the_servers_own_file_does_not_follow_a_planted_link(second_user, shared_folder):
     path = shared_folder / "state.json"
     theirs = shared_folder / "theirs.json"
-    server = sharedstate.StateServer(path=path, save_every=None, restart=False).start()
-    try:
+    with final_save_refused(path) as server:
         server.state.set("mine", 1)
         as_user(
             second_user,
@@ -89,9 +89,6 @@ def test_restore_of_the_servers_own_file_does_not_follow_a_planted_link(second_u
         with pytest.raises(sharedstate.SnapshotError, match="state.json: it is a symbolic link"):
             server.state.restore()
         assert server.state.snapshot() == {"mine": 1}
-    finally:
-        with pytest.raises(sharedstate.SnapshotError, match="final save"):
-            server.shutdown()
     assert theirs.read_text() == '{"planted": 1}'
 
 

@@ -13,6 +13,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -543,45 +545,57 @@ def test_the_lock_file_is_private_and_gone_after_a_clean_stop():
 
 
 # -- leases --------------------------------------------------------------------------------------------
+@contextmanager
+def _a_stopped_holder_loses_its_leased_lock(
+    state, ctx, address, authkey, lease: float, global_lock: bool
+) -> Iterator[None]:
+    """Two processes hold a lock each, one with ``lease`` and one without, and are stopped (SIGSTOP): the
+    leased lock is this process' within about its lease, the other stays its holder's; the stopped
+    holder's release, once it runs again, is ``LockLost`` and frees nothing. The block runs then, before
+    the two processes end."""
+    leased, plain = ctx.Event(), ctx.Event()
+    go, results = ctx.Event(), ctx.Queue()
+    args = (address, authkey, "leased", lease, leased, go, results, global_lock)
+    holder = ctx.Process(target=hold_with_lease_until_told, args=args)
+    # Without a lease a stopped holder keeps its lock (as long as its process exists).
+    keeper = ctx.Process(target=hold_forever, args=(address, authkey, "plain", None, plain))
+    holder.start()
+    keeper.start()
+    try:
+        assert leased.wait(WAIT_S) and plain.wait(WAIT_S)
+        lock = state.lock if global_lock else state.named_lock("leased")
+        os.kill(holder.pid, signal.SIGSTOP)
+        os.kill(keeper.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        assert lock.acquire(timeout=lease + 5)
+        took = time.monotonic() - started
+        assert took <= lease + 1.0, f"took {took:.2f} s"
+        assert state.named_lock("plain").acquire(timeout=lease + 1.0) is False
+        assert state.named_lock("plain").owner() == keeper.pid
+        os.kill(holder.pid, signal.SIGCONT)
+        go.set()
+        kind, error = results.get(timeout=WAIT_S)
+        assert kind == "release raised" and error[0] == "LockLost", (kind, error)
+        assert lock.owner() == os.getpid()  # the former holder's release did not free it
+        lock.release()
+        yield
+    finally:
+        go.set()
+        for proc in (holder, keeper):
+            kill(proc.pid, signal.SIGCONT)
+        kill(keeper.pid)
+        reap(holder, keeper)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("global_lock", [False, True], ids=["named_lock", "global-lock"])
 def test_a_stopped_holder_loses_a_leased_lock_and_its_release_raises_lock_lost(global_lock):
-    lease = 1.0
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in START_METHODS else "spawn")
     with sharedstate.StateServer() as server:
-        state = server.state
-        leased, plain = ctx.Event(), ctx.Event()
-        go, results = ctx.Event(), ctx.Queue()
-        args = (server.address, server.authkey, "leased", lease, leased, go, results, global_lock)
-        holder = ctx.Process(target=hold_with_lease_until_told, args=args)
-        # Without a lease a stopped holder keeps its lock (as long as its process exists).
-        keeper = ctx.Process(target=hold_forever, args=(server.address, server.authkey, "plain", None, plain))
-        holder.start()
-        keeper.start()
-        try:
-            assert leased.wait(WAIT_S) and plain.wait(WAIT_S)
-            lock = state.lock if global_lock else state.named_lock("leased")
-            os.kill(holder.pid, signal.SIGSTOP)
-            os.kill(keeper.pid, signal.SIGSTOP)
-            started = time.monotonic()
-            assert lock.acquire(timeout=lease + 5)
-            took = time.monotonic() - started
-            assert took <= lease + 1.0, f"took {took:.2f} s"
-            assert state.named_lock("plain").acquire(timeout=lease + 1.0) is False
-            assert state.named_lock("plain").owner() == keeper.pid
-            os.kill(holder.pid, signal.SIGCONT)
-            go.set()
-            kind, error = results.get(timeout=WAIT_S)
-            assert kind == "release raised" and error[0] == "LockLost", (kind, error)
-            assert lock.owner() == os.getpid()  # the former holder's release did not free it
-            lock.release()
-            assert state.stats()["lock_recoveries"] == 1
-        finally:
-            go.set()
-            for proc in (holder, keeper):
-                kill(proc.pid, signal.SIGCONT)
-            kill(keeper.pid)
-            reap(holder, keeper)
+        with _a_stopped_holder_loses_its_leased_lock(
+            server.state, ctx, server.address, server.authkey, 1.0, global_lock
+        ):
+            assert server.state.stats()["lock_recoveries"] == 1
 
 
 @pytest.mark.timeout(60)
@@ -749,41 +763,15 @@ def test_a_lease_is_kept_by_a_pickled_lock(state):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("global_lock", [False, True], ids=["named_lock", "global-lock"])
 def test_redis_locks_take_a_lease_of_their_own_and_a_lost_one_is_lock_lost(redis_server, redis_namespace, global_lock):
-    lease = 0.5
     # The state's own lease is long: only the lock's own lease lets another process in.
     url = f"{redis_server.url}?namespace={redis_namespace}&lease=30"
-    ctx = multiprocessing.get_context("fork")
-    leased, plain = ctx.Event(), ctx.Event()
-    go, results = ctx.Event(), ctx.Queue()
-    holder = ctx.Process(
-        target=hold_with_lease_until_told, args=(url, None, "leased", lease, leased, go, results, global_lock)
-    )
-    keeper = ctx.Process(target=hold_forever, args=(url, None, "plain", None, plain))
-    holder.start()
-    keeper.start()
     state = sharedstate.connect(url)
     try:
-        assert leased.wait(WAIT_S) and plain.wait(WAIT_S)
-        lock = state.lock if global_lock else state.named_lock("leased")
-        os.kill(holder.pid, signal.SIGSTOP)
-        os.kill(keeper.pid, signal.SIGSTOP)
-        started = time.monotonic()
-        assert lock.acquire(timeout=lease + 5)
-        took = time.monotonic() - started
-        assert took <= lease + 1.0, f"took {took:.2f} s"
-        assert state.named_lock("plain").acquire(timeout=lease + 1.0) is False
-        os.kill(holder.pid, signal.SIGCONT)
-        go.set()
-        kind, error = results.get(timeout=WAIT_S)
-        assert kind == "release raised" and error[0] == "LockLost", (kind, error)
-        assert lock.owner() == os.getpid()
-        lock.release()
+        with _a_stopped_holder_loses_its_leased_lock(
+            state, multiprocessing.get_context("fork"), url, None, 0.5, global_lock
+        ):
+            assert state.named_lock("plain").locked()
     finally:
-        go.set()
-        for proc in (holder, keeper):
-            kill(proc.pid, signal.SIGCONT)
-        kill(keeper.pid)
-        reap(holder, keeper)
         state.close()
 
 

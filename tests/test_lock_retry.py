@@ -173,9 +173,8 @@ def test_a_release_applied_by_the_killed_server_is_answered_again_and_a_lost_loc
         restart(server)
         assert state.backend._calls.lock_call("lock_release", release) is None  # the same request again
         with pytest.raises(LockLost):
-            state.backend._calls.lock_call(
-                "lock_release", ("job", me, 1, 424243)
-            )  # another release: the lock is not held
+            # Another release: the lock is not held.
+            state.backend._calls.lock_call("lock_release", ("job", me, 1, 424243))
         with pytest.raises(LockLost):
             state.backend._calls.lock_call("lock_release", ("job", me, 1, 0))
         # Meanwhile someone else holds it: the same request is still answered, and it is still theirs.
@@ -197,9 +196,8 @@ def test_an_acquire_applied_by_the_killed_server_is_answered_again_and_counted_o
         acquire = ("job", me, True, None, None, 0)  # this thread believes it holds the lock 0 times
         assert state.backend._calls.lock_call("lock_acquire", acquire) is True
         restart(server)
-        assert (
-            state.backend._calls.lock_call("lock_acquire", acquire) is True
-        )  # its answer lost: the same request again
+        # Its answer lost: the same request again.
+        assert state.backend._calls.lock_call("lock_acquire", acquire) is True
         # Held once: one release (the client's count 1) frees it.
         assert state.backend._calls.lock_call("lock_release", ("job", me, 1, 7)) is None
         assert not state.named_lock("job").locked()
