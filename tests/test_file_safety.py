@@ -235,6 +235,7 @@ def test_a_start_from_the_backup_over_a_missing_journal_is_refused(tmp_path):
 def test_shutdown_raises_when_the_server_is_killed_before_its_final_save_finished(tmp_path, durability, monkeypatch):
     # The escalation's waits, shortened: what is tested is what happens when they run out.
     monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 1.0)
     path = tmp_path / "state.json"
     server = sharedstate.StateServer(path=path, save_every=None, restart=False, durability=durability).start()
     pid = server.pid
@@ -261,6 +262,7 @@ def test_shutdown_raises_when_the_server_is_killed_before_its_final_save_finishe
 
 def test_shutdown_of_a_server_without_a_path_killed_by_the_escalation_does_not_raise(tmp_path, monkeypatch):
     monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 1.0)
     server = sharedstate.StateServer(restart=False).start()
     pid = server.pid
     os.kill(pid, signal.SIGSTOP)

@@ -23,7 +23,7 @@ from typing import Any
 
 from sharedstate._errors import ServerUnavailable, SharedStateError, SnapshotError
 from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
-from sharedstate.wire.addresses import Address, format_address
+from sharedstate.wire.addresses import CONNECT_TIMEOUT, Address, format_address
 from sharedstate.wire.handshake import open_control
 from sharedstate.wire.versions import retire
 
@@ -33,6 +33,8 @@ log = logging.getLogger("sharedstate")
 START_TIMEOUT_S = 30.0
 #: Bounded steps of a shutdown: ask, then SIGTERM, then SIGKILL.
 STOP_TIMEOUT_S = 10.0
+#: How long the request to stop may take to reach a server that does not answer (stopped, hung).
+CONTROL_TIMEOUT_S = CONNECT_TIMEOUT
 #: The folder this package is imported from, put first on the server process' path.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 
@@ -104,7 +106,7 @@ class Supervisor:
         escalated = False
         if proc.poll() is None:
             try:
-                open_control(config.address, config.authkey, "shutdown")
+                open_control(config.address, config.authkey, "shutdown", CONTROL_TIMEOUT_S)
             except (SharedStateError, OSError):
                 pass
             escalated = _wait_or_kill(proc, STOP_TIMEOUT_S)
