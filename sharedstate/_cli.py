@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any, NoReturn
 from sharedstate._connect import connect
 from sharedstate._errors import SharedStateError
 from sharedstate._owner import StateServer, standalone_config
+from sharedstate._sentinels import MISSING
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot
@@ -25,7 +27,16 @@ PROG = "sharedstate"
 
 
 class UserError(Exception):
-    """A mistake of the user's: one line on stderr, exit status 1."""
+    """A mistake of the user's: one line on stderr, exit status 1 (or ``code``)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Exit statuses, as a shell reports them: a usage error, a command that cannot run or is not found, a
+#: name ``get`` did not find, and a reader that went away (SIGPIPE).
+EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_NOT_FOUND, EXIT_MISSING_NAME, EXIT_BROKEN_PIPE = 2, 126, 127, 3, 128 + 13
 
 
 def _save_every(text: str) -> Any:
@@ -42,6 +53,7 @@ def _save_every(text: str) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="One dictionary shared by many processes.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def server_options(sub: argparse.ArgumentParser) -> None:
@@ -64,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--address", help=f"the server's address or a redis:// URL (default: ${ENV_ADDRESS})")
         return sub
 
-    client("get", "print a value as JSON").add_argument("name")
+    get = client("get", f"print a value as JSON (exit status {EXIT_MISSING_NAME} if there is no such name)")
+    get.add_argument("name")
+    get.add_argument("--default", metavar="JSON", help="print this instead when there is no such name (exit 0)")
     set_ = client("set", "set a value given as JSON")
     set_.add_argument("name")
     set_.add_argument("json", help="the value, as JSON")
@@ -140,13 +154,15 @@ def _run(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise UserError("run needs a command: sharedstate run [options] -- COMMAND ...")
+        raise UserError("run needs a command: sharedstate run [options] -- COMMAND ...", EXIT_USAGE)
     server = StateServer(**_server_kwargs(args)).start()
     try:
         try:
             child = subprocess.Popen(argv)
+        except FileNotFoundError as exc:
+            raise UserError(f"cannot run {argv[0]!r}: {exc.strerror}", EXIT_NOT_FOUND) from None
         except OSError as exc:
-            raise UserError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
+            raise UserError(f"cannot run {argv[0]!r}: {exc.strerror}", EXIT_CANNOT_RUN) from None
 
         def forward(signum: int, frame: Any) -> None:
             if signum == signal.SIGINT and _terminal_signals_our_group():
@@ -176,6 +192,7 @@ def _client(args: argparse.Namespace) -> int:
     command = args.command
     # Read the user's input before reaching for the server: a typo is reported as such.
     value = _json_in(args.json) if command == "set" else None
+    default = _json_in(args.default) if command == "get" and args.default is not None else None
     by = _number(args.by) if command == "incr" else None
     if command == "restore" and not os.path.lexists(args.path):
         # The library restores nothing from a missing file (Pode's rule); a command line names one on purpose.
@@ -183,7 +200,12 @@ def _client(args: argparse.Namespace) -> int:
     address: Any | None = None if args.address is None else parse_address(args.address)
     state = connect(address)
     if command == "get":
-        _json_out(state.get(args.name))
+        found = state.get(args.name, MISSING)  # a stored null is a value like any other
+        if found is MISSING:
+            if args.default is None:
+                raise UserError(f"no such name: {args.name!r}", EXIT_MISSING_NAME)
+            found = default
+        _json_out(found)
     elif command == "set":
         state.set(args.name, value, scope=args.scope)
     elif command == "remove":
@@ -220,9 +242,25 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     handlers = {"serve": _serve, "run": _run, "show": _show}
     try:
         code = handlers.get(args.command, _client)(args)
+        sys.stdout.flush()  # here, where a reader that went away is this function's to handle
+    except BrokenPipeError:
+        # The reader went away (``show big.json | head``): stop quietly, as a tool killed by SIGPIPE would.
+        # Python would flush stdout again at exit and complain: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     except (UserError, SharedStateError, OSError, TypeError, ValueError, RecursionError, ImportError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        code = 1
+        code = exc.code if isinstance(exc, UserError) else 1
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def _version() -> str:
+    """This package's version, as its installed metadata says (the source's when it is not installed)."""
+    try:
+        return importlib.metadata.version("sharedstate")
+    except importlib.metadata.PackageNotFoundError:
+        from sharedstate import __version__
+
+        return __version__

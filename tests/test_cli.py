@@ -49,7 +49,15 @@ def test_serve_and_client_commands_with_only_the_address_set(standalone):
     env = {"SHAREDSTATE_ADDRESS": address}
     assert cli("set", "greeting", '"héllo"', env=env).returncode == 0
     assert json.loads(cli("get", "greeting", env=env).stdout) == "héllo"
-    assert cli("get", "missing", env=env).stdout.strip() == "null"
+    missing = cli("get", "missing", env=env)
+    assert missing.returncode == 3 and missing.stdout == "" and "no such name: 'missing'" in missing.stderr
+    assert cli("get", "missing", "--default", '{"a": 1}', env=env).stdout.strip() == '{"a": 1}'
+    assert cli("set", "empty", "null", env=env).returncode == 0
+    stored_null = cli("get", "empty", "--default", "5", env=env)
+    assert stored_null.returncode == 0 and stored_null.stdout.strip() == "null"  # a stored null is a value
+    assert cli("remove", "empty", env=env).stdout.strip() == "null"
+    bad_default = cli("get", "missing", "--default", "{oops", env=env)
+    assert bad_default.returncode == 1 and "not valid JSON" in bad_default.stderr
     assert (
         cli(
             "set", "cfg", '{"a": [1, 2], "b": {"$type": "bytes", "value": "AAE="}}', "--scope", "web", env=env
@@ -137,10 +145,42 @@ def test_run_passes_the_exit_status_through_and_children_reach_the_server(tmp_pa
     assert killed.returncode == 128 + signal.SIGTERM
 
 
-def test_run_without_a_command_or_with_a_missing_one(tmp_path):
-    assert cli("run").returncode == 1
+def test_run_without_a_command_or_with_a_missing_one_exits_as_a_shell_would(tmp_path):
+    assert cli("run").returncode == 2  # a usage error
     result = cli("run", "--", str(tmp_path / "no-such-program"))
-    assert result.returncode == 1 and "cannot run" in result.stderr
+    assert result.returncode == 127 and "cannot run" in result.stderr  # not found
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    result = cli("run", "--", str(tmp_path / "not-executable"))
+    assert result.returncode == 126 and "cannot run" in result.stderr  # found, cannot run
+
+
+def test_version_prints_the_installed_version():
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"sharedstate {sharedstate.__version__}"
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
+    """``sharedstate show big.json | head -1``: no traceback, no "Broken pipe" message; the status of a
+    tool killed by SIGPIPE."""
+    state_file = tmp_path / "big.json"
+    with sharedstate.StateServer(path=state_file, save_every=None) as server:
+        server.state.update({f"name-{i}": "x" * 100 for i in range(20_000)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sharedstate", "show", str(state_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.readline().startswith(b"{")
+        proc.stdout.close()  # the reader goes away with most of the output unread
+        assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
+        assert proc.stderr.read() == b""
+    finally:
+        reap(proc)
+        proc.stderr.close()
 
 
 def test_bad_server_options_are_refused():
