@@ -19,6 +19,7 @@ from sharedstate._errors import SharedStateError
 from sharedstate._owner import StateServer, standalone_config
 from sharedstate._sentinels import MISSING
 from sharedstate.persistence.codec import encode, object_hook
+from sharedstate.persistence.files import write_atomic
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot
 from sharedstate.wire.addresses import ENV_ADDRESS, ENV_AUTHKEY, format_address, key_file_for, parse_address
@@ -47,33 +48,89 @@ def _save_every(text: str) -> Any:
         value: Any = float(text)
     except ValueError:
         value = text
-    parse_schedule(value)  # ValueError here is argparse's "invalid value" message
+    try:
+        parse_schedule(value)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a schedule: {exc}") from None
     return value
 
 
+#: The options of the servers ``serve`` and ``run`` start: (flag, argparse keywords).
+SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
+        "--path",
+        {
+            "dest": "server_path",
+            "default": None,
+            "help": "the snapshot file: restored at start, saved on the schedule and at exit",
+        },
+    ),
+    (
+        "--save-every",
+        {
+            "dest": "save_every",
+            "type": _save_every,
+            "default": "@hourly",
+            "help": 'when to save: seconds, a cron expression ("*/5 * * * *") or none (default @hourly)',
+        },
+    ),
+    (
+        "--durability",
+        {
+            "dest": "durability",
+            "choices": ("snapshot", "journal"),
+            "default": "snapshot",
+            "help": "snapshot: changes are saved on the schedule; journal: each change is also appended to "
+            "PATH.journal before its call returns (default snapshot)",
+        },
+    ),
+    (
+        "--journal-fsync",
+        {
+            "dest": "journal_fsync",
+            "choices": ("everysec", "always"),
+            "default": "everysec",
+            "help": "with --durability journal: fsync the journal once a second, or before each call returns "
+            "(default everysec)",
+        },
+    ),
+)
+ADDRESS_HELP = (
+    f"the server's address: a Unix socket path, HOST:PORT or a redis:// URL (default: ${ENV_ADDRESS}); for "
+    "serve and run, where to listen (default: a private socket)"
+)
+
+
+def _add_options(parser: argparse.ArgumentParser, server: bool, top: bool = False) -> None:
+    """``--address``, and the server options when ``server``. They go before the command (on the top
+    parser, with their defaults) or after it (on the command's parser, where a default would overwrite a
+    value given before: so there, none is set)."""
+    options = (("--address", {"default": None, "help": ADDRESS_HELP}),) + (SERVER_OPTIONS if server else ())
+    for flag, keywords in options:
+        parser.add_argument(flag, **({**keywords, "default": argparse.SUPPRESS} if not top else keywords))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="One dictionary shared by many processes.")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="One dictionary shared by many processes. Options go before or after the command.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    _add_options(parser, server=True, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def server_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--path", help="snapshot file: restored at start, saved on schedule and at exit")
-        sub.add_argument(
-            "--save-every", type=_save_every, default="@hourly", help="seconds, a cron expression, or none"
-        )
-        sub.add_argument("--address", help="a Unix socket path or HOST:PORT (default: a private socket)")
-        sub.add_argument("--durability", choices=("snapshot", "journal"), default="snapshot")
-        sub.add_argument("--journal-fsync", choices=("everysec", "always"), default="everysec")
-
     serve = commands.add_parser("serve", help="run a standalone server until SIGTERM/SIGINT")
-    server_options(serve)
+    _add_options(serve, server=True)
     run = commands.add_parser("run", help="run COMMAND with a server around it (run [options] -- COMMAND ...)")
-    server_options(run)
+    _add_options(run, server=True)
+    run.add_argument(
+        "--address-file", metavar="FILE", help="write the server's address to FILE (removed when run ends)"
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
-        sub.add_argument("--address", help=f"the server's address or a redis:// URL (default: ${ENV_ADDRESS})")
+        _add_options(sub, server=False)
         return sub
 
     get = client("get", f"print a value as JSON (exit status {EXIT_MISSING_NAME} if there is no such name)")
@@ -81,20 +138,33 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--default", metavar="JSON", help="print this instead when there is no such name (exit 0)")
     set_ = client("set", "set a value given as JSON")
     set_.add_argument("name")
-    set_.add_argument("json", help="the value, as JSON")
+    set_.add_argument("json", help="the value, as JSON (- reads it from stdin)")
     set_.add_argument("--scope", action="append", help="a scope (repeat for several)")
     client("remove", "remove a name, print its value").add_argument("name")
     client("names", "print the sorted names").add_argument("pattern", nargs="?", help="a regular expression")
     incr = client("incr", "add to a number, print the new value")
     incr.add_argument("name")
-    incr.add_argument("by", nargs="?", default="1", help="the amount (default 1)")
-    client("save", "save a snapshot now, print its path").add_argument("path", nargs="?")
-    client("restore", "restore a snapshot, print how many names it held").add_argument("path")
+    incr.add_argument("by", nargs="?", default="1", help="the amount, a JSON number (default 1; - reads stdin)")
+    client("save", "save a snapshot now, print its path").add_argument("path", nargs="?", help="default: the server's")
+    client("restore", "restore a snapshot, print how many names it held").add_argument("path", help="the file")
     client("stats", "print the server's figures")
     client("dump", "print the live state as JSON (the names and values, encoded as show does)")
     show = commands.add_parser("show", help="print a snapshot file (no server needed)")
-    show.add_argument("file")
+    show.add_argument("file", help="the snapshot file")
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command not in ("serve", "run"):
+        for flag, keywords in SERVER_OPTIONS:
+            if (
+                getattr(args, keywords["dest"] if "dest" in keywords else flag[2:].replace("-", "_"))
+                != keywords["default"]
+            ):
+                parser.error(f"{flag} is an option of serve and run, not of {args.command}")
+    return args
 
 
 def _json_out(value: Any) -> None:
@@ -102,6 +172,9 @@ def _json_out(value: Any) -> None:
 
 
 def _json_in(text: str) -> Any:
+    """A JSON value given on the command line, or read from stdin when it is ``-``."""
+    if text == "-":
+        text = sys.stdin.read()
     try:
         return json.loads(text, object_hook=object_hook)
     except (ValueError, TypeError, AttributeError, RecursionError) as exc:
@@ -117,7 +190,7 @@ def _number(text: str) -> Any:
 
 def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "path": args.path,
+        "path": args.server_path,
         "save_every": args.save_every,
         "address": args.address,
         "durability": args.durability,
@@ -156,7 +229,12 @@ def _run(args: argparse.Namespace) -> int:
     if not argv:
         raise UserError("run needs a command: sharedstate run [options] -- COMMAND ...", EXIT_USAGE)
     server = StateServer(**_server_kwargs(args)).start()
+    address_file = None if args.address_file is None else Path(args.address_file)
     try:
+        # Where a second shell finds it (the command itself finds it in the environment).
+        print(f"{PROG}: serving at {server.address} (pid {server.pid})", file=sys.stderr, flush=True)
+        if address_file is not None:
+            write_atomic(address_file, [server.address + "\n"], backup=False, ours=False)
         try:
             child = subprocess.Popen(argv)
         except FileNotFoundError as exc:
@@ -176,6 +254,8 @@ def _run(args: argparse.Namespace) -> int:
             signal.signal(sig, forward)
         code = child.wait()
     finally:
+        if address_file is not None:
+            address_file.unlink(missing_ok=True)
         server.shutdown()
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
 
@@ -238,7 +318,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of ``sharedstate`` and ``python -m sharedstate``."""
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     handlers = {"serve": _serve, "run": _run, "show": _show}
     try:
         code = handlers.get(args.command, _client)(args)

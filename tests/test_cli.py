@@ -220,3 +220,47 @@ def test_serve_saves_on_a_sigterm_sent_as_soon_as_it_prints_its_address(tmp_path
     from sharedstate.persistence.snapshot import read_snapshot
 
     assert read_snapshot(path).data == {}  # the final save ran
+
+
+def test_options_go_before_or_after_the_command_and_values_may_come_from_stdin(standalone, tmp_path):
+    _, address, _ = standalone
+    assert cli("--address", address, "set", "greeting", '"before"').returncode == 0
+    assert cli("get", "greeting", "--address", address).stdout.strip() == '"before"'
+    piped = subprocess.run(
+        [sys.executable, "-m", "sharedstate", "--address", address, "set", "cfg", "-"],
+        input='{"from": "stdin"}',
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert sharedstate.connect(address).get("cfg") == {"from": "stdin"}
+    # A server option on a client command is a usage error, not silently ignored.
+    wrong = cli("--path", str(tmp_path / "x.json"), "get", "greeting", "--address", address)
+    assert wrong.returncode == 2 and "--path is an option of serve and run, not of get" in wrong.stderr
+
+
+def test_run_says_where_its_server_is_and_writes_it_to_an_address_file(tmp_path):
+    address_file = tmp_path / "address"
+    child = (
+        "import os, pathlib, sys\n"
+        f"text = pathlib.Path({str(address_file)!r}).read_text()\n"
+        "sys.exit(0 if text == os.environ['SHAREDSTATE_ADDRESS'] + '\\n' else 5)\n"
+    )
+    result = cli("--durability", "journal", "--path", str(tmp_path / "s.json"), "run", "--address-file",
+                 str(address_file), "--", sys.executable, "-c", child)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("sharedstate: serving at ") and "(pid " in result.stderr
+    assert not address_file.exists()  # removed when run ends
+
+
+def test_every_option_has_help_and_a_bad_schedule_says_what_it_is():
+    for command in ("serve", "run"):
+        text = " ".join(cli(command, "--help").stdout.split())
+        for help_text in ("the snapshot file", "when to save", "each change is also appended",
+                          "fsync the journal once a second", "the server's address"):  # fmt: skip
+            assert help_text in text, (command, help_text)
+    assert "the server's address" in " ".join(cli("get", "--help").stdout.split())
+    bad = cli("serve", "--save-every", "bogus")
+    assert bad.returncode == 2 and "'bogus' is not a schedule" in bad.stderr and "_save_every" not in bad.stderr
