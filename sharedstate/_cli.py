@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,7 +23,14 @@ from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.files import write_atomic
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot
-from sharedstate.wire.addresses import ENV_ADDRESS, ENV_AUTHKEY, format_address, key_file_for, parse_address
+from sharedstate.wire.addresses import (
+    ENV_ADDRESS,
+    ENV_AUTHKEY,
+    format_address,
+    key_file_for,
+    parse_address,
+    read_trusted_key,
+)
 
 PROG = "sharedstate"
 
@@ -121,6 +129,16 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run a standalone server until SIGTERM/SIGINT")
     _add_options(serve, server=True)
+    serve.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow an --address other machines can reach (HOST:PORT not on loopback); needs --authkey-file",
+    )
+    serve.add_argument(
+        "--authkey-file",
+        metavar="FILE",
+        help="the key clients must know, in hex, in a file of this user that nobody else may read or write",
+    )
     run = commands.add_parser("run", help="run COMMAND with a server around it (run [options] -- COMMAND ...)")
     _add_options(run, server=True)
     run.add_argument(
@@ -203,7 +221,13 @@ def _serve(args: argparse.Namespace) -> int:
     from sharedstate.server.process import ServerProcess
 
     logging.getLogger("sharedstate").setLevel(logging.INFO)
-    with standalone_config(**_server_kwargs(args)) as config:  # checks every option as StateServer does
+    options = _server_kwargs(args)
+    if args.authkey_file is not None:
+        key = read_trusted_key(Path(args.authkey_file), args.address or "this server")
+        if key is None:
+            raise UserError(f"no such file: {args.authkey_file}")
+        options["authkey"] = key
+    with standalone_config(allow_remote=args.allow_remote, **options) as config:  # checked as StateServer does
         logging.basicConfig(level=logging.INFO, format="sharedstate[%(process)d] %(levelname)s: %(message)s")
         process = ServerProcess(config)
         bound = process.open()
@@ -213,7 +237,9 @@ def _serve(args: argparse.Namespace) -> int:
         if key_file is not None:
             print(f"sharedstate: key file {key_file}", flush=True)
         print(f"export {ENV_ADDRESS}={text}", flush=True)
-        if key_file is None:  # TCP: no key file, so the clients need the key itself
+        if args.authkey_file is not None:  # the clients read the key where the server did
+            print(f"export {ENV_AUTHKEY}=$(cat {shlex.quote(args.authkey_file)})", flush=True)
+        elif key_file is None:  # TCP: no key file, so the clients need the key itself
             print(f"export {ENV_AUTHKEY}={config.authkey.hex()}", flush=True)
         code = process.run()
         if process.final_error is not None:  # logged too; the exit status is what a supervisor sees

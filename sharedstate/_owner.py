@@ -85,11 +85,15 @@ class StateServer:
         if self._address is not None and not is_loopback(self._address):
             if not allow_remote:
                 raise ValueError(
-                    f"address {format_address(self._address)} is reachable from other machines: "
-                    "pass allow_remote=True (and an explicit authkey) to allow it"
+                    f"address {format_address(self._address)} is reachable from other machines: allow it "
+                    "explicitly, with an explicit key (allow_remote=True and authkey=; sharedstate serve "
+                    "--allow-remote --authkey-file FILE)"
                 )
             if authkey is None:
-                raise ValueError("a server reachable from other machines needs an explicit authkey")
+                raise ValueError(
+                    "a server reachable from other machines needs an explicit key (authkey=; sharedstate serve "
+                    "--authkey-file FILE)"
+                )
 
         self._authkey: bytes | None = None
         self._tmpdir: str | None = None

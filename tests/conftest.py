@@ -446,12 +446,14 @@ def crash(server: sharedstate.StateServer) -> None:
 
 
 # -- a standalone server -----------------------------------------------------------------------------
-def start_serve(path: Path, address: str, *, text: bool = False, stderr: int = subprocess.PIPE) -> subprocess.Popen:
-    """``python -m sharedstate serve --path PATH --address ADDRESS`` in a clean environment (no
+def start_serve(
+    path: Path, address: str, *options: str, text: bool = False, stderr: int = subprocess.PIPE
+) -> subprocess.Popen:
+    """``python -m sharedstate serve --path PATH --address ADDRESS [OPTIONS]`` in a clean environment (no
     ``SHAREDSTATE_*`` variables), its output piped; the caller reaps it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
     env["PYTHONPATH"] = str(ROOT)
-    argv = [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", address]
+    argv = [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", address, *options]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, text=text)
 
 

@@ -264,3 +264,33 @@ def test_every_option_has_help_and_a_bad_schedule_says_what_it_is():
     assert "the server's address" in " ".join(cli("get", "--help").stdout.split())
     bad = cli("serve", "--save-every", "bogus")
     assert bad.returncode == 2 and "'bogus' is not a schedule" in bad.stderr and "_save_every" not in bad.stderr
+
+
+def test_serve_on_an_address_other_machines_reach_needs_allow_remote_and_a_trusted_key_file(tmp_path):
+    key = os.urandom(32)
+    key_file = tmp_path / "key"
+    key_file.write_text(key.hex() + "\n")
+    key_file.chmod(0o600)
+    refused = cli("serve", "--address", "0.0.0.0:0", "--authkey-file", str(key_file))
+    assert refused.returncode == 1 and "--allow-remote" in refused.stderr
+    key_file.chmod(0o644)
+    refused = cli("serve", "--address", "0.0.0.0:0", "--allow-remote", "--authkey-file", str(key_file))
+    assert refused.returncode == 1 and "readable or writable by others" in refused.stderr
+    key_file.chmod(0o600)
+    proc = start_serve(tmp_path / "s.json", "0.0.0.0:0", "--allow-remote", "--authkey-file", str(key_file), text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("sharedstate: serving at 0.0.0.0:"), first + proc.stderr.read()
+        port = int(first.split()[3].rsplit(":", 1)[1])
+        assert proc.stdout.readline().strip() == f"export SHAREDSTATE_ADDRESS=0.0.0.0:{port}"
+        assert proc.stdout.readline().strip() == f"export SHAREDSTATE_AUTHKEY=$(cat {key_file})"
+        state = sharedstate.connect(("127.0.0.1", port), key)
+        assert state.incr("remote") == 1
+        with pytest.raises(sharedstate.AccessDenied):
+            sharedstate.connect(("127.0.0.1", port), os.urandom(32))
+        state.close()
+    finally:
+        kill(proc.pid, signal.SIGTERM)
+        reap(proc)
+        proc.stdout.close()
+        proc.stderr.close()

@@ -99,7 +99,7 @@ def test_tcp_on_loopback(tmp_path):
 def test_a_non_loopback_address_needs_allow_remote_and_a_key():
     with pytest.raises(ValueError, match="allow_remote"):
         sharedstate.StateServer(address=("0.0.0.0", 0))
-    with pytest.raises(ValueError, match="explicit authkey"):
+    with pytest.raises(ValueError, match="needs an explicit key"):
         sharedstate.StateServer(address=("0.0.0.0", 0), allow_remote=True)
 
 

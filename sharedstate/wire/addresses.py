@@ -113,19 +113,27 @@ def _trusted_owner(uid: int) -> bool:
 
 
 def read_key_file(address: Address) -> bytes | None:
-    """The key in ``ADDRESS.key``, if there is one and it can be trusted.
-
-    A key this process did not generate is only as good as the file it came from: a key that another
-    user wrote, or could read, lets that user answer the challenge as the server, and the client then
-    unpickles whatever that user sends. So the file (opened without following a symlink, checked on the
-    opened descriptor) must be a regular file of this user or root that nobody else may read or write,
-    and the socket beside it must belong to this user or root too. Otherwise ``AccessDenied`` names
-    the file.
-    """
+    """The key in ``ADDRESS.key``, if there is one and it can be trusted (``read_trusted_key``), beside a
+    socket that belongs to this user or root too; ``None`` when there is no such file."""
     path = key_file_for(address)
     if path is None:
         return None
-    text = format_address(address)
+    key = read_trusted_key(path, format_address(address))
+    if key is not None:
+        _check_socket_owner(address, path)
+    return key
+
+
+def read_trusted_key(path: Path, about: str) -> bytes | None:
+    """The hex key in the file ``path`` (``None`` if there is no such file), if it can be trusted.
+
+    A key this process did not generate is only as good as the file it came from: a key that another
+    user wrote, or could read, lets that user answer the challenge as the server (and a client then
+    unpickles whatever that user sends), or connect to it. So the file (opened without following a
+    symlink, checked on the opened descriptor) must be a regular file of this user or root that nobody
+    else may read or write. Otherwise ``AccessDenied`` (about ``about``, an address) names the file.
+    """
+    text = about
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
         fd = os.open(path, flags)
@@ -154,11 +162,9 @@ def read_key_file(address: Address) -> bytes | None:
     finally:
         os.close(fd)
     try:
-        key = bytes.fromhex(data.decode("ascii").strip())
+        return bytes.fromhex(data.decode("ascii").strip())
     except ValueError:  # also UnicodeDecodeError
         raise AccessDenied(f"the key file {path} does not hold a hex key", text) from None
-    _check_socket_owner(address, path)
-    return key
 
 
 def _check_socket_owner(address: Address, key_path: Path) -> None:
