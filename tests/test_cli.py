@@ -294,3 +294,21 @@ def test_serve_on_an_address_other_machines_reach_needs_allow_remote_and_a_trust
         reap(proc)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_a_tcp_server_is_reached_with_the_key_serve_printed_and_the_address_given_on_the_command_line(tmp_path):
+    proc = start_serve(tmp_path / "s.json", "127.0.0.1:0", text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("sharedstate: serving at 127.0.0.1:"), first + proc.stderr.read()
+        address = first.split()[3]
+        assert proc.stdout.readline().strip() == f"export SHAREDSTATE_ADDRESS={address}"
+        key_line = proc.stdout.readline().strip()
+        assert key_line.startswith("export SHAREDSTATE_AUTHKEY=")
+        env = {"SHAREDSTATE_AUTHKEY": key_line.partition("=")[2]}  # the key alone, the address as an option
+        assert cli("incr", "hits", "--address", address, env=env).stdout.strip() == "1"
+    finally:
+        kill(proc.pid, signal.SIGTERM)
+        reap(proc)
+        proc.stdout.close()
+        proc.stderr.close()

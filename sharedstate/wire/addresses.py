@@ -184,7 +184,8 @@ def _check_socket_owner(address: Address, key_path: Path) -> None:
 
 
 def resolve(address: object = None, authkey: object = None) -> tuple[Address, bytes | None]:
-    """The address and key a client should use: the arguments, else the environment, else the key file."""
+    """The address and key a client should use: the arguments, else the environment (``SHAREDSTATE_AUTHKEY``
+    for ``SHAREDSTATE_ADDRESS``, or for any address when that is not set), else the key file."""
     env_address = os.environ.get(ENV_ADDRESS)
     if address is None:
         if not env_address:
@@ -201,7 +202,8 @@ def resolve(address: object = None, authkey: object = None) -> tuple[Address, by
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         return parsed, bytes(authkey)
     env_key = os.environ.get(ENV_AUTHKEY)
-    if env_key and env_address and parse_address(env_address) == parsed:
+    # The variable's key is for the variable's address; set alone, for whatever address is given.
+    if env_key and (not env_address or parse_address(env_address) == parsed):
         try:
             return parsed, bytes.fromhex(env_key)
         except ValueError:
