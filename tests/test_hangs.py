@@ -151,6 +151,8 @@ def test_a_backtracking_pattern_stalls_no_other_client(server, pattern, engine):
             except subprocess.TimeoutExpired:
                 still_running_at_deadline.append(True)  # the caller pays for its own pattern
                 return
+            # Its status too: a caller that ended without an answer is a failure worth reading.
+            assert caller.returncode == 0 and out, f"names() caller ended with status {caller.returncode}: {out!r}"
             answers.append(json.loads(out))
         finally:
             _finish(caller)
