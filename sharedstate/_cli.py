@@ -256,11 +256,13 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("run needs a command: sharedstate run [options] -- COMMAND ...", EXIT_USAGE)
     server = StateServer(**_server_kwargs(args)).start()
     address_file = None if args.address_file is None else Path(args.address_file)
+    written = False
     try:
         # Where a second shell finds it (the command itself finds it in the environment).
         print(f"{PROG}: serving at {server.address} (pid {server.pid})", file=sys.stderr, flush=True)
         if address_file is not None:
             write_atomic(address_file, [server.address + "\n"], backup=False, ours=False)
+            written = True
         try:
             child = subprocess.Popen(argv)
         except FileNotFoundError as exc:
@@ -280,8 +282,8 @@ def _run(args: argparse.Namespace) -> int:
             signal.signal(sig, forward)
         code = child.wait()
     finally:
-        if address_file is not None:
-            address_file.unlink(missing_ok=True)
+        if written:  # only the file this run wrote: never what a refused path named
+            address_file.unlink(missing_ok=True)  # type: ignore[union-attr]
         server.shutdown()
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
 

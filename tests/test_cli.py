@@ -253,6 +253,10 @@ def test_run_says_where_its_server_is_and_writes_it_to_an_address_file(tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("sharedstate: serving at ") and "(pid " in result.stderr
     assert not address_file.exists()  # removed when run ends
+    # A path that is not a regular file is refused, left as it was, and the server still stops in order.
+    refused = cli("--path", str(tmp_path / "s.json"), "run", "--address-file", str(tmp_path), "--", "true")
+    assert refused.returncode == 1 and "not a regular file" in refused.stderr, refused.stderr
+    assert tmp_path.is_dir() and (tmp_path / "s.json").exists()  # the final save ran
 
 
 def test_every_option_has_help_and_a_bad_schedule_says_what_it_is():
