@@ -230,27 +230,31 @@ def test_a_start_from_the_backup_over_a_missing_journal_is_refused(tmp_path):
 
 
 # -- 2. a final save cut short by the escalation of a shutdown ------------------------------------------
+def shutdown_while_stopped(server: sharedstate.StateServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``server.shutdown()`` with its process stopped (SIGSTOP), so the escalation has to kill it; its
+    waits shortened (what is tested is what happens when they run out). Raises what ``shutdown`` raises."""
+    monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 1.0)
+    pid = server.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        server.shutdown()
+    finally:
+        kill(pid, signal.SIGCONT)
+    assert exited(pid)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("durability", ["snapshot", "journal"])
 def test_shutdown_raises_when_the_server_is_killed_before_its_final_save_finished(tmp_path, durability, monkeypatch):
-    # The escalation's waits, shortened: what is tested is what happens when they run out.
-    monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 2.0)
-    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 1.0)
     path = tmp_path / "state.json"
     server = sharedstate.StateServer(path=path, save_every=None, restart=False, durability=durability).start()
     pid = server.pid
     server.state.set("a", 1)
     server.save()
-    server.state.set("b", 1)  # only in the final save
-    os.kill(pid, signal.SIGSTOP)  # a final save that would never finish: shutdown must kill it
-    try:
-        with pytest.raises(sharedstate.SnapshotError, match="killed before its final save") as caught:
-            server.shutdown()
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    server.state.set("b", 1)  # only in the final save, which never finishes: shutdown must kill it
+    with pytest.raises(sharedstate.SnapshotError, match="killed before its final save") as caught:
+        shutdown_while_stopped(server, monkeypatch)
     assert caught.value.path == str(path)
     assert exited(pid)
     kept = "journal beside it keeps" if durability == "journal" else "changes since the last save are lost"
@@ -260,20 +264,8 @@ def test_shutdown_raises_when_the_server_is_killed_before_its_final_save_finishe
         assert again.state.snapshot() == ({"a": 1, "b": 1} if durability == "journal" else {"a": 1})
 
 
-def test_shutdown_of_a_server_without_a_path_killed_by_the_escalation_does_not_raise(tmp_path, monkeypatch):
-    monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 2.0)
-    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 1.0)
-    server = sharedstate.StateServer(restart=False).start()
-    pid = server.pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        server.shutdown()
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-    assert exited(pid)
+def test_shutdown_of_a_server_without_a_path_killed_by_the_escalation_does_not_raise(monkeypatch):
+    shutdown_while_stopped(sharedstate.StateServer(restart=False).start(), monkeypatch)
 
 
 # -- 7. the owner file, full disks, journals that cannot be removed, damaged last lines ------------------
