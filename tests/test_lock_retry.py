@@ -203,17 +203,26 @@ def test_an_acquire_applied_by_the_killed_server_is_answered_again_and_counted_o
         assert not state.named_lock("job").locked()
 
 
+def _a_waiter(server: sharedstate.StateServer, timeout: float | None):
+    """Take lock "job" here and start a forked process that waits for it (``timeout``: its wait's);
+    answer the lock, the process and the queue it reports on, once it waits."""
+    ctx = multiprocessing.get_context("fork")
+    lock = server.state.named_lock("job")
+    lock.acquire()
+    waiting, results = ctx.Event(), ctx.Queue()
+    waiter = ctx.Process(target=wait_for_lock, args=(server.state, "job", timeout, waiting, results))
+    waiter.start()
+    if not waiting.wait(WAIT_S):
+        reap(waiter)
+        pytest.fail("the waiter did not start waiting")
+    return lock, waiter, results
+
+
 @pytest.mark.timeout(120)
 def test_a_blocking_acquire_waiting_at_the_kill_waits_again_and_gets_the_lock():
-    ctx = multiprocessing.get_context("fork")
     with sharedstate.StateServer() as server:
-        lock = server.state.named_lock("job")
-        lock.acquire()
-        waiting, results = ctx.Event(), ctx.Queue()
-        waiter = ctx.Process(target=wait_for_lock, args=(server.state, "job", None, waiting, results))
-        waiter.start()
+        lock, waiter, results = _a_waiter(server, None)
         try:
-            assert waiting.wait(WAIT_S)
             wait_until(lambda: server.state.stats()["lock_waiters"] == 1, WAIT_S, what="the waiter waits")
             restart(server)
             wait_until(lambda: server.state.stats()["lock_waiters"] == 1, WAIT_S, what="it waits again")
@@ -228,16 +237,10 @@ def test_a_blocking_acquire_waiting_at_the_kill_waits_again_and_gets_the_lock():
 
 @pytest.mark.timeout(120)
 def test_a_waiting_acquire_with_a_timeout_waits_only_what_is_left_of_it_after_the_restart():
-    ctx = multiprocessing.get_context("fork")
     timeout, kill_after = 4.0, 2.5
     with sharedstate.StateServer() as server:
-        lock = server.state.named_lock("job")
-        lock.acquire()
-        waiting, results = ctx.Event(), ctx.Queue()
-        waiter = ctx.Process(target=wait_for_lock, args=(server.state, "job", timeout, waiting, results))
-        waiter.start()
+        lock, waiter, results = _a_waiter(server, timeout)
         try:
-            assert waiting.wait(WAIT_S)
             started = time.monotonic()
             wait_until(lambda: server.state.stats()["lock_waiters"] == 1, WAIT_S, what="the waiter waits")
             time.sleep(max(0.0, kill_after - (time.monotonic() - started)))
