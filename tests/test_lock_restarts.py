@@ -247,12 +247,26 @@ def test_a_lock_held_across_a_server_crash_stays_its_live_holders(method):
             assert lock.acquire(timeout=1.0) is False
             assert get(results, "reconnected") == holder.pid
             assert lock.acquire(timeout=0.5) is False  # after it has reconnected
-            release.set()
             # The holder releases twice (it had taken it twice): only then may another process take it.
-            assert lock.acquire(timeout=10) is True
+            # This process waits for it first, so the second release hands it over here at once.
+            acquired, checked = [], threading.Event()
+
+            def wait_then_release() -> None:
+                acquired.append(lock.acquire(timeout=WAIT_S))
+                if acquired[-1]:
+                    checked.wait(WAIT_S)
+                    lock.release()  # by the thread that holds it
+
+            waiter = threading.Thread(target=wait_then_release, daemon=True)
+            waiter.start()
+            wait_until(lambda: state.stats()["lock_waiters"] == 1, WAIT_S, what="this process to wait")
+            release.set()
             assert get(results, "released") is True  # its second release: held by this process now
-            assert lock.owner() == os.getpid()
-            lock.release()
+            wait_until(lambda: acquired, WAIT_S, what="the handed lock")
+            assert acquired == [True] and lock.owner() == os.getpid()
+            checked.set()
+            waiter.join(WAIT_S)
+            assert not lock.locked()
             assert state.stats()["lock_recoveries"] == 0
         finally:
             restarted.set()
