@@ -311,7 +311,10 @@ def test_a_release_is_answered_again_after_the_lock_file_was_rewritten_full():
         release = ("job", me, 1, 515151)
         assert state.backend._calls.lock_call("lock_release", release) is None
         path = Path(server._config.lock_file)
-        first = path.stat().st_ino
+        # Held open, so its inode number cannot be given to a later rewrite's file (rewritten more than
+        # once, the file could otherwise come back with the first one's number).
+        first_file = path.open("rb")
+        first = os.fstat(first_file.fileno()).st_ino
 
         def fill() -> None:  # another holder's calls, until the file was rewritten at least once
             lock = state.named_lock("other")
@@ -322,7 +325,10 @@ def test_a_release_is_answered_again_after_the_lock_file_was_rewritten_full():
         filler = threading.Thread(target=fill)
         filler.start()
         filler.join(WAIT_S * 2)
-        assert path.stat().st_ino != first, "the lock file was not rewritten"
+        try:
+            assert path.stat().st_ino != first, "the lock file was not rewritten"
+        finally:
+            first_file.close()
         restart(server)
         assert state.backend._calls.lock_call("lock_release", release) is None
         with pytest.raises(LockLost):
