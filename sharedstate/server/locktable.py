@@ -39,6 +39,7 @@ from typing import Any
 
 from sharedstate._errors import describe_lock as describe
 from sharedstate._errors import lock_lost as lost
+from sharedstate._figures import WaitWindow
 from sharedstate.server.clients import Client
 from sharedstate.server.lockfile import Holder, LockFile
 
@@ -66,11 +67,12 @@ class _Waiter:
     notify: Callable[[], Any]
     deadline: float | None
     lease: float | None
+    queued_at: float
     granted: bool = False
 
 
 class _Entry:
-    __slots__ = ("owner", "client", "count", "queue", "checked_at", "lease", "renewed_at", "rebuilt")
+    __slots__ = ("owner", "client", "count", "queue", "checked_at", "lease", "renewed_at", "rebuilt", "taken_at")
 
     def __init__(self) -> None:
         self.owner: tuple[Hashable, Hashable] | None = None
@@ -84,6 +86,8 @@ class _Entry:
         self.renewed_at = 0.0
         #: Rebuilt from the lock file, and its holder thread has made no lock call since.
         self.rebuilt = False
+        #: When its holder took it (``time.monotonic()``; after a restart: when the table was rebuilt).
+        self.taken_at = 0.0
 
 
 class LockTable:
@@ -94,6 +98,8 @@ class LockTable:
         self._entries: dict[str | None, _Entry] = {}
         #: Locks freed because their holder died or disconnected.
         self.recoveries = 0
+        #: How long recent acquires waited (0: taken at once), for ``stats()``.
+        self.waits = WaitWindow()
         #: Where every change of a holder is recorded, for the next server process after a crash.
         self._file = file
         #: ``(client key, thread)`` -> ``(key, request)``: the last release that freed a lock of that
@@ -123,7 +129,7 @@ class LockTable:
                 entry.client = client
                 entry.count = holder.count
                 entry.lease = holder.lease
-                entry.renewed_at = now
+                entry.renewed_at = entry.taken_at = now
                 entry.rebuilt = True
                 self._rebuilt.setdefault(entry.owner, []).append(holder.key)
                 kept.append(holder)
@@ -180,8 +186,9 @@ class LockTable:
                 return True
             if not blocking or (timeout is not None and timeout <= 0):
                 return False
-            deadline = None if timeout is None else time.monotonic() + timeout
-            waiter = _Waiter(key, entry, owner, client, notify, deadline, lease)
+            now = time.monotonic()
+            deadline = None if timeout is None else now + timeout
+            waiter = _Waiter(key, entry, owner, client, notify, deadline, lease, now)
             entry.queue.append(waiter)
             return waiter
 
@@ -199,6 +206,7 @@ class LockTable:
                 if waiter.granted:
                     return True
                 if ready or (deadline is not None and time.monotonic() >= deadline):
+                    self.waits.append(time.monotonic() - waiter.queued_at)  # a wait given up is a wait too
                     entry.queue.remove(waiter)
                     self._forget_if_idle(key, entry)
                     return False
@@ -300,7 +308,13 @@ class LockTable:
         return entry
 
     def _take(
-        self, key: str | None, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client, lease: float | None
+        self,
+        key: str | None,
+        entry: _Entry,
+        owner: tuple[Hashable, Hashable],
+        client: Client,
+        lease: float | None,
+        since: float = 0.0,
     ) -> None:
         # Freeing a dead holder's named lock may have dropped the entry from the table just before: put it
         # back, or the lock would be held in an entry nobody else sees.
@@ -310,8 +324,8 @@ class LockTable:
         entry.count = 1
         entry.lease = lease
         entry.rebuilt = False
-        if lease is not None:
-            entry.renewed_at = time.monotonic()
+        entry.taken_at = entry.renewed_at = now = time.monotonic()
+        self.waits.append(now - since if since else 0.0)
         self._record(key, entry)
 
     def _record(self, key: str | None, entry: _Entry) -> None:
@@ -345,7 +359,7 @@ class LockTable:
         lock file says already that the lock is free."""
         if entry.queue:
             waiter = entry.queue.popleft()
-            self._take(key, entry, waiter.owner, waiter.client, waiter.lease)
+            self._take(key, entry, waiter.owner, waiter.client, waiter.lease, waiter.queued_at)
             waiter.granted = True
             try:
                 waiter.notify()
@@ -388,11 +402,11 @@ class LockTable:
         log.warning("released %s held by pid %s: %s", describe(key), pid, why)
         self._free(key, entry)
 
-    def status(self) -> dict[str, int]:
-        """How many locks are held and how many calls wait for one."""
+    def status(self) -> tuple[int, list[tuple[str | None, int, float, int]]]:
+        """How many calls wait for a lock, and every held lock as ``(name, holder pid, seconds held,
+        waiters)`` (``None``: the global lock)."""
         with self._mutex:
-            entries = self._entries.values()
-            return {
-                "locks_held": sum(1 for e in entries if e.owner is not None),
-                "lock_waiters": sum(len(e.queue) for e in entries),
-            }
+            now = time.monotonic()
+            entries = self._entries.items()
+            held = [(k, e.client.pid, now - e.taken_at, len(e.queue)) for k, e in entries if e.client is not None]
+            return sum(len(e.queue) for e in self._entries.values()), held

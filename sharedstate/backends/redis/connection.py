@@ -94,11 +94,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def redis_call(function: _F) -> _F:
     """Raise sharedstate's errors, not redis-py's, from a backend method (whose ``address`` names the
-    server in the message)."""
+    server in the message), and count the call (in the backend's ``counted``, for ``stats()``)."""
     call = function.__name__.strip("_")
 
     @functools.wraps(function)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.counted.count(call)
         try:
             return function(self, *args, **kwargs)
         except RedisError as exc:
