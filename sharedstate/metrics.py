@@ -114,16 +114,17 @@ def _one(family: Any, name: str, text: str, value: Any) -> Iterator[Metric]:
     yield metric
 
 
-def start_metrics_server(state: State, port: int, host: str = "127.0.0.1") -> int:
+def start_metrics_server(state: State, port: int, host: str = "127.0.0.1") -> Any:
     """Serve ``state``'s metrics at ``http://HOST:PORT/metrics`` from a daemon thread of this process (in
-    a registry of their own); return the port (``port=0``: a free one)."""
+    a registry of their own, so the process' own metrics are not mixed in). Returns the HTTP server:
+    ``server_port`` is the port (``port=0`` takes a free one), ``shutdown()`` stops it."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(state))
     server, _ = start_http_server(port, addr=host, registry=registry)
-    return server.server_port
+    return server
 
 
 def serve_metrics_of(address: Any, authkey: bytes, port: int, host: str = "127.0.0.1") -> int:
     """``sharedstate serve --metrics-port``: ``start_metrics_server`` for the server at ``address``, run by
     this very process; its handle connects at the first scrape (the server answers only once it runs)."""
-    return start_metrics_server(State(LocalBackend(address, authkey, cache=False)), port, host)
+    return start_metrics_server(State(LocalBackend(address, authkey, cache=False)), port, host).server_port
