@@ -170,6 +170,7 @@ class LockTable:
                 self._expire(key, entry)
             if entry.owner is None and not held:
                 self._take(key, entry, owner, client, lease)
+                self.waits.append(0.0)
                 return True
             if entry.owner == owner:
                 if not held:
@@ -183,6 +184,7 @@ class LockTable:
             self._check_holder(key, entry)
             if entry.owner is None:
                 self._take(key, entry, owner, client, lease)
+                self.waits.append(0.0)
                 return True
             if not blocking or (timeout is not None and timeout <= 0):
                 return False
@@ -308,13 +310,7 @@ class LockTable:
         return entry
 
     def _take(
-        self,
-        key: str | None,
-        entry: _Entry,
-        owner: tuple[Hashable, Hashable],
-        client: Client,
-        lease: float | None,
-        since: float = 0.0,
+        self, key: str | None, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client, lease: float | None
     ) -> None:
         # Freeing a dead holder's named lock may have dropped the entry from the table just before: put it
         # back, or the lock would be held in an entry nobody else sees.
@@ -324,8 +320,7 @@ class LockTable:
         entry.count = 1
         entry.lease = lease
         entry.rebuilt = False
-        entry.taken_at = entry.renewed_at = now = time.monotonic()
-        self.waits.append(now - since if since else 0.0)
+        entry.taken_at = entry.renewed_at = time.monotonic()
         self._record(key, entry)
 
     def _record(self, key: str | None, entry: _Entry) -> None:
@@ -359,7 +354,8 @@ class LockTable:
         lock file says already that the lock is free."""
         if entry.queue:
             waiter = entry.queue.popleft()
-            self._take(key, entry, waiter.owner, waiter.client, waiter.lease, waiter.queued_at)
+            self._take(key, entry, waiter.owner, waiter.client, waiter.lease)
+            self.waits.append(entry.taken_at - waiter.queued_at)
             waiter.granted = True
             try:
                 waiter.notify()
@@ -406,7 +402,6 @@ class LockTable:
         """How many calls wait for a lock, and every held lock as ``(name, holder pid, seconds held,
         waiters)`` (``None``: the global lock)."""
         with self._mutex:
-            now = time.monotonic()
-            entries = self._entries.items()
+            now, entries = time.monotonic(), self._entries.items()
             held = [(k, e.client.pid, now - e.taken_at, len(e.queue)) for k, e in entries if e.client is not None]
-            return sum(len(e.queue) for e in self._entries.values()), held
+            return sum(len(e.queue) for _, e in entries), held
