@@ -21,6 +21,7 @@ from sharedstate._pattern import Pattern
 from sharedstate._rules import add, appended, check_restored, matches, scoped, select_saved
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate.backends.redis.connection import REPLY_TIMEOUT, Connection, redis_call
+from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.figures import lock_holders
 from sharedstate.backends.redis.locks import LockCalls
 from sharedstate.backends.redis.scripts import EXACT_INT
@@ -51,10 +52,6 @@ def dumps(value: Any) -> str:
 
 def loads(raw: bytes | str) -> Any:
     return json.loads(raw, object_hook=object_hook)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
 
 def _path(path: str | None, verb: str) -> Path:
@@ -349,14 +346,14 @@ class RedisBackend(LockCalls):
         ``address``, ``namespace``, ``lease_s``, ``redis_version``, ``redis_last_save_at`` (Redis' own
         last RDB save, Unix time), ``redis_changes_since_last_save`` and ``redis_aof_enabled``. The
         figures of docs/observability.md, where ``calls`` and the lock waits are this handle's in this
-        process (Redis keeps no figures of sharedstate's calls), ``lock_holders`` come from the lock
-        keys (``figures``), ``lock_waiters`` is ``None`` and the client cache figures are 0."""
+        process (Redis keeps no figures of sharedstate's calls), ``lock_holders`` and ``locks_held`` come
+        from the lock keys (``figures``), ``lock_waiters`` is ``None`` and the client cache figures are 0."""
         client = self._conn.client
         pipe = client.pipeline(transaction=False)
         pipe.hlen(self._data_key)
         pipe.info()
         names, info = pipe.execute()
-        holders = lock_holders(client, self._prefix)
+        holders, held = lock_holders(client, self._prefix)
         return {
             "names": int(names),
             "pid": info.get("process_id"),
@@ -376,7 +373,7 @@ class RedisBackend(LockCalls):
             "redis_last_save_at": info.get("rdb_last_save_time"),
             "redis_changes_since_last_save": info.get("rdb_changes_since_last_save"),
             "redis_aof_enabled": bool(info.get("aof_enabled", 0)),
-            "locks_held": len(holders),
+            "locks_held": held,
             "lock_waiters": None,
             "journal_bytes": None,
             "calls": self.counted.counts.totals(),

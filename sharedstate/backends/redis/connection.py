@@ -74,6 +74,11 @@ class Connection:
         return self.scripts[script](keys=keys, args=args)
 
 
+def text(raw: bytes | str) -> str:
+    """A reply as text: redis-py answers bytes, unless the URL asked it to decode replies."""
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
 def translate(exc: BaseException, address: str, call: str) -> BaseException:
     """A redis-py error as the error sharedstate raises for the same failure of the local server."""
     errors = _redis_module.exceptions
