@@ -166,3 +166,12 @@ def test_bad_options_are_usage_errors(tmp_path, args):
     )
     assert done.returncode == 2
     assert "top" in done.stderr
+
+
+def test_it_shows_a_redis_state_too(redis_server):
+    done = _top(redis_server.url, "--interval", "0.1", "--count", "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 0, err
+    header, row = out.splitlines()
+    assert len(row.split()) == 9 and float(row.split()[1]) > 0  # Redis counts top's own commands too
+    assert row.split()[6] == "-"  # waiters: not known on Redis
