@@ -231,6 +231,9 @@ def _serve(args: argparse.Namespace) -> int:
     from sharedstate.server.process import ServerProcess
 
     logging.getLogger("sharedstate").setLevel(logging.INFO)
+    serve_metrics = None
+    if args.metrics_port is not None:  # imported first: without the extra, nothing is created
+        from sharedstate.metrics import serve_metrics_of as serve_metrics
     options = _server_kwargs(args)
     if args.authkey_file is not None:
         key = read_trusted_key(Path(args.authkey_file), args.address or "this server")
@@ -251,11 +254,13 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"export {ENV_AUTHKEY}=$(cat {shlex.quote(args.authkey_file)})", flush=True)
         elif key_file is None:  # TCP: no key file, so the clients need the key itself
             print(f"export {ENV_AUTHKEY}={config.authkey.hex()}", flush=True)
-        if args.metrics_port is not None:
-            from sharedstate.metrics import serve_metrics_of
-
+        if serve_metrics is not None:
             host = "" if args.allow_remote else "127.0.0.1"
-            port = serve_metrics_of(bound, config.authkey, args.metrics_port, host)
+            try:
+                port = serve_metrics(bound, config.authkey, args.metrics_port, host)
+            except BaseException:
+                process.close()  # nothing was served: the socket, its key file and the path's lock go
+                raise
             print(f"{PROG}: metrics at http://{host or '0.0.0.0'}:{port}/metrics", flush=True)
         code = process.run()
         if process.final_error is not None:  # logged too; the exit status is what a supervisor sees

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["StateCollector", "start_metrics_server"]
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: (stats key, metric name without the prefix, help) of the figures exported as gauges.
 _GAUGES = (
@@ -127,4 +127,7 @@ def start_metrics_server(state: State, port: int, host: str = "127.0.0.1") -> An
 def serve_metrics_of(address: Any, authkey: bytes, port: int, host: str = "127.0.0.1") -> int:
     """``sharedstate serve --metrics-port``: ``start_metrics_server`` for the server at ``address``, run by
     this very process; its handle connects at the first scrape (the server answers only once it runs)."""
-    return start_metrics_server(State(LocalBackend(address, authkey, cache=False)), port, host).server_port
+    try:
+        return start_metrics_server(State(LocalBackend(address, authkey, cache=False)), port, host).server_port
+    except OSError as exc:  # the port is taken, say: name it
+        raise OSError(exc.errno, f"cannot serve metrics on port {port}: {exc.strerror}") from None

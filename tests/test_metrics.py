@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -111,3 +112,23 @@ def test_import_sharedstate_needs_no_prometheus_client():
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'sharedstate[prometheus]'" in done.stdout
+
+
+def test_serve_on_a_metrics_port_in_use_is_one_line_and_leaves_nothing_behind(tmp_path):
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        address = tmp_path / "s.sock"
+        proc = start_serve(tmp_path / "state.json", str(address), "--metrics-port", str(port), text=True)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            reap(proc)
+    finally:
+        taken.close()
+    assert proc.returncode == 1
+    last = err.splitlines()[-1]
+    assert last.startswith("sharedstate: error:") and f"cannot serve metrics on port {port}" in last, err
+    assert not address.exists() and not (tmp_path / "s.sock.key").exists()
