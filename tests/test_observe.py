@@ -201,3 +201,17 @@ def test_counts_of_threads_that_ended_are_kept():
     assert counts.totals() == {"a": 2}
     counts.retire(mine)
     assert counts.totals() == {"a": 2}
+
+
+def test_redis_lock_holders_stay_in_their_namespace_whatever_its_characters(redis_server, redis_namespace):
+    starred = sharedstate.connect(redis_server.url, namespace=redis_namespace + "*[?]")
+    plain = sharedstate.connect(redis_server.url, namespace=redis_namespace + "x[a]")
+    try:
+        with plain.named_lock("theirs"):
+            assert starred.stats()["lock_holders"] == [] and starred.stats()["locks_held"] == 0
+            with starred.named_lock("ours:1"):
+                assert [h["lock"] for h in starred.stats()["lock_holders"]] == ["ours:1"]
+                assert plain.stats()["locks_held"] == 1
+    finally:
+        starred.close()
+        plain.close()

@@ -353,7 +353,7 @@ class RedisBackend(LockCalls):
         pipe.hlen(self._data_key)
         pipe.info()
         names, info = pipe.execute()
-        holders, held = lock_holders(client, self._prefix)
+        holders, held = lock_holders(client, self._lock_keys(None)[0], self._lock_keys("")[0])
         return {
             "names": int(names),
             "pid": info.get("process_id"),

@@ -123,9 +123,4 @@ class LockCalls:
     def lock_owner(self, name: str | None) -> int | None:
         """The pid of the holder (on its own host), read from the token its key holds."""
         raw = self._conn.client.get(self._lock_keys(name)[0])
-        if raw is None:
-            return None
-        try:
-            return int(raw.split(b":", 1)[0])
-        except ValueError:
-            return None
+        return None if raw is None else _leases.pid_of(raw)
