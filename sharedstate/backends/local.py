@@ -18,7 +18,7 @@ from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
 from sharedstate.wire.addresses import CALL_TIMEOUT, Address, resolve
 from sharedstate.wire.answers import sequence as _sequence
-from sharedstate.wire.cache import ClientCache, cache_for, encode
+from sharedstate.wire.cache import ClientCache, cache_figures, cache_for, encode
 from sharedstate.wire.calls import Calls
 
 _monotonic = time.monotonic
@@ -110,7 +110,9 @@ class LocalBackend:
         if cache is not None:
             value = cache.lookup(name)
             if value is not NOT_CACHED and (value is not PRESENT or method == "contains"):
+                cache.hits += 1
                 return value
+            cache.misses += 1
         start = _monotonic()
         cache = self._fresh_cache()
         # The counters are read before the request: a change after this makes the entry stale.
@@ -130,7 +132,10 @@ class LocalBackend:
         if cache is None:
             return NOT_CACHED
         value = cache.lookup(name)
-        return NOT_CACHED if value is PRESENT else value
+        if value is NOT_CACHED or value is PRESENT:
+            return NOT_CACHED  # not a miss yet: the caller reads it next (``get``), which counts it
+        cache.hits += 1
+        return value
 
     def contains(self, name: str) -> bool:
         return self._read(name, "contains") is not MISSING
@@ -140,7 +145,9 @@ class LocalBackend:
         if cache is not None:
             found = cache.lookup_many(names)
             if found is not None:
+                cache.hits += 1
                 return found
+            cache.misses += 1
         start = _monotonic()
         cache = self._fresh_cache()
         if cache is None:
@@ -212,7 +219,7 @@ class LocalBackend:
         return self._write("restore", (path, merge))
 
     def stats(self) -> dict[str, Any]:
-        return self._call("stats", ())
+        return {**self._call("stats", ()), **cache_figures(self._cache)}
 
     # -- locks --------------------------------------------------------------------------------------
     def lock_acquire(

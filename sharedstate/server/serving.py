@@ -149,6 +149,14 @@ class ManagerServer(managers.Server):
         A write names the store by its request id instead: its sequence number (the client is the one
         the connection introduced as, ``client``), or ``(client, sequence)`` (``wire.answers``)."""
         reader = MessageReader(conn.fileno())
+        calls = self.service.calls
+        counts = calls.open()  # this thread's own: counting takes no lock
+        try:
+            self._serve(reader, counts, client)
+        finally:
+            calls.retire(counts)
+
+    def _serve(self, reader: MessageReader, counts: dict[str, int], client: str | None) -> None:
         read, fd = reader.read, reader.fd
         methods = self.methods
         answers = self.service.answers.table
@@ -172,6 +180,7 @@ class ManagerServer(managers.Server):
                     else:
                         raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
+                counts[name] += 1
             except Exception:
                 reply: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
             else:

@@ -62,6 +62,15 @@ def token(owner: Hashable) -> str:
     return f"{os.getpid()}:{_process_token}:{owner}"
 
 
+def pid_of(token: bytes | str) -> int | None:
+    """The holder's pid, from what a lock's key holds (``token``); ``None`` if it holds no such thing."""
+    head = token.split(b":" if isinstance(token, bytes) else ":", 1)[0]
+    try:
+        return int(head)
+    except ValueError:
+        return None
+
+
 def lost_lease(held: Held) -> LockLost:
     """The error of any call by the owner of ``held`` once its lease ran out unrenewed."""
     return LockLost(
