@@ -23,6 +23,7 @@ from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.files import write_atomic
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot
+from sharedstate.server.logrelay import PLAIN_FORMAT
 from sharedstate.wire.addresses import (
     ENV_ADDRESS,
     ENV_AUTHKEY,
@@ -228,7 +229,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"no such file: {args.authkey_file}")
         options["authkey"] = key
     with standalone_config(allow_remote=args.allow_remote, **options) as config:  # checked as StateServer does
-        logging.basicConfig(level=logging.INFO, format="sharedstate[%(process)d] %(levelname)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format=PLAIN_FORMAT)
         process = ServerProcess(config)
         bound = process.open()
         text = format_address(bound)
@@ -254,6 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise UserError("run needs a command: sharedstate run [options] -- COMMAND ...", EXIT_USAGE)
+    logging.basicConfig(format=PLAIN_FORMAT)  # the server's records are handled here: plain, on stderr
     server = StateServer(**_server_kwargs(args)).start()
     address_file = None if args.address_file is None else Path(args.address_file)
     written = False

@@ -34,7 +34,7 @@ from sharedstate.wire.addresses import (
     parse_address,
 )
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 
 class StateServer:
@@ -195,7 +195,6 @@ class StateServer:
             save_every=self._save_every,
             durability=self._durability,
             journal_fsync=self._journal_fsync,
-            log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
             lock_file=os.path.join(self._tmpdir, "locks"),
             restart=owned and self._restart,
         )

@@ -16,7 +16,7 @@ import psutil
 
 from sharedstate._errors import SnapshotError
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

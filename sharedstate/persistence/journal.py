@@ -39,7 +39,7 @@ from sharedstate._errors import SnapshotError
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.files import check_slot, fsync_dir, read_regular
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 FORMAT = "sharedstate-journal"
 #: How often ``journal_fsync="everysec"`` flushes the journal to the disk.

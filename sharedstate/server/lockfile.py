@@ -29,7 +29,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: The size of a new lock file (or four times what it holds, if more): appends fill it, then it is
 #: rewritten with only the held locks.

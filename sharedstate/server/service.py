@@ -24,7 +24,7 @@ from sharedstate.server.locktable import LockTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 
 class CurrentClient(threading.local):
