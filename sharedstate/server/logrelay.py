@@ -80,24 +80,19 @@ class RelayHandler(logging.handlers.QueueHandler):
     def _send_all(self) -> None:
         while True:
             record = self.queue.get()
+            if record is not _STOP:
+                self._send(record)
+            lost = self.dropped - self._reported
+            if lost:  # said once the owner reads again (or as the server stops)
+                self._reported += lost
+                message = (
+                    f"{lost} log record(s) of the server process were dropped: its owner process did not read "
+                    "them in time"
+                )
+                fields = {"name": __name__, "levelno": logging.WARNING, "levelname": "WARNING", "msg": message}
+                self._send(self.prepare(logging.makeLogRecord(fields)))
             if record is _STOP:
                 return
-            self._send(record)
-            lost = self.dropped - self._reported
-            if lost:
-                self._reported += lost
-                self._send(
-                    logging.makeLogRecord(
-                        {
-                            "name": __name__,
-                            "levelno": logging.WARNING,
-                            "levelname": "WARNING",
-                            "msg": f"{lost} log record(s) of the server process were dropped: "
-                            "its owner process did not read them in time",
-                            "processName": "sharedstate-server",
-                        }
-                    )
-                )
 
     def _send(self, record: logging.LogRecord) -> None:
         if self._conn is not None:
