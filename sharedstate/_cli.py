@@ -358,7 +358,16 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # Python would flush stdout again at exit and complain: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE
-    except (UserError, SharedStateError, OSError, TypeError, ValueError, RecursionError, ImportError) as exc:
+    except (
+        UserError,
+        SharedStateError,
+        OSError,
+        TypeError,
+        ValueError,
+        RecursionError,
+        ImportError,
+        NotImplementedError,
+    ) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         code = exc.code if isinstance(exc, UserError) else 1
     except KeyboardInterrupt:
