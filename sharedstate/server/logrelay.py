@@ -22,8 +22,11 @@ import pickle
 import queue
 import sys
 import threading
+import weakref
 from multiprocessing.connection import Connection
 from typing import Any
+
+from sharedstate._fork import after_fork_in_child
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +144,14 @@ def relay_to_owner(fd: int) -> RelayHandler:
 class LogListener:
     """The owner's side: hands the records arriving on the pipe ``fd`` to this process' loggers."""
 
+    #: The listeners of this process, whose pipes a forked child closes (``_close_in_child``).
+    _running: weakref.WeakSet[LogListener] = weakref.WeakSet()
+
     def __init__(self, fd: int) -> None:
         self._conn = Connection(fd, writable=False)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sharedstate-server-logs", daemon=True)
+        self._running.add(self)
         self._thread.start()
 
     def _run(self) -> None:
@@ -179,6 +186,18 @@ class LogListener:
         self._closing.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+
+@after_fork_in_child
+def _close_in_child() -> None:
+    # A forked child has no listener thread: its copy of the pipe would keep the server's records
+    # unread once the owner is gone, instead of the server seeing the pipe broken.
+    for listener in list(LogListener._running):
+        try:
+            listener._conn.close()
+        except OSError:
+            pass
+    LogListener._running.clear()
 
 
 __all__ = ["PLAIN_FORMAT", "LogListener", "RelayHandler", "owner_level", "relay_to_owner"]
