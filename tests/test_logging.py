@@ -8,14 +8,17 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import traceback
 from pathlib import Path
 
 import pytest
 import workers
-from conftest import START_METHODS, kill, reap, wait_until
+from conftest import ROOT, START_METHODS, kill, reap, start_serve, wait_until
 
 import sharedstate
 
@@ -182,3 +185,40 @@ def test_the_owners_level_applies_to_the_records_of_a_running_server(tmp_path):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+#: A command for ``sharedstate run``: a child of it takes the global lock and is killed, then the command
+#: takes the lock, which the server frees with a warning.
+_DEAD_HOLDER = """
+import subprocess, sys, sharedstate
+holder = "import sharedstate, time; sharedstate.connect().lock.acquire(); print('held', flush=True); time.sleep(60)"
+child = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "held\\n"
+child.kill()
+child.wait()
+state = sharedstate.connect()
+assert state.lock.acquire(timeout=30)
+print(child.pid)
+"""
+
+
+def test_the_command_line_logs_the_servers_records_on_stderr_in_the_plain_format(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-m", "sharedstate", "run", "--", sys.executable, "-c", _DEAD_HOLDER]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    holder = done.stdout.strip()
+    line = f"WARNING: released the global lock held by pid {holder}"
+    assert re.search(rf"^sharedstate\[\d+\] {line}", done.stderr, re.M), done.stderr
+    serve = start_serve(tmp_path / "state.json", str(tmp_path / "s.sock"), text=True)
+    try:
+        assert serve.stdout.readline().startswith("sharedstate: serving at")
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+        err = serve.stderr.read()
+    finally:
+        reap(serve)
+        serve.stdout.close()
+        serve.stderr.close()
+    assert re.search(rf"^sharedstate\[{serve.pid}\] INFO: final save: 0 names to ", err, re.M), err
