@@ -22,6 +22,7 @@ import pickle
 import queue
 import sys
 import threading
+import time
 import weakref
 from multiprocessing.connection import Connection
 from typing import Any
@@ -112,6 +113,7 @@ class RelayHandler(logging.handlers.QueueHandler):
                 self._conn.send_bytes(data)
                 return
             except OSError:  # the owner is gone (EPIPE): nobody reads the pipe any more
+                self._conn.close()
                 self._conn = None
                 self._fallback = logging.StreamHandler(sys.stderr)
                 self._fallback.setFormatter(logging.Formatter(PLAIN_FORMAT))
@@ -120,11 +122,12 @@ class RelayHandler(logging.handlers.QueueHandler):
 
     def close(self) -> None:
         """Send what is queued (waiting at most ``DRAIN_S`` for an owner that does not read), then stop."""
+        deadline = time.monotonic() + DRAIN_S
         try:
             self.queue.put(_STOP, timeout=DRAIN_S)
         except queue.Full:
             pass
-        self._sender.join(DRAIN_S)
+        self._sender.join(max(0.0, deadline - time.monotonic()))
         if self._sender.is_alive():  # the owner reads nothing: what is left is lost, counted
             self.dropped += self.queue.qsize()
         elif self._conn is not None:
