@@ -25,6 +25,7 @@ from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.files import write_atomic
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot
+from sharedstate.server.logrelay import PLAIN_FORMAT
 from sharedstate.wire.addresses import (
     ENV_ADDRESS,
     ENV_AUTHKEY,
@@ -241,7 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"no such file: {args.authkey_file}")
         options["authkey"] = key
     with standalone_config(allow_remote=args.allow_remote, **options) as config:  # checked as StateServer does
-        logging.basicConfig(level=logging.INFO, format="sharedstate[%(process)d] %(levelname)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format=PLAIN_FORMAT)
         process = ServerProcess(config)
         bound = process.open()
         text = format_address(bound)
@@ -275,6 +276,7 @@ def _run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise UserError("run needs a command: sharedstate run [options] -- COMMAND ...", EXIT_USAGE)
+    logging.basicConfig(format=PLAIN_FORMAT)  # the server's records are handled here: plain, on stderr
     server = StateServer(**_server_kwargs(args)).start()
     address_file = None if args.address_file is None else Path(args.address_file)
     written = False
@@ -379,7 +381,16 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # Python would flush stdout again at exit and complain: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE
-    except (UserError, SharedStateError, OSError, TypeError, ValueError, RecursionError, ImportError) as exc:
+    except (
+        UserError,
+        SharedStateError,
+        OSError,
+        TypeError,
+        ValueError,
+        RecursionError,
+        ImportError,
+        NotImplementedError,
+    ) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         code = exc.code if isinstance(exc, UserError) else 1
     except KeyboardInterrupt:

@@ -35,7 +35,7 @@ from sharedstate.backends import open_backend
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

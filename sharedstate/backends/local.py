@@ -16,7 +16,7 @@ from sharedstate._errors import ServerUnavailable
 from sharedstate._pattern import Pattern
 from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
-from sharedstate.wire.addresses import CALL_TIMEOUT, Address, resolve
+from sharedstate.wire.addresses import CALL_TIMEOUT, Address, check_server_supported, resolve
 from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import ClientCache, cache_figures, cache_for, encode
 from sharedstate.wire.calls import Calls
@@ -261,7 +261,9 @@ def _rebuild(
 
 def open_local(address: object, authkey: bytes | None, *, cache: bool, timeout: float) -> LocalBackend:
     """A backend connected to the server at ``address`` (default: ``SHAREDSTATE_ADDRESS``), with its key
-    (default: ``SHAREDSTATE_AUTHKEY``, or ``ADDRESS.key`` beside a Unix socket)."""
+    (default: ``SHAREDSTATE_AUTHKEY``, or ``ADDRESS.key`` beside a Unix socket). ``NotImplementedError``
+    on Windows."""
+    check_server_supported()
     parsed, key = resolve(address, authkey)
     backend = LocalBackend(parsed, key, cache=cache, timeout=timeout)
     backend.connect()

@@ -43,7 +43,7 @@ from sharedstate._figures import WaitWindow
 from sharedstate.server.clients import Client
 from sharedstate.server.lockfile import Holder, LockFile
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: How often a waiter wakes to check the holder's liveness (the 1 s recovery bound rests on this).
 POLL_S = 0.25

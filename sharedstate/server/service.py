@@ -26,7 +26,7 @@ from sharedstate.server.locktable import LockTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: Lock holders ``stats()`` lists at most (the longest held first), so that its answer stays small.
 HOLDERS_SHOWN = 100

@@ -25,7 +25,7 @@ from sharedstate.wire.addresses import STORE_ID, Address
 from sharedstate.wire.answers import Duplicate, answer_of, current_request
 from sharedstate.wire.framing import MessageReader, frame, write_message, write_raw
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: Connections that may wait to be accepted.
 LISTEN_BACKLOG = 1024

@@ -28,7 +28,7 @@ from sharedstate.backends.redis.url import lease_ms
 if TYPE_CHECKING:
     from sharedstate.backends.redis.connection import Connection
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: (the backend's URL, the lock's key): a lock, whichever handle of the same state took it.
 LockId = tuple[str, str]
