@@ -3,15 +3,17 @@
     gunicorn -c examples/web/gunicorn.conf.py -w 4 --chdir examples/web 'flask_app:create_app()'
 
 The master starts the server before it forks any worker, so every worker inherits SHAREDSTATE_ADDRESS and
-SHAREDSTATE_AUTHKEY; the server saves to HITS_STATE_FILE (default hits.json) every minute and when the
-master exits. With SHAREDSTATE_ADDRESS set to a Redis URL (redis://host:6379/0) no server is started:
-every worker connects to Redis.
+SHAREDSTATE_AUTHKEY; the server saves to HITS_STATE_FILE (default: hits.json in the folder gunicorn was
+started in) every minute and when the master exits. With SHAREDSTATE_ADDRESS set to a Redis URL
+(redis://host:6379/0) no server is started: every worker connects to Redis.
 """
 
 import os
 
 import sharedstate
 
+#: Resolved when gunicorn reads this file, before --chdir moves it: relative to where gunicorn was started.
+STATE_FILE = os.path.abspath(os.environ.get("HITS_STATE_FILE", "hits.json"))
 state_server = None
 
 
@@ -21,9 +23,8 @@ def on_starting(server):
     if os.environ.get("SHAREDSTATE_ADDRESS", "").startswith(("redis://", "rediss://", "unix://")):
         server.log.info("sharedstate in Redis at %s", os.environ["SHAREDSTATE_ADDRESS"].rpartition("@")[2])
         return
-    path = os.environ.get("HITS_STATE_FILE", "hits.json")
-    state_server = sharedstate.StateServer(path=path, save_every=60).start()
-    server.log.info("sharedstate server pid %s at %s, saving to %s", state_server.pid, state_server.address, path)
+    state_server = sharedstate.StateServer(path=STATE_FILE, save_every=60).start()
+    server.log.info("sharedstate server pid %s at %s, saving to %s", state_server.pid, state_server.address, STATE_FILE)
 
 
 def post_fork(server, worker):
