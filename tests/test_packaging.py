@@ -169,6 +169,8 @@ def test_the_wheel_carries_py_typed_the_entry_point_and_the_metadata(checkout: P
     assert CLASSIFIERS <= set(metadata.get_all("Classifier")), metadata.get_all("Classifier")
     assert any(c.startswith("Development Status :: ") for c in metadata.get_all("Classifier"))
     assert {url.split(",")[0] for url in metadata.get_all("Project-URL")} == URLS
+    source = re.search(r'^SOURCE_VERSION = "(.+)"$', (ROOT / "sharedstate" / "_version.py").read_text(), re.M)
+    assert metadata["Version"] == source.group(1), "the build reads the version from sharedstate/_version.py"
     assert metadata["Requires-Python"] == ">=3.10" and metadata["License-Expression"] == "MIT"
     assert EXTRAS <= set(metadata.get_all("Provides-Extra"))
     required = {re.split(r"[<>=;\[ ]", r)[0] for r in metadata.get_all("Requires-Dist") if "extra ==" not in r}
