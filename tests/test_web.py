@@ -133,3 +133,22 @@ def test_fastapi_app_with_lifespan_under_uvicorn_workers_and_sharedstate_run(tmp
                       "fastapi_app:app"],
         path,
     )  # fmt: skip
+
+
+def test_a_worker_that_cannot_reach_the_state_fails_to_boot_under_the_server_hooks():
+    """gunicorn.conf.py's post_fork connects in each new worker: with the state out of reach (nothing
+    listens at the Redis address) gunicorn stops at boot, though this app would connect only on its
+    first request."""
+    # One worker: when two fail to boot at once, gunicorn's master may stop with a traceback and status 1.
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(WEB / "gunicorn.conf.py"), "-w", "1",
+            "-b", f"127.0.0.1:{free_port()}", "--chdir", str(WEB), "wsgi_app:app"]  # fmt: skip
+    proc = start(argv, {"SHAREDSTATE_ADDRESS": "redis://127.0.0.1:1/0"})
+    try:
+        status = proc.wait(60)
+        errors = proc.stderr.read().decode()
+        assert status == 3, errors  # gunicorn's status when a worker failed to boot
+        assert "no Redis server answers at redis://127.0.0.1:1/0" in errors
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+        proc.stderr.close()
