@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from sharedstate._owner import StateServer, standalone_config
 from sharedstate._sentinels import MISSING
 from sharedstate._top import add_arguments as add_top_arguments
 from sharedstate._top import run_top
+from sharedstate._version import version
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.files import write_atomic
 from sharedstate.persistence.schedule import parse_schedule
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="One dictionary shared by many processes. Options go before or after the command.",
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     _add_options(parser, server=True, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -396,13 +396,3 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
-
-
-def _version() -> str:
-    """This package's version, as its installed metadata says (the source's when it is not installed)."""
-    try:
-        return importlib.metadata.version("sharedstate")
-    except importlib.metadata.PackageNotFoundError:
-        from sharedstate import __version__
-
-        return __version__
