@@ -468,6 +468,7 @@ def test_the_server_keeps_no_cycle_through_an_error_it_answered():
     import types
     from multiprocessing.connection import Connection
 
+    from sharedstate._figures import CallCounts
     from sharedstate.server.serving import ManagerServer
     from sharedstate.wire.addresses import STORE_ID
 
@@ -484,7 +485,8 @@ def test_the_server_keeps_no_cycle_through_an_error_it_answered():
     loop = ManagerServer.__new__(ManagerServer)  # only what serve() uses
     loop.methods = {"boom": boom}
     loop.stop_event = threading.Event()
-    loop.service = types.SimpleNamespace(answers=types.SimpleNamespace(table={}))  # no write is sent
+    # No write is sent; the loop counts its calls.
+    loop.service = types.SimpleNamespace(answers=types.SimpleNamespace(table={}), calls=CallCounts(["boom"]))
     ours, theirs = socket.socketpair()
     client, served = Connection(ours.detach()), Connection(theirs.detach())
     gc.collect()
