@@ -8,7 +8,7 @@ value this process read and that has not changed since costs no round trip.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,20 @@ class LocalBackend:
         return self._calls.address
 
     @property
+    def authkey(self) -> bytes | None:
+        return self._authkey
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether this handle keeps a client cache (``connect(cache=)``)."""
+        return self._use_cache
+
+    @property
+    def restart(self) -> dict[str, Any] | None:
+        """What the last server reached said of its restarts."""
+        return self._calls.pool.restart
+
+    @property
     def timeout(self) -> float:
         """The deadline of one call, in seconds."""
         return self._calls.timeout
@@ -106,18 +120,14 @@ class LocalBackend:
     def _read(self, name: str, method: str) -> Any:
         """The value of ``name`` (``MISSING`` if there is none), from the cache when it is still the
         server's; ``method="contains"`` asks only whether the name exists (``PRESENT`` or ``MISSING``)."""
-        cache = self._cache
-        if cache is not None:
-            value = cache.lookup(name)
-            if value is not NOT_CACHED and (value is not PRESENT or method == "contains"):
-                return value
+        value = cached(self._cache, name, method)
+        if value is not NOT_CACHED:
+            return value
         start = _monotonic()
         cache = self._fresh_cache()
         # The counters are read before the request: a change after this makes the entry stale.
         stamp = None if cache is None else cache.stamp(name)
-        value = self._call(method, (name,), start)
-        if method == "contains":
-            value = PRESENT if value else MISSING
+        value = read_result(method, self._call(method, (name,), start))
         if stamp is not None and cache is self._cache:  # not after a reconnection to a new server
             cache.fill(name, stamp, value)
         return value
@@ -126,11 +136,7 @@ class LocalBackend:
         return self._read(name, "get")
 
     def peek(self, name: str) -> Any:
-        cache = self._cache
-        if cache is None:
-            return NOT_CACHED
-        value = cache.lookup(name)
-        return NOT_CACHED if value is PRESENT else value
+        return cached(self._cache, name, "get")
 
     def contains(self, name: str) -> bool:
         return self._read(name, "contains") is not MISSING
@@ -148,19 +154,11 @@ class LocalBackend:
         stamps = cache.stamps(names)
         found = self._call("get_many", (names,), start)
         if cache is self._cache:  # not after a reconnection to a new server
-            for name, stamp in stamps.items():
-                cache.fill(name, stamp, found.get(name, MISSING))
+            cache.fill_many(stamps, found)
         return found
 
     def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
-        # The server matches with RE2 only; names it leaves undecided (a pattern with backreferences or
-        # lookaround, say) come back apart and are matched here, with ``re``, at this caller's cost.
-        found = self._call("names", (None if pattern is None else pattern.text, scopes))
-        if type(found) is tuple:
-            matched, undecided = found
-            assert pattern is not None
-            found = sorted(matched + pattern.search_undecided(undecided))
-        return found
+        return matched_names(pattern, self._call("names", names_args(pattern, scopes)))
 
     def length(self) -> int:
         return self._call("length", ())
@@ -221,13 +219,7 @@ class LocalBackend:
         args = (name, owner, blocking, timeout, lease, held)
         if timeout is None or not blocking:
             return self._calls.lock_call("lock_acquire", args)
-        # Sent again after a crash of the server: with what is left of the timeout.
-        end = _monotonic() + timeout
-
-        def again() -> tuple[Any, ...]:
-            return (name, owner, blocking, max(0.0, end - _monotonic()), lease, held)
-
-        return self._calls.lock_call("lock_acquire", args, again)
+        return self._calls.lock_call("lock_acquire", args, acquire_again(args))
 
     def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         if not held:  # the server answers with the RuntimeError naming the holder
@@ -244,6 +236,50 @@ class LocalBackend:
 
     def lock_owner(self, name: str | None) -> int | None:
         return self._call("lock_owner", (name,))
+
+
+# -- what the blocking and the asyncio backends share ---------------------------------------------------
+def cached(cache: ClientCache | None, name: str, method: str) -> Any:
+    """What the cache knows of ``name`` for ``method`` (``get``: the value or ``MISSING``; ``contains``: also
+    ``PRESENT``), or ``NOT_CACHED``."""
+    if cache is None:
+        return NOT_CACHED
+    value = cache.lookup(name)
+    return NOT_CACHED if value is PRESENT and method != "contains" else value
+
+
+def read_result(method: str, answer: Any) -> Any:
+    """The answer of a read as the cache keeps it (``contains``: ``PRESENT`` or ``MISSING``)."""
+    if method == "contains":
+        return PRESENT if answer else MISSING
+    return answer
+
+
+def names_args(pattern: Pattern | None, scopes: tuple[str, ...]) -> tuple[Any, ...]:
+    return (None if pattern is None else pattern.text, scopes)
+
+
+def matched_names(pattern: Pattern | None, found: Any) -> list[str]:
+    """The names a ``names`` call answered. The server matches with RE2 only; names it leaves undecided
+    (a pattern with backreferences or lookaround, say) come back apart and are matched here, with ``re``,
+    at this caller's cost."""
+    if type(found) is tuple:
+        matched, undecided = found
+        assert pattern is not None
+        found = sorted(matched + pattern.search_undecided(undecided))
+    return found
+
+
+def acquire_again(args: tuple[Any, ...]) -> Callable[[], tuple[Any, ...]]:
+    """The arguments of a blocking ``lock_acquire`` sent again after a crash of the server: with what is
+    left of its timeout."""
+    name, owner, blocking, timeout, lease, held = args
+    end = None if timeout is None else _monotonic() + timeout
+
+    def again() -> tuple[Any, ...]:
+        return (name, owner, blocking, None if end is None else max(0.0, end - _monotonic()), lease, held)
+
+    return again
 
 
 def _rebuild(

@@ -144,6 +144,12 @@ class ClientCache:
         """Keep ``value`` (just fetched, with ``stamp`` read before the request) for ``name``."""
         self.put(name, stamp, encode(value))
 
+    def fill_many(self, stamps: dict[str, Stamp], found: dict[str, Any]) -> None:
+        """``fill`` for each name of a ``get_many`` (``stamps``), with what it found (a name not found is
+        kept as missing)."""
+        for name, stamp in stamps.items():
+            self.fill(name, stamp, found.get(name, MISSING))
+
     def put(self, name: str, stamp: Stamp, encoded: Encoded) -> None:
         kept, blob, size = encoded
         slot, epoch, version = stamp
