@@ -17,40 +17,37 @@ from typing import Any
 from sharedstate._errors import ServerUnavailable
 from sharedstate._pattern import Pattern
 from sharedstate._sentinels import MISSING, NOT_CACHED
-from sharedstate.backends.local import LocalBackend, acquire_again, cached, matched_names, names_args, read_result
+from sharedstate.backends.base import AsyncBackend
+from sharedstate.backends.local import (
+    LocalBackend,
+    acquire_again,
+    cached,
+    cached_many,
+    matched_names,
+    names_args,
+    read_result,
+)
 from sharedstate.wire.aio_calls import AsyncCalls
 from sharedstate.wire.answers import sequence as _sequence
-from sharedstate.wire.cache import ClientCache, cache_for, encode
+from sharedstate.wire.cache import CacheSlot, ClientCache, encode
 
 _monotonic = time.monotonic
 
 
-class AsyncLocalBackend:
+class AsyncLocalBackend(AsyncBackend):
     """The operations of ``Backend`` as coroutines, on the server that ``sync`` (a ``LocalBackend``) talks
     to, with its options. ``sync`` stays the blocking face of the same state: lock leases are renewed
     through it (``_lock``'s renewal thread)."""
 
     def __init__(self, sync: LocalBackend, executor: Executor) -> None:
-        self.sync = sync
+        super().__init__(sync)
         self._use_cache = sync.uses_cache
-        self._cache: ClientCache | None = None
+        self._slot = slot = CacheSlot()
         self._calls = calls = AsyncCalls(
-            sync.address,
-            sync.authkey,
-            timeout=sync.timeout,
-            restart=sync.restart,
-            connected=self._connected if self._use_cache else None,
-            dropped=self._forget_cache,
-            executor=executor,
+            sync.calls, connected=slot.connected if self._use_cache else None, dropped=slot.dropped, executor=executor
         )
         self._call = calls.call
         self._write = calls.write
-
-    def _connected(self, info: dict[str, Any]) -> None:
-        self._cache = cache_for(info.get("versions"))
-
-    def _forget_cache(self) -> None:
-        self._cache = None
 
     async def _fresh_cache(self) -> ClientCache | None:
         if self._use_cache:
@@ -58,32 +55,24 @@ class AsyncLocalBackend:
                 await self._calls.connection()
             except ServerUnavailable:
                 return None  # the call itself reconnects, or waits for a restarting server
-        return self._cache
+        return self._slot.cache
 
     async def connect(self) -> None:
         await self._calls.connection()
-
-    @property
-    def address(self) -> str:
-        return self.sync.address
-
-    @property
-    def identity(self) -> Hashable:
-        return self.sync.identity
 
     def close(self) -> None:
         self._calls.close()
 
     # -- reads --------------------------------------------------------------------------------------
     async def _read(self, name: str, method: str) -> Any:
-        value = cached(self._cache, name, method)
+        value = cached(self._slot.cache, name, method)
         if value is not NOT_CACHED:
             return value
         start = _monotonic()
         cache = await self._fresh_cache()
         stamp = None if cache is None else cache.stamp(name)  # before the request (``LocalBackend._read``)
         value = read_result(method, await self._call(method, (name,), start))
-        if stamp is not None and cache is self._cache:
+        if stamp is not None and cache is self._slot.cache:
             cache.fill(name, stamp, value)
         return value
 
@@ -91,22 +80,20 @@ class AsyncLocalBackend:
         return await self._read(name, "get")
 
     def peek(self, name: str) -> Any:
-        return cached(self._cache, name, "get")
+        return cached(self._slot.cache, name, "get")
 
     async def contains(self, name: str) -> bool:
         return await self._read(name, "contains") is not MISSING
 
     async def get_many(self, names: list[str]) -> dict[str, Any]:
-        cache = self._cache
-        if cache is not None:
-            found = cache.lookup_many(names)
-            if found is not None:
-                return found
+        found = cached_many(self._slot.cache, names)
+        if found is not None:
+            return found
         start = _monotonic()
         cache = await self._fresh_cache()
         stamps = None if cache is None else cache.stamps(names)
         found = await self._call("get_many", (names,), start)
-        if stamps is not None and cache is self._cache:
+        if stamps is not None and cache is self._slot.cache:
             cache.fill_many(stamps, found)
         return found
 
@@ -125,7 +112,7 @@ class AsyncLocalBackend:
         cache = await self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
         stamp = await self._write("set", (name, value, scopes) if scopes else (name, value), start)
-        if stamp is not None and kept is not None and cache is self._cache:
+        if stamp is not None and kept is not None and cache is self._slot.cache:
             cache.put(name, stamp, kept)
 
     async def write(self, method: str, *args: Any) -> Any:

@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
-from sharedstate.backends.base import Backend
+from sharedstate.backends.base import AsyncBackend, Backend
 
 #: A lock wait is made of server-side waits this long, so it never holds a worker thread for long.
 LOCK_SLICE_S = 0.1
 
 
-class ThreadedBackend:
+class ThreadedBackend(AsyncBackend):
     """``sync``'s operations as coroutines, on the threads of ``executor``."""
 
     def __init__(self, sync: Backend, executor: Executor) -> None:
-        self.sync = sync
+        super().__init__(sync)
         self._executor = executor
-
-    @property
-    def address(self) -> str:
-        return self.sync.address
-
-    @property
-    def identity(self) -> Hashable:
-        return self.sync.identity
 
     def close(self) -> None:
         pass  # each worker thread's connection goes with its thread
@@ -47,14 +39,7 @@ class ThreadedBackend:
         return await self._run(method, *args)
 
     async def lock_acquire(
-        self,
-        name: str | None,
-        owner: Hashable,
-        blocking: bool,
-        timeout: float | None,
-        lease: float | None,
-        held: int,
-        late: Callable[[Any], None],
+        self, name: Any, owner: Any, blocking: bool, timeout: Any, lease: Any, held: int, late: Any
     ) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -63,22 +48,13 @@ class ThreadedBackend:
             else:
                 wait = LOCK_SLICE_S if deadline is None else max(0.0, min(LOCK_SLICE_S, deadline - time.monotonic()))
             slice_blocks = blocking and wait is not None and wait > 0
-            if await self._attempt(name, owner, slice_blocks, wait if slice_blocks else None, lease, held, late):
+            if await self._attempt((name, owner, slice_blocks, wait if slice_blocks else None, lease, held), late):
                 return True
             if not blocking or (deadline is not None and time.monotonic() >= deadline):
                 return False
 
-    async def _attempt(
-        self,
-        name: str | None,
-        owner: Hashable,
-        blocking: bool,
-        wait: float | None,
-        lease: float | None,
-        held: int,
-        late: Callable[[Any], None],
-    ) -> bool:
-        attempt = self._executor.submit(self.sync.lock_acquire, name, owner, blocking, wait, lease, held)
+    async def _attempt(self, args: tuple[Any, ...], late: Callable[[Any], None]) -> bool:
+        attempt = self._executor.submit(self.sync.lock_acquire, *args)
         try:
             return await asyncio.shield(asyncio.wrap_future(attempt))
         except asyncio.CancelledError:

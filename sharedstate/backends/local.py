@@ -18,7 +18,7 @@ from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
 from sharedstate.wire.addresses import CALL_TIMEOUT, Address, resolve
 from sharedstate.wire.answers import sequence as _sequence
-from sharedstate.wire.cache import ClientCache, cache_for, encode
+from sharedstate.wire.cache import CacheSlot, ClientCache, encode
 from sharedstate.wire.calls import Calls
 
 _monotonic = time.monotonic
@@ -42,29 +42,20 @@ class LocalBackend:
     ) -> None:
         self._authkey = authkey
         self._use_cache = bool(cache)
-        #: The values this handle read, for the server process it talks to; ``None`` when off, before
-        #: the first connection, or when the server's version table cannot be mapped here.
-        self._cache: ClientCache | None = None
+        #: The values this handle read, for the server process it talks to.
+        self._slot = slot = CacheSlot()
         self._calls = calls = Calls(
             address,
             authkey,
             timeout=timeout,  # checked by ``backends.open_backend``
             restart=restart,
-            connected=self._connected if cache else None,
-            dropped=self._forget_cache,
+            connected=slot.connected if cache else None,
+            dropped=slot.dropped,
         )
         self._call = calls.call
         self._write = calls.write
 
     # -- plumbing -----------------------------------------------------------------------------------
-    def _connected(self, info: dict[str, Any]) -> None:
-        """A connection opened: use this process' cache for that server process."""
-        self._cache = cache_for(info.get("versions"))
-
-    def _forget_cache(self) -> None:
-        """A connection was given up: the next one may reach a new server process, with a new cache."""
-        self._cache = None
-
     def _fresh_cache(self) -> ClientCache | None:
         """The cache, once this thread is connected (a new connection may bring a new server's cache)."""
         if self._use_cache:
@@ -72,7 +63,7 @@ class LocalBackend:
                 self._calls.pool.get()
             except ServerUnavailable:
                 return None  # the call itself reconnects, or waits for a restarting server
-        return self._cache
+        return self._slot.cache
 
     def connect(self) -> None:
         """Open this thread's connection now (``connect()`` fails there, not at the first call)."""
@@ -87,18 +78,14 @@ class LocalBackend:
         return self._calls.address
 
     @property
-    def authkey(self) -> bytes | None:
-        return self._authkey
+    def calls(self) -> Calls:
+        """The requests to the server (its address, key, call timeout and restarts)."""
+        return self._calls
 
     @property
     def uses_cache(self) -> bool:
         """Whether this handle keeps a client cache (``connect(cache=)``)."""
         return self._use_cache
-
-    @property
-    def restart(self) -> dict[str, Any] | None:
-        """What the last server reached said of its restarts."""
-        return self._calls.pool.restart
 
     @property
     def timeout(self) -> float:
@@ -120,7 +107,7 @@ class LocalBackend:
     def _read(self, name: str, method: str) -> Any:
         """The value of ``name`` (``MISSING`` if there is none), from the cache when it is still the
         server's; ``method="contains"`` asks only whether the name exists (``PRESENT`` or ``MISSING``)."""
-        value = cached(self._cache, name, method)
+        value = cached(self._slot.cache, name, method)
         if value is not NOT_CACHED:
             return value
         start = _monotonic()
@@ -128,7 +115,7 @@ class LocalBackend:
         # The counters are read before the request: a change after this makes the entry stale.
         stamp = None if cache is None else cache.stamp(name)
         value = read_result(method, self._call(method, (name,), start))
-        if stamp is not None and cache is self._cache:  # not after a reconnection to a new server
+        if stamp is not None and cache is self._slot.cache:  # not after a reconnection to a new server
             cache.fill(name, stamp, value)
         return value
 
@@ -136,24 +123,22 @@ class LocalBackend:
         return self._read(name, "get")
 
     def peek(self, name: str) -> Any:
-        return cached(self._cache, name, "get")
+        return cached(self._slot.cache, name, "get")
 
     def contains(self, name: str) -> bool:
         return self._read(name, "contains") is not MISSING
 
     def get_many(self, names: list[str]) -> dict[str, Any]:
-        cache = self._cache
-        if cache is not None:
-            found = cache.lookup_many(names)
-            if found is not None:
-                return found
+        found = cached_many(self._slot.cache, names)
+        if found is not None:
+            return found
         start = _monotonic()
         cache = self._fresh_cache()
         if cache is None:
             return self._call("get_many", (names,), start)
         stamps = cache.stamps(names)
         found = self._call("get_many", (names,), start)
-        if cache is self._cache:  # not after a reconnection to a new server
+        if cache is self._slot.cache:  # not after a reconnection to a new server
             cache.fill_many(stamps, found)
         return found
 
@@ -172,7 +157,7 @@ class LocalBackend:
         cache = self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
         stamp = self._write("set", (name, value, scopes) if scopes else (name, value), start)
-        if stamp is not None and kept is not None and cache is self._cache:
+        if stamp is not None and kept is not None and cache is self._slot.cache:
             # The server's counters right after this change: the value is the server's until they move.
             cache.put(name, stamp, kept)
 
@@ -246,6 +231,11 @@ def cached(cache: ClientCache | None, name: str, method: str) -> Any:
         return NOT_CACHED
     value = cache.lookup(name)
     return NOT_CACHED if value is PRESENT and method != "contains" else value
+
+
+def cached_many(cache: ClientCache | None, names: list[str]) -> dict[str, Any] | None:
+    """What ``get_many(names)`` answers from the cache, or ``None`` when any of them is not cached."""
+    return None if cache is None else cache.lookup_many(names)
 
 
 def read_result(method: str, answer: Any) -> Any:

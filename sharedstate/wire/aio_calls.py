@@ -23,8 +23,9 @@ from typing import Any
 
 from sharedstate import _fork
 from sharedstate.wire import answers as _answers
-from sharedstate.wire.addresses import CONNECT_TIMEOUT, Address, format_address, parse_address
+from sharedstate.wire.addresses import CONNECT_TIMEOUT, format_address
 from sharedstate.wire.aio_transport import Pipeline, open_pipeline
+from sharedstate.wire.calls import Calls
 from sharedstate.wire.protocol import Retry, call_request, connect_within, hello, read_answer, write_request
 
 _monotonic = time.monotonic
@@ -44,23 +45,17 @@ class AsyncCalls:
 
     def __init__(
         self,
-        address: Address | str,
-        authkey: bytes | None,
+        calls: Calls,
         *,
-        timeout: float,
-        restart: dict[str, Any] | None,
         connected: Callable[[dict[str, Any]], None] | None,
         dropped: Callable[[], None],
         executor: Executor,
     ) -> None:
-        self.parsed = parse_address(address)
-        self.authkey = authkey
-        self.timeout = timeout
+        # The server, key and call timeout of a blocking client's ``calls``.
+        self.parsed, self.authkey, self.timeout = calls.parsed, calls.pool.authkey, calls.timeout
         #: What the last server reached said about its restart (``pool.ConnectionPool.restart``).
-        self.restart = restart
-        self._connected = connected
-        self._dropped = dropped
-        self._executor = executor
+        self.restart = calls.pool.restart
+        self._connected, self._dropped, self._executor = connected, dropped, executor
         self._conn: Pipeline | None = None
         self._opening: asyncio.Future[Pipeline] | None = None
         self._generation = _fork.generation

@@ -167,6 +167,23 @@ class ClientCache:
                 self._bytes -= evicted[5]
 
 
+class CacheSlot:
+    """The cache a handle uses: the one of the server process its connection reached (``connected``), and
+    none once a connection was given up (``dropped``: the next one may reach a new server process)."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self) -> None:
+        #: ``None`` when off, before the first connection, or when the server's table cannot be mapped here.
+        self.cache: ClientCache | None = None
+
+    def connected(self, info: dict[str, Any]) -> None:
+        self.cache = cache_for(info.get("versions"))
+
+    def dropped(self) -> None:
+        self.cache = None
+
+
 # -- one cache per server process, shared by this process' handles --------------------------------------
 _caches: dict[int, ClientCache] = {}
 _caches_mutex = threading.Lock()
