@@ -65,6 +65,12 @@ class LocalBackend:
                 return None  # the call itself reconnects, or waits for a restarting server
         return self._slot.cache
 
+    @property
+    def _cache(self) -> ClientCache | None:
+        """This handle's cache: ``None`` when off, before the first connection, or when the server's table
+        cannot be mapped here."""
+        return self._slot.cache
+
     def connect(self) -> None:
         """Open this thread's connection now (``connect()`` fails there, not at the first call)."""
         self._calls.pool.get()
