@@ -149,7 +149,8 @@ class ManagerServer(managers.Server):
         A write names the store by its request id instead: its sequence number (the client is the one
         the connection introduced as, ``client``), or ``(client, sequence)`` (``wire.answers``)."""
         reader = MessageReader(conn.fileno())
-        read, fd = reader.read, reader.fd
+        read, fd, buffered = reader.read, reader.fd, reader.buffered
+        queued: list[bytes] = []  # answers not written yet, while more requests are buffered
         methods = self.methods
         answers = self.service.answers.table
         request_now = current_request
@@ -172,6 +173,9 @@ class ManagerServer(managers.Server):
                     else:
                         raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
+                if queued and name == "lock_acquire":  # it may wait: what was answered goes out first
+                    write_raw(fd, b"".join(queued))
+                    queued.clear()
             except Exception:
                 reply: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
             else:
@@ -205,7 +209,14 @@ class ManagerServer(managers.Server):
                     payload = dumps(reply, _PROTOCOL)
                 except Exception:
                     payload = dumps(("#UNSERIALIZABLE", traceback.format_exc()), _PROTOCOL)
-                write_message(fd, payload)
+                if buffered():  # requests sent in a row (a pipelining client): answered in one write
+                    queued.append(frame(payload))
+                elif queued:
+                    queued.append(frame(payload))
+                    write_raw(fd, b"".join(queued))
+                    queued.clear()
+                else:
+                    write_message(fd, payload)
             except Exception:
                 return  # the client is gone
 

@@ -61,6 +61,8 @@ class AsyncCalls:
         self._opening: asyncio.Future[Pipeline] | None = None
         self._generation = _fork.generation
         self._idle_waits: list[Pipeline] = []
+        #: Calls of this handle under way (a lone one may read its answer itself: ``_send``).
+        self._active = 0
         #: Tasks that finish what a cancelled lock wait left in flight (kept so they are not collected).
         self._finishing: set[asyncio.Task[None]] = set()
 
@@ -143,17 +145,18 @@ class AsyncCalls:
     ) -> Any:
         conn = self._conn
         sent = False
+        self._active += 1
         try:
             if conn is None or conn.broken is not None:
                 conn = None
                 conn = await self.connection(None if start is None else connect_within(start, self.timeout))
-            if conn.idle:
-                # A lone call (no other task's request in flight): it lets the other tasks run first (a
+            if self._active == 1:
+                # A lone call (no other task is making one): it lets the other tasks run first (a
                 # cancellation here sends nothing), then reads its answer itself for a moment, so that a
                 # task making calls one after the other neither starves the loop nor pays a turn of it
-                # on top of each round trip.
+                # on top of each round trip. Calls of many tasks at once are pipelined instead.
                 await _yield(0)
-            if conn.idle and conn.broken is None:
+            if self._active == 1 and conn.idle and conn.broken is None:
                 future = conn.request(request)
                 sent = True
                 conn.spin(future)
@@ -168,6 +171,8 @@ class AsyncCalls:
                 request, deadline = again, _monotonic() + self.timeout
             retry = Retry(method, self.address, self.parsed, self.timeout, resendable, deadline)
             answer = await self._recover(conn, retry, request, sent, exc)
+        finally:
+            self._active -= 1
         return read_answer(answer, method, self.address)
 
     async def _recover(self, conn: Pipeline | None, retry: Retry, request: bytes, sent: bool, exc: Exception) -> Any:

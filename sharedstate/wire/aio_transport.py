@@ -34,8 +34,9 @@ _read = os.read
 _clock = time.perf_counter
 #: How long a lone call reads its answer itself before it waits for the event loop (``Pipeline.spin``).
 SPIN_S = 50e-6
-#: Calls that do not spin after one whose answer took longer.
+#: Calls that do not spin after one whose answer came ``SLOW_S`` or more after its spin gave up.
 SPIN_SKIP = 32
+SLOW_S = 500e-6
 
 
 class Pipeline(asyncio.Protocol):
@@ -49,6 +50,9 @@ class Pipeline(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._fd = -1
         self._spin_skip = 0
+        #: Requests made in this turn of the loop while others were in flight, sent together at its end.
+        self._batch: list[bytes] | None = None
+        self._spun_until = 0.0
         self._timer: asyncio.TimerHandle | None = None
         #: When the oldest request began to wait, or the last bytes came in since.
         self._since = 0.0
@@ -69,7 +73,22 @@ class Pipeline(asyncio.Protocol):
             if self._timer is None:
                 self._timer = self._loop.call_at(self._since + self._timeout, self._check)
         pending.append(future)
-        data = frame(payload)
+        batch = self._batch
+        if batch is not None:  # more requests in this turn of the loop: they go out together
+            batch.append(frame(payload))
+        elif len(pending) == 1:  # a lone request: out at once
+            self._send(frame(payload))
+        else:
+            self._batch = [frame(payload)]
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch and self.broken is None:
+            self._send(b"".join(batch))
+
+    def _send(self, data: bytes) -> None:
         transport = self._transport
         if self._fd >= 0 and not transport.get_write_buffer_size():  # type: ignore[union-attr]
             # Nothing queued before it: written here, without the transport's own bookkeeping (the
@@ -81,16 +100,15 @@ class Pipeline(asyncio.Protocol):
             except OSError:
                 written = 0  # the transport meets the same error and reports it (``connection_lost``)
             if written == len(data):
-                return future
+                return
             data = data[written:]
         transport.write(data)  # type: ignore[union-attr]
-        return future
 
     def spin(self, future: asyncio.Future[bytes]) -> None:
         """Read the answer of ``future``, the one request in flight, for at most ``SPIN_S`` seconds before
         the event loop would: an answer that comes that soon (a usual call) then costs no turn of the
-        loop, which costs more than the call itself. After an answer that came later than that, the next
-        ``SPIN_SKIP`` calls do not spin (a server with slow calls is not polled for nothing)."""
+        loop, which costs more than the call itself. After an answer that came more than ``SLOW_S`` after
+        the spin gave up, the next ``SPIN_SKIP`` calls do not spin (slow calls are not polled for nothing)."""
         if self._spin_skip:
             self._spin_skip -= 1
             return
@@ -100,9 +118,10 @@ class Pipeline(asyncio.Protocol):
             try:
                 data = _read(fd, READ_SIZE)
             except (BlockingIOError, InterruptedError):
-                if _clock() < end:
+                now = _clock()
+                if now < end:
                     continue
-                self._spin_skip = SPIN_SKIP
+                self._spun_until = now  # the answer will tell how long it took (``_answer``)
                 return
             except OSError:
                 return  # the transport meets the same error and reports it
@@ -167,6 +186,10 @@ class Pipeline(asyncio.Protocol):
             return
         if not future.done():  # a cancelled caller's answer is read and dropped
             future.set_result(payload)
+        if self._spun_until:
+            if _clock() - self._spun_until > SLOW_S:
+                self._spin_skip = SPIN_SKIP
+            self._spun_until = 0.0
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is None:

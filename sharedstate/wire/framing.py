@@ -54,6 +54,10 @@ class MessageReader:
         self.fd = fd
         self._buffer = b""
 
+    def buffered(self) -> bool:
+        """Whether bytes of another message were read already (a peer that sent requests in a row)."""
+        return bool(self._buffer)
+
     def read(self) -> bytes | bytearray:
         """The payload of the next message."""
         if not self._buffer:
