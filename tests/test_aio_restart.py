@@ -9,11 +9,11 @@ import asyncio
 import multiprocessing
 import os
 import random
-import time
 
 import pytest
 from aio_workers import count_awaited_incrs
-from conftest import kill, reap, wait_until
+from conftest import kill, wait_until
+from counting import count_under_sigkills
 
 import sharedstate
 import sharedstate.aio
@@ -35,41 +35,17 @@ def test_awaited_incrs_of_many_tasks_are_counted_exactly_under_sigkills(tmp_path
     methods = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
     rng = random.Random(15)
     with sharedstate.StateServer(path=path, durability="journal", journal_fsync="always", save_every=None) as server:
-        state = server.state
-        procs, reports, events = [], [], []
+        clients = []
         for method in methods:
             ctx = multiprocessing.get_context(method)
             go, stop = ctx.Event(), ctx.Event()
             report = tmp_path / f"client-{method}.txt"
             args = (server.address, server.authkey, "n", 25, str(report), go, stop)
-            procs.append(ctx.Process(target=count_awaited_incrs, args=args, name=f"client-{method}"))
-            reports.append(report)
-            events.append((go, stop))
-        try:
-            for proc in procs:
-                proc.start()
-            for go, _ in events:
-                go.set()
-            wait_until(lambda: (state.get("n") or 0) > 300, 60, what="the clients to start counting")
-            for _ in range(6):
-                time.sleep(rng.uniform(0.05, 0.3))
-                _kill_and_await_restart(server)
-            wait_until(lambda: state.get("n") is not None, 30, what="the last restarted server")
-            for _, stop in events:
-                stop.set()
-            for proc in procs:
-                proc.join(120)
-                assert proc.exitcode == 0, f"{proc.name} ended with {proc.exitcode}"
-        finally:
-            for _, stop in events:
-                stop.set()
-            reap(*procs)
-        results = [report.read_text().split("\n", 1) for report in reports]
-        errors = [text for _, text in results if text.strip()]
-        assert not errors, errors[0]
-        done = sum(int(count) for count, _ in results)
+            clients.append(
+                (ctx.Process(target=count_awaited_incrs, args=args, name=f"client-{method}"), report, go, stop)
+            )
+        done = count_under_sigkills(server, clients, 6, rng, (0.05, 0.3), 300)
         assert done > 300
-        assert state.get("n") == done
 
 
 def test_an_awaited_lock_wait_is_sent_again_to_the_restarted_server(tmp_path):
