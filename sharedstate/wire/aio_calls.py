@@ -71,18 +71,22 @@ class AsyncCalls:
         return format_address(self.parsed)
 
     # -- connections --------------------------------------------------------------------------------
-    async def _open(self, within: float | None = None) -> Pipeline:
+    async def _open(self, within: float | None = None) -> tuple[Pipeline, dict[str, Any]]:
         if within is None:
             within = min(CONNECT_TIMEOUT, self.timeout)
         pipeline, info = await open_pipeline(self._executor, self.parsed, self.authkey, hello(), within, self.timeout)
         self.restart = info.get("restart")
-        return pipeline, info  # type: ignore[return-value]
+        return pipeline, info
 
     async def connection(self, within: float | None = None) -> Pipeline:
         """The shared connection, opened (within ``within`` seconds) if there is none: tasks that need
         it at once wait for the same opening."""
         conn = self._conn
-        if conn is not None and conn.broken is None and self._generation == _fork.generation:
+        if self._generation != _fork.generation:
+            # A forked child: the parent's connections and their opening are not its own.
+            self._conn, self._opening, self._idle_waits = None, None, []
+            self._generation = _fork.generation
+        elif conn is not None and conn.broken is None:
             return conn
         opening = self._opening
         if opening is None:
@@ -92,8 +96,8 @@ class AsyncCalls:
 
     async def _open_shared(self, within: float | None) -> Pipeline:
         try:
-            conn, info = await self._open(within)  # type: ignore[misc]
-            self._conn, self._generation = conn, _fork.generation
+            conn, info = await self._open(within)
+            self._conn = conn
             if self._connected is not None:
                 self._connected(info)
             return conn
@@ -147,7 +151,7 @@ class AsyncCalls:
         sent = False
         self._active += 1
         try:
-            if conn is None or conn.broken is not None:
+            if conn is None or conn.broken is not None or self._generation != _fork.generation:
                 conn = None
                 conn = await self.connection(None if start is None else connect_within(start, self.timeout))
             if self._active == 1:
@@ -212,7 +216,7 @@ class AsyncCalls:
             try:
                 if conn is None or conn.broken is not None:
                     conn = None
-                    conn, _ = await self._open(None if retry is None else retry.connect_within())  # type: ignore[misc]
+                    conn, _ = await self._open(None if retry is None else retry.connect_within())
                 future = conn.request(request)
                 sent = True
                 try:
