@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RedisServer, exited, kill, redis_missing, wait_until
+from conftest import RedisServer, exited, kill, process_state, redis_missing, wait_until
 from counting import count_under_sigkills
 from restart_workers import count_incrs
 
@@ -188,11 +188,21 @@ def test_the_timeout_travels_with_a_pickled_handle(server):
     assert pickle.loads(pickle.dumps(state)).backend.timeout == 2.5
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return all(process_state(int(task)) == "T" for task in tasks)
+
+
 def test_an_async_call_to_a_stopped_server_raises_server_unavailable(stoppable):
     async def main():
         state = await sharedstate.aio.connect(stoppable.address, stoppable.authkey, cache=False, timeout=0.5)
         await state.set("x", 1)
         os.kill(stoppable.pid, signal.SIGSTOP)
+        # Every thread stopped: a request sent sooner may still be answered by a thread not stopped yet.
+        await asyncio.to_thread(wait_until, lambda: _all_threads_stopped(stoppable.pid), 10)
         try:
             start = time.monotonic()
             with pytest.raises(sharedstate.ServerUnavailable):
