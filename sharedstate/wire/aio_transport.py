@@ -7,6 +7,9 @@ call waits for a lock: they resolve nothing, but count as progress. A connection
 and nothing arrives for the call timeout fails them all with ``BlockingIOError`` (as a blocking client's
 socket timeout does); a connection that breaks fails them with ``EOFError`` or its ``OSError``.
 
+Requests made in one turn of the loop while others are in flight go out in one write. A lone request
+(``spin``) may read its own answer for a moment, before the event loop would.
+
 The handshake is the blocking client's own (``handshake.open_connection``), run on a worker thread once
 per connection; the socket it leaves is then handed to the event loop.
 """
@@ -16,19 +19,16 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import struct
 import time
 from collections import deque
 from concurrent.futures import Executor
 from typing import Any
 
 from sharedstate.wire.addresses import Address
-from sharedstate.wire.framing import READ_SIZE, frame
+from sharedstate.wire.framing import HEADER, LONG_HEADER, READ_SIZE, frame
 from sharedstate.wire.handshake import open_connection
 
-_HEADER = struct.Struct("!i")
-_LONG_HEADER = struct.Struct("!Q")
-_unpack_header = _HEADER.unpack_from
+_unpack_header = HEADER.unpack_from
 _write = os.write
 _read = os.read
 _clock = time.perf_counter
@@ -164,7 +164,7 @@ class Pipeline(asyncio.Protocol):
             if size == -1:
                 if end - start < 12:
                     break
-                (size,) = _LONG_HEADER.unpack_from(buffer, start + 4)
+                (size,) = LONG_HEADER.unpack_from(buffer, start + 4)
                 head = 12
             elif size < 0:
                 self._fail(OSError, f"invalid message length {size}")
