@@ -20,10 +20,11 @@ from sharedstate._lock import Lock
 from sharedstate._owner import StateServer, serve
 from sharedstate._state import State
 from sharedstate._storage import LocalFileStorage
+from sharedstate._version import version
 
 from . import aio
 
-__version__ = "0.1.0"
+__version__ = version()  # the installed metadata's (sharedstate/_version.py)
 
 __all__ = [
     "AccessDenied",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import os
@@ -19,10 +18,14 @@ from sharedstate._connect import connect
 from sharedstate._errors import SharedStateError
 from sharedstate._owner import StateServer, standalone_config
 from sharedstate._sentinels import MISSING
+from sharedstate._top import add_arguments as add_top_arguments
+from sharedstate._top import run_top
+from sharedstate._version import version
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.files import write_atomic
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot
+from sharedstate.server.logrelay import PLAIN_FORMAT
 from sharedstate.wire.addresses import (
     ENV_ADDRESS,
     ENV_AUTHKEY,
@@ -123,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="One dictionary shared by many processes. Options go before or after the command.",
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     _add_options(parser, server=True, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -138,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
         "--authkey-file",
         metavar="FILE",
         help="the key clients must know, in hex, in a file of this user that nobody else may read or write",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (all interfaces with --allow-remote; "
+        "0: a free port; needs the prometheus extra)",
     )
     run = commands.add_parser("run", help="run COMMAND with a server around it (run [options] -- COMMAND ...)")
     _add_options(run, server=True)
@@ -167,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     client("restore", "restore a snapshot, print how many names it held").add_argument("path", help="the file")
     client("stats", "print the server's figures")
     client("dump", "print the live state as JSON (the names and values, encoded as show does)")
+    add_top_arguments(client("top", "a live view of the server's figures (one line per interval when piped)"))
     show = commands.add_parser("show", help="print a snapshot file (no server needed)")
     show.add_argument("file", help="the snapshot file")
     return parser
@@ -221,6 +232,9 @@ def _serve(args: argparse.Namespace) -> int:
     from sharedstate.server.process import ServerProcess
 
     logging.getLogger("sharedstate").setLevel(logging.INFO)
+    serve_metrics = None
+    if args.metrics_port is not None:  # imported first: without the extra, nothing is created
+        from sharedstate.metrics import serve_metrics_of as serve_metrics
     options = _server_kwargs(args)
     if args.authkey_file is not None:
         key = read_trusted_key(Path(args.authkey_file), args.address or "this server")
@@ -228,7 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"no such file: {args.authkey_file}")
         options["authkey"] = key
     with standalone_config(allow_remote=args.allow_remote, **options) as config:  # checked as StateServer does
-        logging.basicConfig(level=logging.INFO, format="sharedstate[%(process)d] %(levelname)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format=PLAIN_FORMAT)
         process = ServerProcess(config)
         bound = process.open()
         text = format_address(bound)
@@ -241,6 +255,14 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"export {ENV_AUTHKEY}=$(cat {shlex.quote(args.authkey_file)})", flush=True)
         elif key_file is None:  # TCP: no key file, so the clients need the key itself
             print(f"export {ENV_AUTHKEY}={config.authkey.hex()}", flush=True)
+        if serve_metrics is not None:
+            host = "" if args.allow_remote else "127.0.0.1"
+            try:
+                port = serve_metrics(bound, config.authkey, args.metrics_port, host)
+            except BaseException:
+                process.close()  # nothing was served: the socket, its key file and the path's lock go
+                raise
+            print(f"{PROG}: metrics at http://{host or '0.0.0.0'}:{port}/metrics", flush=True)
         code = process.run()
         if process.final_error is not None:  # logged too; the exit status is what a supervisor sees
             print(f"{PROG}: error: {process.final_error}", file=sys.stderr)
@@ -254,6 +276,7 @@ def _run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise UserError("run needs a command: sharedstate run [options] -- COMMAND ...", EXIT_USAGE)
+    logging.basicConfig(format=PLAIN_FORMAT)  # the server's records are handled here: plain, on stderr
     server = StateServer(**_server_kwargs(args)).start()
     address_file = None if args.address_file is None else Path(args.address_file)
     written = False
@@ -328,6 +351,8 @@ def _client(args: argparse.Namespace) -> int:
         print(state.restore(args.path))
     elif command == "stats":
         _json_out(state.stats())
+    elif command == "top":
+        return run_top(state, args.interval, args.count)
     elif command == "dump":
         print(json.dumps(encode({"names": state.snapshot()}), ensure_ascii=False, indent=2, allow_nan=False))
     return 0
@@ -356,19 +381,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # Python would flush stdout again at exit and complain: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE
-    except (UserError, SharedStateError, OSError, TypeError, ValueError, RecursionError, ImportError) as exc:
+    except (
+        UserError,
+        SharedStateError,
+        OSError,
+        TypeError,
+        ValueError,
+        RecursionError,
+        ImportError,
+        NotImplementedError,
+    ) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         code = exc.code if isinstance(exc, UserError) else 1
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
-
-
-def _version() -> str:
-    """This package's version, as its installed metadata says (the source's when it is not installed)."""
-    try:
-        return importlib.metadata.version("sharedstate")
-    except importlib.metadata.PackageNotFoundError:
-        from sharedstate import __version__
-
-        return __version__

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from sharedstate._state import State
     from sharedstate.backends.base import Backend
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 _get_ident = threading.get_ident
 

@@ -29,12 +29,13 @@ from sharedstate.wire.addresses import (
     ENV_ADDRESS,
     ENV_AUTHKEY,
     Address,
+    check_server_supported,
     format_address,
     is_loopback,
     parse_address,
 )
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 
 class StateServer:
@@ -146,8 +147,8 @@ class StateServer:
     def start(self) -> StateServer:
         """Start the server process and export its address and key; return ``self``.
 
-        Raises ``RuntimeError`` if already started, and whatever the server process failed with
-        (an ``OSError`` for an address in use, say).
+        Raises ``RuntimeError`` if already started, ``NotImplementedError`` on Windows (not supported there
+        yet), and whatever the server process failed with (an ``OSError`` for an address in use, say).
         """
         with self._mutex:
             if self._supervisor is not None:
@@ -175,7 +176,9 @@ class StateServer:
 
     def _server_config(self, owned: bool) -> ServerConfig:
         """What a server process needs; ``owned=False`` for one that watches no owner (``sharedstate
-        serve`` runs it in its own process). Makes the key, and the private folder of the socket."""
+        serve`` runs it in its own process). Makes the key, and the private folder of the socket.
+        ``NotImplementedError`` where a server cannot run (Windows)."""
+        check_server_supported()
         self._authkey = self._given_authkey or secrets.token_bytes(32)
         address = self._address
         # A private folder: only this user may enter it, so only this user reaches the socket (when the
@@ -195,7 +198,6 @@ class StateServer:
             save_every=self._save_every,
             durability=self._durability,
             journal_fsync=self._journal_fsync,
-            log_level=logging.getLogger("sharedstate").getEffectiveLevel(),
             lock_file=os.path.join(self._tmpdir, "locks"),
             restart=owned and self._restart,
         )

@@ -198,7 +198,10 @@ class State(MutableMapping[str, Any]):
 
     def stats(self) -> dict[str, Any]:
         """Figures of where the state lives: ``names``, ``pid``, ``rss_bytes``, ``uptime_s``, ``ops``,
-        ``clients``, ``last_save_at``, ``last_save_s``, ``last_save_error``, ``lock_recoveries`` (and more)."""
+        ``clients``, ``last_save_at``, ``last_save_s``, ``last_save_error``, ``lock_recoveries``; ``calls``
+        (by name), ``locks_held``, ``lock_waiters``, ``lock_holders``, ``lock_wait_p50_s``/``_p99_s``,
+        ``cache_hits``/``cache_misses``/``cache_hit_ratio`` (this process' cache) and more: every key is
+        in docs/observability.md."""
         return self._backend.stats()
 
     # -- locks --------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from sharedstate.backends.local import LocalBackend
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: Worker threads of an ``AsyncState``: handshakes on a local server; every call on Redis.
 MAX_THREADS = 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import sharedstate
+from sharedstate.server.logrelay import PLAIN_FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -134,27 +136,51 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 class LoggedServer:
-    """A server whose stderr (its log) goes to a file the test can read."""
+    """A server whose log goes to a file the test can read."""
 
     def __init__(self, server: sharedstate.StateServer, log: Path) -> None:
         self.server = server
         self.log = log
         self.state = server.state
 
-    def log_text(self) -> str:
-        return self.log.read_text()
+    def log_text(self, *expected: str) -> str:
+        """The log so far, once each of ``expected`` is in it (a record reaches the owner's log a moment
+        after the server process logged it)."""
+        return log_with(self.log, *expected)
+
+
+def log_with(log: Path, *expected: str, timeout: float = 10.0) -> str:
+    """The text of ``log`` once each of ``expected`` is in it; fails past ``timeout``."""
+    wait_until(lambda: all(text in log.read_text() for text in expected), timeout, what=f"{expected} in {log}")
+    return log.read_text()
+
+
+#: Handlers ``log_to`` added, removed when the test ends.
+_log_handlers: list[logging.Handler] = []
+
+
+def log_to(log: Path) -> None:
+    """Write the records of sharedstate's loggers to ``log`` in the plain format until the test ends: those
+    of this process and those of the server processes it owns (they reach their owner's logging)."""
+    handler = logging.FileHandler(log)
+    handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+    logging.getLogger("sharedstate").addHandler(handler)
+    _log_handlers.append(handler)
+
+
+@pytest.fixture(autouse=True)
+def _remove_log_handlers() -> Iterator[None]:
+    yield
+    while _log_handlers:
+        handler = _log_handlers.pop()
+        logging.getLogger("sharedstate").removeHandler(handler)
+        handler.close()
 
 
 def start_with_log(log: Path, **options) -> sharedstate.StateServer:
-    """Start a server whose inherited stderr is ``log``."""
-    saved = os.dup(2)
-    try:
-        with open(log, "ab") as f:
-            os.dup2(f.fileno(), 2)
-        return sharedstate.StateServer(**options).start()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    """Start a server whose log goes to ``log`` (``log_to``)."""
+    log_to(log)
+    return sharedstate.StateServer(**options).start()
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SNIPPET_TIMEOUT_S = 60.0
 
 #: Names in backticks that stand for a user's own files (a snapshot it names), not files of this repository.
-USER_FILES = frozenset({"state.json"})
+USER_FILES = frozenset({"state.json", "hits.json"})
 
 
 _MARKER = re.compile(r"^\s*<!--\s*runnable(?::\s*(\w+))?\s*-->\s*$")
@@ -238,14 +238,15 @@ def _top_level() -> set[str]:
     return set(os.listdir(ROOT))
 
 
-@pytest.mark.parametrize(("where", "language", "body", "marker"), SNIPPETS, ids=[s[0] for s in SNIPPETS])
-def test_runnable_snippet(where: str, language: str, body: str, marker: str):
+def run_snippet(
+    where: str, body: str, cwd: Path, bin_dir: str | None = None, timeout: float = SNIPPET_TIMEOUT_S
+) -> str:
+    """Run a shell snippet as the module's docstring says (``bin_dir``: first on ``PATH``, by default the
+    folder of the interpreter running the tests); fail the test unless it exits 0. Returns its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PATH"] = (bin_dir or os.path.dirname(sys.executable)) + os.pathsep + env.get("PATH", "")
     with tempfile.TemporaryDirectory(prefix="sharedstate-docs-") as folder:
         env["TMPDIR"] = folder  # what the snippet makes with mktemp (and its servers' folders) goes too
-        cwd = ROOT if marker == "repo" else Path(folder)
-        before = _top_level()
         proc = subprocess.Popen(
             ["bash", "-e", "-c", body],
             cwd=cwd,
@@ -256,15 +257,23 @@ def test_runnable_snippet(where: str, language: str, body: str, marker: str):
             start_new_session=True,  # the snippet's servers and children die with it on a timeout
         )
         try:
-            output, _ = proc.communicate(timeout=SNIPPET_TIMEOUT_S)
+            output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
-            pytest.fail(f"{where} did not finish within {SNIPPET_TIMEOUT_S:g} s:\n{output}")
+            pytest.fail(f"{where} did not finish within {timeout:g} s:\n{output}")
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         assert proc.returncode == 0, f"{where} exited with status {proc.returncode}:\n{body}\n--- output:\n{output}"
+        return output
+
+
+@pytest.mark.parametrize(("where", "language", "body", "marker"), SNIPPETS, ids=[s[0] for s in SNIPPETS])
+def test_runnable_snippet(where: str, language: str, body: str, marker: str):
+    with tempfile.TemporaryDirectory(prefix="sharedstate-docs-") as folder:
+        before = _top_level()
+        run_snippet(where, body, ROOT if marker == "repo" else Path(folder))
         left = _top_level() - before
         assert not left, f"{where} left {sorted(left)} in the repository"

@@ -147,10 +147,13 @@ def test_a_backtracking_pattern_stalls_no_other_client(server, pattern, engine):
         try:
             assert _read_line(caller, 30) == "calling"
             try:
-                out, _ = caller.communicate(timeout=2.0)
+                caller.wait(timeout=2.0)  # its answer is a short line: it fits in the pipe, so it can end
             except subprocess.TimeoutExpired:
                 still_running_at_deadline.append(True)  # the caller pays for its own pattern
                 return
+            # Read through the same text stream as "calling": the answer may already be in its buffer
+            # (communicate() would read the pipe beneath it and find nothing).
+            out = caller.stdout.read()
             # Its status too: a caller that ended without an answer is a failure worth reading.
             assert caller.returncode == 0 and out, f"names() caller ended with status {caller.returncode}: {out!r}"
             answers.append(json.loads(out))

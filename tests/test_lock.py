@@ -33,7 +33,8 @@ def test_sigkill_of_the_holder_frees_the_lock_within_a_second(logged, mp_context
     finally:
         reap(proc)
     assert state.stats()["lock_recoveries"] == 1
-    assert f"WARNING: released the global lock held by pid {proc.pid}" in logged.log_text()
+    line = f"WARNING: released the global lock held by pid {proc.pid}"
+    assert line in logged.log_text(line)
 
 
 @pytest.mark.parametrize("end", ["sigkill", "exit-unreaped"])
@@ -59,7 +60,8 @@ def test_a_dead_holder_is_found_even_if_its_connection_stays_open(logged, end):
             wait_until(lambda: process_state(proc.pid) == "Z", 10, what="the holder to exit")
         _recovered_within(state, 1.0)
         assert state.stats()["lock_recoveries"] == 1
-        assert f"held by pid {proc.pid}: its process is gone" in logged.log_text()
+        line = f"held by pid {proc.pid}: its process is gone"
+        assert line in logged.log_text(line)
     finally:
         kill(proc.pid)
         if grandchild.value:

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 import pytest
-from conftest import kill, reap, wait_until
+from conftest import kill, log_to, reap, wait_until
 
 import sharedstate
 from sharedstate import LockLost
@@ -33,22 +33,6 @@ def restart(server: sharedstate.StateServer) -> None:
     old = server.pid
     kill(old)
     wait_until(lambda: server.pid not in (None, old), WAIT_S, what="a new server process")
-
-
-class _StderrTo:
-    """Make this process' stderr (inherited by the server processes its owner starts) go to ``path``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        self.saved = os.dup(2)
-        with open(self.path, "ab") as f:
-            os.dup2(f.fileno(), 2)
-
-    def __exit__(self, *exc: object) -> None:
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
 
 
 @pytest.fixture
@@ -118,43 +102,43 @@ def test_lock_calls_in_flight_at_server_kills_never_raise_and_never_overlap(tmp_
     turns, errors = ctx.RawArray("q", CLIENTS), ctx.RawArray("q", CLIENTS)
     inside, started = ctx.RawArray("b", CLIENTS), ctx.RawArray("b", CLIENTS)
     rng = random.Random(1313)
-    with _StderrTo(log):
-        server = sharedstate.StateServer().start()
-        procs = [
-            ctx.Process(target=take_turns, args=(server.state, i, stop, inside, overlaps, turns, errors, started))
-            for i in range(CLIENTS)
-        ]
-        try:
-            for proc in procs:
-                proc.start()
-            wait_until(lambda: all(started) and all(turns), WAIT_S, what="every client took the lock")
-            kills = 0
-            acquires_again = releases_again = 0
-            # Until both windows were hit a few times (each kill lands in one now and then), within bounds.
-            while kills < 20 or (kills < 300 and min(acquires_again, releases_again) < 2):
-                before = sum(turns)
-                time.sleep(rng.uniform(0.0, 0.05))
-                restart(server)
-                kills += 1
-                wait_until(lambda: sum(turns) > before + CLIENTS, WAIT_S, what="turns after the restart")  # noqa: B023
-                text = log.read_text(errors="replace")
-                acquires_again = len(re.findall(r"an acquire sent again after a restart", text))
-                releases_again = len(re.findall(r"a release sent again", text))
-            stop.value = 1
-            for proc in procs:
-                proc.join(WAIT_S)
-            print(f"{kills} kills: {acquires_again} acquires and {releases_again} releases answered again")
-            assert [p.exitcode for p in procs] == [0] * CLIENTS, "a client raised (see its output)"
-            assert list(errors) == [0] * CLIENTS
-            assert overlaps.value == 0, "two processes were inside the lock at once"
-            assert acquires_again >= 1 and releases_again >= 1, "no kill landed between a lock call and its answer"
-            for name in ["job"] + [f"own-{i}" for i in range(CLIENTS)]:
-                assert not server.state.named_lock(name).locked(), name
-            assert not server.state.lock.locked()
-        finally:
-            stop.value = 1
-            reap(*procs)
-            server.shutdown()
+    log_to(log)
+    server = sharedstate.StateServer().start()
+    procs = [
+        ctx.Process(target=take_turns, args=(server.state, i, stop, inside, overlaps, turns, errors, started))
+        for i in range(CLIENTS)
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        wait_until(lambda: all(started) and all(turns), WAIT_S, what="every client took the lock")
+        kills = 0
+        acquires_again = releases_again = 0
+        # Until both windows were hit a few times (each kill lands in one now and then), within bounds.
+        while kills < 20 or (kills < 300 and min(acquires_again, releases_again) < 2):
+            before = sum(turns)
+            time.sleep(rng.uniform(0.0, 0.05))
+            restart(server)
+            kills += 1
+            wait_until(lambda: sum(turns) > before + CLIENTS, WAIT_S, what="turns after the restart")  # noqa: B023
+            text = log.read_text(errors="replace")
+            acquires_again = len(re.findall(r"an acquire sent again after a restart", text))
+            releases_again = len(re.findall(r"a release sent again", text))
+        stop.value = 1
+        for proc in procs:
+            proc.join(WAIT_S)
+        print(f"{kills} kills: {acquires_again} acquires and {releases_again} releases answered again")
+        assert [p.exitcode for p in procs] == [0] * CLIENTS, "a client raised (see its output)"
+        assert list(errors) == [0] * CLIENTS
+        assert overlaps.value == 0, "two processes were inside the lock at once"
+        assert acquires_again >= 1 and releases_again >= 1, "no kill landed between a lock call and its answer"
+        for name in ["job"] + [f"own-{i}" for i in range(CLIENTS)]:
+            assert not server.state.named_lock(name).locked(), name
+        assert not server.state.lock.locked()
+    finally:
+        stop.value = 1
+        reap(*procs)
+        server.shutdown()
 
 
 def test_a_release_applied_by_the_killed_server_is_answered_again_and_a_lost_lock_still_raises():
@@ -311,7 +295,10 @@ def test_a_release_is_answered_again_after_the_lock_file_was_rewritten_full():
         release = ("job", me, 1, 515151)
         assert state.backend._calls.lock_call("lock_release", release) is None
         path = Path(server._config.lock_file)
-        first = path.stat().st_ino
+        # Held open, so its inode number cannot be given to a later rewrite's file (rewritten more than
+        # once, the file could otherwise come back with the first one's number).
+        first_file = path.open("rb")
+        first = os.fstat(first_file.fileno()).st_ino
 
         def fill() -> None:  # another holder's calls, until the file was rewritten at least once
             lock = state.named_lock("other")
@@ -322,7 +309,10 @@ def test_a_release_is_answered_again_after_the_lock_file_was_rewritten_full():
         filler = threading.Thread(target=fill)
         filler.start()
         filler.join(WAIT_S * 2)
-        assert path.stat().st_ino != first, "the lock file was not rewritten"
+        try:
+            assert path.stat().st_ino != first, "the lock file was not rewritten"
+        finally:
+            first_file.close()
         restart(server)
         assert state.backend._calls.lock_call("lock_release", release) is None
         with pytest.raises(LockLost):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import start_with_log, wait_until
+from conftest import log_with, start_with_log, wait_until
 from contract.storable import VALUES, same
 from contract.test_snapshots import CORRUPT
 
@@ -131,7 +131,7 @@ def test_a_failed_save_keeps_the_old_file_reports_and_serves_on(tmp_path):
         assert path.read_bytes() == good
         stats = state.stats()
         assert "File too large" in stats["last_save_error"] and str(path) in stats["last_save_error"]
-        assert "ERROR: save of 2 names to" in log.read_text()
+        assert "ERROR: save of 2 names to" in log_with(log, "ERROR: save of 2 names to")
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
         state.incr("small")  # still serving
         assert state.get("small") == 2

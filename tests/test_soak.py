@@ -75,4 +75,4 @@ def test_mixed_load_with_sigkills_loses_no_update_and_leaves_the_lock_free(logge
     state.lock.release()
     assert not state.lock.locked()
     assert state.stats()["lock_recoveries"] >= kills_holding
-    assert "released the global lock" in logged.log_text()
+    assert "released the global lock" in logged.log_text("released the global lock")

@@ -1,6 +1,9 @@
-"""Real gunicorn and uvicorn workers share one state: through `sharedstate run`, and through gunicorn's
-own server hooks. 400 requests from 8 threads get 400 distinct counts from several workers; SIGTERM to
-the whole process group leaves the count in the file, and the next start goes on from it."""
+"""The web examples as users run them share one state across real workers: the Flask app factory under
+gunicorn (around it `sharedstate run`, or gunicorn's master owning the server through the hooks of
+gunicorn.conf.py) and the FastAPI app with its lifespan under uvicorn's workers. 400 requests from 8
+threads get 400 distinct counts from several workers; SIGTERM to the whole process group leaves the
+count in the file, and the next start goes on from it. (The framework-free wsgi_app.py and asgi_app.py
+run the same way against Redis in test_redis.py.)"""
 
 from __future__ import annotations
 
@@ -101,32 +104,51 @@ RUN = [sys.executable, "-m", "sharedstate", "run"]
 
 
 @pytest.mark.timeout(300)
-def test_gunicorn_workers_under_sharedstate_run(tmp_path):
+def test_flask_app_factory_under_gunicorn_workers_and_sharedstate_run(tmp_path):
     path = tmp_path / "hits.json"
     check_round(
         lambda port: [*RUN, "--path", str(path), "--", sys.executable, "-m", "gunicorn", "-w", "4",
-                      "-b", f"127.0.0.1:{port}", "--chdir", str(WEB), "wsgi_app:app"],
+                      "-b", f"127.0.0.1:{port}", "--chdir", str(WEB), "flask_app:create_app()"],
         path,
     )  # fmt: skip
 
 
 @pytest.mark.timeout(300)
-def test_gunicorn_workers_with_server_hooks(tmp_path):
+def test_flask_app_factory_under_gunicorn_whose_master_owns_the_server(tmp_path):
     path = tmp_path / "hits.json"
     check_round(
         lambda port: [sys.executable, "-m", "gunicorn", "-c", str(WEB / "gunicorn.conf.py"), "-w", "4",
-                      "-b", f"127.0.0.1:{port}", "--chdir", str(WEB), "wsgi_app:app"],
+                      "-b", f"127.0.0.1:{port}", "--chdir", str(WEB), "flask_app:create_app()"],
         path,
         {"HITS_STATE_FILE": str(path)},
     )  # fmt: skip
 
 
 @pytest.mark.timeout(300)
-def test_uvicorn_workers_with_the_asyncio_client_under_sharedstate_run(tmp_path):
+def test_fastapi_app_with_lifespan_under_uvicorn_workers_and_sharedstate_run(tmp_path):
     path = tmp_path / "hits.json"
     check_round(
         lambda port: [*RUN, "--path", str(path), "--", sys.executable, "-m", "uvicorn", "--workers", "3",
                       "--host", "127.0.0.1", "--port", str(port), "--app-dir", str(WEB), "--no-access-log",
-                      "asgi_app:app"],
+                      "fastapi_app:app"],
         path,
     )  # fmt: skip
+
+
+def test_a_worker_that_cannot_reach_the_state_fails_to_boot_under_the_server_hooks():
+    """gunicorn.conf.py's post_fork connects in each new worker: with the state out of reach (nothing
+    listens at the Redis address) gunicorn stops at boot, though this app would connect only on its
+    first request."""
+    # One worker: when two fail to boot at once, gunicorn's master may stop with a traceback and status 1.
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(WEB / "gunicorn.conf.py"), "-w", "1",
+            "-b", f"127.0.0.1:{free_port()}", "--chdir", str(WEB), "wsgi_app:app"]  # fmt: skip
+    proc = start(argv, {"SHAREDSTATE_ADDRESS": "redis://127.0.0.1:1/0"})
+    try:
+        status = proc.wait(60)
+        errors = proc.stderr.read().decode()
+        assert status == 3, errors  # gunicorn's status when a worker failed to boot
+        assert "no Redis server answers at redis://127.0.0.1:1/0" in errors
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+        proc.stderr.close()

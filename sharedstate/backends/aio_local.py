@@ -29,7 +29,7 @@ from sharedstate.backends.local import (
 )
 from sharedstate.wire.aio_calls import AsyncCalls
 from sharedstate.wire.answers import sequence as _sequence
-from sharedstate.wire.cache import CacheSlot, ClientCache, encode
+from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
 
 _monotonic = time.monotonic
 
@@ -80,7 +80,8 @@ class AsyncLocalBackend(AsyncBackend):
         return await self._read(name, "get")
 
     def peek(self, name: str) -> Any:
-        return cached(self._slot.cache, name, "get")
+        # Not a miss yet when it is not cached: the caller reads it next (``get``), which counts it.
+        return cached(self._slot.cache, name, "get", count_miss=False)
 
     async def contains(self, name: str) -> bool:
         return await self._read(name, "contains") is not MISSING
@@ -127,7 +128,7 @@ class AsyncLocalBackend(AsyncBackend):
         return Path(await self._call("save", (path, include, exclude, scopes)))
 
     async def stats(self) -> dict[str, Any]:
-        return await self._call("stats", ())
+        return {**await self._call("stats", ()), **cache_figures(self._slot.cache)}
 
     # -- locks --------------------------------------------------------------------------------------
     async def lock_acquire(

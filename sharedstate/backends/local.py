@@ -16,9 +16,9 @@ from sharedstate._errors import ServerUnavailable
 from sharedstate._pattern import Pattern
 from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
-from sharedstate.wire.addresses import CALL_TIMEOUT, Address, resolve
+from sharedstate.wire.addresses import CALL_TIMEOUT, Address, check_server_supported, resolve
 from sharedstate.wire.answers import sequence as _sequence
-from sharedstate.wire.cache import CacheSlot, ClientCache, encode
+from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
 from sharedstate.wire.calls import Calls
 
 _monotonic = time.monotonic
@@ -129,7 +129,8 @@ class LocalBackend:
         return self._read(name, "get")
 
     def peek(self, name: str) -> Any:
-        return cached(self._slot.cache, name, "get")
+        # Not a miss yet when it is not cached: the caller reads it next (``get``), which counts it.
+        return cached(self._slot.cache, name, "get", count_miss=False)
 
     def contains(self, name: str) -> bool:
         return self._read(name, "contains") is not MISSING
@@ -201,7 +202,7 @@ class LocalBackend:
         return self._write("restore", (path, merge))
 
     def stats(self) -> dict[str, Any]:
-        return self._call("stats", ())
+        return {**self._call("stats", ()), **cache_figures(self._cache)}
 
     # -- locks --------------------------------------------------------------------------------------
     def lock_acquire(
@@ -230,18 +231,31 @@ class LocalBackend:
 
 
 # -- what the blocking and the asyncio backends share ---------------------------------------------------
-def cached(cache: ClientCache | None, name: str, method: str) -> Any:
+def cached(cache: ClientCache | None, name: str, method: str, count_miss: bool = True) -> Any:
     """What the cache knows of ``name`` for ``method`` (``get``: the value or ``MISSING``; ``contains``: also
-    ``PRESENT``), or ``NOT_CACHED``."""
+    ``PRESENT``), or ``NOT_CACHED``; counted as a hit, or (``count_miss``) a miss, of the cache."""
     if cache is None:
         return NOT_CACHED
     value = cache.lookup(name)
-    return NOT_CACHED if value is PRESENT and method != "contains" else value
+    if value is NOT_CACHED or (value is PRESENT and method != "contains"):
+        if count_miss:
+            cache.misses += 1
+        return NOT_CACHED
+    cache.hits += 1
+    return value
 
 
 def cached_many(cache: ClientCache | None, names: list[str]) -> dict[str, Any] | None:
-    """What ``get_many(names)`` answers from the cache, or ``None`` when any of them is not cached."""
-    return None if cache is None else cache.lookup_many(names)
+    """What ``get_many(names)`` answers from the cache, or ``None`` when any of them is not cached (one
+    hit or one miss of the cache)."""
+    if cache is None:
+        return None
+    found = cache.lookup_many(names)
+    if found is None:
+        cache.misses += 1
+    else:
+        cache.hits += 1
+    return found
 
 
 def read_result(method: str, answer: Any) -> Any:
@@ -286,7 +300,9 @@ def _rebuild(
 
 def open_local(address: object, authkey: bytes | None, *, cache: bool, timeout: float) -> LocalBackend:
     """A backend connected to the server at ``address`` (default: ``SHAREDSTATE_ADDRESS``), with its key
-    (default: ``SHAREDSTATE_AUTHKEY``, or ``ADDRESS.key`` beside a Unix socket)."""
+    (default: ``SHAREDSTATE_AUTHKEY``, or ``ADDRESS.key`` beside a Unix socket). ``NotImplementedError``
+    on Windows."""
+    check_server_supported()
     parsed, key = resolve(address, authkey)
     backend = LocalBackend(parsed, key, cache=cache, timeout=timeout)
     backend.connect()

@@ -1,6 +1,7 @@
-"""Files written so that a crash never leaves a torn one: atomic replace, fsync of the folder, and the
-clean-up of what a writer killed mid-write leaves behind; and the checks that keep every file operation
-on regular files (never a device, a FIFO or a file another user planted)."""
+"""Files written so that a crash never leaves a torn one: atomic replace, fsync of the file and of its
+folder (``fsync``: the one call that puts data on the disk, as each platform needs it), and the clean-up
+of what a writer killed mid-write leaves behind; and the checks that keep every file operation on
+regular files (never a device, a FIFO or a file another user planted)."""
 
 from __future__ import annotations
 
@@ -11,27 +12,73 @@ import secrets
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from sharedstate._errors import SnapshotError
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+#: Opening a FIFO for reading does not wait for a writer (no FIFOs on Windows, nor this flag).
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def backup_path(path: Path) -> Path:
     return path.with_name(path.name + ".bak")
 
 
+def fsync_call(fcntl_module: Any) -> Callable[[int], None]:
+    """How a file's data is put on the disk, given the platform's ``fcntl`` module (``None`` where there is
+    none): ``fcntl(fd, F_FULLFSYNC)`` where it has that (macOS, whose ``fsync`` only hands the data to
+    the drive, which may lose it at a power cut), falling back to ``fsync`` where the file system refuses
+    it (network and some FUSE file systems do); ``os.fsync`` everywhere else."""
+    full = getattr(fcntl_module, "F_FULLFSYNC", None)
+    if full is None:
+        return os.fsync
+
+    def full_fsync(fd: int) -> None:
+        try:
+            fcntl_module.fcntl(fd, full)
+        except OSError:
+            os.fsync(fd)
+
+    return full_fsync
+
+
+def dir_fsync_possible(os_name: str) -> bool:
+    """Whether a folder can be opened to fsync it (``os.name``): not on Windows, where ``os.open`` of a
+    directory fails; a rename there is as durable as the file system makes it."""
+    return os_name != "nt"
+
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # Windows
+    _fcntl = None
+
+#: Puts the data of the open file ``fd`` on the disk: every fsync of the package goes through it.
+fsync_file = fsync_call(_fcntl)
+_DIR_FSYNC = dir_fsync_possible(os.name)
+
+
 def fsync_dir(folder: Path) -> None:
+    """Put the folder's entries (a rename, a new or removed file) on the disk; nothing on Windows."""
+    if not _DIR_FSYNC:
+        return
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        os.fsync(fd)
+        fsync_file(fd)
     finally:
         os.close(fd)
+
+
+def private_folder(info: os.stat_result) -> bool:
+    """Whether the ``lstat`` ``info`` is of a folder of this user that nobody else may write to (a
+    symbolic link is not a folder here)."""
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
 
 
 def _kind(mode: int) -> str:
@@ -101,7 +148,7 @@ def read_regular(path: Path, limit: int | None = None) -> bytes | None:
     followed: the server's own files are never links, and a path a caller gave was resolved by
     ``caller_target`` already, so a link here is one planted since."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -110,7 +157,8 @@ def read_regular(path: Path, limit: int | None = None) -> bytes | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SnapshotError(f"cannot read {path}: it is {_kind(st.st_mode)}, not a regular file", str(path))
-        os.set_blocking(fd, True)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
         chunks, left = [], st.st_size if limit is None else min(st.st_size, limit)
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 24))
@@ -161,7 +209,7 @@ def write_atomic(
             f.flush()
             if finish is not None:
                 finish(f.fileno())
-            os.fsync(f.fileno())
+            fsync_file(f.fileno())
         if backup and current is not None:
             bak = backup_path(path)
             bak_tmp = folder / f".{bak.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"

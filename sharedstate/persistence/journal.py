@@ -37,9 +37,9 @@ from typing import Any
 
 from sharedstate._errors import SnapshotError
 from sharedstate.persistence.codec import encode, object_hook
-from sharedstate.persistence.files import check_slot, fsync_dir, read_regular
+from sharedstate.persistence.files import check_slot, fsync_dir, fsync_file, read_regular
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 FORMAT = "sharedstate-journal"
 #: How often ``journal_fsync="everysec"`` flushes the journal to the disk.
@@ -256,7 +256,7 @@ class Journal:
         fd = os.open(name, flags, 0o600)
         try:
             os.write(fd, _line({"format": FORMAT, "generation": generation}))
-            os.fsync(fd)
+            fsync_file(fd)
         except BaseException:  # a full disk: the old journal stays the open one, this file holds nothing
             os.close(fd)
             _remove(name)
@@ -264,7 +264,7 @@ class Journal:
         with self._sync_lock:
             old = self._fd
             if old is not None:
-                os.fsync(old)
+                fsync_file(old)
                 os.close(old)
             self._synced = self._written
             self._fd, self._file, self.generation = fd, name, generation
@@ -280,7 +280,7 @@ class Journal:
         with self._sync_lock:
             target = self._written
             if self._fd is not None and target > self._synced:
-                os.fsync(self._fd)
+                fsync_file(self._fd)
                 self._synced = target
 
     def start_flusher(self) -> None:
@@ -320,7 +320,7 @@ class Journal:
         self._stop.set()
         with self._sync_lock:
             if self._fd is not None:
-                os.fsync(self._fd)
+                fsync_file(self._fd)
                 os.close(self._fd)
                 self._fd = None
         if remove:

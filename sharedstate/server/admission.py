@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: Seconds a connection may take to finish the challenge both ways.
 HANDSHAKE_TIMEOUT = 5.0

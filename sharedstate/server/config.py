@@ -25,6 +25,9 @@ class ServerConfig:
     log_level: int = logging.WARNING
     #: Where the process writes, as it exits, whether its final save failed (a pipe to the owner).
     report_fd: int | None = None
+    #: Where the process sends its log records, for the owner's logging to handle (a pipe to the owner;
+    #: ``None``: they go to its stderr).
+    log_fd: int | None = None
     #: Where the lock table is recorded, in a folder only this user may write, so a server process
     #: started again after a crash holds the same locks (``None``: locks do not survive a crash).
     lock_file: str | None = None

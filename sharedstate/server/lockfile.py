@@ -29,7 +29,9 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 
-log = logging.getLogger("sharedstate")
+from sharedstate.persistence.files import private_folder
+
+log = logging.getLogger(__name__)
 
 #: The size of a new lock file (or four times what it holds, if more): appends fill it, then it is
 #: rewritten with only the held locks.
@@ -130,7 +132,7 @@ class LockFile:
         folder = os.path.dirname(self.path) or "."
         try:
             info = os.lstat(folder)
-            private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+            private = private_folder(info)
         except OSError:
             private = False
         if not private:

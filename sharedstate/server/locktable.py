@@ -39,10 +39,11 @@ from typing import Any
 
 from sharedstate._errors import describe_lock as describe
 from sharedstate._errors import lock_lost as lost
+from sharedstate._figures import WaitWindow
 from sharedstate.server.clients import Client
 from sharedstate.server.lockfile import Holder, LockFile
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: How often a waiter wakes to check the holder's liveness (the 1 s recovery bound rests on this).
 POLL_S = 0.25
@@ -66,11 +67,12 @@ class _Waiter:
     notify: Callable[[], Any]
     deadline: float | None
     lease: float | None
+    queued_at: float
     granted: bool = False
 
 
 class _Entry:
-    __slots__ = ("owner", "client", "count", "queue", "checked_at", "lease", "renewed_at", "rebuilt")
+    __slots__ = ("owner", "client", "count", "queue", "checked_at", "lease", "renewed_at", "rebuilt", "taken_at")
 
     def __init__(self) -> None:
         self.owner: tuple[Hashable, Hashable] | None = None
@@ -84,6 +86,8 @@ class _Entry:
         self.renewed_at = 0.0
         #: Rebuilt from the lock file, and its holder thread has made no lock call since.
         self.rebuilt = False
+        #: When its holder took it (``time.monotonic()``; after a restart: when the table was rebuilt).
+        self.taken_at = 0.0
 
 
 class LockTable:
@@ -94,6 +98,8 @@ class LockTable:
         self._entries: dict[str | None, _Entry] = {}
         #: Locks freed because their holder died or disconnected.
         self.recoveries = 0
+        #: How long recent acquires waited (0: taken at once), for ``stats()``.
+        self.waits = WaitWindow()
         #: Where every change of a holder is recorded, for the next server process after a crash.
         self._file = file
         #: ``(client key, thread)`` -> ``(key, request)``: the last release that freed a lock of that
@@ -123,7 +129,7 @@ class LockTable:
                 entry.client = client
                 entry.count = holder.count
                 entry.lease = holder.lease
-                entry.renewed_at = now
+                entry.renewed_at = entry.taken_at = now
                 entry.rebuilt = True
                 self._rebuilt.setdefault(entry.owner, []).append(holder.key)
                 kept.append(holder)
@@ -164,6 +170,7 @@ class LockTable:
                 self._expire(key, entry)
             if entry.owner is None and not held:
                 self._take(key, entry, owner, client, lease)
+                self.waits.append(0.0)
                 return True
             if entry.owner == owner:
                 if not held:
@@ -177,11 +184,13 @@ class LockTable:
             self._check_holder(key, entry)
             if entry.owner is None:
                 self._take(key, entry, owner, client, lease)
+                self.waits.append(0.0)
                 return True
             if not blocking or (timeout is not None and timeout <= 0):
                 return False
-            deadline = None if timeout is None else time.monotonic() + timeout
-            waiter = _Waiter(key, entry, owner, client, notify, deadline, lease)
+            now = time.monotonic()
+            deadline = None if timeout is None else now + timeout
+            waiter = _Waiter(key, entry, owner, client, notify, deadline, lease, now)
             entry.queue.append(waiter)
             return waiter
 
@@ -199,6 +208,7 @@ class LockTable:
                 if waiter.granted:
                     return True
                 if ready or (deadline is not None and time.monotonic() >= deadline):
+                    self.waits.append(time.monotonic() - waiter.queued_at)  # a wait given up is a wait too
                     entry.queue.remove(waiter)
                     self._forget_if_idle(key, entry)
                     return False
@@ -310,8 +320,7 @@ class LockTable:
         entry.count = 1
         entry.lease = lease
         entry.rebuilt = False
-        if lease is not None:
-            entry.renewed_at = time.monotonic()
+        entry.taken_at = entry.renewed_at = time.monotonic()
         self._record(key, entry)
 
     def _record(self, key: str | None, entry: _Entry) -> None:
@@ -346,6 +355,7 @@ class LockTable:
         if entry.queue:
             waiter = entry.queue.popleft()
             self._take(key, entry, waiter.owner, waiter.client, waiter.lease)
+            self.waits.append(entry.taken_at - waiter.queued_at)
             waiter.granted = True
             try:
                 waiter.notify()
@@ -388,11 +398,10 @@ class LockTable:
         log.warning("released %s held by pid %s: %s", describe(key), pid, why)
         self._free(key, entry)
 
-    def status(self) -> dict[str, int]:
-        """How many locks are held and how many calls wait for one."""
+    def status(self) -> tuple[int, list[tuple[str | None, int, float, int]]]:
+        """How many calls wait for a lock, and every held lock as ``(name, holder pid, seconds held,
+        waiters)`` (``None``: the global lock)."""
         with self._mutex:
-            entries = self._entries.values()
-            return {
-                "locks_held": sum(1 for e in entries if e.owner is not None),
-                "lock_waiters": sum(len(e.queue) for e in entries),
-            }
+            now, entries = time.monotonic(), self._entries.items()
+            held = [(k, e.client.pid, now - e.taken_at, len(e.queue)) for k, e in entries if e.client is not None]
+            return sum(len(e.queue) for _, e in entries), held

@@ -29,13 +29,14 @@ from sharedstate.persistence.files import backup_path, check_slot, write_atomic
 from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import FileOwnership
 from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
+from sharedstate.server.logrelay import PLAIN_FORMAT, ROOT, relay_to_owner
 from sharedstate.server.recovery import recover
 from sharedstate.server.service import StateService
 from sharedstate.server.serving import ManagerServer
 from sharedstate.wire.addresses import Address, key_file_for
 from sharedstate.wire.versions import VersionTable
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: How often the server checks that its owner process is still alive.
 OWNER_POLL_S = 0.5
@@ -213,9 +214,11 @@ def main() -> None:
     """Entry point of the server process."""
     out = sys.stdout.buffer
     config: ServerConfig = pickle.load(sys.stdin.buffer)
-    logging.basicConfig(
-        level=config.log_level, format="sharedstate[%(process)d] %(levelname)s: %(message)s", stream=sys.stderr
-    )
+    logging.getLogger(ROOT).setLevel(config.log_level)
+    if config.log_fd is not None:  # the owner's logging handles every record
+        relay_to_owner(config.log_fd)
+    else:
+        logging.basicConfig(format=PLAIN_FORMAT, stream=sys.stderr)
     process = ServerProcess(config)
     try:
         address = process.open()
@@ -224,6 +227,7 @@ def main() -> None:
             reply = pickle.dumps(("error", exc))
         except Exception:
             reply = pickle.dumps(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        logging.shutdown()  # what it logged before it failed reaches the owner first
         out.write(reply)
         out.flush()
         os._exit(1)

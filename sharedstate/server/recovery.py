@@ -12,7 +12,7 @@ from sharedstate.persistence.journal import Journal, replay_records, scan_journa
 from sharedstate.persistence.snapshot import read_snapshot
 from sharedstate.server.service import StateService
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 
 def recover(service: StateService, path: Path) -> None:

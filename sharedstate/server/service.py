@@ -13,9 +13,11 @@ from typing import Any
 
 import psutil
 
+from sharedstate._figures import CallCounts
 from sharedstate._rules import check_restored, select_saved
 from sharedstate._sentinels import HANDED
 from sharedstate.persistence.files import check_slot
+from sharedstate.persistence.journal import journal_path
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
 from sharedstate.server.clients import RECONNECT_GRACE_S, Client, Clients
 from sharedstate.server.config import ServerConfig
@@ -24,7 +26,10 @@ from sharedstate.server.locktable import LockTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
+
+#: Lock holders ``stats()`` lists at most (the longest held first), so that its answer stays small.
+HOLDERS_SHOWN = 100
 
 
 class CurrentClient(threading.local):
@@ -63,6 +68,8 @@ class StateService(Store):
         self.started_at = time.time()
         self.address: Address | None = None
         self.clients = Clients()
+        #: Calls served since the server started, by name: each serving thread counts its own.
+        self.calls = CallCounts(self.EXPOSED)
         # Resolved, so that another spelling of the same file (.., a symlink) is still this server's file.
         self.path = None if config.path is None else Path(config.path).resolve()
         self.last_save_at: float | None = None
@@ -227,6 +234,14 @@ class StateService(Store):
             self.ops += 1
             names, ops = len(self._data), self.ops
         clients = self.clients.connections()
+        waiters, held = self.locks.status()
+        held.sort(key=lambda holder: -holder[2])
+        journal = None
+        if self.journal is not None and self.path is not None:
+            try:
+                journal = journal_path(self.path).stat().st_size
+            except OSError:
+                pass  # between two generations: the figure is missing for a moment
         return {
             "names": names,
             "pid": os.getpid(),
@@ -239,7 +254,15 @@ class StateService(Store):
             "last_save_error": self.last_save_error,
             "lock_recoveries": self.locks.recoveries,
             "restored_from_backup": self.restored_from_backup,
-            **self.locks.status(),
+            "locks_held": len(held),
+            "lock_waiters": waiters,
             "address": format_address(self.address) if self.address is not None else None,
             "path": self.config.path,
+            "journal_bytes": journal,
+            "calls": self.calls.totals(),
+            "lock_holders": [
+                {"lock": key, "pid": pid, "held_s": seconds, "waiters": queued}
+                for key, pid, seconds, queued in held[:HOLDERS_SHOWN]
+            ],
+            **self.locks.waits.percentiles(),
         }

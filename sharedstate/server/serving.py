@@ -25,7 +25,7 @@ from sharedstate.wire.addresses import STORE_ID, Address
 from sharedstate.wire.answers import Duplicate, answer_of, current_request
 from sharedstate.wire.framing import MessageReader, frame, write_message, write_raw
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: Connections that may wait to be accepted.
 LISTEN_BACKLOG = 1024
@@ -149,6 +149,14 @@ class ManagerServer(managers.Server):
         A write names the store by its request id instead: its sequence number (the client is the one
         the connection introduced as, ``client``), or ``(client, sequence)`` (``wire.answers``)."""
         reader = MessageReader(conn.fileno())
+        calls = self.service.calls
+        counts = calls.open()  # this thread's own: counting takes no lock
+        try:
+            self._serve(reader, counts, client)
+        finally:
+            calls.retire(counts)
+
+    def _serve(self, reader: MessageReader, counts: dict[str, int], client: str | None) -> None:
         read, fd, buffered = reader.read, reader.fd, reader.buffered
         queued: list[bytes] = []  # answers not written yet, while more requests are buffered
         methods = self.methods
@@ -173,6 +181,7 @@ class ManagerServer(managers.Server):
                     else:
                         raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
+                counts[name] += 1
                 if queued and name == "lock_acquire":  # it may wait: what was answered goes out first
                     write_raw(fd, b"".join(queued))
                     queued.clear()

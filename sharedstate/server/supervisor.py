@@ -23,11 +23,12 @@ from typing import Any
 
 from sharedstate._errors import ServerUnavailable, SharedStateError, SnapshotError
 from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
+from sharedstate.server.logrelay import LogListener, owner_level
 from sharedstate.wire.addresses import CONNECT_TIMEOUT, Address, format_address
 from sharedstate.wire.handshake import open_control
 from sharedstate.wire.versions import retire
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: How long a new server process may take to report that it listens.
 START_TIMEOUT_S = 30.0
@@ -129,7 +130,12 @@ class Supervisor:
 
 def _final_report(proc: subprocess.Popen[bytes]) -> tuple[bool, SharedStateError | None]:
     """Whether an exited server process reported that it stopped, and what it reported about its final
-    save (the error, if it failed); closes the pipe it reported on."""
+    save (the error, if it failed); closes the pipe it reported on, once the records it logged last
+    were handled here."""
+    listener = getattr(proc, "log_listener", None)
+    if listener is not None:
+        proc.log_listener = None  # type: ignore[attr-defined]
+        listener.finish()
     fd = getattr(proc, "report_fd", None)
     if fd is None:
         return False, None
@@ -157,30 +163,36 @@ def _final_report(proc: subprocess.Popen[bytes]) -> tuple[bool, SharedStateError
 
 def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a server process and wait until it listens; return it and what it reported. The process
-    gets a pipe of its own to tell, as it exits, whether its final save failed (``proc.report_fd``)."""
+    gets a pipe of its own to tell, as it exits, whether its final save failed (``proc.report_fd``), and
+    one for its log records, which this process' logging handles (``proc.log_listener``)."""
     code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from sharedstate.server.process import main; main()"
     report_r, report_w = os.pipe()
+    log_r, log_w = os.pipe()
     os.set_blocking(report_r, False)
-    config.report_fd = report_w
+    config.report_fd, config.log_fd = report_w, log_w
+    config.log_level = owner_level()  # as the owner's loggers are set now, at each start
     payload = pickle.dumps(config)
-    config.report_fd = None  # the same config starts the next process, with its own pipe
+    config.report_fd = config.log_fd = None  # the same config starts the next process, with its own pipes
     try:
         proc = subprocess.Popen(
             [spawn.get_executable(), "-c", code],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
-            pass_fds=(report_w,),
+            pass_fds=(report_w, log_w),
             # Its own session: a Ctrl-C in the terminal (SIGINT to the foreground group) is for the owner,
             # which decides when the server stops; the server still stops when the owner dies.
             start_new_session=True,
         )
     except BaseException:
         os.close(report_r)
+        os.close(log_r)
         raise
     finally:
         os.close(report_w)
+        os.close(log_w)
     proc.report_fd = report_r  # type: ignore[attr-defined]
+    proc.log_listener = LogListener(log_r)  # type: ignore[attr-defined]
     assert proc.stdin is not None and proc.stdout is not None
     try:
         proc.stdin.write(payload)

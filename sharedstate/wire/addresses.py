@@ -34,6 +34,26 @@ MAX_CALL_TIMEOUT = 86_400.0
 KEEPALIVES_PER_TIMEOUT = 4
 
 
+#: Why a sharedstate server cannot be started or reached on Windows.
+NO_SERVER_ON_WINDOWS = (
+    "a sharedstate server is not supported on Windows yet (it is built on Unix sockets, POSIX shared memory "
+    "and fork-aware clients): use LocalFileStorage, or a Redis or Valkey server through "
+    "sharedstate.connect('redis://...')"
+)
+
+
+def server_supported(os_name: str) -> bool:
+    """Whether a sharedstate server can run here, and its clients connect to it (``os.name``): not on
+    Windows yet."""
+    return os_name != "nt"
+
+
+def check_server_supported(os_name: str = os.name) -> None:
+    """Raise ``NotImplementedError`` where a sharedstate server is not supported (``server_supported``)."""
+    if not server_supported(os_name):
+        raise NotImplementedError(NO_SERVER_ON_WINDOWS)
+
+
 def check_call_timeout(timeout: object) -> float:
     """``connect(timeout=)``: a positive number of seconds, at most ``MAX_CALL_TIMEOUT``."""
     if type(timeout) not in (int, float):

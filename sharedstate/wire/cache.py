@@ -69,7 +69,7 @@ def encode(value: Any) -> Encoded:
 class ClientCache:
     """The entries of one process for one server process, shared by every handle on that server."""
 
-    __slots__ = ("view", "token", "_words", "_entries", "_bytes", "_mutex")
+    __slots__ = ("view", "token", "_words", "_entries", "_bytes", "_mutex", "hits", "misses")
 
     def __init__(self, view: VersionView) -> None:
         self.view = view
@@ -79,6 +79,10 @@ class ClientCache:
         self._entries: OrderedDict[str, tuple[int, int, int, Any, bytes | None, int]] = OrderedDict()
         self._bytes = 0
         self._mutex = threading.Lock()
+        #: Reads the cache answered, and reads that went to the server, counted by the handles
+        #: (``backends.local``) with no lock: threads of one process that race may lose a count.
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -182,6 +186,20 @@ class CacheSlot:
 
     def dropped(self) -> None:
         self.cache = None
+
+
+def cache_figures(cache: ClientCache | None) -> dict[str, Any]:
+    """The client side's part of ``stats()``: ``cache_hits`` and ``cache_misses`` (reads of this process
+    on this server, by all its handles), ``cache_hit_ratio`` (``None`` before any read), ``cache_entries``
+    and ``cache_bytes``. All 0 (the ratio ``None``) without a cache."""
+    hits, misses = (0, 0) if cache is None else (cache.hits, cache.misses)
+    return {
+        "cache_hits": hits,
+        "cache_misses": misses,
+        "cache_hit_ratio": hits / (hits + misses) if hits + misses else None,
+        "cache_entries": 0 if cache is None else len(cache),
+        "cache_bytes": 0 if cache is None else cache.size_bytes,
+    }
 
 
 # -- one cache per server process, shared by this process' handles --------------------------------------

@@ -22,7 +22,8 @@ but without that module's resource tracker: on Python < 3.13 the tracker of ever
 attaches a block unlinks it when that process exits. Clients map it read-only. A stopping server
 retires its block (token 0) and removes it; the owner of a server that crashed does the same at once;
 and every server that starts retires and removes the blocks of this user whose server is gone (killed
-with no owner left, say).
+with no owner left, say): it finds them by listing ``/dev/shm``, or where there is none (macOS) in the
+registry of the names this user's servers made (``shmnames``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import psutil
 
 from sharedstate._processes import process_alive
 from sharedstate.wire.addresses import Address
+from sharedstate.wire.shmnames import SOURCE, Registry, listed
 
 try:
     import _posixshmem
@@ -54,7 +56,6 @@ SIZE = (HEADER_WORDS + SLOTS) * 8
 PREFIX = "sharedstate-"
 _MASK = SLOTS - 1
 _WORD = 0xFFFFFFFFFFFFFFFF
-_SHM = "/dev/shm"
 
 
 def slot_of(name: str) -> int:
@@ -138,47 +139,49 @@ def retire(name: str, token: int | None = None, only_if_dead: bool = False) -> b
         mm.close()
 
 
-def sweep() -> int:
-    """Retire and remove every block of this user whose server is gone; return how many."""
-    try:
-        entries = os.listdir(_SHM)
-    except OSError:  # no /dev/shm to list (not Linux): only the names this server uses are checked
-        return 0
-    uid = os.getuid()
-    removed = 0
-    for entry in entries:
-        if not entry.startswith(PREFIX):
+def sweep(registry: Registry | None = None) -> int:
+    """Retire and remove every block of this user whose server is gone; return how many. The blocks are
+    those ``/dev/shm`` lists, or, with a ``registry`` (where there is no ``/dev/shm``), those it names."""
+    names = listed(os.getuid()) if registry is None else registry.names()
+    removed, gone = 0, []
+    for name in names:
+        try:
+            mm, words = _map(name, writable=False)
+        except FileNotFoundError:
+            gone.append(name)
+            continue
+        except OSError:  # not a version table of ours: left alone
             continue
         try:
-            if os.stat(os.path.join(_SHM, entry)).st_uid != uid:
-                continue
-        except OSError:
-            continue
-        mapped = False
-        try:
-            mm, words = _map("/" + entry, writable=False)
-            mapped = True
             dead = words[TOKEN] == 0 or not process_alive(words[PID], _bits_double(words[STARTED]))
+        finally:
             words.release()
             mm.close()
-        except OSError:
-            dead = False
-        if mapped and dead and retire("/" + entry, only_if_dead=True):
+        if dead and retire(name, only_if_dead=True):
             removed += 1
+            gone.append(name)
+    if registry is not None:
+        registry.forget(gone)
     return removed
 
 
 class VersionTable:
     """The server's side: creates the block and bumps counters (always under the store's mutex)."""
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: Address, registry: Registry | None = None) -> None:
+        """``registry``: where the names of this user's blocks are kept; by default, only where
+        ``/dev/shm`` cannot list them (``shmnames.SOURCE``)."""
         if _posixshmem is None:
             raise OSError("no POSIX shared memory on this platform")
-        sweep()  # blocks left by servers that were killed with no owner to remove them
+        if registry is None and SOURCE == "registry":
+            registry = Registry.open()
+        sweep(registry)  # blocks left by servers that were killed with no owner to remove them
         name = block_name(address)
         if not retire(name, only_if_dead=True):
             # Held by a live server (another spelling of a TCP address?) or another user: a name of our own.
             name = "/" + PREFIX + secrets.token_hex(8)
+        if registry is not None:
+            registry.add(name)
         fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             os.ftruncate(fd, SIZE)

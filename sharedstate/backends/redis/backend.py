@@ -15,16 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from sharedstate import _fork
+from sharedstate._figures import ThreadCalls, WaitWindow
 from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
 from sharedstate._rules import add, appended, check_restored, matches, scoped, select_saved
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate.backends.redis.connection import REPLY_TIMEOUT, Connection, redis_call
+from sharedstate.backends.redis.connection import text as _text
+from sharedstate.backends.redis.figures import lock_holders
 from sharedstate.backends.redis.locks import LockCalls
 from sharedstate.backends.redis.scripts import EXACT_INT
 from sharedstate.backends.redis.url import Target
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
+from sharedstate.wire.cache import cache_figures
 
 #: Names per HSCAN step of ``names()``.
 SCAN_COUNT = 1000
@@ -48,10 +52,6 @@ def dumps(value: Any) -> str:
 
 def loads(raw: bytes | str) -> Any:
     return json.loads(raw, object_hook=object_hook)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
 
 def _path(path: str | None, verb: str) -> Path:
@@ -82,6 +82,9 @@ class RedisBackend(LockCalls):
         self._scopes_key = prefix + "scopes"
         self._keys = [self._data_key, self._scopes_key]
         self._conn_: Connection | None = None
+        #: This handle's calls in this process, by name (``redis_call`` counts them), and its lock waits.
+        self.counted = ThreadCalls()
+        self.waits = WaitWindow()
 
     # -- plumbing -----------------------------------------------------------------------------------
     @property
@@ -341,11 +344,16 @@ class RedisBackend(LockCalls):
         ``last_save_at``/``last_save_s``/``last_save_error`` (``None``: no scheduled saves of its own),
         ``lock_recoveries`` (0: expired leases are not counted). Also ``backend`` (``"redis"``),
         ``address``, ``namespace``, ``lease_s``, ``redis_version``, ``redis_last_save_at`` (Redis' own
-        last RDB save, Unix time), ``redis_changes_since_last_save`` and ``redis_aof_enabled``."""
-        pipe = self._conn.client.pipeline(transaction=False)
+        last RDB save, Unix time), ``redis_changes_since_last_save`` and ``redis_aof_enabled``. The
+        figures of docs/observability.md, where ``calls`` and the lock waits are this handle's in this
+        process (Redis keeps no figures of sharedstate's calls), ``lock_holders`` and ``locks_held`` come
+        from the lock keys (``figures``), ``lock_waiters`` is ``None`` and the client cache figures are 0."""
+        client = self._conn.client
+        pipe = client.pipeline(transaction=False)
         pipe.hlen(self._data_key)
         pipe.info()
         names, info = pipe.execute()
+        holders, held = lock_holders(client, self._lock_keys(None)[0], self._lock_keys("")[0])
         return {
             "names": int(names),
             "pid": info.get("process_id"),
@@ -365,4 +373,11 @@ class RedisBackend(LockCalls):
             "redis_last_save_at": info.get("rdb_last_save_time"),
             "redis_changes_since_last_save": info.get("rdb_changes_since_last_save"),
             "redis_aof_enabled": bool(info.get("aof_enabled", 0)),
+            "locks_held": held,
+            "lock_waiters": None,
+            "journal_bytes": None,
+            "calls": self.counted.counts.totals(),
+            "lock_holders": holders,
+            **self.waits.percentiles(),
+            **cache_figures(None),
         }

@@ -74,6 +74,11 @@ class Connection:
         return self.scripts[script](keys=keys, args=args)
 
 
+def text(raw: bytes | str) -> str:
+    """A reply as text: redis-py answers bytes, unless the URL asked it to decode replies."""
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
 def translate(exc: BaseException, address: str, call: str) -> BaseException:
     """A redis-py error as the error sharedstate raises for the same failure of the local server."""
     errors = _redis_module.exceptions
@@ -94,11 +99,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def redis_call(function: _F) -> _F:
     """Raise sharedstate's errors, not redis-py's, from a backend method (whose ``address`` names the
-    server in the message)."""
+    server in the message), and count the call (in the backend's ``counted``, for ``stats()``)."""
     call = function.__name__.strip("_")
 
     @functools.wraps(function)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.counted.count(call)
         try:
             return function(self, *args, **kwargs)
         except RedisError as exc:

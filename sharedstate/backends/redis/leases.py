@@ -28,7 +28,7 @@ from sharedstate.backends.redis.url import lease_ms
 if TYPE_CHECKING:
     from sharedstate.backends.redis.connection import Connection
 
-log = logging.getLogger("sharedstate")
+log = logging.getLogger(__name__)
 
 #: (the backend's URL, the lock's key): a lock, whichever handle of the same state took it.
 LockId = tuple[str, str]
@@ -60,6 +60,15 @@ def token(owner: Hashable) -> str:
     """What a lock's key holds while ``owner`` of this process holds it: the pid first (``lock_owner``
     reads it), then a random token of the process (pids repeat across hosts and over time)."""
     return f"{os.getpid()}:{_process_token}:{owner}"
+
+
+def pid_of(token: bytes | str) -> int | None:
+    """The holder's pid, from what a lock's key holds (``token``); ``None`` if it holds no such thing."""
+    head = token.split(b":" if isinstance(token, bytes) else ":", 1)[0]
+    try:
+        return int(head)
+    except ValueError:
+        return None
 
 
 def lost_lease(held: Held) -> LockLost:

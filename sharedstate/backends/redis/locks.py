@@ -15,6 +15,7 @@ from sharedstate.backends.redis.connection import redis_call
 from sharedstate.backends.redis.url import check_lease, lease_ms
 
 if TYPE_CHECKING:
+    from sharedstate._figures import WaitWindow
     from sharedstate.backends.redis.connection import Connection
 
 #: Longest single wait of a lock waiter before it asks again (it wakes earlier on a release, or when
@@ -38,6 +39,7 @@ class LockCalls:
     _conn: Connection
     address: str
     lease: float
+    waits: WaitWindow
 
     # -- locks --------------------------------------------------------------------------------------
     def _lock_keys(self, name: str | None) -> tuple[str, str]:
@@ -61,12 +63,14 @@ class LockCalls:
         # Redis' own bounds (``url.MIN_LEASE``..``MAX_LEASE``), narrower than any positive number ``Lock`` takes.
         lease = self.lease if lease is None else check_lease(lease)
         token = _leases.token(owner)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
         conn = self._conn
         while True:
             left = conn.run("acquire", [key], [token, lease_ms(lease)])
             if left == -3:
                 registry.add(ident, _leases.Held(conn, self.address, name, key, token, owner, lease))
+                self.waits.append(time.monotonic() - start)
                 return True
             if not blocking:
                 return False
@@ -78,6 +82,7 @@ class LockCalls:
                 until = min(until, now + left / 1000 + 0.001)
             if deadline is not None:
                 if now >= deadline:
+                    self.waits.append(now - start)  # a wait given up is a wait too
                     return False
                 until = min(until, deadline)
             # A blocking wait also stays well inside the reply timeout, so it is never taken for a
@@ -118,9 +123,4 @@ class LockCalls:
     def lock_owner(self, name: str | None) -> int | None:
         """The pid of the holder (on its own host), read from the token its key holds."""
         raw = self._conn.client.get(self._lock_keys(name)[0])
-        if raw is None:
-            return None
-        try:
-            return int(raw.split(b":", 1)[0])
-        except ValueError:
-            return None
+        return None if raw is None else _leases.pid_of(raw)

@@ -1,0 +1,224 @@
+"""The server process logs through its owner's logging: an app's own handler and format receive the
+server's records (a lock recovery, under each start method the app may have been started with, and
+across a restart of the server), the owner's levels apply, the last records of a shutdown arrive, no
+thread is left behind, and an owner that stops reading never holds the server up."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import pytest
+import workers
+from conftest import ROOT, START_METHODS, kill, reap, start_serve, wait_until
+
+import sharedstate
+
+WAIT_S = 30
+#: The app's format: every record the app's handler gets is formatted with it.
+APP_FORMAT = "app|%(name)s|%(levelname)s|%(process)d|%(message)s"
+
+
+class Collect(logging.Handler):
+    """An app's handler: keeps every record, formatted with the app's own format."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(APP_FORMAT))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def wait_for(self, text: str) -> str:
+        """The first line holding ``text``, once it has arrived."""
+        wait_until(lambda: any(text in line for line in self.lines), WAIT_S, what=repr(text))
+        return next(line for line in self.lines if text in line)
+
+
+def app_owner(method: str, snapshot: str, results) -> None:
+    """An app that installs its own handler, starts a server, and has a lock holder SIGKILLed; reports
+    the lines its handler got."""
+    try:
+        handler = Collect()
+        logging.getLogger().addHandler(handler)
+        logging.getLogger("sharedstate").setLevel(logging.INFO)
+        logging.getLogger("sharedstate.server.process").setLevel(logging.WARNING)  # not its "stopping: ..."
+        ctx = multiprocessing.get_context(method)
+        server = sharedstate.StateServer(path=snapshot, save_every=None).start()
+        try:
+            first = server.pid
+            held = ctx.Event()
+            holder = ctx.Process(target=workers.hold_lock_forever, args=(server.state, None, held))
+            holder.start()
+            try:
+                assert held.wait(WAIT_S)
+                kill(holder.pid)
+                assert server.state.lock.acquire(timeout=WAIT_S)  # the server frees the dead holder's lock
+                server.state.lock.release()
+            finally:
+                reap(holder)
+            recovery = handler.wait_for(f"held by pid {holder.pid}")
+            server.state.set("kept", 1)
+            server.save()
+            kill(first)  # the owner starts a new server process, whose records arrive just the same
+            wait_until(lambda: server.pid not in (None, first), WAIT_S, what="a new server process")
+            restored = handler.wait_for("restored 1 names from")
+            second = server.pid
+        finally:
+            server.shutdown()
+        # Handled before shutdown() returned: the last records of the server, and nothing left running.
+        final = [line for line in handler.lines if "final save" in line]
+        stopping = [line for line in handler.lines if "stopping:" in line]
+        threads = [t.name for t in threading.enumerate() if t.name == "sharedstate-server-logs"]
+        results.put(("done", first, second, recovery, restored, final, stopping, threads))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_lock_recovery_in_the_server_reaches_the_apps_handler(tmp_path, method):
+    ctx = multiprocessing.get_context(method)
+    results = ctx.Queue()
+    owner = ctx.Process(target=app_owner, args=(method, str(tmp_path / "state.json"), results))
+    owner.start()
+    try:
+        report = results.get(timeout=120)
+    finally:
+        reap(owner)
+    assert report[0] == "done", report[1]
+    _, first, second, recovery, restored, final, stopping, threads = report
+    assert recovery.startswith(f"app|sharedstate.server.locktable|WARNING|{first}|released the global lock held by")
+    assert restored.startswith(f"app|sharedstate.server.recovery|INFO|{second}|restored 1 names from")
+    assert len(final) == 1 and final[0].startswith(f"app|sharedstate.server.service|INFO|{second}|final save:")
+    assert stopping == []  # the owner's level for sharedstate.server.process is WARNING
+    assert threads == []
+
+
+def quiet_owner(snapshot: str, started, go, results) -> None:
+    """An owner whose handler counts the server's save records; it is stopped (SIGSTOP) meanwhile."""
+    try:
+        handler = Collect()
+        logging.getLogger("sharedstate").addHandler(handler)
+        logging.getLogger("sharedstate").setLevel(logging.INFO)
+        with sharedstate.StateServer(save_every=None) as server:
+            started.put((server.address, server.authkey, server.pid))
+            assert go.wait(120)
+        saves = sum(1 for line in handler.lines if f"save: 0 names to {snapshot}" in line)
+        dropped = [line for line in handler.lines if "log record(s) of the server process were dropped" in line]
+        results.put(("done", saves, dropped))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
+@pytest.mark.timeout(180)
+def test_a_server_whose_owner_stops_reading_its_records_serves_on_and_counts_what_it_dropped(tmp_path):
+    """More records than the server keeps for its owner (its queue and the pipe) while the owner is
+    stopped: every call is still answered, and the records the owner missed are counted, not lost
+    silently."""
+    ctx = multiprocessing.get_context("fork")
+    snapshot = str(tmp_path / "copy.json")
+    started, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    owner = ctx.Process(target=quiet_owner, args=(snapshot, started, go, results))
+    owner.start()
+    try:
+        address, authkey, server_pid = started.get(timeout=60)
+        state = sharedstate.connect(address, authkey, timeout=10)
+        calls = 2000  # each logs one record, far more than the queue (1000) and the pipe hold
+        os.kill(owner.pid, signal.SIGSTOP)
+        try:
+            for _ in range(calls):
+                state.save(snapshot)  # a call that logs: it returns though nobody takes its record
+        finally:
+            os.kill(owner.pid, signal.SIGCONT)
+        assert state.get("missing", "default") == "default"
+        state.close()
+        go.set()
+        report = results.get(timeout=60)
+    finally:
+        go.set()
+        os.kill(owner.pid, signal.SIGCONT)
+        reap(owner)
+    assert report[0] == "done", report[1]
+    _, saves, dropped = report
+    assert dropped, "the server dropped records but never said so"
+    lost = sum(int(line.split("|")[4].split()[0]) for line in dropped)
+    assert 0 < saves < calls and saves + lost == calls
+    assert all(f"|{server_pid}|" in line for line in dropped)
+
+
+def test_every_module_logs_to_the_logger_of_its_own_name():
+    package = Path(sharedstate.__file__).parent
+    modules = [path for path in package.rglob("*.py") if "log = " in path.read_text()]
+    assert len(modules) > 10
+    for path in modules:
+        assigned = [line for line in path.read_text().splitlines() if line.startswith("log = ")]
+        assert assigned == ["log = logging.getLogger(__name__)"], path
+
+
+def test_the_owners_level_applies_to_the_records_of_a_running_server(tmp_path):
+    """Records are filtered by the owner's loggers as they are when a record arrives (shutdown() returns
+    once every record of the server was handled)."""
+    handler = Collect()
+    logger = logging.getLogger("sharedstate.server.service")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with sharedstate.StateServer(save_every=None) as server:
+            server.save(tmp_path / "a.json")
+            line = handler.wait_for("save: 0 names to")
+            logger.setLevel(logging.ERROR)
+            server.save(tmp_path / "b.json")  # its record arrives before shutdown() returns
+        assert line.startswith(f"app|sharedstate.server.service|INFO|{server.pid}|save: 0 names to ")
+        assert "a.json" in line
+        assert "b.json" not in "".join(handler.lines)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+#: A command for ``sharedstate run``: a child of it takes the global lock and is killed, then the command
+#: takes the lock, which the server frees with a warning.
+_DEAD_HOLDER = """
+import subprocess, sys, sharedstate
+holder = "import sharedstate, time; sharedstate.connect().lock.acquire(); print('held', flush=True); time.sleep(60)"
+child = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "held\\n"
+child.kill()
+child.wait()
+state = sharedstate.connect()
+assert state.lock.acquire(timeout=30)
+print(child.pid)
+"""
+
+
+def test_the_command_line_logs_the_servers_records_on_stderr_in_the_plain_format(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-m", "sharedstate", "run", "--", sys.executable, "-c", _DEAD_HOLDER]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    holder = done.stdout.strip()
+    line = f"WARNING: released the global lock held by pid {holder}"
+    assert re.search(rf"^sharedstate\[\d+\] {line}", done.stderr, re.M), done.stderr
+    serve = start_serve(tmp_path / "state.json", str(tmp_path / "s.sock"), text=True)
+    try:
+        assert serve.stdout.readline().startswith("sharedstate: serving at")
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+        err = serve.stderr.read()
+    finally:
+        reap(serve)
+        serve.stdout.close()
+        serve.stderr.close()
+    assert re.search(rf"^sharedstate\[{serve.pid}\] INFO: final save: 0 names to ", err, re.M), err
