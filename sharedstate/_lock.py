@@ -86,50 +86,64 @@ _held: dict[tuple[Any, str | None, Hashable], int] = {}
 _lost: set[tuple[Any, str | None, Hashable]] = set()
 
 
+def acquire_begin(backend: Backend, name: str | None, owner: Hashable) -> tuple[Any, int]:
+    """Before an acquire of ``name`` for ``owner``: its key in the bookkeeping and how often ``owner``
+    believes it holds the lock; ``LockLost`` if it believed it held it and lost it."""
+    ident = (backend.identity, name, owner)
+    count = _held.get(ident, 0)
+    if count and ident in _lost:
+        raise lost(name)
+    return ident, count
+
+
+def acquire_lost(ident: Any, count: int) -> None:
+    """The server said an acquire's owner had lost the lock it believed it held ``count`` times."""
+    if count:
+        _lost.add(ident)
+        _renewals.discard(ident)
+
+
+def acquire_done(ident: Any, count: int, backend: Backend, lease: float | None) -> None:
+    """An acquire was granted: one hold more, and its lease renewed from now on (through ``backend``, a
+    blocking one, unless it renews its own)."""
+    _held[ident] = count + 1
+    if not count:
+        if _lost:  # a renewal that lost a lock the owner released meanwhile may have left it there
+            _lost.discard(ident)
+        if lease is not None and not backend.renews_leases:
+            _renewals.add(ident, backend, lease)
+
+
 def acquire_call(
     state: State, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None
 ) -> bool:
     """Acquire ``name`` for ``owner`` through ``state``; ``LockLost`` if ``owner`` believed it held it and
     the server no longer has it as its own."""
     backend = state.backend
-    ident = (backend.identity, name, owner)
-    count = _held.get(ident, 0)
-    if count and ident in _lost:
-        raise lost(name)
+    ident, count = acquire_begin(backend, name, owner)
     try:
         taken = backend.lock_acquire(name, owner, blocking, timeout, lease, count)
     except LockLost:
-        if count:
-            _lost.add(ident)
-            _renewals.discard(ident)
+        acquire_lost(ident, count)
         raise
     if taken:
-        _held[ident] = count + 1
-        if not count:
-            if _lost:  # a renewal that lost a lock the owner released meanwhile may have left it there
-                _lost.discard(ident)
-            if lease is not None and not backend.renews_leases:
-                _renewals.add(ident, backend, lease)
+        acquire_done(ident, count, backend, lease)
     return taken
 
 
-def release_call(state: State, name: str | None, owner: Hashable) -> None:
-    """Release ``name`` once for ``owner``: ``LockLost`` if it was lost meanwhile, ``RuntimeError`` if
-    ``owner`` does not hold it."""
-    backend = state.backend
+def release_begin(backend: Backend, name: str | None, owner: Hashable) -> tuple[Any, int, bool]:
+    """Before a release: the bookkeeping's key, how often ``owner`` believes it holds the lock (0: the
+    server is asked all the same, and answers with the ``RuntimeError`` naming the holder), and whether
+    it is known to be lost (then the server is not asked)."""
     ident = (backend.identity, name, owner)
-    count = _held.get(ident, 0)
-    if not count:
-        backend.lock_release(name, owner, 0)
-        return
-    was_lost = ident in _lost
-    if not was_lost:
-        try:
-            backend.lock_release(name, owner, count)
-        except LockLost:
-            was_lost = True
-        # Any other failure (the server out of reach) leaves the belief as it was: the release did not
-        # happen, or the server is gone with its locks, which the next call finds out.
+    return ident, _held.get(ident, 0), ident in _lost
+
+
+def release_done(ident: Any, count: int, was_lost: bool) -> None:
+    """A release of a lock held ``count`` times went through, or found it lost (``was_lost``): one hold
+    less; ``LockLost`` when it was lost. Any other failure (the server out of reach) must not get here:
+    it leaves the belief as it was (the release did not happen, or the server is gone with its locks,
+    which the next call finds out)."""
     if count > 1:
         _held[ident] = count - 1
         if was_lost:
@@ -139,7 +153,23 @@ def release_call(state: State, name: str | None, owner: Hashable) -> None:
         _lost.discard(ident)
         _renewals.discard(ident)
     if was_lost:
-        raise lost(name)
+        raise lost(ident[1])
+
+
+def release_call(state: State, name: str | None, owner: Hashable) -> None:
+    """Release ``name`` once for ``owner``: ``LockLost`` if it was lost meanwhile, ``RuntimeError`` if
+    ``owner`` does not hold it."""
+    backend = state.backend
+    ident, count, was_lost = release_begin(backend, name, owner)
+    if not count:
+        backend.lock_release(name, owner, 0)
+        return
+    if not was_lost:
+        try:
+            backend.lock_release(name, owner, count)
+        except LockLost:
+            was_lost = True
+    release_done(ident, count, was_lost)
 
 
 class _Lease:

@@ -103,9 +103,7 @@ class State(MutableMapping[str, Any]):
 
     def remove(self, name: str) -> Any:
         """Remove ``name``; return its value, or ``None`` if there was no such name."""
-        value = self._backend.remove(check_name(name))
-        # DROPPED: removed before a crash, and answered again after it without the value (``pop`` says so).
-        return None if value is MISSING or value is DROPPED else value
+        return removed(self._backend.remove(check_name(name)))
 
     def contains(self, name: str) -> bool:
         """Whether ``name`` exists."""
@@ -158,30 +156,8 @@ class State(MutableMapping[str, Any]):
         """Store many names in one call, all or nothing, like ``set`` without a scope: from a mapping, an
         iterable of ``(name, value)`` pairs and keyword arguments, as ``dict.update`` takes them. Every
         name and value is checked before anything is sent."""
-        if isinstance(other, State):
-            items = other.snapshot()  # one call: dict() of a handle would read it name by name
-        elif isinstance(other, Mapping):
-            items = dict(other)  # what is checked is what is sent, whatever happens to ``other`` meanwhile
-        else:
-            try:
-                items = dict(other)
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"update() takes a mapping or an iterable of (name, value) pairs, not {type(other).__name__}"
-                ) from None
-        if names:
-            items.update(names)
-        # The usual batch (ASCII names, plain numbers) is checked by scans in C; anything else item by item.
-        if not (
-            _PLAIN_NAMES.issuperset(map(type, items))
-            and "".join(items).isascii()
-            and _PLAIN_FAST.issuperset(map(type, items.values()))
-        ):
-            given, items, budget = items, {}, PartBudget()  # one budget: a save writes them all
-            for name, value in given.items():
-                name = check_name(name)
-                check_value(name, value, budget)
-                items[name] = value
+        # A handle is read in one call: dict() of it would read it name by name.
+        items = update_items(other.snapshot() if isinstance(other, State) else other, names)
         if items:
             self._backend.update(items)
 
@@ -210,10 +186,7 @@ class State(MutableMapping[str, Any]):
         (a Redis state has no file of its own), and the ``OSError`` of a failed write (the previous file
         is then untouched). ``path`` is resolved here, in the calling process.
         """
-        target = _absolute(path, "save")
-        include_list = (check_names(include) if include is not None else None) or None
-        exclude_list = check_names(exclude) if exclude is not None else None
-        return self._backend.save(target, include_list, exclude_list, check_scope(scope))
+        return self._backend.save(*save_arguments(path, include, exclude, scope))
 
     def restore(self, path: str | os.PathLike[str] | None = None, *, merge: bool = False) -> int:
         """Load a snapshot (ours, or a Pode state file) from the server's path or ``path``; return the
@@ -221,9 +194,7 @@ class State(MutableMapping[str, Any]):
         names are set over the current ones. A missing file, or one that is empty or only white space,
         restores 0 names and changes nothing; an invalid one raises ``SnapshotError`` and changes nothing.
         """
-        if type(merge) is not bool:
-            raise TypeError(f"merge must be a bool, not {type(merge).__name__}")
-        return self._backend.restore(_absolute(path, "restore"), merge)
+        return self._backend.restore(*restore_arguments(path, merge))
 
     def stats(self) -> dict[str, Any]:
         """Figures of where the state lives: ``names``, ``pid``, ``rss_bytes``, ``uptime_s``, ``ops``,
@@ -273,33 +244,21 @@ class State(MutableMapping[str, Any]):
 
     def values(self) -> Any:
         """The values, in the order of their sorted names: a view of one copy, taken in one call."""
-        return _sorted(self.snapshot()).values()
+        return sorted_view(self.snapshot()).values()
 
     def items(self) -> Any:
         """``(name, value)`` pairs, sorted by name: a view of one copy, taken in one call."""
-        return _sorted(self.snapshot()).items()
+        return sorted_view(self.snapshot()).items()
 
     def pop(self, name: str, default: Any = NO_DEFAULT) -> Any:
         """Remove ``name`` and return its value; ``default`` if there is no such name, or ``KeyError``
         when no default is given. Atomic."""
-        value = self._backend.remove(check_name(name))
-        if value is MISSING:
-            if default is NO_DEFAULT:
-                raise KeyError(name)
-            return default
-        if value is DROPPED:
-            raise _dropped(f"pop({name!r})")
-        return value
+        return popped(name, self._backend.remove(check_name(name)), default)
 
     def popitem(self) -> tuple[str, Any]:
         """Remove some name and return ``(name, value)``; ``KeyError`` when the state is empty. Atomic.
         Which name is not specified (on a local server, the name added last; on Redis, a random one)."""
-        item = self._backend.popitem()
-        if item is None:
-            raise KeyError("popitem(): the state is empty")
-        if item is DROPPED:
-            raise _dropped("popitem()")
-        return item
+        return popped_item(self._backend.popitem())
 
     def __eq__(self, other: object) -> bool:
         """Whether the state holds the same names and values as ``other`` (a mapping, or a handle),
@@ -313,15 +272,89 @@ class State(MutableMapping[str, Any]):
     __hash__ = None  # type: ignore[assignment]  # equal to its contents, which change
 
 
+# -- what ``State`` and ``aio.AsyncState`` share: checks of arguments, and what answers mean -------------
+def update_items(other: Mapping[str, Any] | Iterable[tuple[str, Any]], names: dict[str, Any]) -> dict[str, Any]:
+    """The names and values of ``update(other, **names)``, each checked."""
+    if isinstance(other, Mapping):
+        items = dict(other)  # what is checked is what is sent, whatever happens to ``other`` meanwhile
+    else:
+        try:
+            items = dict(other)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"update() takes a mapping or an iterable of (name, value) pairs, not {type(other).__name__}"
+            ) from None
+    if names:
+        items.update(names)
+    # The usual batch (ASCII names, plain numbers) is checked by scans in C; anything else item by item.
+    if not (
+        _PLAIN_NAMES.issuperset(map(type, items))
+        and "".join(items).isascii()
+        and _PLAIN_FAST.issuperset(map(type, items.values()))
+    ):
+        given, items, budget = items, {}, PartBudget()  # one budget: a save writes them all
+        for name, value in given.items():
+            name = check_name(name)
+            check_value(name, value, budget)
+            items[name] = value
+    return items
+
+
+def save_arguments(
+    path: object,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    scope: str | Iterable[str] | None = None,
+) -> tuple[Any, ...]:
+    """The backend's arguments of ``save(path, include=, exclude=, scope=)``, checked."""
+    target = _absolute(path, "save")
+    include_list = (check_names(include) if include is not None else None) or None
+    exclude_list = check_names(exclude) if exclude is not None else None
+    return target, include_list, exclude_list, check_scope(scope)
+
+
+def restore_arguments(path: object, merge: object) -> tuple[Any, ...]:
+    """The backend's arguments of ``restore(path, merge=)``, checked."""
+    if type(merge) is not bool:
+        raise TypeError(f"merge must be a bool, not {type(merge).__name__}")
+    return _absolute(path, "restore"), merge
+
+
+def removed(value: Any) -> Any:
+    """What ``remove`` returns for the backend's answer."""
+    # DROPPED: removed before a crash, and answered again after it without the value (``pop`` says so).
+    return None if value is MISSING or value is DROPPED else value
+
+
+def popped(name: str, value: Any, default: Any) -> Any:
+    """What ``pop(name, default)`` returns (or raises) for the backend's answer."""
+    if value is MISSING:
+        if default is NO_DEFAULT:
+            raise KeyError(name)
+        return default
+    if value is DROPPED:
+        raise _dropped(f"pop({name!r})")
+    return value
+
+
+def popped_item(item: Any) -> tuple[str, Any]:
+    """What ``popitem()`` returns (or raises) for the backend's answer."""
+    if item is None:
+        raise KeyError("popitem(): the state is empty")
+    if item is DROPPED:
+        raise _dropped("popitem()")
+    return item
+
+
+def sorted_view(data: dict[str, Any]) -> dict[str, Any]:
+    return {name: data[name] for name in sorted(data)}
+
+
 def _dropped(call: str) -> SharedStateError:
     return SharedStateError(
         f"{call} was applied by the server before it crashed, and sent again to the restarted server; a save "
         "in between did not keep the removed value (removed values never reach a snapshot), so it is lost"
     )
-
-
-def _sorted(data: dict[str, Any]) -> dict[str, Any]:
-    return {name: data[name] for name in sorted(data)}
 
 
 def _absolute(path: object, verb: str) -> str | None:

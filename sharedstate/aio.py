@@ -1,8 +1,10 @@
 """asyncio access: ``await sharedstate.aio.connect()`` gives an ``AsyncState``.
 
-Every call runs on a small pool of worker threads (each with its own connection), so nothing blocks the
-event loop — not even a wait for a lock. Lock ownership is per task: two tasks of one loop exclude each
-other like two threads, and only the task that acquired a lock may release it.
+On a sharedstate server the client speaks the protocol itself on asyncio streams: the calls of every
+task share one connection with many requests in flight (``wire.aio_calls``), a lock wait takes a
+connection of its own, and no call needs a thread. (A Redis state's calls run on worker threads.) Lock
+ownership is per task: two tasks of one loop exclude each other like two threads, and only the task that
+acquired a lock may release it.
 
 >>> state = await sharedstate.aio.connect()          # doctest: +SKIP
 >>> await state.incr("hits")
@@ -17,32 +19,51 @@ import itertools
 import logging
 import os
 import threading
-import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from sharedstate._errors import LockLost, lock_timeout
 from sharedstate._errors import describe_lock as describe
-from sharedstate._errors import lock_timeout
-from sharedstate._lock import acquire_call, check_lease, check_timeout, release_call
-from sharedstate._sentinels import MISSING, NOT_CACHED
-from sharedstate._state import State
-from sharedstate._values import check_name
+from sharedstate._lock import (
+    acquire_begin,
+    acquire_done,
+    acquire_lost,
+    check_lease,
+    check_timeout,
+    release_begin,
+    release_call,
+    release_done,
+)
+from sharedstate._pattern import compile_pattern
+from sharedstate._rules import check_increment
+from sharedstate._sentinels import MISSING, NO_DEFAULT, NOT_CACHED
+from sharedstate._state import (
+    _PLAIN_FAST,
+    State,
+    popped,
+    popped_item,
+    removed,
+    restore_arguments,
+    save_arguments,
+    sorted_view,
+    update_items,
+)
+from sharedstate._values import check_name, check_names, check_scope, check_value
 from sharedstate.backends import open_backend
+from sharedstate.backends.aio_local import AsyncLocalBackend
+from sharedstate.backends.aio_threaded import ThreadedBackend
+from sharedstate.backends.local import LocalBackend
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-#: Worker threads (and so connections) per ``AsyncState``.
+#: Worker threads of an ``AsyncState``: handshakes on a local server; every call on Redis.
 MAX_THREADS = 16
-#: A lock wait is made of server-side waits this long, so it never holds a worker thread for long.
-LOCK_SLICE_S = 0.1
 
 _task_tokens: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = weakref.WeakKeyDictionary()
 _counter = itertools.count(1)
@@ -60,15 +81,19 @@ def _task_token() -> str:
 
 
 class AsyncState:
-    """The calls of ``State`` as coroutines. Get one from ``await sharedstate.aio.connect()``."""
+    """The calls of ``State`` as coroutines. Get one from ``await sharedstate.aio.connect()``, or from a
+    ``State`` (``AsyncState(state)``: the same state, with the same options)."""
 
     def __init__(self, state: State, max_threads: int = MAX_THREADS) -> None:
         self._sync = state
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="sharedstate-aio")
+        sync = state.backend
+        self._backend: Any = (
+            AsyncLocalBackend(sync, self._executor)
+            if isinstance(sync, LocalBackend)
+            else ThreadedBackend(sync, self._executor)
+        )
         self._lock = AsyncLock(self, None)
-
-    async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     @property
     def address(self) -> str:
@@ -76,11 +101,12 @@ class AsyncState:
 
     @property
     def sync(self) -> State:
-        """The blocking ``State`` behind this handle (for code that is not async)."""
+        """The blocking ``State`` on the same state (for code that is not async)."""
         return self._sync
 
     async def aclose(self) -> None:
-        """Close the worker threads and their connections."""
+        """Close the connections and the worker threads."""
+        self._backend.close()
         self._executor.shutdown(wait=False)
 
     close = aclose
@@ -97,74 +123,91 @@ class AsyncState:
     async def get(self, name: str, default: Any = None) -> Any:
         if type(name) is not str or not name.isascii():
             name = check_name(name)
-        value = self._sync.backend.peek(name)  # a cached value costs no thread hop and no round trip
+        value = self._backend.peek(name)  # a cached value costs no round trip
         if value is NOT_CACHED:
-            return await self._run(self._sync.get, name, default)
+            value = await self._backend.get(name)
         return default if value is MISSING else value
 
     async def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
-        return await self._run(lambda: self._sync.set(name, value, scope=scope))
+        if type(name) is not str or not name.isascii():
+            name = check_name(name)
+        if type(value) not in _PLAIN_FAST:
+            check_value(name, value)
+        await self._backend.set(name, value, check_scope(scope) if scope is not None else ())
+        return value
 
     async def remove(self, name: str) -> Any:
-        return await self._run(self._sync.remove, name)
+        return removed(await self._backend.write("remove", check_name(name)))
 
     async def contains(self, name: str) -> bool:
-        return await self._run(self._sync.contains, name)
+        return await self._backend.contains(check_name(name))
 
     async def names(self, pattern: str | None = None, *, scope: str | Iterable[str] | None = None) -> list[str]:
-        return await self._run(lambda: self._sync.names(pattern, scope=scope))
+        checked = None if pattern is None else compile_pattern(pattern)
+        return await self._backend.names(checked, check_scope(scope))
 
     async def clear(self) -> None:
-        await self._run(self._sync.clear)
+        await self._backend.write("clear")
 
     async def incr(self, name: str, by: Any = 1) -> Any:
-        return await self._run(self._sync.incr, name, by)
+        name = check_name(name)
+        check_increment(name, by)
+        return await self._backend.write("incr", name, by)
 
     async def setdefault(self, name: str, default: Any = None) -> Any:
-        return await self._run(self._sync.setdefault, name, default)
+        name = check_name(name)
+        check_value(name, default)
+        return await self._backend.write("setdefault", name, default)
 
     async def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
-        return await self._run(self._sync.compare_and_set, name, expected, new)
+        name = check_name(name)
+        check_value(name, expected)
+        check_value(name, new)
+        return await self._backend.write("compare_and_set", name, expected, new)
 
     async def append(self, name: str, item: Any) -> int:
-        return await self._run(self._sync.append, name, item)
+        name = check_name(name)
+        check_value(name, item)
+        return await self._backend.write("append", name, item)
 
     async def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), /, **names: Any) -> None:
-        await self._run(lambda: self._sync.update(other, **names))
+        items = update_items(await other.snapshot() if isinstance(other, AsyncState) else other, names)
+        if items:
+            await self._backend.write("update", items)
 
-    async def pop(self, name: str, *default: Any) -> Any:
-        return await self._run(self._sync.pop, name, *default)
+    async def pop(self, name: str, default: Any = NO_DEFAULT) -> Any:
+        return popped(name, await self._backend.write("remove", check_name(name)), default)
 
     async def popitem(self) -> tuple[str, Any]:
-        return await self._run(self._sync.popitem)
+        return popped_item(await self._backend.write("popitem"))
 
     async def keys(self) -> Any:
-        return await self._run(self._sync.keys)
+        return dict.fromkeys(await self.names()).keys()
 
     async def values(self) -> Any:
-        return await self._run(self._sync.values)
+        return sorted_view(await self.snapshot()).values()
 
     async def items(self) -> Any:
-        return await self._run(self._sync.items)
+        return sorted_view(await self.snapshot()).items()
 
     async def length(self) -> int:
         """The number of names (``len(state)`` of the blocking handle)."""
-        return await self._run(self._sync.__len__)
+        return await self._backend.length()
 
     async def get_many(self, names: Iterable[str]) -> dict[str, Any]:
-        return await self._run(self._sync.get_many, names)
+        return await self._backend.get_many(check_names(names))
 
     async def snapshot(self) -> dict[str, Any]:
-        return await self._run(self._sync.snapshot)
+        return await self._backend.snapshot()
 
     async def save(self, path: Any = None, **filters: Any) -> Path:
-        return await self._run(lambda: self._sync.save(path, **filters))
+        return await self._backend.save(*save_arguments(path, **filters))
 
     async def restore(self, path: Any = None, *, merge: bool = False) -> int:
-        return await self._run(lambda: self._sync.restore(path, merge=merge))
+        return await self._backend.write("restore", *restore_arguments(path, merge))
 
     async def stats(self) -> dict[str, Any]:
-        return await self._run(self._sync.stats)
+        return await self._backend.stats()
 
     @property
     def lock(self) -> AsyncLock:
@@ -182,9 +225,8 @@ for _name in ("get", "set", "remove", "contains", "names", "clear", "incr", "set
     getattr(AsyncState, _name).__doc__ = getattr(State, _name).__doc__
 
 
-def _give_back(state: Any, name: str | None, token: str) -> None:
-    """Release a lock that a cancelled wait took after all (in a thread of its own: the workers and the
-    loop may be gone)."""
+def _give_back(state: State, name: str | None, token: str) -> None:
+    """Release a lock that a cancelled wait took after all."""
     try:
         release_call(state, name, token)
     except Exception as exc:
@@ -193,8 +235,9 @@ def _give_back(state: Any, name: str | None, token: str) -> None:
 
 class AsyncLock:
     """A server lock for asyncio: ``async with state.lock``, ``await lock.acquire()``. The owner is the
-    task that acquired it. Waiting never blocks the event loop. ``lease``, ``LockLost`` and the promises
-    across a server restart are those of ``sharedstate.Lock``."""
+    task that acquired it. Waiting never blocks the event loop, and a task cancelled while it waits never
+    keeps the lock. ``lease``, ``LockLost`` and the promises across a server restart are those of
+    ``sharedstate.Lock``."""
 
     def __init__(self, state: AsyncState, name: str | None, lease: float | None = None) -> None:
         self._state = state
@@ -215,50 +258,50 @@ class AsyncLock:
         timeout = check_timeout(blocking, timeout)
         lease = self._lease if lease is None else check_lease(lease)
         token = _task_token()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if not blocking:
-                wait = None
-            else:
-                wait = LOCK_SLICE_S if deadline is None else max(0.0, min(LOCK_SLICE_S, deadline - time.monotonic()))
-            if await self._attempt(token, blocking and wait is not None and wait > 0, wait, lease):
-                return True
-            if not blocking or (deadline is not None and time.monotonic() >= deadline):
-                return False
+        backend = self._state._backend
+        ident, count = acquire_begin(backend, self._name, token)
 
-    async def _attempt(self, token: str, blocking: bool, wait: float | None, lease: float | None) -> bool:
-        state = self._state._sync
-        attempt = self._state._executor.submit(
-            acquire_call, state, self._name, token, blocking, wait if blocking else None, lease
-        )
+        def late(taken: Any) -> None:
+            # The answer of a wait whose task was cancelled: a lock it took after all is given back, on a
+            # thread of its own (the loop may be gone by then).
+            if taken is True:
+                acquire_done(ident, count, backend.sync, lease)
+                threading.Thread(target=_give_back, args=(self._state._sync, self._name, token), daemon=True).start()
+
         try:
-            return await asyncio.shield(asyncio.wrap_future(attempt))
-        except asyncio.CancelledError:
-            # The request may still take the lock for a task that is gone: give it back when it does. The
-            # callback hangs on the worker's own future, so it runs even if the loop has closed by then.
-            def give_back(done: Future[bool]) -> None:
-                if not done.cancelled() and done.exception() is None and done.result():
-                    threading.Thread(target=_give_back, args=(state, self._name, token), daemon=True).start()
-
-            attempt.add_done_callback(give_back)
+            taken = await backend.lock_acquire(self._name, token, blocking, timeout, lease, count, late)
+        except LockLost:
+            acquire_lost(ident, count)
             raise
+        if taken:
+            acquire_done(ident, count, backend.sync, lease)
+        return taken
 
     async def release(self) -> None:
         """Release once; ``RuntimeError`` if the current task does not hold the lock, ``LockLost`` if it
         held it and lost it."""
-        token = _task_token()
-        future = asyncio.get_running_loop().run_in_executor(
-            self._state._executor, release_call, self._state._sync, self._name, token
-        )
-        # Shielded: a task cancelled while its release waits for a worker thread still releases.
-        await asyncio.shield(future)
+        # Shielded: a task cancelled while its release is in flight still releases.
+        await asyncio.shield(self._release(_task_token()))
+
+    async def _release(self, token: str) -> None:
+        backend = self._state._backend
+        ident, count, was_lost = release_begin(backend, self._name, token)
+        if not count:
+            await backend.lock_release(self._name, token, 0)
+            return
+        if not was_lost:
+            try:
+                await backend.lock_release(self._name, token, count)
+            except LockLost:
+                was_lost = True
+        release_done(ident, count, was_lost)
 
     async def locked(self) -> bool:
-        return await self._state._run(self._state._sync.backend.lock_locked, self._name)
+        return await self._state._backend.lock_locked(self._name)
 
     async def owner(self) -> int | None:
         """The pid of the holding process, or ``None``."""
-        return await self._state._run(self._state._sync.backend.lock_owner, self._name)
+        return await self._state._backend.lock_owner(self._name)
 
     @asynccontextmanager
     async def hold(self, timeout: float = 5.0, lease: float | None = None) -> AsyncIterator[AsyncLock]:
@@ -283,5 +326,18 @@ async def connect(address: object = None, authkey: bytes | None = None, **option
     ``timeout``, keyword-only) and errors, a Redis URL too, and it does not block the loop. ``timeout``
     is the deadline of one call, as for ``sharedstate.connect()``; calls interrupted by a crash of the
     server are sent again while its owner restarts it, the same way."""
-    backend = await asyncio.get_running_loop().run_in_executor(None, lambda: open_backend(address, authkey, **options))
-    return AsyncState(State(backend))
+
+    def opened() -> Any:
+        backend = open_backend(address, authkey, **options)
+        if isinstance(backend, LocalBackend):
+            backend.close()  # this worker thread's connection: the asyncio client opens its own
+        return backend
+
+    state = AsyncState(State(await asyncio.get_running_loop().run_in_executor(None, opened)))
+    if isinstance(state._backend, AsyncLocalBackend):
+        try:
+            await state._backend.connect()
+        except BaseException:
+            await state.aclose()
+            raise
+    return state

@@ -124,3 +124,22 @@ class Backend(Protocol):
     def close(self) -> None:
         """Close this thread's (or process') connections; the next call opens them again."""
         ...
+
+
+class AsyncBackend:
+    """What the asyncio face of a backend shares (``aio_local``, ``aio_threaded``): the blocking backend of
+    the same state it is made from (``sync``), whose address and identity are its own. Its operations are
+    those of ``Backend`` as coroutines, every write but ``set`` as ``write(method, *args)``, and
+    ``lock_acquire`` takes a ``late(answer)`` too: what to do with the answer of a wait whose task was
+    cancelled."""
+
+    def __init__(self, sync: Backend) -> None:
+        self.sync = sync
+
+    @property
+    def address(self) -> str:
+        return self.sync.address
+
+    @property
+    def identity(self) -> Hashable:
+        return self.sync.identity

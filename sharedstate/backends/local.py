@@ -8,7 +8,7 @@ value this process read and that has not changed since costs no round trip.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
 from sharedstate.wire.addresses import CALL_TIMEOUT, Address, check_server_supported, resolve
 from sharedstate.wire.answers import sequence as _sequence
-from sharedstate.wire.cache import ClientCache, cache_figures, cache_for, encode
+from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
 from sharedstate.wire.calls import Calls
 
 _monotonic = time.monotonic
@@ -42,29 +42,20 @@ class LocalBackend:
     ) -> None:
         self._authkey = authkey
         self._use_cache = bool(cache)
-        #: The values this handle read, for the server process it talks to; ``None`` when off, before
-        #: the first connection, or when the server's version table cannot be mapped here.
-        self._cache: ClientCache | None = None
+        #: The values this handle read, for the server process it talks to.
+        self._slot = slot = CacheSlot()
         self._calls = calls = Calls(
             address,
             authkey,
             timeout=timeout,  # checked by ``backends.open_backend``
             restart=restart,
-            connected=self._connected if cache else None,
-            dropped=self._forget_cache,
+            connected=slot.connected if cache else None,
+            dropped=slot.dropped,
         )
         self._call = calls.call
         self._write = calls.write
 
     # -- plumbing -----------------------------------------------------------------------------------
-    def _connected(self, info: dict[str, Any]) -> None:
-        """A connection opened: use this process' cache for that server process."""
-        self._cache = cache_for(info.get("versions"))
-
-    def _forget_cache(self) -> None:
-        """A connection was given up: the next one may reach a new server process, with a new cache."""
-        self._cache = None
-
     def _fresh_cache(self) -> ClientCache | None:
         """The cache, once this thread is connected (a new connection may bring a new server's cache)."""
         if self._use_cache:
@@ -72,7 +63,13 @@ class LocalBackend:
                 self._calls.pool.get()
             except ServerUnavailable:
                 return None  # the call itself reconnects, or waits for a restarting server
-        return self._cache
+        return self._slot.cache
+
+    @property
+    def _cache(self) -> ClientCache | None:
+        """This handle's cache: ``None`` when off, before the first connection, or when the server's table
+        cannot be mapped here."""
+        return self._slot.cache
 
     def connect(self) -> None:
         """Open this thread's connection now (``connect()`` fails there, not at the first call)."""
@@ -85,6 +82,16 @@ class LocalBackend:
     @property
     def identity(self) -> Hashable:
         return self._calls.address
+
+    @property
+    def calls(self) -> Calls:
+        """The requests to the server (its address, key, call timeout and restarts)."""
+        return self._calls
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether this handle keeps a client cache (``connect(cache=)``)."""
+        return self._use_cache
 
     @property
     def timeout(self) -> float:
@@ -106,21 +113,15 @@ class LocalBackend:
     def _read(self, name: str, method: str) -> Any:
         """The value of ``name`` (``MISSING`` if there is none), from the cache when it is still the
         server's; ``method="contains"`` asks only whether the name exists (``PRESENT`` or ``MISSING``)."""
-        cache = self._cache
-        if cache is not None:
-            value = cache.lookup(name)
-            if value is not NOT_CACHED and (value is not PRESENT or method == "contains"):
-                cache.hits += 1
-                return value
-            cache.misses += 1
+        value = cached(self._slot.cache, name, method)
+        if value is not NOT_CACHED:
+            return value
         start = _monotonic()
         cache = self._fresh_cache()
         # The counters are read before the request: a change after this makes the entry stale.
         stamp = None if cache is None else cache.stamp(name)
-        value = self._call(method, (name,), start)
-        if method == "contains":
-            value = PRESENT if value else MISSING
-        if stamp is not None and cache is self._cache:  # not after a reconnection to a new server
+        value = read_result(method, self._call(method, (name,), start))
+        if stamp is not None and cache is self._slot.cache:  # not after a reconnection to a new server
             cache.fill(name, stamp, value)
         return value
 
@@ -128,46 +129,28 @@ class LocalBackend:
         return self._read(name, "get")
 
     def peek(self, name: str) -> Any:
-        cache = self._cache
-        if cache is None:
-            return NOT_CACHED
-        value = cache.lookup(name)
-        if value is NOT_CACHED or value is PRESENT:
-            return NOT_CACHED  # not a miss yet: the caller reads it next (``get``), which counts it
-        cache.hits += 1
-        return value
+        # Not a miss yet when it is not cached: the caller reads it next (``get``), which counts it.
+        return cached(self._slot.cache, name, "get", count_miss=False)
 
     def contains(self, name: str) -> bool:
         return self._read(name, "contains") is not MISSING
 
     def get_many(self, names: list[str]) -> dict[str, Any]:
-        cache = self._cache
-        if cache is not None:
-            found = cache.lookup_many(names)
-            if found is not None:
-                cache.hits += 1
-                return found
-            cache.misses += 1
+        found = cached_many(self._slot.cache, names)
+        if found is not None:
+            return found
         start = _monotonic()
         cache = self._fresh_cache()
         if cache is None:
             return self._call("get_many", (names,), start)
         stamps = cache.stamps(names)
         found = self._call("get_many", (names,), start)
-        if cache is self._cache:  # not after a reconnection to a new server
-            for name, stamp in stamps.items():
-                cache.fill(name, stamp, found.get(name, MISSING))
+        if cache is self._slot.cache:  # not after a reconnection to a new server
+            cache.fill_many(stamps, found)
         return found
 
     def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
-        # The server matches with RE2 only; names it leaves undecided (a pattern with backreferences or
-        # lookaround, say) come back apart and are matched here, with ``re``, at this caller's cost.
-        found = self._call("names", (None if pattern is None else pattern.text, scopes))
-        if type(found) is tuple:
-            matched, undecided = found
-            assert pattern is not None
-            found = sorted(matched + pattern.search_undecided(undecided))
-        return found
+        return matched_names(pattern, self._call("names", names_args(pattern, scopes)))
 
     def length(self) -> int:
         return self._call("length", ())
@@ -181,7 +164,7 @@ class LocalBackend:
         cache = self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
         stamp = self._write("set", (name, value, scopes) if scopes else (name, value), start)
-        if stamp is not None and kept is not None and cache is self._cache:
+        if stamp is not None and kept is not None and cache is self._slot.cache:
             # The server's counters right after this change: the value is the server's until they move.
             cache.put(name, stamp, kept)
 
@@ -228,13 +211,7 @@ class LocalBackend:
         args = (name, owner, blocking, timeout, lease, held)
         if timeout is None or not blocking:
             return self._calls.lock_call("lock_acquire", args)
-        # Sent again after a crash of the server: with what is left of the timeout.
-        end = _monotonic() + timeout
-
-        def again() -> tuple[Any, ...]:
-            return (name, owner, blocking, max(0.0, end - _monotonic()), lease, held)
-
-        return self._calls.lock_call("lock_acquire", args, again)
+        return self._calls.lock_call("lock_acquire", args, acquire_again(args))
 
     def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         if not held:  # the server answers with the RuntimeError naming the holder
@@ -251,6 +228,68 @@ class LocalBackend:
 
     def lock_owner(self, name: str | None) -> int | None:
         return self._call("lock_owner", (name,))
+
+
+# -- what the blocking and the asyncio backends share ---------------------------------------------------
+def cached(cache: ClientCache | None, name: str, method: str, count_miss: bool = True) -> Any:
+    """What the cache knows of ``name`` for ``method`` (``get``: the value or ``MISSING``; ``contains``: also
+    ``PRESENT``), or ``NOT_CACHED``; counted as a hit, or (``count_miss``) a miss, of the cache."""
+    if cache is None:
+        return NOT_CACHED
+    value = cache.lookup(name)
+    if value is NOT_CACHED or (value is PRESENT and method != "contains"):
+        if count_miss:
+            cache.misses += 1
+        return NOT_CACHED
+    cache.hits += 1
+    return value
+
+
+def cached_many(cache: ClientCache | None, names: list[str]) -> dict[str, Any] | None:
+    """What ``get_many(names)`` answers from the cache, or ``None`` when any of them is not cached (one
+    hit or one miss of the cache)."""
+    if cache is None:
+        return None
+    found = cache.lookup_many(names)
+    if found is None:
+        cache.misses += 1
+    else:
+        cache.hits += 1
+    return found
+
+
+def read_result(method: str, answer: Any) -> Any:
+    """The answer of a read as the cache keeps it (``contains``: ``PRESENT`` or ``MISSING``)."""
+    if method == "contains":
+        return PRESENT if answer else MISSING
+    return answer
+
+
+def names_args(pattern: Pattern | None, scopes: tuple[str, ...]) -> tuple[Any, ...]:
+    return (None if pattern is None else pattern.text, scopes)
+
+
+def matched_names(pattern: Pattern | None, found: Any) -> list[str]:
+    """The names a ``names`` call answered. The server matches with RE2 only; names it leaves undecided
+    (a pattern with backreferences or lookaround, say) come back apart and are matched here, with ``re``,
+    at this caller's cost."""
+    if type(found) is tuple:
+        matched, undecided = found
+        assert pattern is not None
+        found = sorted(matched + pattern.search_undecided(undecided))
+    return found
+
+
+def acquire_again(args: tuple[Any, ...]) -> Callable[[], tuple[Any, ...]]:
+    """The arguments of a blocking ``lock_acquire`` sent again after a crash of the server: with what is
+    left of its timeout."""
+    name, owner, blocking, timeout, lease, held = args
+    end = None if timeout is None else _monotonic() + timeout
+
+    def again() -> tuple[Any, ...]:
+        return (name, owner, blocking, None if end is None else max(0.0, end - _monotonic()), lease, held)
+
+    return again
 
 
 def _rebuild(

@@ -157,7 +157,8 @@ class ManagerServer(managers.Server):
             calls.retire(counts)
 
     def _serve(self, reader: MessageReader, counts: dict[str, int], client: str | None) -> None:
-        read, fd = reader.read, reader.fd
+        read, fd, buffered = reader.read, reader.fd, reader.buffered
+        queued: list[bytes] = []  # answers not written yet, while more requests are buffered
         methods = self.methods
         answers = self.service.answers.table
         request_now = current_request
@@ -181,6 +182,9 @@ class ManagerServer(managers.Server):
                         raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
                 counts[name] += 1
+                if queued and name == "lock_acquire":  # it may wait: what was answered goes out first
+                    write_raw(fd, b"".join(queued))
+                    queued.clear()
             except Exception:
                 reply: tuple[str, Any] = ("#TRACEBACK", traceback.format_exc())
             else:
@@ -214,7 +218,14 @@ class ManagerServer(managers.Server):
                     payload = dumps(reply, _PROTOCOL)
                 except Exception:
                     payload = dumps(("#UNSERIALIZABLE", traceback.format_exc()), _PROTOCOL)
-                write_message(fd, payload)
+                if buffered():  # requests sent in a row (a pipelining client): answered in one write
+                    queued.append(frame(payload))
+                elif queued:
+                    queued.append(frame(payload))
+                    write_raw(fd, b"".join(queued))
+                    queued.clear()
+                else:
+                    write_message(fd, payload)
             except Exception:
                 return  # the client is gone
 

@@ -51,6 +51,27 @@ def client_id() -> str:
     return client
 
 
+#: Lane ids given back, ready for another write (``take_lane``).
+_free_lanes: list[str] = []
+_lanes = itertools.count(1)
+
+
+def take_lane() -> str:
+    """A client id for one write of the asyncio client, whose writes from many tasks are in flight on one
+    connection at once: each goes under a lane id of its own, given back (``give_lane``) once the write
+    has its answer, so a lane has at most one write outstanding, as every client has. Lanes are reused,
+    so the server's table keeps one entry per write in flight at once, not one per write."""
+    try:
+        return _free_lanes.pop()
+    except IndexError:
+        return f"{_token}.w{next(_lanes)}"
+
+
+def give_lane(lane: str) -> None:
+    if lane.startswith(_token):  # not one of the parent's, in a forked child
+        _free_lanes.append(lane)
+
+
 @after_fork_in_child
 def _after_fork_in_child() -> None:
     # The child is another client: the parent's ids (and their answers at the server) are not its own.
@@ -58,6 +79,7 @@ def _after_fork_in_child() -> None:
     global _token
     _token = os.urandom(8).hex()
     ids.client = None
+    _free_lanes.clear()
 
 
 # -- the server's side -------------------------------------------------------------------------------

@@ -148,6 +148,12 @@ class ClientCache:
         """Keep ``value`` (just fetched, with ``stamp`` read before the request) for ``name``."""
         self.put(name, stamp, encode(value))
 
+    def fill_many(self, stamps: dict[str, Stamp], found: dict[str, Any]) -> None:
+        """``fill`` for each name of a ``get_many`` (``stamps``), with what it found (a name not found is
+        kept as missing)."""
+        for name, stamp in stamps.items():
+            self.fill(name, stamp, found.get(name, MISSING))
+
     def put(self, name: str, stamp: Stamp, encoded: Encoded) -> None:
         kept, blob, size = encoded
         slot, epoch, version = stamp
@@ -163,6 +169,23 @@ class ClientCache:
             while len(entries) > MAX_ENTRIES or self._bytes > MAX_BYTES:
                 _, evicted = entries.popitem(last=False)
                 self._bytes -= evicted[5]
+
+
+class CacheSlot:
+    """The cache a handle uses: the one of the server process its connection reached (``connected``), and
+    none once a connection was given up (``dropped``: the next one may reach a new server process)."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self) -> None:
+        #: ``None`` when off, before the first connection, or when the server's table cannot be mapped here.
+        self.cache: ClientCache | None = None
+
+    def connected(self, info: dict[str, Any]) -> None:
+        self.cache = cache_for(info.get("versions"))
+
+    def dropped(self) -> None:
+        self.cache = None
 
 
 def cache_figures(cache: ClientCache | None) -> dict[str, Any]:

@@ -42,6 +42,13 @@ class Connection(mpc.Connection):
         finally:
             sock.close()
 
+    def detach(self) -> int:
+        """Give up the descriptor without closing it (the asyncio client carries on with it) and return it."""
+        fd = self.fileno()
+        self._handle = None  # what the stdlib's Connection checks to know it is closed
+        self._reader.fd = -1
+        return fd
+
     def close(self) -> None:
         self._reader.fd = -1  # never reach a descriptor number that another file reuses
         super().close()

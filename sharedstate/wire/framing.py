@@ -9,8 +9,8 @@ import struct
 
 #: multiprocessing's frame header: a signed big-endian length; -1 announces an 8-byte length after it
 #: (messages of 2 GiB or more).
-_HEADER = struct.Struct("!i")
-_LONG_HEADER = struct.Struct("!Q")
+HEADER = struct.Struct("!i")
+LONG_HEADER = struct.Struct("!Q")
 _LONG = 0x7FFFFFFF
 #: Bytes asked for by one read: a request or an answer of up to this size costs one system call.
 READ_SIZE = 65536
@@ -22,16 +22,16 @@ def write_message(fd: int, payload: bytes) -> None:
     """Write one framed message, whole (a write may take less than it was given)."""
     n = len(payload)
     if n <= _JOIN_MAX:
-        write_raw(fd, _HEADER.pack(n) + payload)
+        write_raw(fd, HEADER.pack(n) + payload)
         return
-    write_raw(fd, _HEADER.pack(n) if n <= _LONG else _HEADER.pack(-1) + _LONG_HEADER.pack(n))
+    write_raw(fd, HEADER.pack(n) if n <= _LONG else HEADER.pack(-1) + LONG_HEADER.pack(n))
     write_raw(fd, payload)
 
 
 def frame(payload: bytes) -> bytes:
     """A framed message, header and payload."""
     n = len(payload)
-    return (_HEADER.pack(n) if n <= _LONG else _HEADER.pack(-1) + _LONG_HEADER.pack(n)) + payload
+    return (HEADER.pack(n) if n <= _LONG else HEADER.pack(-1) + LONG_HEADER.pack(n)) + payload
 
 
 def write_raw(fd: int, data: bytes) -> None:
@@ -54,11 +54,15 @@ class MessageReader:
         self.fd = fd
         self._buffer = b""
 
+    def buffered(self) -> bool:
+        """Whether bytes of another message were read already (a peer that sent requests in a row)."""
+        return bool(self._buffer)
+
     def read(self) -> bytes | bytearray:
         """The payload of the next message."""
         if not self._buffer:
             data = os.read(self.fd, READ_SIZE)
-            if len(data) >= 4 and _HEADER.unpack_from(data)[0] == len(data) - 4:
+            if len(data) >= 4 and HEADER.unpack_from(data)[0] == len(data) - 4:
                 return data[4:]  # the usual case: exactly one whole message
             if not data:
                 raise EOFError("end of file")
@@ -69,11 +73,11 @@ class MessageReader:
         buffer = bytearray(self._buffer)
         self._buffer = b""
         self._fill(buffer, 4)
-        (size,) = _HEADER.unpack_from(buffer)
+        (size,) = HEADER.unpack_from(buffer)
         start = 4
         if size == -1:
             self._fill(buffer, 12)
-            (size,) = _LONG_HEADER.unpack_from(buffer, 4)
+            (size,) = LONG_HEADER.unpack_from(buffer, 4)
             start = 12
         elif size < 0:
             raise OSError(f"invalid message length {size}")

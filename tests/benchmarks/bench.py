@@ -225,6 +225,67 @@ def measure_cache(args, r: dict[str, float]) -> None:
         echo.join()
 
 
+def measure_aio(args, r: dict[str, float]) -> None:
+    """The asyncio client against the blocking one, on one server, in one event loop: an awaited ``incr``
+    against a blocking ``incr`` (p50, interleaved in 10 rounds as the latencies are), and 100 tasks
+    doing ``incr`` at once on one ``AsyncState`` against one thread's blocking calls (calls per second,
+    the median of ``--rounds`` rounds, one after the other in each round)."""
+    import asyncio
+
+    import sharedstate.aio
+
+    n = max(2000, args.ops // 2)
+    with sharedstate.StateServer() as server:
+        state = sharedstate.connect(server.address, server.authkey, cache=False)
+
+        async def main() -> None:
+            astate = await sharedstate.aio.connect(server.address, server.authkey, cache=False)
+            clock = time.perf_counter
+            try:
+                blocking: list[float] = []
+                awaited: list[float] = []
+                for _ in range(10):
+                    for samples, count in ((blocking, 200), (awaited, 200), (blocking, n // 10), (awaited, n // 10)):
+                        keep = count != 200  # the first batch of each warms up
+                        if samples is blocking:
+                            for _ in range(count):
+                                t = clock()
+                                state.incr("lat")
+                                if keep:
+                                    samples.append(clock() - t)
+                        else:
+                            for _ in range(count):
+                                t = clock()
+                                await astate.incr("lat")
+                                if keep:
+                                    samples.append(clock() - t)
+                r["blocking_incr_p50_us"] = pct(blocking, 0.5) * 1e6
+                r["awaited_incr_p50_us"] = pct(awaited, 0.5) * 1e6
+
+                async def task(calls: int) -> None:
+                    for _ in range(calls):
+                        await astate.incr("tasks")
+
+                thread_rates, task_rates = [], []
+                for _ in range(args.rounds):
+                    t = clock()
+                    for _ in range(n):
+                        state.incr("thread")
+                    thread_rates.append(n / (clock() - t))
+                    before = state.get("tasks") or 0
+                    t = clock()
+                    await asyncio.gather(*(task(n // 100) for _ in range(100)))
+                    task_rates.append(n // 100 * 100 / (clock() - t))
+                    assert state.get("tasks") == before + n // 100 * 100
+                r["blocking_thread_incr_per_s"] = statistics.median(thread_rates)
+                r["aio_100_tasks_incr_per_s"] = statistics.median(task_rates)
+            finally:
+                await astate.aclose()
+
+        asyncio.run(main())
+        state.close()
+
+
 def _plain_dict_rss(names: int, queue) -> None:
     data = {f"name-{i}": i for i in range(names)}
     gc.collect()
@@ -538,6 +599,13 @@ TARGETS = [
         3.0,
         True,
     ),
+    ("awaited incr vs blocking incr (p50)", lambda r: r["awaited_incr_p50_us"] / r["blocking_incr_p50_us"], 1.5, False),
+    (
+        "100 tasks incr vs one blocking thread",
+        lambda r: r["aio_100_tasks_incr_per_s"] / r["blocking_thread_incr_per_s"],
+        2.0,
+        True,
+    ),
     (
         "Redis backend incr 4p vs redis-py INCR",
         lambda r: r["redis_backend_incr_4p_per_s"] / r["redis_py_incr_4p_per_s"],
@@ -554,7 +622,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the many-process figures per run")
     parser.add_argument(
-        "--only", choices=["all", "cache"], default="all", help="cache: the client cache's figures alone"
+        "--only",
+        choices=["all", "cache", "aio"],
+        default="all",
+        help="cache: the client cache's figures alone; aio: the asyncio client's alone",
     )
     args = parser.parse_args()
     if args.only == "cache":
@@ -562,10 +633,16 @@ def main() -> None:
         for _ in range(args.runs):
             runs.append({})
             measure_cache(args, runs[-1])
+    elif args.only == "aio":
+        runs = []
+        for _ in range(args.runs):
+            runs.append({})
+            measure_aio(args, runs[-1])
     else:
         runs = [measure(args) for _ in range(args.runs)]
         for run in runs:
             run.update(redis_backend(args))
+            measure_aio(args, run)
     keys = list(runs[0])
     print(f"{'figure':34} " + " ".join(f"{'run ' + str(i + 1):>12}" for i in range(args.runs)))
     for key in keys:

@@ -1,0 +1,278 @@
+"""Calls to one sharedstate server from the asyncio client: every task's requests share one pipelined
+connection (``aio_transport``), and are sent again on a new one while the server's owner restarts a
+crashed server, within the call's deadline. What is sent, what an answer means and when a call is sent
+again is ``protocol``'s to decide, as for the blocking client (``calls``).
+
+Writes from many tasks are in flight at once: each carries a request id under a lane of its own
+(``answers.take_lane``), so that all of them can be sent again after a crash and still be applied once.
+
+A lock acquire that may wait is sent on a connection of its own (``lock_wait``): the server waits for
+the lock in that connection's thread, and ends the wait when the connection has something to read, so
+no other request may follow it there. A task cancelled while it waits sends such a request (a
+``lock_locked``), which ends the wait at once; if the lock was handed to it all the same, ``late`` gives it
+back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from sharedstate import _fork
+from sharedstate.wire import answers as _answers
+from sharedstate.wire.addresses import CONNECT_TIMEOUT, format_address
+from sharedstate.wire.aio_transport import Pipeline, open_pipeline
+from sharedstate.wire.calls import Calls
+from sharedstate.wire.protocol import Retry, call_request, connect_within, hello, read_answer, write_request
+
+_monotonic = time.monotonic
+_yield = asyncio.sleep
+_sequence = _answers.sequence
+_take_lane = _answers.take_lane
+_give_lane = _answers.give_lane
+#: Idle connections kept for lock waits (more are closed when their wait ends).
+MAX_IDLE_WAITS = 8
+#: What ends a server-side lock wait that nobody waits for any more (any request would; this one is cheap).
+_NUDGE = call_request("lock_locked", (None,))
+
+
+class AsyncCalls:
+    """The requests of one asyncio handle to one server. ``connected(info)`` runs when the shared
+    connection opens, ``dropped()`` when it is given up (as for ``calls.Calls``). ``executor`` runs the
+    handshakes."""
+
+    def __init__(
+        self,
+        calls: Calls,
+        *,
+        connected: Callable[[dict[str, Any]], None] | None,
+        dropped: Callable[[], None],
+        executor: Executor,
+    ) -> None:
+        # The server, key and call timeout of a blocking client's ``calls``.
+        self.parsed, self.authkey, self.timeout = calls.parsed, calls.pool.authkey, calls.timeout
+        #: What the last server reached said about its restart (``pool.ConnectionPool.restart``).
+        self.restart = calls.pool.restart
+        self._connected, self._dropped, self._executor = connected, dropped, executor
+        self._conn: Pipeline | None = None
+        self._opening: asyncio.Future[Pipeline] | None = None
+        self._generation = _fork.generation
+        self._idle_waits: list[Pipeline] = []
+        #: Calls of this handle under way (a lone one may read its answer itself: ``_send``).
+        self._active = 0
+        #: Tasks that finish what a cancelled lock wait left in flight (kept so they are not collected).
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        return format_address(self.parsed)
+
+    # -- connections --------------------------------------------------------------------------------
+    async def _open(self, within: float | None = None) -> tuple[Pipeline, dict[str, Any]]:
+        if within is None:
+            within = min(CONNECT_TIMEOUT, self.timeout)
+        pipeline, info = await open_pipeline(self._executor, self.parsed, self.authkey, hello(), within, self.timeout)
+        self.restart = info.get("restart")
+        return pipeline, info
+
+    async def connection(self, within: float | None = None) -> Pipeline:
+        """The shared connection, opened (within ``within`` seconds) if there is none: tasks that need
+        it at once wait for the same opening."""
+        conn = self._conn
+        if self._generation != _fork.generation:
+            # A forked child: the parent's connections and their opening are not its own.
+            self._conn, self._opening, self._idle_waits = None, None, []
+            self._generation = _fork.generation
+        elif conn is not None and conn.broken is None:
+            return conn
+        opening = self._opening
+        if opening is None:
+            opening = self._opening = asyncio.ensure_future(self._open_shared(within))
+            opening.add_done_callback(_retrieve)
+        return await asyncio.shield(opening)
+
+    async def _open_shared(self, within: float | None) -> Pipeline:
+        try:
+            conn, info = await self._open(within)
+            self._conn = conn
+            if self._connected is not None:
+                self._connected(info)
+            return conn
+        finally:
+            self._opening = None
+
+    def _drop(self, conn: Pipeline | None) -> None:
+        """Give up ``conn`` after a failure: a half-sent request or an unread answer leaves it unusable,
+        and the cache goes with it (the next connection may reach a new server process)."""
+        if conn is None:
+            return
+        conn.close()
+        if self._conn is conn:
+            self._conn = None
+            self._dropped()
+
+    def close(self) -> None:
+        """Close every connection (the next call opens one again)."""
+        self._drop(self._conn)
+        idle, self._idle_waits = self._idle_waits, []
+        for conn in idle:
+            conn.close()
+
+    # -- calls --------------------------------------------------------------------------------------
+    async def call(self, method: str, args: tuple[Any, ...], start: float | None = None) -> Any:
+        return await self._send(method, call_request(method, args), start=start)
+
+    async def write(self, method: str, args: tuple[Any, ...], start: float | None = None) -> Any:
+        """``call`` for a write: sent with a request id of its own lane, so that it may be sent again
+        after a crash and is still applied once."""
+        lane = _take_lane()
+        try:
+            return await self._send(method, write_request((lane, next(_sequence)), method, args), True, start=start)
+        finally:
+            _give_lane(lane)
+
+    async def lock_call(self, method: str, args: tuple[Any, ...]) -> Any:
+        """``call`` for a lock call that never waits (``calls.Calls.lock_call``)."""
+        request = call_request(method, args)
+        return await self._send(method, request, True, request)
+
+    async def _send(
+        self,
+        method: str,
+        request: bytes,
+        resendable: bool = False,
+        again: bytes | None = None,
+        start: float | None = None,
+    ) -> Any:
+        conn = self._conn
+        sent = False
+        self._active += 1
+        try:
+            if conn is None or conn.broken is not None or self._generation != _fork.generation:
+                conn = None
+                conn = await self.connection(None if start is None else connect_within(start, self.timeout))
+            if self._active == 1:
+                # A lone call (no other task is making one): it lets the other tasks run first (a
+                # cancellation here sends nothing), then reads its answer itself for a moment, so that a
+                # task making calls one after the other neither starves the loop nor pays a turn of it
+                # on top of each round trip. Calls of many tasks at once are pipelined instead.
+                await _yield(0)
+            if self._active == 1 and conn.idle and conn.broken is None:
+                future = conn.request(request)
+                sent = True
+                conn.spin(future)
+            else:
+                future = conn.request(request)
+                sent = True
+            answer = await future
+        except Exception as exc:
+            if again is None:
+                deadline = (_monotonic() if start is None else start) + self.timeout
+            else:
+                request, deadline = again, _monotonic() + self.timeout
+            retry = Retry(method, self.address, self.parsed, self.timeout, resendable, deadline)
+            answer = await self._recover(conn, retry, request, sent, exc)
+        finally:
+            self._active -= 1
+        return read_answer(answer, method, self.address)
+
+    async def _recover(self, conn: Pipeline | None, retry: Retry, request: bytes, sent: bool, exc: Exception) -> Any:
+        """Send ``request`` again on a new shared connection as long as ``retry`` says so."""
+        while True:
+            self._drop(conn)
+            await asyncio.sleep(retry.after(exc, sent, self.restart))
+            conn, sent = None, False
+            try:
+                conn = await self.connection(retry.connect_within())
+                future = conn.request(request)
+                sent = True
+                try:
+                    # This attempt may wait only for what is left of the call's time.
+                    return await asyncio.wait_for(future, retry.left())
+                except asyncio.TimeoutError:
+                    raise BlockingIOError("no answer in time") from None
+            except Exception as again:
+                exc = again
+
+    # -- lock waits ---------------------------------------------------------------------------------
+    async def lock_wait(
+        self,
+        args: tuple[Any, ...],
+        again: Callable[[], tuple[Any, ...]],
+        late: Callable[[Any], None],
+    ) -> Any:
+        """A ``lock_acquire`` that may wait, on a connection of its own; sent again (with ``again()``'s
+        arguments) after a crash of the server. If the calling task is cancelled while the request is
+        in flight, the wait is ended and ``late(result)`` runs with the answer it got all the same."""
+        method = "lock_acquire"
+        request = call_request(method, args)
+        conn = self._idle_waits.pop() if self._idle_waits else None
+        retry = None
+        while True:
+            sent = False
+            try:
+                if conn is None or conn.broken is not None:
+                    conn = None
+                    conn, _ = await self._open(None if retry is None else retry.connect_within())
+                future = conn.request(request)
+                sent = True
+                try:
+                    answer = await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    self._abandon(conn, future, late)
+                    raise
+                break
+            except Exception as exc:
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                if retry is None:
+                    # It may have waited long for its lock before the failure: the new server gets the
+                    # call's timeout from now.
+                    retry = Retry(method, self.address, self.parsed, self.timeout, True, _monotonic() + self.timeout)
+                await asyncio.sleep(retry.after(exc, sent, self.restart))
+                request = call_request(method, again())
+        self._keep_idle(conn)
+        return read_answer(answer, method, self.address)
+
+    def _keep_idle(self, conn: Pipeline) -> None:
+        if conn.broken is None and conn.idle and len(self._idle_waits) < MAX_IDLE_WAITS:
+            self._idle_waits.append(conn)
+        else:
+            conn.close()
+
+    def _abandon(self, conn: Pipeline, future: asyncio.Future[bytes], late: Callable[[Any], None]) -> None:
+        """End the server's wait of a cancelled acquire, and hand its answer to ``late`` in a task."""
+        try:
+            nudge: asyncio.Future[bytes] | None = conn.request(_NUDGE)
+        except OSError:
+            nudge = None
+
+        async def finish() -> None:
+            try:
+                answer = await future
+                if nudge is not None:
+                    await nudge
+            except Exception:
+                conn.close()
+                return
+            self._keep_idle(conn)
+            try:
+                result = read_answer(answer, "lock_acquire", self.address)
+            except Exception:
+                return
+            late(result)
+
+        task = asyncio.get_running_loop().create_task(finish())
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an opening's failure as seen: every caller that waited for it raised it already (or was
+    cancelled)."""
+    if not future.cancelled():
+        future.exception()
