@@ -236,28 +236,7 @@ def test_redis_stats_have_the_same_keys(redis_state):
 
 def test_redis_counts_the_calls_of_a_thread_that_goes_on_after_another_ended(redis_state):
     state = redis_state
-    first, more, done = threading.Event(), threading.Event(), threading.Event()
-
-    def a() -> None:
-        state.get("x")
-        first.set()
-        assert more.wait(30)
-        for _ in range(100):
-            state.get("x")
-        done.set()
-
-    thread_a, thread_b = threading.Thread(target=a), threading.Thread(target=state.get, args=("x",))
-    thread_a.start()
-    try:
-        assert first.wait(30)
-        thread_b.start()  # counts as A did, then ends: its counter is retired
-        thread_b.join(30)
-        more.set()
-        assert done.wait(30)
-        assert state.stats()["calls"]["get"] == 102
-    finally:
-        more.set()
-        thread_a.join(30)
+    _one_thread_ends_while_another_counts_on(lambda: state.get("x"), lambda: state.stats()["calls"]["get"])
     assert state.stats()["calls"]["get"] == 102
 
 
@@ -347,33 +326,40 @@ def test_wait_percentiles_are_nearest_rank_over_a_bounded_window():
     assert figures["lock_wait_max_s"] == 0.5
 
 
-def test_counts_of_threads_that_ended_are_kept():
-    """One thread's counter retires while another, with the same counts, goes on counting."""
-    calls = ThreadCalls()
-    counted, more = threading.Event(), threading.Event()
+def _one_thread_ends_while_another_counts_on(call, gets) -> None:
+    """``call()`` (a counted ``get``) once in each of two threads, with the same counts; the second ends
+    (its counter is retired) while the first lives on and calls 100 times more. ``gets()`` is then 102,
+    while the first still lives."""
+    counted, more, done, leave = (threading.Event() for _ in range(4))
 
     def first() -> None:
-        calls.count("get")
+        call()
         counted.set()
         assert more.wait(30)
         for _ in range(100):
-            calls.count("get")
+            call()
+        done.set()
+        assert leave.wait(30)
 
-    def second() -> None:
-        calls.count("get")
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    threads[0].start()
+    thread = threading.Thread(target=first)
+    thread.start()
     try:
         assert counted.wait(30)
-        threads[1].start()
-        threads[1].join(30)  # retired: its counts (equal to the first one's) are folded in
-        assert calls.counts.totals() == {"get": 2}
+        second = threading.Thread(target=call)
+        second.start()
+        second.join(30)
         more.set()
-        threads[0].join(30)
+        assert done.wait(30)
+        assert gets() == 102
     finally:
         more.set()
-        threads[0].join(30)
+        leave.set()
+        thread.join(30)
+
+
+def test_counts_of_threads_that_ended_are_kept():
+    calls = ThreadCalls()
+    _one_thread_ends_while_another_counts_on(lambda: calls.count("get"), lambda: calls.counts.totals()["get"])
     calls.count("set")
     assert calls.counts.totals() == {"get": 102, "set": 1}
     assert len(calls.counts._open) == 1  # the ended threads' counters were retired
