@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from sharedstate._connect import connect
 from sharedstate._errors import SharedStateError
+from sharedstate._options import port, save_every
 from sharedstate._owner import StateServer, standalone_config
 from sharedstate._sentinels import MISSING
 from sharedstate._top import add_arguments as add_top_arguments
@@ -23,7 +24,6 @@ from sharedstate._top import run_top
 from sharedstate._version import version
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.files import write_atomic
-from sharedstate.persistence.schedule import parse_schedule
 from sharedstate.persistence.snapshot import read_snapshot
 from sharedstate.server.logrelay import PLAIN_FORMAT
 from sharedstate.wire.addresses import (
@@ -51,21 +51,6 @@ class UserError(Exception):
 EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_NOT_FOUND, EXIT_MISSING_NAME, EXIT_BROKEN_PIPE = 2, 126, 127, 3, 128 + 13
 
 
-def _save_every(text: str) -> Any:
-    """``--save-every``: seconds, a cron expression, or ``none``."""
-    if text.lower() == "none":
-        return None
-    try:
-        value: Any = float(text)
-    except ValueError:
-        value = text
-    try:
-        parse_schedule(value)
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a schedule: {exc}") from None
-    return value
-
-
 #: The options of the servers ``serve`` and ``run`` start: (flag, argparse keywords).
 SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
@@ -80,7 +65,7 @@ SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
         "--save-every",
         {
             "dest": "save_every",
-            "type": _save_every,
+            "type": save_every,
             "default": "@hourly",
             "help": 'when to save: seconds, a cron expression ("*/5 * * * *") or none (default @hourly)',
         },
@@ -144,10 +129,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--metrics-port",
-        type=int,
+        type=port,
         metavar="PORT",
-        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (all interfaces with --allow-remote; "
-        "0: a free port; needs the prometheus extra)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, unauthenticated (0: a free port; needs the "
+        "prometheus extra)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="the interface of --metrics-port (default 127.0.0.1: this machine only, whatever --allow-remote says)",
     )
     run = commands.add_parser("run", help="run COMMAND with a server around it (run [options] -- COMMAND ...)")
     _add_options(run, server=True)
@@ -245,6 +236,14 @@ def _serve(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format=PLAIN_FORMAT)
         process = ServerProcess(config)
         bound = process.open()
+        metrics = None
+        # Before "serving at": whoever waits for that line must not see it, then a failure.
+        if serve_metrics is not None:
+            try:
+                _, metrics = serve_metrics(bound, config.authkey, args.metrics_port, args.metrics_host)
+            except BaseException:
+                process.close()  # nothing was served: the socket, its key file and the path's lock go
+                raise
         text = format_address(bound)
         key_file = key_file_for(bound)
         print(f"sharedstate: serving at {text} (pid {os.getpid()})", flush=True)
@@ -255,14 +254,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"export {ENV_AUTHKEY}=$(cat {shlex.quote(args.authkey_file)})", flush=True)
         elif key_file is None:  # TCP: no key file, so the clients need the key itself
             print(f"export {ENV_AUTHKEY}={config.authkey.hex()}", flush=True)
-        if serve_metrics is not None:
-            host = "" if args.allow_remote else "127.0.0.1"
-            try:
-                port = serve_metrics(bound, config.authkey, args.metrics_port, host)
-            except BaseException:
-                process.close()  # nothing was served: the socket, its key file and the path's lock go
-                raise
-            print(f"{PROG}: metrics at http://{host or '0.0.0.0'}:{port}/metrics", flush=True)
+        if metrics is not None:
+            print(f"{PROG}: metrics at {metrics}", flush=True)
         code = process.run()
         if process.final_error is not None:  # logged too; the exit status is what a supervisor sees
             print(f"{PROG}: error: {process.final_error}", file=sys.stderr)

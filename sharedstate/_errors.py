@@ -101,3 +101,9 @@ def lock_lost(key: str | None) -> LockLost:
         "had it since",
         key,
     )
+
+
+def lock_not_held(key: str | None, holder: int | None) -> RuntimeError:
+    """The error of a release by a thread that does not hold the lock (``holder``: the pid that does)."""
+    by = "nobody" if holder is None else f"pid {holder}"
+    return RuntimeError(f"cannot release {describe_lock(key)}: this thread does not hold it (held by {by})")

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING, Any
 
+from sharedstate._options import positive
+
 if TYPE_CHECKING:
     from sharedstate._state import State
 
@@ -39,25 +41,12 @@ class _Stop(Exception):
     """SIGTERM: end like Ctrl-C."""
 
 
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``top``."""
     parser.add_argument(
-        "--interval", type=_positive(float), default=1.0, metavar="SECONDS", help="seconds between views (default 1)"
+        "--interval", type=positive(float), default=1.0, metavar="SECONDS", help="seconds between views (default 1)"
     )
-    parser.add_argument("--count", type=_positive(int), default=None, metavar="N", help="stop after N views")
+    parser.add_argument("--count", type=positive(int), default=None, metavar="N", help="stop after N views")
 
 
 def run_top(state: State, interval: float = 1.0, count: int | None = None, out: IO[str] | None = None) -> int:

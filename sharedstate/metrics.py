@@ -37,6 +37,11 @@ __all__ = ["StateCollector", "start_metrics_server"]
 
 log = logging.getLogger(__name__)
 
+#: How long a scrape of ``serve_metrics_of``'s endpoint waits for the server's figures: a server that
+#: stopped answering (SIGSTOP, a hang) is reported as ``up 0`` well within Prometheus' default scrape
+#: timeout of 10 s, rather than the scrape itself timing out.
+SCRAPE_TIMEOUT_S = 5.0
+
 #: (stats key, metric name without the prefix, help) of the figures exported as gauges.
 _GAUGES = (
     ("names", "names", "Names stored"),
@@ -124,10 +129,14 @@ def start_metrics_server(state: State, port: int, host: str = "127.0.0.1") -> An
     return server
 
 
-def serve_metrics_of(address: Any, authkey: bytes, port: int, host: str = "127.0.0.1") -> int:
+def serve_metrics_of(address: Any, authkey: bytes, port: int, host: str = "127.0.0.1") -> tuple[Any, str]:
     """``sharedstate serve --metrics-port``: ``start_metrics_server`` for the server at ``address``, run by
-    this very process; its handle connects at the first scrape (the server answers only once it runs)."""
+    this very process; returns the HTTP server and the endpoint's URL. Its handle connects at the first
+    scrape (the server answers only once it runs), and gives up on a call after ``SCRAPE_TIMEOUT_S``."""
+    state = State(LocalBackend(address, authkey, cache=False, timeout=SCRAPE_TIMEOUT_S))
     try:
-        return start_metrics_server(State(LocalBackend(address, authkey, cache=False)), port, host).server_port
+        http = start_metrics_server(state, port, host)
     except OSError as exc:  # the port is taken, say: name it
-        raise OSError(exc.errno, f"cannot serve metrics on port {port}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot serve metrics on port {port} of {host}: {exc.strerror}") from None
+    shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
+    return http, f"http://{shown}:{http.server_port}/metrics"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -281,13 +282,18 @@ def test_serve_on_an_address_other_machines_reach_needs_allow_remote_and_a_trust
     refused = cli("serve", "--address", "0.0.0.0:0", "--allow-remote", "--authkey-file", str(key_file))
     assert refused.returncode == 1 and "readable or writable by others" in refused.stderr
     key_file.chmod(0o600)
-    proc = start_serve(tmp_path / "s.json", "0.0.0.0:0", "--allow-remote", "--authkey-file", str(key_file), text=True)
+    metrics = ("--metrics-port", "0") if importlib.util.find_spec("prometheus_client") else ()
+    proc = start_serve(
+        tmp_path / "s.json", "0.0.0.0:0", "--allow-remote", "--authkey-file", str(key_file), *metrics, text=True
+    )
     try:
         first = proc.stdout.readline()
         assert first.startswith("sharedstate: serving at 0.0.0.0:"), first + proc.stderr.read()
         port = int(first.split()[3].rsplit(":", 1)[1])
         assert proc.stdout.readline().strip() == f"export SHAREDSTATE_ADDRESS=0.0.0.0:{port}"
         assert proc.stdout.readline().strip() == f"export SHAREDSTATE_AUTHKEY=$(cat {key_file})"
+        if metrics:  # unauthenticated: on this machine only, whatever --allow-remote opened for the state
+            assert proc.stdout.readline().startswith("sharedstate: metrics at http://127.0.0.1:")
         state = sharedstate.connect(("127.0.0.1", port), key)
         assert state.incr("remote") == 1
         with pytest.raises(sharedstate.AccessDenied):

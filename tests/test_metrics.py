@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -10,19 +11,22 @@ import sys
 import urllib.request
 
 import pytest
-from conftest import ROOT, kill, reap, start_serve
+from conftest import ROOT, kill, process_state, reap, start_serve, wait_until
 
 import sharedstate
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from sharedstate.metrics import StateCollector, start_metrics_server  # noqa: E402
+from sharedstate.metrics import SCRAPE_TIMEOUT_S, StateCollector, serve_metrics_of, start_metrics_server  # noqa: E402
+
+#: Prometheus' default scrape timeout: a scrape must answer within it, whatever the server does.
+PROMETHEUS_SCRAPE_TIMEOUT_S = 10
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(port: int, timeout: float = 30) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """``GET /metrics``: each sample's value by (name, labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as answer:
         text = answer.read().decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -132,3 +136,39 @@ def test_serve_on_a_metrics_port_in_use_is_one_line_and_leaves_nothing_behind(tm
     last = err.splitlines()[-1]
     assert last.startswith("sharedstate: error:") and f"cannot serve metrics on port {port}" in last, err
     assert not address.exists() and not (tmp_path / "s.sock.key").exists()
+    assert "serving at" not in out  # whoever waits for that line never sees it before the failure
+
+
+def test_a_metrics_port_out_of_range_is_a_usage_error_before_anything_starts(tmp_path):
+    address = tmp_path / "s.sock"
+    proc = start_serve(tmp_path / "state.json", str(address), "--metrics-port", "70000", text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        reap(proc)
+    assert proc.returncode == 2
+    assert "--metrics-port" in err and "not a port number (0 to 65535): '70000'" in err, err
+    assert "Traceback" not in err and out == ""
+    assert not address.exists()
+
+
+def test_a_scrape_of_a_stopped_server_says_up_0_within_the_scrape_timeout():
+    """The endpoint of ``serve --metrics-port`` gives up on the server after ``SCRAPE_TIMEOUT_S``, so a
+    server that stopped answering (here SIGSTOP) is ``up 0``, not a scrape that timed out."""
+    assert SCRAPE_TIMEOUT_S < PROMETHEUS_SCRAPE_TIMEOUT_S
+    with sharedstate.StateServer() as server:
+        http, url = serve_metrics_of(server.address, server.authkey, 0)
+        try:
+            assert url == f"http://127.0.0.1:{http.server_port}/metrics"
+            assert scrape(http.server_port)[("sharedstate_up", ())] == 1
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda: process_state(server.pid) == "T", 10, what="the server to stop")
+                stopped = scrape(http.server_port, timeout=PROMETHEUS_SCRAPE_TIMEOUT_S)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert stopped == {("sharedstate_up", ()): 0}
+            assert scrape(http.server_port)[("sharedstate_up", ())] == 1  # the figures again once it answers
+        finally:
+            http.shutdown()
+            http.server_close()

@@ -20,10 +20,14 @@ CLEAR = "\x1b[H\x1b[2J"
 
 
 def _busy(address: str, stop) -> None:
-    """Move the server's counters until told to stop."""
+    """Move the server's counters until told to stop: each round an ``incr`` and a new name (the names
+    are a figure only this worker changes)."""
     state = sharedstate.connect(address)
+    number = 0
     while not stop.is_set():
         state.incr("hits")
+        state.set(f"n{number}", number)
+        number += 1
         time.sleep(0.002)
 
 
@@ -65,8 +69,10 @@ def busy_server(tmp_path_factory):
 
 
 def test_piped_it_prints_a_header_then_one_line_per_interval(busy_server):
+    started = time.monotonic()
     done = _top(busy_server, "--interval", "0.2", "--count", "3", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = done.communicate(timeout=60)
+    took = time.monotonic() - started  # longer than any one interval top measured
     assert done.returncode == 0, err
     lines = out.splitlines()
     assert len(lines) == 4, out
@@ -83,7 +89,13 @@ def test_piped_it_prints_a_header_then_one_line_per_interval(busy_server):
     ]
     rows = [line.split() for line in lines[1:]]
     assert all(len(row) == 9 for row in rows), out
-    assert all(float(row[1]) > 0 for row in rows), out  # the worker moves the counter
+    names = [int(row[3]) for row in rows]
+    assert names[-1] > names[0], out  # the worker ran while top did
+    for number in range(1, len(rows)):
+        # The ops of an interval: top's own stats() call, and the worker's calls, at least one per name
+        # it added. Over an interval that lasted at most ``took`` seconds, that is this rate at least.
+        added = names[number] - names[number - 1]
+        assert float(rows[number][1]) >= (1 + added) / took - 0.05, out
     assert all(int(row[2]) >= 2 for row in rows), out  # the worker and top itself
     assert all(row[8].endswith(("B", "K", "M")) for row in rows), out  # the journal's size
     assert CLEAR not in out

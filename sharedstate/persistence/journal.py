@@ -270,6 +270,12 @@ class Journal:
             self._fd, self._file, self.generation = fd, name, generation
         fsync_dir(self.base.parent)
 
+    def size(self) -> int | None:
+        """The size in bytes of the journal file being written (``PATH.journal``, or ``PATH.journal.GEN``
+        during a save and after one that failed); ``None`` when none is open."""
+        with self._sync_lock:  # the file cannot be closed, or its descriptor reused, meanwhile
+            return None if self._fd is None else os.fstat(self._fd).st_size
+
     # -- durability ---------------------------------------------------------------------------------
     def commit(self, number: int) -> None:
         """Return once record ``number`` is on the disk (``"always"``); no-op for ``"everysec"``."""

@@ -34,11 +34,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sharedstate._errors import describe_lock as describe
-from sharedstate._errors import lock_lost as lost
+from sharedstate._errors import describe_lock, lock_lost, lock_not_held
 from sharedstate._figures import WaitWindow
 from sharedstate.server.clients import Client
 from sharedstate.server.lockfile import Holder, LockFile
@@ -53,6 +52,8 @@ CHECK_EVERY_S = 0.2
 #: A release sent again is recognised while fewer than that many other holders released a lock after
 #: it: it comes within its caller's call timeout of the crash, far within that bound.
 MAX_RELEASED = 4096
+#: Who holds a lock: ``(client key, thread)``.
+_Owner = tuple[Hashable, Hashable]
 
 
 @dataclass(slots=True, eq=False)  # eq=False: a queue removes this very waiter, not an equal one
@@ -62,7 +63,7 @@ class _Waiter:
 
     key: str | None
     entry: _Entry
-    owner: tuple[Hashable, Hashable]
+    owner: _Owner
     client: Client
     notify: Callable[[], Any]
     deadline: float | None
@@ -71,23 +72,21 @@ class _Waiter:
     granted: bool = False
 
 
+@dataclass(slots=True, eq=False)  # eq=False: the table finds an entry by identity
 class _Entry:
-    __slots__ = ("owner", "client", "count", "queue", "checked_at", "lease", "renewed_at", "rebuilt", "taken_at")
-
-    def __init__(self) -> None:
-        self.owner: tuple[Hashable, Hashable] | None = None
-        self.client: Client | None = None
-        self.count = 0
-        #: Calls waiting for the lock, first come first served (none while the lock is free).
-        self.queue: deque[_Waiter] = deque()
-        self.checked_at = 0.0
-        #: The holder's lease in seconds (``None``: none), and when it last took or renewed the lock.
-        self.lease: float | None = None
-        self.renewed_at = 0.0
-        #: Rebuilt from the lock file, and its holder thread has made no lock call since.
-        self.rebuilt = False
-        #: When its holder took it (``time.monotonic()``; after a restart: when the table was rebuilt).
-        self.taken_at = 0.0
+    owner: _Owner | None = None
+    client: Client | None = None
+    count: int = 0
+    #: Calls waiting for the lock, first come first served (none while the lock is free).
+    queue: deque[_Waiter] = field(default_factory=deque)
+    checked_at: float = 0.0
+    #: The holder's lease in seconds (``None``: none), and when it last took or renewed the lock.
+    lease: float | None = None
+    renewed_at: float = 0.0
+    #: Rebuilt from the lock file, and its holder thread has made no lock call since.
+    rebuilt: bool = False
+    #: When its holder took it (``time.monotonic()``; after a restart: when the table was rebuilt).
+    taken_at: float = 0.0
 
 
 class LockTable:
@@ -104,9 +103,9 @@ class LockTable:
         self._file = file
         #: ``(client key, thread)`` -> ``(key, request)``: the last release that freed a lock of that
         #: holder, and its request id, so that the same release sent again is not ``LockLost``.
-        self._released: dict[tuple[Hashable, Hashable], tuple[str | None, int]] = {}
+        self._released: dict[_Owner, tuple[str | None, int]] = {}
         #: Holder -> the keys of its locks rebuilt after a restart and not yet reclaimed (see ``_reclaim``).
-        self._rebuilt: dict[tuple[Hashable, Hashable], list[str | None]] = {}
+        self._rebuilt: dict[_Owner, list[str | None]] = {}
 
     def rebuild(self, holders: list[Holder], client_for: Callable[[Holder], Client]) -> None:
         """Hold again the locks the lock file recorded, for holders still alive; free (and count) those
@@ -120,7 +119,7 @@ class LockTable:
                     self.recoveries += 1
                     log.warning(
                         "released %s held by pid %s before the restart: its process is gone",
-                        describe(holder.key),
+                        describe_lock(holder.key),
                         client.pid,
                     )
                     continue
@@ -169,22 +168,20 @@ class LockTable:
             elif entry.lease is not None:
                 self._expire(key, entry)
             if entry.owner is None and not held:
-                self._take(key, entry, owner, client, lease)
-                self.waits.append(0.0)
+                self._take(key, entry, owner, client, lease, None)
                 return True
             if entry.owner == owner:
                 if not held:
-                    log.info("%s is this caller's already: an acquire sent again after a restart", describe(key))
+                    log.info("%s is this caller's already: an acquire sent again after a restart", describe_lock(key))
                 entry.count = held + 1
                 self._record(key, entry)
                 return True
             if held:
                 self._forget_if_idle(key, entry)
-                raise lost(key)
+                raise lock_lost(key)
             self._check_holder(key, entry)
             if entry.owner is None:
-                self._take(key, entry, owner, client, lease)
-                self.waits.append(0.0)
+                self._take(key, entry, owner, client, lease, None)
                 return True
             if not blocking or (timeout is not None and timeout <= 0):
                 return False
@@ -208,7 +205,7 @@ class LockTable:
                 if waiter.granted:
                     return True
                 if ready or (deadline is not None and time.monotonic() >= deadline):
-                    self.waits.append(time.monotonic() - waiter.queued_at)  # a wait given up is a wait too
+                    self.waits.record(waiter.queued_at, taken=False)  # a wait given up is a wait too
                     entry.queue.remove(waiter)
                     self._forget_if_idle(key, entry)
                     return False
@@ -232,11 +229,10 @@ class LockTable:
                 if held:
                     if request and self._released.get(owner) == (key, request):
                         # Applied before the crash that lost its answer.
-                        log.info("%s was released by this caller already: a release sent again", describe(key))
+                        log.info("%s was released by this caller already: a release sent again", describe_lock(key))
                         return
-                    raise lost(key)
-                holder = "nobody" if entry is None or entry.client is None else f"pid {entry.client.pid}"
-                raise RuntimeError(f"cannot release {describe(key)}: this thread does not hold it (held by {holder})")
+                    raise lock_lost(key)
+                raise lock_not_held(key, None if entry is None or entry.client is None else entry.client.pid)
             entry.count = held - 1 if held > 0 else entry.count - 1
             if entry.count > 0:
                 self._record(key, entry)
@@ -269,12 +265,8 @@ class LockTable:
                     entry.renewed_at = now
         return gone
 
-    def locked(self, key: str | None) -> bool:
-        with self._mutex:
-            entry = self._current(key)
-            return entry is not None and entry.owner is not None
-
     def owner(self, key: str | None) -> int | None:
+        """The pid of the lock's holder; ``None``: the lock is free."""
         with self._mutex:
             entry = self._current(key)
             return None if entry is None or entry.client is None else entry.client.pid
@@ -291,7 +283,7 @@ class LockTable:
                     self._recover(key, entry, "its process closed its last connection")
 
     # -- internals, called with the mutex held ------------------------------------------------------
-    def _reclaim(self, owner: tuple[Hashable, Hashable], client: Client) -> None:
+    def _reclaim(self, owner: _Owner, client: Client) -> None:
         """The holder thread of locks rebuilt after a restart calls again: from now on its locks follow
         the usual rule (freed when every connection of its process has closed), on its current client
         (the rebuilt one may have been dropped when other connections of the process closed)."""
@@ -310,8 +302,9 @@ class LockTable:
         return entry
 
     def _take(
-        self, key: str | None, entry: _Entry, owner: tuple[Hashable, Hashable], client: Client, lease: float | None
+        self, key: str | None, entry: _Entry, owner: _Owner, client: Client, lease: float | None, since: float | None
     ) -> None:
+        """Make ``owner`` the holder; ``since``: when it began to wait for the lock (``None``: it did not)."""
         # Freeing a dead holder's named lock may have dropped the entry from the table just before: put it
         # back, or the lock would be held in an entry nobody else sees.
         self._entries[key] = entry
@@ -321,6 +314,7 @@ class LockTable:
         entry.lease = lease
         entry.rebuilt = False
         entry.taken_at = entry.renewed_at = time.monotonic()
+        self.waits.record(since, entry.taken_at)
         self._record(key, entry)
 
     def _record(self, key: str | None, entry: _Entry) -> None:
@@ -354,8 +348,7 @@ class LockTable:
         lock file says already that the lock is free."""
         if entry.queue:
             waiter = entry.queue.popleft()
-            self._take(key, entry, waiter.owner, waiter.client, waiter.lease)
-            self.waits.append(entry.taken_at - waiter.queued_at)
+            self._take(key, entry, waiter.owner, waiter.client, waiter.lease, waiter.queued_at)
             waiter.granted = True
             try:
                 waiter.notify()
@@ -395,13 +388,12 @@ class LockTable:
     def _recover(self, key: str | None, entry: _Entry, why: str) -> None:
         pid = entry.client.pid if entry.client is not None else None
         self.recoveries += 1
-        log.warning("released %s held by pid %s: %s", describe(key), pid, why)
+        log.warning("released %s held by pid %s: %s", describe_lock(key), pid, why)
         self._free(key, entry)
 
-    def status(self) -> tuple[int, list[tuple[str | None, int, float, int]]]:
-        """How many calls wait for a lock, and every held lock as ``(name, holder pid, seconds held,
-        waiters)`` (``None``: the global lock)."""
+    def holders(self) -> list[tuple[str | None, int, float, int]]:
+        """Every held lock as ``(name, holder pid, seconds held, waiters)`` (``None``: the global lock); a
+        call waits only for a lock that is held, so these are all the waiters."""
         with self._mutex:
             now, entries = time.monotonic(), self._entries.items()
-            held = [(k, e.client.pid, now - e.taken_at, len(e.queue)) for k, e in entries if e.client is not None]
-            return sum(len(e.queue) for _, e in entries), held
+            return [(k, e.client.pid, now - e.taken_at, len(e.queue)) for k, e in entries if e.client is not None]

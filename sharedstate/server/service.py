@@ -13,11 +13,10 @@ from typing import Any
 
 import psutil
 
-from sharedstate._figures import CallCounts
+from sharedstate._figures import CallCounts, lock_holders
 from sharedstate._rules import check_restored, select_saved
 from sharedstate._sentinels import HANDED
 from sharedstate.persistence.files import check_slot
-from sharedstate.persistence.journal import journal_path
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
 from sharedstate.server.clients import RECONNECT_GRACE_S, Client, Clients
 from sharedstate.server.config import ServerConfig
@@ -27,9 +26,6 @@ from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
 
 log = logging.getLogger(__name__)
-
-#: Lock holders ``stats()`` lists at most (the longest held first), so that its answer stays small.
-HOLDERS_SHOWN = 100
 
 
 class CurrentClient(threading.local):
@@ -143,7 +139,7 @@ class StateService(Store):
         return self.locks.renew(client, locks)
 
     def lock_locked(self, key: str | None) -> bool:
-        return self.locks.locked(key)
+        return self.locks.owner(key) is not None
 
     def lock_owner(self, key: str | None) -> int | None:
         return self.locks.owner(key)
@@ -234,14 +230,8 @@ class StateService(Store):
             self.ops += 1
             names, ops = len(self._data), self.ops
         clients = self.clients.connections()
-        waiters, held = self.locks.status()
-        held.sort(key=lambda holder: -holder[2])
-        journal = None
-        if self.journal is not None and self.path is not None:
-            try:
-                journal = journal_path(self.path).stat().st_size
-            except OSError:
-                pass  # between two generations: the figure is missing for a moment
+        held = self.locks.holders()
+        journal = self.journal
         return {
             "names": names,
             "pid": os.getpid(),
@@ -255,14 +245,11 @@ class StateService(Store):
             "lock_recoveries": self.locks.recoveries,
             "restored_from_backup": self.restored_from_backup,
             "locks_held": len(held),
-            "lock_waiters": waiters,
+            "lock_waiters": sum(holder[3] for holder in held),
             "address": format_address(self.address) if self.address is not None else None,
             "path": self.config.path,
-            "journal_bytes": journal,
+            "journal_bytes": None if journal is None else journal.size(),
             "calls": self.calls.totals(),
-            "lock_holders": [
-                {"lock": key, "pid": pid, "held_s": seconds, "waiters": queued}
-                for key, pid, seconds, queued in held[:HOLDERS_SHOWN]
-            ],
+            "lock_holders": lock_holders(held),
             **self.locks.waits.percentiles(),
         }

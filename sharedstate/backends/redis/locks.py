@@ -7,7 +7,7 @@ import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from sharedstate._errors import describe_lock
+from sharedstate._errors import lock_not_held
 from sharedstate._sentinels import STILL_HELD
 from sharedstate.backends.base import LockRef
 from sharedstate.backends.redis import leases as _leases
@@ -65,12 +65,13 @@ class LockCalls:
         token = _leases.token(owner)
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
+        waiting = None  # since when this call waits for the lock (None: at its first try, it does not yet)
         conn = self._conn
         while True:
             left = conn.run("acquire", [key], [token, lease_ms(lease)])
             if left == -3:
                 registry.add(ident, _leases.Held(conn, self.address, name, key, token, owner, lease))
-                self.waits.append(time.monotonic() - start)
+                self.waits.record(waiting)
                 return True
             if not blocking:
                 return False
@@ -82,9 +83,10 @@ class LockCalls:
                 until = min(until, now + left / 1000 + 0.001)
             if deadline is not None:
                 if now >= deadline:
-                    self.waits.append(now - start)  # a wait given up is a wait too
+                    self.waits.record(waiting, now, taken=False)  # a wait given up is a wait too
                     return False
                 until = min(until, deadline)
+            waiting = start  # it waits from its request on, as on the local server
             # A blocking wait also stays well inside the reply timeout, so it is never taken for a
             # server that stopped answering.
             span = min(until, now + self._timeout / 2) - now
@@ -100,11 +102,7 @@ class LockCalls:
         key, wake = self._lock_keys(name)
         mine = _leases.leases.leave((self._url, key), owner)
         if mine is None:
-            holder = self.lock_owner(name)
-            raise RuntimeError(
-                f"cannot release {describe_lock(name)}: this thread does not hold it "
-                f"(held by {'nobody' if holder is None else f'pid {holder}'})"
-            )
+            raise lock_not_held(name, self.lock_owner(name))
         if mine is STILL_HELD:
             return
         released = self._conn.run("release", [key, wake], [mine.token, mine.lease_ms])
