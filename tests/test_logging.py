@@ -1,7 +1,9 @@
 """The server process logs through its owner's logging: an app's own handler and format receive the
 server's records (a lock recovery, under each start method the app may have been started with, and
-across a restart of the server), the owner's levels apply, the last records of a shutdown arrive, no
-thread is left behind, and an owner that stops reading never holds the server up."""
+across a restart of the server), the owner's levels apply, the last records of a shutdown arrive (through
+a slow handler too; one that blocks does not hang the shutdown), no thread is left behind, an owner that
+stops reading never holds the server up and is told what it missed, and a child forked while the server
+starts does not keep the server's records from its stderr once the owner is gone."""
 
 from __future__ import annotations
 
@@ -331,3 +333,51 @@ def test_the_records_a_stopping_server_cannot_send_to_an_owner_that_does_not_rea
     lost = int(found[0])
     # Lost: the saves the owner never got, and the record(s) of the server's own stop behind them.
     assert 0 < saves < calls and calls - saves <= lost <= calls - saves + 2, (saves, lost)
+
+
+#: An owner with a logger class of its own that forks a child while the owner starts its server: right
+#: after the log pipe was made, before the server process gets it (the child sleeps, keeping what it got).
+_FORK_IN_START = """
+import logging, os, sys, time
+import sharedstate
+
+class ForkingLogger(logging.Logger):
+    child = None
+
+    def getEffectiveLevel(self):
+        if ForkingLogger.child is None:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(120)
+                os._exit(0)
+            ForkingLogger.child = pid
+        return super().getEffectiveLevel()
+
+logging.getLogger("sharedstate").setLevel(logging.INFO)
+logging.setLoggerClass(ForkingLogger)
+logging.getLogger("sharedstate.app")  # its level is read as the server starts
+server = sharedstate.StateServer(save_every=None).start()
+print(server.pid, ForkingLogger.child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_child_forked_while_the_server_starts_does_not_keep_its_log_pipe(tmp_path):
+    """A child forked right after the log pipe was made does not keep the pipe: once the owner is gone
+    (SIGKILL), the server's last records go to its stderr instead of into a pipe nobody reads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    stderr = tmp_path / "stderr"
+    with open(stderr, "wb") as err:
+        owner = subprocess.Popen([sys.executable, "-c", _FORK_IN_START], env=env, stdout=subprocess.PIPE, stderr=err)
+    child = None
+    try:
+        server_pid, child = map(int, owner.stdout.readline().split())
+        kill(owner.pid)
+        wait_until(lambda: exited(server_pid), WAIT_S, what="the server's exit once its owner is gone")
+    finally:
+        if child is not None:
+            kill(child)
+        reap(owner)
+        owner.stdout.close()
+    assert re.search(rf"^sharedstate\[{server_pid}\] INFO: stopping: ", stderr.read_text(), re.M), stderr.read_text()
