@@ -191,3 +191,52 @@ def test_a_registry_folder_others_may_write_or_a_link_is_not_used(tmp_path):
     assert registry.names() == []
     registry.add("/sharedstate-fedcba9876543210")
     assert target.read_text() == "/sharedstate-0123456789abcdef\n"
+
+
+def test_a_sweep_that_found_a_name_gone_keeps_it_once_a_server_made_its_block(tmp_path):
+    """A sweep read the names, found a block missing, and drops the names it found gone; meanwhile a
+    server made a block of that name (one address, one name): the name stays, so the block is swept
+    once that server is killed."""
+    registry = Registry.open(tmp_path / "registry")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", _TABLE, str(tmp_path / "a.sock"), str(registry.folder)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    name = None
+    try:
+        name = proc.stdout.readline().strip()
+        registry.forget([name])  # the slow sweep's last step
+        assert registry.names() == [name]
+        kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert versions.sweep(registry) == 1 and not os.path.exists(SHM_DIR + name)
+        assert registry.names() == []
+    finally:
+        reap(proc)
+        proc.stdout.close()
+        if name:
+            versions.retire(name)
+
+
+#: A server's version table made with a registry where no file may grow beyond 64 KiB: the name is
+#: recorded, the block is opened, and it cannot be given its size (EFBIG).
+_BLOCK_TOO_LARGE = """
+import resource, sys
+from pathlib import Path
+from sharedstate.wire.shmnames import Registry
+from sharedstate.wire.versions import VersionTable
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    VersionTable(sys.argv[1], Registry(Path(sys.argv[2])))
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_a_block_that_could_not_be_made_leaves_no_name_in_the_registry(tmp_path):
+    registry = Registry.open(tmp_path / "registry")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", _BLOCK_TOO_LARGE, str(tmp_path / "a.sock"), str(registry.folder)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout == f"{errno.EFBIG}\n", done.stderr
+    assert (registry.folder / "blocks").exists()  # the name was recorded, then dropped
+    assert registry.names() == []
