@@ -77,6 +77,51 @@ def test_a_server_is_refused_on_windows_with_one_clear_error():
     assert "LocalFileStorage" in NO_SERVER_ON_WINDOWS and "redis://" in NO_SERVER_ON_WINDOWS
 
 
+#: Where the decision says Windows: every way to start or reach a local server fails at once with the error.
+_AS_ON_WINDOWS = """
+import sys
+from sharedstate.wire import addresses
+addresses.server_supported = lambda os_name: False  # the decision, as it is on Windows
+import sharedstate
+if sys.argv[1] == "cli":
+    from sharedstate._cli import main
+    main(sys.argv[2:])
+calls = {
+    "start": lambda: sharedstate.StateServer(save_every=None).start(),
+    "serve": lambda: sharedstate.serve().__enter__(),
+    "socket": lambda: sharedstate.connect(sys.argv[2], b"key"),
+    "tcp": lambda: sharedstate.connect("127.0.0.1:1", b"key"),
+}
+for what, call in calls.items():
+    try:
+        call()
+    except NotImplementedError as exc:
+        print(what, exc)
+    else:
+        print(what, "did not raise")
+"""
+
+
+def _as_on_windows(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", _AS_ON_WINDOWS, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_starting_or_reaching_a_server_where_the_decision_says_windows_raises_the_error(tmp_path):
+    done = _as_on_windows("api", str(tmp_path / "s.sock"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{what} {NO_SERVER_ON_WINDOWS}" for what in ("start", "serve", "socket", "tcp")
+    ]
+    for command in (["serve", "--address", str(tmp_path / "s.sock")], ["run", "--", sys.executable, "-c", "pass"]):
+        done = _as_on_windows("cli", *command)
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        assert done.stderr == f"sharedstate: error: {NO_SERVER_ON_WINDOWS}\n"
+
+
 #: Imports the package as on Windows as far as Linux allows: no fcntl, no fork nor os.register_at_fork,
 #: no POSIX shared memory; then LocalFileStorage and (given a URL) the Redis backend are used for real.
 _WITHOUT_POSIX = """
