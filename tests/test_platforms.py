@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, kill, reap
 
+import sharedstate
 from sharedstate.persistence.files import dir_fsync_possible, fsync_call, fsync_file
 from sharedstate.wire import versions
 from sharedstate.wire.addresses import NO_SERVER_ON_WINDOWS, check_server_supported, server_supported
@@ -58,6 +61,54 @@ def test_fsync_falls_back_to_fsync_where_the_file_system_refuses_f_fullfsync(tmp
     with pytest.raises(OSError) as raised:
         fsync_call(refusing)(fd)
     assert raised.value.errno == errno.EBADF and len(refusing.calls) == 2
+
+
+#: The package imported with ``os.fsync`` counting the files it is called for: ``fsync_file`` takes it at
+#: import. Then ``os.fsync`` itself fails, so an fsync that does not go through ``fsync_file`` shows.
+_COUNT_FSYNCS = """
+import os, sys
+from pathlib import Path
+real, synced = os.fsync, []
+
+def counting(fd):
+    synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+    real(fd)
+
+def elsewhere(fd):
+    raise AssertionError("an fsync that does not go through sharedstate.persistence.files.fsync_file")
+
+os.fsync = counting
+from sharedstate.persistence import files, journal, snapshot
+assert files.fsync_file is counting
+os.fsync = elsewhere
+path = Path(sys.argv[1]) / "state.json"
+snapshot.write_snapshot(path, {"a": 1}, {})
+changes = journal.Journal(path, "always")
+changes.start_generation(1)
+changes.commit(changes.append(["set", "a", 2]))
+changes.close(remove=False)
+print("\\n".join(synced))
+"""
+
+
+def test_the_snapshot_and_the_journal_fsync_through_the_one_helper(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _COUNT_FSYNCS, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    synced = done.stdout.splitlines()
+    temporary = [name for name in synced if name.startswith(f"{tmp_path}/.state.json.") and name.endswith(".tmp")]
+    assert len(temporary) == 1, synced  # the snapshot, before its rename
+    assert synced.count(str(tmp_path)) == 2, synced  # the folder, after the rename and the new journal
+    assert synced.count(f"{tmp_path}/state.json.journal") == 3, synced  # its header, the change, the close
+
+
+def test_no_module_but_the_one_helper_calls_fsync():
+    package = Path(sharedstate.__file__).parent
+    direct = re.compile(r"\bos\.f(?:data)?sync\b|\bF_FULLFSYNC\b|\bfrom os import\b")
+    callers = {str(path.relative_to(package)) for path in package.rglob("*.py") if direct.search(path.read_text())}
+    assert callers == {"persistence/files.py"}
 
 
 def test_folders_are_fsynced_except_on_windows():
