@@ -7,6 +7,7 @@ starts does not keep the server's records from its stderr once the owner is gone
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,9 +109,14 @@ def test_a_lock_recovery_in_the_server_reaches_the_apps_handler(tmp_path, method
     assert threads == []
 
 
-def quiet_owner(snapshot: str, started, go, results) -> None:
-    """An owner whose handler counts the server's save records; it is stopped (SIGSTOP) meanwhile."""
+def quiet_owner(snapshot: str, started, go, results, stderr: str | None = None) -> None:
+    """An owner whose handler counts the server's save records; it is stopped (SIGSTOP) meanwhile. With
+    ``stderr``, its stderr (which its server inherits) goes to that file."""
     try:
+        if stderr is not None:
+            fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(fd, 2)
+            os.close(fd)
         handler = Collect()
         logging.getLogger("sharedstate").addHandler(handler)
         logging.getLogger("sharedstate").setLevel(logging.INFO)
@@ -123,28 +130,30 @@ def quiet_owner(snapshot: str, started, go, results) -> None:
         results.put(("error", traceback.format_exc()))
 
 
-@pytest.mark.timeout(180)
-def test_a_server_whose_owner_stops_reading_its_records_serves_on_and_counts_what_it_dropped(tmp_path):
-    """More records than the server keeps for its owner (its queue and the pipe) while the owner is
-    stopped: every call is still answered, and the records the owner missed are counted, not lost
-    silently."""
+def saves_while_the_owner_is_stopped(snapshot: str, calls: int, stderr: Path | None = None) -> tuple[int, int, list]:
+    """Start ``quiet_owner``; with it stopped (SIGSTOP), make ``calls`` saves, each of which logs a record;
+    with ``stderr``, then stop the server (SIGTERM) while the owner is still stopped. Returns the server's
+    pid, how many save records the owner handled, and the warnings about dropped records it got."""
     ctx = multiprocessing.get_context("fork")
-    snapshot = str(tmp_path / "copy.json")
     started, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    owner = ctx.Process(target=quiet_owner, args=(snapshot, started, go, results))
+    owner = ctx.Process(target=quiet_owner, args=(snapshot, started, go, results, stderr and str(stderr)))
     owner.start()
     try:
         address, authkey, server_pid = started.get(timeout=60)
         state = sharedstate.connect(address, authkey, timeout=10)
-        calls = 2000  # each logs one record, far more than the queue (1000) and the pipe hold
         os.kill(owner.pid, signal.SIGSTOP)
         try:
             for _ in range(calls):
                 state.save(snapshot)  # a call that logs: it returns though nobody takes its record
+            if stderr is not None:
+                state.close()
+                os.kill(server_pid, signal.SIGTERM)
+                wait_until(lambda: exited(server_pid), WAIT_S, what="the server's exit")
         finally:
             os.kill(owner.pid, signal.SIGCONT)
-        assert state.get("missing", "default") == "default"
-        state.close()
+        if stderr is None:
+            assert state.get("missing", "default") == "default"
+            state.close()
         go.set()
         report = results.get(timeout=60)
     finally:
@@ -152,7 +161,16 @@ def test_a_server_whose_owner_stops_reading_its_records_serves_on_and_counts_wha
         os.kill(owner.pid, signal.SIGCONT)
         reap(owner)
     assert report[0] == "done", report[1]
-    _, saves, dropped = report
+    return server_pid, report[1], report[2]
+
+
+@pytest.mark.timeout(180)
+def test_a_server_whose_owner_stops_reading_its_records_serves_on_and_counts_what_it_dropped(tmp_path):
+    """More records than the server keeps for its owner (its queue and the pipe) while the owner is
+    stopped: every call is still answered, and the records the owner missed are counted, not lost
+    silently."""
+    calls = 2000  # each logs one record, far more than the queue (1000) and the pipe hold
+    server_pid, saves, dropped = saves_while_the_owner_is_stopped(str(tmp_path / "copy.json"), calls)
     assert dropped, "the server dropped records but never said so"
     lost = sum(int(line.split("|")[4].split()[0]) for line in dropped)
     assert 0 < saves < calls and saves + lost == calls
@@ -168,26 +186,33 @@ def test_every_module_logs_to_the_logger_of_its_own_name():
         assert assigned == ["log = logging.getLogger(__name__)"], path
 
 
-def test_the_owners_level_applies_to_the_records_of_a_running_server(tmp_path):
-    """Records are filtered by the owner's loggers as they are when a record arrives (shutdown() returns
-    once every record of the server was handled)."""
-    handler = Collect()
-    logger = logging.getLogger("sharedstate.server.service")
+@contextlib.contextmanager
+def app_handler(name: str, handler: logging.Handler) -> Iterator[logging.Logger]:
+    """The app's ``handler`` on the logger ``name``, set to INFO, for the ``with`` body."""
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_the_owners_level_applies_to_the_records_of_a_running_server(tmp_path):
+    """Records are filtered by the owner's loggers as they are when a record arrives (shutdown() returns
+    once every record of the server was handled)."""
+    handler = Collect()
+    with app_handler("sharedstate.server.service", handler) as logger:
         with sharedstate.StateServer(save_every=None) as server:
             server.save(tmp_path / "a.json")
             line = handler.wait_for("save: 0 names to")
             logger.setLevel(logging.ERROR)
             server.save(tmp_path / "b.json")  # its record arrives before shutdown() returns
-        assert line.startswith(f"app|sharedstate.server.service|INFO|{server.pid}|save: 0 names to ")
-        assert "a.json" in line
-        assert "b.json" not in "".join(handler.lines)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    assert line.startswith(f"app|sharedstate.server.service|INFO|{server.pid}|save: 0 names to ")
+    assert "a.json" in line
+    assert "b.json" not in "".join(handler.lines)
 
 
 #: A command for ``sharedstate run``: a child of it takes the global lock and is killed, then the command
@@ -259,72 +284,26 @@ def test_shutdown_waits_for_a_slow_handler_but_not_for_one_that_blocks(tmp_path)
     (here 3 s for the saves, more than the 2 s a handler may take over one record); a handler that
     blocks over one record is not waited for beyond those 2 s."""
     handler = SlowThenBlocked()
-    logger = logging.getLogger("sharedstate")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
     try:
-        with sharedstate.StateServer(save_every=None) as server:
-            for i in range(6):
-                server.save(tmp_path / f"{i}.json")
-            handler.go.set()
-        assert len(handler.saves) == 6, handler.saves
-        assert handler.blocked.is_set()  # the last record reached the handler, which holds it still
+        with app_handler("sharedstate", handler):
+            with sharedstate.StateServer(save_every=None) as server:
+                for i in range(6):
+                    server.save(tmp_path / f"{i}.json")
+                handler.go.set()
+            assert len(handler.saves) == 6, handler.saves
+            assert handler.blocked.is_set()  # the last record reached the handler, which holds it still
     finally:
         handler.release.set()
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-def stopped_owner(snapshot: str, stderr: str, started, go, results) -> None:
-    """An owner (its stderr, which its server inherits, going to the file ``stderr``) whose handler counts
-    the server's save records."""
-    try:
-        fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(fd, 2)
-        os.close(fd)
-        handler = Collect()
-        logging.getLogger("sharedstate").addHandler(handler)
-        logging.getLogger("sharedstate").setLevel(logging.INFO)
-        with sharedstate.StateServer(save_every=None) as server:
-            started.put((server.address, server.authkey, server.pid))
-            assert go.wait(120)
-        saves = sum(1 for line in handler.lines if f"save: 0 names to {snapshot}" in line)
-        results.put(("done", saves))
-    except BaseException:
-        results.put(("error", traceback.format_exc()))
 
 
 @pytest.mark.timeout(180)
 def test_the_records_a_stopping_server_cannot_send_to_an_owner_that_does_not_read_are_reported(tmp_path):
     """The server stops (SIGTERM) while its owner is stopped and the pipe is full: the records still
     waiting are lost, and the server says how many on its stderr, in the plain format."""
-    ctx = multiprocessing.get_context("fork")
-    snapshot, stderr = str(tmp_path / "copy.json"), tmp_path / "stderr"
-    started, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    owner = ctx.Process(target=stopped_owner, args=(snapshot, str(stderr), started, go, results))
-    owner.start()
-    try:
-        address, authkey, server_pid = started.get(timeout=60)
-        state = sharedstate.connect(address, authkey, timeout=10)
-        calls = 400  # more than the pipe holds (about 130), fewer than the server's queue (1000)
-        os.kill(owner.pid, signal.SIGSTOP)
-        try:
-            for _ in range(calls):
-                state.save(snapshot)
-            state.close()
-            os.kill(server_pid, signal.SIGTERM)
-            wait_until(lambda: exited(server_pid), WAIT_S, what="the server's exit")
-        finally:
-            os.kill(owner.pid, signal.SIGCONT)
-        go.set()
-        report = results.get(timeout=60)
-    finally:
-        go.set()
-        os.kill(owner.pid, signal.SIGCONT)
-        reap(owner)
-    assert report[0] == "done", report[1]
-    saves = report[1]
+    stderr = tmp_path / "stderr"
+    calls = 400  # more than the pipe holds (about 130), fewer than the server's queue (1000)
+    server_pid, saves, dropped = saves_while_the_owner_is_stopped(str(tmp_path / "copy.json"), calls, stderr)
+    assert dropped == []  # none was dropped while the server ran: its queue held them
     text = stderr.read_text()
     found = re.findall(
         rf"^sharedstate\[{server_pid}\] WARNING: (\d+) log record\(s\) of the server process were dropped", text, re.M

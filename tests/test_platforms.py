@@ -242,12 +242,18 @@ time.sleep(60)
 """
 
 
+def _start_table(address: Path, registry: Registry) -> subprocess.Popen[str]:
+    """A process that makes the version table of a server at ``address`` with ``registry``, prints its
+    block's name and waits to be killed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", _TABLE, str(address), str(registry.folder)]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+
+
 def test_the_registry_finds_the_block_of_a_killed_server_and_the_sweep_removes_it(tmp_path):
     registry = Registry.open(tmp_path / "registry")
     assert registry is not None and (tmp_path / "registry").stat().st_mode & 0o777 == 0o700
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-c", _TABLE, str(tmp_path / "a.sock"), str(registry.folder)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    proc = _start_table(tmp_path / "a.sock", registry)
     live = None
     try:
         dead = proc.stdout.readline().strip()
@@ -294,9 +300,7 @@ def test_a_sweep_that_found_a_name_gone_keeps_it_once_a_server_made_its_block(tm
     server made a block of that name (one address, one name): the name stays, so the block is swept
     once that server is killed."""
     registry = Registry.open(tmp_path / "registry")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-c", _TABLE, str(tmp_path / "a.sock"), str(registry.folder)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    proc = _start_table(tmp_path / "a.sock", registry)
     name = None
     try:
         name = proc.stdout.readline().strip()
