@@ -6,12 +6,14 @@ server's pid in ``process``).
 In the server, ``RelayHandler`` (a ``QueueHandler``) puts each record on a bounded in-process queue, and
 one thread sends them down a pipe to the owner; a log call never waits for the owner. When the queue is
 full (an owner that does not read: stopped, or busy), records are dropped and counted, and a warning
-says how many once the owner reads again. When the owner is gone, the records go to the server's own
-stderr (inherited from the owner), in the plain format of ``sharedstate serve``.
+says how many once the owner reads again (or, when the server stops before that, on its stderr). When
+the owner is gone, the records go to the server's own stderr (inherited from the owner), in the plain
+format of ``sharedstate serve``.
 
 In the owner, ``LogListener`` reads the pipe on a thread of its own and hands each record to
 ``logging.getLogger(record.name)`` when that logger is enabled for its level. One pipe, one listener per
-server process: a server process started again after a crash gets its own.
+server process: a server process started again after a crash gets its own. The pipe's ends are closed in
+every child the owner forks (``open_log_pipe``), so that only the owner keeps the pipe open.
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ class RelayHandler(logging.handlers.QueueHandler):
             self._fallback.handle(record)
 
     def close(self) -> None:
-        """Send what is queued (waiting at most ``DRAIN_S`` for an owner that does not read), then stop."""
+        """Send what is queued (waiting at most ``DRAIN_S`` for an owner that does not read), then stop;
+        how many records could not be sent is said on stderr."""
         deadline = time.monotonic() + DRAIN_S
         try:
             self.queue.put(_STOP, timeout=DRAIN_S)

@@ -4,10 +4,10 @@ where shared memory cannot be listed (macOS), in a registry of the names this us
 The registry is the file ``blocks`` in a folder of this user's alone, ``sharedstate-UID`` in the
 temporary folder (which macOS makes per user already): one name a line, appended before the block is
 made, and the names of blocks that are gone dropped by each sweep (checked again under the registry's
-lock, which a server holds from recording its name until its block is made). A folder that is a symbolic link,
-belongs to someone else or that others may write is not used (a warning says so): no name is recorded
-there and none is read, so no other user can make a sweep retire blocks that are not this user's; the
-blocks of killed servers then stay until the machine restarts.
+lock, which a server holds from recording its name until its block is made). A folder that is a
+symbolic link, belongs to someone else or that others may write is not used (a warning says so): no
+name is recorded there and none is read, so no other user can make a sweep retire blocks that are not
+this user's; the blocks of killed servers then stay until the machine restarts.
 """
 
 from __future__ import annotations

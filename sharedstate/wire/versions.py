@@ -40,9 +40,7 @@ import psutil
 
 from sharedstate._processes import process_alive
 from sharedstate.wire.addresses import Address
-
-# None where there is no POSIX shared memory: clients read through the server.
-from sharedstate.wire.shmnames import SOURCE, Registry, _posixshmem, listed
+from sharedstate.wire.shmnames import SOURCE, Registry, _posixshmem, listed  # None: no POSIX shared memory
 
 #: Counters per server (a power of two). Names that share a counter only cost each other cache misses.
 SLOTS = 1 << 16
