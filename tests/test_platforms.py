@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, kill, reap
 
+import sharedstate
 from sharedstate.persistence.files import dir_fsync_possible, fsync_call, fsync_file
 from sharedstate.wire import versions
 from sharedstate.wire.addresses import NO_SERVER_ON_WINDOWS, check_server_supported, server_supported
@@ -60,6 +63,54 @@ def test_fsync_falls_back_to_fsync_where_the_file_system_refuses_f_fullfsync(tmp
     assert raised.value.errno == errno.EBADF and len(refusing.calls) == 2
 
 
+#: The package imported with ``os.fsync`` counting the files it is called for: ``fsync_file`` takes it at
+#: import. Then ``os.fsync`` itself fails, so an fsync that does not go through ``fsync_file`` shows.
+_COUNT_FSYNCS = """
+import os, sys
+from pathlib import Path
+real, synced = os.fsync, []
+
+def counting(fd):
+    synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+    real(fd)
+
+def elsewhere(fd):
+    raise AssertionError("an fsync that does not go through sharedstate.persistence.files.fsync_file")
+
+os.fsync = counting
+from sharedstate.persistence import files, journal, snapshot
+assert files.fsync_file is counting
+os.fsync = elsewhere
+path = Path(sys.argv[1]) / "state.json"
+snapshot.write_snapshot(path, {"a": 1}, {})
+changes = journal.Journal(path, "always")
+changes.start_generation(1)
+changes.commit(changes.append(["set", "a", 2]))
+changes.close(remove=False)
+print("\\n".join(synced))
+"""
+
+
+def test_the_snapshot_and_the_journal_fsync_through_the_one_helper(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _COUNT_FSYNCS, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    synced = done.stdout.splitlines()
+    temporary = [name for name in synced if name.startswith(f"{tmp_path}/.state.json.") and name.endswith(".tmp")]
+    assert len(temporary) == 1, synced  # the snapshot, before its rename
+    assert synced.count(str(tmp_path)) == 2, synced  # the folder, after the rename and the new journal
+    assert synced.count(f"{tmp_path}/state.json.journal") == 3, synced  # its header, the change, the close
+
+
+def test_no_module_but_the_one_helper_calls_fsync():
+    package = Path(sharedstate.__file__).parent
+    direct = re.compile(r"\bos\.f(?:data)?sync\b|\bF_FULLFSYNC\b|\bfrom os import\b")
+    callers = {str(path.relative_to(package)) for path in package.rglob("*.py") if direct.search(path.read_text())}
+    assert callers == {"persistence/files.py"}
+
+
 def test_folders_are_fsynced_except_on_windows():
     assert dir_fsync_possible("posix") is True
     assert dir_fsync_possible("nt") is False
@@ -75,6 +126,51 @@ def test_a_server_is_refused_on_windows_with_one_clear_error():
     assert str(raised.value) == NO_SERVER_ON_WINDOWS
     assert "not supported on Windows yet" in NO_SERVER_ON_WINDOWS
     assert "LocalFileStorage" in NO_SERVER_ON_WINDOWS and "redis://" in NO_SERVER_ON_WINDOWS
+
+
+#: Where the decision says Windows: every way to start or reach a local server fails at once with the error.
+_AS_ON_WINDOWS = """
+import sys
+from sharedstate.wire import addresses
+addresses.server_supported = lambda os_name: False  # the decision, as it is on Windows
+import sharedstate
+if sys.argv[1] == "cli":
+    from sharedstate._cli import main
+    main(sys.argv[2:])
+calls = {
+    "start": lambda: sharedstate.StateServer(save_every=None).start(),
+    "serve": lambda: sharedstate.serve().__enter__(),
+    "socket": lambda: sharedstate.connect(sys.argv[2], b"key"),
+    "tcp": lambda: sharedstate.connect("127.0.0.1:1", b"key"),
+}
+for what, call in calls.items():
+    try:
+        call()
+    except NotImplementedError as exc:
+        print(what, exc)
+    else:
+        print(what, "did not raise")
+"""
+
+
+def _as_on_windows(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", _AS_ON_WINDOWS, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_starting_or_reaching_a_server_where_the_decision_says_windows_raises_the_error(tmp_path):
+    done = _as_on_windows("api", str(tmp_path / "s.sock"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{what} {NO_SERVER_ON_WINDOWS}" for what in ("start", "serve", "socket", "tcp")
+    ]
+    for command in (["serve", "--address", str(tmp_path / "s.sock")], ["run", "--", sys.executable, "-c", "pass"]):
+        done = _as_on_windows("cli", *command)
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        assert done.stderr == f"sharedstate: error: {NO_SERVER_ON_WINDOWS}\n"
 
 
 #: Imports the package as on Windows as far as Linux allows: no fcntl, no fork nor os.register_at_fork,
@@ -146,12 +242,18 @@ time.sleep(60)
 """
 
 
+def _start_table(address: Path, registry: Registry) -> subprocess.Popen[str]:
+    """A process that makes the version table of a server at ``address`` with ``registry``, prints its
+    block's name and waits to be killed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", _TABLE, str(address), str(registry.folder)]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+
+
 def test_the_registry_finds_the_block_of_a_killed_server_and_the_sweep_removes_it(tmp_path):
     registry = Registry.open(tmp_path / "registry")
     assert registry is not None and (tmp_path / "registry").stat().st_mode & 0o777 == 0o700
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-c", _TABLE, str(tmp_path / "a.sock"), str(registry.folder)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    proc = _start_table(tmp_path / "a.sock", registry)
     live = None
     try:
         dead = proc.stdout.readline().strip()
@@ -191,3 +293,50 @@ def test_a_registry_folder_others_may_write_or_a_link_is_not_used(tmp_path):
     assert registry.names() == []
     registry.add("/sharedstate-fedcba9876543210")
     assert target.read_text() == "/sharedstate-0123456789abcdef\n"
+
+
+def test_a_sweep_that_found_a_name_gone_keeps_it_once_a_server_made_its_block(tmp_path):
+    """A sweep read the names, found a block missing, and drops the names it found gone; meanwhile a
+    server made a block of that name (one address, one name): the name stays, so the block is swept
+    once that server is killed."""
+    registry = Registry.open(tmp_path / "registry")
+    proc = _start_table(tmp_path / "a.sock", registry)
+    name = None
+    try:
+        name = proc.stdout.readline().strip()
+        registry.forget([name])  # the slow sweep's last step
+        assert registry.names() == [name]
+        kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert versions.sweep(registry) == 1 and not os.path.exists(SHM_DIR + name)
+        assert registry.names() == []
+    finally:
+        reap(proc)
+        proc.stdout.close()
+        if name:
+            versions.retire(name)
+
+
+#: A server's version table made with a registry where no file may grow beyond 64 KiB: the name is
+#: recorded, the block is opened, and it cannot be given its size (EFBIG).
+_BLOCK_TOO_LARGE = """
+import resource, sys
+from pathlib import Path
+from sharedstate.wire.shmnames import Registry
+from sharedstate.wire.versions import VersionTable
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    VersionTable(sys.argv[1], Registry(Path(sys.argv[2])))
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_a_block_that_could_not_be_made_leaves_no_name_in_the_registry(tmp_path):
+    registry = Registry.open(tmp_path / "registry")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", _BLOCK_TOO_LARGE, str(tmp_path / "a.sock"), str(registry.folder)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout == f"{errno.EFBIG}\n", done.stderr
+    assert (registry.folder / "blocks").exists()  # the name was recorded, then dropped
+    assert registry.names() == []

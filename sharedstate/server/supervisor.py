@@ -23,7 +23,7 @@ from typing import Any
 
 from sharedstate._errors import ServerUnavailable, SharedStateError, SnapshotError
 from sharedstate.server.config import EXIT_SAVE_FAILED, ServerConfig
-from sharedstate.server.logrelay import LogListener, owner_level
+from sharedstate.server.logrelay import LogListener, close_log_pipe_end, open_log_pipe, owner_level
 from sharedstate.wire.addresses import CONNECT_TIMEOUT, Address, format_address
 from sharedstate.wire.handshake import open_control
 from sharedstate.wire.versions import retire
@@ -167,7 +167,7 @@ def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any
     one for its log records, which this process' logging handles (``proc.log_listener``)."""
     code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from sharedstate.server.process import main; main()"
     report_r, report_w = os.pipe()
-    log_r, log_w = os.pipe()
+    log_r, log_w = open_log_pipe()  # closed in any child forked meanwhile (a copy would keep it open)
     os.set_blocking(report_r, False)
     config.report_fd, config.log_fd = report_w, log_w
     config.log_level = owner_level()  # as the owner's loggers are set now, at each start
@@ -186,11 +186,11 @@ def _spawn(config: ServerConfig) -> tuple[subprocess.Popen[bytes], dict[str, Any
         )
     except BaseException:
         os.close(report_r)
-        os.close(log_r)
+        close_log_pipe_end(log_r)
         raise
     finally:
         os.close(report_w)
-        os.close(log_w)
+        close_log_pipe_end(log_w)
     proc.report_fd = report_r  # type: ignore[attr-defined]
     proc.log_listener = LogListener(log_r)  # type: ignore[attr-defined]
     assert proc.stdin is not None and proc.stdout is not None

@@ -3,10 +3,11 @@ where shared memory cannot be listed (macOS), in a registry of the names this us
 
 The registry is the file ``blocks`` in a folder of this user's alone, ``sharedstate-UID`` in the
 temporary folder (which macOS makes per user already): one name a line, appended before the block is
-made, and the names of blocks that are gone dropped by each sweep. A folder that is a symbolic link,
-belongs to someone else or that others may write is not used (a warning says so): no name is recorded
-there and none is read, so no other user can make a sweep retire blocks that are not this user's; the
-blocks of killed servers then stay until the machine restarts.
+made, and the names of blocks that are gone dropped by each sweep (checked again under the registry's
+lock, which a server holds from recording its name until its block is made). A folder that is a
+symbolic link, belongs to someone else or that others may write is not used (a warning says so): no
+name is recorded there and none is read, so no other user can make a sweep retire blocks that are not
+this user's; the blocks of killed servers then stay until the machine restarts.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import filelock
 
 from sharedstate._errors import SnapshotError
 from sharedstate.persistence.files import private_folder, read_regular, write_atomic
+
+try:
+    import _posixshmem
+except ImportError:  # no POSIX shared memory here (Windows): no blocks, nothing to sweep
+    _posixshmem = None
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +79,33 @@ class Registry:
             return None
         return cls(folder)
 
-    def add(self, name: str) -> None:
-        """Record ``name`` (before the block is made, so a server killed right after leaves no block
-        unrecorded)."""
+    def add(self, name: str) -> bool:
+        """Record ``name``; return whether it was not recorded yet."""
         with self._lock:
             names = self._read()
-            if name not in names:
-                self._write([*names, name])
+            if name in names:
+                return False
+            self._write([*names, name])
+            return True
+
+    @contextmanager
+    def recording(self, name: str) -> Iterator[None]:
+        """Record ``name`` for the block the ``with`` body makes, holding the registry's lock throughout.
+
+        Recorded first: a server killed right after it made its block leaves its name for the next sweep
+        (in the other order, a crash between the two would leave a block that no sweep ever finds; a name
+        whose block was never made is only dropped by the next sweep). The lock held until the block
+        exists keeps a sweep's ``forget`` from seeing the name without its block. If the body fails, the
+        name is dropped again when this call recorded it: no block of ours has it (``EEXIST``: another
+        user's block, which no sweep of ours would ever remove, nor its name)."""
+        with self._lock:
+            added = self.add(name)
+            try:
+                yield
+            except BaseException:
+                if added:
+                    self._write([other for other in self._read() if other != name])
+                raise
 
     def names(self) -> list[str]:
         """The names recorded (those that look like a block name of ours)."""
@@ -86,11 +113,15 @@ class Registry:
             return self._read()
 
     def forget(self, gone: Iterable[str]) -> None:
-        """Drop the names in ``gone`` (their blocks were removed)."""
+        """Drop the names in ``gone`` whose block is still missing (checked under the lock: a server may
+        have made a block of that name since the caller found it gone)."""
         gone = set(gone)
         if gone:
             with self._lock:
-                self._write([name for name in self._read() if name not in gone])
+                names = self._read()
+                kept = [name for name in names if name not in gone or block_exists(name)]
+                if kept != names:
+                    self._write(kept)
 
     def _write(self, names: list[str]) -> None:
         # Never fatal: a block left unrecorded is only a block the sweep cannot find.
@@ -108,6 +139,20 @@ class Registry:
         if raw is None:
             return []
         return [line for line in raw.decode("ascii", "replace").splitlines() if _NAME.fullmatch(line)]
+
+
+def block_exists(name: str) -> bool:
+    """Whether a shared memory block ``name`` exists (this user's or another's)."""
+    if _posixshmem is None:
+        return False
+    try:
+        fd = _posixshmem.shm_open(name, os.O_RDONLY, mode=0o600)
+    except FileNotFoundError:
+        return False
+    except OSError:  # there, but not ours to open
+        return True
+    os.close(fd)
+    return True
 
 
 def listed(uid: int) -> list[str]:
@@ -129,4 +174,4 @@ def listed(uid: int) -> list[str]:
     return names
 
 
-__all__ = ["SOURCE", "Registry", "listed", "sweep_source"]
+__all__ = ["SOURCE", "Registry", "block_exists", "listed", "sweep_source"]

@@ -28,6 +28,7 @@ registry of the names this user's servers made (``shmnames``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -39,12 +40,7 @@ import psutil
 
 from sharedstate._processes import process_alive
 from sharedstate.wire.addresses import Address
-from sharedstate.wire.shmnames import SOURCE, Registry, listed
-
-try:
-    import _posixshmem
-except ImportError:  # no POSIX shared memory here: clients read through the server
-    _posixshmem = None
+from sharedstate.wire.shmnames import SOURCE, Registry, _posixshmem, listed  # None: no POSIX shared memory
 
 #: Counters per server (a power of two). Names that share a counter only cost each other cache misses.
 SLOTS = 1 << 16
@@ -180,17 +176,17 @@ class VersionTable:
         if not retire(name, only_if_dead=True):
             # Held by a live server (another spelling of a TCP address?) or another user: a name of our own.
             name = "/" + PREFIX + secrets.token_hex(8)
-        if registry is not None:
-            registry.add(name)
-        fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
-        try:
-            os.ftruncate(fd, SIZE)
-            self._mmap = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            _unlink(name)
-            raise
-        finally:
-            os.close(fd)
+        # Recorded before it is made, and dropped again if it cannot be (``Registry.recording``).
+        with contextlib.nullcontext() if registry is None else registry.recording(name):
+            fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+            try:
+                os.ftruncate(fd, SIZE)
+                self._mmap = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                _unlink(name)
+                raise
+            finally:
+                os.close(fd)
         self.name = name
         self.token = secrets.randbits(63) | 1
         words = self.words = memoryview(self._mmap).cast("Q")
