@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from sharedstate import _fork
 from sharedstate._errors import AccessDenied, ServerUnavailable, SharedStateError
 from sharedstate.backends.redis.scripts import SCRIPTS
+from sharedstate.backends.redis.steps import run
 
 #: Connecting may take this long before the server counts as unavailable (as for the local server).
 CONNECT_TIMEOUT = 5.0
@@ -46,6 +47,22 @@ def import_redis() -> Any:
     return _redis_module
 
 
+def _client(factory: Any, retry: Any, url: str, timeout: float) -> Any:
+    """A redis-py client (blocking or asyncio, by ``factory`` and its ``retry`` class) of ``url``."""
+    from redis.backoff import NoBackoff
+
+    options: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        # A Redis server that stops answering (SIGSTOP, a frozen host) fails the call after it.
+        "socket_timeout": timeout,
+        # No silent retries: a script whose reply was lost may have run, and running it again
+        # would count twice. A failed call raises ServerUnavailable, as on the local server.
+        "retry": retry(NoBackoff(), 0),
+    }
+    # Options in the URL's query win (redis-py lets them override keyword arguments).
+    return factory.from_url(url, **options)
+
+
 class Connection:
     """One process' redis-py client of a backend, with every script registered on it (as attributes
     named by ``scripts.SCRIPTS``). ``generation`` is the fork generation it was opened in: a forked child
@@ -53,25 +70,28 @@ class Connection:
 
     def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
         redis = import_redis()
-        from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        options: dict[str, Any] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT,
-            # A Redis server that stops answering (SIGSTOP, a frozen host) fails the call after it.
-            "socket_timeout": timeout,
-            # No silent retries: a script whose reply was lost may have run, and running it again
-            # would count twice. A failed call raises ServerUnavailable, as on the local server.
-            "retry": Retry(NoBackoff(), 0),
-        }
-        # Options in the URL's query win (redis-py lets them override keyword arguments).
-        self.client = redis.Redis.from_url(url, **options)
+        self.client = _client(redis.Redis, Retry, url, timeout)
         self.generation = _fork.generation
         self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one of ``scripts.SCRIPTS`` (by ``EVALSHA``, loading it first if Redis does not know it)."""
         return self.scripts[script](keys=keys, args=args)
+
+
+class AsyncConnection:
+    """The same for asyncio: a ``redis.asyncio`` client, with the same options and scripts. It belongs
+    to the event loop of its first command (redis-py's asyncio connections do)."""
+
+    def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
+        import_redis()
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+
+        self.client = _client(redis.asyncio.Redis, Retry, url, timeout)
+        self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
 
 
 def text(raw: bytes | str) -> str:
@@ -111,3 +131,17 @@ def redis_call(function: _F) -> _F:
             raise translate(exc, self.address, call) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def operation(function: _F) -> _F:
+    """A backend method written as a ``steps.Operation`` (a generator of the steps to send): the method
+    runs it on the backend's blocking connection, as a ``redis_call``. Its ``steps`` attribute is the
+    generator function itself, which the asyncio face (``aio_redis``) runs on its own connection."""
+
+    @functools.wraps(function)
+    def blocking(self: Any, *args: Any) -> Any:
+        return run(function(self, *args), self._conn)
+
+    wrapped: Any = redis_call(blocking)
+    wrapped.steps = function
+    return wrapped  # type: ignore[no-any-return]
