@@ -22,7 +22,7 @@ from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
 from sharedstate._rules import add, appended, check_restored, matches, scoped, select_saved
 from sharedstate._sentinels import MISSING, NOT_CACHED
-from sharedstate.backends.redis.connection import REPLY_TIMEOUT, Connection, operation, redis_call
+from sharedstate.backends.redis.connection import REPLY_TIMEOUT, AsyncConnection, Connection, operation, redis_call
 from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.figures import lock_holders
 from sharedstate.backends.redis.locks import LockCalls
@@ -100,6 +100,10 @@ class RedisBackend(LockCalls):
                     # After a fork the parent's client is left alone: its sockets are the parent's.
                     conn = self._conn_ = Connection(self._url, self._timeout)
         return conn
+
+    def async_connection(self) -> AsyncConnection:
+        """A new asyncio connection to the same server, with the same options (``aio_redis``)."""
+        return AsyncConnection(self._url, self._timeout)
 
     @property
     def address(self) -> str:

@@ -11,8 +11,9 @@ arguments, the decoding of replies, the errors and the lock rules are the same c
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 
@@ -91,11 +92,41 @@ async def run_step(step: Step, conn: Any) -> Any:
     return None
 
 
-async def run_async(operation: Operation, conn: Any) -> Any:
-    """Carry out ``operation`` on an ``connection.AsyncConnection``, awaiting each reply."""
+async def run_async(operation: Operation, conn: Any, late: Callable[[Any], None] | None = None) -> Any:
+    """Carry out ``operation`` on an ``connection.AsyncConnection``, awaiting each reply.
+
+    With ``late`` (a lock acquire), safe against cancellation: each ``Script`` step (a try, which may take
+    the lock) is shielded, and when the task is cancelled while one is under way, its reply is still given
+    to the operation, so a lock it took is counted as held, and ``late(True)`` gives it back. A wait (a
+    ``BLPOP``, a ``Sleep``) is simply cut short: it takes nothing."""
     reply = None
     try:
         while True:
-            reply = await run_step(operation.send(reply), conn)
+            step = operation.send(reply)
+            if late is None or type(step) is not Script:
+                reply = await run_step(step, conn)
+                continue
+            attempt = asyncio.ensure_future(run_step(step, conn))
+            try:
+                reply = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(functools.partial(_finish, operation, late))
+                raise
     except StopIteration as done:
         return done.value
+
+
+def _finish(operation: Operation, late: Callable[[Any], None], attempt: asyncio.Future[Any]) -> None:
+    """The reply of a try whose task was cancelled: if the operation then ends with the lock taken, ``late``."""
+    if attempt.cancelled() or attempt.exception() is not None:
+        operation.close()
+        return
+    try:
+        operation.send(attempt.result())
+    except StopIteration as done:
+        if done.value is True:
+            late(True)
+        return
+    except Exception:  # the operation's own error: nothing was taken
+        return
+    operation.close()  # not taken: its next step is a wait, which nobody awaits any more
