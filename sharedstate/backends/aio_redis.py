@@ -45,6 +45,7 @@ class AsyncRedisBackend(AsyncBackend):
 
     async def aclose(self) -> None:
         await self._conn.client.aclose()
+        await self._conn.waits.aclose()
 
     def peek(self, name: str) -> Any:
         return self.sync.peek(name)

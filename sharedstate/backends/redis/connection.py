@@ -20,6 +20,8 @@ CONNECT_TIMEOUT = 5.0
 #: A reply may take this long by default (``connect(timeout=)``; redis-py's own default is no limit
 #: before version 8, 5 s from 8 on).
 REPLY_TIMEOUT = 30.0
+#: Connections the asyncio face's commands share (lock waits take more of their own).
+ASYNC_CONNECTIONS = 64
 INSTALL_HINT = "pip install 'sharedstate[redis]'"
 
 _redis_module: Any = None
@@ -47,11 +49,11 @@ def import_redis() -> Any:
     return _redis_module
 
 
-def _client(factory: Any, retry: Any, url: str, timeout: float) -> Any:
-    """A redis-py client (blocking or asyncio, by ``factory`` and its ``retry`` class) of ``url``."""
+def _options(retry: Any, timeout: float) -> dict[str, Any]:
+    """The options of a redis-py client (blocking or asyncio, by its ``retry`` class)."""
     from redis.backoff import NoBackoff
 
-    options: dict[str, Any] = {
+    return {
         "socket_connect_timeout": CONNECT_TIMEOUT,
         # A Redis server that stops answering (SIGSTOP, a frozen host) fails the call after it.
         "socket_timeout": timeout,
@@ -59,8 +61,6 @@ def _client(factory: Any, retry: Any, url: str, timeout: float) -> Any:
         # would count twice. A failed call raises ServerUnavailable, as on the local server.
         "retry": retry(NoBackoff(), 0),
     }
-    # Options in the URL's query win (redis-py lets them override keyword arguments).
-    return factory.from_url(url, **options)
 
 
 class Connection:
@@ -72,7 +72,8 @@ class Connection:
         redis = import_redis()
         from redis.retry import Retry
 
-        self.client = _client(redis.Redis, Retry, url, timeout)
+        # Options in the URL's query win (redis-py lets them override keyword arguments).
+        self.client = redis.Redis.from_url(url, **_options(Retry, timeout))
         self.generation = _fork.generation
         self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
 
@@ -83,14 +84,24 @@ class Connection:
 
 class AsyncConnection:
     """The same for asyncio: a ``redis.asyncio`` client, with the same options and scripts. It belongs
-    to the event loop of its first command (redis-py's asyncio connections do)."""
+    to the event loop of its first command (redis-py's asyncio connections do). A command takes a
+    connection of the pool for its round trip, so tasks' commands overlap on several connections."""
 
     def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
         import_redis()
-        import redis.asyncio
+        from redis import asyncio as aioredis
         from redis.asyncio.retry import Retry
 
-        self.client = _client(redis.asyncio.Redis, Retry, url, timeout)
+        options = _options(Retry, timeout)
+        # At most ``ASYNC_CONNECTIONS`` connections; a task past them waits for a free one (within the
+        # reply timeout) rather than fail, as it would past redis-py's default pool of 100.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=ASYNC_CONNECTIONS, timeout=timeout, **options
+        )
+        self.client = aioredis.Redis.from_pool(pool)
+        # A lock wait (``BLPOP``) holds its connection for up to a wait slice: waits take connections of
+        # their own, as many as there are waiters, so they never hold up the other tasks' commands.
+        self.waits = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, max_connections=2**31, **options))
         self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
 
 

@@ -48,6 +48,8 @@ class Sleep(NamedTuple):
 
 
 Step = Script | Command | Pipeline | Sleep
+#: Commands that wait in Redis (``Command.method``): the asyncio face sends them on a connection of their own.
+WAITS = frozenset({"blpop"})
 #: An operation: yields steps, receives their replies, returns the answer.
 Operation = Generator[Step, Any, Any]
 
@@ -82,7 +84,8 @@ async def run_step(step: Step, conn: Any) -> Any:
     if kind is Script:
         return await conn.scripts[step.name](keys=step.keys, args=step.args)
     if kind is Command:
-        return await getattr(conn.client, step.method)(*step.args, **step.kwargs)
+        client = conn.waits if step.method in WAITS else conn.client
+        return await getattr(client, step.method)(*step.args, **step.kwargs)
     if kind is Pipeline:
         pipe = conn.client.pipeline(transaction=step.transaction)
         for command in step.commands:
