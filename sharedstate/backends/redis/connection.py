@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sharedstate import _fork
 from sharedstate._errors import AccessDenied, ServerUnavailable, SharedStateError
 from sharedstate.backends.redis.scripts import SCRIPTS
-from sharedstate.backends.redis.steps import run
+from sharedstate.backends.redis.steps import Batches, run
 
 #: Connecting may take this long before the server counts as unavailable (as for the local server).
 CONNECT_TIMEOUT = 5.0
@@ -88,7 +88,7 @@ class AsyncConnection:
     connection of the pool for its round trip, so tasks' commands overlap on several connections."""
 
     def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
-        import_redis()
+        redis = import_redis()
         from redis import asyncio as aioredis
         from redis.asyncio.retry import Retry
 
@@ -103,6 +103,8 @@ class AsyncConnection:
         # their own, as many as there are waiters, so they never hold up the other tasks' commands.
         self.waits = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, max_connections=2**31, **options))
         self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
+        self.no_script = redis.exceptions.NoScriptError
+        self.batches = Batches(self)
 
 
 def text(raw: bytes | str) -> str:

@@ -79,13 +79,13 @@ def run(operation: Operation, conn: Any) -> Any:
 
 
 async def run_step(step: Step, conn: Any) -> Any:
-    """One step on an ``connection.AsyncConnection``."""
+    """One step on an ``connection.AsyncConnection``: a script or command goes out alone when nothing else
+    is in flight, else with the other tasks' of the same turn of the loop (``Batches``)."""
     kind = type(step)
-    if kind is Script:
-        return await conn.scripts[step.name](keys=step.keys, args=step.args)
+    if kind is Script or (kind is Command and step.method not in WAITS):
+        return await conn.batches.call(step)
     if kind is Command:
-        client = conn.waits if step.method in WAITS else conn.client
-        return await getattr(client, step.method)(*step.args, **step.kwargs)
+        return await getattr(conn.waits, step.method)(*step.args, **step.kwargs)
     if kind is Pipeline:
         pipe = conn.client.pipeline(transaction=step.transaction)
         for command in step.commands:
@@ -133,3 +133,72 @@ def _finish(operation: Operation, late: Callable[[Any], None], attempt: asyncio.
     except Exception:  # the operation's own error: nothing was taken
         return
     operation.close()  # not taken: its next step is a wait, which nobody awaits any more
+
+
+async def _alone(step: Script | Command, conn: Any) -> Any:
+    if type(step) is Script:
+        return await conn.scripts[step.name](keys=step.keys, args=step.args)
+    return await getattr(conn.client, step.method)(*step.args, **step.kwargs)
+
+
+class Batches:
+    """The scripts and commands of an asyncio connection's tasks: one alone goes out at once; those made
+    while others are in flight are gathered for one turn of the loop and sent together, in one write, as
+    a pipeline without ``MULTI`` (each still atomic on its own, as alone). Many tasks then share each round
+    trip, where redis-py would give each command a connection and a round trip of its own."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._in_flight = 0
+        self._batch: list[tuple[Script | Command, asyncio.Future[Any]]] | None = None
+
+    async def call(self, step: Script | Command) -> Any:
+        if self._in_flight or self._batch is not None:
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = []
+                asyncio.get_running_loop().call_soon(self._flush)  # after the other tasks of this turn
+            future = asyncio.get_running_loop().create_future()
+            batch.append((step, future))
+            return await future
+        self._in_flight += 1
+        try:
+            return await _alone(step, self._conn)
+        finally:
+            self._in_flight -= 1
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch:
+            self._in_flight += 1
+            asyncio.ensure_future(self._send(batch))
+
+    async def _send(self, batch: list[tuple[Script | Command, asyncio.Future[Any]]]) -> None:
+        conn = self._conn
+        try:
+            pipe = conn.client.pipeline(transaction=False)
+            for step, _ in batch:
+                if type(step) is Script:
+                    pipe.evalsha(conn.scripts[step.name].sha, len(step.keys), *step.keys, *step.args)
+                else:
+                    getattr(pipe, step.method)(*step.args, **step.kwargs)
+            replies = await pipe.execute(raise_on_error=False)
+            for (step, future), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, conn.no_script):  # Redis did not know it, so did not run it: load and run
+                    try:
+                        reply = await _alone(step, conn)
+                    except Exception as exc:
+                        reply = exc
+                if not future.done():  # else its task was cancelled
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._in_flight -= 1
