@@ -105,20 +105,12 @@ class AsyncRedisBackend(AsyncBackend):
         return await self._threaded("stats")
 
     # -- locks --------------------------------------------------------------------------------------
-    async def lock_acquire(
-        self,
-        name: str | None,
-        owner: Hashable,
-        blocking: bool,
-        timeout: float | None,
-        lease: float | None,
-        held: int,
-        late: Callable[[Any], None],
-    ) -> bool:
-        """``Backend.lock_acquire``: the blocking backend's tries and waits (``BLPOP`` on the wake list,
-        short sleeps), awaited; ``late(True)`` runs if a task cancelled during a try got the lock all the
-        same."""
-        return await self._run("lock_acquire", name, owner, blocking, timeout, lease, held, late=late)
+    async def lock_acquire(self, *args: Any) -> bool:
+        """``Backend.lock_acquire``'s arguments and ``late`` (``aio_local``'s, the same): the blocking
+        backend's tries and waits (``BLPOP`` on the wake list, short sleeps), awaited; ``late(True)`` runs if
+        a task cancelled during a try got the lock all the same."""
+        *acquire, late = args
+        return await self._run("lock_acquire", *acquire, late=late)
 
     async def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         await self._run("lock_release", name, owner, held)

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -583,6 +584,24 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def _aio_targets(prefix: str, label: str) -> list[tuple[str, Any, float, bool]]:
+    """The asyncio client's targets, on the server whose figures (``_aio_figures``) start with ``prefix``."""
+    return [
+        (
+            f"{label}awaited incr vs blocking incr (p50)",
+            lambda r: r[f"{prefix}awaited_incr_p50_us"] / r[f"{prefix}blocking_incr_p50_us"],
+            1.5,
+            False,
+        ),
+        (
+            f"{label}100 tasks incr vs one blocking thread",
+            lambda r: r[f"{prefix}aio_100_tasks_incr_per_s"] / r[f"{prefix}blocking_thread_incr_per_s"],
+            2.0,
+            True,
+        ),
+    ]
+
+
 TARGETS = [
     # (label, value, target, higher is better)
     ("get rate vs Manager dict get", lambda r: r["manager_get_p50_us"] / r["get_p50_us"], 0.9, True),
@@ -613,25 +632,8 @@ TARGETS = [
         3.0,
         True,
     ),
-    ("awaited incr vs blocking incr (p50)", lambda r: r["awaited_incr_p50_us"] / r["blocking_incr_p50_us"], 1.5, False),
-    (
-        "100 tasks incr vs one blocking thread",
-        lambda r: r["aio_100_tasks_incr_per_s"] / r["blocking_thread_incr_per_s"],
-        2.0,
-        True,
-    ),
-    (
-        "Redis: awaited incr vs blocking incr (p50)",
-        lambda r: r["redis_awaited_incr_p50_us"] / r["redis_blocking_incr_p50_us"],
-        1.5,
-        False,
-    ),
-    (
-        "Redis: 100 tasks incr vs one blocking thread",
-        lambda r: r["redis_aio_100_tasks_incr_per_s"] / r["redis_blocking_thread_incr_per_s"],
-        2.0,
-        True,
-    ),
+    *_aio_targets("", ""),
+    *_aio_targets("redis_", "Redis: "),
     (
         "Redis backend incr 4p vs redis-py INCR",
         lambda r: r["redis_backend_incr_4p_per_s"] / r["redis_py_incr_4p_per_s"],
