@@ -44,6 +44,7 @@ class AsyncRedisBackend(AsyncBackend):
         pass  # ``aclose`` closes the connections: redis.asyncio's close is a coroutine
 
     async def aclose(self) -> None:
+        await self._conn.alone.aclose()
         await self._conn.client.aclose()
         await self._conn.waits.aclose()
 

@@ -99,10 +99,13 @@ class AsyncConnection:
             url, max_connections=ASYNC_CONNECTIONS, timeout=timeout, **options
         )
         self.client = aioredis.Redis.from_pool(pool)
+        # A call alone (nothing else in flight: ``steps.Batches``) keeps one connection of the pool, and
+        # skips taking one from the pool and giving it back on every call.
+        self.alone = aioredis.Redis(connection_pool=pool, single_connection_client=True)
         # A lock wait (``BLPOP``) holds its connection for up to a wait slice: waits take connections of
         # their own, as many as there are waiters, so they never hold up the other tasks' commands.
         self.waits = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, max_connections=2**31, **options))
-        self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
+        self.scripts = {name: self.alone.register_script(source) for name, source in SCRIPTS.items()}
         self.no_script = redis.exceptions.NoScriptError
         self.batches = Batches(self)
 
