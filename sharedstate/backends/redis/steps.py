@@ -151,6 +151,8 @@ class Batches:
         self._conn = conn
         self._in_flight = 0
         self._batch: list[tuple[Script | Command, asyncio.Future[Any]]] | None = None
+        #: The batches being sent (the loop keeps only weak references to tasks).
+        self._sending: set[asyncio.Future[None]] = set()
 
     async def call(self, step: Script | Command) -> Any:
         if self._in_flight or self._batch is not None:
@@ -171,7 +173,9 @@ class Batches:
         batch, self._batch = self._batch, None
         if batch:
             self._in_flight += 1
-            asyncio.ensure_future(self._send(batch))
+            sending = asyncio.ensure_future(self._send(batch))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[Script | Command, asyncio.Future[Any]]]) -> None:
         conn = self._conn
@@ -197,7 +201,10 @@ class Batches:
         except BaseException as exc:
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
             if not isinstance(exc, Exception):
                 raise
         finally:
