@@ -3,9 +3,10 @@ client, with no thread per call.
 
 Each operation is the blocking backend's own (``redis.steps``: the same scripts, arguments, decoding of
 replies, errors and lock rules), carried out here by awaiting each step on an asyncio connection; the
-commands of many tasks share its connection pool. Only ``save``, ``restore`` and ``stats`` run the
-blocking backend on a worker thread: the first two read or write a snapshot file, and ``stats`` walks the
-lock keys with the blocking client (``redis.figures``); none of them is a call an app makes often.
+scripts and commands that tasks make at the same time go out together (``steps.Batches``). Only
+``save``, ``restore`` and ``stats`` run the blocking backend on a worker thread: the first two read or
+write a snapshot file, and ``stats`` walks the lock keys with the blocking client (``redis.figures``);
+none of them is a call an app makes often.
 
 A lock this face takes is renewed by the process' lease thread (``redis.leases``) through the blocking
 backend's connection, never by a task: a task would not run while the event loop is busy (a long
@@ -44,9 +45,7 @@ class AsyncRedisBackend(AsyncBackend):
         pass  # ``aclose`` closes the connections: redis.asyncio's close is a coroutine
 
     async def aclose(self) -> None:
-        await self._conn.alone.aclose()
-        await self._conn.client.aclose()
-        await self._conn.waits.aclose()
+        await self._conn.aclose()
 
     def peek(self, name: str) -> Any:
         return self.sync.peek(name)

@@ -109,6 +109,11 @@ class AsyncConnection:
         self.no_script = redis.exceptions.NoScriptError
         self.batches = Batches(self)
 
+    async def aclose(self) -> None:
+        """Close every connection (the next command opens them again)."""
+        for client in (self.alone, self.client, self.waits):
+            await client.aclose()
+
 
 def text(raw: bytes | str) -> str:
     """A reply as text: redis-py answers bytes, unless the URL asked it to decode replies."""
