@@ -152,3 +152,43 @@ def test_a_worker_that_cannot_reach_the_state_fails_to_boot_under_the_server_hoo
         if proc.poll() is None:
             stop_group(proc)
         proc.stderr.close()
+
+
+def test_a_stop_while_workers_connect_in_post_fork_ends_them_at_once():
+    """A SIGTERM to the whole group while the workers are still in gunicorn.conf.py's post_fork (here:
+    connecting to a Redis address whose listener never answers) ends them at once, and gunicorn with
+    them, instead of being swallowed by the master's handlers that a booting worker still runs, which
+    made the master wait out its 30 s graceful timeout."""
+    import psutil
+
+    accepted: list[socket.socket] = []  # held open, unanswered, until the test ends
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        silent.setblocking(False)
+        address = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        argv = [sys.executable, "-m", "gunicorn", "-c", str(WEB / "gunicorn.conf.py"), "-w", "2",
+                "-b", f"127.0.0.1:{free_port()}", "--chdir", str(WEB), "wsgi_app:app"]  # fmt: skip
+        proc = start(argv, {"SHAREDSTATE_ADDRESS": address})
+        try:
+            master = psutil.Process(proc.pid)
+            deadline = time.monotonic() + 30
+            # Both workers are in post_fork: forked, and their connections to the listener are open.
+            while len(master.children()) < 2 or len(accepted) < 2:
+                assert time.monotonic() < deadline, "the workers never reached post_fork's connect"
+                try:
+                    accepted.append(silent.accept()[0])
+                except BlockingIOError:
+                    time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
+            # Well under gunicorn's graceful timeout (30 s) and the connect's own timeout (30 s).
+            status = proc.wait(15)
+            assert status == 0, proc.stderr.read().decode()[-3000:]
+        finally:
+            for conn in accepted:
+                conn.close()
+            if proc.poll() is None:
+                stop_group(proc)
+            else:
+                reap(proc)
+                proc.stderr.close()

@@ -9,6 +9,7 @@ started in) every minute and when the master exits. With SHAREDSTATE_ADDRESS set
 """
 
 import os
+import signal
 
 import sharedstate
 
@@ -30,6 +31,13 @@ def on_starting(server):
 def post_fork(server, worker):
     """In each new worker, before it loads the app: a worker that cannot reach the state fails to boot
     (and gunicorn says so) rather than failing its first request."""
+    # gunicorn installs a worker's own signal handlers only after this hook; until then the worker runs
+    # the master's, copied by the fork, which only queue the signal for a master loop that never runs
+    # here. A SIGTERM to the whole group (a service manager's stop, Ctrl-C) while this hook connects
+    # would be lost, and the master would wait out its graceful timeout (30 s) for this worker: until
+    # gunicorn's handlers are in place, such a signal ends the booting worker at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     sharedstate.connect()
 
 
