@@ -21,13 +21,13 @@ import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from sharedstate._errors import LockLost, lock_timeout
 from sharedstate._errors import describe_lock as describe
+from sharedstate._fork import ThreadPool
 from sharedstate._lock import (
     acquire_begin,
     acquire_done,
@@ -86,7 +86,7 @@ class AsyncState:
 
     def __init__(self, state: State, max_threads: int = MAX_THREADS) -> None:
         self._sync = state
-        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="sharedstate-aio")
+        self._executor = ThreadPool(max_threads, "sharedstate-aio")  # started anew in a forked child
         sync = state.backend
         self._backend: Any = (
             AsyncLocalBackend(sync, self._executor)
@@ -105,7 +105,8 @@ class AsyncState:
         return self._sync
 
     async def aclose(self) -> None:
-        """Close the connections and the worker threads."""
+        """Close the connections and the worker threads. The handle stays closed: a call on it raises
+        ``SharedStateError`` (connect again for a new one)."""
         self._backend.close()
         self._executor.shutdown(wait=False)
 
