@@ -2,7 +2,8 @@
 
 On a sharedstate server the client speaks the protocol itself on asyncio streams: the calls of every
 task share one connection with many requests in flight (``wire.aio_calls``), a lock wait takes a
-connection of its own, and no call needs a thread. (A Redis state's calls run on worker threads.) Lock
+connection of its own, and no call needs a thread; on Redis, the calls are the blocking backend's own
+operations, awaited on a ``redis.asyncio`` client (``backends.aio_redis``). Lock
 ownership is per task: two tasks of one loop exclude each other like two threads, and only the task that
 acquired a lock may release it.
 
@@ -55,14 +56,14 @@ from sharedstate._state import (
 from sharedstate._values import check_name, check_names, check_scope, check_value
 from sharedstate.backends import open_backend
 from sharedstate.backends.aio_local import AsyncLocalBackend
-from sharedstate.backends.aio_threaded import ThreadedBackend
 from sharedstate.backends.local import LocalBackend
 
 __all__ = ["AsyncLock", "AsyncState", "connect"]
 
 log = logging.getLogger(__name__)
 
-#: Worker threads of an ``AsyncState``: handshakes on a local server; every call on Redis.
+#: Worker threads of an ``AsyncState``, made when first needed: handshakes on a local server; ``save``,
+#: ``restore`` and ``stats`` on Redis.
 MAX_THREADS = 16
 
 _task_tokens: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = weakref.WeakKeyDictionary()
@@ -88,11 +89,12 @@ class AsyncState:
         self._sync = state
         self._executor = ThreadPool(max_threads, "sharedstate-aio")  # started anew in a forked child
         sync = state.backend
-        self._backend: Any = (
-            AsyncLocalBackend(sync, self._executor)
-            if isinstance(sync, LocalBackend)
-            else ThreadedBackend(sync, self._executor)
-        )
+        if isinstance(sync, LocalBackend):
+            self._backend: Any = AsyncLocalBackend(sync, self._executor)
+        else:  # redis.asyncio (and the modules of the Redis backend) only for a Redis state
+            from sharedstate.backends.aio_redis import AsyncRedisBackend
+
+            self._backend = AsyncRedisBackend(sync, self._executor)
         self._lock = AsyncLock(self, None)
 
     @property
@@ -107,7 +109,7 @@ class AsyncState:
     async def aclose(self) -> None:
         """Close the connections and the worker threads. The handle stays closed: a call on it raises
         ``SharedStateError`` (connect again for a new one)."""
-        self._backend.close()
+        await self._backend.aclose()
         self._executor.shutdown(wait=False)
 
     close = aclose

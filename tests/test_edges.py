@@ -273,10 +273,10 @@ def test_a_task_cancelled_while_releasing_still_releases(server):
 
         task = asyncio.create_task(holder())
         await holding.wait()
-        waiters = [asyncio.create_task(waiter()) for _ in range(20)]  # they fill the worker threads
-        await asyncio.sleep(0.3)  # every worker thread is now busy with a waiter's slice
+        waiters = [asyncio.create_task(waiter()) for _ in range(20)]  # many waits in flight at once
+        await asyncio.sleep(0.3)  # give the waiters time to be waiting: none of them can be allowed to block
         go.set()
-        await asyncio.sleep(0)  # the holder submits its release, which queues behind the waiters
+        await asyncio.sleep(0)  # the holder sends its release while the waiters wait
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         done, pending = await asyncio.wait(waiters, timeout=20)

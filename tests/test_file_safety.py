@@ -233,8 +233,8 @@ def test_a_start_from_the_backup_over_a_missing_journal_is_refused(tmp_path):
 def shutdown_while_stopped(server: sharedstate.StateServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """``server.shutdown()`` with its process stopped (SIGSTOP), so the escalation has to kill it; its
     waits shortened (what is tested is what happens when they run out). Raises what ``shutdown`` raises."""
-    monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 2.0)
-    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(supervisor, "STOP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 0.5)
     pid = server.pid
     os.kill(pid, signal.SIGSTOP)
     try:

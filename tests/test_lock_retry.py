@@ -114,8 +114,9 @@ def test_lock_calls_in_flight_at_server_kills_never_raise_and_never_overlap(tmp_
         wait_until(lambda: all(started) and all(turns), WAIT_S, what="every client took the lock")
         kills = 0
         acquires_again = releases_again = 0
-        # Until both windows were hit a few times (each kill lands in one now and then), within bounds.
-        while kills < 20 or (kills < 300 and min(acquires_again, releases_again) < 2):
+        # At least 20 kills, and on until both windows were hit (each kill lands in one now and then), as the
+        # assertion below needs, within bounds.
+        while kills < 20 or (kills < 300 and min(acquires_again, releases_again) < 1):
             before = sum(turns)
             time.sleep(rng.uniform(0.0, 0.05))
             restart(server)

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import connection as mpc
 from pathlib import Path
 
@@ -237,7 +238,6 @@ def _frame(payload: bytes) -> bytes:
         pytest.param(b"wrong key", id="wrong-key"),
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
         pytest.param(b"\x00\x00\x01\x01" + b"x" * 257, id="too-long"),
-        pytest.param(b"\xff\xff\xff\xff", id="negative-length"),
         pytest.param(b"\x00\x00\x00\x10abc", id="half-a-frame-then-gone"),
     ],
 )
@@ -371,16 +371,52 @@ def test_a_thousand_idle_connections_lock_no_keyed_client_out(cli_server):
     assert '"x"' in cli_server.path.read_text()
 
 
-def test_an_idle_unauthenticated_connection_is_closed_after_five_seconds(cli_server):
-    sock = _raw(cli_server.address)
+#: A frame length of -1 announces a longer length in the next 8 bytes, which never come.
+NEGATIVE_LENGTH = b"\xff\xff\xff\xff"
+
+
+def _closed_after(address, hello: bytes | None) -> tuple[list[bytes], float]:
+    """Connect; after the challenge send ``hello`` (``None``: say nothing at all); return the frames the
+    server sends after the challenge until it closes the connection, and the seconds since the connect."""
+    sock = _raw(address)
     try:
         started = time.monotonic()
+        conn = mpc.Connection(os.dup(sock.fileno()))
+        try:
+            assert conn.recv_bytes(256).startswith(b"#CHALLENGE#")
+        finally:
+            conn.close()
+        if hello is not None:
+            sock.sendall(hello)
         frames = _read_frames(sock, timeout=20)
-        took = time.monotonic() - started
+        return frames, time.monotonic() - started
     finally:
         sock.close()
-    assert len(frames) == 1 and frames[0].startswith(b"#CHALLENGE#")
-    assert 4.0 <= took <= 8.0, f"closed after {took:.2f} s"
+
+
+def test_an_idle_or_stalled_unauthenticated_connection_is_closed_after_five_seconds_without_a_traceback(tmp_path):
+    """Over TCP and a Unix socket at once (the waits overlap): a peer that says nothing after the
+    challenge, and one that sends a negative frame length and then nothing, are closed after the
+    handshake's five seconds, with at most the fixed failure message; the server serves on."""
+    servers = []
+    try:
+        for kind in ("tcp", "unix"):
+            (tmp_path / kind).mkdir()
+            servers.append(CliServer(tmp_path / kind, kind))
+        peers = [(server.address, hello) for server in servers for hello in (None, NEGATIVE_LENGTH)]
+        with ThreadPoolExecutor(len(peers)) as pool:
+            results = list(pool.map(lambda peer: _closed_after(*peer), peers))
+        for (address, hello), (frames, took) in zip(peers, results, strict=True):
+            if hello is None:
+                assert frames == [], (address, frames)
+            else:  # at most the fixed failure message: no traceback, no path
+                assert frames in ([], [b"#FAILURE#"]), (address, frames)
+            assert 4.0 <= took <= 8.0, f"{address} {hello!r}: closed after {took:.2f} s"
+        for server in servers:
+            assert server.connect().get("alive", "yes") == "yes"
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def _authenticated_idle(address, key: bytes) -> socket.socket | None:

@@ -8,6 +8,8 @@ memory, no I/O): a value this process read and that has not changed since costs 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
@@ -144,7 +146,13 @@ class AsyncLocalBackend(AsyncBackend):
         """``Backend.lock_acquire``; ``late(answer)`` runs with the answer of a wait whose task was
         cancelled (``AsyncCalls.lock_wait``)."""
         # First without waiting, on the shared connection: the uncontended path is one round trip there.
-        taken = await self._calls.lock_call("lock_acquire", (name, owner, False, None, lease, held))
+        # Shielded: a task cancelled while its try is in flight hands a lock it took all the same to ``late``.
+        attempt = asyncio.ensure_future(self._calls.lock_call("lock_acquire", (name, owner, False, None, lease, held)))
+        try:
+            taken = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(functools.partial(_late_answer, late))
+            raise
         if taken or not blocking or timeout == 0:
             return taken
         args = (name, owner, True, timeout, lease, held)
@@ -162,3 +170,9 @@ class AsyncLocalBackend(AsyncBackend):
 
     async def lock_owner(self, name: str | None) -> int | None:
         return await self._call("lock_owner", (name,))
+
+
+def _late_answer(late: Callable[[Any], None], attempt: asyncio.Future[Any]) -> None:
+    """The answer of a try whose task was cancelled: a lock it took goes to ``late``."""
+    if not attempt.cancelled() and attempt.exception() is None and attempt.result() is True:
+        late(True)

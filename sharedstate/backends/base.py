@@ -127,7 +127,7 @@ class Backend(Protocol):
 
 
 class AsyncBackend:
-    """What the asyncio face of a backend shares (``aio_local``, ``aio_threaded``): the blocking backend of
+    """What the asyncio face of a backend shares (``aio_local``, ``aio_redis``): the blocking backend of
     the same state it is made from (``sync``), whose address and identity are its own. Its operations are
     those of ``Backend`` as coroutines, every write but ``set`` as ``write(method, *args)``, and
     ``lock_acquire`` takes a ``late(answer)`` too: what to do with the answer of a wait whose task was
@@ -143,3 +143,10 @@ class AsyncBackend:
     @property
     def identity(self) -> Hashable:
         return self.sync.identity
+
+    def close(self) -> None:
+        """Close this face's connections (the next call opens them again)."""
+
+    async def aclose(self) -> None:
+        """``close``, for a face whose connections close by a coroutine."""
+        self.close()

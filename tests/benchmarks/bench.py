@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -226,64 +227,78 @@ def measure_cache(args, r: dict[str, float]) -> None:
 
 
 def measure_aio(args, r: dict[str, float]) -> None:
-    """The asyncio client against the blocking one, on one server, in one event loop: an awaited ``incr``
-    against a blocking ``incr`` (p50, interleaved in 10 rounds as the latencies are), and 100 tasks
-    doing ``incr`` at once on one ``AsyncState`` against one thread's blocking calls (calls per second,
-    the median of ``--rounds`` rounds, one after the other in each round)."""
-    import asyncio
-
+    """The asyncio client against the blocking one, on one sharedstate server, then on one redis-server
+    (Unix socket, no persistence; ``redis_`` figures, when redis-server and redis-py are installed):
+    ``_aio_figures`` on each."""
     import sharedstate.aio
 
-    n = max(2000, args.ops // 2)
     with sharedstate.StateServer() as server:
         state = sharedstate.connect(server.address, server.authkey, cache=False)
-
-        async def main() -> None:
-            astate = await sharedstate.aio.connect(server.address, server.authkey, cache=False)
-            clock = time.perf_counter
-            try:
-                blocking: list[float] = []
-                awaited: list[float] = []
-                for _ in range(10):
-                    for samples, count in ((blocking, 200), (awaited, 200), (blocking, n // 10), (awaited, n // 10)):
-                        keep = count != 200  # the first batch of each warms up
-                        if samples is blocking:
-                            for _ in range(count):
-                                t = clock()
-                                state.incr("lat")
-                                if keep:
-                                    samples.append(clock() - t)
-                        else:
-                            for _ in range(count):
-                                t = clock()
-                                await astate.incr("lat")
-                                if keep:
-                                    samples.append(clock() - t)
-                r["blocking_incr_p50_us"] = pct(blocking, 0.5) * 1e6
-                r["awaited_incr_p50_us"] = pct(awaited, 0.5) * 1e6
-
-                async def task(calls: int) -> None:
-                    for _ in range(calls):
-                        await astate.incr("tasks")
-
-                thread_rates, task_rates = [], []
-                for _ in range(args.rounds):
-                    t = clock()
-                    for _ in range(n):
-                        state.incr("thread")
-                    thread_rates.append(n / (clock() - t))
-                    before = state.get("tasks") or 0
-                    t = clock()
-                    await asyncio.gather(*(task(n // 100) for _ in range(100)))
-                    task_rates.append(n // 100 * 100 / (clock() - t))
-                    assert state.get("tasks") == before + n // 100 * 100
-                r["blocking_thread_incr_per_s"] = statistics.median(thread_rates)
-                r["aio_100_tasks_incr_per_s"] = statistics.median(task_rates)
-            finally:
-                await astate.aclose()
-
-        asyncio.run(main())
+        _aio_figures(args, r, "", state, lambda: sharedstate.aio.connect(server.address, server.authkey, cache=False))
         state.close()
+    with _RedisServer() as redis_server:
+        if redis_server.socket is not None:
+            url = f"unix://{redis_server.socket}"
+            state = sharedstate.connect(url, namespace="bench")
+            _aio_figures(args, r, "redis_", state, lambda: sharedstate.aio.connect(url, namespace="bench"))
+            state.close()
+
+
+def _aio_figures(args, r: dict[str, float], prefix: str, state, aconnect) -> None:
+    """In one event loop, a blocking handle ``state`` against an ``AsyncState`` of the same state
+    (``aconnect()``): an awaited ``incr`` against a blocking ``incr`` (p50, interleaved in 10 rounds as
+    the latencies are), and 100 tasks doing ``incr`` at once on one ``AsyncState`` against one thread's
+    blocking calls (calls per second, the median of ``--rounds`` rounds, one after the other in each
+    round). The figures' names start with ``prefix``."""
+    import asyncio
+
+    n = max(2000, args.ops // 2)
+
+    async def main() -> None:
+        astate = await aconnect()
+        clock = time.perf_counter
+        try:
+            blocking: list[float] = []
+            awaited: list[float] = []
+            for _ in range(10):
+                for samples, count in ((blocking, 200), (awaited, 200), (blocking, n // 10), (awaited, n // 10)):
+                    keep = count != 200  # the first batch of each warms up
+                    if samples is blocking:
+                        for _ in range(count):
+                            t = clock()
+                            state.incr("lat")
+                            if keep:
+                                samples.append(clock() - t)
+                    else:
+                        for _ in range(count):
+                            t = clock()
+                            await astate.incr("lat")
+                            if keep:
+                                samples.append(clock() - t)
+            r[f"{prefix}blocking_incr_p50_us"] = pct(blocking, 0.5) * 1e6
+            r[f"{prefix}awaited_incr_p50_us"] = pct(awaited, 0.5) * 1e6
+
+            async def task(calls: int) -> None:
+                for _ in range(calls):
+                    await astate.incr("tasks")
+
+            thread_rates, task_rates = [], []
+            for _ in range(args.rounds):
+                t = clock()
+                for _ in range(n):
+                    state.incr("thread")
+                thread_rates.append(n / (clock() - t))
+                before = state.get("tasks") or 0
+                t = clock()
+                await asyncio.gather(*(task(n // 100) for _ in range(100)))
+                task_rates.append(n // 100 * 100 / (clock() - t))
+                assert state.get("tasks") == before + n // 100 * 100
+            r[f"{prefix}blocking_thread_incr_per_s"] = statistics.median(thread_rates)
+            r[f"{prefix}aio_100_tasks_incr_per_s"] = statistics.median(task_rates)
+        finally:
+            await astate.aclose()
+
+    asyncio.run(main())
 
 
 def _plain_dict_rss(names: int, queue) -> None:
@@ -569,6 +584,24 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def _aio_targets(prefix: str, label: str) -> list[tuple[str, Any, float, bool]]:
+    """The asyncio client's targets, on the server whose figures (``_aio_figures``) start with ``prefix``."""
+    return [
+        (
+            f"{label}awaited incr vs blocking incr (p50)",
+            lambda r: r[f"{prefix}awaited_incr_p50_us"] / r[f"{prefix}blocking_incr_p50_us"],
+            1.5,
+            False,
+        ),
+        (
+            f"{label}100 tasks incr vs one blocking thread",
+            lambda r: r[f"{prefix}aio_100_tasks_incr_per_s"] / r[f"{prefix}blocking_thread_incr_per_s"],
+            2.0,
+            True,
+        ),
+    ]
+
+
 TARGETS = [
     # (label, value, target, higher is better)
     ("get rate vs Manager dict get", lambda r: r["manager_get_p50_us"] / r["get_p50_us"], 0.9, True),
@@ -599,13 +632,8 @@ TARGETS = [
         3.0,
         True,
     ),
-    ("awaited incr vs blocking incr (p50)", lambda r: r["awaited_incr_p50_us"] / r["blocking_incr_p50_us"], 1.5, False),
-    (
-        "100 tasks incr vs one blocking thread",
-        lambda r: r["aio_100_tasks_incr_per_s"] / r["blocking_thread_incr_per_s"],
-        2.0,
-        True,
-    ),
+    *_aio_targets("", ""),
+    *_aio_targets("redis_", "Redis: "),
     (
         "Redis backend incr 4p vs redis-py INCR",
         lambda r: r["redis_backend_incr_4p_per_s"] / r["redis_py_incr_4p_per_s"],

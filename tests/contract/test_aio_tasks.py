@@ -37,6 +37,72 @@ def test_200_concurrent_incr_tasks_count_exactly(async_target):
     run(main())
 
 
+def test_100_concurrent_calls_start_no_thread(async_target):
+    # The client speaks to the server on the loop itself: many calls in flight take no worker thread
+    # (a face that ran each call on a thread of a pool would start up to a pool's worth here).
+    async def main():
+        state = await connect(async_target)
+        try:
+            await state.incr("warm")  # what the first call opens, once
+            before = set(threading.enumerate())
+            calls = [state.incr("hits") for _ in range(100)] + [state.set(f"n{i}", i) for i in range(50)]
+            await asyncio.gather(*calls, *(state.get_many(["hits", "n1"]) for _ in range(50)))
+            started = [thread.name for thread in threading.enumerate() if thread not in before]
+            assert started == []
+            assert await state.get("hits") == 100
+        finally:
+            await state.close()
+
+    run(main())
+
+
+def test_a_task_cancelled_while_its_try_is_in_flight_never_keeps_the_lock(async_target):
+    # Cancelled at every early point of an acquire of a free lock: before its try is sent, while it is
+    # in flight (the lock is taken all the same, and must be given back), after it was answered.
+    async def main():
+        state = await connect(async_target)
+        lock = state.named_lock("tried")
+
+        async def take():
+            if await lock.acquire():
+                await lock.release()
+
+        try:
+            for turns in range(12):
+                task = asyncio.create_task(take())
+                for _ in range(turns % 4):
+                    await asyncio.sleep(0)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                deadline = time.monotonic() + 5
+                while await lock.locked():
+                    assert time.monotonic() < deadline, "a cancelled acquire kept the lock"
+                    await asyncio.sleep(0.01)
+            assert await lock.acquire(blocking=False)  # and the bookkeeping says it is free
+            await lock.release()
+        finally:
+            await state.close()
+
+    run(main())
+
+
+def test_a_held_lock_keeps_its_lease_while_the_loop_is_blocked(async_target):
+    # Leases are renewed by a thread, not a task: a loop busy for three leases loses nothing.
+    async def main():
+        state = await connect(async_target)
+        try:
+            lock = state.named_lock("leased", lease=0.3)
+            assert await lock.acquire()
+            time.sleep(1.0)  # blocks the event loop, on purpose
+            assert await lock.owner() == os.getpid()
+            await lock.release()  # no LockLost
+            assert not await lock.locked()
+        finally:
+            await state.close()
+
+    run(main())
+
+
 def test_the_loop_keeps_running_while_a_task_waits_for_a_lock_a_thread_holds(async_target):
     held, release = threading.Event(), threading.Event()
     sync = async_target.connect()

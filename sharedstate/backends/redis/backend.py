@@ -1,5 +1,7 @@
 """``RedisBackend``: the ``Backend`` operations on the keys of one namespace of a Redis database.
 
+Each operation is a ``steps.Operation`` (``connection.operation``): what it sends and how it reads the
+replies, without I/O, so the blocking face and the asyncio one (``aio_redis``) run the same code.
 Arguments arrive checked by ``State``; what depends on the stored values (``incr`` of text, ``append``
 to a number, which ``compare_and_set`` matches, the filters of ``save``, the check of a restored file) is
 decided by ``_rules``, the same functions the local server uses.
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Generator, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,12 @@ from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
 from sharedstate._rules import add, appended, check_restored, matches, scoped, select_saved
 from sharedstate._sentinels import MISSING, NOT_CACHED
-from sharedstate.backends.redis.connection import REPLY_TIMEOUT, Connection, redis_call
+from sharedstate.backends.redis.connection import REPLY_TIMEOUT, AsyncConnection, Connection, operation, redis_call
 from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.figures import lock_holders
 from sharedstate.backends.redis.locks import LockCalls
 from sharedstate.backends.redis.scripts import EXACT_INT
+from sharedstate.backends.redis.steps import Command, Operation, Pipeline, Script
 from sharedstate.backends.redis.url import Target
 from sharedstate.persistence.codec import encode, object_hook
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
@@ -98,6 +101,10 @@ class RedisBackend(LockCalls):
                     conn = self._conn_ = Connection(self._url, self._timeout)
         return conn
 
+    def async_connection(self) -> AsyncConnection:
+        """A new asyncio connection to the same server, with the same options (``aio_redis``)."""
+        return AsyncConnection(self._url, self._timeout)
+
     @property
     def address(self) -> str:
         """The Redis URL as given (its password hidden)."""
@@ -142,105 +149,104 @@ class RedisBackend(LockCalls):
         return f"<RedisBackend at {self.address} namespace {self.namespace!r}>"
 
     # -- reads --------------------------------------------------------------------------------------
-    @redis_call
-    def get(self, name: str) -> Any:
-        raw = self._conn.client.hget(self._data_key, name)
+    @operation
+    def get(self, name: str) -> Operation:
+        raw = yield Command("hget", (self._data_key, name))
         return MISSING if raw is None else loads(raw)
 
     def peek(self, name: str) -> Any:
         """Always ``NOT_CACHED``: a Redis state has no client cache, every read asks Redis."""
         return NOT_CACHED
 
-    @redis_call
-    def contains(self, name: str) -> bool:
-        return bool(self._conn.client.hexists(self._data_key, name))
+    @operation
+    def contains(self, name: str) -> Operation:
+        return bool((yield Command("hexists", (self._data_key, name))))
 
-    @redis_call
-    def get_many(self, names: list[str]) -> dict[str, Any]:
+    @operation
+    def get_many(self, names: list[str]) -> Operation:
         if not names:
             return {}
-        values = self._conn.client.hmget(self._data_key, names)
+        values = yield Command("hmget", (self._data_key, names))
         return {name: loads(raw) for name, raw in zip(names, values, strict=True) if raw is not None}
 
-    @redis_call
-    def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
+    @operation
+    def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> Operation:
         """Walked by ``HSCAN`` steps of ``SCAN_COUNT`` names (one round trip each, never ``KEYS``): a name
         that exists for the whole walk is listed once; one set or removed during it may be listed or not."""
         if scopes:
-            stored = {_text(name): json.loads(value) for name, value in self._scan(self._scopes_key, True)}
-            found = set(scoped(stored, scopes))
+            pairs = yield from self._scan(self._scopes_key, True)
+            found = set(scoped({_text(name): json.loads(value) for name, value in pairs}, scopes))
         else:
-            found = {_text(name) for name, _ in self._scan(self._data_key, False)}
+            found = {_text(name) for name, _ in (yield from self._scan(self._data_key, False))}
         # Matched in this process, so a backtracking pattern costs only its caller.
         names = pattern.filter(found) if pattern is not None else list(found)
         names.sort()
         return names
 
-    def _scan(self, key: str, values: bool) -> Iterator[tuple[bytes, Any]]:
+    def _scan(self, key: str, values: bool) -> Generator[Script, Any, list[tuple[bytes, Any]]]:
         """Every field of a hash (and its value when ``values``), by HSCAN steps (a field may come twice)."""
-        conn = self._conn
+        found: list[tuple[bytes, Any]] = []
         cursor: bytes | int = 0
         flag = "1" if values else "0"
         while True:
-            reply = conn.run("scan", [key], [cursor, SCAN_COUNT, flag])
+            reply = yield Script("scan", [key], [cursor, SCAN_COUNT, flag])
             cursor, items = reply[0], reply[1:]
             if values:
-                yield from zip(items[::2], items[1::2], strict=True)
+                found += zip(items[::2], items[1::2], strict=True)
             else:
-                for item in items:
-                    yield item, None
+                found += ((item, None) for item in items)
             if int(cursor) == 0:
-                return
+                return found
 
-    @redis_call
-    def length(self) -> int:
-        return int(self._conn.client.hlen(self._data_key))
+    @operation
+    def length(self) -> Operation:
+        return int((yield Command("hlen", (self._data_key,))))
 
-    @redis_call
-    def snapshot(self) -> dict[str, Any]:
-        return {_text(name): loads(raw) for name, raw in self._conn.client.hgetall(self._data_key).items()}
+    @operation
+    def snapshot(self) -> Operation:
+        return {_text(name): loads(raw) for name, raw in (yield Command("hgetall", (self._data_key,))).items()}
 
     # -- writes -------------------------------------------------------------------------------------
-    @redis_call
-    def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None:
-        self._conn.run("set", self._keys, [name, dumps(value), json.dumps(list(scopes)) if scopes else ""])
+    @operation
+    def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> Operation:
+        yield Script("set", self._keys, [name, dumps(value), json.dumps(list(scopes)) if scopes else ""])
 
-    @redis_call
-    def remove(self, name: str) -> Any:
-        found = self._conn.run("remove", self._keys, [name])
+    @operation
+    def remove(self, name: str) -> Operation:
+        found = yield Script("remove", self._keys, [name])
         return loads(found[0]) if found else MISSING
 
-    @redis_call
-    def popitem(self) -> tuple[str, Any] | None:
+    @operation
+    def popitem(self) -> Operation:
         """Remove a name Redis picks at random (which name goes is unspecified), in one script."""
-        found = self._conn.run("popitem", self._keys, [])
+        found = yield Script("popitem", self._keys, [])
         return (_text(found[0]), loads(found[1])) if found else None
 
-    @redis_call
-    def clear(self) -> None:
-        self._conn.client.delete(self._data_key, self._scopes_key)
+    @operation
+    def clear(self) -> Operation:
+        yield Command("delete", (self._data_key, self._scopes_key))
 
-    @redis_call
-    def incr(self, name: str, by: Any) -> Any:
+    @operation
+    def incr(self, name: str, by: Any) -> Operation:
         """In one script when Lua's doubles add exactly (``scripts.INCR``); else in Python, by ``_swap``."""
         kind = type(by)
         if (kind is int and -EXACT_INT < by < EXACT_INT) or (kind is float and math.isfinite(by)):
-            reply = self._conn.run("incr", self._keys[:1], [name, repr(by), "i" if kind is int else "f", EXACT_INT])
+            reply = yield Script("incr", self._keys[:1], [name, repr(by), "i" if kind is int else "f", EXACT_INT])
             status = reply[0]
             if status == b"ok":
                 return loads(reply[1])
             if status == b"type":
                 add(name, loads(reply[1]), by)  # the TypeError of a value that is not a number
-        return self._swap(name, lambda current: add(name, current, by))
+        return (yield from self._swap(name, lambda current: add(name, current, by)))
 
-    @redis_call
-    def setdefault(self, name: str, default: Any) -> Any:
+    @operation
+    def setdefault(self, name: str, default: Any) -> Operation:
         text = dumps(default)
-        reply = self._conn.run("setdefault", self._keys[:1], [name, text])
+        reply = yield Script("setdefault", self._keys[:1], [name, text])
         return loads(text if reply[0] == 1 else reply[1])  # a copy either way, as values are
 
-    @redis_call
-    def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
+    @operation
+    def compare_and_set(self, name: str, expected: Any, new: Any) -> Operation:
         """Equal texts are equal values, decided in the script; other texts are compared in Python
         (``1 == 1.0``, a set in another order), and then stored only if the name still holds that text."""
         known = dumps(expected)
@@ -249,70 +255,66 @@ class RedisBackend(LockCalls):
         texts = "0" if '"nan"' in known else "1"
         missing_matches = "1" if matches(MISSING, expected) else "0"
         while True:
-            reply = self._conn.run("compare_and_set", self._keys[:1], [name, known, new_text, missing_matches, texts])
+            reply = yield Script("compare_and_set", self._keys[:1], [name, known, new_text, missing_matches, texts])
             if reply == 1:
                 return True
             if reply == 0 or not matches(loads(reply), expected):
                 return False
             known, texts = _text(reply), "1"  # store if the name still holds exactly that text
 
-    @redis_call
-    def append(self, name: str, item: Any) -> int:
-        reply = self._conn.run("append", self._keys[:1], [name, dumps(item)])
+    @operation
+    def append(self, name: str, item: Any) -> Operation:
+        reply = yield Script("append", self._keys[:1], [name, dumps(item)])
         status = reply[0]
         if status == b"ok":
             return int(reply[1])
         if status == b"type":
             appended(name, loads(reply[1]), item)  # the TypeError of a value that is not a list
-        return len(self._swap(name, lambda current: appended(name, current, item)))
+        return len((yield from self._swap(name, lambda current: appended(name, current, item))))
 
-    def _swap(self, name: str, change: Callable[[Any], Any]) -> Any:
+    def _swap(self, name: str, change: Callable[[Any], Any]) -> Operation:
         """Read ``name``, compute its new value in Python, and store it if the name still holds what was
         read, else read again: two round trips an attempt, and as many attempts as other clients change
         the name in between. ``change`` gets ``MISSING`` for a missing name, and may raise to leave
         everything unchanged. Returns the new value."""
-        conn = self._conn
         while True:
-            raw = conn.client.hget(self._data_key, name)
+            raw = yield Command("hget", (self._data_key, name))
             new = change(MISSING if raw is None else loads(raw))
             args = [name, "1", "", dumps(new)] if raw is None else [name, "0", raw, dumps(new)]
-            if conn.run("swap", self._keys[:1], args) == 1:
+            if (yield Script("swap", self._keys[:1], args)) == 1:
                 return new
 
-    @redis_call
-    def update(self, mapping: dict[str, Any]) -> None:
+    @operation
+    def update(self, mapping: dict[str, Any]) -> Operation:
         encoded = {name: dumps(value) for name, value in mapping.items()}
-        pipe = self._conn.client.pipeline(transaction=True)
-        self._write(pipe, encoded, {}, merge=True)
-        pipe.execute()
+        yield Pipeline(self._write(encoded, {}, merge=True))
 
-    def _write(self, pipe: Any, encoded: dict[str, str], scopes: dict[str, str], merge: bool) -> None:
-        """Queue the commands that store ``encoded`` values with ``scopes`` (names without any lose
-        theirs); with ``merge=False`` everything else goes first."""
-        if not merge:
-            pipe.delete(self._data_key, self._scopes_key)
+    def _write(self, encoded: dict[str, str], scopes: dict[str, str], merge: bool) -> list[Command]:
+        """The commands that store ``encoded`` values with ``scopes`` (names without any lose theirs);
+        with ``merge=False`` everything else goes first."""
+        commands = [Command("delete", (self._data_key, self._scopes_key))] if not merge else []
         names = list(encoded)
         for start in range(0, len(names), WRITE_CHUNK):
             chunk = names[start : start + WRITE_CHUNK]
-            pipe.hset(self._data_key, mapping={n: encoded[n] for n in chunk})
+            commands.append(Command("hset", (self._data_key,), {"mapping": {n: encoded[n] for n in chunk}}))
             if merge:
-                pipe.hdel(self._scopes_key, *chunk)
+                commands.append(Command("hdel", (self._scopes_key, *chunk)))
         items = list(scopes.items())
         for start in range(0, len(items), WRITE_CHUNK):
-            pipe.hset(self._scopes_key, mapping=dict(items[start : start + WRITE_CHUNK]))
+            commands.append(Command("hset", (self._scopes_key,), {"mapping": dict(items[start : start + WRITE_CHUNK])}))
+        return commands
 
     # -- files and figures --------------------------------------------------------------------------
-    @redis_call
+    @operation
     def save(
         self, path: str | None, include: list[str] | None, exclude: list[str] | None, scopes: tuple[str, ...]
-    ) -> Path:
+    ) -> Operation:
         """Written in the calling process, in the local server's format (so either backend restores it);
         ``ValueError`` without a path: a Redis state has no file of its own."""
         target = _path(path, "save")
-        pipe = self._conn.client.pipeline(transaction=True)
-        pipe.hgetall(self._data_key)
-        pipe.hgetall(self._scopes_key)
-        raw_data, raw_scopes = pipe.execute()
+        raw_data, raw_scopes = yield Pipeline(
+            [Command("hgetall", (self._data_key,)), Command("hgetall", (self._scopes_key,))]
+        )
         stored_scopes = {_text(name): tuple(json.loads(value)) for name, value in raw_scopes.items()}
         stored = {_text(name): raw for name, raw in raw_data.items()}
         selected = select_saved(stored, stored_scopes, include, exclude, scopes)
@@ -320,8 +322,8 @@ class RedisBackend(LockCalls):
         write_snapshot(target, data, stored_scopes, ours=False)  # a path the caller chose
         return target
 
-    @redis_call
-    def restore(self, path: str | None, merge: bool) -> int:
+    @operation
+    def restore(self, path: str | None, merge: bool) -> Operation:
         """Read in the calling process; installed in one ``MULTI`` block (``merge=False``: in place of
         everything). ``ValueError`` without a path."""
         target = _path(path, "restore")
@@ -331,9 +333,7 @@ class RedisBackend(LockCalls):
         check_restored(snapshot.data, snapshot.foreign, str(target))
         encoded = {name: dumps(value) for name, value in snapshot.data.items()}
         scopes = {name: json.dumps(list(scope)) for name, scope in snapshot.scopes.items()}
-        pipe = self._conn.client.pipeline(transaction=True)
-        self._write(pipe, encoded, scopes, merge=merge)
-        pipe.execute()
+        yield Pipeline(self._write(encoded, scopes, merge=merge))
         return len(encoded)
 
     @redis_call

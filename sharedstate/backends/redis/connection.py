@@ -13,12 +13,15 @@ from typing import Any, TypeVar
 from sharedstate import _fork
 from sharedstate._errors import AccessDenied, ServerUnavailable, SharedStateError
 from sharedstate.backends.redis.scripts import SCRIPTS
+from sharedstate.backends.redis.steps import Batches, run
 
 #: Connecting may take this long before the server counts as unavailable (as for the local server).
 CONNECT_TIMEOUT = 5.0
 #: A reply may take this long by default (``connect(timeout=)``; redis-py's own default is no limit
 #: before version 8, 5 s from 8 on).
 REPLY_TIMEOUT = 30.0
+#: Connections the asyncio face's commands share (lock waits take more of their own).
+ASYNC_CONNECTIONS = 64
 INSTALL_HINT = "pip install 'sharedstate[redis]'"
 
 _redis_module: Any = None
@@ -46,6 +49,20 @@ def import_redis() -> Any:
     return _redis_module
 
 
+def _options(retry: Any, timeout: float) -> dict[str, Any]:
+    """The options of a redis-py client (blocking or asyncio, by its ``retry`` class)."""
+    from redis.backoff import NoBackoff
+
+    return {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        # A Redis server that stops answering (SIGSTOP, a frozen host) fails the call after it.
+        "socket_timeout": timeout,
+        # No silent retries: a script whose reply was lost may have run, and running it again
+        # would count twice. A failed call raises ServerUnavailable, as on the local server.
+        "retry": retry(NoBackoff(), 0),
+    }
+
+
 class Connection:
     """One process' redis-py client of a backend, with every script registered on it (as attributes
     named by ``scripts.SCRIPTS``). ``generation`` is the fork generation it was opened in: a forked child
@@ -53,25 +70,49 @@ class Connection:
 
     def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
         redis = import_redis()
-        from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        options: dict[str, Any] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT,
-            # A Redis server that stops answering (SIGSTOP, a frozen host) fails the call after it.
-            "socket_timeout": timeout,
-            # No silent retries: a script whose reply was lost may have run, and running it again
-            # would count twice. A failed call raises ServerUnavailable, as on the local server.
-            "retry": Retry(NoBackoff(), 0),
-        }
         # Options in the URL's query win (redis-py lets them override keyword arguments).
-        self.client = redis.Redis.from_url(url, **options)
+        self.client = redis.Redis.from_url(url, **_options(Retry, timeout))
         self.generation = _fork.generation
         self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one of ``scripts.SCRIPTS`` (by ``EVALSHA``, loading it first if Redis does not know it)."""
         return self.scripts[script](keys=keys, args=args)
+
+
+class AsyncConnection:
+    """The same for asyncio: a ``redis.asyncio`` client, with the same options and scripts. It belongs
+    to the event loop of its first command (redis-py's asyncio connections do). A command takes a
+    connection of the pool for its round trip, so tasks' commands overlap on several connections."""
+
+    def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
+        redis = import_redis()
+        from redis import asyncio as aioredis
+        from redis.asyncio.retry import Retry
+
+        options = _options(Retry, timeout)
+        # At most ``ASYNC_CONNECTIONS`` connections; a task past them waits for a free one (within the
+        # reply timeout) rather than fail, as it would past redis-py's default pool of 100.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=ASYNC_CONNECTIONS, timeout=timeout, **options
+        )
+        self.client = aioredis.Redis.from_pool(pool)
+        # A call alone (nothing else in flight: ``steps.Batches``) keeps one connection of the pool, and
+        # skips taking one from the pool and giving it back on every call.
+        self.alone = aioredis.Redis(connection_pool=pool, single_connection_client=True)
+        # A lock wait (``BLPOP``) holds its connection for up to a wait slice: waits take connections of
+        # their own, as many as there are waiters, so they never hold up the other tasks' commands.
+        self.waits = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, max_connections=2**31, **options))
+        self.scripts = {name: self.alone.register_script(source) for name, source in SCRIPTS.items()}
+        self.no_script = redis.exceptions.NoScriptError
+        self.batches = Batches(self)
+
+    async def aclose(self) -> None:
+        """Close every connection (the next command opens them again)."""
+        for client in (self.alone, self.client, self.waits):
+            await client.aclose()
 
 
 def text(raw: bytes | str) -> str:
@@ -111,3 +152,17 @@ def redis_call(function: _F) -> _F:
             raise translate(exc, self.address, call) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def operation(function: _F) -> _F:
+    """A backend method written as a ``steps.Operation`` (a generator of the steps to send): the method
+    runs it on the backend's blocking connection, as a ``redis_call``. Its ``steps`` attribute is the
+    generator function itself, which the asyncio face (``aio_redis``) runs on its own connection."""
+
+    @functools.wraps(function)
+    def blocking(self: Any, *args: Any) -> Any:
+        return run(function(self, *args), self._conn)
+
+    wrapped: Any = redis_call(blocking)
+    wrapped.steps = function
+    return wrapped  # type: ignore[no-any-return]

@@ -11,7 +11,8 @@ from sharedstate._errors import lock_not_held
 from sharedstate._sentinels import STILL_HELD
 from sharedstate.backends.base import LockRef
 from sharedstate.backends.redis import leases as _leases
-from sharedstate.backends.redis.connection import redis_call
+from sharedstate.backends.redis.connection import operation
+from sharedstate.backends.redis.steps import Command, Operation, Script, Sleep
 from sharedstate.backends.redis.url import check_lease, lease_ms
 
 if TYPE_CHECKING:
@@ -48,13 +49,14 @@ class LockCalls:
             return self._prefix + "lock", self._prefix + "wake"
         return f"{self._prefix}lock:{name}", f"{self._prefix}wake:{name}"
 
-    @redis_call
+    @operation
     def lock_acquire(
         self, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None, held: int
-    ) -> bool:
+    ) -> Operation:
         """``lease``: this lock's own (default: the backend's). Reentrancy, and the locks whose lease ran
         out, are known in this process (``leases``, which renews them), per lock key; ``held`` is not
-        needed here."""
+        needed here. The lease thread renews through this backend's blocking connection, whichever face
+        acquired: it goes on while an event loop is busy (``aio_redis``)."""
         key, wake = self._lock_keys(name)
         ident = (self._url, key)
         registry = _leases.leases
@@ -66,11 +68,10 @@ class LockCalls:
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         waiting = None  # since when this call waits for the lock (None: at its first try, it does not yet)
-        conn = self._conn
         while True:
-            left = conn.run("acquire", [key], [token, lease_ms(lease)])
+            left = yield Script("acquire", [key], [token, lease_ms(lease)])
             if left == -3:
-                registry.add(ident, _leases.Held(conn, self.address, name, key, token, owner, lease))
+                registry.add(ident, _leases.Held(self._conn, self.address, name, key, token, owner, lease))
                 self.waits.record(waiting)
                 return True
             if not blocking:
@@ -93,19 +94,19 @@ class LockCalls:
             if span > 2 * REDIS_TICK_S:
                 # Woken at once by a release; the timeout itself is served on one of Redis' ticks, so
                 # it may end up to a tick late: ask for one tick less.
-                conn.client.blpop([wake], timeout=span - REDIS_TICK_S)
+                yield Command("blpop", ([wake],), {"timeout": span - REDIS_TICK_S})
             else:  # the last moments before the lease runs out or the caller gives up: on time
-                time.sleep(min(span, POLL_S))
+                yield Sleep(min(span, POLL_S))
 
-    @redis_call
-    def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
+    @operation
+    def lock_release(self, name: str | None, owner: Hashable, held: int) -> Operation:
         key, wake = self._lock_keys(name)
         mine = _leases.leases.leave((self._url, key), owner)
         if mine is None:
-            raise lock_not_held(name, self.lock_owner(name))
+            raise lock_not_held(name, (yield from self.lock_owner.steps(self, name)))
         if mine is STILL_HELD:
             return
-        released = self._conn.run("release", [key, wake], [mine.token, mine.lease_ms])
+        released = yield Script("release", [key, wake], [mine.token, mine.lease_ms])
         if released != 1 or mine.lost:
             raise _leases.lost_lease(mine)
 
@@ -113,12 +114,12 @@ class LockCalls:
         """Nothing to do (``renews_leases``): this process' lease thread renews its locks."""
         return []
 
-    @redis_call
-    def lock_locked(self, name: str | None) -> bool:
-        return bool(self._conn.client.exists(self._lock_keys(name)[0]))
+    @operation
+    def lock_locked(self, name: str | None) -> Operation:
+        return bool((yield Command("exists", (self._lock_keys(name)[0],))))
 
-    @redis_call
-    def lock_owner(self, name: str | None) -> int | None:
+    @operation
+    def lock_owner(self, name: str | None) -> Operation:
         """The pid of the holder (on its own host), read from the token its key holds."""
-        raw = self._conn.client.get(self._lock_keys(name)[0])
+        raw = yield Command("get", (self._lock_keys(name)[0],))
         return None if raw is None else _leases.pid_of(raw)
