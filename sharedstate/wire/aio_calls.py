@@ -160,6 +160,15 @@ class AsyncCalls:
             self._conn = None
             self._dropped()
 
+    async def aclose(self) -> None:
+        """``close``, once what cancelled calls left in flight has ended: a nudged lock wait answers at
+        once, and a lock handed to it is given back then (closing its connection would not free the lock
+        while this process has other connections)."""
+        finishing = [task for task in self._finishing if task.get_loop() is asyncio.get_running_loop()]
+        if finishing and self._generation == _fork.generation:
+            await asyncio.wait(finishing, timeout=self.timeout)
+        self.close()
+
     def close(self) -> None:
         """Close every connection, the opening of one and what cancelled calls left in flight, for good:
         a call made after raises ``SharedStateError``."""
