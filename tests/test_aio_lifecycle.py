@@ -9,6 +9,7 @@ import multiprocessing
 import os
 
 import pytest
+from conftest import run_to_completion
 from test_aio_transport import run, settled_clients
 
 import sharedstate
@@ -39,15 +40,7 @@ def test_a_child_forked_after_the_handle_was_used_and_a_second_loop_call_at_once
     _, status = os.waitpid(pid, 0)  # the child's call has a deadline: it exits within 10 s
     assert os.waitstatus_to_exitcode(status) == 0
 
-    child = multiprocessing.get_context("fork").Process(target=_incr_in_a_new_loop, args=(state,))
-    child.start()
-    try:
-        child.join(30)
-        assert child.exitcode == 0
-    finally:
-        if child.is_alive():
-            child.kill()
-            child.join()
+    run_to_completion([multiprocessing.get_context("fork").Process(target=_incr_in_a_new_loop, args=(state,))], 30)
     assert server.state.get("n") == 3
 
     async def again():
