@@ -107,8 +107,8 @@ class AsyncState:
         return self._sync
 
     async def aclose(self) -> None:
-        """Close the connections and the worker threads. The handle stays closed: a call on it raises
-        ``SharedStateError`` (connect again for a new one)."""
+        """Close the connections and the worker threads. On a sharedstate server the handle stays closed:
+        a call on it raises ``SharedStateError`` (connect again for a new one)."""
         await self._backend.aclose()
         self._executor.shutdown(wait=False)
 
