@@ -168,6 +168,9 @@ class AsyncCalls:
         if finishing and self._generation == _fork.generation:
             await asyncio.wait(finishing, timeout=self.timeout)
         self.close()
+        loop_end, self._loop_end = self._loop_end, None
+        if loop_end is not None and self._loop is asyncio.get_running_loop():
+            await loop_end.aclose()  # nothing is left for the end of the loop to close
 
     def close(self) -> None:
         """Close every connection, the opening of one and what cancelled calls left in flight, for good:
