@@ -166,7 +166,7 @@ class ManagerServer(managers.Server):
         loads, dumps = pickle.loads, pickle.dumps
         while True:
             if stopping():
-                if queued:  # answers of writes applied already: the client must get them
+                if queued:  # answers of requests served already (writes among them, applied): sent
                     try:
                         write_raw(fd, b"".join(queued))
                     except OSError:
