@@ -8,6 +8,9 @@ counts the forks (``generation``) so that a connection can tell it was opened by
 must close has to be recorded in the same instant it is opened: ``no_fork()`` holds off a fork from any
 other thread meanwhile.
 
+``ThreadPool`` is a pool of worker threads that a child makes anew: the parent's workers do not exist
+in the child, but the copy of a ``ThreadPoolExecutor`` there believes they do and would start none.
+
 Platforms without ``fork`` (Windows) have no such hook, and need none.
 """
 
@@ -16,7 +19,9 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 #: Bumped in every forked child: anything opened at another generation belongs to an ancestor.
 generation = 0
@@ -39,6 +44,33 @@ def no_fork() -> Iterator[None]:
     close. Keep the block short, and never fork inside it."""
     with _forking:
         yield
+
+
+class ThreadPool(Executor):
+    """A ``ThreadPoolExecutor`` (started at its first task) that is started anew in a forked child: the
+    child's copy of the parent's pool counts the parent's idle workers, which the child does not have,
+    so a task given to it would never run."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
+        self._options = {"max_workers": max_workers, "thread_name_prefix": thread_name_prefix}
+        self._pool: ThreadPoolExecutor | None = None
+        self._generation = generation
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        pool = self._pool
+        if pool is None or self._generation != generation:
+            pool = self._pool = ThreadPoolExecutor(**self._options)  # type: ignore[arg-type]
+            self._generation = generation
+        return pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        pool = self._pool
+        if pool is not None and self._generation == generation:
+            pool.shutdown(wait, cancel_futures=cancel_futures)
 
 
 def _in_child() -> None:

@@ -22,13 +22,13 @@ import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from sharedstate._errors import LockLost, lock_timeout
 from sharedstate._errors import describe_lock as describe
+from sharedstate._fork import ThreadPool
 from sharedstate._lock import (
     acquire_begin,
     acquire_done,
@@ -87,7 +87,7 @@ class AsyncState:
 
     def __init__(self, state: State, max_threads: int = MAX_THREADS) -> None:
         self._sync = state
-        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="sharedstate-aio")
+        self._executor = ThreadPool(max_threads, "sharedstate-aio")  # started anew in a forked child
         sync = state.backend
         if isinstance(sync, LocalBackend):
             self._backend: Any = AsyncLocalBackend(sync, self._executor)
@@ -107,7 +107,8 @@ class AsyncState:
         return self._sync
 
     async def aclose(self) -> None:
-        """Close the connections and the worker threads."""
+        """Close the connections and the worker threads. On a sharedstate server the handle stays closed:
+        a call on it raises ``SharedStateError`` (connect again for a new one)."""
         await self._backend.aclose()
         self._executor.shutdown(wait=False)
 

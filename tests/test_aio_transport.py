@@ -107,8 +107,10 @@ def test_calls_on_a_closed_handle_open_no_connection(server):
     async def main():
         state = await aio.connect(server.address, server.authkey)
         await state.aclose()
-        with pytest.raises(RuntimeError):
-            await state.incr("n")  # its worker threads, which connect, are gone
+        await state.aclose()  # closing twice is harmless
+        for call in (state.incr("n"), state.get("n"), state.save(), state.lock.acquire(), state.snapshot()):
+            with pytest.raises(sharedstate.SharedStateError, match="is closed"):
+                await call  # closed for good, unlike a blocking State's connection: connect again
 
     run(main())
     assert server.state.get("n") is None

@@ -65,6 +65,9 @@ class AsyncLocalBackend(AsyncBackend):
     def close(self) -> None:
         self._calls.close()
 
+    async def aclose(self) -> None:
+        await self._calls.aclose()
+
     # -- reads --------------------------------------------------------------------------------------
     async def _read(self, name: str, method: str) -> Any:
         value = cached(self._slot.cache, name, method)

@@ -164,7 +164,14 @@ class ManagerServer(managers.Server):
         request_now = current_request
         stopping = self.stop_event.is_set
         loads, dumps = pickle.loads, pickle.dumps
-        while not stopping():
+        while True:
+            if stopping():
+                if queued:  # answers of requests served already (writes among them, applied): sent
+                    try:
+                        write_raw(fd, b"".join(queued))
+                    except OSError:
+                        pass  # the client is gone
+                return
             try:
                 request = read()
             except (EOFError, OSError):

@@ -10,7 +10,11 @@ A lock acquire that may wait is sent on a connection of its own (``lock_wait``):
 the lock in that connection's thread, and ends the wait when the connection has something to read, so
 no other request may follow it there. A task cancelled while it waits sends such a request (a
 ``lock_locked``), which ends the wait at once; if the lock was handed to it all the same, ``late`` gives it
-back.
+back. Calls that may take long (``LONG_CALLS``: files, the whole state) go on a connection of their own
+too: the shared connection's watchdog fails every call on it once nothing came for the call timeout.
+
+A handle's connections belong to the event loop they were opened in, and are closed when that loop
+ends (``asyncio.run`` closes the asynchronous generators of its loop): the next loop opens its own.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from sharedstate import _fork
+from sharedstate._errors import SharedStateError
 from sharedstate.wire import answers as _answers
 from sharedstate.wire.addresses import CONNECT_TIMEOUT, format_address
 from sharedstate.wire.aio_transport import Pipeline, open_pipeline
@@ -37,6 +42,9 @@ _give_lane = _answers.give_lane
 MAX_IDLE_WAITS = 8
 #: What ends a server-side lock wait that nobody waits for any more (any request would; this one is cheap).
 _NUDGE = call_request("lock_locked", (None,))
+#: Calls that may take long (a file to write or read, the whole state): each goes on a connection of its
+#: own, so that its time counts against its own deadline only, not against the other tasks' calls.
+LONG_CALLS = frozenset(("save", "restore", "snapshot"))
 
 
 class AsyncCalls:
@@ -58,13 +66,18 @@ class AsyncCalls:
         self.restart = calls.pool.restart
         self._connected, self._dropped, self._executor = connected, dropped, executor
         self._conn: Pipeline | None = None
-        self._opening: asyncio.Future[Pipeline] | None = None
+        self._opening: asyncio.Task[Pipeline] | None = None
         self._generation = _fork.generation
+        #: Idle connections of their own for lock waits and long calls.
         self._idle_waits: list[Pipeline] = []
         #: Calls of this handle under way (a lone one may read its answer itself: ``_send``).
         self._active = 0
-        #: Tasks that finish what a cancelled lock wait left in flight (kept so they are not collected).
+        #: Tasks that finish what a cancelled call left in flight (kept so they are not collected).
         self._finishing: set[asyncio.Task[None]] = set()
+        #: The loop of the connections, and what closes them when it ends (``_until_the_loop_ends``).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_end: Any = None
+        self._closed = False
 
     @property
     def address(self) -> str:
@@ -72,27 +85,59 @@ class AsyncCalls:
 
     # -- connections --------------------------------------------------------------------------------
     async def _open(self, within: float | None = None) -> tuple[Pipeline, dict[str, Any]]:
+        if self._closed:
+            raise self._closed_error()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A new loop: the last one ended (and closed its connections), or none was used yet.
+            self._idle_waits, self._finishing = [], set()
+            self._loop, self._loop_end = loop, self._until_the_loop_ends(loop)
+            await self._loop_end.asend(None)
         if within is None:
             within = min(CONNECT_TIMEOUT, self.timeout)
         pipeline, info = await open_pipeline(self._executor, self.parsed, self.authkey, hello(), within, self.timeout)
+        if self._closed:  # closed while the handshake ran
+            pipeline.close()
+            raise self._closed_error()
         self.restart = info.get("restart")
         return pipeline, info
+
+    async def _until_the_loop_ends(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """Closes the connections of ``loop`` when it ends: an asynchronous generator is closed by the end
+        of its loop (``asyncio.run``, ``loop.shutdown_asyncgens()``), while the loop can still close them."""
+        try:
+            yield
+        finally:
+            if self._loop is loop and self._generation == _fork.generation:
+                self._close_connections()
+
+    def _closed_error(self) -> SharedStateError:
+        return SharedStateError(f"this asyncio handle on {self.address} is closed (aclose()): connect again")
+
+    def _forget(self) -> None:
+        """In a forked child: forget the parent's connections (they are its parent's to close)."""
+        self._conn, self._opening, self._idle_waits, self._finishing = None, None, [], set()
+        self._loop = self._loop_end = None
+        self._generation = _fork.generation
 
     async def connection(self, within: float | None = None) -> Pipeline:
         """The shared connection, opened (within ``within`` seconds) if there is none: tasks that need
         it at once wait for the same opening."""
         conn = self._conn
         if self._generation != _fork.generation:
-            # A forked child: the parent's connections and their opening are not its own.
-            self._conn, self._opening, self._idle_waits = None, None, []
-            self._generation = _fork.generation
+            self._forget()  # a forked child: the parent's connections and their opening are not its own
         elif conn is not None and conn.broken is None:
             return conn
         opening = self._opening
         if opening is None:
             opening = self._opening = asyncio.ensure_future(self._open_shared(within))
             opening.add_done_callback(_retrieve)
-        return await asyncio.shield(opening)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            if opening.cancelled() and self._closed:  # by ``close()``, not this task's cancellation
+                raise self._closed_error() from None
+            raise
 
     async def _open_shared(self, within: float | None) -> Pipeline:
         try:
@@ -102,7 +147,8 @@ class AsyncCalls:
                 self._connected(info)
             return conn
         finally:
-            self._opening = None
+            if self._opening is asyncio.current_task():
+                self._opening = None
 
     def _drop(self, conn: Pipeline | None) -> None:
         """Give up ``conn`` after a failure: a half-sent request or an unread answer leaves it unusable,
@@ -114,8 +160,33 @@ class AsyncCalls:
             self._conn = None
             self._dropped()
 
+    async def aclose(self) -> None:
+        """``close``, once what cancelled calls left in flight has ended: a nudged lock wait answers at
+        once, and a lock handed to it is given back then (closing its connection would not free the lock
+        while this process has other connections)."""
+        finishing = [task for task in self._finishing if task.get_loop() is asyncio.get_running_loop()]
+        if finishing and self._generation == _fork.generation:
+            await asyncio.wait(finishing, timeout=self.timeout)
+        self.close()
+        loop_end, self._loop_end = self._loop_end, None
+        if loop_end is not None and self._loop is asyncio.get_running_loop():
+            await loop_end.aclose()  # nothing is left for the end of the loop to close
+
     def close(self) -> None:
-        """Close every connection (the next call opens one again)."""
+        """Close every connection, the opening of one and what cancelled calls left in flight, for good:
+        a call made after raises ``SharedStateError``."""
+        self._closed = True
+        if self._generation != _fork.generation:
+            self._forget()
+        self._close_connections()
+
+    def _close_connections(self) -> None:
+        opening, finishing = self._opening, self._finishing
+        self._opening, self._finishing = None, set()
+        if opening is not None:
+            opening.cancel()  # a connection its handshake makes all the same is closed (``open_pipeline``)
+        for task in finishing:
+            task.cancel()  # it closes its connection
         self._drop(self._conn)
         idle, self._idle_waits = self._idle_waits, []
         for conn in idle:
@@ -123,21 +194,30 @@ class AsyncCalls:
 
     # -- calls --------------------------------------------------------------------------------------
     async def call(self, method: str, args: tuple[Any, ...], start: float | None = None) -> Any:
-        return await self._send(method, call_request(method, args), start=start)
+        request = call_request(method, args)
+        if method in LONG_CALLS:
+            return read_answer(await self._alone(method, request), method, self.address)
+        return read_answer(await self._send(method, request, start=start), method, self.address)
 
     async def write(self, method: str, args: tuple[Any, ...], start: float | None = None) -> Any:
         """``call`` for a write: sent with a request id of its own lane, so that it may be sent again
         after a crash and is still applied once."""
         lane = _take_lane()
-        try:
-            return await self._send(method, write_request((lane, next(_sequence)), method, args), True, start=start)
-        finally:
-            _give_lane(lane)
+        request = write_request((lane, next(_sequence)), method, args)
+        if method in LONG_CALLS:
+            answer = await self._alone(method, request)
+        else:
+            answer = await self._send(method, request, True, start=start)
+        # Only now, with its answer: a write cancelled or failed while its request was perhaps in flight
+        # keeps its lane for good, as another write under the same lane (on another connection, of
+        # another handle) would make the server forget this one's answer, and apply it again if sent again.
+        _give_lane(lane)
+        return read_answer(answer, method, self.address)
 
     async def lock_call(self, method: str, args: tuple[Any, ...]) -> Any:
         """``call`` for a lock call that never waits (``calls.Calls.lock_call``)."""
         request = call_request(method, args)
-        return await self._send(method, request, True, request)
+        return read_answer(await self._send(method, request, True, request), method, self.address)
 
     async def _send(
         self,
@@ -146,7 +226,8 @@ class AsyncCalls:
         resendable: bool = False,
         again: bytes | None = None,
         start: float | None = None,
-    ) -> Any:
+    ) -> bytes:
+        """The answer to ``request`` on the shared connection (sent again as ``protocol.Retry`` says)."""
         conn = self._conn
         sent = False
         self._active += 1
@@ -167,19 +248,18 @@ class AsyncCalls:
             else:
                 future = conn.request(request)
                 sent = True
-            answer = await future
+            return await future
         except Exception as exc:
             if again is None:
                 deadline = (_monotonic() if start is None else start) + self.timeout
             else:
                 request, deadline = again, _monotonic() + self.timeout
             retry = Retry(method, self.address, self.parsed, self.timeout, resendable, deadline)
-            answer = await self._recover(conn, retry, request, sent, exc)
+            return await self._recover(conn, retry, request, sent, exc)
         finally:
             self._active -= 1
-        return read_answer(answer, method, self.address)
 
-    async def _recover(self, conn: Pipeline | None, retry: Retry, request: bytes, sent: bool, exc: Exception) -> Any:
+    async def _recover(self, conn: Pipeline | None, retry: Retry, request: bytes, sent: bool, exc: Exception) -> bytes:
         """Send ``request`` again on a new shared connection as long as ``retry`` says so."""
         while True:
             self._drop(conn)
@@ -193,11 +273,14 @@ class AsyncCalls:
                     # This attempt may wait only for what is left of the call's time.
                     return await asyncio.wait_for(future, retry.left())
                 except asyncio.TimeoutError:
+                    # Only this call is late: the connection stays, with the other tasks' calls on it
+                    # (its watchdog fails them all if nothing comes at all).
+                    conn = None
                     raise BlockingIOError("no answer in time") from None
             except Exception as again:
                 exc = again
 
-    # -- lock waits ---------------------------------------------------------------------------------
+    # -- connections of their own: lock waits and long calls -----------------------------------------
     async def lock_wait(
         self,
         args: tuple[Any, ...],
@@ -208,7 +291,21 @@ class AsyncCalls:
         arguments) after a crash of the server. If the calling task is cancelled while the request is
         in flight, the wait is ended and ``late(result)`` runs with the answer it got all the same."""
         method = "lock_acquire"
-        request = call_request(method, args)
+        answer = await self._alone(method, call_request(method, args), lambda: call_request(method, again()), late)
+        return read_answer(answer, method, self.address)
+
+    async def _alone(
+        self,
+        method: str,
+        request: bytes,
+        again: Callable[[], bytes] | None = None,
+        late: Callable[[Any], None] | None = None,
+    ) -> bytes:
+        """The answer to ``request`` on a connection of its own (an idle one, or a new one), sent again
+        (``again()``, else the same) after a crash of the server. A lock wait (``late`` given) whose task
+        is cancelled is ended, and ``late`` gets its answer all the same (``_abandon``)."""
+        if self._generation != _fork.generation:
+            self._forget()
         conn = self._idle_waits.pop() if self._idle_waits else None
         retry = None
         while True:
@@ -222,7 +319,7 @@ class AsyncCalls:
                 try:
                     answer = await asyncio.shield(future)
                 except asyncio.CancelledError:
-                    self._abandon(conn, future, late)
+                    self._abandon(conn, future, late)  # never raises: nothing below takes this for a failure
                     raise
                 break
             except Exception as exc:
@@ -230,43 +327,53 @@ class AsyncCalls:
                     conn.close()
                     conn = None
                 if retry is None:
-                    # It may have waited long for its lock before the failure: the new server gets the
+                    # It may have waited long (for its lock) before the failure: the new server gets the
                     # call's timeout from now.
                     retry = Retry(method, self.address, self.parsed, self.timeout, True, _monotonic() + self.timeout)
                 await asyncio.sleep(retry.after(exc, sent, self.restart))
-                request = call_request(method, again())
+                if again is not None:
+                    request = again()
         self._keep_idle(conn)
-        return read_answer(answer, method, self.address)
+        return answer
 
     def _keep_idle(self, conn: Pipeline) -> None:
-        if conn.broken is None and conn.idle and len(self._idle_waits) < MAX_IDLE_WAITS:
+        if conn.broken is None and conn.idle and len(self._idle_waits) < MAX_IDLE_WAITS and not self._closed:
             self._idle_waits.append(conn)
         else:
             conn.close()
 
-    def _abandon(self, conn: Pipeline, future: asyncio.Future[bytes], late: Callable[[Any], None]) -> None:
-        """End the server's wait of a cancelled acquire, and hand its answer to ``late`` in a task."""
-        try:
-            nudge: asyncio.Future[bytes] | None = conn.request(_NUDGE)
-        except OSError:
-            nudge = None
+    def _abandon(self, conn: Pipeline, future: asyncio.Future[bytes], late: Callable[[Any], None] | None) -> None:
+        """End the server's wait of a cancelled acquire (``late`` given), and hand its answer to ``late`` in
+        a task; keep the connection for another call once its answer came. Never raises: the caller's
+        cancellation is what it raises."""
+        nudge: asyncio.Future[bytes] | None = None
+        if late is not None:
+            try:
+                nudge = conn.request(_NUDGE)
+            except Exception:  # broken (``EOFError``, an ``OSError``): the server's wait ends with it
+                nudge = None
 
         async def finish() -> None:
             try:
                 answer = await future
                 if nudge is not None:
                     await nudge
-            except Exception:
-                conn.close()
+            except BaseException:
+                conn.close()  # failed, or ``close()`` cancelled this
                 return
             self._keep_idle(conn)
-            try:
-                result = read_answer(answer, "lock_acquire", self.address)
-            except Exception:
-                return
-            late(result)
+            if late is not None:
+                try:
+                    result = read_answer(answer, "lock_acquire", self.address)
+                except Exception:
+                    return
+                late(result)
 
-        task = asyncio.get_running_loop().create_task(finish())
+        try:
+            task = asyncio.get_running_loop().create_task(finish())
+        except Exception:  # no loop to finish in: the connection goes (and a lock with it)
+            conn.close()
+            return
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 

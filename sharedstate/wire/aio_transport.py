@@ -24,7 +24,8 @@ from collections import deque
 from concurrent.futures import Executor
 from typing import Any
 
-from sharedstate.wire.addresses import Address
+from sharedstate._errors import ServerUnavailable
+from sharedstate.wire.addresses import Address, format_address
 from sharedstate.wire.framing import HEADER, LONG_HEADER, READ_SIZE, frame
 from sharedstate.wire.handshake import open_connection
 
@@ -234,9 +235,20 @@ async def open_pipeline(
 ) -> tuple[Pipeline, dict[str, Any]]:
     """Connect, authenticate and introduce this client as ``handshake.open_connection`` does (on a thread
     of ``executor``, within ``timeout`` seconds); return the connection on this loop and what the server
-    said of itself."""
+    said of itself. ``ServerUnavailable`` if it is not done in time (even when no thread of ``executor``
+    took it up); a connection made after all the same, or after the caller was cancelled, is closed."""
     loop = asyncio.get_running_loop()
-    conn, info = await loop.run_in_executor(executor, open_connection, address, authkey, hello, timeout, call_timeout)
+    opening = loop.run_in_executor(executor, open_connection, address, authkey, hello, timeout, call_timeout)
+    try:
+        # Shielded, so that the future keeps the connection of a handshake that ends after all.
+        conn, info = await asyncio.wait_for(asyncio.shield(opening), timeout)
+    except BaseException as exc:
+        opening.add_done_callback(_close_opened)
+        if isinstance(exc, asyncio.TimeoutError):
+            text = format_address(address)
+            failed = f"no connection to the sharedstate server at {text} within {timeout:g} s"
+            raise ServerUnavailable(failed, text) from None
+        raise
     sock = socket.socket(fileno=conn.detach())
     try:
         if sock.family == socket.AF_UNIX:
@@ -247,3 +259,9 @@ async def open_pipeline(
         sock.close()
         raise
     return pipeline, info
+
+
+def _close_opened(opening: asyncio.Future[Any]) -> None:
+    """Close the connection of a handshake whose caller gave up on it."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result()[0].close()
