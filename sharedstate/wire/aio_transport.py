@@ -168,7 +168,8 @@ class Pipeline(asyncio.Protocol):
             return
         if self._loop.is_closed():
             # Its loop was closed without closing it (no ``shutdown_asyncgens()``): ``transport.close()``
-            # would leave the socket open (it closes it in a later turn of that loop, which never comes).
+            # would raise, and leave the socket open (it closes it in a turn of that loop, which never comes).
+            self._transport = None  # closed once: a second close finds nothing left to close
             transport._call_connection_lost(None)  # type: ignore[attr-defined]
         else:
             transport.close()
