@@ -87,8 +87,9 @@ def test_a_loop_closed_without_shutting_down_its_async_generators_leaves_no_conn
     async def use():
         state = await aio.connect(server.address, server.authkey, timeout=5)
         assert await state.incr("n") == 1
-        async with state.lock:  # a lock wait's connection, kept idle for the next one
-            pass
+        calls = state._backend._calls
+        conn, _ = await calls._open()
+        calls._keep_idle(conn)  # as a lock wait's connection is kept for the next wait when it ends
         return state
 
     loop = asyncio.new_event_loop()
@@ -98,6 +99,8 @@ def test_a_loop_closed_without_shutting_down_its_async_generators_leaves_no_conn
         loop.close()
 
     async def again():
+        # A call on a connection of its own, first: not on the idle one of the closed loop.
+        assert (await state.snapshot())["n"] == 1
         assert await state.incr("n") == 2
         assert sorted(await asyncio.gather(*(state.incr("n") for _ in range(5)))) == [3, 4, 5, 6, 7]
         async with state.lock:
