@@ -1,20 +1,25 @@
 """The asyncio client's rules for calls that do not simply get their answer on a local server: a write
-cancelled in flight keeps its request-id lane, a cancelled lock wait on a broken connection only raises
-its cancellation, and a long call fails no other task's call."""
+cancelled in flight keeps its request-id lane until its answer has come (and gives it back then), a
+cancelled lock wait on a broken connection only raises its cancellation, and a long call fails no other
+task's call."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 
 import pytest
 from test_aio_transport import run, settled_clients
 
+import sharedstate
 from sharedstate import aio
 from sharedstate.wire import answers
 from sharedstate.wire.protocol import call_request
 
 
-def test_a_write_cancelled_in_flight_keeps_its_lane_until_the_end(server):
+def test_a_write_cancelled_in_flight_keeps_its_lane_until_its_answer_came(server):
     # Lanes are per process: a lane given back while its write is in flight could be taken by a write of
     # another handle, on another connection, whose answer then replaces this one's at the server; after a
     # crash this write, sent again, would be applied twice. Reproducing that needs a crash in the instant
@@ -23,18 +28,69 @@ def test_a_write_cancelled_in_flight_keeps_its_lane_until_the_end(server):
         async with await aio.connect(server.address, server.authkey, cache=False) as state:
             await state.set("n", 0)
             answers._free_lanes.clear()
-            first = asyncio.ensure_future(state.incr("n"))
-            second = asyncio.ensure_future(state.incr("n"))
-            await asyncio.sleep(0)  # both requests are sent; no answer is read before the next turn
-            second.cancel()
+            os.kill(server.pid, signal.SIGSTOP)  # no answer comes until it goes on
+            try:
+                await _stopped(server.pid)
+                first = asyncio.ensure_future(state.incr("n"))
+                second = asyncio.ensure_future(state.incr("n"))
+                await asyncio.sleep(0)  # both requests are sent
+                second.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await second
+                assert answers._free_lanes == []  # its answer has not come: its lane is not free
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
             assert await first in (1, 2)
-            with pytest.raises(asyncio.CancelledError):
-                await second
             assert await state.get("n") == 2  # it was in flight: the server applied it
-            # Only the answered write gave its lane back.
-            assert len(answers._free_lanes) == 1
+            # Both answers came: both lanes are free again.
+            assert len(answers._free_lanes) == 2
 
     run(main())
+
+
+async def _stopped(pid: int) -> None:
+    """Once every thread of ``pid`` is stopped (a signal reaches a thread running on another core a
+    moment later)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while asyncio.get_running_loop().time() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(") ", 1)[1][:1])
+            except OSError:  # a thread that ended meanwhile
+                pass
+        if states and all(state in "tT" for state in states):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+def test_writes_cancelled_in_flight_give_their_lanes_back_once_answered(tmp_path):
+    # A lane kept for good by each cancelled write would grow the server's table of answers (saved in
+    # its snapshots) by one entry per cancelled write.
+    path = tmp_path / "s.json"
+
+    async def main(server):
+        async with await aio.connect(server.address, server.authkey, cache=False) as state:
+            await state.incr("warm")
+            before = next(answers._lanes)
+            for _ in range(10):
+                tasks = [asyncio.ensure_future(state.incr("n")) for _ in range(100)]
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # most of them are sent
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                # Its answer comes after those of the cancelled writes sent before it, on the same connection.
+                await state.get("n")
+            assert 0 < await state.get("n", 0) <= 1000
+            return next(answers._lanes) - before - 1
+
+    with sharedstate.StateServer(path=str(path), save_every=None) as server:
+        assert run(main(server)) <= 100  # at most 100 in flight at once
+        server.save()
+        assert len(json.loads(path.read_text())["answers"]) <= 101
 
 
 def test_a_cancelled_lock_wait_on_a_broken_connection_raises_only_its_cancellation(server):

@@ -5,6 +5,7 @@ behind, not even one whose handshake was under way."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 
@@ -76,3 +77,37 @@ def test_aclose_closes_a_connection_whose_handshake_is_under_way(server):
 
     run(main())
     assert server.state.get("n") is None
+
+
+def test_a_loop_closed_without_shutting_down_its_async_generators_leaves_no_connection(server):
+    # ``loop.close()`` without ``shutdown_asyncgens()`` (as some test runners' loops end) does not close
+    # the handle's connections: the next loop must not use them, and closes them.
+    before = server.state.stats()["clients"]
+
+    async def use():
+        state = await aio.connect(server.address, server.authkey, timeout=5)
+        assert await state.incr("n") == 1
+        calls = state._backend._calls
+        conn, _ = await calls._open()
+        calls._keep_idle(conn)  # as a lock wait's connection is kept for the next wait when it ends
+        return state
+
+    loop = asyncio.new_event_loop()
+    try:
+        state = loop.run_until_complete(use())
+    finally:
+        loop.close()
+
+    async def again():
+        # A call on a connection of its own, first: not on the idle one of the closed loop.
+        assert (await state.snapshot())["n"] == 1
+        assert await state.incr("n") == 2
+        assert sorted(await asyncio.gather(*(state.incr("n") for _ in range(5)))) == [3, 4, 5, 6, 7]
+        async with state.lock:
+            assert await state.get("n") == 7
+        await state.aclose()
+        return await settled_clients(server, before)
+
+    assert asyncio.run(again()) == before
+    gc.collect()  # an unclosed socket of the first loop would warn (an error in this suite) here
+    assert server.state.get("n") == 7

@@ -89,8 +89,12 @@ class AsyncCalls:
             raise self._closed_error()
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            # A new loop: the last one ended (and closed its connections), or none was used yet.
-            self._idle_waits, self._finishing = [], set()
+            # A new loop: the last one ended and closed its connections, or none was used yet, or it was
+            # closed without closing them (no ``shutdown_asyncgens()``): they are closed here.
+            stale, self._idle_waits, self._finishing = self._idle_waits, [], set()
+            for conn in stale:
+                conn.close()
+            self._drop(self._conn)
             self._loop, self._loop_end = loop, self._until_the_loop_ends(loop)
             await self._loop_end.asend(None)
         if within is None:
@@ -124,12 +128,13 @@ class AsyncCalls:
         """The shared connection, opened (within ``within`` seconds) if there is none: tasks that need
         it at once wait for the same opening."""
         conn = self._conn
+        loop = asyncio.get_running_loop()
         if self._generation != _fork.generation:
             self._forget()  # a forked child: the parent's connections and their opening are not its own
-        elif conn is not None and conn.broken is None:
+        elif conn is not None and conn.usable:
             return conn
         opening = self._opening
-        if opening is None:
+        if opening is None or opening.get_loop() is not loop:  # none, or one of a loop closed meanwhile
             opening = self._opening = asyncio.ensure_future(self._open_shared(within))
             opening.add_done_callback(_retrieve)
         try:
@@ -207,10 +212,11 @@ class AsyncCalls:
         if method in LONG_CALLS:
             answer = await self._alone(method, request)
         else:
-            answer = await self._send(method, request, True, start=start)
-        # Only now, with its answer: a write cancelled or failed while its request was perhaps in flight
-        # keeps its lane for good, as another write under the same lane (on another connection, of
-        # another handle) would make the server forget this one's answer, and apply it again if sent again.
+            answer = await self._send(method, request, True, start=start, lane=lane)
+        # Only now, with its answer: another write under the same lane (on another connection, of another
+        # handle) would make the server forget this one's answer, and apply it again if sent again. A
+        # write cancelled in flight gives its lane back once its answer has come all the same (``_send``);
+        # one whose answer never comes (failed, or cancelled on a broken connection) keeps it for good.
         _give_lane(lane)
         return read_answer(answer, method, self.address)
 
@@ -226,13 +232,16 @@ class AsyncCalls:
         resendable: bool = False,
         again: bytes | None = None,
         start: float | None = None,
+        lane: str | None = None,
     ) -> bytes:
-        """The answer to ``request`` on the shared connection (sent again as ``protocol.Retry`` says)."""
+        """The answer to ``request`` on the shared connection (sent again as ``protocol.Retry`` says).
+        ``lane``: the request's write lane, given back if the calling task is cancelled before it is sent,
+        or once its answer has come."""
         conn = self._conn
         sent = False
         self._active += 1
         try:
-            if conn is None or conn.broken is not None or self._generation != _fork.generation:
+            if conn is None or not conn.usable or self._generation != _fork.generation:
                 conn = None
                 conn = await self.connection(None if start is None else connect_within(start, self.timeout))
             if self._active == 1:
@@ -249,6 +258,14 @@ class AsyncCalls:
                 future = conn.request(request)
                 sent = True
             return await future
+        except asyncio.CancelledError:
+            if lane is not None:
+                if sent:
+                    # Still in the pipeline: its answer comes in order, unless the connection breaks.
+                    conn.when_answered(future, lambda: _give_lane(lane))
+                else:
+                    _give_lane(lane)
+            raise
         except Exception as exc:
             if again is None:
                 deadline = (_monotonic() if start is None else start) + self.timeout
@@ -306,7 +323,8 @@ class AsyncCalls:
         is cancelled is ended, and ``late`` gets its answer all the same (``_abandon``)."""
         if self._generation != _fork.generation:
             self._forget()
-        conn = self._idle_waits.pop() if self._idle_waits else None
+        stale = self._loop is not asyncio.get_running_loop()  # ``_open`` closes what another loop left
+        conn = self._idle_waits.pop() if self._idle_waits and not stale else None
         retry = None
         while True:
             sent = False

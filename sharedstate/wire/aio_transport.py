@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -57,6 +58,8 @@ class Pipeline(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         #: When the oldest request began to wait, or the last bytes came in since.
         self._since = 0.0
+        #: What to run once the answer of a request whose caller gave up has come (``when_answered``).
+        self._late: dict[asyncio.Future[bytes], Callable[[], None]] = {}
         #: Why the connection is unusable (an exception to raise, made anew for each request), or None.
         self.broken: tuple[type[BaseException], str] | None = None
 
@@ -132,15 +135,44 @@ class Pipeline(asyncio.Protocol):
             if future.done():
                 return
 
+    def when_answered(self, future: asyncio.Future[bytes], callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the answer of ``future``'s request has come, though its caller gave up on
+        it (``future`` cancelled); never if the connection breaks first (the answer never comes)."""
+        if not future.done():
+            if self.broken is None:
+                self._late[future] = callback
+        elif future.cancelled():
+            if self.broken is None:
+                if future in self._pending:
+                    self._late[future] = callback
+                else:
+                    callback()  # its answer came between the cancellation and now
+        elif future.exception() is None:
+            callback()  # it had come already
+
     @property
     def idle(self) -> bool:
         """Whether no request waits for its answer."""
         return not self._pending
 
+    @property
+    def usable(self) -> bool:
+        """Whether it may take a request now: not broken, and of the running event loop (a loop closed
+        without closing its connections leaves them to the next one, which must not use them)."""
+        return self.broken is None and self._loop is asyncio.get_running_loop()
+
     def close(self) -> None:
         self._fail(EOFError, "the connection was closed")
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        if self._loop.is_closed():
+            # Its loop was closed without closing it (no ``shutdown_asyncgens()``): ``transport.close()``
+            # would raise, and leave the socket open (it closes it in a turn of that loop, which never comes).
+            self._transport = None  # closed once: a second close finds nothing left to close
+            transport._call_connection_lost(None)  # type: ignore[attr-defined]
+        else:
+            transport.close()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -187,6 +219,10 @@ class Pipeline(asyncio.Protocol):
             return
         if not future.done():  # a cancelled caller's answer is read and dropped
             future.set_result(payload)
+        if self._late:
+            late = self._late.pop(future, None)
+            if late is not None:
+                late()
         if self._spun_until:
             if _clock() - self._spun_until > SLOW_S:
                 self._spin_skip = SPIN_SKIP
@@ -220,6 +256,7 @@ class Pipeline(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         pending, self._pending = self._pending, deque()
+        self._late.clear()  # their answers never come
         for future in pending:
             if not future.done():
                 future.set_exception(kind(text))

@@ -59,8 +59,9 @@ _lanes = itertools.count(1)
 def take_lane() -> str:
     """A client id for one write of the asyncio client, whose writes from many tasks are in flight on one
     connection at once: each goes under a lane id of its own, given back (``give_lane``) once the write
-    has its answer, so a lane has at most one write outstanding, as every client has. Lanes are reused,
-    so the server's table keeps one entry per write in flight at once, not one per write."""
+    has its answer (a cancelled write's too, once its answer has come), so a lane has at most one write
+    outstanding, as every client has. Lanes are reused, so the server's table keeps one entry per write in
+    flight at once, not one per write."""
     try:
         return _free_lanes.pop()
     except IndexError:
