@@ -128,7 +128,8 @@ def translate(exc: BaseException, address: str, call: str) -> BaseException:
         return AccessDenied(f"the Redis server at {address} refused the credentials: {text}", address)
     if isinstance(exc, getattr(errors, "NoPermissionError", ())):
         return AccessDenied(f"the Redis server at {address} refused {call}(): {text}", address)
-    if isinstance(exc, (errors.ConnectionError, errors.TimeoutError)):
+    # An OSError: redis.asyncio lets some through unwrapped (no file descriptor left: EMFILE).
+    if isinstance(exc, (errors.ConnectionError, errors.TimeoutError, OSError)):
         if call == "connect":
             return ServerUnavailable(f"no Redis server answers at {address}: {text}", address)
         return ServerUnavailable(f"the Redis server at {address} went away during {call}(): {text}", address)

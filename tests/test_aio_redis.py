@@ -1,0 +1,78 @@
+"""The asyncio face of the Redis backend (``backends/aio_redis.py``): its connections across event loops
+and forks, its lock waits' connections, an idle connection Redis dropped, and a closed handle. The calls
+themselves are the contract suite's (``redis-aio``, ``valkey-aio``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+import sharedstate
+from sharedstate import aio
+
+
+def test_a_handle_follows_its_event_loop_and_a_forked_child(redis_server, redis_namespace):
+    """A second asyncio.run, and a child forked after use, open connections of their own: the calls
+    answer, nothing fails after the write, and the parent's connection still works."""
+    sync = sharedstate.connect(redis_server.url, namespace=redis_namespace)
+
+    async def first() -> aio.AsyncState:
+        state = await aio.connect(redis_server.url, namespace=redis_namespace)
+        await state.set("n", 0)
+        assert await asyncio.gather(*(state.incr("n") for _ in range(10))) == list(range(1, 11))
+        return state
+
+    state = asyncio.run(first())
+
+    async def again() -> None:
+        assert await state.incr("n") == 11
+        assert sorted(await asyncio.gather(*(state.incr("n") for _ in range(10)))) == list(range(12, 22))
+        async with state.lock:
+            pass
+
+    asyncio.run(asyncio.wait_for(again(), 30))
+    pid = os.fork()
+    if pid == 0:  # the child: its own connections, the parent's sockets untouched
+        code = 1
+        try:
+            code = 0 if asyncio.run(asyncio.wait_for(state.incr("n"), 10)) == 22 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    async def parent() -> None:
+        assert await state.incr("n") == 23
+        pid = os.fork()  # while the loop runs and the connections are open
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if asyncio.run(asyncio.wait_for(state.incr("n"), 10)) == 24 else 2
+            finally:
+                os._exit(code)
+        _, status = await asyncio.get_running_loop().run_in_executor(None, os.waitpid, pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert await state.incr("n") == 25
+        await state.aclose()
+
+    asyncio.run(asyncio.wait_for(parent(), 30))
+    assert sync.get("n") == 25
+    sync.close()
+
+
+def test_every_call_of_a_closed_handle_raises(redis_server, redis_namespace):
+    async def main() -> None:
+        state = await aio.connect(redis_server.url, namespace=redis_namespace)
+        await state.set("n", 1)
+        await state.aclose()
+        calls = [state.get("n"), state.set("n", 2), state.incr("n"), state.stats(), state.save(),
+                 state.lock.acquire(), state.names()]  # fmt: skip
+        for call in calls:
+            with pytest.raises(sharedstate.SharedStateError, match=r"is closed \(aclose\(\)\): connect again"):
+                await call
+        await state.aclose()  # again: nothing to do
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert sharedstate.connect(redis_server.url, namespace=redis_namespace).get("n") == 1
