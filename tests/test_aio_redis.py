@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 
 import sharedstate
 from sharedstate import aio
+from sharedstate.backends.redis.connection import IDLE_WAITS, MAX_WAITS
 
 
 def test_a_handle_follows_its_event_loop_and_a_forked_child(redis_server, redis_namespace):
@@ -76,3 +78,51 @@ def test_every_call_of_a_closed_handle_raises(redis_server, redis_namespace):
 
     asyncio.run(asyncio.wait_for(main(), 30))
     assert sharedstate.connect(redis_server.url, namespace=redis_namespace).get("n") == 1
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts file descriptors in /proc")
+def test_many_lock_waiters_hold_a_bounded_number_of_connections(redis_server, redis_namespace):
+    """150 tasks wait for a lock a thread holds: at most MAX_WAITS wait connections, trimmed after."""
+    sync = sharedstate.connect(redis_server.url, namespace=redis_namespace)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with sync.named_lock("L"):
+            held.set()
+            release.wait(30)
+
+    async def main() -> None:
+        state = await aio.connect(redis_server.url, namespace=redis_namespace)
+        await state.get("x")
+        before = _fds()
+        thread = threading.Thread(target=hold)
+        thread.start()
+        try:
+            assert await asyncio.to_thread(held.wait, 10)
+
+            async def waiter() -> bool:
+                lock = state.named_lock("L")
+                if not await lock.acquire(timeout=60):
+                    return False
+                await lock.release()
+                return True
+
+            tasks = [asyncio.ensure_future(waiter()) for _ in range(150)]
+            peak = 0
+            for _ in range(20):  # the waiters settle into their waits
+                await asyncio.sleep(0.05)
+                peak = max(peak, _fds() - before)
+            assert peak <= MAX_WAITS + 8, peak
+        finally:
+            release.set()
+            await asyncio.to_thread(thread.join, 30)
+        assert await asyncio.gather(*tasks) == [True] * 150
+        assert _fds() - before <= IDLE_WAITS + 8
+        await state.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    sync.close()

@@ -6,6 +6,7 @@ need it; without it, the error names the extra to install.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +23,12 @@ CONNECT_TIMEOUT = 5.0
 REPLY_TIMEOUT = 30.0
 #: Connections the asyncio face's commands share (lock waits take more of their own).
 ASYNC_CONNECTIONS = 64
+#: Lock waits (``BLPOP``) that hold a connection each at once; a waiter past them polls (``wait``).
+MAX_WAITS = 64
+#: Idle connections kept for lock waits (more are closed when their wait ends).
+IDLE_WAITS = 8
+#: How long a lock waiter past ``MAX_WAITS`` sleeps before it tries the lock again.
+WAIT_POLL_S = 0.1
 INSTALL_HINT = "pip install 'sharedstate[redis]'"
 
 _redis_module: Any = None
@@ -103,11 +110,34 @@ class AsyncConnection:
         # skips taking one from the pool and giving it back on every call.
         self.alone = aioredis.Redis(connection_pool=pool, single_connection_client=True)
         # A lock wait (``BLPOP``) holds its connection for up to a wait slice: waits take connections of
-        # their own, as many as there are waiters, so they never hold up the other tasks' commands.
-        self.waits = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, max_connections=2**31, **options))
+        # their own, so they never hold up the other tasks' commands; at most ``MAX_WAITS`` (``wait``).
+        self.waits = aioredis.Redis.from_pool(
+            aioredis.ConnectionPool.from_url(url, max_connections=MAX_WAITS, **options)
+        )
+        self._wait_slots = asyncio.Semaphore(MAX_WAITS)
         self.scripts = {name: self.alone.register_script(source) for name, source in SCRIPTS.items()}
         self.no_script = redis.exceptions.NoScriptError
         self.batches = Batches(self)
+
+    async def wait(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A command that waits in Redis (``steps.WAITS``, with a ``timeout``) on a wait connection. Past
+        ``MAX_WAITS`` waits at once, a short sleep instead, and ``None`` (as a wait that timed out): the
+        waiter tries the lock again after it, so many waiters hold neither many sockets nor fds."""
+        if self._wait_slots.locked():
+            await asyncio.sleep(min(kwargs["timeout"], WAIT_POLL_S))
+            return None
+        async with self._wait_slots:
+            try:
+                return await getattr(self.waits, method)(*args, **kwargs)
+            finally:
+                await self._trim_waits()
+
+    async def _trim_waits(self) -> None:
+        """Close the idle wait connections past ``IDLE_WAITS`` (after a crowd of waiters has gone)."""
+        idle = self.waits.connection_pool._available_connections  # redis-py's list of idle connections
+        extra = [idle.pop() for _ in range(len(idle) - IDLE_WAITS)]  # taken out before any await
+        for conn in extra:
+            await conn.disconnect()
 
     async def aclose(self) -> None:
         """Close every connection (the next command opens them again)."""

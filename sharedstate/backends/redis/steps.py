@@ -85,7 +85,7 @@ async def run_step(step: Step, conn: Any) -> Any:
     if kind is Script or (kind is Command and step.method not in WAITS):
         return await conn.batches.call(step)
     if kind is Command:
-        return await getattr(conn.waits, step.method)(*step.args, **step.kwargs)
+        return await conn.wait(step.method, step.args, step.kwargs)
     if kind is Pipeline:
         pipe = conn.client.pipeline(transaction=step.transaction)
         for command in step.commands:
