@@ -9,6 +9,7 @@ import os
 import threading
 
 import pytest
+from conftest import RedisServer, redis_missing
 
 import sharedstate
 from sharedstate import aio
@@ -126,3 +127,26 @@ def test_many_lock_waiters_hold_a_bounded_number_of_connections(redis_server, re
 
     asyncio.run(asyncio.wait_for(main(), 90))
     sync.close()
+
+
+def test_a_connection_redis_closed_while_idle_is_opened_again(tmp_path):
+    """Redis closes clients idle past its ``timeout``: the next call opens a new connection, as the
+    blocking face does, rather than fail."""
+    if redis_missing() is not None:
+        pytest.skip(redis_missing())
+    server = RedisServer(tmp_path).start()  # its own: the setting applies to every client
+    try:
+        with server.client() as client:
+            client.config_set("timeout", 1)
+
+        async def main() -> None:
+            state = await aio.connect(server.url, namespace="idle")
+            await state.set("x", 1)
+            await asyncio.sleep(2.5)  # Redis checks idle clients about once a second
+            assert await state.get("x") == 1
+            assert await state.incr("x") == 2
+            await state.aclose()
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        server.stop()

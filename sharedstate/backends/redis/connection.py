@@ -29,6 +29,8 @@ MAX_WAITS = 64
 IDLE_WAITS = 8
 #: How long a lock waiter past ``MAX_WAITS`` sleeps before it tries the lock again.
 WAIT_POLL_S = 0.1
+#: The ``alone`` connection, idle longer, is checked before it is used (Redis may have closed it: ``timeout``).
+ALONE_IDLE_CHECK_S = 0.5
 INSTALL_HINT = "pip install 'sharedstate[redis]'"
 
 _redis_module: Any = None
@@ -115,9 +117,28 @@ class AsyncConnection:
             aioredis.ConnectionPool.from_url(url, max_connections=MAX_WAITS, **options)
         )
         self._wait_slots = asyncio.Semaphore(MAX_WAITS)
+        self._alone_used = 0.0  # the loop's time of the last call alone
         self.scripts = {name: self.alone.register_script(source) for name, source in SCRIPTS.items()}
         self.no_script = redis.exceptions.NoScriptError
         self.batches = Batches(self)
+
+    async def check_alone(self) -> None:
+        """Before a call alone: if its connection was idle a while and Redis has closed it meanwhile (an
+        idle client past Redis' ``timeout``, a restart), drop it, so the call opens a new one instead of
+        failing, as the blocking face's pool does when it hands out a connection."""
+        now = asyncio.get_running_loop().time()
+        idle, self._alone_used = now - self._alone_used, now
+        conn = self.alone.connection
+        if idle < ALONE_IDLE_CHECK_S or conn is None or not conn.is_connected:
+            return
+        try:
+            # The end of the stream, or bytes nobody asked for (redis-py before 8 names it can_read_destructive).
+            check = getattr(conn, "can_read", None) or conn.can_read_destructive
+            closed = await check()
+        except (RedisError, OSError):
+            closed = True
+        if closed:
+            await conn.disconnect()
 
     async def wait(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A command that waits in Redis (``steps.WAITS``, with a ``timeout``) on a wait connection. Past

@@ -136,6 +136,7 @@ def _finish(operation: Operation, late: Callable[[Any], None], attempt: asyncio.
 
 
 async def _alone(step: Script | Command, conn: Any) -> Any:
+    await conn.check_alone()
     if type(step) is Script:
         return await conn.scripts[step.name](keys=step.keys, args=step.args)
     return await getattr(conn.alone, step.method)(*step.args, **step.kwargs)
