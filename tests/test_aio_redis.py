@@ -9,7 +9,7 @@ import os
 import threading
 
 import pytest
-from conftest import RedisServer, redis_missing
+from conftest import RedisServer, redis_missing, wait_until
 
 import sharedstate
 from sharedstate import aio
@@ -150,3 +150,27 @@ def test_a_connection_redis_closed_while_idle_is_opened_again(tmp_path):
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         server.stop()
+
+
+def test_a_lock_try_cut_short_by_the_end_of_the_loop_keeps_no_lock(redis_server, redis_namespace):
+    """asyncio.run ends while a task's try is in flight: whatever the try did, the lock is free soon after,
+    not for the whole lease."""
+    sync = sharedstate.connect(redis_server.url, namespace=redis_namespace)
+    box: dict = {}
+
+    async def main(name: str, turns: int) -> None:
+        state = box["state"] = await aio.connect(redis_server.url, namespace=redis_namespace, lease=30)
+        await state.get("warm")
+        box["task"] = asyncio.ensure_future(state.named_lock(name).acquire())
+        for _ in range(turns):  # the try goes out, its answer is not read yet
+            await asyncio.sleep(0)
+        # asyncio.run cancels the task, and the try's own task
+
+    for name in ("a", "b", "c"):  # the turns the try is in flight at the end vary with the machine's load
+        for turns in range(8):
+            asyncio.run(main(name, turns))
+            if not box["task"].cancelled():  # answered before the end: the lock is the task's, as it asked for
+                break
+            lock = sync.named_lock(name)
+            wait_until(lambda lock=lock: not lock.locked(), 5, what=f"{name} free ({turns} turns)")
+    sync.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -107,7 +108,13 @@ class AsyncRedisBackend(AsyncBackend):
             raise handle_closed(self.sync.address)
         return self.sync.peek(name)
 
-    async def _run(self, method: str, *args: Any, late: Callable[[Any], None] | None = None) -> Any:
+    async def _run(
+        self,
+        method: str,
+        *args: Any,
+        late: Callable[[Any], None] | None = None,
+        unknown: Callable[[], None] | None = None,
+    ) -> Any:
         """The blocking backend's ``method``, its steps awaited on this face's connection; redis-py's errors
         as sharedstate's and the call counted, as ``connection.redis_call`` does for the blocking face."""
         sync = self.sync
@@ -115,7 +122,7 @@ class AsyncRedisBackend(AsyncBackend):
         sync.counted.count(method)
         operation: Operation = getattr(sync, method).steps(sync, *args)
         try:
-            return await run_async(operation, conn, late)
+            return await run_async(operation, conn, late, unknown)
         except (_connection.RedisError, OSError) as exc:  # OSError: no socket to be had (EMFILE ...)
             raise _connection.translate(exc, sync.address, method) from None
 
@@ -170,7 +177,14 @@ class AsyncRedisBackend(AsyncBackend):
         backend's tries and waits (``BLPOP`` on the wake list, short sleeps), awaited; ``late(True)`` runs if
         a task cancelled during a try got the lock all the same."""
         *acquire, late = args
-        return await self._run("lock_acquire", *acquire, late=late)
+        name, owner = acquire[0], acquire[1]
+
+        def unknown() -> None:
+            # A try left without an answer (the loop ended under it) may have taken the lock: give it back
+            # by its token, on a thread (the loop may be gone); harmless if the try took nothing.
+            threading.Thread(target=self.sync.lock_give_back, args=(name, owner), daemon=True).start()
+
+        return await self._run("lock_acquire", *acquire, late=late, unknown=unknown)
 
     async def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         await self._run("lock_release", name, owner, held)
