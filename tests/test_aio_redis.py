@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
-from conftest import RedisServer, redis_missing, wait_until
+from conftest import ROOT, RedisServer, redis_missing, wait_until
 
 import sharedstate
 from sharedstate import aio
@@ -174,3 +176,26 @@ def test_a_lock_try_cut_short_by_the_end_of_the_loop_keeps_no_lock(redis_server,
             lock = sync.named_lock(name)
             wait_until(lambda lock=lock: not lock.locked(), 5, what=f"{name} free ({turns} turns)")
     sync.close()
+
+
+def test_connect_imports_redis_asyncio_off_the_event_loop(redis_server, redis_namespace):
+    """redis.asyncio (tens of milliseconds to import, unless ``import redis`` already did) and the asyncio
+    face's modules are imported by aio.connect on its worker thread, not on the event loop."""
+    code = f"""
+import asyncio, sys, threading
+import sharedstate.aio
+where = []
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("redis.asyncio", "sharedstate.backends.aio_redis"):
+            where.append((name, threading.current_thread() is threading.main_thread()))
+sys.meta_path.insert(0, Finder())
+async def main():
+    state = await sharedstate.aio.connect({redis_server.url!r}, namespace={redis_namespace!r})
+    await state.get("x")
+    await state.aclose()
+asyncio.run(main())
+assert where and not any(on_loop for _, on_loop in where), where
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

@@ -34,7 +34,10 @@ from sharedstate._pattern import Pattern
 from sharedstate.backends.base import AsyncBackend
 from sharedstate.backends.redis import connection as _connection
 from sharedstate.backends.redis.backend import RedisBackend
+from sharedstate.backends.redis.connection import import_redis_asyncio
 from sharedstate.backends.redis.steps import Operation, run_async
+
+__all__ = ["AsyncRedisBackend", "import_redis_asyncio"]
 
 #: What forked children inherited of their parents' open connections (``_keep_inherited``).
 _INHERITED: list[Any] = []

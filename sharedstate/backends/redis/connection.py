@@ -58,6 +58,15 @@ def import_redis() -> Any:
     return _redis_module
 
 
+def import_redis_asyncio() -> Any:
+    """The ``redis.asyncio`` module (slow to import, unless ``import redis`` did: ``aio.connect`` imports
+    it on its worker thread)."""
+    import_redis()
+    from redis import asyncio as aioredis
+
+    return aioredis
+
+
 def _options(retry: Any, timeout: float) -> dict[str, Any]:
     """The options of a redis-py client (blocking or asyncio, by its ``retry`` class)."""
     from redis.backoff import NoBackoff
@@ -98,7 +107,7 @@ class AsyncConnection:
 
     def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
         redis = import_redis()
-        from redis import asyncio as aioredis
+        aioredis = import_redis_asyncio()
         from redis.asyncio.retry import Retry
 
         options = _options(Retry, timeout)
