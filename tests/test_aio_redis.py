@@ -199,3 +199,30 @@ assert where and not any(on_loop for _, on_loop in where), where
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts file descriptors in /proc")
+def test_no_file_descriptor_left_is_server_unavailable(redis_server, redis_namespace):
+    """A call that cannot open a socket (EMFILE) raises ServerUnavailable, not a bare OSError."""
+    code = f"""
+import asyncio, os, resource
+import sharedstate
+from sharedstate import aio
+async def main():
+    state = await aio.connect({redis_server.url!r}, namespace={redis_namespace!r})
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(f) for f in os.listdir("/proc/self/fd")) + 1, hard))
+    while True:  # take every descriptor left below the limit
+        try:
+            os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            break
+    try:
+        await state.get("x")
+    except sharedstate.ServerUnavailable:
+        return
+    raise AssertionError("no error")
+asyncio.run(main())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
