@@ -119,12 +119,12 @@ def test_many_lock_waiters_hold_a_bounded_number_of_connections(redis_server, re
             for _ in range(20):  # the waiters settle into their waits
                 await asyncio.sleep(0.05)
                 peak = max(peak, _fds() - before)
-            assert peak <= MAX_WAITS + 8, peak
+            assert peak <= MAX_WAITS + 24, peak  # and a few connections of the calls (their tries)
         finally:
             release.set()
             await asyncio.to_thread(thread.join, 30)
         assert await asyncio.gather(*tasks) == [True] * 150
-        assert _fds() - before <= IDLE_WAITS + 8
+        assert _fds() - before <= IDLE_WAITS + 24
         await state.aclose()
 
     asyncio.run(asyncio.wait_for(main(), 90))
