@@ -81,6 +81,11 @@ class StateFileBusy(SharedStateError):
     _facts = ("path", "pid")
 
 
+def handle_closed(address: str) -> SharedStateError:
+    """What every call of an asyncio handle raises after its ``aclose()`` (on either backend)."""
+    return SharedStateError(f"this asyncio handle on {address} is closed (aclose()): connect again")
+
+
 def describe_lock(key: str | None) -> str:
     """How messages name a lock: the global one, or one by its name."""
     return "the global lock" if key is None else f"lock {key!r}"

@@ -334,6 +334,10 @@ async def connect(address: object = None, authkey: bytes | None = None, **option
         backend = open_backend(address, authkey, **options)
         if isinstance(backend, LocalBackend):
             backend.close()  # this worker thread's connection: the asyncio client opens its own
+        else:  # imported here, on this worker thread: redis.asyncio takes tens of ms, which would stall the loop
+            from sharedstate.backends import aio_redis
+
+            aio_redis.import_redis_asyncio()
         return backend
 
     state = AsyncState(State(await asyncio.get_running_loop().run_in_executor(None, opened)))

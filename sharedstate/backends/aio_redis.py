@@ -12,22 +12,35 @@ A lock this face takes is renewed by the process' lease thread (``redis.leases``
 backend's connection, never by a task: a task would not run while the event loop is busy (a long
 callback, a blocking call in the app), and a lease not renewed for that long is lost, whereas the thread
 runs whatever the loop does, as it does for locks taken by threads.
+
+redis.asyncio's connections belong to the event loop that opened them: a call from another loop (a
+second ``asyncio.run``) or in a forked child opens a new ``AsyncConnection`` and drops the last one
+unawaited (its loop has ended, or its sockets are the parent's, which a child must not write on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+from sharedstate import _fork
+from sharedstate._errors import handle_closed
 from sharedstate._pattern import Pattern
 from sharedstate.backends.base import AsyncBackend
 from sharedstate.backends.redis import connection as _connection
 from sharedstate.backends.redis.backend import RedisBackend
+from sharedstate.backends.redis.connection import import_redis_asyncio
 from sharedstate.backends.redis.steps import Operation, run_async
+
+__all__ = ["AsyncRedisBackend", "import_redis_asyncio"]
+
+#: What forked children inherited of their parents' open connections (``_keep_inherited``).
+_INHERITED: list[Any] = []
 
 
 class AsyncRedisBackend(AsyncBackend):
@@ -39,29 +52,86 @@ class AsyncRedisBackend(AsyncBackend):
     def __init__(self, sync: RedisBackend, executor: Executor) -> None:
         super().__init__(sync)
         self._executor = executor
-        self._conn = sync.async_connection()
+        self._conn: _connection.AsyncConnection | None = None
+        #: The event loop and fork generation ``_conn`` was opened in.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._generation = _fork.generation
+        self._closed = False
+        self._loop_end: Any = None  # ``_until_the_loop_ends`` of ``_conn``
 
     def close(self) -> None:
         pass  # ``aclose`` closes the connections: redis.asyncio's close is a coroutine
 
     async def aclose(self) -> None:
-        await self._conn.aclose()
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None and self._mine(asyncio.get_running_loop()):
+            await conn.aclose()
+        elif conn is not None and self._generation != _fork.generation:
+            self._keep_inherited()
+
+    def _keep_inherited(self) -> None:
+        """In a forked child, of a loop that was running at the fork: keep the parent's connection, loop
+        and loop-end hook for good. Collected, they would close the parent's transports, which takes their
+        sockets out of the epoll instance the child shares with the parent (the parent then never hears
+        their replies), and would wake the parent's loop."""
+        _INHERITED.append((self._conn, self._loop, self._loop_end))
+
+    def _mine(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether ``_conn`` was opened on ``loop`` in this process."""
+        return self._loop is loop and self._generation == _fork.generation
+
+    async def _connection(self) -> _connection.AsyncConnection:
+        """This loop's connection: a new one on another loop or in a forked child."""
+        if self._closed:
+            raise handle_closed(self.sync.address)
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is None or not self._mine(loop):
+            if conn is not None and self._generation != _fork.generation:
+                self._keep_inherited()
+            conn = self._conn = self.sync.async_connection()
+            self._loop, self._generation = loop, _fork.generation
+            self._loop_end = self._until_the_loop_ends(conn, loop)
+            await self._loop_end.asend(None)
+        return conn
+
+    async def _until_the_loop_ends(self, conn: _connection.AsyncConnection, loop: asyncio.AbstractEventLoop) -> Any:
+        """Closes ``conn`` when ``loop`` ends: an asynchronous generator is closed by the end of its loop
+        (``asyncio.run``, ``loop.shutdown_asyncgens()``), while the loop can still close connections."""
+        try:
+            yield
+        finally:
+            if self._conn is conn and self._mine(loop):
+                self._conn = None
+                await conn.aclose()
 
     def peek(self, name: str) -> Any:
+        if self._closed:
+            raise handle_closed(self.sync.address)
         return self.sync.peek(name)
 
-    async def _run(self, method: str, *args: Any, late: Callable[[Any], None] | None = None) -> Any:
+    async def _run(
+        self,
+        method: str,
+        *args: Any,
+        late: Callable[[Any], None] | None = None,
+        unknown: Callable[[], None] | None = None,
+    ) -> Any:
         """The blocking backend's ``method``, its steps awaited on this face's connection; redis-py's errors
         as sharedstate's and the call counted, as ``connection.redis_call`` does for the blocking face."""
         sync = self.sync
+        conn = await self._connection()
         sync.counted.count(method)
         operation: Operation = getattr(sync, method).steps(sync, *args)
         try:
-            return await run_async(operation, self._conn, late)
-        except _connection.RedisError as exc:
+            return await run_async(operation, conn, late, unknown)
+        except (_connection.RedisError, OSError) as exc:  # OSError: no socket to be had (EMFILE ...)
             raise _connection.translate(exc, sync.address, method) from None
 
     async def _threaded(self, method: str, *args: Any) -> Any:
+        if self._closed:
+            raise handle_closed(self.sync.address)
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, functools.partial(getattr(self.sync, method), *args)
         )
@@ -110,7 +180,14 @@ class AsyncRedisBackend(AsyncBackend):
         backend's tries and waits (``BLPOP`` on the wake list, short sleeps), awaited; ``late(True)`` runs if
         a task cancelled during a try got the lock all the same."""
         *acquire, late = args
-        return await self._run("lock_acquire", *acquire, late=late)
+        name, owner = acquire[0], acquire[1]
+
+        def unknown() -> None:
+            # A try left without an answer (the loop ended under it) may have taken the lock: give it back
+            # by its token, on a thread (the loop may be gone); harmless if the try took nothing.
+            threading.Thread(target=self.sync.lock_give_back, args=(name, owner), daemon=True).start()
+
+        return await self._run("lock_acquire", *acquire, late=late, unknown=unknown)
 
     async def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         await self._run("lock_release", name, owner, held)

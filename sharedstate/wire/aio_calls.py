@@ -26,7 +26,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from sharedstate import _fork
-from sharedstate._errors import SharedStateError
+from sharedstate._errors import SharedStateError, handle_closed
 from sharedstate.wire import answers as _answers
 from sharedstate.wire.addresses import CONNECT_TIMEOUT, format_address
 from sharedstate.wire.aio_transport import Pipeline, open_pipeline
@@ -116,7 +116,7 @@ class AsyncCalls:
                 self._close_connections()
 
     def _closed_error(self) -> SharedStateError:
-        return SharedStateError(f"this asyncio handle on {self.address} is closed (aclose()): connect again")
+        return handle_closed(self.address)
 
     def _forget(self) -> None:
         """In a forked child: forget the parent's connections (they are its parent's to close)."""

@@ -6,6 +6,7 @@ need it; without it, the error names the extra to install.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +23,14 @@ CONNECT_TIMEOUT = 5.0
 REPLY_TIMEOUT = 30.0
 #: Connections the asyncio face's commands share (lock waits take more of their own).
 ASYNC_CONNECTIONS = 64
+#: Lock waits (``BLPOP``) that hold a connection each at once; a waiter past them polls (``wait``).
+MAX_WAITS = 64
+#: Idle connections kept for lock waits (more are closed when their wait ends).
+IDLE_WAITS = 8
+#: How long a lock waiter past ``MAX_WAITS`` sleeps before it tries the lock again.
+WAIT_POLL_S = 0.1
+#: The ``alone`` connection, idle longer, is checked before it is used (Redis may have closed it: ``timeout``).
+ALONE_IDLE_CHECK_S = 0.5
 INSTALL_HINT = "pip install 'sharedstate[redis]'"
 
 _redis_module: Any = None
@@ -47,6 +56,15 @@ def import_redis() -> Any:
         RedisError = redis.exceptions.RedisError
         _redis_module = redis
     return _redis_module
+
+
+def import_redis_asyncio() -> Any:
+    """The ``redis.asyncio`` module (slow to import, unless ``import redis`` did: ``aio.connect`` imports
+    it on its worker thread)."""
+    import_redis()
+    from redis import asyncio as aioredis
+
+    return aioredis
 
 
 def _options(retry: Any, timeout: float) -> dict[str, Any]:
@@ -89,7 +107,7 @@ class AsyncConnection:
 
     def __init__(self, url: str, timeout: float = REPLY_TIMEOUT) -> None:
         redis = import_redis()
-        from redis import asyncio as aioredis
+        aioredis = import_redis_asyncio()
         from redis.asyncio.retry import Retry
 
         options = _options(Retry, timeout)
@@ -103,11 +121,53 @@ class AsyncConnection:
         # skips taking one from the pool and giving it back on every call.
         self.alone = aioredis.Redis(connection_pool=pool, single_connection_client=True)
         # A lock wait (``BLPOP``) holds its connection for up to a wait slice: waits take connections of
-        # their own, as many as there are waiters, so they never hold up the other tasks' commands.
-        self.waits = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, max_connections=2**31, **options))
+        # their own, so they never hold up the other tasks' commands; at most ``MAX_WAITS`` (``wait``).
+        self.waits = aioredis.Redis.from_pool(
+            aioredis.ConnectionPool.from_url(url, max_connections=MAX_WAITS, **options)
+        )
+        self._wait_slots = asyncio.Semaphore(MAX_WAITS)
+        self._alone_used = 0.0  # the loop's time of the last call alone
         self.scripts = {name: self.alone.register_script(source) for name, source in SCRIPTS.items()}
         self.no_script = redis.exceptions.NoScriptError
         self.batches = Batches(self)
+
+    async def check_alone(self) -> None:
+        """Before a call alone: if its connection was idle a while and Redis has closed it meanwhile (an
+        idle client past Redis' ``timeout``, a restart), drop it, so the call opens a new one instead of
+        failing, as the blocking face's pool does when it hands out a connection."""
+        now = asyncio.get_running_loop().time()
+        idle, self._alone_used = now - self._alone_used, now
+        conn = self.alone.connection
+        if idle < ALONE_IDLE_CHECK_S or conn is None or not conn.is_connected:
+            return
+        try:
+            # The end of the stream, or bytes nobody asked for (redis-py before 8 names it can_read_destructive).
+            check = getattr(conn, "can_read", None) or conn.can_read_destructive
+            closed = await check()
+        except (RedisError, OSError):
+            closed = True
+        if closed:
+            await conn.disconnect()
+
+    async def wait(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A command that waits in Redis (``steps.WAITS``, with a ``timeout``) on a wait connection. Past
+        ``MAX_WAITS`` waits at once, a short sleep instead, and ``None`` (as a wait that timed out): the
+        waiter tries the lock again after it, so many waiters hold neither many sockets nor fds."""
+        if self._wait_slots.locked():
+            await asyncio.sleep(min(kwargs["timeout"], WAIT_POLL_S))
+            return None
+        async with self._wait_slots:
+            try:
+                return await getattr(self.waits, method)(*args, **kwargs)
+            finally:
+                await self._trim_waits()
+
+    async def _trim_waits(self) -> None:
+        """Close the idle wait connections past ``IDLE_WAITS`` (after a crowd of waiters has gone)."""
+        idle = self.waits.connection_pool._available_connections  # redis-py's list of idle connections
+        extra = [idle.pop() for _ in range(len(idle) - IDLE_WAITS)]  # taken out before any await
+        for conn in extra:
+            await conn.disconnect()
 
     async def aclose(self) -> None:
         """Close every connection (the next command opens them again)."""
@@ -128,7 +188,8 @@ def translate(exc: BaseException, address: str, call: str) -> BaseException:
         return AccessDenied(f"the Redis server at {address} refused the credentials: {text}", address)
     if isinstance(exc, getattr(errors, "NoPermissionError", ())):
         return AccessDenied(f"the Redis server at {address} refused {call}(): {text}", address)
-    if isinstance(exc, (errors.ConnectionError, errors.TimeoutError)):
+    # An OSError: redis.asyncio lets some through unwrapped (no file descriptor left: EMFILE).
+    if isinstance(exc, (errors.ConnectionError, errors.TimeoutError, OSError)):
         if call == "connect":
             return ServerUnavailable(f"no Redis server answers at {address}: {text}", address)
         return ServerUnavailable(f"the Redis server at {address} went away during {call}(): {text}", address)

@@ -3,6 +3,7 @@ who holds a lock. The locks this process holds, and their leases, are kept by ``
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from sharedstate.backends.redis.url import check_lease, lease_ms
 if TYPE_CHECKING:
     from sharedstate._figures import WaitWindow
     from sharedstate.backends.redis.connection import Connection
+
+log = logging.getLogger(__name__)
 
 #: Longest single wait of a lock waiter before it asks again (it wakes earlier on a release, or when
 #: the holder's lease runs out).
@@ -97,6 +100,16 @@ class LockCalls:
                 yield Command("blpop", ([wake],), {"timeout": span - REDIS_TICK_S})
             else:  # the last moments before the lease runs out or the caller gives up: on time
                 yield Sleep(min(span, POLL_S))
+
+    def lock_give_back(self, name: str | None, owner: Hashable) -> None:
+        """Release ``name`` if a try of ``owner`` whose answer was lost took it (the asyncio face's try cut
+        short by the end of its event loop): the script deletes the key only if it holds ``owner``'s token,
+        so this does nothing if the try took nothing. Blocking; errors are logged, nobody awaits them."""
+        key, wake = self._lock_keys(name)
+        try:
+            self._conn.run("release", [key, wake], [_leases.token(owner), lease_ms(self.lease)])
+        except Exception as exc:
+            log.warning("could not give back the lock %s a cut-short try may have taken: %s", key, exc)
 
     @operation
     def lock_release(self, name: str | None, owner: Hashable, held: int) -> Operation:

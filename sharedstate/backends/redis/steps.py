@@ -85,7 +85,7 @@ async def run_step(step: Step, conn: Any) -> Any:
     if kind is Script or (kind is Command and step.method not in WAITS):
         return await conn.batches.call(step)
     if kind is Command:
-        return await getattr(conn.waits, step.method)(*step.args, **step.kwargs)
+        return await conn.wait(step.method, step.args, step.kwargs)
     if kind is Pipeline:
         pipe = conn.client.pipeline(transaction=step.transaction)
         for command in step.commands:
@@ -95,13 +95,20 @@ async def run_step(step: Step, conn: Any) -> Any:
     return None
 
 
-async def run_async(operation: Operation, conn: Any, late: Callable[[Any], None] | None = None) -> Any:
+async def run_async(
+    operation: Operation,
+    conn: Any,
+    late: Callable[[Any], None] | None = None,
+    unknown: Callable[[], None] | None = None,
+) -> Any:
     """Carry out ``operation`` on an ``connection.AsyncConnection``, awaiting each reply.
 
     With ``late`` (a lock acquire), safe against cancellation: each ``Script`` step (a try, which may take
     the lock) is shielded, and when the task is cancelled while one is under way, its reply is still given
     to the operation, so a lock it took is counted as held, and ``late(True)`` gives it back. A wait (a
-    ``BLPOP``, a ``Sleep``) is simply cut short: it takes nothing."""
+    ``BLPOP``, a ``Sleep``) is simply cut short: it takes nothing. If the try itself ends without an
+    answer (cancelled too, as ``asyncio.run`` does to every task at its end, or failed), ``unknown()``:
+    the lock may have been taken all the same."""
     reply = None
     try:
         while True:
@@ -113,16 +120,24 @@ async def run_async(operation: Operation, conn: Any, late: Callable[[Any], None]
             try:
                 reply = await asyncio.shield(attempt)
             except asyncio.CancelledError:
-                attempt.add_done_callback(functools.partial(_finish, operation, late))
+                attempt.add_done_callback(functools.partial(_finish, operation, late, unknown))
                 raise
     except StopIteration as done:
         return done.value
 
 
-def _finish(operation: Operation, late: Callable[[Any], None], attempt: asyncio.Future[Any]) -> None:
-    """The reply of a try whose task was cancelled: if the operation then ends with the lock taken, ``late``."""
+def _finish(
+    operation: Operation,
+    late: Callable[[Any], None],
+    unknown: Callable[[], None] | None,
+    attempt: asyncio.Future[Any],
+) -> None:
+    """The reply of a try whose task was cancelled: if the operation then ends with the lock taken, ``late``;
+    without a reply, ``unknown``."""
     if attempt.cancelled() or attempt.exception() is not None:
         operation.close()
+        if unknown is not None:
+            unknown()
         return
     try:
         operation.send(attempt.result())
@@ -136,6 +151,7 @@ def _finish(operation: Operation, late: Callable[[Any], None], attempt: asyncio.
 
 
 async def _alone(step: Script | Command, conn: Any) -> Any:
+    await conn.check_alone()
     if type(step) is Script:
         return await conn.scripts[step.name](keys=step.keys, args=step.args)
     return await getattr(conn.alone, step.method)(*step.args, **step.kwargs)
