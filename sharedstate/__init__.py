@@ -6,6 +6,7 @@
 1
 """
 
+from sharedstate._changes import Change
 from sharedstate._connect import connect
 from sharedstate._errors import (
     AccessDenied,
@@ -28,6 +29,7 @@ __version__ = version()  # the installed metadata's (sharedstate/_version.py)
 
 __all__ = [
     "AccessDenied",
+    "Change",
     "LocalFileStorage",
     "Lock",
     "LockLost",

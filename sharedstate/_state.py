@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from sharedstate._errors import SharedStateError
-from sharedstate._lock import Lock
-from sharedstate._pattern import compile_pattern
+from sharedstate._lock import Lock, check_timeout
+from sharedstate._pattern import Pattern, compile_pattern
 from sharedstate._rules import check_increment
 from sharedstate._sentinels import DROPPED, MISSING, NO_DEFAULT
-from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_value
+from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_ttl, check_value
+from sharedstate._watch import WAIT_BUFFER, Changes, deadline_of, left, waited
 from sharedstate.backends.base import Backend
 from sharedstate.persistence.files import caller_target
 
@@ -88,17 +89,22 @@ class State(MutableMapping[str, Any]):
         value = self._backend.get(name)
         return default if value is MISSING else value
 
-    def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
+    def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None, ttl: float | None = None) -> Any:
         """Store ``value`` under ``name``, replacing its value and scopes; return ``value``.
 
-        Raises ``TypeError`` for a name that is not a ``str`` or a value (at any depth) of a type that
-        cannot be stored; the state is then unchanged.
+        ``ttl`` (seconds, > 0) makes the name expire then; without it the name has no expiry (any it had
+        goes). Raises ``TypeError`` for a name that is not a ``str`` or a value (at any depth) of a type
+        that cannot be stored; the state is then unchanged.
         """
         if type(name) is not str or not name.isascii():
             name = check_name(name)
         if type(value) not in _PLAIN_FAST:  # ints, floats, bools, None: nothing to check
             check_value(name, value)
-        self._backend.set(name, value, check_scope(scope) if scope is not None else ())
+        scopes = check_scope(scope) if scope is not None else ()
+        if ttl is None:
+            self._backend.set(name, value, scopes)
+        else:
+            self._backend.set(name, value, scopes, check_ttl(ttl))
         return value
 
     def remove(self, name: str) -> Any:
@@ -122,14 +128,28 @@ class State(MutableMapping[str, Any]):
         self._backend.clear()
 
     # -- atomic calls -------------------------------------------------------------------------------
-    def incr(self, name: str, by: int | float | decimal.Decimal = 1) -> Any:
+    def incr(self, name: str, by: int | float | decimal.Decimal = 1, *, ttl: float | None = None) -> Any:
         """Add ``by`` to the number under ``name`` (a missing name counts from 0); return the new value.
 
-        Atomic. Raises ``TypeError`` if ``by`` or the stored value is not a number; nothing changes then.
+        Atomic. ``ttl`` (seconds) is the expiry of a name this call creates; a name that exists keeps its
+        own (a fixed-window rate limit in one call). Raises ``TypeError`` if ``by`` or the stored value is
+        not a number; nothing changes then.
         """
         name = check_name(name)
         check_increment(name, by)
-        return self._backend.incr(name, by)
+        if ttl is None:
+            return self._backend.incr(name, by)
+        return self._backend.incr(name, by, check_ttl(ttl))
+
+    def expire(self, name: str, ttl: float | None) -> bool:
+        """Make ``name`` expire ``ttl`` seconds from now (``None``: never); whether the name exists (if not,
+        nothing changes)."""
+        name = check_name(name)
+        return self._backend.expire(name, None if ttl is None else check_ttl(ttl))
+
+    def ttl(self, name: str) -> float | None:
+        """The seconds ``name`` has left before it expires; ``None`` if it has no expiry or does not exist."""
+        return self._backend.ttl(check_name(name))
 
     def setdefault(self, name: str, default: Any = None) -> Any:
         """Store ``default`` under ``name`` unless the name exists; return the stored value. Atomic."""
@@ -203,6 +223,33 @@ class State(MutableMapping[str, Any]):
         ``cache_hits``/``cache_misses``/``cache_hit_ratio`` (this process' cache) and more: every key is
         in docs/observability.md."""
         return self._backend.stats()
+
+    # -- change notifications -----------------------------------------------------------------------
+    def watch(
+        self,
+        pattern: str | None = None,
+        *,
+        names: Iterable[str] | None = None,
+        scope: str | Iterable[str] | None = None,
+        buffer: int = 10_000,
+    ) -> Changes:
+        """Watch the changes of the names that match ``pattern`` (``re.search``), are among ``names`` and
+        have any of the scopes ``scope`` (each: no filter when not given), and every clear and restore:
+        an iterator of ``Change(name, kind, value)`` in commit order, lossless from the moment this
+        returns, and a context manager that stops watching. A watcher more than ``buffer`` changes
+        behind gets one ``Change(None, "overflow", None)`` and continues from the present."""
+        return Changes(self._backend.watch(*watch_arguments(pattern, names, scope, buffer)))
+
+    def wait(self, name: str, *, timeout: float | None = None) -> Any:
+        """Block until ``name`` changes after this call (set, removed, expired, cleared or restored) and
+        return its new value (``None`` when it no longer exists); ``TimeoutError`` after ``timeout``
+        seconds."""
+        name = check_name(name)
+        timeout = check_timeout(True, timeout)
+        deadline = deadline_of(timeout)
+        with Changes(self._backend.watch(None, (name,), (), WAIT_BUFFER)) as changes:
+            known, value = waited(name, changes.next(left(deadline)), timeout)
+        return value if known else self.get(name)
 
     # -- locks --------------------------------------------------------------------------------------
     @property
@@ -298,6 +345,19 @@ def update_items(other: Mapping[str, Any] | Iterable[tuple[str, Any]], names: di
             check_value(name, value, budget)
             items[name] = value
     return items
+
+
+def watch_arguments(
+    pattern: object, names: object, scope: object, buffer: object
+) -> tuple[Pattern | None, tuple[str, ...] | None, tuple[str, ...], int]:
+    """``watch``'s arguments, checked, as ``Backend.watch`` takes them."""
+    checked = None if pattern is None else compile_pattern(pattern)
+    listed = None if names is None else tuple(check_names(names))
+    if type(buffer) is not int:
+        raise TypeError(f"buffer must be an int, not {type(buffer).__name__}")
+    if buffer < 1:
+        raise ValueError(f"buffer must be at least 1, not {buffer!r}")
+    return checked, listed, check_scope(scope), buffer
 
 
 def save_arguments(

@@ -52,8 +52,10 @@ from sharedstate._state import (
     save_arguments,
     sorted_view,
     update_items,
+    watch_arguments,
 )
-from sharedstate._values import check_name, check_names, check_scope, check_value
+from sharedstate._values import check_name, check_names, check_scope, check_ttl, check_value
+from sharedstate._watch import WAIT_BUFFER, AsyncChanges, deadline_of, left, waited
 from sharedstate.backends import open_backend
 from sharedstate.backends.aio_local import AsyncLocalBackend
 from sharedstate.backends.local import LocalBackend
@@ -131,12 +133,18 @@ class AsyncState:
             value = await self._backend.get(name)
         return default if value is MISSING else value
 
-    async def set(self, name: str, value: Any, *, scope: str | Iterable[str] | None = None) -> Any:
+    async def set(
+        self, name: str, value: Any, *, scope: str | Iterable[str] | None = None, ttl: float | None = None
+    ) -> Any:
         if type(name) is not str or not name.isascii():
             name = check_name(name)
         if type(value) not in _PLAIN_FAST:
             check_value(name, value)
-        await self._backend.set(name, value, check_scope(scope) if scope is not None else ())
+        scopes = check_scope(scope) if scope is not None else ()
+        if ttl is None:
+            await self._backend.set(name, value, scopes)
+        else:
+            await self._backend.set(name, value, scopes, check_ttl(ttl))
         return value
 
     async def remove(self, name: str) -> Any:
@@ -152,10 +160,19 @@ class AsyncState:
     async def clear(self) -> None:
         await self._backend.write("clear")
 
-    async def incr(self, name: str, by: Any = 1) -> Any:
+    async def incr(self, name: str, by: Any = 1, *, ttl: float | None = None) -> Any:
         name = check_name(name)
         check_increment(name, by)
-        return await self._backend.write("incr", name, by)
+        if ttl is None:
+            return await self._backend.write("incr", name, by)
+        return await self._backend.write("incr", name, by, check_ttl(ttl))
+
+    async def expire(self, name: str, ttl: float | None) -> bool:
+        name = check_name(name)
+        return await self._backend.write("expire", name, None if ttl is None else check_ttl(ttl))
+
+    async def ttl(self, name: str) -> float | None:
+        return await self._backend.ttl(check_name(name))
 
     async def setdefault(self, name: str, default: Any = None) -> Any:
         name = check_name(name)
@@ -211,6 +228,27 @@ class AsyncState:
 
     async def stats(self) -> dict[str, Any]:
         return await self._backend.stats()
+
+    def watch(
+        self,
+        pattern: str | None = None,
+        *,
+        names: Iterable[str] | None = None,
+        scope: str | Iterable[str] | None = None,
+        buffer: int = 10_000,
+    ) -> AsyncChanges:
+        """As ``State.watch``; lossless from ``async with`` (or, used only with ``async for``, from the
+        first iteration)."""
+        arguments = watch_arguments(pattern, names, scope, buffer)
+        return AsyncChanges(lambda: self._backend.watch(*arguments))
+
+    async def wait(self, name: str, *, timeout: float | None = None) -> Any:
+        name = check_name(name)
+        timeout = check_timeout(True, timeout)
+        deadline = deadline_of(timeout)
+        async with AsyncChanges(lambda: self._backend.watch(None, (name,), (), WAIT_BUFFER)) as changes:
+            known, value = waited(name, await changes.next(left(deadline)), timeout)
+        return value if known else await self.get(name)
 
     @property
     def lock(self) -> AsyncLock:

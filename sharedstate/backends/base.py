@@ -16,10 +16,33 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from sharedstate._changes import Change
 from sharedstate._pattern import Pattern
 
 #: ``(name, owner)`` of a held lock, as ``Backend.lock_renew`` takes and answers them.
 LockRef = tuple[str | None, Hashable]
+
+
+class Watcher(Protocol):
+    """The changes a ``Backend.watch`` started: kept (at most ``buffer`` of them, then one ``"overflow"``
+    change and the present) until taken."""
+
+    def next(self, timeout: float | None) -> list[Change]:
+        """The changes waiting, oldest first, after waiting up to ``timeout`` seconds (``None``: as long as
+        it takes) for at least one; ``[]`` when none came in time."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching and free what the watch holds where the state lives; more calls do nothing."""
+        ...
+
+
+class AsyncWatcher(Protocol):
+    """``Watcher`` for asyncio: its ``next`` never blocks the event loop."""
+
+    async def next(self, timeout: float | None) -> list[Change]: ...
+
+    async def aclose(self) -> None: ...
 
 
 @runtime_checkable
@@ -66,7 +89,11 @@ class Backend(Protocol):
     def snapshot(self) -> dict[str, Any]: ...
 
     # -- writes -------------------------------------------------------------------------------------
-    def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None: ...
+    def set(self, name: str, value: Any, scopes: tuple[str, ...], ttl: float | None = None) -> None:
+        """Store ``value``; ``ttl`` (checked, > 0) makes the name expire that many seconds after the change,
+        ``None`` removes any expiry. Deadlines are absolute UTC seconds taken by the clock where the state
+        lives (the server's, Redis' ``TIME``), never the caller's."""
+        ...
 
     def remove(self, name: str) -> Any:
         """Remove ``name``; its value, or ``MISSING``. A local server may also answer ``DROPPED``: the
@@ -80,7 +107,17 @@ class Backend(Protocol):
 
     def clear(self) -> None: ...
 
-    def incr(self, name: str, by: Any) -> Any: ...
+    def incr(self, name: str, by: Any, ttl: float | None = None) -> Any:
+        """Add ``by``; ``ttl`` is the expiry of a name this call creates (an existing name keeps its own)."""
+        ...
+
+    def expire(self, name: str, ttl: float | None) -> bool:
+        """Give ``name`` an expiry ``ttl`` seconds from now (``None``: remove it); whether the name exists."""
+        ...
+
+    def ttl(self, name: str) -> float | None:
+        """The seconds ``name`` has left; ``None`` when it has no expiry or does not exist."""
+        ...
 
     def setdefault(self, name: str, default: Any) -> Any: ...
 
@@ -90,6 +127,15 @@ class Backend(Protocol):
 
     def update(self, mapping: dict[str, Any]) -> None:
         """Store every name of ``mapping`` (not empty) at once, all or nothing; their scopes go."""
+        ...
+
+    # -- change notifications -----------------------------------------------------------------------
+    def watch(
+        self, pattern: Pattern | None, names: tuple[str, ...] | None, scopes: tuple[str, ...], buffer: int
+    ) -> Watcher:
+        """Start watching: every change committed after this returns that concerns a name matching
+        ``pattern``, one of ``names`` (``None``: any name) and having any of ``scopes`` (empty: no filter),
+        plus every ``"cleared"`` and ``"restored"``, reaches the watcher in commit order."""
         ...
 
     # -- files and figures --------------------------------------------------------------------------
@@ -129,9 +175,10 @@ class Backend(Protocol):
 class AsyncBackend:
     """What the asyncio face of a backend shares (``aio_local``, ``aio_redis``): the blocking backend of
     the same state it is made from (``sync``), whose address and identity are its own. Its operations are
-    those of ``Backend`` as coroutines, every write but ``set`` as ``write(method, *args)``, and
-    ``lock_acquire`` takes a ``late(answer)`` too: what to do with the answer of a wait whose task was
-    cancelled."""
+    those of ``Backend`` as coroutines, every write but ``set`` as ``write(method, *args)`` (``expire``
+    too; ``incr`` with a ``ttl`` as ``write("incr", name, by, ttl)``), and ``lock_acquire`` takes a
+    ``late(answer)`` too: what to do with the answer of a wait whose task was cancelled. ``watch`` is a
+    coroutine that answers an ``AsyncWatcher``."""
 
     def __init__(self, sync: Backend) -> None:
         self.sync = sync

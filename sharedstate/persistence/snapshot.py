@@ -17,6 +17,7 @@ import datetime
 import decimal
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -51,6 +52,8 @@ class Snapshot(NamedTuple):
     version: int = VERSION
     #: The server's last answer to each client's last write (``wire.answers``), in its own snapshots only.
     answers: dict[str, Any] | None = None
+    #: When names expire, as absolute UTC seconds (``State.set(ttl=)``), for the names that do.
+    deadlines: dict[str, float] | None = None
 
 
 #: Where the header is: the first line, which Pode's files never fill (``{`` alone, or their metadata).
@@ -114,6 +117,7 @@ def snapshot_pieces(
     scopes: dict[str, tuple[str, ...]],
     generation: int = 0,
     answers: dict[str, Any] | None = None,
+    deadlines: dict[str, float] | None = None,
 ) -> Any:
     """The text of a snapshot file, in pieces: the header (its first line, the checksum placeholder
     last), the scopes, the server's last answers (in its own snapshots), then one name per line."""
@@ -125,6 +129,9 @@ def snapshot_pieces(
     yield json.dumps(header)[:-1]
     scope_lists = {name: list(scope) for name, scope in scopes.items() if name in data}
     yield ',\n"scopes": ' + json.dumps(encode(scope_lists), ensure_ascii=False)
+    if deadlines:
+        kept = {name: deadline for name, deadline in deadlines.items() if name in data}
+        yield ',\n"deadlines": ' + json.dumps(kept, ensure_ascii=False, allow_nan=False)
     if answers:
         yield ',\n"answers": ' + json.dumps(encode(answers), ensure_ascii=False, allow_nan=False)
     yield ',\n"names": '
@@ -139,11 +146,12 @@ def write_snapshot(
     generation: int = 0,
     answers: dict[str, Any] | None = None,
     ours: bool = True,
+    deadlines: dict[str, float] | None = None,
 ) -> None:
     """``ours``: ``path`` is the server's own file, which must be a file of this user (a path a caller
     named may be another user's file, which the caller chose)."""
     sealer = _Sealer()
-    pieces = sealer.pieces(snapshot_pieces(data, scopes, generation, answers))
+    pieces = sealer.pieces(snapshot_pieces(data, scopes, generation, answers, deadlines))
     write_atomic(path, pieces, finish=sealer.finish, ours=ours)
 
 
@@ -226,7 +234,14 @@ def _ours(doc: Any) -> Snapshot:
     answers = doc.get("answers", {})
     if not isinstance(answers, dict):
         raise ValueError("'answers' must be an object")
-    return Snapshot(data, checked, generation, version=version, answers=answers)
+    deadlines = doc.get("deadlines", {})
+    if not isinstance(deadlines, dict):
+        raise ValueError("'deadlines' must be an object")
+    for name, deadline in deadlines.items():
+        if type(deadline) not in (int, float) or not 0 < deadline < math.inf:
+            raise ValueError(f"the deadline of {name!r} is not a number of seconds: {deadline!r}")
+    kept = {name: float(deadline) for name, deadline in deadlines.items() if name in data}
+    return Snapshot(data, checked, generation, version=version, answers=answers, deadlines=kept)
 
 
 class FileOwnership:
