@@ -75,6 +75,11 @@ class Store:
         if self.versions is not None:
             self.versions.bump_all()
 
+    def _notify(self, kind: str, name: str | None, value: Any = None) -> None:
+        """With the mutex held, as a change is made: tell the watchers (``server.changes``) that ``name``
+        changed (``kind`` as ``Change.kind``; ``value`` the new value of a ``"set"``). Called before a
+        removed name's scopes are dropped, so that watchers filtering by scope see them."""
+
     def _record(self, *record: Any, answer: Any = None) -> int:
         """Journal a change (with the mutex held, before making it); return the number to commit.
 
