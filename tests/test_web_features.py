@@ -1,0 +1,127 @@
+"""Expiry and change notifications as web workers use them: sessions that expire and a rate limit
+exact across gunicorn workers (examples/web/sessions_app.py), and long polls in uvicorn workers that
+hear of a flag set through another worker (examples/web/flags_app.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from test_web import RUN, WEB, free_port, start, stop_group, wait_ready
+
+import sharedstate
+
+
+def call(port: int, method: str, path: str, body: object = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def parallel(task, count: int, threads: int = 8) -> list:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda _: task(), range(count)))
+
+
+def address_of(path, proc) -> str:
+    """The address `sharedstate run --address-file` wrote."""
+    deadline = time.monotonic() + 60
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no address file"
+        time.sleep(0.05)
+    return path.read_text().strip()
+
+
+@pytest.mark.timeout(240)
+def test_sessions_expire_and_a_rate_limit_is_exact_across_gunicorn_workers(tmp_path):
+    port = free_port()
+    address_file = tmp_path / "address"
+    argv = [*RUN, "--path", str(tmp_path / "sessions.json"), "--address-file", str(address_file), "--",
+            sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}", "--chdir", str(WEB),
+            "sessions_app:create_app()"]  # fmt: skip
+    proc = start(argv, {"SESSION_TTL_S": "1.5", "RATE_LIMIT": "50", "RATE_WINDOW_S": "120"})
+    try:
+        wait_ready(proc, port)
+        state = sharedstate.connect(address_of(address_file, proc))
+
+        # The rate limit: 120 calls from 8 threads through 4 workers, exactly 50 allowed, counted 1..50.
+        replies = parallel(lambda: call(port, "GET", "/limited"), 120)
+        allowed = sorted(body["calls"] for status, body in replies if status == 200)
+        assert allowed == list(range(1, 51))
+        assert sum(status == 429 for status, _ in replies) == 70
+        assert len({body["pid"] for _, body in replies}) >= 2, "served by a single worker"
+        assert 0 < state.ttl("rate:127.0.0.1") <= 120
+
+        # A session started in one worker is known in every worker while it is used...
+        status, body = call(port, "POST", "/login", {"user": "ada"})
+        assert status == 201
+        session = {"X-Session": body["session"]}
+        replies = parallel(lambda: call(port, "GET", "/me", headers=session), 40)
+        assert {(status, body["user"]) for status, body in replies} == {(200, "ada")}
+        assert len({body["pid"] for _, body in replies}) >= 2, "served by a single worker"
+
+        # ...and once unused for its time to live, the server drops it: every worker then refuses it.
+        name = f"session:{session['X-Session']}"
+        deadline = time.monotonic() + 10
+        while name in state.snapshot():  # a snapshot does not move the expiry, and shows what is stored
+            assert time.monotonic() < deadline, "the session outlived its time to live"
+            time.sleep(0.05)
+        replies = parallel(lambda: call(port, "GET", "/me", headers=session), 20)
+        assert {status for status, _ in replies} == {401}
+        state.close()
+    finally:
+        stop_group(proc)
+
+
+@pytest.mark.timeout(240)
+def test_a_long_poll_in_one_uvicorn_worker_hears_a_flag_set_through_another(tmp_path):
+    port = free_port()
+    address_file = tmp_path / "address"
+    argv = [*RUN, "--path", str(tmp_path / "flags.json"), "--address-file", str(address_file), "--",
+            sys.executable, "-m", "uvicorn", "--workers", "3", "--host", "127.0.0.1", "--port", str(port),
+            "--app-dir", str(WEB), "--no-access-log", "flags_app:app"]  # fmt: skip
+    proc = start(argv)
+    try:
+        wait_ready(proc, port)
+        state = sharedstate.connect(address_of(address_file, proc))
+        waiters = 9
+        crossed = False
+        with concurrent.futures.ThreadPoolExecutor(waiters) as pool:
+            for round_ in range(3):  # the kernel picks the workers; three rounds make a miss vanishingly rare
+                polls = [pool.submit(call, port, "GET", "/flags/beta/next?timeout=60") for _ in range(waiters)]
+                deadline = time.monotonic() + 60
+                while state.stats()["watchers"] < waiters:  # every long poll is watching
+                    assert time.monotonic() < deadline, "the long polls never started watching"
+                    time.sleep(0.02)
+                status, body = call(port, "PUT", "/flags/beta", {"on": True, "round": round_})
+                assert status == 200
+                setter = body["pid"]
+                answers = [poll.result(60) for poll in polls]
+                assert [status for status, _ in answers] == [200] * waiters
+                assert all(body["value"] == {"on": True, "round": round_} for _, body in answers)
+                if any(body["pid"] != setter for _, body in answers):
+                    crossed = True
+                    break
+                deadline = time.monotonic() + 30
+                while state.stats()["watchers"]:  # the finished polls stopped watching
+                    assert time.monotonic() < deadline, "a finished long poll kept watching"
+                    time.sleep(0.02)
+        assert crossed, "no long poll was served by a worker other than the setter's"
+        # A long poll that hears nothing ends at its timeout.
+        assert call(port, "GET", "/flags/beta/next?timeout=0.2") == (204, {})
+        state.close()
+    finally:
+        stop_group(proc)
