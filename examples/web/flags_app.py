@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Request, Response
 
@@ -28,7 +28,7 @@ app = FastAPI(lifespan=lifespan)
 
 
 @app.put("/flags/{name}")
-async def set_flag(name: str, request: Request, value: Any = Body()) -> dict:
+async def set_flag(name: str, request: Request, value: Annotated[Any, Body()]) -> dict:
     await request.state.shared.set(f"flag:{name}", value)
     return {"pid": os.getpid()}
 
