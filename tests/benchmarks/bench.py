@@ -301,6 +301,87 @@ def _aio_figures(args, r: dict[str, float], prefix: str, state, aconnect) -> Non
     asyncio.run(main())
 
 
+def _watcher(state, name: str, ready, conn, count: int) -> None:
+    """Watch ``name``; for each change, send how long ago (``perf_counter``, the same clock in every
+    process on Linux and macOS) its writer stamped it, then wait for the writer's next one."""
+    with state.watch(names=[name]) as changes:
+        ready.set()
+        for _ in range(count):
+            change = next(changes)
+            conn.send(time.perf_counter() - change.value)
+
+
+def _busy_watcher(state, name: str, ready, stop) -> None:
+    """Watch ``name`` and take every change as it comes, until ``stop``."""
+    with state.watch(names=[name]) as changes:
+        ready.set()
+        while not stop.is_set():
+            changes.next(0.05)
+
+
+def measure_watch(args, r: dict[str, float]) -> None:
+    """Change notifications, on one sharedstate server, then on one redis-server (``redis_`` figures):
+    ``_watch_figures`` on each."""
+    with sharedstate.StateServer() as server:
+        state = sharedstate.connect(server.address, server.authkey, cache=False)
+        _watch_figures(args, r, "", state)
+        state.close()
+    with _RedisServer() as redis_server:
+        if redis_server.socket is not None:
+            state = sharedstate.connect(f"unix://{redis_server.socket}", namespace="bench")
+            _watch_figures(args, r, "redis_", state)
+            state.close()
+
+
+def _watch_figures(args, r: dict[str, float], prefix: str, state) -> None:
+    """How long a change takes to reach a watcher in another process (p50, one change at a time, each
+    stamped by its writer just before its ``set``), against a ``get`` round trip on the same handle
+    (interleaved in 10 rounds); and a writer's ``incr`` rate while one other process watches what it
+    writes, against its rate with no watcher (the median of ``--rounds`` rounds, alternating)."""
+    n = max(1000, args.ops // 10)
+    got: list[float] = []
+    trips: list[float] = []
+    for _ in range(10):
+        ready = CTX.Event()
+        parent, child = CTX.Pipe()
+        watcher = CTX.Process(target=_watcher, args=(state, "ping", ready, child, n // 10))
+        watcher.start()
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("the watcher did not start")
+            trips += latencies(lambda: state.get("ping"), n // 10)
+            for _ in range(n // 10):
+                state.set("ping", time.perf_counter())
+                got.append(parent.recv())
+        finally:
+            watcher.join(60)
+    r[f"{prefix}watch_latency_p50_us"] = pct(got, 0.5) * 1e6
+    r[f"{prefix}watch_get_p50_us"] = pct(trips, 0.5) * 1e6
+
+    def rate() -> float:
+        count = max(2000, args.ops // 4)
+        t = time.perf_counter()
+        for _ in range(count):
+            state.incr("written")
+        return count / (time.perf_counter() - t)
+
+    alone, watched = [], []
+    for _ in range(args.rounds):
+        alone.append(rate())
+        ready, stop = CTX.Event(), CTX.Event()
+        watcher = CTX.Process(target=_busy_watcher, args=(state, "written", ready, stop))
+        watcher.start()
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("the watcher did not start")
+            watched.append(rate())
+        finally:
+            stop.set()
+            watcher.join(60)
+    r[f"{prefix}writer_alone_incr_per_s"] = statistics.median(alone)
+    r[f"{prefix}writer_watched_incr_per_s"] = statistics.median(watched)
+
+
 def _plain_dict_rss(names: int, queue) -> None:
     data = {f"name-{i}": i for i in range(names)}
     gc.collect()
@@ -584,6 +665,24 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def _watch_targets(prefix: str, label: str) -> list[tuple[str, Any, float, bool]]:
+    """The targets of change notifications, on the server whose figures start with ``prefix``."""
+    return [
+        (
+            f"{label}watch latency vs get round trip (p50)",
+            lambda r: r[f"{prefix}watch_latency_p50_us"] / r[f"{prefix}watch_get_p50_us"],
+            2.0,
+            False,
+        ),
+        (
+            f"{label}writer rate, one watcher vs none",
+            lambda r: r[f"{prefix}writer_watched_incr_per_s"] / r[f"{prefix}writer_alone_incr_per_s"],
+            0.9,
+            True,
+        ),
+    ]
+
+
 def _aio_targets(prefix: str, label: str) -> list[tuple[str, Any, float, bool]]:
     """The asyncio client's targets, on the server whose figures (``_aio_figures``) start with ``prefix``."""
     return [
@@ -634,6 +733,8 @@ TARGETS = [
     ),
     *_aio_targets("", ""),
     *_aio_targets("redis_", "Redis: "),
+    *_watch_targets("", ""),
+    *_watch_targets("redis_", "Redis: "),
     (
         "Redis backend incr 4p vs redis-py INCR",
         lambda r: r["redis_backend_incr_4p_per_s"] / r["redis_py_incr_4p_per_s"],
@@ -651,9 +752,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the many-process figures per run")
     parser.add_argument(
         "--only",
-        choices=["all", "cache", "aio"],
+        choices=["all", "cache", "aio", "watch"],
         default="all",
-        help="cache: the client cache's figures alone; aio: the asyncio client's alone",
+        help="cache: the client cache's figures alone; aio: the asyncio client's alone; watch: change notifications' alone",
     )
     args = parser.parse_args()
     if args.only == "cache":
@@ -661,16 +762,17 @@ def main() -> None:
         for _ in range(args.runs):
             runs.append({})
             measure_cache(args, runs[-1])
-    elif args.only == "aio":
+    elif args.only in ("aio", "watch"):
         runs = []
         for _ in range(args.runs):
             runs.append({})
-            measure_aio(args, runs[-1])
+            (measure_aio if args.only == "aio" else measure_watch)(args, runs[-1])
     else:
         runs = [measure(args) for _ in range(args.runs)]
         for run in runs:
             run.update(redis_backend(args))
             measure_aio(args, run)
+            measure_watch(args, run)
     keys = list(runs[0])
     print(f"{'figure':34} " + " ".join(f"{'run ' + str(i + 1):>12}" for i in range(args.runs)))
     for key in keys:
