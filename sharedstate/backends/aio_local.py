@@ -148,18 +148,21 @@ class AsyncLocalBackend(AsyncBackend):
     ) -> bool:
         """``Backend.lock_acquire``; ``late(answer)`` runs with the answer of a wait whose task was
         cancelled (``AsyncCalls.lock_wait``)."""
+        return await self._acquire("lock_acquire", (name, owner, blocking, timeout, lease, held), late)
+
+    async def _acquire(self, method: str, args: tuple[Any, ...], late: Callable[[Any], None]) -> bool:
+        """``lock_acquire`` or ``sem_acquire`` (``args``: the server call's, blocking and timeout third and fourth)."""
         # First without waiting, on the shared connection: the uncontended path is one round trip there.
         # Shielded: a task cancelled while its try is in flight hands a lock it took all the same to ``late``.
-        attempt = asyncio.ensure_future(self._calls.lock_call("lock_acquire", (name, owner, False, None, lease, held)))
+        attempt = asyncio.ensure_future(self._calls.lock_call(method, (*args[:2], False, None, *args[4:])))
         try:
             taken = await asyncio.shield(attempt)
         except asyncio.CancelledError:
             attempt.add_done_callback(functools.partial(_late_answer, late))
             raise
-        if taken or not blocking or timeout == 0:
+        if taken or not args[2] or args[3] == 0:
             return taken
-        args = (name, owner, True, timeout, lease, held)
-        return await self._calls.lock_wait(args, acquire_again(args), late)
+        return await self._calls.lock_wait(args, acquire_again(args), late, method)
 
     async def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         if not held:  # the server answers with the RuntimeError naming the holder
@@ -173,6 +176,16 @@ class AsyncLocalBackend(AsyncBackend):
 
     async def lock_owner(self, name: str | None) -> int | None:
         return await self._call("lock_owner", (name,))
+
+    # -- semaphores (as ``LocalBackend``'s; ``late`` as for ``lock_acquire``) -------------------------
+    async def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, late: Any) -> bool:
+        return await self._acquire("sem_acquire", (name, value, blocking, timeout), late)
+
+    async def sem_release(self, name: str, value: int, held: int) -> None:
+        await (self._calls.lock_call if held else self._call)("sem_release", (name, value, held))
+
+    async def sem_value(self, name: str, value: int) -> int:
+        return await self._call("sem_value", (name, value))
 
 
 def _late_answer(late: Callable[[Any], None], attempt: asyncio.Future[Any]) -> None:

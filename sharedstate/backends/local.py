@@ -229,6 +229,21 @@ class LocalBackend:
     def lock_owner(self, name: str | None) -> int | None:
         return self._call("lock_owner", (name,))
 
+    # -- semaphores (``server/semaphores``; the arguments: ``_semaphore``'s) --------------------------
+    def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None) -> bool:
+        args = (name, value, blocking, timeout)
+        return self._calls.lock_call("sem_acquire", args, None if timeout is None else acquire_again(args))
+
+    def sem_release(self, name: str, value: int, held: int) -> None:
+        # Sent again after a crash: the restarted server has no permit of it, which is ``LockLost`` (held).
+        if held:
+            self._calls.lock_call("sem_release", (name, value, held))
+        else:
+            self._call("sem_release", (name, value, 0))
+
+    def sem_value(self, name: str, value: int) -> int:
+        return self._call("sem_value", (name, value))
+
 
 # -- what the blocking and the asyncio backends share ---------------------------------------------------
 def cached(cache: ClientCache | None, name: str, method: str, count_miss: bool = True) -> Any:
@@ -281,13 +296,13 @@ def matched_names(pattern: Pattern | None, found: Any) -> list[str]:
 
 
 def acquire_again(args: tuple[Any, ...]) -> Callable[[], tuple[Any, ...]]:
-    """The arguments of a blocking ``lock_acquire`` sent again after a crash of the server: with what is
-    left of its timeout."""
-    name, owner, blocking, timeout, lease, held = args
+    """The arguments of a blocking ``lock_acquire`` (or ``sem_acquire``: the timeout is the fourth of
+    either) sent again after a crash of the server: with what is left of its timeout."""
+    timeout = args[3]
     end = None if timeout is None else _monotonic() + timeout
 
     def again() -> tuple[Any, ...]:
-        return (name, owner, blocking, None if end is None else max(0.0, end - _monotonic()), lease, held)
+        return (*args[:3], None if end is None else max(0.0, end - _monotonic()), *args[4:])
 
     return again
 

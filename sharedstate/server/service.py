@@ -22,6 +22,7 @@ from sharedstate.server.clients import RECONNECT_GRACE_S, Client, Clients
 from sharedstate.server.config import ServerConfig
 from sharedstate.server.lockfile import LockFile
 from sharedstate.server.locktable import LockTable
+from sharedstate.server.semaphores import SEMAPHORE_CALLS, SemaphoreCalls, SemaphoreTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
 
@@ -42,7 +43,7 @@ class CurrentClient(threading.local):
 current_client = CurrentClient()
 
 
-class StateService(Store):
+class StateService(SemaphoreCalls, Store):
     """The store as clients see it: data operations, locks and statistics."""
 
     EXPOSED = Store.EXPOSED + (
@@ -54,13 +55,16 @@ class StateService(Store):
         "stats",
         "save",
         "restore",
+        *SEMAPHORE_CALLS,
     )
+    current = current_client
 
     def __init__(self, config: ServerConfig) -> None:
         super().__init__()
         self.config = config
         self.lock_file = None if config.lock_file is None else LockFile(config.lock_file)
         self.locks = LockTable(self.lock_file)
+        self.semaphores = SemaphoreTable()
         self.started_at = time.time()
         self.address: Address | None = None
         self.clients = Clients()
@@ -91,6 +95,7 @@ class StateService(Store):
     def disconnected(self, client: Client) -> None:
         if self.clients.disconnected(client):
             self.locks.release_client(client)
+            self.semaphores.release_client(client)
 
     def info(self) -> dict[str, Any]:
         versions = None if self.versions is None else self.versions.info()
@@ -242,7 +247,7 @@ class StateService(Store):
             "last_save_at": self.last_save_at,
             "last_save_s": self.last_save_s,
             "last_save_error": self.last_save_error,
-            "lock_recoveries": self.locks.recoveries,
+            "lock_recoveries": self.locks.recoveries + self.semaphores.recoveries,
             "restored_from_backup": self.restored_from_backup,
             "locks_held": len(held),
             "lock_waiters": sum(holder[3] for holder in held),

@@ -303,11 +303,12 @@ class AsyncCalls:
         args: tuple[Any, ...],
         again: Callable[[], tuple[Any, ...]],
         late: Callable[[Any], None],
+        method: str = "lock_acquire",
     ) -> Any:
-        """A ``lock_acquire`` that may wait, on a connection of its own; sent again (with ``again()``'s
-        arguments) after a crash of the server. If the calling task is cancelled while the request is
-        in flight, the wait is ended and ``late(result)`` runs with the answer it got all the same."""
-        method = "lock_acquire"
+        """A ``lock_acquire`` (or ``sem_acquire``) that may wait, on a connection of its own; sent again
+        (with ``again()``'s arguments) after a crash of the server. If the calling task is cancelled while
+        the request is in flight, the wait is ended and ``late(result)`` runs with the answer it got all
+        the same."""
         answer = await self._alone(method, call_request(method, args), lambda: call_request(method, again()), late)
         return read_answer(answer, method, self.address)
 
