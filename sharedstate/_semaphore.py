@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Hashable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_get_ident = threading.get_ident
+
 #: ``(the backend's identity, semaphore name)`` -> the permits this process believes it holds.
 _held: dict[tuple[Hashable, str], int] = {}
 _held_mutex = threading.Lock()
@@ -39,6 +42,12 @@ def _after_fork_in_child() -> None:
     global _held_mutex
     _held.clear()
     _held_mutex = threading.Lock()
+
+
+def _task_owner() -> str:
+    """Who makes a call, for the local server to answer a call sent again after a crash as it was: the
+    current task (a ``str``, as ``aio``'s lock owners)."""
+    return f"task-{os.getpid()}-{id(asyncio.current_task())}"
 
 
 def check_permits(value: object) -> int:
@@ -100,7 +109,7 @@ class Semaphore:
         if blocking is not True or timeout is not None:
             timeout = check_timeout(blocking, timeout)
         backend = self._state.backend
-        taken = backend.sem_acquire(self._name, self._value, blocking, timeout)
+        taken = backend.sem_acquire(self._name, self._value, blocking, timeout, _get_ident())
         if taken:
             _count((backend.identity, self._name), 1)
         return taken
@@ -112,7 +121,7 @@ class Semaphore:
         ident = (backend.identity, self._name)
         held = _held.get(ident, 0)
         with _releasing(ident, held):
-            backend.sem_release(self._name, self._value, held)
+            backend.sem_release(self._name, self._value, held, _get_ident())
 
     def value(self) -> int:
         """The permits free now (another process may take them at any moment)."""
@@ -178,7 +187,7 @@ class AsyncSemaphore:
                 args = (self._state.sync, self._name, self._value)
                 threading.Thread(target=_give_back, args=args, daemon=True).start()
 
-        taken = await backend.sem_acquire(self._name, self._value, blocking, timeout, late)
+        taken = await backend.sem_acquire(self._name, self._value, blocking, timeout, _task_owner(), late)
         if taken:
             _count(ident, 1)
         return taken
@@ -192,7 +201,7 @@ class AsyncSemaphore:
         ident = (backend.identity, self._name)
         held = _held.get(ident, 0)
         with _releasing(ident, held):
-            await backend.sem_release(self._name, self._value, held)
+            await backend.sem_release(self._name, self._value, held, _task_owner())
 
     async def value(self) -> int:
         return await self._state._backend.sem_value(self._name, self._value)

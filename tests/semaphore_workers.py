@@ -70,3 +70,17 @@ def hold_in_a_task(address: str, authkey: bytes | None, options: dict, name: str
             await asyncio.sleep(3600)
 
     asyncio.run(main())
+
+
+def hold_across_restart(state: sharedstate.State, name: str, value: int, held, go, results) -> None:
+    """Take a permit, keep it across a crash of the server, then give it back when told; report how the
+    release went."""
+    sem = state.semaphore(name, value)
+    sem.acquire()
+    held.set()
+    go.wait(30)
+    try:
+        sem.release()
+        results.put(("released", sem.value()))
+    except Exception as exc:
+        results.put((type(exc).__name__, str(exc)))

@@ -13,6 +13,7 @@ import uuid
 import pytest
 import semaphore_workers as workers
 from conftest import START_METHODS, kill, reap, wait_until
+from test_lock_restarts import crash_and_restart
 
 import sharedstate
 from sharedstate import aio
@@ -188,3 +189,41 @@ def test_asyncio_tasks_share_the_permits_and_a_killed_asyncio_holder_gives_its_b
         reap(holder)
     with _connect(target) as state:
         assert state.stats()["lock_recoveries"] == 1
+
+
+def test_permits_held_across_a_crash_of_the_server_stay_their_live_holders():
+    """The restarted server gives the permits back to their live holders, not to anyone else: a holder
+    releases its own without ``LockLost``, and a holder killed after the restart (it has not reconnected:
+    only the liveness check can tell) gets its permit counted back within a second."""
+    ctx = multiprocessing.get_context("fork")
+    name = f"sem-{uuid.uuid4().hex[:8]}"
+    with sharedstate.StateServer() as server:
+        held, go, results, forever = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Event()
+        releaser = ctx.Process(target=workers.hold_across_restart, args=(server.state, name, 3, held, go, results))
+        keeper = ctx.Process(target=workers.hold_forever, args=(server.state, name, 3, 1, None, forever))
+        releaser.start()
+        keeper.start()
+        try:
+            assert held.wait(30) and forever.wait(30)
+            state = crash_and_restart(server)
+            sem = state.semaphore(name, 3)
+            assert sem.value() == 1
+            assert sem.acquire(blocking=False) is True
+            assert sem.acquire(timeout=0.2) is False  # never more than three holders
+            go.set()
+            assert results.get(timeout=30) == ("released", 1)
+            sem.release()
+            assert sem.value() == 2
+            kill(keeper.pid)  # not reaped: a zombie, whose permit the server finds dead
+            start = time.monotonic()
+            assert sem.acquire(timeout=10) and sem.acquire(timeout=10) and sem.acquire(timeout=10)
+            took = time.monotonic() - start
+            assert took <= 1.0, f"took {took:.2f} s"
+            assert state.stats()["lock_recoveries"] == 1
+            for _ in range(3):
+                sem.release()
+            state.close()
+        finally:
+            go.set()
+            kill(keeper.pid)
+            reap(releaser, keeper)

@@ -178,11 +178,16 @@ class AsyncLocalBackend(AsyncBackend):
         return await self._call("lock_owner", (name,))
 
     # -- semaphores (as ``LocalBackend``'s; ``late`` as for ``lock_acquire``) -------------------------
-    async def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, late: Any) -> bool:
-        return await self._acquire("sem_acquire", (name, value, blocking, timeout), late)
+    async def sem_acquire(
+        self, name: str, value: int, blocking: bool, timeout: float | None, owner: Hashable, late: Any
+    ) -> bool:
+        return await self._acquire("sem_acquire", (name, value, blocking, timeout, owner, next(_sequence)), late)
 
-    async def sem_release(self, name: str, value: int, held: int) -> None:
-        await (self._calls.lock_call if held else self._call)("sem_release", (name, value, held))
+    async def sem_release(self, name: str, value: int, held: int, owner: Hashable) -> None:
+        if held:
+            await self._calls.lock_call("sem_release", (name, value, held, owner, next(_sequence)))
+        else:
+            await self._call("sem_release", (name, value, 0))
 
     async def sem_value(self, name: str, value: int) -> int:
         return await self._call("sem_value", (name, value))

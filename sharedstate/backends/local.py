@@ -230,15 +230,15 @@ class LocalBackend:
         return self._call("lock_owner", (name,))
 
     # -- semaphores (``server/semaphores``; the arguments: ``_semaphore``'s) --------------------------
-    def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None) -> bool:
-        args = (name, value, blocking, timeout)
+    def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, owner: Hashable) -> bool:
+        # The request id: a call sent again after a crash is answered as it was (``server/semaphores``).
+        args = (name, value, blocking, timeout, owner, next(_sequence))
         return self._calls.lock_call("sem_acquire", args, None if timeout is None else acquire_again(args))
 
-    def sem_release(self, name: str, value: int, held: int) -> None:
-        # Sent again after a crash: the restarted server has no permit of it, which is ``LockLost`` (held).
+    def sem_release(self, name: str, value: int, held: int, owner: Hashable) -> None:
         if held:
-            self._calls.lock_call("sem_release", (name, value, held))
-        else:
+            self._calls.lock_call("sem_release", (name, value, held, owner, next(_sequence)))
+        else:  # the server answers with the RuntimeError
             self._call("sem_release", (name, value, 0))
 
     def sem_value(self, name: str, value: int) -> int:

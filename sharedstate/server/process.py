@@ -184,6 +184,7 @@ class ServerProcess:
                 self._ownership.release()
             if self.service.lock_file is not None:  # a clean stop: no lock outlives this server
                 self.service.lock_file.close(remove=True)
+            self.service.semaphores.close(remove=True)
             if self._key_file is not None:
                 try:
                     os.unlink(self._key_file)

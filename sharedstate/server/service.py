@@ -64,7 +64,9 @@ class StateService(SemaphoreCalls, Store):
         self.config = config
         self.lock_file = None if config.lock_file is None else LockFile(config.lock_file)
         self.locks = LockTable(self.lock_file)
-        self.semaphores = SemaphoreTable()
+        # Permits are kept across a crash as locks are, in a lock file of their own beside the locks' one.
+        semaphore_file = None if config.lock_file is None else LockFile(config.lock_file + "-semaphores")
+        self.semaphores = SemaphoreTable(semaphore_file)
         self.started_at = time.time()
         self.address: Address | None = None
         self.clients = Clients()
@@ -90,6 +92,7 @@ class StateService(SemaphoreCalls, Store):
             return
         grace = time.monotonic() + RECONNECT_GRACE_S
         self.locks.rebuild(self.lock_file.load(), lambda holder: self.clients.holder(holder.client, grace))
+        self.semaphores.rebuild(self.semaphores.load(), lambda holder: self.clients.holder(holder.client, grace))
         self.clients.forget_dead()  # the holders found dead need no place among the clients
 
     def disconnected(self, client: Client) -> None:

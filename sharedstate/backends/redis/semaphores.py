@@ -82,8 +82,11 @@ class SemaphoreCalls:
         return keys, f"{prefix}semaphore-wake:{name}"
 
     @operation
-    def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, token: str = "") -> Operation:
-        """``token``: the new permit's (the asyncio face makes it first, to give back a try cut short)."""
+    def sem_acquire(
+        self, name: str, value: int, blocking: bool, timeout: float | None, owner: Any = None, token: str = ""
+    ) -> Operation:
+        """``owner`` is not needed (the permits are the process'); ``token``: the new permit's (the asyncio
+        face makes it first, to give back a try cut short)."""
         keys, wake = self._sem_keys(name)
         token = token or permit_token()
         lease = self.lease
@@ -112,7 +115,7 @@ class SemaphoreCalls:
             yield step
 
     @operation
-    def sem_release(self, name: str, value: int, held: int) -> Operation:
+    def sem_release(self, name: str, value: int, held: int, owner: Any = None) -> Operation:
         keys, wake = self._sem_keys(name)
         with _mutex:
             permits = _mine.get((self._url, keys[0]))
@@ -150,7 +153,7 @@ class AsyncSemaphoreCalls:
     _run: Callable[..., Any]
 
     async def sem_acquire(
-        self, name: str, value: int, blocking: bool, timeout: float | None, late: Callable[[Any], None]
+        self, name: str, value: int, blocking: bool, timeout: float | None, owner: Any, late: Callable[[Any], None]
     ) -> bool:
         """``late(True)`` runs if a task cancelled during a try got a permit all the same."""
         token = permit_token()
@@ -160,10 +163,10 @@ class AsyncSemaphoreCalls:
             # thread (the loop may be gone); harmless if the try took nothing.
             threading.Thread(target=self.sync.sem_give_back, args=(name, value, token), daemon=True).start()
 
-        return await self._run("sem_acquire", name, value, blocking, timeout, token, late=late, unknown=unknown)
+        return await self._run("sem_acquire", name, value, blocking, timeout, owner, token, late=late, unknown=unknown)
 
-    async def sem_release(self, name: str, value: int, held: int) -> None:
-        await self._run("sem_release", name, value, held)
+    async def sem_release(self, name: str, value: int, held: int, owner: Any) -> None:
+        await self._run("sem_release", name, value, held, owner)
 
     async def sem_value(self, name: str, value: int) -> int:
         return await self._run("sem_value", name, value)
