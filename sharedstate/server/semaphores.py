@@ -237,12 +237,6 @@ class SemaphoreTable:
                 if client in entry.holders:
                     self._recover(name, entry, client, "its process closed its last connection")
 
-    def held(self) -> tuple[int, int]:
-        """``(permits held, calls waiting)`` over every semaphore."""
-        with self._mutex:
-            entries = self._entries.values()
-            return sum(sum(e.holders.values()) for e in entries), sum(len(e.queue) for e in entries)
-
     # -- internals, called with the mutex held ------------------------------------------------------
     def _applied(self, name: str, client: Client, thread: Hashable, request: int) -> bool:
         """Whether this call was applied already (sent again after a crash); also, the caller's process
@@ -312,6 +306,7 @@ class SemaphoreTable:
 
     def _recover(self, name: str, entry: _Semaphore, client: Client, why: str) -> None:
         count = entry.holders.pop(client)
+        self._rebuilt.discard(client)
         self.recoveries += count
         log.warning("gave back %d permit(s) of %s held by pid %s: %s", count, describe(name), client.pid, why)
         self._record(name, entry, client)
