@@ -84,3 +84,19 @@ def hold_across_restart(state: sharedstate.State, name: str, value: int, held, g
         results.put(("released", sem.value()))
     except Exception as exc:
         results.put((type(exc).__name__, str(exc)))
+
+
+def lose_then_release(state: sharedstate.State, name: str, close: bool, held, go, results) -> None:
+    """Take the permit of a semaphore of 1, close every connection of this process if ``close`` (the local
+    server then gives the permit back), and once told, release it: report how the release went."""
+    sem = state.semaphore(name, 1)
+    sem.acquire()
+    if close:
+        state.close()
+    held.set()
+    go.wait(30)
+    try:
+        sem.release()
+        results.put(("released", None))
+    except Exception as exc:
+        results.put((type(exc).__name__, str(exc)))

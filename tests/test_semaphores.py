@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import signal
 import time
 import uuid
 
@@ -227,3 +228,32 @@ def test_permits_held_across_a_crash_of_the_server_stay_their_live_holders():
             go.set()
             kill(keeper.pid)
             reap(releaser, keeper)
+
+
+def test_a_holder_whose_permit_was_given_back_gets_lock_lost_at_its_release(target):
+    """Local server: the holder closed every connection of its process. Redis: the holder was stopped
+    for longer than its lease. Either way another process took the permit, and the holder's release is
+    ``LockLost``, not a second holder going on silently."""
+    state = _connect(target)
+    name, local = f"sem-{uuid.uuid4().hex[:8]}", target[0] == "local"
+    ctx = multiprocessing.get_context("fork")
+    held, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=workers.lose_then_release, args=(state, name, local, held, go, results))
+    proc.start()
+    sem = state.semaphore(name, 1)
+    try:
+        assert held.wait(30)
+        if not local:
+            kill(proc.pid, signal.SIGSTOP)  # it renews nothing while stopped
+        assert sem.acquire(timeout=10) is True
+        kill(proc.pid, signal.SIGCONT)
+        go.set()
+        kind, message = results.get(timeout=30)
+        assert kind == "LockLost" and repr(name) in message
+        assert state.stats()["lock_recoveries"] == 1
+        sem.release()
+    finally:
+        kill(proc.pid, signal.SIGCONT)
+        go.set()
+        reap(proc)
+    state.close()
