@@ -258,9 +258,9 @@ class Store(Expiry):
             self.ops += 1
             entry = None
             expiring = self._expiring
-            if expiring:
-                for name in mapping:
-                    self._purge(name)
+            touched = _common(expiring, mapping) if expiring else ()  # the names that lose their expiry
+            for name in touched:
+                self._purge(name)
             if rid is not None:
                 entry = self._answer_table.pop(rid[0], None)
                 if entry is not None and entry[0] == rid[1]:
@@ -275,10 +275,12 @@ class Store(Expiry):
             if rid is not None:
                 self._keep(rid[0], rid[1], None, entry)
             self._data.update(mapping)
-            for kept in (self._scopes, expiring):  # the names of the mapping lose their scopes and expiry
-                if kept:
-                    for name in mapping:
-                        kept.pop(name, None)
+            scopes = self._scopes
+            if scopes:
+                for name in mapping:
+                    scopes.pop(name, None)
+            for name in touched:
+                expiring.pop(name, None)
             self._changed_many(mapping)
         self._commit(number)
 
@@ -380,3 +382,10 @@ class Store(Expiry):
             number = self._put(name, new, ("append", name, item), len(new))
         self._commit(number)
         return len(new)
+
+
+def _common(expiring: dict[str, float], mapping: dict[str, Any]) -> list[str]:
+    """The names of ``mapping`` that expire, found by walking the smaller of the two."""
+    if len(mapping) <= len(expiring):
+        return [name for name in mapping if name in expiring]
+    return [name for name in expiring if name in mapping]
