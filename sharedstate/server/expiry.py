@@ -21,6 +21,9 @@ _time = time.time
 SWEEP_S = 0.5
 #: Names removed per hold of the mutex by the sweeper, so that a mass expiry never stalls other calls long.
 SWEEP_BATCH = 1000
+#: The shortest the sweeper sleeps between sweeps: names expiring a few at a time cost one sweep per
+#: grain, not one each (reads leave an expired name out before the sweep anyway).
+SWEEP_GRAIN_S = 0.05
 
 
 class Expiry(Recording):
@@ -63,11 +66,16 @@ class Expiry(Recording):
         long the sweeper may wait before the next sweep."""
         number = 0
         with self._mutex:
-            for name in self.deadlines.take_due(_time(), SWEEP_BATCH):
+            due = self.deadlines.take_due(_time(), SWEEP_BATCH)
+            for name in due:
                 number = self._expire_now(name)
             soonest = self.deadlines.next_deadline()
         self._commit(number)
-        return SWEEP_S if soonest is None else min(SWEEP_S, max(0.0, soonest - _time()))
+        if len(due) == SWEEP_BATCH:
+            return 0.0  # perhaps more are due: the others' calls had the mutex in between
+        if soonest is None:
+            return SWEEP_S
+        return min(SWEEP_S, max(SWEEP_GRAIN_S, soonest - _time()))
 
     def expire(self, name: str, ttl: float | None) -> bool:
         """Make ``name`` expire ``ttl`` seconds from now (``None``: never); whether it exists."""

@@ -130,6 +130,7 @@ def test_an_expired_name_is_gone_for_every_call_and_never_served_from_the_cache(
 
 
 def test_incr_sets_the_expiry_only_when_it_creates_the_name(state):
+    state.set("first", 0)
     assert state.incr("hits", ttl=TTL) == 1
     deadline = time.time() + TTL
     assert state.incr("hits", ttl=100) == 2  # exists: keeps its own expiry
@@ -138,7 +139,10 @@ def test_incr_sets_the_expiry_only_when_it_creates_the_name(state):
     state.set("sd", 1, ttl=TTL)
     state.set("cas", 1, ttl=TTL)
     state.set("plain", 1, ttl=TTL)
+    state.set("rm", 1, ttl=TTL)
     past(deadline)
+    assert state.remove("rm") is None  # missing, as for any write
+    assert state.popitem() == ("first", 0)  # the only name left
     assert state.incr("hits", ttl=100) == 1  # re-created after it expired: a new window
     assert 99 < state.ttl("hits") <= 100
     assert state.incr("plain") == 1  # counts from 0 again, and has no expiry
