@@ -25,6 +25,8 @@ from sharedstate.backends.local import cached_many
 from sharedstate.persistence.files import backup_path
 from sharedstate.persistence.journal import journal_path, read_journal
 from sharedstate.persistence.snapshot import read_snapshot
+from sharedstate.server.store import Store
+from sharedstate.wire.answers import Duplicate, current_request
 
 TTL = 0.4
 
@@ -201,6 +203,31 @@ def test_a_journaled_name_whose_deadline_passed_while_the_server_was_down_is_gon
         again.state.incr("z")  # after the start's removal (journaled): a new name
     with sharedstate.StateServer(path=path, durability="journal", save_every=None) as last:
         assert last.state.snapshot() == {"plain": 1, "z": 1}
+
+
+def test_a_resent_expiry_write_is_answered_as_applied_not_applied_twice():
+    """A write sent again under the same request id (after a crash, say) gets its first answer."""
+    store = Store()
+    store.set("e", 1)
+    store.set("old", 1, ttl=0.01)
+    wait_until(lambda: store.deadlines.due("old", time.time()), 5, interval=0.01, what="the deadline")
+    calls = [
+        (lambda: store.incr("n", 1, 100), 1),
+        (lambda: store.expire("e", 100), True),
+        (lambda: store.incr("old", 1, 100), 1),  # removes the expired name first, then creates it
+        (lambda: store.set("s", 1, (), 100), None),  # the counters' answer is not kept: None
+    ]
+    for sequence, (call, answer) in enumerate(calls, 1):
+        current_request.rid = ("client", sequence)
+        try:
+            call()
+            with pytest.raises(Duplicate) as again:
+                call()
+        finally:
+            current_request.rid = None
+        assert again.value.answer == answer
+    assert store.snapshot() == {"e": 1, "n": 1, "old": 1, "s": 1}
+    assert all(99 < store.ttl(name) <= 100 for name in ("e", "n", "old", "s"))
 
 
 # -- a rate limiter across processes -------------------------------------------------------------------

@@ -67,7 +67,8 @@ def recover(service: StateService, path: Path) -> None:
             # next start still replays none of them twice.
             service.save_to(path, why="save after replaying the journal", generation=newest + 1)
         Journal(path, "everysec").close(remove=True)
-    service.sweep()  # names past their deadline go now (journaled, with a journal)
+    while service.sweep() == 0.0:  # names past their deadline go now (journaled, with a journal), all of them
+        pass
 
 
 def _check_backup_journals(path: Path, bak: Path, generation: int, files: list[tuple[int, Path]]) -> None:
