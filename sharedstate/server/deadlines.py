@@ -47,6 +47,13 @@ class Deadlines:
         self.at.clear()
         self._heap = []
 
+    def among(self, names: dict[str, object]) -> list[str]:
+        """Those of ``names`` that have a deadline, found by walking the smaller of the two."""
+        at = self.at
+        if len(names) <= len(at):
+            return [name for name in names if name in at]
+        return [name for name in at if name in names]
+
     def due(self, name: str, now: float) -> bool:
         """Whether ``name`` has a deadline that passed by ``now``."""
         deadline = self.at.get(name)

@@ -61,6 +61,16 @@ class Expiry(Recording):
             return gone
         return Expiring(value, self._expiring[name])
 
+    def _with_deadlines(self, found: dict[str, Any]) -> Any:
+        """With the mutex held: what ``get_many`` answers of ``found`` (names to values): less the names past
+        their deadline, and ``(found, deadlines)`` when any of the others expires (``wire.expiring``)."""
+        expiring = self._expiring
+        gone = self.deadlines.expired(_time())
+        deadlines = {n: expiring[n] for n in found if n in expiring and n not in gone}
+        for name in gone.intersection(found):
+            del found[name]
+        return (found, deadlines) if deadlines else found
+
     def sweep(self) -> float:
         """Remove the names past their deadline (journaled, counters bumped, watchers told); return how
         long the sweeper may wait before the next sweep."""

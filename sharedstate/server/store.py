@@ -104,14 +104,7 @@ class Store(Expiry):
             self.ops += 1
             data = self._data
             found = {n: data[n] for n in names if n in data}
-            expiring = self._expiring
-            if not expiring:
-                return found
-            gone = self.deadlines.expired(_time())
-            deadlines = {n: expiring[n] for n in found if n in expiring and n not in gone}
-            for name in gone.intersection(found):
-                del found[name]
-            return (found, deadlines) if deadlines else found
+            return self._with_deadlines(found) if self._expiring else found
 
     def length(self) -> int:
         with self._mutex:
@@ -258,7 +251,7 @@ class Store(Expiry):
             self.ops += 1
             entry = None
             expiring = self._expiring
-            touched = _common(expiring, mapping) if expiring else ()  # the names that lose their expiry
+            touched = self.deadlines.among(mapping) if expiring else ()  # the names that lose their expiry
             for name in touched:
                 self._purge(name)
             if rid is not None:
@@ -382,10 +375,3 @@ class Store(Expiry):
             number = self._put(name, new, ("append", name, item), len(new))
         self._commit(number)
         return len(new)
-
-
-def _common(expiring: dict[str, float], mapping: dict[str, Any]) -> list[str]:
-    """The names of ``mapping`` that expire, found by walking the smaller of the two."""
-    if len(mapping) <= len(expiring):
-        return [name for name in mapping if name in expiring]
-    return [name for name in expiring if name in mapping]
