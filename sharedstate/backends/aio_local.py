@@ -28,10 +28,12 @@ from sharedstate.backends.local import (
     matched_names,
     names_args,
     read_result,
+    set_args,
 )
 from sharedstate.wire.aio_calls import AsyncCalls
 from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
+from sharedstate.wire.expiring import unwrap_many
 
 _monotonic = time.monotonic
 
@@ -76,9 +78,9 @@ class AsyncLocalBackend(AsyncBackend):
         start = _monotonic()
         cache = await self._fresh_cache()
         stamp = None if cache is None else cache.stamp(name)  # before the request (``LocalBackend._read``)
-        value = read_result(method, await self._call(method, (name,), start))
+        value, deadline = read_result(method, await self._call(method, (name,), start))
         if stamp is not None and cache is self._slot.cache:
-            cache.fill(name, stamp, value)
+            cache.fill(name, stamp, value, deadline)
         return value
 
     async def get(self, name: str) -> Any:
@@ -98,9 +100,9 @@ class AsyncLocalBackend(AsyncBackend):
         start = _monotonic()
         cache = await self._fresh_cache()
         stamps = None if cache is None else cache.stamps(names)
-        found = await self._call("get_many", (names,), start)
+        found, deadlines = unwrap_many(await self._call("get_many", (names,), start))
         if stamps is not None and cache is self._slot.cache:
-            cache.fill_many(stamps, found)
+            cache.fill_many(stamps, found, deadlines)
         return found
 
     async def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
@@ -113,18 +115,22 @@ class AsyncLocalBackend(AsyncBackend):
         return await self._call("snapshot", ())
 
     # -- writes -------------------------------------------------------------------------------------
-    async def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None:
+    async def set(self, name: str, value: Any, scopes: tuple[str, ...], ttl: float | None = None) -> None:
         start = _monotonic()
         cache = await self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
-        stamp = await self._write("set", (name, value, scopes) if scopes else (name, value), start)
+        stamp = await self._write("set", set_args(name, value, scopes, ttl), start)
         if stamp is not None and kept is not None and cache is self._slot.cache:
-            cache.put(name, stamp, kept)
+            cache.put(name, stamp, kept, None if ttl is None else stamp[3])
 
     async def write(self, method: str, *args: Any) -> Any:
-        """Any other write: ``remove``, ``popitem``, ``clear``, ``incr``, ``setdefault``,
-        ``compare_and_set``, ``append``, ``update``, ``restore`` with the arguments of ``Backend``'s."""
+        """Any other write: ``remove``, ``popitem``, ``clear``, ``incr`` (``ttl`` last, if given),
+        ``expire``, ``setdefault``, ``compare_and_set``, ``append``, ``update``, ``restore`` with the
+        arguments of ``Backend``'s."""
         return await self._write(method, args)
+
+    async def ttl(self, name: str) -> float | None:
+        return await self._call("ttl", (name,))
 
     # -- files and figures --------------------------------------------------------------------------
     async def save(

@@ -198,13 +198,13 @@ class StateService(SemaphoreCalls, Store):
             journal = self.journal if target == self.path else None
             if journal is not None:
                 generation = journal.generation + 1
-            data, scopes, answers = self.entries(final=final, new_generation=generation or None)
+            data, scopes, answers, deadlines = self.entries(final=final, new_generation=generation or None)
             if scope or include or exclude:
                 data = select_saved(data, scopes, include, exclude, scope)
             try:
                 # Only the server's own file keeps the answers: they belong to this server's clients.
                 own = target == self.path
-                write_snapshot(target, data, scopes, generation, answers if own else None, ours=own)
+                write_snapshot(target, data, scopes, generation, answers if own else None, own, deadlines)
                 if journal is not None:
                     journal.covered(generation)
             except Exception as exc:
@@ -227,9 +227,14 @@ class StateService(SemaphoreCalls, Store):
         return self.install(target, snapshot, merge)
 
     def install(self, target: Path, snapshot: Snapshot, merge: bool = False) -> int:
+        """Install ``snapshot``'s names, less those past their deadline (unless the server's files are being
+        replayed: ``deadlines.frozen``); return how many were installed."""
         data, scopes = snapshot.data, snapshot.scopes
         check_restored(data, snapshot.foreign, str(target))
-        self.replace(data, scopes, merge)
+        gone = self.deadlines.passed(snapshot.deadlines, time.time())
+        if gone:
+            data = {name: value for name, value in data.items() if name not in gone}
+        self.replace(data, scopes, merge, snapshot.deadlines)
         return len(data)
 
     # -- statistics ---------------------------------------------------------------------------------
