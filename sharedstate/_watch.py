@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from sharedstate._changes import OVERFLOW, RESTORED, SET, Change
+from sharedstate._changes import OVERFLOW, RESTORED, SET, Change, deadline_of, left
 
 if TYPE_CHECKING:
     from sharedstate.backends.base import AsyncWatcher, Watcher
@@ -101,12 +100,7 @@ class AsyncChanges(AsyncIterator[Change]):
             await self._watcher.aclose()
 
 
-def deadline_of(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+__all__ = ["AsyncChanges", "Changes", "deadline_of", "left", "waited"]
 
 
 def waited(name: str, change: Change | None, timeout: float | None) -> tuple[bool, Any]:

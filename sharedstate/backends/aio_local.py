@@ -29,6 +29,7 @@ from sharedstate.backends.local import (
     names_args,
     read_result,
 )
+from sharedstate.backends.local_watch import AsyncLocalWatcher, watch_args
 from sharedstate.wire.aio_calls import AsyncCalls
 from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
@@ -125,6 +126,12 @@ class AsyncLocalBackend(AsyncBackend):
         """Any other write: ``remove``, ``popitem``, ``clear``, ``incr``, ``setdefault``,
         ``compare_and_set``, ``append``, ``update``, ``restore`` with the arguments of ``Backend``'s."""
         return await self._write(method, args)
+
+    # -- change notifications -----------------------------------------------------------------------
+    async def watch(
+        self, pattern: Pattern | None, names: tuple[str, ...] | None, scopes: tuple[str, ...], buffer: int
+    ) -> AsyncLocalWatcher:
+        return await AsyncLocalWatcher(self._calls, pattern, watch_args(pattern, names, scopes, buffer)).open()
 
     # -- files and figures --------------------------------------------------------------------------
     async def save(

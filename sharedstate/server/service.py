@@ -34,8 +34,9 @@ class CurrentClient(threading.local):
     client: Client | None = None
     #: Writes "you have the lock" to that connection: how a lock is handed over to a waiting call.
     notify: Callable[[], None] | None = None
-    #: Waits up to so many seconds for that connection to have something to read.
-    readable: Callable[[float], bool] | None = None
+    #: Waits up to so many seconds for that connection to have something to read (``True``), or for a
+    #: second descriptor to (``False``, as at the timeout).
+    readable: Callable[..., bool] | None = None
 
 
 #: Set by the serving loop for the connection it serves; read by the lock calls.
@@ -54,6 +55,9 @@ class StateService(Store):
         "stats",
         "save",
         "restore",
+        "watch_open",
+        "watch_next",
+        "watch_close",
     )
 
     def __init__(self, config: ServerConfig) -> None:
@@ -91,6 +95,7 @@ class StateService(Store):
     def disconnected(self, client: Client) -> None:
         if self.clients.disconnected(client):
             self.locks.release_client(client)
+            self.watchers.drop_client(client)
 
     def info(self) -> dict[str, Any]:
         versions = None if self.versions is None else self.versions.info()
@@ -143,6 +148,25 @@ class StateService(Store):
 
     def lock_owner(self, key: str | None) -> int | None:
         return self.locks.owner(key)
+
+    # -- change notifications (``server.changes``) ------------------------------------------------------
+    def watch_open(self, pattern: str | None, names: list[str] | None, scopes: list[str], buffer: int) -> int:
+        """Start watching for the calling client; the watch's id. Lossless from this answer on."""
+        client = current_client.client
+        assert client is not None
+        return self.watchers.open(client, pattern, names, scopes, buffer)
+
+    def watch_next(self, ident: int, timeout: float | None, got: int = 0) -> list[tuple[Any, ...]]:
+        """The changes queued for watch ``ident``, waiting up to ``timeout`` seconds for the first, as a
+        lock wait does: in this connection's thread, with keepalives (``Watchers.next``)."""
+        current = current_client
+        assert current.client is not None and current.readable is not None
+        return self.watchers.next(ident, current.client, timeout, got, current.readable)
+
+    def watch_close(self, ident: int) -> None:
+        client = current_client.client
+        assert client is not None
+        self.watchers.close(ident, client)
 
     # -- snapshots ----------------------------------------------------------------------------------
     def _target(self, path: str | None, verb: str) -> Path:
@@ -250,6 +274,7 @@ class StateService(Store):
             "path": self.config.path,
             "journal_bytes": None if journal is None else journal.size(),
             "calls": self.calls.totals(),
+            **self.watchers.figures(),
             "lock_holders": lock_holders(held),
             **self.locks.waits.percentiles(),
         }

@@ -19,6 +19,7 @@ from sharedstate._pattern import compile_pattern
 from sharedstate._rules import add, appended, matches, scoped
 from sharedstate._sentinels import MISSING
 from sharedstate.persistence.journal import encode_record
+from sharedstate.server.changes import Watchers
 from sharedstate.wire.answers import Answers, Duplicate, Removed, answer_of, current_request
 
 if TYPE_CHECKING:
@@ -62,6 +63,10 @@ class Store:
         #: The last answer of each client's last write, by request id (``wire.answers``).
         self.answers = Answers()
         self._answer_table = self.answers.table
+        #: Who is told of each change (``server.changes``); ``_watching`` is its list of open watches,
+        #: looked at before any work is done for them.
+        self.watchers = Watchers(self._mutex)
+        self._watching = self.watchers.active
 
     def _changed(self, name: str) -> tuple[int, int, int] | None:
         """Bump the counter of ``name``; return its counters after the change, if there is a table."""
@@ -79,6 +84,8 @@ class Store:
         """With the mutex held, as a change is made: tell the watchers (``server.changes``) that ``name``
         changed (``kind`` as ``Change.kind``; ``value`` the new value of a ``"set"``). Called before a
         removed name's scopes are dropped, so that watchers filtering by scope see them."""
+        if self._watching:
+            self.watchers.publish(kind, name, value, None if name is None else self._scopes.get(name))
 
     def _record(self, *record: Any, answer: Any = None) -> int:
         """Journal a change (with the mutex held, before making it); return the number to commit.
@@ -207,6 +214,7 @@ class Store:
             else:
                 self._scopes.pop(name, None)
             stamp = self._changed(name)
+            self._notify("set", name, value)
         self._commit(number)
         return stamp
 
@@ -217,6 +225,7 @@ class Store:
                 self._check_duplicate()
                 return MISSING
             number = self._record("remove", name, answer=Removed(self._data[name]))
+            self._notify("removed", name)
             self._scopes.pop(name, None)
             value = self._data.pop(name)
             self._changed(name)
@@ -234,6 +243,7 @@ class Store:
             item = (name, self._data[name])
             # Journaled as the remove it is; the answer holds the value, so it is kept as ``Removed``.
             number = self._record("remove", name, answer=Removed(item))
+            self._notify("removed", name)
             del self._data[name]
             self._scopes.pop(name, None)
             self._changed(name)
@@ -247,6 +257,7 @@ class Store:
             self._data.clear()
             self._scopes.clear()
             self._changed_all()
+            self._notify("cleared", None)
         self._commit(number)
 
     def update(self, mapping: dict[str, Any]) -> None:
@@ -284,6 +295,9 @@ class Store:
                 for name in mapping:
                     scopes.pop(name, None)
             self._changed_many(mapping)
+            if self._watching:
+                for name, value in mapping.items():
+                    self._notify("set", name, value)
         self._commit(number)
 
     def replace(self, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], merge: bool) -> None:
@@ -300,6 +314,7 @@ class Store:
                 self._data = dict(data)
                 self._scopes = dict(scopes)
                 self._changed_all()
+            self._notify("restored", None)
         self._commit(number)
 
     # -- atomic read-modify-write ------------------------------------------------------------------
@@ -309,6 +324,7 @@ class Store:
         number = self._record(*record, answer=answer)
         self._data[name] = value
         self._changed(name)
+        self._notify("set", name, value)
         return number
 
     def incr(self, name: str, by: int | float | decimal.Decimal = 1) -> Any:
