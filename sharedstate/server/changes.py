@@ -16,27 +16,61 @@ finds its watch gone (``KeyError``) opens it again and tells its user with an ``
 from __future__ import annotations
 
 import os
+import pickle
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from sharedstate._pattern import Pattern, compile_pattern
+from sharedstate._sentinels import HANDED
 from sharedstate.server.clients import Client
+from sharedstate.wire.framing import frame
 
 #: The marker a watcher's queue starts with after it fell more than its buffer behind.
 OVERFLOWED = (None, "overflow", None)
+#: The largest answer written by the thread that made the change (``Watcher._hand_over``): well under half
+#: a Unix socket's send buffer, so that one non-blocking send takes it whole or not at all.
+HANDOVER_MAX = 16 * 1024
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_dumps = pickle.dumps
 #: The longest single poll of a wait with no timeout (``poll`` takes milliseconds as a C int).
 _LONGEST_POLL_S = 3600.0
 
 
-class Watcher:
-    """One watch: its filters, its queue, and the pipe of the call waiting for it, if any."""
+class Waiting:
+    """How the thread of one connection waits for a watch's changes: a pipe that wakes it, and its Unix
+    socket, on which a small answer may be handed over (``Watcher._hand_over``). Made at the
+    connection's first wait and kept for its next ones; ``close()`` with the connection."""
 
-    __slots__ = (
-        "ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "waiter", "wake", "batches"
-    )  # fmt: skip
+    __slots__ = ("read_fd", "write_fd", "sock", "woken", "handed")
+
+    def __init__(self, fd: int) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        self.sock = _unix_socket(fd)
+        #: A byte is in the pipe (it is read when the wait ends).
+        self.woken = False
+        #: The thread of a change wrote this wait's answer already.
+        self.handed = False
+
+    def wake(self) -> None:
+        if not self.woken:
+            self.woken = True
+            os.write(self.write_fd, b"\0")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.detach()  # the descriptor is the connection's
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class Watcher:
+    """One watch: its filters, its queue, and the call waiting for it, if any."""
+
+    __slots__ = ("ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "waiter", "batches")
 
     def __init__(
         self,
@@ -58,10 +92,8 @@ class Watcher:
         self.queue: list[tuple[Any, ...]] = []
         #: Changes queued since the queue was last emptied or overflowed.
         self.behind = 0
-        #: The write end of the pipe of the call waiting for changes (``None``: nobody waits) ...
-        self.waiter: int | None = None
-        #: ... and the same while that call is not woken yet: a change wakes it once.
-        self.wake: int | None = None
+        #: The call waiting for changes (``None``: nobody waits): a change wakes it, once.
+        self.waiter: Waiting | None = None
         #: Non-empty batches answered: the client says how many it received, so a lost answer is noticed.
         self.batches = 0
 
@@ -71,10 +103,28 @@ class Watcher:
             self.behind = 0
         self.queue.append(change)
         self.behind += 1
-        wake = self.wake
-        if wake is not None:
-            self.wake = None
-            os.write(wake, b"\0")
+        waiter = self.waiter
+        if waiter is not None and not waiter.woken and not waiter.handed and not self._hand_over(waiter):
+            waiter.wake()
+
+    def _hand_over(self, waiter: Waiting) -> bool:
+        """Answer the waiting call from this (the writer's) thread, as a lock is handed over: the change
+        reaches the watcher without waking the thread that waits, which answers nothing then (``HANDED``).
+        Only a small answer on a Unix socket, sent without blocking: such a send is written whole or not
+        at all, so it never splits, nor is split by, a keepalive. Whether it was sent."""
+        sock = waiter.sock
+        if sock is None:
+            return False
+        payload = frame(_dumps(("#RETURN", self.queue), _PROTOCOL))
+        if len(payload) > HANDOVER_MAX:
+            return False
+        try:
+            sock.send(payload, socket.MSG_DONTWAIT)
+        except OSError:  # full (a stopped watcher), or gone: the waiting thread answers, or sees it gone
+            return False
+        self.take()
+        waiter.handed = True
+        return True
 
     def take(self) -> list[tuple[Any, ...]]:
         batch, self.queue, self.behind = self.queue, [], 0
@@ -132,55 +182,66 @@ class Watchers:
         return ident
 
     def next(
-        self, ident: int, client: Client, timeout: float | None, got: int, readable: Callable[[float, int], bool]
-    ) -> list[tuple[Any, ...]]:
+        self,
+        ident: int,
+        client: Client,
+        timeout: float | None,
+        got: int,
+        readable: Callable[[float, int], bool],
+        waiting: Waiting,
+    ) -> Any:
         """The changes queued for watch ``ident``, waiting up to ``timeout`` seconds (``None``: until one
         comes) for the first; ``[]`` at the timeout, when the watch is closed meanwhile, or when the
         caller's connection has something to read (it went away, or ended the wait). ``got``: how many
         non-empty batches the caller received; fewer than were answered means one was lost on its way,
         which the next batch starts with an ``overflow`` to say. ``KeyError`` for a watch this server
-        does not know (it restarted, or the client's connections all closed)."""
+        does not know (it restarted, or the client's connections all closed). ``HANDED`` when the
+        thread of a change wrote the answer to the caller's connection itself. ``waiting``: how the
+        calling connection's thread waits."""
         mutex = self._mutex
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        pipe: tuple[int, int] | None = None
+        with mutex:
+            watcher = self._find(ident, client)
+            if got != watcher.batches:
+                watcher.batches = got
+                if not watcher.queue or watcher.queue[0] is not OVERFLOWED:
+                    watcher.queue.insert(0, OVERFLOWED)
+            if watcher.queue or (deadline is not None and timeout <= 0):  # type: ignore[operator]
+                return watcher.take() if watcher.queue else []
+            waiting.handed = False
+            self._wait_with(watcher, waiting)
         try:
-            with mutex:
-                watcher = self._find(ident, client)
-                if got != watcher.batches:
-                    watcher.batches = got
-                    if not watcher.queue or watcher.queue[0] is not OVERFLOWED:
-                        watcher.queue.insert(0, OVERFLOWED)
-                if watcher.queue or (deadline is not None and timeout <= 0):  # type: ignore[operator]
-                    return watcher.take() if watcher.queue else []
-                pipe = os.pipe()
-                self._wait_with(watcher, pipe[1])
             while True:
                 span = _LONGEST_POLL_S if deadline is None else deadline - time.monotonic()
-                ready = span > 0 and readable(span, pipe[0])
+                ready = span > 0 and readable(span, waiting.read_fd)
                 with mutex:
-                    if watcher.waiter != pipe[1]:
+                    if waiting.handed:
+                        if watcher.waiter is waiting:
+                            watcher.waiter = None
+                        return HANDED  # the answer is written already
+                    if watcher.waiter is not waiting:
                         return []  # closed, or another call waits for it now
-                    woken = watcher.wake is None
                     if ready or watcher.queue or (deadline is not None and time.monotonic() >= deadline):
-                        watcher.waiter = watcher.wake = None
+                        watcher.waiter = None
                         # A caller whose connection has something to read stopped waiting: the changes
                         # stay queued for its next call.
                         return watcher.take() if watcher.queue and not ready else []
-                    if woken:  # woken for nothing (a call of another thread took the changes)
-                        os.read(pipe[0], 1)
-                        watcher.wake = pipe[1]
+                    if waiting.woken:  # woken for nothing (a call of another thread took the changes)
+                        os.read(waiting.read_fd, 1)
+                        waiting.woken = False
         finally:
-            if pipe is not None:
-                os.close(pipe[0])
-                os.close(pipe[1])
+            # No longer anyone's waiter: nothing writes to its pipe any more.
+            if waiting.woken:
+                os.read(waiting.read_fd, 1)
+                waiting.woken = False
 
-    def _wait_with(self, watcher: Watcher, wake: int) -> None:
-        """Make ``wake`` the pipe of the call waiting for ``watcher``; a call that waited already is woken
-        (it answers ``[]``: one caller's wait at a time)."""
-        previous, woken = watcher.waiter, watcher.wake is None
-        watcher.waiter = watcher.wake = wake
-        if previous is not None and not woken:
-            os.write(previous, b"\0")
+    def _wait_with(self, watcher: Watcher, waiting: Waiting) -> None:
+        """Make ``waiting`` the call waiting for ``watcher``; a call that waited already is woken (it
+        answers ``[]``: one call waits at a time)."""
+        previous = watcher.waiter
+        watcher.waiter = waiting
+        if previous is not None and not previous.handed:
+            previous.wake()
 
     def close(self, ident: int, client: Client) -> None:
         """Stop watch ``ident`` and wake the call waiting for it; one this server does not know is no error
@@ -200,9 +261,9 @@ class Watchers:
         del self._by_ident[watcher.ident]
         self.active.remove(watcher)
         watcher.queue = []
-        wake, watcher.wake, watcher.waiter = watcher.wake, None, None
-        if wake is not None:
-            os.write(wake, b"\0")
+        waiter, watcher.waiter = watcher.waiter, None
+        if waiter is not None and not waiter.handed:
+            waiter.wake()
 
     def _find(self, ident: int, client: Client) -> Watcher:
         watcher = self._by_ident.get(ident)
@@ -223,3 +284,13 @@ def _strings(values: Iterable[Any], what: str) -> list[str]:
         if type(value) is not str:
             raise TypeError(f"{what} must hold str, not {type(value).__name__}")
     return list(values)
+
+
+def _unix_socket(fd: int) -> socket.socket | None:
+    """The connection ``fd`` as a socket to hand answers over on, if it is a Unix one (``_hand_over``);
+    ``detach()`` it after (the descriptor stays the connection's)."""
+    sock = socket.socket(fileno=fd)
+    if sock.family == socket.AF_UNIX:
+        return sock
+    sock.detach()
+    return None

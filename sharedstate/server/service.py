@@ -18,6 +18,7 @@ from sharedstate._rules import check_restored, select_saved
 from sharedstate._sentinels import HANDED
 from sharedstate.persistence.files import check_slot
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
+from sharedstate.server.changes import Waiting
 from sharedstate.server.clients import RECONNECT_GRACE_S, Client, Clients
 from sharedstate.server.config import ServerConfig
 from sharedstate.server.lockfile import LockFile
@@ -37,6 +38,9 @@ class CurrentClient(threading.local):
     #: Waits up to so many seconds for that connection to have something to read (``True``), or for a
     #: second descriptor to (``False``, as at the timeout).
     readable: Callable[..., bool] | None = None
+    #: Its descriptor, and how its thread waits for a watch's changes (made at its first wait).
+    fd: int = -1
+    waiting: Waiting | None = None
 
 
 #: Set by the serving loop for the connection it serves; read by the lock calls.
@@ -161,7 +165,10 @@ class StateService(Store):
         lock wait does: in this connection's thread, with keepalives (``Watchers.next``)."""
         current = current_client
         assert current.client is not None and current.readable is not None
-        return self.watchers.next(ident, current.client, timeout, got, current.readable)
+        waiting = current.waiting
+        if waiting is None:
+            waiting = current.waiting = Waiting(current.fd)
+        return self.watchers.next(ident, current.client, timeout, got, current.readable, waiting)
 
     def watch_close(self, ident: int) -> None:
         client = current_client.client

@@ -143,6 +143,7 @@ class ManagerServer(managers.Server):
         current = current_client
         current.client = client
         current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
+        current.fd = c.fileno()
         keepalive = hello.get("keepalive")
         current.readable = _readable_within(
             c.fileno(), keepalive if type(keepalive) in (int, float) and keepalive > 0 else None
@@ -152,7 +153,10 @@ class ManagerServer(managers.Server):
             writer = hello.get("client")
             self.serve(c, writer if type(writer) is str else None)
         finally:
-            current.client = current.notify = current.readable = None
+            if current.waiting is not None:
+                current.waiting.close()
+            current.client = current.notify = current.readable = current.waiting = None
+            current.fd = -1
             self.service.disconnected(client)
         # Returning normally would make the manager send one more ('#RETURN', None), which a client
         # waiting for an answer would take as a success.
