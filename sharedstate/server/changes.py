@@ -212,7 +212,7 @@ class Watchers:
             self._wait_with(watcher, waiting)
         try:
             while True:
-                span = _LONGEST_POLL_S if deadline is None else deadline - time.monotonic()
+                span = _LONGEST_POLL_S if deadline is None else min(_LONGEST_POLL_S, deadline - time.monotonic())
                 ready = span > 0 and readable(span, waiting.read_fd)
                 with mutex:
                     if waiting.handed:
