@@ -347,7 +347,7 @@ class AsyncCalls:
                 try:
                     answer = await asyncio.shield(future)
                 except asyncio.CancelledError:
-                    self._abandon(conn, method, future, late)  # never raises: nothing below takes this for a failure
+                    self._abandon(conn, future, late, method)  # never raises: nothing below takes this for a failure
                     raise
                 break
             except Exception as exc:
@@ -371,7 +371,11 @@ class AsyncCalls:
             conn.close()
 
     def _abandon(
-        self, conn: Pipeline, method: str, future: asyncio.Future[bytes], late: Callable[[Any], None] | None
+        self,
+        conn: Pipeline,
+        future: asyncio.Future[bytes],
+        late: Callable[[Any], None] | None,
+        method: str = "lock_acquire",
     ) -> None:
         """End the server's wait of a cancelled wait (``late`` given), and hand its answer to ``late`` in
         a task; keep the connection for another call once its answer came. Never raises: the caller's
