@@ -128,3 +128,20 @@ def test_a_watcher_gets_one_overflow_after_a_restart_of_the_server_and_goes_on(s
         assert changes.next(10) == OVERFLOW
         state.set("x", 3)
         assert changes.next(10) == Change("x", "set", 3)
+
+
+@pytest.mark.parametrize("where", ["unix", "tcp"])
+def test_a_waiting_watcher_gets_small_and_large_values(where):
+    # A small answer is written by the writer's thread on a Unix socket; a large one, or any on TCP, by
+    # the thread that waits, woken through its pipe.
+    with sharedstate.StateServer(address=("127.0.0.1", 0) if where == "tcp" else None) as server:
+        state = server.state
+        with state.watch() as changes:
+            for value in ("small", "x" * 200_000, "small again"):
+                got: list = []
+                waiting = threading.Thread(target=lambda got=got: got.append(changes.next(30)))
+                waiting.start()
+                wait_until(lambda: state.stats()["watch_waiting"] == 1, 10, what="the watcher to wait")
+                state.set("v", value)
+                waiting.join(30)
+                assert got == [Change("v", "set", value)]

@@ -272,9 +272,14 @@ class Watchers:
         return watcher
 
     def figures(self) -> dict[str, int]:
-        """For ``stats()``: the watches open, and the changes queued for them."""
+        """For ``stats()``: the watches open, the changes queued for them, and the calls waiting for one."""
         with self._mutex:
-            return {"watchers": len(self.active), "watch_queued": sum(len(w.queue) for w in self.active)}
+            active = self.active
+            return {
+                "watchers": len(active),
+                "watch_queued": sum(len(w.queue) for w in active),
+                "watch_waiting": sum(1 for w in active if w.waiter is not None and not w.waiter.handed),
+            }
 
 
 def _strings(values: Iterable[Any], what: str) -> list[str]:
