@@ -145,3 +145,26 @@ def test_a_waiting_watcher_gets_small_and_large_values(where):
                 state.set("v", value)
                 waiting.join(30)
                 assert got == [Change("v", "set", value)]
+
+
+def test_a_cancelled_async_wait_ends_in_the_server_and_loses_nothing(server):
+    async def run() -> list:
+        astate = await sharedstate.aio.connect(server.address, server.authkey)
+        try:
+            async with astate.watch(names=["x"]) as changes:
+                waiting = asyncio.ensure_future(changes.next(None))
+                while (await astate.stats())["watch_waiting"] != 1:
+                    await asyncio.sleep(0.01)
+                waiting.cancel()
+                try:
+                    await waiting
+                except asyncio.CancelledError:
+                    pass
+                while (await astate.stats())["watch_waiting"] != 0:  # the server's wait ended too
+                    await asyncio.sleep(0.01)
+                await astate.set("x", 1)
+                return [await changes.next(10), waiting.cancelled()]
+        finally:
+            await astate.close()
+
+    assert asyncio.run(run()) == [Change("x", "set", 1), True]

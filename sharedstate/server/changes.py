@@ -36,6 +36,9 @@ OVERFLOWED = (None, "overflow", None)
 HANDOVER_MAX = 16 * 1024
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _dumps = pickle.dumps
+#: The least time between two batches of a watcher that keeps up with fast changes: the first change
+#: after a quiet spell goes out at once, later ones are gathered for this long at most.
+BATCH_GAP_S = 0.0005
 #: The longest single poll of a wait with no timeout (``poll`` takes milliseconds as a C int).
 _LONGEST_POLL_S = 3600.0
 
@@ -70,7 +73,9 @@ class Waiting:
 class Watcher:
     """One watch: its filters, its queue, and the call waiting for it, if any."""
 
-    __slots__ = ("ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "waiter", "batches")
+    __slots__ = (
+        "ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "waiter", "batches", "taken_at"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -96,6 +101,8 @@ class Watcher:
         self.waiter: Waiting | None = None
         #: Non-empty batches answered: the client says how many it received, so a lost answer is noticed.
         self.batches = 0
+        #: When the last batch was taken (``time.monotonic()``).
+        self.taken_at = 0.0
 
     def put(self, change: tuple[Any, ...]) -> None:
         if self.behind >= self.buffer:
@@ -129,6 +136,7 @@ class Watcher:
     def take(self) -> list[tuple[Any, ...]]:
         batch, self.queue, self.behind = self.queue, [], 0
         self.batches += 1
+        self.taken_at = time.monotonic()
         return batch
 
 
@@ -206,10 +214,25 @@ class Watchers:
                 watcher.batches = got
                 if not watcher.queue or watcher.queue[0] is not OVERFLOWED:
                     watcher.queue.insert(0, OVERFLOWED)
+            pause = watcher.taken_at + BATCH_GAP_S - time.monotonic()
             if watcher.queue or (deadline is not None and timeout <= 0):  # type: ignore[operator]
                 return watcher.take() if watcher.queue else []
-            waiting.handed = False
-            self._wait_with(watcher, waiting)
+            if pause <= 0:
+                waiting.handed = False
+                self._wait_with(watcher, waiting)
+        if pause > 0:
+            # Back right after its last batch: changes are coming fast. The next batch waits for the rest
+            # of the gap, so that a watcher that keeps up costs the server one call per gap, not per change.
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+            if pause > 0 and readable(pause):
+                return []  # the caller went away, or ended its wait
+            with mutex:
+                watcher = self._find(ident, client)
+                if watcher.queue or (deadline is not None and time.monotonic() >= deadline):
+                    return watcher.take() if watcher.queue else []
+                waiting.handed = False
+                self._wait_with(watcher, waiting)
         try:
             while True:
                 span = _LONGEST_POLL_S if deadline is None else min(_LONGEST_POLL_S, deadline - time.monotonic())
