@@ -253,10 +253,12 @@ class Watchers:
                         os.read(waiting.read_fd, 1)
                         waiting.woken = False
         finally:
-            # No longer anyone's waiter: nothing writes to its pipe any more.
-            if waiting.woken:
+            with mutex:
+                if watcher.waiter is waiting:  # left by an exception: no change may wake it any more
+                    watcher.waiter = None
+                woken, waiting.woken = waiting.woken, False
+            if woken:  # the byte that woke it, read before the connection's next wait
                 os.read(waiting.read_fd, 1)
-                waiting.woken = False
 
     def _wait_with(self, watcher: Watcher, waiting: Waiting) -> None:
         """Make ``waiting`` the call waiting for ``watcher``; a call that waited already is woken (it
