@@ -30,6 +30,7 @@ from sharedstate.backends.local import (
     read_result,
     set_args,
 )
+from sharedstate.backends.local_watch import AsyncLocalWatcher, watch_args
 from sharedstate.wire.aio_calls import AsyncCalls
 from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
@@ -132,6 +133,12 @@ class AsyncLocalBackend(AsyncBackend):
     async def ttl(self, name: str) -> float | None:
         return await self._call("ttl", (name,))
 
+    # -- change notifications -----------------------------------------------------------------------
+    async def watch(
+        self, pattern: Pattern | None, names: tuple[str, ...] | None, scopes: tuple[str, ...], buffer: int
+    ) -> AsyncLocalWatcher:
+        return await AsyncLocalWatcher(self._calls, pattern, watch_args(pattern, names, scopes, buffer)).open()
+
     # -- files and figures --------------------------------------------------------------------------
     async def save(
         self, path: str | None, include: list[str] | None, exclude: list[str] | None, scopes: tuple[str, ...]
@@ -168,7 +175,7 @@ class AsyncLocalBackend(AsyncBackend):
             raise
         if taken or not args[2] or args[3] == 0:
             return taken
-        return await self._calls.lock_wait(args, acquire_again(args), late, method)
+        return await self._calls.wait(method, args, acquire_again(args), late)
 
     async def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         if not held:  # the server answers with the RuntimeError naming the holder

@@ -16,6 +16,7 @@ from sharedstate._errors import ServerUnavailable
 from sharedstate._pattern import Pattern
 from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
+from sharedstate.backends.local_watch import LocalWatcher, watch_args
 from sharedstate.wire.addresses import CALL_TIMEOUT, Address, check_server_supported, resolve
 from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
@@ -199,6 +200,12 @@ class LocalBackend:
 
     def update(self, mapping: dict[str, Any]) -> None:
         self._write("update", (mapping,))
+
+    # -- change notifications -----------------------------------------------------------------------
+    def watch(
+        self, pattern: Pattern | None, names: tuple[str, ...] | None, scopes: tuple[str, ...], buffer: int
+    ) -> LocalWatcher:
+        return LocalWatcher(self._calls, pattern, watch_args(pattern, names, scopes, buffer))
 
     # -- files and figures --------------------------------------------------------------------------
     def save(

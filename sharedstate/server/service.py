@@ -18,6 +18,7 @@ from sharedstate._rules import check_restored, select_saved
 from sharedstate._sentinels import HANDED
 from sharedstate.persistence.files import check_slot
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
+from sharedstate.server.changes import Waiting
 from sharedstate.server.clients import RECONNECT_GRACE_S, Client, Clients
 from sharedstate.server.config import ServerConfig
 from sharedstate.server.lockfile import LockFile
@@ -35,8 +36,12 @@ class CurrentClient(threading.local):
     client: Client | None = None
     #: Writes "you have the lock" to that connection: how a lock is handed over to a waiting call.
     notify: Callable[[], None] | None = None
-    #: Waits up to so many seconds for that connection to have something to read.
-    readable: Callable[[float], bool] | None = None
+    #: Waits up to so many seconds for that connection to have something to read (``True``), or for a
+    #: second descriptor to (``False``, as at the timeout).
+    readable: Callable[..., bool] | None = None
+    #: Its descriptor, and how its thread waits for a watch's changes (made at its first wait).
+    fd: int = -1
+    waiting: Waiting | None = None
 
 
 #: Set by the serving loop for the connection it serves; read by the lock calls.
@@ -56,6 +61,9 @@ class StateService(SemaphoreCalls, Store):
         "save",
         "restore",
         *SEMAPHORE_CALLS,
+        "watch_open",
+        "watch_next",
+        "watch_close",
     )
     current = current_client
 
@@ -99,6 +107,7 @@ class StateService(SemaphoreCalls, Store):
         if self.clients.disconnected(client):
             self.locks.release_client(client)
             self.semaphores.release_client(client)
+            self.watchers.drop_client(client)
 
     def info(self) -> dict[str, Any]:
         versions = None if self.versions is None else self.versions.info()
@@ -151,6 +160,28 @@ class StateService(SemaphoreCalls, Store):
 
     def lock_owner(self, key: str | None) -> int | None:
         return self.locks.owner(key)
+
+    # -- change notifications (``server.changes``) ------------------------------------------------------
+    def watch_open(self, pattern: str | None, names: list[str] | None, scopes: list[str], buffer: int) -> int:
+        """Start watching for the calling client; the watch's id. Lossless from this answer on."""
+        client = current_client.client
+        assert client is not None
+        return self.watchers.open(client, pattern, names, scopes, buffer)
+
+    def watch_next(self, ident: int, timeout: float | None, got: int = 0) -> list[tuple[Any, ...]]:
+        """The changes queued for watch ``ident``, waiting up to ``timeout`` seconds for the first, as a
+        lock wait does: in this connection's thread, with keepalives (``Watchers.next``)."""
+        current = current_client
+        assert current.client is not None and current.readable is not None
+        waiting = current.waiting
+        if waiting is None:
+            waiting = current.waiting = Waiting(current.fd)
+        return self.watchers.next(ident, current.client, timeout, got, current.readable, waiting)
+
+    def watch_close(self, ident: int) -> None:
+        client = current_client.client
+        assert client is not None
+        self.watchers.close(ident, client)
 
     # -- snapshots ----------------------------------------------------------------------------------
     def _target(self, path: str | None, verb: str) -> Path:
@@ -263,6 +294,7 @@ class StateService(SemaphoreCalls, Store):
             "path": self.config.path,
             "journal_bytes": None if journal is None else journal.size(),
             "calls": self.calls.totals(),
+            **self.watchers.figures(),
             "lock_holders": lock_holders(held),
             **self.locks.waits.percentiles(),
         }

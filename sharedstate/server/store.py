@@ -24,6 +24,7 @@ from sharedstate._pattern import compile_pattern
 from sharedstate._rules import add, appended, matches, scoped
 from sharedstate._sentinels import MISSING
 from sharedstate.persistence.journal import encode_record
+from sharedstate.server.changes import Watchers
 from sharedstate.server.deadlines import Deadlines
 from sharedstate.server.expiry import Expiry
 from sharedstate.wire.answers import Answers, Duplicate, Removed, answer_of, current_request
@@ -76,11 +77,17 @@ class Store(Expiry):
         #: The last answer of each client's last write, by request id (``wire.answers``).
         self.answers = Answers()
         self._answer_table = self.answers.table
+        #: Who is told of each change (``server.changes``); ``_watching`` is its list of open watches,
+        #: looked at before any work is done for them.
+        self.watchers = Watchers(self._mutex)
+        self._watching = self.watchers.active
 
     def _notify(self, kind: str, name: str | None, value: Any = None) -> None:
         """With the mutex held, as a change is made: tell the watchers (``server.changes``) that ``name``
         changed (``kind`` as ``Change.kind``; ``value`` the new value of a ``"set"``). Called before a
         removed name's scopes are dropped, so that watchers filtering by scope see them."""
+        if self._watching:
+            self.watchers.publish(kind, name, value, None if name is None else self._scopes.get(name))
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, name: str) -> Any:
@@ -185,6 +192,7 @@ class Store(Expiry):
             elif self._expiring:
                 self._expiring.pop(name, None)
             stamp = self._changed(name)
+            self._notify("set", name, value)
         self._commit(number)
         return stamp if deadline is None or stamp is None else (*stamp, deadline)
 
@@ -197,6 +205,7 @@ class Store(Expiry):
                 self._check_duplicate()
                 return MISSING
             number = self._record("remove", name, answer=Removed(self._data[name]))
+            self._notify("removed", name)
             self._scopes.pop(name, None)
             value = self._data.pop(name)
             self._expiring.pop(name, None)
@@ -217,6 +226,7 @@ class Store(Expiry):
             item = (name, self._data[name])
             # Journaled as the remove it is; the answer holds the value, so it is kept as ``Removed``.
             number = self._record("remove", name, answer=Removed(item))
+            self._notify("removed", name)
             del self._data[name]
             self._scopes.pop(name, None)
             self._expiring.pop(name, None)
@@ -232,6 +242,7 @@ class Store(Expiry):
             self._scopes.clear()
             self.deadlines.clear()
             self._changed_all()
+            self._notify("cleared", None)
         self._commit(number)
 
     def update(self, mapping: dict[str, Any]) -> None:
@@ -275,6 +286,9 @@ class Store(Expiry):
             for name in touched:
                 expiring.pop(name, None)
             self._changed_many(mapping)
+            if self._watching:
+                for name, value in mapping.items():
+                    self._notify("set", name, value)
         self._commit(number)
 
     def replace(
@@ -304,6 +318,7 @@ class Store(Expiry):
                 self._scopes = dict(scopes)
                 self.deadlines.replace(deadlines)
                 self._changed_all()
+            self._notify("restored", None)
         self._commit(number)
 
     # -- atomic read-modify-write ------------------------------------------------------------------
@@ -313,6 +328,7 @@ class Store(Expiry):
         number = self._record(*record, answer=answer)
         self._data[name] = value
         self._changed(name)
+        self._notify("set", name, value)
         return number
 
     def incr(self, name: str, by: int | float | decimal.Decimal = 1, ttl: float | None = None) -> Any:

@@ -22,8 +22,8 @@ from typing import Any
 from sharedstate.aio import AsyncLock
 
 #: Calls of ``AsyncState`` that are plain functions by design (they only build an ``AsyncLock``, an
-#: ``AsyncSemaphore``).
-NOT_COROUTINES = frozenset({"named_lock", "semaphore"})
+#: ``AsyncSemaphore``, or the ``AsyncChanges`` of a watch, which starts at ``async with``).
+NOT_COROUTINES = frozenset({"named_lock", "semaphore", "watch"})
 
 
 class EventLoopThread:
