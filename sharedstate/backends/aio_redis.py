@@ -35,6 +35,7 @@ from sharedstate.backends.base import AsyncBackend
 from sharedstate.backends.redis import connection as _connection
 from sharedstate.backends.redis.backend import RedisBackend
 from sharedstate.backends.redis.connection import import_redis_asyncio
+from sharedstate.backends.redis.semaphores import AsyncSemaphoreCalls
 from sharedstate.backends.redis.steps import Operation, run_async
 
 __all__ = ["AsyncRedisBackend", "import_redis_asyncio"]
@@ -43,7 +44,7 @@ __all__ = ["AsyncRedisBackend", "import_redis_asyncio"]
 _INHERITED: list[Any] = []
 
 
-class AsyncRedisBackend(AsyncBackend):
+class AsyncRedisBackend(AsyncSemaphoreCalls, AsyncBackend):
     """The operations of ``Backend`` as coroutines, on the Redis state of ``sync`` (a ``RedisBackend``),
     with its options; its call counts and lock waits are ``sync``'s figures."""
 

@@ -27,6 +27,7 @@ from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.figures import lock_holders
 from sharedstate.backends.redis.locks import LockCalls
 from sharedstate.backends.redis.scripts import EXACT_INT
+from sharedstate.backends.redis.semaphores import SemaphoreCalls
 from sharedstate.backends.redis.steps import Command, Operation, Pipeline, Script
 from sharedstate.backends.redis.url import Target
 from sharedstate.persistence.codec import encode, object_hook
@@ -66,7 +67,7 @@ def _path(path: str | None, verb: str) -> Path:
     return Path(path)
 
 
-class RedisBackend(LockCalls):
+class RedisBackend(LockCalls, SemaphoreCalls):
     """A state kept in Redis or Valkey, under the keys of one namespace (``scripts`` says how each call
     stays atomic; ``locks`` has the lock calls). It pickles as its target (URL with password, namespace,
     lease) and reply timeout, and opens its own connection in each process, also after a fork."""
@@ -342,7 +343,7 @@ class RedisBackend(LockCalls):
         server's process, on its host), ``rss_bytes``, ``uptime_s``, ``ops`` (commands the server
         processed, for every client and database), ``clients`` (connections to the server),
         ``last_save_at``/``last_save_s``/``last_save_error`` (``None``: no scheduled saves of its own),
-        ``lock_recoveries`` (0: expired leases are not counted). Also ``backend`` (``"redis"``),
+        ``lock_recoveries`` (semaphore permits whose lease ran out; not locks'). Also ``backend`` (``"redis"``),
         ``address``, ``namespace``, ``lease_s``, ``redis_version``, ``redis_last_save_at`` (Redis' own
         last RDB save, Unix time), ``redis_changes_since_last_save`` and ``redis_aof_enabled``. The
         figures of docs/observability.md, where ``calls`` and the lock waits are this handle's in this
@@ -352,7 +353,8 @@ class RedisBackend(LockCalls):
         pipe = client.pipeline(transaction=False)
         pipe.hlen(self._data_key)
         pipe.info()
-        names, info = pipe.execute()
+        pipe.get(self._sem_keys("")[0][2])  # the permits of semaphores whose lease ran out
+        names, info, recovered = pipe.execute()
         holders, held = lock_holders(client, self._lock_keys(None)[0], self._lock_keys("")[0])
         return {
             "names": int(names),
@@ -364,7 +366,7 @@ class RedisBackend(LockCalls):
             "last_save_at": None,
             "last_save_s": None,
             "last_save_error": None,
-            "lock_recoveries": 0,
+            "lock_recoveries": int(recovered or 0),
             "backend": "redis",
             "address": self.address,
             "namespace": self.namespace,
