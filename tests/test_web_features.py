@@ -36,6 +36,13 @@ def parallel(task, count: int, threads: int = 8) -> list:
         return list(pool.map(lambda _: task(), range(count)))
 
 
+def serving(port: int, path: str) -> None:
+    """Wait until at least two workers answer ``path`` (the master listens before its workers boot)."""
+    deadline = time.monotonic() + 60
+    while len({body["pid"] for _, body in parallel(lambda: call(port, "GET", path), 16)}) < 2:
+        assert time.monotonic() < deadline, "a single worker answers"
+
+
 def address_of(path, proc) -> str:
     """The address `sharedstate run --address-file` wrote."""
     deadline = time.monotonic() + 60
@@ -55,6 +62,7 @@ def test_sessions_expire_and_a_rate_limit_is_exact_across_gunicorn_workers(tmp_p
     proc = start(argv, {"SESSION_TTL_S": "1.5", "RATE_LIMIT": "50", "RATE_WINDOW_S": "120"})
     try:
         wait_ready(proc, port)
+        serving(port, "/me")
         state = sharedstate.connect(address_of(address_file, proc))
 
         # The rate limit: 120 calls from 8 threads through 4 workers, exactly 50 allowed, counted 1..50.
