@@ -754,7 +754,7 @@ def main() -> None:
         "--only",
         choices=["all", "cache", "aio", "watch"],
         default="all",
-        help="cache: the client cache's figures alone; aio: the asyncio client's alone; watch: change notifications' alone",
+        help="cache, aio, watch: the figures of the client cache, the asyncio client or change notifications alone",
     )
     args = parser.parse_args()
     if args.only == "cache":
