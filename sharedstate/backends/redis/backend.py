@@ -227,7 +227,10 @@ class RedisBackend(FileCalls, LockCalls):
                 return loads(reply[1])
             if status == b"type":
                 add(name, loads(reply[1]), by)  # the TypeError of a value that is not a number
-        return (yield from self._swap(name, lambda current: add(name, current, by), _ttl(ttl)))
+            read = reply[1:]  # what the script saw: no need to read it again
+        else:
+            read = None
+        return (yield from self._swap(name, lambda current: add(name, current, by), _ttl(ttl), read))
 
     @operation
     def expire(self, name: str, ttl: float | None) -> Operation:
@@ -269,15 +272,19 @@ class RedisBackend(FileCalls, LockCalls):
             return int(reply[1])
         if status == b"type":
             appended(name, loads(reply[1]), item)  # the TypeError of a value that is not a list
-        return len((yield from self._swap(name, lambda current: appended(name, current, item))))
+        return len((yield from self._swap(name, lambda current: appended(name, current, item), "", reply[1:])))
 
-    def _swap(self, name: str, change: Callable[[Any], Any], ttl: str = "") -> Operation:
+    def _swap(self, name: str, change: Callable[[Any], Any], ttl: str = "", read: list[Any] | None = None) -> Operation:
         """Read ``name``, compute its new value in Python, and store it if the name still holds what was
         read, else read again: two round trips an attempt, and as many attempts as other clients change
         the name in between. ``change`` gets ``MISSING`` for a missing name, and may raise to leave
-        everything unchanged; ``ttl`` is the expiry of a name it creates. Returns the new value."""
+        everything unchanged; ``ttl`` is the expiry of a name it creates; ``read``, what a script already
+        read (``[]``: missing, ``[text]``), for the first attempt. Returns the new value."""
         while True:
-            raw = yield Script("get", self._keys, [name])
+            if read is None:
+                raw = yield Script("get", self._keys, [name])
+            else:
+                raw, read = (read[0] if read else None), None
             new = change(MISSING if raw is None else loads(raw))
             args = [name, "1", "", dumps(new), ttl] if raw is None else [name, "0", raw, dumps(new), ttl]
             if (yield Script("swap", self._keys, args)) == 1:

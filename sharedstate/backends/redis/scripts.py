@@ -3,7 +3,8 @@
 Each script's header says what it takes (``KEYS``, ``ARGV``) and returns. They return integers, strings
 or arrays only, never a boolean, whose reply differs between RESP2 and RESP3. Values are stored as the
 typed JSON of the snapshot codec, so a script reads them as text; where a script cannot decide exactly
-as Python would, it answers ``{'py'}`` and the backend finishes the call in Python.
+as Python would, it answers ``{'py', stored text}`` (``{'py'}`` for a missing name) and the backend
+finishes the call in Python from that text.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ return {0, redis.call('HGET', D, ARGV[1])}
 
 #: ARGV: name, by, 'i' (by is an integer below EXACT_INT) or 'f' (a finite float), EXACT_INT, ttl of a
 #: name it creates ('' for none). Returns {'ok', new value}, {'type', stored value} (not a plain number),
-#: or {'py'} (finish in Python: a Decimal, a stored integer or an integer sum at or beyond EXACT_INT, a
+#: or {'py', stored text} (finish in Python: a Decimal, a stored integer or an integer sum at or beyond EXACT_INT, a
 #: sum that is not finite).
 INCR = """
 purge(PURGE_BATCH)
@@ -128,21 +129,21 @@ if not cur then
 elseif string.find(cur, '^%-?%d+$') then
   -- Rounding is monotonic: a text at or beyond the limit never reads as a number below it.
   a, aint = tonumber(cur), true
-  if a >= limit or a <= -limit then return {'py'} end
+  if a >= limit or a <= -limit then return {'py', cur} end
 elseif string.find(cur, '^%-?%d+%.%d+$') or string.find(cur, '^%-?%d+%.?%d*e[%-%+]?%d+$') then
   a, aint = tonumber(cur), false
 elseif string.sub(cur, 1, 9) == '{"$type":' then
-  return {'py'}
+  return {'py', cur}
 else
   return {'type', cur}
 end
 local r = a + tonumber(ARGV[2])
 local out
 if aint and ARGV[3] == 'i' then
-  if r >= limit or r <= -limit then return {'py'} end
+  if r >= limit or r <= -limit then return {'py', cur} end
   out = string.format('%.0f', r)
 else
-  if r ~= r or r == math.huge or r == -math.huge then return {'py'} end
+  if r ~= r or r == math.huge or r == -math.huge then return {'py', cur} end
   out = string.format('%.17g', r)
   if not string.find(out, '[%.e]') then out = out .. '.0' end
 end
@@ -152,7 +153,7 @@ note('s', ARGV[1], out, scopes_of(ARGV[1]))
 return {'ok', out}
 """
 
-#: ARGV: name, item. Returns {'ok', new length}, {'type', stored value}, or {'py'}.
+#: ARGV: name, item. Returns {'ok', new length}, {'type', stored value}, or {'py', stored value}.
 APPEND = """
 purge(PURGE_BATCH)
 fresh(ARGV[1])
@@ -163,7 +164,7 @@ if not cur then
 else
   if string.byte(cur, 1) ~= 91 then return {'type', cur} end
   local ok, items = pcall(cjson.decode, cur)
-  if not ok or type(items) ~= 'table' then return {'py'} end
+  if not ok or type(items) ~= 'table' then return {'py', cur} end
   if cur == '[]' then cur = '[' .. ARGV[2] .. ']'
   else cur = string.sub(cur, 1, -2) .. ',' .. ARGV[2] .. ']' end
   n = #items + 1
