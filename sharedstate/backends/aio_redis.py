@@ -244,6 +244,7 @@ class AsyncWatcher:
         if self._closed:
             return []
         cursor = self._cursor
+        cursor.adopt()
         return await self.run(lambda: cursor.read(timeout))
 
     async def aclose(self) -> None:

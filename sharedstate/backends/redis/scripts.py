@@ -271,7 +271,8 @@ return 1
 """
 
 #: KEYS: the five, then ``NAMESPACE:watchers`` (a sorted set: a watching process' token by the deadline of
-#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge.
+#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge, '1'
+#: to wake the process' watchers if its registration had lapsed (an entry of kind 'w', which they skip).
 #: Registers (or renews) the process, makes writers note changes for a lease, purges expired names.
 #: Returns {1 if the process' registration had lapsed (changes may have gone unnoted), the stream's last id}.
 WATCH = """
@@ -287,6 +288,9 @@ redis.call('PEXPIRE', KEYS[6], lease)
 local want = tonumber(ARGV[3])
 if watched() and tonumber(cap) > want then want = tonumber(cap) end
 redis.call('SET', W, want, 'PX', lease)
+if lapsed == 1 and ARGV[5] == '1' then
+  redis.call('XADD', C, 'MAXLEN', '~', want, '0-*', 'k', 'w', 'n', '', 'v', '', 's', '')
+end
 local last = '0-0'
 if redis.call('EXISTS', C) == 1 then
   local info = redis.call('XINFO', 'STREAM', C)

@@ -25,6 +25,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sharedstate import _fork
@@ -99,20 +100,27 @@ class Cursor:
 
     def start(self) -> Operation:
         """Register this process and take the stream's last id as the place to read from."""
-        reply = yield tick(self.backend, max(STREAM_MIN, self.buffer), 0)
+        reply = yield tick(self.backend, max(STREAM_MIN, self.buffer), 0, wake=False)
         self.last = _seq(reply[1])
         self.lapsed = False
+
+    def adopt(self) -> None:
+        """In a forked child, make the watch this process' own: registered here, and read from the present
+        (the parent's registration says nothing of the child's)."""
+        if self.generation != _fork.generation:
+            self.generation, self.lapsed = _fork.generation, True
+            registry.add(self)
 
     def read(self, timeout: float | None) -> Operation:
         """The changes after ``last`` that pass the filters, waiting up to ``timeout`` (``None``: as long as
         it takes) for one; ``[]`` when none came in time."""
-        if self.lapsed:
-            yield from self.start()
-            return [OVERFLOWED]
         deadline = None if timeout is None else time.monotonic() + timeout
         changes: list[Change] = []
         stream = self.backend._changes_key
         while True:
+            if self.lapsed:
+                yield from self.start()
+                return [*changes, OVERFLOWED]
             left = self._slice if deadline is None else min(self._slice, deadline - time.monotonic())
             block = None if changes or left <= 0 else max(1, int(left * 1000))
             options = {"count": READ_CHUNK} if block is None else {"count": READ_CHUNK, "block": block}
@@ -156,10 +164,11 @@ class Cursor:
         return Change(name, kind)
 
 
-def tick(backend: RedisBackend, cap: int, purge: int) -> Script:
-    """The ``scripts.WATCH`` step: (re)register this process as watching ``backend``'s namespace."""
+def tick(backend: RedisBackend, cap: int, purge: int, wake: bool = True) -> Script:
+    """The ``scripts.WATCH`` step: (re)register this process as watching ``backend``'s namespace; ``wake``
+    its watchers if the registration had lapsed (so they answer the overflow at once)."""
     keys = [*backend._keys, backend._prefix + "watchers"]
-    return Script("watch", keys, [_token, int(LEASE_S * 1000), cap, purge])
+    return Script("watch", keys, [_token, int(LEASE_S * 1000), cap, purge, "1" if wake else "0"])
 
 
 class Registry:
@@ -167,13 +176,14 @@ class Registry:
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._watched: dict[Any, tuple[RedisBackend, set[Cursor]]] = {}
+        #: A cursor nobody holds any more (its watch was never closed) drops out, and stops being renewed.
+        self._watched: dict[Any, tuple[RedisBackend, weakref.WeakSet[Cursor]]] = {}
         self._thread: threading.Thread | None = None
 
     def add(self, cursor: Cursor) -> None:
         key = (cursor.backend._url, cursor.backend.namespace)
         with self._mutex:
-            self._watched.setdefault(key, (cursor.backend, set()))[1].add(cursor)
+            self._watched.setdefault(key, (cursor.backend, weakref.WeakSet()))[1].add(cursor)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._tick_forever, name="sharedstate-watches", daemon=True)
                 self._thread.start()
@@ -190,7 +200,7 @@ class Registry:
     def _tick_forever(self) -> None:
         while True:
             with self._mutex:
-                watched = [(backend, set(cursors)) for backend, cursors in self._watched.values()]
+                watched = [(backend, set(cursors)) for backend, cursors in self._watched.values() if cursors]
                 if not watched:
                     self._thread = None
                     return
@@ -241,9 +251,7 @@ class Watcher:
         if self._closed:
             return []
         cursor = self._cursor
-        if cursor.generation != _fork.generation:  # a forked child: register it as this process' own
-            cursor.generation, cursor.lapsed = _fork.generation, True
-            registry.add(cursor)
+        cursor.adopt()
         conn = cursor.backend._conn
         return _guarded(cursor, lambda: run(cursor.read(timeout), conn, conn.watches))
 
