@@ -22,15 +22,22 @@ PURGE_BATCH = 100
 #: Opens every script on a state's names. KEYS: data, scopes, deadlines, changes, watching (``NAMESPACE:``
 #: ``data``, ``scopes``, ``deadlines`` (a sorted set: name by its absolute deadline, UTC seconds of Redis'
 #: ``TIME``), ``changes`` (the stream) and ``watching`` (present while anyone watches: the stream's cap)).
+#: ``clock`` asks Redis' ``TIME`` once, and only when a deadline is involved: a state without expiry never
+#: pays for it.
 #: ``note`` writes a change to the stream, only while someone watches, with ids ``0-1``, ``0-2``... one
 #: after the other, so a watcher sees a gap where the cap trimmed entries it had not read. ``fresh``
 #: removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
 PRELUDE = """
 local D, S, X, C, W = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local nowtext = string.format('%.6f', now)
-local cap = nil
+local now, nowtext, cap
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    nowtext = string.format('%.6f', now)
+  end
+  return now
+end
 local function watched()
   if cap == nil then cap = redis.call('GET', W) or false end
   return cap
@@ -53,15 +60,17 @@ local function drop(name, kind)
 end
 local function fresh(name)
   local d = redis.call('ZSCORE', X, name)
-  if d and tonumber(d) <= now then drop(name, 'e') end
+  if d and tonumber(d) <= clock() then drop(name, 'e') end
 end
 local function purge(limit)
+  if redis.call('EXISTS', X) == 0 then return end
+  clock()
   local due = redis.call('ZRANGEBYSCORE', X, '-inf', nowtext, 'LIMIT', 0, limit)
   for i = 1, #due do drop(due[i], 'e') end
 end
 local function expire_in(name, ttl)
   if ttl == '' then redis.call('ZREM', X, name)
-  else redis.call('ZADD', X, string.format('%.6f', now + tonumber(ttl)), name) end
+  else redis.call('ZADD', X, string.format('%.6f', clock() + tonumber(ttl)), name) end
 end
 """
 
@@ -232,12 +241,14 @@ return out
 #: The number of names.
 LENGTH = """
 purge(PURGE_BATCH)
+clock()
 return redis.call('HLEN', D) - redis.call('ZCOUNT', X, '-inf', nowtext)
 """
 
 #: {every name and text (HGETALL), the names past their deadline not removed yet}.
 SNAPSHOT = """
 purge(PURGE_BATCH)
+clock()
 return {redis.call('HGETALL', D), redis.call('ZRANGEBYSCORE', X, '-inf', nowtext)}
 """
 
@@ -255,7 +266,7 @@ TTL = """
 fresh(ARGV[1])
 local d = redis.call('ZSCORE', X, ARGV[1])
 if not d then return nil end
-return string.format('%.6f', tonumber(d) - now)
+return string.format('%.6f', tonumber(d) - clock())
 """
 
 CLEAR = """
@@ -277,7 +288,7 @@ return 1
 #: Returns {1 if the process' registration had lapsed (changes may have gone unnoted), the stream's last id}.
 WATCH = """
 purge(tonumber(ARGV[4]))
-local nowms = math.floor(now * 1000)
+local nowms = math.floor(clock() * 1000)
 local lease = tonumber(ARGV[2])
 local mine = redis.call('ZSCORE', KEYS[6], ARGV[1])
 local lapsed = 0
@@ -309,9 +320,12 @@ local out = {r[1]}
 local items = r[2]
 local step = 2
 if ARGV[3] == '1' then step = 1 end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local deadlines = redis.call('EXISTS', KEYS[2]) == 1
+local now = 0
+if deadlines then
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+end
 for i = 1, #items, 2 do
   local d = deadlines and redis.call('ZSCORE', KEYS[2], items[i])
   if not d or tonumber(d) > now then
