@@ -51,25 +51,28 @@ def test_a_deadline_is_redis_time_plus_the_ttl_and_every_read_hides_the_name_pas
 
 
 def test_another_clients_write_removes_every_expired_name_and_reads_hide_those_beyond_a_batch(
-    redis_server, redis_namespace
+    redis_server, redis_namespace, tmp_path
 ):
-    """More names expire at once than one script removes (``PURGE_BATCH``): reads hide them all, each
-    write of any client removes another batch."""
+    """More names expire at once than one script removes (``PURGE_BATCH``; restored with one deadline):
+    reads hide them all, each write of any client removes another batch."""
     count = PURGE_BATCH + 50
+    path = tmp_path / "many.json"
+    deadline = time.time() + 0.3
+    write_snapshot(path, {f"n{i}": i for i in range(count)}, {}, ours=False,
+                   deadlines={f"n{i}": deadline for i in range(count)})  # fmt: skip
     with sharedstate.connect(redis_server.url, namespace=redis_namespace) as one:
-        one.update({f"n{i}": i for i in range(count)})
-        for i in range(count):
-            one.expire(f"n{i}", 0.2)
+        assert one.restore(path) == count
         one.set("stay", 0)
     with sharedstate.connect(redis_server.url, namespace=redis_namespace) as other:
-        wait_until(lambda: other.ttl("n0") is None, 5, what="the deadlines")
+        wait_until(lambda: other.ttl("n0") is None, 5, what="the deadline")
         names, deadlines = _raw(redis_server, redis_namespace)
-        assert len(names) > count - 2 and len(deadlines) > count - 2  # still held by Redis
-        assert len(other) == 1 and other.names() == ["stay"] and other.snapshot() == {"stay": 0}
-        other.incr("stay")
+        assert len(names) == count and len(deadlines) == count - 1  # still held by Redis (ttl() removed n0)
+        assert other.names() == ["stay"] and other.get_many(["n1", "n149", "stay"]) == {"stay": 0}
+        assert len(other) == 1
         names, deadlines = _raw(redis_server, redis_namespace)
-        assert "stay" in names and len(names) <= count + 1 - PURGE_BATCH
+        assert len(names) == count - 2 - PURGE_BATCH  # len() removed a batch, get_many() the names it read
         other.incr("stay")
+        assert other.snapshot() == {"stay": 1}
         assert _raw(redis_server, redis_namespace) == ({"stay"}, {})
 
 

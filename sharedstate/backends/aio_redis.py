@@ -30,7 +30,7 @@ from typing import Any
 
 from sharedstate import _fork
 from sharedstate._changes import Change
-from sharedstate._errors import handle_closed
+from sharedstate._errors import SharedStateError, handle_closed
 from sharedstate._pattern import Pattern
 from sharedstate.backends.base import AsyncBackend
 from sharedstate.backends.redis import connection as _connection
@@ -249,5 +249,10 @@ class AsyncWatcher:
 
     async def aclose(self) -> None:
         if not self._closed:
-            self._closed = True
+            self._closed = self._cursor.closed = True
             _watch.registry.remove(self._cursor)
+            if self._cursor.reading:  # in another task: wake it
+                try:
+                    await self.run(self._cursor.wake)
+                except SharedStateError as exc:  # its wait ends at its next slice all the same
+                    _watch.log.debug("could not wake a closed watcher: %s", exc)

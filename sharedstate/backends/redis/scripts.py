@@ -282,8 +282,7 @@ return 1
 """
 
 #: KEYS: the five, then ``NAMESPACE:watchers`` (a sorted set: a watching process' token by the deadline of
-#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge, '1'
-#: to wake the process' watchers if its registration had lapsed (an entry of kind 'w', which they skip).
+#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge.
 #: Registers (or renews) the process, makes writers note changes for a lease, purges expired names.
 #: Returns {1 if the process' registration had lapsed (changes may have gone unnoted), the stream's last id}.
 WATCH = """
@@ -299,9 +298,6 @@ redis.call('PEXPIRE', KEYS[6], lease)
 local want = tonumber(ARGV[3])
 if watched() and tonumber(cap) > want then want = tonumber(cap) end
 redis.call('SET', W, want, 'PX', lease)
-if lapsed == 1 and ARGV[5] == '1' then
-  redis.call('XADD', C, 'MAXLEN', '~', want, '0-*', 'k', 'w', 'n', '', 'v', '', 's', '')
-end
 local last = '0-0'
 if redis.call('EXISTS', C) == 1 then
   local info = redis.call('XINFO', 'STREAM', C)
@@ -337,7 +333,8 @@ return out
 """
 
 #: The same notes as ``PRELUDE``'s, for what a ``MULTI`` block writes (``update``, ``restore``). KEYS:
-#: changes, watching. ARGV: kind, then name and value for each change ('c' and 'R': none).
+#: changes, watching. ARGV: kind, then name and value for each change ('c' and 'R': none; 'w', which
+#: every watcher skips: only to wake them).
 NOTE_MANY = """
 local cap = redis.call('GET', KEYS[2])
 if not cap then return 0 end

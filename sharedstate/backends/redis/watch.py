@@ -95,12 +95,14 @@ class Cursor:
         self.last = 0
         #: Changes may have gone past unread: the next read answers ``OVERFLOWED`` and starts again.
         self.lapsed = False
+        #: The watch was closed (a read under way ends); a read is under way.
+        self.closed = self.reading = False
         self.generation = _fork.generation
         self._slice = min(BLOCK_SLICE_S, backend.timeout / 2)
 
     def start(self) -> Operation:
         """Register this process and take the stream's last id as the place to read from."""
-        reply = yield tick(self.backend, max(STREAM_MIN, self.buffer), 0, wake=False)
+        reply = yield tick(self.backend, max(STREAM_MIN, self.buffer), 0)
         self.last = _seq(reply[1])
         self.lapsed = False
 
@@ -113,34 +115,50 @@ class Cursor:
 
     def read(self, timeout: float | None) -> Operation:
         """The changes after ``last`` that pass the filters, waiting up to ``timeout`` (``None``: as long as
-        it takes) for one; ``[]`` when none came in time."""
+        it takes) for one; ``[]`` when none came in time or the watch was closed. Past ``buffer`` of them,
+        or after a gap, ``OVERFLOWED`` and the newest ``buffer`` changes read (a queue that dropped what it
+        held, as the local server's does); after a lapse, ``OVERFLOWED`` and the present."""
         deadline = None if timeout is None else time.monotonic() + timeout
         changes: list[Change] = []
+        overflowed = False
         stream = self.backend._changes_key
-        while True:
-            if self.lapsed:
-                yield from self.start()
-                return [*changes, OVERFLOWED]
-            left = self._slice if deadline is None else min(self._slice, deadline - time.monotonic())
-            block = None if changes or left <= 0 else max(1, int(left * 1000))
-            options = {"count": READ_CHUNK} if block is None else {"count": READ_CHUNK, "block": block}
-            entries = _entries((yield Command("xread", ({stream: f"0-{self.last}"},), options)))
-            for entry_id, fields in entries:
-                seq = _seq(entry_id)
-                if seq != self.last + 1:  # trimmed before it was read (or the stream began again)
+        self.reading = True
+        try:
+            while True:
+                if self.closed:
+                    return []
+                if self.lapsed:
                     yield from self.start()
-                    return [*changes, OVERFLOWED]
-                self.last = seq
-                change = self._change(fields)
-                if change is not None:
-                    changes.append(change)
-            if len(changes) > self.buffer:
-                yield from self.start()
-                return [OVERFLOWED]
-            if len(entries) == READ_CHUNK:
-                continue  # more may be waiting: take them without blocking
-            if changes or block is None or (deadline is not None and time.monotonic() >= deadline):
-                return changes
+                    return [OVERFLOWED]
+                left = self._slice if deadline is None else min(self._slice, deadline - time.monotonic())
+                block = None if changes or overflowed or left <= 0 else max(1, int(left * 1000))
+                options = {"count": READ_CHUNK} if block is None else {"count": READ_CHUNK, "block": block}
+                entries = _entries((yield Command("xread", ({stream: f"0-{self.last}"},), options)))
+                for entry_id, fields in entries:
+                    seq = _seq(entry_id)
+                    if seq != self.last + 1:  # trimmed before it was read (or the stream began again)
+                        overflowed = True
+                        changes.clear()
+                    self.last = seq
+                    change = self._change(fields)
+                    if change is not None:
+                        changes.append(change)
+                if len(changes) > self.buffer:
+                    overflowed = True
+                    del changes[: -self.buffer]
+                if len(entries) == READ_CHUNK:
+                    continue  # more may be waiting: take them without blocking
+                if overflowed:
+                    return [OVERFLOWED, *changes]
+                if changes or block is None or (deadline is not None and time.monotonic() >= deadline):
+                    return changes
+        finally:
+            self.reading = False
+
+    def wake(self) -> Operation:
+        """End the ``read``s blocked in other threads or tasks (after ``closed`` or ``lapsed``): an entry every
+        watcher skips."""
+        yield Script("note_many", self.backend._keys[3:5], ["w"])
 
     def _change(self, fields: dict[Any, Any]) -> Change | None:
         """The change an entry notes, or ``None`` if this watcher's filters leave it out."""
@@ -164,11 +182,10 @@ class Cursor:
         return Change(name, kind)
 
 
-def tick(backend: RedisBackend, cap: int, purge: int, wake: bool = True) -> Script:
-    """The ``scripts.WATCH`` step: (re)register this process as watching ``backend``'s namespace; ``wake``
-    its watchers if the registration had lapsed (so they answer the overflow at once)."""
+def tick(backend: RedisBackend, cap: int, purge: int) -> Script:
+    """The ``scripts.WATCH`` step: (re)register this process as watching ``backend``'s namespace."""
     keys = [*backend._keys, backend._prefix + "watchers"]
-    return Script("watch", keys, [_token, int(LEASE_S * 1000), cap, purge, "1" if wake else "0"])
+    return Script("watch", keys, [_token, int(LEASE_S * 1000), cap, purge])
 
 
 class Registry:
@@ -211,9 +228,13 @@ class Registry:
                 except Exception as exc:  # never let this thread die; a lapse is found at the next tick
                     log.debug("could not renew the watches of %r: %s", backend, exc)
                     continue
-                if lapsed:
+                if lapsed and cursors:
                     for cursor in cursors:
                         cursor.lapsed = True
+                    try:  # then wake them, so that they answer the overflow at once
+                        run(next(iter(cursors)).wake(), backend._conn)
+                    except Exception as exc:
+                        log.debug("could not wake the watchers of %r: %s", backend, exc)
             time.sleep(TICK_S)
 
 
@@ -257,8 +278,13 @@ class Watcher:
 
     def close(self) -> None:
         if not self._closed:
-            self._closed = True
+            self._closed = self._cursor.closed = True
             registry.remove(self._cursor)
+            if self._cursor.reading:  # in another thread: wake it
+                try:
+                    run(self._cursor.wake(), self._cursor.backend._conn)
+                except connection.RedisError as exc:  # its wait ends at its next slice all the same
+                    log.debug("could not wake a closed watcher: %s", exc)
 
 
 def _guarded(cursor: Cursor, call: Any) -> Any:
