@@ -222,10 +222,10 @@ class RedisBackend(FileCalls, LockCalls):
         if (kind is int and -EXACT_INT < by < EXACT_INT) or (kind is float and math.isfinite(by)):
             args = [name, repr(by), "i" if kind is int else "f", EXACT_INT, _ttl(ttl)]
             reply = yield Script("incr", self._keys, args)
-            status = reply[0]
-            if status == b"ok":
+            status = _text(reply[0])  # bytes, or str with decode_responses in the URL
+            if status == "ok":
                 return loads(reply[1])
-            if status == b"type":
+            if status == "type":
                 add(name, loads(reply[1]), by)  # the TypeError of a value that is not a number
             read = reply[1:]  # what the script saw: no need to read it again
         else:
@@ -267,10 +267,10 @@ class RedisBackend(FileCalls, LockCalls):
     @operation
     def append(self, name: str, item: Any) -> Operation:
         reply = yield Script("append", self._keys, [name, dumps(item)])
-        status = reply[0]
-        if status == b"ok":
+        status = _text(reply[0])
+        if status == "ok":
             return int(reply[1])
-        if status == b"type":
+        if status == "type":
             appended(name, loads(reply[1]), item)  # the TypeError of a value that is not a list
         return len((yield from self._swap(name, lambda current: appended(name, current, item), "", reply[1:])))
 
