@@ -95,6 +95,9 @@ class Cursor:
         self.last = 0
         #: Changes may have gone past unread: the next read answers ``OVERFLOWED`` and starts again.
         self.lapsed = False
+        #: When it last took its place in the stream (``start``): a lapse found by a tick begun later
+        #: concerns it no more.
+        self.started = 0.0
         #: The watch was closed (a read under way ends); a read is under way.
         self.closed = self.reading = False
         self.generation = _fork.generation
@@ -105,6 +108,7 @@ class Cursor:
         reply = yield tick(self.backend, max(STREAM_MIN, self.buffer), 0)
         self.last = _seq(reply[1])
         self.lapsed = False
+        self.started = time.monotonic()
 
     def adopt(self) -> None:
         """In a forked child, make the watch this process' own: registered here, and read from the present
@@ -223,11 +227,13 @@ class Registry:
                     return
             for backend, cursors in watched:
                 cap = max(STREAM_MIN, *(cursor.buffer for cursor in cursors))
+                begun = time.monotonic()
                 try:
                     lapsed = run(_ticked(tick(backend, cap, TICK_PURGE)), backend._conn)
                 except Exception as exc:  # never let this thread die; a lapse is found at the next tick
                     log.debug("could not renew the watches of %r: %s", backend, exc)
                     continue
+                cursors = {cursor for cursor in cursors if cursor.started < begun}
                 if lapsed and cursors:
                     for cursor in cursors:
                         cursor.lapsed = True
