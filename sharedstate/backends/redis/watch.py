@@ -220,28 +220,35 @@ class Registry:
 
     def _tick_forever(self) -> None:
         while True:
+            time.sleep(TICK_S)  # a watch was registered by its start: the first tick can wait
             with self._mutex:
                 watched = [(backend, set(cursors)) for backend, cursors in self._watched.values() if cursors]
                 if not watched:
                     self._thread = None
                     return
             for backend, cursors in watched:
-                cap = max(STREAM_MIN, *(cursor.buffer for cursor in cursors))
-                begun = time.monotonic()
-                try:
-                    lapsed = run(_ticked(tick(backend, cap, TICK_PURGE)), backend._conn)
-                except Exception as exc:  # never let this thread die; a lapse is found at the next tick
-                    log.debug("could not renew the watches of %r: %s", backend, exc)
-                    continue
-                cursors = {cursor for cursor in cursors if cursor.started < begun}
-                if lapsed and cursors:
-                    for cursor in cursors:
-                        cursor.lapsed = True
-                    try:  # then wake them, so that they answer the overflow at once
-                        run(next(iter(cursors)).wake(), backend._conn)
-                    except Exception as exc:
-                        log.debug("could not wake the watchers of %r: %s", backend, exc)
-            time.sleep(TICK_S)
+                self._tick(backend, cursors)
+            del watched, backend, cursors  # hold no cursor while asleep: one nobody holds drops out
+
+    @staticmethod
+    def _tick(backend: RedisBackend, cursors: set[Cursor]) -> None:
+        """Renew this process' registration for ``backend``'s namespace and purge; if it had lapsed, mark
+        the cursors that took their place before, then wake them, so that they answer the overflow at once."""
+        cap = max(STREAM_MIN, *(cursor.buffer for cursor in cursors))
+        begun = time.monotonic()
+        try:
+            lapsed = run(_ticked(tick(backend, cap, TICK_PURGE)), backend._conn)
+        except Exception as exc:  # never let the thread die; a lapse is found at the next tick
+            log.debug("could not renew the watches of %r: %s", backend, exc)
+            return
+        concerned = [cursor for cursor in cursors if cursor.started < begun]
+        if lapsed and concerned:
+            for cursor in concerned:
+                cursor.lapsed = True
+            try:
+                run(concerned[0].wake(), backend._conn)
+            except Exception as exc:
+                log.debug("could not wake the watchers of %r: %s", backend, exc)
 
 
 def _ticked(step: Script) -> Operation:
