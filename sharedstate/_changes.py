@@ -1,7 +1,9 @@
-"""``Change``: one change of the state as a watcher receives it (``State.watch``), on every backend."""
+"""``Change``: one change of the state as a watcher receives it (``State.watch``), on every backend; and
+the deadline of a wait for changes, which the facade and the backends share."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
 #: The kinds of change, in the words ``Change.kind`` uses.
@@ -24,3 +26,13 @@ class Change(NamedTuple):
     name: str | None
     kind: str
     value: Any = None
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` a wait of ``timeout`` seconds ends at (``None``: never)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def left(deadline: float | None) -> float | None:
+    """The seconds left until ``deadline`` (never below 0; ``None``: no deadline)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -358,6 +358,8 @@ def _show(args: argparse.Namespace) -> int:
     snapshot = read_snapshot(path)
     data, scopes = (snapshot.data, snapshot.scopes) if snapshot is not None else ({}, {})
     doc = {"names": data, "scopes": {name: list(scope) for name, scope in scopes.items()}}
+    if snapshot is not None and snapshot.deadlines:
+        doc["deadlines"] = snapshot.deadlines  # absolute UTC seconds, as saved (some may have passed since)
     print(json.dumps(encode(doc), ensure_ascii=False, indent=2, allow_nan=False))
     return 0
 

@@ -108,6 +108,22 @@ def lock_lost(key: str | None) -> LockLost:
     )
 
 
+def permit_timeout(name: str, timeout: float, value: int) -> LockTimeout:
+    """The error of ``hold(timeout)`` on a semaphore whose ``value`` permits stayed taken for ``timeout`` s."""
+    message = f"no permit of semaphore {name!r} was free within {timeout:g} s (all {value} held)"
+    return LockTimeout(message, name, timeout)
+
+
+def permit_lost(name: str) -> LockLost:
+    """The error of a release by a process whose permit the semaphore no longer counts as its own."""
+    return LockLost(
+        f"a permit of semaphore {name!r} is no longer held by this process: it was given back for it (the server "
+        "restarted without it, this process' connections closed, or its lease ran out), so another holder may "
+        "have had it since",
+        name,
+    )
+
+
 def lock_not_held(key: str | None, holder: int | None) -> RuntimeError:
     """The error of a release by a thread that does not hold the lock (``holder``: the pid that does)."""
     by = "nobody" if holder is None else f"pid {holder}"

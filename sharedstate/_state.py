@@ -18,6 +18,7 @@ from sharedstate._errors import SharedStateError
 from sharedstate._lock import Lock, check_timeout
 from sharedstate._pattern import Pattern, compile_pattern
 from sharedstate._rules import check_increment
+from sharedstate._semaphore import Semaphore, check_permits
 from sharedstate._sentinels import DROPPED, MISSING, NO_DEFAULT
 from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_ttl, check_value
 from sharedstate._watch import WAIT_BUFFER, Changes, deadline_of, left, waited
@@ -261,6 +262,11 @@ class State(MutableMapping[str, Any]):
         """An independent lock for ``name`` (any ``str``; it need not be a stored name). ``lease``: a
         holder that is alive but has not renewed it for that many seconds (a stopped process) loses it."""
         return Lock(self, check_name(name), lease)
+
+    def semaphore(self, name: str, value: int = 1) -> Semaphore:
+        """A cross-process counting semaphore of ``value`` permits (Pode's ``New-PodeSemaphore``); the first
+        call that reaches the state fixes its value (docs/semaphores.md)."""
+        return Semaphore(self, check_name(name), check_permits(value))
 
     # -- the mapping --------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:

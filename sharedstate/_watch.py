@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from sharedstate._changes import OVERFLOW, RESTORED, SET, Change
+from sharedstate._changes import OVERFLOW, RESTORED, SET, Change, deadline_of, left
 
 if TYPE_CHECKING:
     from sharedstate.backends.base import AsyncWatcher, Watcher
+
+__all__ = ["AsyncChanges", "Changes", "deadline_of", "left", "waited"]
 
 #: The buffer of the watch behind ``wait``: it needs one change; more than this many of one name before
 #: it looks only say that the name changed, which ``wait`` then reads.
@@ -20,7 +21,8 @@ WAIT_BUFFER = 64
 
 class Changes(Iterator[Change]):
     """The changes since ``watch`` returned, in commit order; iterating blocks until the next one. A
-    context manager: leaving it (or ``close()``) stops the watch and frees what it holds."""
+    context manager: leaving it (or ``close()``) stops the watch and frees what it holds. Closed from
+    another thread, it ends an iteration blocked on it (the backend's watcher wakes its wait)."""
 
     def __init__(self, watcher: Watcher) -> None:
         self._watcher = watcher
@@ -99,14 +101,6 @@ class AsyncChanges(AsyncIterator[Change]):
         self._closed = True
         if self._watcher is not None:
             await self._watcher.aclose()
-
-
-def deadline_of(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def waited(name: str, change: Change | None, timeout: float | None) -> tuple[bool, Any]:

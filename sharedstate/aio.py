@@ -41,6 +41,7 @@ from sharedstate._lock import (
 )
 from sharedstate._pattern import compile_pattern
 from sharedstate._rules import check_increment
+from sharedstate._semaphore import AsyncSemaphore, check_permits
 from sharedstate._sentinels import MISSING, NO_DEFAULT, NOT_CACHED
 from sharedstate._state import (
     _PLAIN_FAST,
@@ -258,6 +259,10 @@ class AsyncState:
     def named_lock(self, name: str, lease: float | None = None) -> AsyncLock:
         """An independent lock for ``name``, owned per task; ``lease`` as for ``State.named_lock``."""
         return AsyncLock(self, check_name(name), lease)
+
+    def semaphore(self, name: str, value: int = 1) -> AsyncSemaphore:
+        """``State.semaphore`` for asyncio: an ``AsyncSemaphore``."""
+        return AsyncSemaphore(self, check_name(name), check_permits(value))
 
 
 for _name in ("get", "set", "remove", "contains", "names", "clear", "incr", "setdefault", "compare_and_set",

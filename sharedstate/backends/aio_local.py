@@ -28,10 +28,13 @@ from sharedstate.backends.local import (
     matched_names,
     names_args,
     read_result,
+    set_args,
 )
+from sharedstate.backends.local_watch import AsyncLocalWatcher, watch_args
 from sharedstate.wire.aio_calls import AsyncCalls
 from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
+from sharedstate.wire.expiring import unwrap_many
 
 _monotonic = time.monotonic
 
@@ -76,9 +79,9 @@ class AsyncLocalBackend(AsyncBackend):
         start = _monotonic()
         cache = await self._fresh_cache()
         stamp = None if cache is None else cache.stamp(name)  # before the request (``LocalBackend._read``)
-        value = read_result(method, await self._call(method, (name,), start))
+        value, deadline = read_result(method, await self._call(method, (name,), start))
         if stamp is not None and cache is self._slot.cache:
-            cache.fill(name, stamp, value)
+            cache.fill(name, stamp, value, deadline)
         return value
 
     async def get(self, name: str) -> Any:
@@ -98,9 +101,9 @@ class AsyncLocalBackend(AsyncBackend):
         start = _monotonic()
         cache = await self._fresh_cache()
         stamps = None if cache is None else cache.stamps(names)
-        found = await self._call("get_many", (names,), start)
+        found, deadlines = unwrap_many(await self._call("get_many", (names,), start))
         if stamps is not None and cache is self._slot.cache:
-            cache.fill_many(stamps, found)
+            cache.fill_many(stamps, found, deadlines)
         return found
 
     async def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
@@ -113,18 +116,28 @@ class AsyncLocalBackend(AsyncBackend):
         return await self._call("snapshot", ())
 
     # -- writes -------------------------------------------------------------------------------------
-    async def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None:
+    async def set(self, name: str, value: Any, scopes: tuple[str, ...], ttl: float | None = None) -> None:
         start = _monotonic()
         cache = await self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
-        stamp = await self._write("set", (name, value, scopes) if scopes else (name, value), start)
+        stamp = await self._write("set", set_args(name, value, scopes, ttl), start)
         if stamp is not None and kept is not None and cache is self._slot.cache:
-            cache.put(name, stamp, kept)
+            cache.put(name, stamp, kept, None if ttl is None else stamp[3])
 
     async def write(self, method: str, *args: Any) -> Any:
-        """Any other write: ``remove``, ``popitem``, ``clear``, ``incr``, ``setdefault``,
-        ``compare_and_set``, ``append``, ``update``, ``restore`` with the arguments of ``Backend``'s."""
+        """Any other write: ``remove``, ``popitem``, ``clear``, ``incr`` (``ttl`` last, if given),
+        ``expire``, ``setdefault``, ``compare_and_set``, ``append``, ``update``, ``restore`` with the
+        arguments of ``Backend``'s."""
         return await self._write(method, args)
+
+    async def ttl(self, name: str) -> float | None:
+        return await self._call("ttl", (name,))
+
+    # -- change notifications -----------------------------------------------------------------------
+    async def watch(
+        self, pattern: Pattern | None, names: tuple[str, ...] | None, scopes: tuple[str, ...], buffer: int
+    ) -> AsyncLocalWatcher:
+        return await AsyncLocalWatcher(self._calls, pattern, watch_args(pattern, names, scopes, buffer)).open()
 
     # -- files and figures --------------------------------------------------------------------------
     async def save(
@@ -148,18 +161,21 @@ class AsyncLocalBackend(AsyncBackend):
     ) -> bool:
         """``Backend.lock_acquire``; ``late(answer)`` runs with the answer of a wait whose task was
         cancelled (``AsyncCalls.lock_wait``)."""
+        return await self._acquire("lock_acquire", (name, owner, blocking, timeout, lease, held), late)
+
+    async def _acquire(self, method: str, args: tuple[Any, ...], late: Callable[[Any], None]) -> bool:
+        """``lock_acquire`` or ``sem_acquire`` (``args``: the server call's, blocking and timeout third and fourth)."""
         # First without waiting, on the shared connection: the uncontended path is one round trip there.
         # Shielded: a task cancelled while its try is in flight hands a lock it took all the same to ``late``.
-        attempt = asyncio.ensure_future(self._calls.lock_call("lock_acquire", (name, owner, False, None, lease, held)))
+        attempt = asyncio.ensure_future(self._calls.lock_call(method, (*args[:2], False, None, *args[4:])))
         try:
             taken = await asyncio.shield(attempt)
         except asyncio.CancelledError:
             attempt.add_done_callback(functools.partial(_late_answer, late))
             raise
-        if taken or not blocking or timeout == 0:
+        if taken or not args[2] or args[3] == 0:
             return taken
-        args = (name, owner, True, timeout, lease, held)
-        return await self._calls.lock_wait(args, acquire_again(args), late)
+        return await self._calls.wait(method, args, acquire_again(args), late)
 
     async def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         if not held:  # the server answers with the RuntimeError naming the holder
@@ -173,6 +189,21 @@ class AsyncLocalBackend(AsyncBackend):
 
     async def lock_owner(self, name: str | None) -> int | None:
         return await self._call("lock_owner", (name,))
+
+    # -- semaphores (as ``LocalBackend``'s; ``late`` as for ``lock_acquire``) -------------------------
+    async def sem_acquire(
+        self, name: str, value: int, blocking: bool, timeout: float | None, owner: Hashable, late: Any
+    ) -> bool:
+        return await self._acquire("sem_acquire", (name, value, blocking, timeout, owner, next(_sequence)), late)
+
+    async def sem_release(self, name: str, value: int, held: int, owner: Hashable) -> None:
+        if held:
+            await self._calls.lock_call("sem_release", (name, value, held, owner, next(_sequence)))
+        else:
+            await self._call("sem_release", (name, value, 0))
+
+    async def sem_value(self, name: str, value: int) -> int:
+        return await self._call("sem_value", (name, value))
 
 
 def _late_answer(late: Callable[[Any], None], attempt: asyncio.Future[Any]) -> None:

@@ -37,6 +37,7 @@ from sharedstate.backends.redis import connection as _connection
 from sharedstate.backends.redis import watch as _watch
 from sharedstate.backends.redis.backend import RedisBackend
 from sharedstate.backends.redis.connection import import_redis_asyncio
+from sharedstate.backends.redis.semaphores import AsyncSemaphoreCalls
 from sharedstate.backends.redis.steps import Operation, run_async, run_watch
 from sharedstate.backends.redis.watch import Cursor
 
@@ -46,7 +47,7 @@ __all__ = ["AsyncRedisBackend", "import_redis_asyncio"]
 _INHERITED: list[Any] = []
 
 
-class AsyncRedisBackend(AsyncBackend):
+class AsyncRedisBackend(AsyncSemaphoreCalls, AsyncBackend):
     """The operations of ``Backend`` as coroutines, on the Redis state of ``sync`` (a ``RedisBackend``),
     with its options; its call counts and lock waits are ``sync``'s figures."""
 

@@ -167,6 +167,20 @@ class Backend(Protocol):
 
     def lock_owner(self, name: str | None) -> int | None: ...
 
+    # -- semaphores (``value``: checked, fixed by the first call; ``owner``: as for locks) --------------
+    def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, owner: Hashable) -> bool:
+        """Take a permit for this process; ``ValueError`` if the semaphore has another value."""
+        ...
+
+    def sem_release(self, name: str, value: int, held: int, owner: Hashable) -> None:
+        """Give back one of this process' permits (it believes it holds ``held``): ``RuntimeError`` if it
+        holds none, ``LockLost`` if it held one that was given back for it."""
+        ...
+
+    def sem_value(self, name: str, value: int) -> int:
+        """The permits free now."""
+        ...
+
     def close(self) -> None:
         """Close this thread's (or process') connections; the next call opens them again."""
         ...
@@ -176,9 +190,9 @@ class AsyncBackend:
     """What the asyncio face of a backend shares (``aio_local``, ``aio_redis``): the blocking backend of
     the same state it is made from (``sync``), whose address and identity are its own. Its operations are
     those of ``Backend`` as coroutines, every write but ``set`` as ``write(method, *args)`` (``expire``
-    too; ``incr`` with a ``ttl`` as ``write("incr", name, by, ttl)``), and ``lock_acquire`` takes a
-    ``late(answer)`` too: what to do with the answer of a wait whose task was cancelled. ``watch`` is a
-    coroutine that answers an ``AsyncWatcher``."""
+    too; ``incr`` with a ``ttl`` as ``write("incr", name, by, ttl)``), and ``lock_acquire`` (and
+    ``sem_acquire``) takes a ``late(answer)`` too: what to do with the answer of a wait whose task was
+    cancelled. ``watch`` is a coroutine that answers an ``AsyncWatcher``."""
 
     def __init__(self, sync: Backend) -> None:
         self.sync = sync

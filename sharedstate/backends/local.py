@@ -16,10 +16,12 @@ from sharedstate._errors import ServerUnavailable
 from sharedstate._pattern import Pattern
 from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
+from sharedstate.backends.local_watch import LocalWatcher, watch_args
 from sharedstate.wire.addresses import CALL_TIMEOUT, Address, check_server_supported, resolve
 from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
 from sharedstate.wire.calls import Calls
+from sharedstate.wire.expiring import unwrap, unwrap_many
 
 _monotonic = time.monotonic
 
@@ -120,9 +122,9 @@ class LocalBackend:
         cache = self._fresh_cache()
         # The counters are read before the request: a change after this makes the entry stale.
         stamp = None if cache is None else cache.stamp(name)
-        value = read_result(method, self._call(method, (name,), start))
+        value, deadline = read_result(method, self._call(method, (name,), start))
         if stamp is not None and cache is self._slot.cache:  # not after a reconnection to a new server
-            cache.fill(name, stamp, value)
+            cache.fill(name, stamp, value, deadline)
         return value
 
     def get(self, name: str) -> Any:
@@ -142,11 +144,11 @@ class LocalBackend:
         start = _monotonic()
         cache = self._fresh_cache()
         if cache is None:
-            return self._call("get_many", (names,), start)
+            return unwrap_many(self._call("get_many", (names,), start))[0]
         stamps = cache.stamps(names)
-        found = self._call("get_many", (names,), start)
+        found, deadlines = unwrap_many(self._call("get_many", (names,), start))
         if cache is self._slot.cache:  # not after a reconnection to a new server
-            cache.fill_many(stamps, found)
+            cache.fill_many(stamps, found, deadlines)
         return found
 
     def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> list[str]:
@@ -159,14 +161,15 @@ class LocalBackend:
         return self._call("snapshot", ())
 
     # -- writes -------------------------------------------------------------------------------------
-    def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None:
+    def set(self, name: str, value: Any, scopes: tuple[str, ...], ttl: float | None = None) -> None:
         start = _monotonic()
         cache = self._fresh_cache()
         kept = None if cache is None else encode(value)  # as sent, whatever the caller does to it next
-        stamp = self._write("set", (name, value, scopes) if scopes else (name, value), start)
+        stamp = self._write("set", set_args(name, value, scopes, ttl), start)
         if stamp is not None and kept is not None and cache is self._slot.cache:
-            # The server's counters right after this change: the value is the server's until they move.
-            cache.put(name, stamp, kept)
+            # The server's counters right after this change: the value is the server's until they move
+            # (or its deadline, which the server answers after them).
+            cache.put(name, stamp, kept, None if ttl is None else stamp[3])
 
     def remove(self, name: str) -> Any:
         return self._write("remove", (name,))
@@ -177,8 +180,14 @@ class LocalBackend:
     def clear(self) -> None:
         self._write("clear", ())
 
-    def incr(self, name: str, by: Any) -> Any:
-        return self._write("incr", (name, by))
+    def incr(self, name: str, by: Any, ttl: float | None = None) -> Any:
+        return self._write("incr", (name, by) if ttl is None else (name, by, ttl))
+
+    def expire(self, name: str, ttl: float | None) -> bool:
+        return self._write("expire", (name, ttl))
+
+    def ttl(self, name: str) -> float | None:
+        return self._call("ttl", (name,))
 
     def setdefault(self, name: str, default: Any) -> Any:
         return self._write("setdefault", (name, default))
@@ -191,6 +200,12 @@ class LocalBackend:
 
     def update(self, mapping: dict[str, Any]) -> None:
         self._write("update", (mapping,))
+
+    # -- change notifications -----------------------------------------------------------------------
+    def watch(
+        self, pattern: Pattern | None, names: tuple[str, ...] | None, scopes: tuple[str, ...], buffer: int
+    ) -> LocalWatcher:
+        return LocalWatcher(self._calls, pattern, watch_args(pattern, names, scopes, buffer))
 
     # -- files and figures --------------------------------------------------------------------------
     def save(
@@ -229,6 +244,21 @@ class LocalBackend:
     def lock_owner(self, name: str | None) -> int | None:
         return self._call("lock_owner", (name,))
 
+    # -- semaphores (``server/semaphores``; the arguments: ``_semaphore``'s) --------------------------
+    def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, owner: Hashable) -> bool:
+        # The request id: a call sent again after a crash is answered as it was (``server/semaphores``).
+        args = (name, value, blocking, timeout, owner, next(_sequence))
+        return self._calls.lock_call("sem_acquire", args, None if timeout is None else acquire_again(args))
+
+    def sem_release(self, name: str, value: int, held: int, owner: Hashable) -> None:
+        if held:
+            self._calls.lock_call("sem_release", (name, value, held, owner, next(_sequence)))
+        else:  # the server answers with the RuntimeError
+            self._call("sem_release", (name, value, 0))
+
+    def sem_value(self, name: str, value: int) -> int:
+        return self._call("sem_value", (name, value))
+
 
 # -- what the blocking and the asyncio backends share ---------------------------------------------------
 def cached(cache: ClientCache | None, name: str, method: str, count_miss: bool = True) -> Any:
@@ -258,11 +288,20 @@ def cached_many(cache: ClientCache | None, names: list[str]) -> dict[str, Any] |
     return found
 
 
-def read_result(method: str, answer: Any) -> Any:
-    """The answer of a read as the cache keeps it (``contains``: ``PRESENT`` or ``MISSING``)."""
+def read_result(method: str, answer: Any) -> tuple[Any, float | None]:
+    """The answer of a read as the cache keeps it (``contains``: ``PRESENT`` or ``MISSING``), and the
+    name's deadline (``None``: it does not expire)."""
+    value, deadline = unwrap(answer)
     if method == "contains":
-        return PRESENT if answer else MISSING
-    return answer
+        return (PRESENT if value else MISSING), deadline
+    return value, deadline
+
+
+def set_args(name: str, value: Any, scopes: tuple[str, ...], ttl: float | None) -> tuple[Any, ...]:
+    """The arguments of the server's ``set``, the shortest that say it."""
+    if ttl is not None:
+        return (name, value, scopes, ttl)
+    return (name, value, scopes) if scopes else (name, value)
 
 
 def names_args(pattern: Pattern | None, scopes: tuple[str, ...]) -> tuple[Any, ...]:
@@ -281,13 +320,13 @@ def matched_names(pattern: Pattern | None, found: Any) -> list[str]:
 
 
 def acquire_again(args: tuple[Any, ...]) -> Callable[[], tuple[Any, ...]]:
-    """The arguments of a blocking ``lock_acquire`` sent again after a crash of the server: with what is
-    left of its timeout."""
-    name, owner, blocking, timeout, lease, held = args
+    """The arguments of a blocking ``lock_acquire`` (or ``sem_acquire``: the timeout is the fourth of
+    either) sent again after a crash of the server: with what is left of its timeout."""
+    timeout = args[3]
     end = None if timeout is None else _monotonic() + timeout
 
     def again() -> tuple[Any, ...]:
-        return (name, owner, blocking, None if end is None else max(0.0, end - _monotonic()), lease, held)
+        return (*args[:3], None if end is None else max(0.0, end - _monotonic()), *args[4:])
 
     return again
 

@@ -140,6 +140,7 @@ class ServerProcess:
             threading.Thread(target=self._watch_owner, name="sharedstate-owner", daemon=True).start()
         if self.schedule is not None:
             threading.Thread(target=self._save_on_schedule, name="sharedstate-schedule", daemon=True).start()
+        threading.Thread(target=self._sweep, name="sharedstate-sweep", daemon=True).start()
         while not server.stop_event.is_set():
             if signalled:
                 self.stop(signalled[0])
@@ -157,6 +158,18 @@ class ServerProcess:
         while not self.server.stop_event.wait(OWNER_POLL_S):
             if not process_alive(config.owner_pid, config.owner_create_time):
                 self.stop(f"owner process {config.owner_pid} is gone")
+                return
+
+    def _sweep(self) -> None:
+        """Remove expired names as they expire (``Store.sweep``)."""
+        assert self.server is not None
+        while True:
+            try:
+                wait = self.service.sweep()
+            except Exception as exc:  # a journal that cannot be written: the names stay, and are tried again
+                log.error("could not remove expired names: %s", exc)
+                wait = 1.0
+            if self.server.stop_event.wait(wait):
                 return
 
     def _save_on_schedule(self) -> None:
@@ -184,6 +197,7 @@ class ServerProcess:
                 self._ownership.release()
             if self.service.lock_file is not None:  # a clean stop: no lock outlives this server
                 self.service.lock_file.close(remove=True)
+            self.service.semaphores.close(remove=True)
             if self._key_file is not None:
                 try:
                     os.unlink(self._key_file)

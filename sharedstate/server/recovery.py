@@ -31,6 +31,8 @@ def recover(service: StateService, path: Path) -> None:
             _check_backup_journals(path, bak, snapshot.generation, files)
             log.warning("%s is missing: starting from its backup %s (%d names)", path, bak, len(snapshot.data))
             service.restored_from_backup = 1
+    # The files are replayed as the server made them: the clock decides no expiry until they all are.
+    service.deadlines.frozen = True
     if snapshot is not None:
         service.install(path, snapshot)
         service.answers.load(snapshot.answers or {})
@@ -43,6 +45,7 @@ def recover(service: StateService, path: Path) -> None:
     for record in replay_records(path, generation, files):
         service.apply(record)
         replayed += 1
+    service.deadlines.frozen = False
     newest = max([generation, *(g for g, _ in files)])
     if config.durability == "journal":
         journal = Journal(path, config.journal_fsync)
@@ -64,6 +67,8 @@ def recover(service: StateService, path: Path) -> None:
             # next start still replays none of them twice.
             service.save_to(path, why="save after replaying the journal", generation=newest + 1)
         Journal(path, "everysec").close(remove=True)
+    while service.sweep() == 0.0:  # names past their deadline go now (journaled, with a journal), all of them
+        pass
 
 
 def _check_backup_journals(path: Path, bak: Path, generation: int, files: list[tuple[int, Path]]) -> None:

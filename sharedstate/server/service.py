@@ -18,10 +18,12 @@ from sharedstate._rules import check_restored, select_saved
 from sharedstate._sentinels import HANDED
 from sharedstate.persistence.files import check_slot
 from sharedstate.persistence.snapshot import Snapshot, read_snapshot, write_snapshot
+from sharedstate.server.changes import Waiting
 from sharedstate.server.clients import RECONNECT_GRACE_S, Client, Clients
 from sharedstate.server.config import ServerConfig
 from sharedstate.server.lockfile import LockFile
 from sharedstate.server.locktable import LockTable
+from sharedstate.server.semaphores import SEMAPHORE_CALLS, SemaphoreCalls, SemaphoreTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
 
@@ -34,15 +36,19 @@ class CurrentClient(threading.local):
     client: Client | None = None
     #: Writes "you have the lock" to that connection: how a lock is handed over to a waiting call.
     notify: Callable[[], None] | None = None
-    #: Waits up to so many seconds for that connection to have something to read.
-    readable: Callable[[float], bool] | None = None
+    #: Waits up to so many seconds for that connection to have something to read (``True``), or for a
+    #: second descriptor to (``False``, as at the timeout).
+    readable: Callable[..., bool] | None = None
+    #: Its descriptor, and how its thread waits for a watch's changes (made at its first wait).
+    fd: int = -1
+    waiting: Waiting | None = None
 
 
 #: Set by the serving loop for the connection it serves; read by the lock calls.
 current_client = CurrentClient()
 
 
-class StateService(Store):
+class StateService(SemaphoreCalls, Store):
     """The store as clients see it: data operations, locks and statistics."""
 
     EXPOSED = Store.EXPOSED + (
@@ -54,13 +60,21 @@ class StateService(Store):
         "stats",
         "save",
         "restore",
+        *SEMAPHORE_CALLS,
+        "watch_open",
+        "watch_next",
+        "watch_close",
     )
+    current = current_client
 
     def __init__(self, config: ServerConfig) -> None:
         super().__init__()
         self.config = config
         self.lock_file = None if config.lock_file is None else LockFile(config.lock_file)
         self.locks = LockTable(self.lock_file)
+        # Permits are kept across a crash as locks are, in a lock file of their own beside the locks' one.
+        semaphore_file = None if config.lock_file is None else LockFile(config.lock_file + "-semaphores")
+        self.semaphores = SemaphoreTable(semaphore_file)
         self.started_at = time.time()
         self.address: Address | None = None
         self.clients = Clients()
@@ -86,11 +100,14 @@ class StateService(Store):
             return
         grace = time.monotonic() + RECONNECT_GRACE_S
         self.locks.rebuild(self.lock_file.load(), lambda holder: self.clients.holder(holder.client, grace))
+        self.semaphores.rebuild(self.semaphores.load(), lambda holder: self.clients.holder(holder.client, grace))
         self.clients.forget_dead()  # the holders found dead need no place among the clients
 
     def disconnected(self, client: Client) -> None:
         if self.clients.disconnected(client):
             self.locks.release_client(client)
+            self.semaphores.release_client(client)
+            self.watchers.drop_client(client)
 
     def info(self) -> dict[str, Any]:
         versions = None if self.versions is None else self.versions.info()
@@ -144,6 +161,28 @@ class StateService(Store):
     def lock_owner(self, key: str | None) -> int | None:
         return self.locks.owner(key)
 
+    # -- change notifications (``server.changes``) ------------------------------------------------------
+    def watch_open(self, pattern: str | None, names: list[str] | None, scopes: list[str], buffer: int) -> int:
+        """Start watching for the calling client; the watch's id. Lossless from this answer on."""
+        client = current_client.client
+        assert client is not None
+        return self.watchers.open(client, pattern, names, scopes, buffer)
+
+    def watch_next(self, ident: int, timeout: float | None, got: int = 0) -> list[tuple[Any, ...]]:
+        """The changes queued for watch ``ident``, waiting up to ``timeout`` seconds for the first, as a
+        lock wait does: in this connection's thread, with keepalives (``Watchers.next``)."""
+        current = current_client
+        assert current.client is not None and current.readable is not None
+        waiting = current.waiting
+        if waiting is None:
+            waiting = current.waiting = Waiting(current.fd)
+        return self.watchers.next(ident, current.client, timeout, got, current.readable, waiting)
+
+    def watch_close(self, ident: int) -> None:
+        client = current_client.client
+        assert client is not None
+        self.watchers.close(ident, client)
+
     # -- snapshots ----------------------------------------------------------------------------------
     def _target(self, path: str | None, verb: str) -> Path:
         if path is not None:
@@ -190,13 +229,13 @@ class StateService(Store):
             journal = self.journal if target == self.path else None
             if journal is not None:
                 generation = journal.generation + 1
-            data, scopes, answers = self.entries(final=final, new_generation=generation or None)
+            data, scopes, answers, deadlines = self.entries(final=final, new_generation=generation or None)
             if scope or include or exclude:
                 data = select_saved(data, scopes, include, exclude, scope)
             try:
                 # Only the server's own file keeps the answers: they belong to this server's clients.
                 own = target == self.path
-                write_snapshot(target, data, scopes, generation, answers if own else None, ours=own)
+                write_snapshot(target, data, scopes, generation, answers if own else None, own, deadlines)
                 if journal is not None:
                     journal.covered(generation)
             except Exception as exc:
@@ -219,9 +258,14 @@ class StateService(Store):
         return self.install(target, snapshot, merge)
 
     def install(self, target: Path, snapshot: Snapshot, merge: bool = False) -> int:
+        """Install ``snapshot``'s names, less those past their deadline (unless the server's files are being
+        replayed: ``deadlines.frozen``); return how many were installed."""
         data, scopes = snapshot.data, snapshot.scopes
         check_restored(data, snapshot.foreign, str(target))
-        self.replace(data, scopes, merge)
+        gone = self.deadlines.passed(snapshot.deadlines, time.time())
+        if gone:
+            data = {name: value for name, value in data.items() if name not in gone}
+        self.replace(data, scopes, merge, snapshot.deadlines)
         return len(data)
 
     # -- statistics ---------------------------------------------------------------------------------
@@ -242,7 +286,7 @@ class StateService(Store):
             "last_save_at": self.last_save_at,
             "last_save_s": self.last_save_s,
             "last_save_error": self.last_save_error,
-            "lock_recoveries": self.locks.recoveries,
+            "lock_recoveries": self.locks.recoveries + self.semaphores.recoveries,
             "restored_from_backup": self.restored_from_backup,
             "locks_held": len(held),
             "lock_waiters": sum(holder[3] for holder in held),
@@ -250,6 +294,7 @@ class StateService(Store):
             "path": self.config.path,
             "journal_bytes": None if journal is None else journal.size(),
             "calls": self.calls.totals(),
+            **self.watchers.figures(),
             "lock_holders": lock_holders(held),
             **self.locks.waits.percentiles(),
         }

@@ -35,20 +35,38 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _GRANTED = frame(pickle.dumps(("#RETURN", True), _PROTOCOL))
 
 
+#: The calls that may wait for long (in the thread of their connection).
+_WAITS = frozenset(("lock_acquire", "watch_next"))
+
 #: A keepalive: an empty message, which no answer is (an answer is a pickle).
 _KEEPALIVE = frame(b"")
 
 
-def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float], bool]:
-    """``readable(seconds)``: whether ``fd`` has something to read within that long. With ``keepalive``
+def _readable_within(fd: int, keepalive: float | None = None) -> Callable[..., bool]:
+    """``readable(seconds, wake=None)``: whether ``fd`` has something to read within that long; ``False``
+    at once too when the descriptor ``wake`` has (a watch's pipe: ``server.changes``). With ``keepalive``
     (seconds), a waiting caller is sent an empty message at least that often meanwhile, so that its
-    receive timeout tells a long lock wait from a server that stopped answering."""
+    receive timeout tells a long wait from a server that stopped answering."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+
+    def polled(milliseconds: float, wake: int | None) -> bool | None:
+        """``True``: ``fd`` is readable; ``False``: ``wake`` is; ``None``: neither, in that long."""
+        if wake is None:
+            return True if poller.poll(milliseconds) else None
+        poller.register(wake, select.POLLIN)
+        try:
+            events = poller.poll(milliseconds)
+        finally:
+            poller.unregister(wake)
+        if not events:
+            return None
+        return any(ready == fd for ready, _ in events)
+
     if keepalive is None:
 
-        def readable(seconds: float) -> bool:
-            return bool(poller.poll(seconds * 1000))
+        def readable(seconds: float, wake: int | None = None) -> bool:
+            return bool(polled(seconds * 1000, wake))
 
         return readable
 
@@ -59,16 +77,16 @@ def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float
     last = [0.0]
     returned = [0.0]
 
-    def readable_with_keepalives(seconds: float) -> bool:
+    def readable_with_keepalives(seconds: float, wake: int | None = None) -> bool:
         now = time.monotonic()
         if now - returned[0] > interval:
             last[0] = now
         try:
-            return _poll_with_keepalives(now + seconds)
+            return _poll_with_keepalives(now + seconds, wake)
         finally:
             returned[0] = time.monotonic()
 
-    def _poll_with_keepalives(end: float) -> bool:
+    def _poll_with_keepalives(end: float, wake: int | None) -> bool:
         while True:
             now = time.monotonic()
             if now - last[0] >= interval:
@@ -80,8 +98,9 @@ def _readable_within(fd: int, keepalive: float | None = None) -> Callable[[float
                     return True  # the caller is gone: its wait ends
                 last[0] = now
             span = min(end, last[0] + interval) - now
-            if poller.poll(max(0.0, span) * 1000):
-                return True
+            ready = polled(max(0.0, span) * 1000, wake)
+            if ready is not None:
+                return ready
             if time.monotonic() >= end:
                 return False
 
@@ -124,6 +143,7 @@ class ManagerServer(managers.Server):
         current = current_client
         current.client = client
         current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
+        current.fd = c.fileno()
         keepalive = hello.get("keepalive")
         current.readable = _readable_within(
             c.fileno(), keepalive if type(keepalive) in (int, float) and keepalive > 0 else None
@@ -133,7 +153,10 @@ class ManagerServer(managers.Server):
             writer = hello.get("client")
             self.serve(c, writer if type(writer) is str else None)
         finally:
-            current.client = current.notify = current.readable = None
+            if current.waiting is not None:
+                current.waiting.close()
+            current.client = current.notify = current.readable = current.waiting = None
+            current.fd = -1
             self.service.disconnected(client)
         # Returning normally would make the manager send one more ('#RETURN', None), which a client
         # waiting for an answer would take as a success.
@@ -189,7 +212,7 @@ class ManagerServer(managers.Server):
                         raise KeyError(f"no object with id {ident!r}")
                 function = methods[name]
                 counts[name] += 1
-                if queued and name == "lock_acquire":  # it may wait: what was answered goes out first
+                if queued and name in _WAITS:  # it may wait: what was answered goes out first
                     write_raw(fd, b"".join(queued))
                     queued.clear()
             except Exception:

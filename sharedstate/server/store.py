@@ -7,26 +7,36 @@ consistent copy of the dict's references, taken in one short critical section.
 Arguments reach the store already checked by the client (``_values``); the store checks only what
 depends on the current state, such as the type of the value ``incr`` adds to, with the rules the Redis
 backend applies too (``_rules``).
+
+Names that expire have a deadline (``server.deadlines``): reads leave out a name past it, a write that finds
+one removes it first (journaled as ``["expired", name]``), and ``sweep`` removes them all within a second.
+A read of a name with a deadline answers it wrapped with the value (``wire.expiring``), for the client cache.
 """
 
 from __future__ import annotations
 
 import decimal
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from sharedstate._pattern import compile_pattern
 from sharedstate._rules import add, appended, matches, scoped
 from sharedstate._sentinels import MISSING
 from sharedstate.persistence.journal import encode_record
+from sharedstate.server.changes import Watchers
+from sharedstate.server.deadlines import Deadlines
+from sharedstate.server.expiry import Expiry
 from sharedstate.wire.answers import Answers, Duplicate, Removed, answer_of, current_request
 
 if TYPE_CHECKING:
     from sharedstate.persistence.journal import Journal
     from sharedstate.wire.versions import VersionTable
 
+_time = time.time
 
-class Store:
+
+class Store(Expiry):
     """Names to values, each name with an optional tuple of scopes."""
 
     #: The operations a client may call, by name (the manager refuses any other).
@@ -46,12 +56,17 @@ class Store:
         "get_many",
         "snapshot",
         "length",
+        "expire",
+        "ttl",
     )
 
     def __init__(self) -> None:
         self._data: dict[str, Any] = {}
         self._scopes: dict[str, tuple[str, ...]] = {}
         self._mutex = threading.Lock()
+        #: The deadlines of the names that expire; ``_expiring`` is its dict, tested on every call.
+        self.deadlines = Deadlines()
+        self._expiring = self.deadlines.at
         #: Operations served, for ``stats()``.
         self.ops = 0
         #: Where changes are written before they are made (``durability="journal"``), or ``None``.
@@ -62,94 +77,47 @@ class Store:
         #: The last answer of each client's last write, by request id (``wire.answers``).
         self.answers = Answers()
         self._answer_table = self.answers.table
-
-    def _changed(self, name: str) -> tuple[int, int, int] | None:
-        """Bump the counter of ``name``; return its counters after the change, if there is a table."""
-        return None if self.versions is None else self.versions.bump(name)
-
-    def _changed_many(self, names: Any) -> None:
-        if self.versions is not None:
-            self.versions.bump_many(names)
-
-    def _changed_all(self) -> None:
-        if self.versions is not None:
-            self.versions.bump_all()
+        #: Who is told of each change (``server.changes``); ``_watching`` is its list of open watches,
+        #: looked at before any work is done for them.
+        self.watchers = Watchers(self._mutex)
+        self._watching = self.watchers.active
 
     def _notify(self, kind: str, name: str | None, value: Any = None) -> None:
         """With the mutex held, as a change is made: tell the watchers (``server.changes``) that ``name``
         changed (``kind`` as ``Change.kind``; ``value`` the new value of a ``"set"``). Called before a
         removed name's scopes are dropped, so that watchers filtering by scope see them."""
-
-    def _record(self, *record: Any, answer: Any = None) -> int:
-        """Journal a change (with the mutex held, before making it); return the number to commit.
-
-        A write that carries a request id (``wire.answers``) is refused with ``Duplicate`` if that id was
-        applied already; else its ``answer`` is kept with it, in the table and in the journal record
-        (``["@", client, sequence, answer, op, *args]``), so a replay restores it too."""
-        journal = self.journal
-        rid = current_request.rid
-        if rid is None:
-            return 0 if journal is None else journal.append(list(record))
-        client, sequence = rid  # checked by the serving loop
-        table = self._answer_table
-        # Taken out and put back at the end: the table stays in the order clients last wrote.
-        entry = table.pop(client, None)
-        if entry is not None and entry[0] == sequence:
-            table[client] = entry
-            raise Duplicate(answer_of(entry[1]))
-        try:
-            number = 0 if journal is None else journal.append(["@", client, sequence, answer_of(answer), *record])
-        except BaseException:
-            if entry is not None:
-                table[client] = entry
-            raise
-        self._keep(client, sequence, answer, entry)
-        return number
-
-    def _keep(self, client: str, sequence: int, answer: Any, entry: tuple[int, Any] | None) -> None:
-        """Make ``answer`` the client's last one (its old ``entry`` was popped from the table)."""
-        table = self._answer_table
-        table[client] = (sequence, answer)
-        if entry is None and len(table) > self.answers.cap:
-            del table[next(iter(table))]  # the client that wrote least recently
-
-    def _check_duplicate(self) -> None:
-        """With the mutex held, before a write's early return or error: ``Duplicate`` if its request id
-        was applied already (the serving loop's look-up runs without the mutex, so a resend that races
-        the original can pass it; then a removed name must not answer None, nor a matched
-        ``compare_and_set`` False)."""
-        rid = current_request.rid
-        if rid is not None:
-            entry = self._answer_table.get(rid[0])
-            if entry is not None and entry[0] == rid[1]:
-                raise Duplicate(answer_of(entry[1]))
-
-    def _commit(self, number: int) -> None:
-        """After the mutex is released: wait until journal record ``number`` is durable, if asked to."""
-        if number and self.journal is not None:
-            self.journal.commit(number)
+        if self._watching:
+            self.watchers.publish(kind, name, value, None if name is None else self._scopes.get(name))
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, name: str) -> Any:
         """The value, or ``MISSING`` (the caller's default never travels to the server)."""
         with self._mutex:
             self.ops += 1
+            if self._expiring and name in self._expiring:
+                return self._read(name, self._data[name], MISSING)
             return self._data.get(name, MISSING)
 
     def contains(self, name: str) -> bool:
         with self._mutex:
             self.ops += 1
+            if self._expiring and name in self._expiring:
+                return self._read(name, True, False)
             return name in self._data
 
-    def get_many(self, names: list[str]) -> dict[str, Any]:
+    def get_many(self, names: list[str]) -> dict[str, Any] | tuple[dict[str, Any], dict[str, float]]:
+        """The values of those of ``names`` that exist; ``(values, deadlines)`` when any of them expires."""
         with self._mutex:
             self.ops += 1
             data = self._data
-            return {n: data[n] for n in names if n in data}
+            found = {n: data[n] for n in names if n in data}
+            return self._with_deadlines(found) if self._expiring else found
 
     def length(self) -> int:
         with self._mutex:
             self.ops += 1
+            if self._expiring:
+                return len(self._data) - len(self.deadlines.expired(_time()))
             return len(self._data)
 
     def names(self, pattern: str | None = None, scope: tuple[str, ...] = ()) -> list[str] | tuple[list[str], list[str]]:
@@ -165,6 +133,10 @@ class Store:
                 found = scoped(self._scopes, scope)
             else:
                 found = list(self._data)
+            if self._expiring:
+                gone = self.deadlines.expired(_time())
+                if gone:
+                    found = [name for name in found if name not in gone]
         if checked is None:
             found.sort()
             return found
@@ -175,13 +147,13 @@ class Store:
     def snapshot(self) -> dict[str, Any]:
         with self._mutex:
             self.ops += 1
-            return dict(self._data)
+            return self._live()[0]
 
     def entries(
         self, final: bool = False, new_generation: int | None = None
-    ) -> tuple[dict[str, Any], dict[str, tuple[str, ...]], dict[str, Any]]:
-        """A consistent copy of the references of every value and scope, and of the table of last
-        answers (for saving): the only part of
+    ) -> tuple[dict[str, Any], dict[str, tuple[str, ...]], dict[str, Any], dict[str, float]]:
+        """A consistent copy of the references of every value, scope and deadline (less the names past
+        theirs), and of the table of last answers (for saving): the only part of
         a save that makes other calls wait. ``final=True`` keeps the store locked afterwards, so no call
         can change it once the last snapshot of a stopping server is taken. ``new_generation`` starts a
         new journal at the same instant, so the copy holds exactly the changes of the older journals."""
@@ -189,36 +161,54 @@ class Store:
         try:
             if new_generation is not None and self.journal is not None:
                 self.journal.start_generation(new_generation)
-            return dict(self._data), dict(self._scopes), self.answers.copy()
+            data, deadlines = self._live()
+            return data, dict(self._scopes), self.answers.copy(), deadlines
         finally:
             if not final:
                 self._mutex.release()
 
     # -- writes ------------------------------------------------------------------------------------
-    def set(self, name: str, value: Any, scope: tuple[str, ...] = ()) -> tuple[int, int, int] | None:
-        """Store ``value``; return the name's counters after the change, so the caller's cache can keep
-        the value it just set."""
+    def set(self, name: str, value: Any, scope: tuple[str, ...] = (), ttl: float | None = None) -> Any:
+        """Store ``value`` (expiring ``ttl`` seconds from now, if given); return the name's counters after
+        the change, so the caller's cache can keep the value it just set (and its deadline, after them)."""
+        return self._set(name, value, scope, None if ttl is None else _time() + ttl)
+
+    def _set(self, name: str, value: Any, scope: tuple[str, ...] = (), deadline: float | None = None) -> Any:
         with self._mutex:
             self.ops += 1
-            number = self._record("set", name, value, scope)
+            if self._expiring:
+                self._purge(name)
+            if deadline is None:
+                number = self._record("set", name, value, scope)
+            else:
+                number = self._record("set", name, value, scope, deadline)
             self._data[name] = value
             if scope:
                 self._scopes[name] = scope
             else:
                 self._scopes.pop(name, None)
+            if deadline is not None:
+                self.deadlines.put(name, deadline)
+            elif self._expiring:
+                self._expiring.pop(name, None)
             stamp = self._changed(name)
+            self._notify("set", name, value)
         self._commit(number)
-        return stamp
+        return stamp if deadline is None or stamp is None else (*stamp, deadline)
 
     def remove(self, name: str) -> Any:
         with self._mutex:
             self.ops += 1
+            if self._expiring:
+                self._purge(name)
             if name not in self._data:
                 self._check_duplicate()
                 return MISSING
             number = self._record("remove", name, answer=Removed(self._data[name]))
+            self._notify("removed", name)
             self._scopes.pop(name, None)
             value = self._data.pop(name)
+            self._expiring.pop(name, None)
             self._changed(name)
         self._commit(number)
         return value
@@ -227,6 +217,8 @@ class Store:
         """Remove the name added last and answer it with its value (``None`` when there is none)."""
         with self._mutex:
             self.ops += 1
+            while self._expiring and self._data and self.deadlines.due(next(reversed(self._data)), _time()):
+                self._expire_now(next(reversed(self._data)))
             if not self._data:
                 self._check_duplicate()
                 return None
@@ -234,8 +226,10 @@ class Store:
             item = (name, self._data[name])
             # Journaled as the remove it is; the answer holds the value, so it is kept as ``Removed``.
             number = self._record("remove", name, answer=Removed(item))
+            self._notify("removed", name)
             del self._data[name]
             self._scopes.pop(name, None)
+            self._expiring.pop(name, None)
             self._changed(name)
         self._commit(number)
         return item
@@ -246,7 +240,9 @@ class Store:
             number = self._record("clear")
             self._data.clear()
             self._scopes.clear()
+            self.deadlines.clear()
             self._changed_all()
+            self._notify("cleared", None)
         self._commit(number)
 
     def update(self, mapping: dict[str, Any]) -> None:
@@ -265,6 +261,10 @@ class Store:
         with self._mutex:
             self.ops += 1
             entry = None
+            expiring = self._expiring
+            touched = self.deadlines.among(mapping) if expiring else ()  # the names that lose their expiry
+            for name in touched:
+                self._purge(name)
             if rid is not None:
                 entry = self._answer_table.pop(rid[0], None)
                 if entry is not None and entry[0] == rid[1]:
@@ -283,23 +283,42 @@ class Store:
             if scopes:
                 for name in mapping:
                     scopes.pop(name, None)
+            for name in touched:
+                expiring.pop(name, None)
             self._changed_many(mapping)
+            if self._watching:
+                for name, value in mapping.items():
+                    self._notify("set", name, value)
         self._commit(number)
 
-    def replace(self, data: dict[str, Any], scopes: dict[str, tuple[str, ...]], merge: bool) -> None:
-        """Install restored entries: all of them (``merge=False``), or over the current ones."""
+    def replace(
+        self,
+        data: dict[str, Any],
+        scopes: dict[str, tuple[str, ...]],
+        merge: bool,
+        deadlines: dict[str, float] | None = None,
+    ) -> None:
+        """Install restored entries (with the ``deadlines`` of those that expire): all of them
+        (``merge=False``), or over the current ones."""
+        deadlines = {name: deadline for name, deadline in (deadlines or {}).items() if name in data}
         with self._mutex:
-            number = self._record("replace", data, scopes, merge, answer=len(data))
+            extra = [deadlines] if deadlines else []  # a record without deadlines stays as it was
+            number = self._record("replace", data, scopes, merge, *extra, answer=len(data))
             if merge:
                 self._data.update(data)
                 for name in data:
                     self._scopes.pop(name, None)
+                    self._expiring.pop(name, None)
                 self._scopes.update(scopes)
+                for name, deadline in deadlines.items():
+                    self.deadlines.put(name, deadline)
                 self._changed_many(data)
             else:
                 self._data = dict(data)
                 self._scopes = dict(scopes)
+                self.deadlines.replace(deadlines)
                 self._changed_all()
+            self._notify("restored", None)
         self._commit(number)
 
     # -- atomic read-modify-write ------------------------------------------------------------------
@@ -309,23 +328,36 @@ class Store:
         number = self._record(*record, answer=answer)
         self._data[name] = value
         self._changed(name)
+        self._notify("set", name, value)
         return number
 
-    def incr(self, name: str, by: int | float | decimal.Decimal = 1) -> Any:
+    def incr(self, name: str, by: int | float | decimal.Decimal = 1, ttl: float | None = None) -> Any:
+        """Add ``by``; a name this call creates expires ``ttl`` seconds from now, if given."""
+        return self._incr(name, by, None if ttl is None else _time() + ttl)
+
+    def _incr(self, name: str, by: int | float | decimal.Decimal, deadline: float | None = None) -> Any:
         with self._mutex:
             self.ops += 1
+            if self._expiring:
+                self._purge(name)
+            current = self._data.get(name, MISSING)
             try:
-                new = add(name, self._data.get(name, MISSING), by)
+                new = add(name, current, by)
             except (TypeError, ValueError):
                 self._check_duplicate()
                 raise
-            number = self._put(name, new, ("incr", name, by), new)
+            record = ("incr", name, by) if deadline is None else ("incr", name, by, deadline)
+            number = self._put(name, new, record, new)
+            if deadline is not None and current is MISSING:
+                self.deadlines.put(name, deadline)
         self._commit(number)
         return new
 
     def setdefault(self, name: str, default: Any) -> Any:
         with self._mutex:
             self.ops += 1
+            if self._expiring:
+                self._purge(name)
             data = self._data
             if name in data:
                 self._check_duplicate()
@@ -337,6 +369,8 @@ class Store:
     def compare_and_set(self, name: str, expected: Any, new: Any) -> bool:
         with self._mutex:
             self.ops += 1
+            if self._expiring:
+                self._purge(name)
             if not matches(self._data.get(name, MISSING), expected):
                 self._check_duplicate()
                 return False
@@ -347,6 +381,8 @@ class Store:
     def append(self, name: str, item: Any) -> int:
         with self._mutex:
             self.ops += 1
+            if self._expiring:
+                self._purge(name)
             try:
                 new = appended(name, self._data.get(name, MISSING), item)
             except TypeError:
@@ -355,30 +391,3 @@ class Store:
             number = self._put(name, new, ("append", name, item), len(new))
         self._commit(number)
         return len(new)
-
-    # -- journal replay -----------------------------------------------------------------------------
-    def apply(self, record: list[Any]) -> None:
-        """Make a journaled change again (the journal is not open while records are replayed)."""
-        op, args = record[0], record[1:]
-        if op == "@":  # a write with its request id and answer
-            client, sequence, answer = args[:3]
-            if args[3] == "remove" and answer is not None:
-                answer = Removed(answer)  # as ``remove`` keeps it
-            self.apply(list(args[3:]))
-            with self._mutex:
-                self.answers.remember(client, sequence, answer)
-        elif op == "put":
-            name, value = args
-            with self._mutex:
-                self._data[name] = value
-                self._changed(name)
-        elif op == "replace":
-            data, scopes, merge = args
-            self.replace(data, {name: tuple(scope) for name, scope in scopes.items()}, merge)
-        elif op in _REPLAYABLE:
-            getattr(self, op)(*args)
-        else:
-            raise ValueError(f"unknown journal record {op!r}")
-
-
-_REPLAYABLE = frozenset({"set", "remove", "clear", "update", "incr", "setdefault", "append"})

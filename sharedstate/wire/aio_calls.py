@@ -298,16 +298,17 @@ class AsyncCalls:
                 exc = again
 
     # -- connections of their own: lock waits and long calls -----------------------------------------
-    async def lock_wait(
+    async def wait(
         self,
+        method: str,
         args: tuple[Any, ...],
         again: Callable[[], tuple[Any, ...]],
         late: Callable[[Any], None],
     ) -> Any:
-        """A ``lock_acquire`` that may wait, on a connection of its own; sent again (with ``again()``'s
-        arguments) after a crash of the server. If the calling task is cancelled while the request is
-        in flight, the wait is ended and ``late(result)`` runs with the answer it got all the same."""
-        method = "lock_acquire"
+        """A call that may wait long in the server (``lock_acquire``, ``sem_acquire``, a watch's
+        ``watch_next``), on a connection of its own; sent again (with ``again()``'s arguments) after a
+        crash of the server. If the calling task is cancelled while the request is in flight, the wait is
+        ended and ``late(result)`` runs with the answer it got all the same."""
         answer = await self._alone(method, call_request(method, args), lambda: call_request(method, again()), late)
         return read_answer(answer, method, self.address)
 
@@ -337,7 +338,7 @@ class AsyncCalls:
                 try:
                     answer = await asyncio.shield(future)
                 except asyncio.CancelledError:
-                    self._abandon(conn, future, late)  # never raises: nothing below takes this for a failure
+                    self._abandon(conn, future, late, method)  # never raises: nothing below takes this for a failure
                     raise
                 break
             except Exception as exc:
@@ -360,8 +361,14 @@ class AsyncCalls:
         else:
             conn.close()
 
-    def _abandon(self, conn: Pipeline, future: asyncio.Future[bytes], late: Callable[[Any], None] | None) -> None:
-        """End the server's wait of a cancelled acquire (``late`` given), and hand its answer to ``late`` in
+    def _abandon(
+        self,
+        conn: Pipeline,
+        future: asyncio.Future[bytes],
+        late: Callable[[Any], None] | None,
+        method: str = "lock_acquire",
+    ) -> None:
+        """End the server's wait of a cancelled wait (``late`` given), and hand its answer to ``late`` in
         a task; keep the connection for another call once its answer came. Never raises: the caller's
         cancellation is what it raises."""
         nudge: asyncio.Future[bytes] | None = None
@@ -382,7 +389,7 @@ class AsyncCalls:
             self._keep_idle(conn)
             if late is not None:
                 try:
-                    result = read_answer(answer, "lock_acquire", self.address)
+                    result = read_answer(answer, method, self.address)
                 except Exception:
                     return
                 late(result)

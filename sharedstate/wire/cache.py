@@ -2,7 +2,9 @@
 
 An entry holds a name's value as it was fetched, with the epoch and the name's counter read *before* the
 request left (``wire.versions``). While both are unchanged the server has not changed the name since, so the
-value is served with no round trip. A value that could be mutated is kept pickled and unpickled on every
+value is served with no round trip, until its deadline if the name expires (``wire.expiring``): a
+hit past it is a miss (the server's clock and this one are the same machine's: the table is shared
+memory). A value that could be mutated is kept pickled and unpickled on every
 hit, so what a caller does to the object it got never reaches the cache.
 
 The handles of one process on one server share one cache. Its memory is bounded: at most
@@ -17,6 +19,7 @@ import decimal
 import pickle
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -53,6 +56,8 @@ _IMMUTABLE = frozenset(
     }
 )
 
+_time = time.time
+
 Stamp = tuple[int, int, int]
 #: A value as the cache keeps it: (the object when immutable, else None; its pickle, else None; size).
 Encoded = tuple[Any, "bytes | None", int]
@@ -75,8 +80,8 @@ class ClientCache:
         self.view = view
         self.token = view.token
         self._words = view.words
-        #: name -> (slot, epoch, version, value or None, pickled value or None, size)
-        self._entries: OrderedDict[str, tuple[int, int, int, Any, bytes | None, int]] = OrderedDict()
+        #: name -> (slot, epoch, version, value or None, pickled value or None, size, deadline or None)
+        self._entries: OrderedDict[str, tuple[int, int, int, Any, bytes | None, int, float | None]] = OrderedDict()
         self._bytes = 0
         self._mutex = threading.Lock()
         #: Reads the cache answered, and reads that went to the server, counted by the handles
@@ -106,6 +111,8 @@ class ClientCache:
         # so the value is the server's at an instant within this call.
         if words[entry[0]] != entry[2] or words[EPOCH] != entry[1] or words[TOKEN] != self.token:
             return NOT_CACHED
+        if entry[6] is not None and entry[6] <= _time():
+            return NOT_CACHED  # expired: the server may not have removed it yet
         try:
             self._entries.move_to_end(name)
         except KeyError:  # evicted by another thread meanwhile: the entry read is still right
@@ -121,9 +128,12 @@ class ClientCache:
         entries = self._entries
         words = self._words
         found = []
+        now = _time()
         for name in names:
             entry = entries.get(name)
             if entry is None or entry[3] is PRESENT or words[entry[0]] != entry[2] or words[EPOCH] != entry[1]:
+                return None
+            if entry[6] is not None and entry[6] <= now:
                 return None
             found.append((name, entry))
         if words[TOKEN] != self.token:
@@ -144,19 +154,22 @@ class ClientCache:
     def stamps(self, names: Iterable[str]) -> dict[str, Stamp]:
         return {name: self.stamp(name) for name in names}
 
-    def fill(self, name: str, stamp: Stamp, value: Any) -> None:
-        """Keep ``value`` (just fetched, with ``stamp`` read before the request) for ``name``."""
-        self.put(name, stamp, encode(value))
+    def fill(self, name: str, stamp: Stamp, value: Any, deadline: float | None = None) -> None:
+        """Keep ``value`` (just fetched, with ``stamp`` read before the request) for ``name``, until
+        ``deadline`` if it expires."""
+        self.put(name, stamp, encode(value), deadline)
 
-    def fill_many(self, stamps: dict[str, Stamp], found: dict[str, Any]) -> None:
+    def fill_many(
+        self, stamps: dict[str, Stamp], found: dict[str, Any], deadlines: dict[str, float] | None = None
+    ) -> None:
         """``fill`` for each name of a ``get_many`` (``stamps``), with what it found (a name not found is
-        kept as missing)."""
+        kept as missing) and the deadlines of those that expire."""
         for name, stamp in stamps.items():
-            self.fill(name, stamp, found.get(name, MISSING))
+            self.fill(name, stamp, found.get(name, MISSING), None if deadlines is None else deadlines.get(name))
 
-    def put(self, name: str, stamp: Stamp, encoded: Encoded) -> None:
+    def put(self, name: str, stamp: Stamp, encoded: Encoded, deadline: float | None = None) -> None:
         kept, blob, size = encoded
-        slot, epoch, version = stamp
+        slot, epoch, version = stamp[0], stamp[1], stamp[2]  # a set with a ttl answers the deadline after them
         with self._mutex:
             entries = self._entries
             old = entries.pop(name, None)
@@ -164,7 +177,7 @@ class ClientCache:
                 self._bytes -= old[5]
             if size > MAX_VALUE_BYTES:
                 return
-            entries[name] = (slot, epoch, version, kept, blob, size)
+            entries[name] = (slot, epoch, version, kept, blob, size, deadline)
             self._bytes += size
             while len(entries) > MAX_ENTRIES or self._bytes > MAX_BYTES:
                 _, evicted = entries.popitem(last=False)

@@ -21,8 +21,9 @@ from typing import Any
 
 from sharedstate.aio import AsyncLock
 
-#: Calls of ``AsyncState`` that are plain functions by design (they only build an ``AsyncLock``).
-NOT_COROUTINES = frozenset({"named_lock"})
+#: Calls of ``AsyncState`` that are plain functions by design (they only build an ``AsyncLock``, an
+#: ``AsyncSemaphore``, or the ``AsyncChanges`` of a watch, which starts at ``async with``).
+NOT_COROUTINES = frozenset({"named_lock", "semaphore", "watch"})
 
 
 class EventLoopThread:

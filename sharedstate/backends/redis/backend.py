@@ -27,6 +27,7 @@ from sharedstate.backends.redis.figures import lock_holders
 from sharedstate.backends.redis.files import FileCalls
 from sharedstate.backends.redis.locks import LockCalls
 from sharedstate.backends.redis.scripts import EXACT_INT, PURGE_BATCH
+from sharedstate.backends.redis.semaphores import SemaphoreCalls
 from sharedstate.backends.redis.steps import Operation, Pipeline, Script
 from sharedstate.backends.redis.stored import dumps, loads
 from sharedstate.backends.redis.stored import ttl_arg as _ttl
@@ -49,7 +50,7 @@ def _after_fork_in_child() -> None:
     _opening = threading.Lock()
 
 
-class RedisBackend(FileCalls, LockCalls):
+class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
     """A state kept in Redis or Valkey, under the keys of one namespace (``scripts`` says how each call
     stays atomic; ``locks`` has the lock calls). It pickles as its target (URL with password, namespace,
     lease) and reply timeout, and opens its own connection in each process, also after a fork."""
@@ -311,14 +312,18 @@ class RedisBackend(FileCalls, LockCalls):
         server's process, on its host), ``rss_bytes``, ``uptime_s``, ``ops`` (commands the server
         processed, for every client and database), ``clients`` (connections to the server),
         ``last_save_at``/``last_save_s``/``last_save_error`` (``None``: no scheduled saves of its own),
-        ``lock_recoveries`` (0: expired leases are not counted). Also ``backend`` (``"redis"``),
+        ``lock_recoveries`` (semaphore permits whose lease ran out; not locks'). Also ``backend`` (``"redis"``),
         ``address``, ``namespace``, ``lease_s``, ``redis_version``, ``redis_last_save_at`` (Redis' own
         last RDB save, Unix time), ``redis_changes_since_last_save`` and ``redis_aof_enabled``. The
         figures of docs/observability.md, where ``calls`` and the lock waits are this handle's in this
         process (Redis keeps no figures of sharedstate's calls), ``lock_holders`` and ``locks_held`` come
         from the lock keys (``figures``), ``lock_waiters`` is ``None`` and the client cache figures are 0."""
         client = self._conn.client
-        names, info = self._conn.run("length", self._keys, []), client.info()
+        names = self._conn.run("length", self._keys, [])  # without the names past their deadline
+        pipe = client.pipeline(transaction=False)
+        pipe.info()
+        pipe.get(self._sem_keys("")[0][2])  # the permits of semaphores whose lease ran out
+        info, recovered = pipe.execute()
         holders, held = lock_holders(client, self._lock_keys(None)[0], self._lock_keys("")[0])
         return {
             "names": int(names),
@@ -330,7 +335,7 @@ class RedisBackend(FileCalls, LockCalls):
             "last_save_at": None,
             "last_save_s": None,
             "last_save_error": None,
-            "lock_recoveries": 0,
+            "lock_recoveries": int(recovered or 0),
             "backend": "redis",
             "address": self.address,
             "namespace": self.namespace,

@@ -38,6 +38,8 @@ class Held:
     """A lock this process holds: who holds it, how often, and when to renew its lease."""
 
     __slots__ = ("conn", "address", "name", "key", "token", "owner", "count", "renew_at", "lost", "lease", "lease_ms")
+    #: The script that renews it (``scripts.SCRIPTS``).
+    renew_script = "renew"
 
     def __init__(
         self, conn: Connection, address: str, name: str | None, key: str, token: str, owner: Hashable, lease: float
@@ -157,7 +159,7 @@ class Leases:
 
     def _renew(self, held: Held) -> None:
         try:
-            renewed = held.conn.run("renew", [held.key], [held.token, held.lease_ms])
+            renewed = held.conn.run(held.renew_script, [held.key], [held.token, held.lease_ms])
         except connection.RedisError as exc:
             # Try again soon: the lease is lost only if no renewal gets through before it runs out.
             held.renew_at = time.monotonic() + min(0.1, held.lease / 10)

@@ -33,6 +33,28 @@ REDIS_TICK_S = 0.1
 POLL_S = 0.02
 
 
+def pause(wake: str, left: int, deadline: float | None, reply_timeout: float) -> Command | Sleep | None:
+    """The wait of a lock (or semaphore) waiter before it tries again: a ``BLPOP`` on the ``wake`` list a
+    release pushes to, or a short sleep; ``None`` once its ``deadline`` (``time.monotonic()``) has passed.
+    ``left``: the ms until the holder's lease runs out (negative: no lease known)."""
+    now = time.monotonic()
+    until = now + WAIT_SLICE_S
+    if left >= 0:  # the holder's lease runs out then, unless it renews it or releases first
+        until = min(until, now + left / 1000 + 0.001)
+    if deadline is not None:
+        if now >= deadline:
+            return None
+        until = min(until, deadline)
+    # A blocking wait also stays well inside the reply timeout, so it is never taken for a server that
+    # stopped answering.
+    span = min(until, now + reply_timeout / 2) - now
+    if span > 2 * REDIS_TICK_S:
+        # Woken at once by a release; the timeout itself is served on one of Redis' ticks, so it may end
+        # up to a tick late: ask for one tick less.
+        return Command("blpop", ([wake],), {"timeout": span - REDIS_TICK_S})
+    return Sleep(min(span, POLL_S))  # the last moments before the lease runs out or the caller gives up
+
+
 class LockCalls:
     """The ``lock_*`` operations of the ``Backend`` protocol, for ``RedisBackend``, whose keys, connection,
     address, lease and reply timeout they use."""
@@ -81,25 +103,12 @@ class LockCalls:
                 return False
             if left == -2:
                 continue  # released between the two commands of the script: ask again at once
-            now = time.monotonic()
-            until = now + WAIT_SLICE_S
-            if left >= 0:  # the holder's lease runs out then, unless it renews it or releases first
-                until = min(until, now + left / 1000 + 0.001)
-            if deadline is not None:
-                if now >= deadline:
-                    self.waits.record(waiting, now, taken=False)  # a wait given up is a wait too
-                    return False
-                until = min(until, deadline)
+            step = pause(wake, left, deadline, self._timeout)
+            if step is None:
+                self.waits.record(waiting, time.monotonic(), taken=False)  # a wait given up is a wait too
+                return False
             waiting = start  # it waits from its request on, as on the local server
-            # A blocking wait also stays well inside the reply timeout, so it is never taken for a
-            # server that stopped answering.
-            span = min(until, now + self._timeout / 2) - now
-            if span > 2 * REDIS_TICK_S:
-                # Woken at once by a release; the timeout itself is served on one of Redis' ticks, so
-                # it may end up to a tick late: ask for one tick less.
-                yield Command("blpop", ([wake],), {"timeout": span - REDIS_TICK_S})
-            else:  # the last moments before the lease runs out or the caller gives up: on time
-                yield Sleep(min(span, POLL_S))
+            yield step
 
     def lock_give_back(self, name: str | None, owner: Hashable) -> None:
         """Release ``name`` if a try of ``owner`` whose answer was lost took it (the asyncio face's try cut

@@ -9,6 +9,8 @@ finishes the call in Python from that text.
 
 from __future__ import annotations
 
+from sharedstate.backends.redis.semaphore_scripts import SEMAPHORE_SCRIPTS
+
 #: Lua numbers are doubles: an integer is exact, and adds exactly, while its magnitude stays below
 #: 2**53. ``incr`` is done in Lua only inside that range (the stored integer, ``by`` and the sum); any
 #: other integer is added in Python. The scripts are given this limit as an argument: it is stated here
@@ -402,3 +404,4 @@ SCRIPTS = {
     "release": RELEASE,
     "renew": RENEW,
 }
+SCRIPTS.update(SEMAPHORE_SCRIPTS)

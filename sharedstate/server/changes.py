@@ -1,0 +1,326 @@
+"""The watchers of a server process (``State.watch``): what each one asked to hear of, the changes
+queued for it, and the long-poll call that hands them over.
+
+The store publishes every change with its mutex held, in commit order (``Store._notify``); the watchers
+share that mutex, so a watch opened is lossless from the moment ``watch_open`` answers. Each watcher
+keeps at most ``buffer`` changes: one more drops them all for a single ``overflow`` marker, so a watcher
+that stopped reading (a stopped process) costs the server a bounded amount of memory. A caller waiting
+in ``watch_next`` is woken through a pipe of its own, only when it waits: a writer whose watcher is busy
+or already woken only appends to a list.
+
+A watcher belongs to the client process that opened it and goes when that process' last connection
+closes (it died, or closed its handle). The server forgets every watcher when it stops: a client that
+finds its watch gone (``KeyError``) opens it again and tells its user with an ``overflow``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sharedstate._pattern import Pattern, compile_pattern
+from sharedstate._sentinels import HANDED
+from sharedstate.server.clients import Client
+from sharedstate.wire.framing import frame
+
+#: The marker a watcher's queue starts with after it fell more than its buffer behind.
+OVERFLOWED = (None, "overflow", None)
+#: The largest answer written by the thread that made the change (``Watcher._hand_over``): well under half
+#: a Unix socket's send buffer, so that one non-blocking send takes it whole or not at all.
+HANDOVER_MAX = 16 * 1024
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_dumps = pickle.dumps
+#: The least time between two batches of a watcher that keeps up with fast changes: the first change
+#: after a quiet spell goes out at once, later ones are gathered for this long at most.
+BATCH_GAP_S = 0.0005
+#: The longest single poll of a wait with no timeout (``poll`` takes milliseconds as a C int).
+_LONGEST_POLL_S = 3600.0
+
+
+class Waiting:
+    """How the thread of one connection waits for a watch's changes: a pipe that wakes it, and its Unix
+    socket, on which a small answer may be handed over (``Watcher._hand_over``). Made at the
+    connection's first wait and kept for its next ones; ``close()`` with the connection."""
+
+    __slots__ = ("read_fd", "write_fd", "sock", "woken", "handed")
+
+    def __init__(self, fd: int) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        self.sock = _unix_socket(fd)
+        #: A byte is in the pipe (it is read when the wait ends).
+        self.woken = False
+        #: The thread of a change wrote this wait's answer already.
+        self.handed = False
+
+    def wake(self) -> None:
+        if not self.woken:
+            self.woken = True
+            os.write(self.write_fd, b"\0")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.detach()  # the descriptor is the connection's
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class Watcher:
+    """One watch: its filters, its queue, and the call waiting for it, if any."""
+
+    __slots__ = (
+        "ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "waiter", "batches", "taken_at"
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        ident: int,
+        client: Client,
+        pattern: Pattern | None,
+        names: frozenset[str] | None,
+        scopes: frozenset[str],
+        buffer: int,
+    ) -> None:
+        self.ident = ident
+        self.client = client
+        self.pattern = pattern
+        self.names = names
+        self.scopes = scopes
+        self.buffer = buffer
+        #: Changes not taken yet, as ``(name, kind, value)``; a name the server's RE2 could not decide for
+        #: the pattern comes as ``(name, kind, value, True)`` for the client to match.
+        self.queue: list[tuple[Any, ...]] = []
+        #: Changes queued since the queue was last emptied or overflowed.
+        self.behind = 0
+        #: The call waiting for changes (``None``: nobody waits): a change wakes it, once.
+        self.waiter: Waiting | None = None
+        #: Non-empty batches answered: the client says how many it received, so a lost answer is noticed.
+        self.batches = 0
+        #: When the last batch was taken (``time.monotonic()``).
+        self.taken_at = 0.0
+
+    def put(self, change: tuple[Any, ...]) -> None:
+        if self.behind >= self.buffer:
+            self.queue = [OVERFLOWED]
+            self.behind = 0
+        self.queue.append(change)
+        self.behind += 1
+        waiter = self.waiter
+        if waiter is not None and not waiter.woken and not waiter.handed and not self._hand_over(waiter):
+            waiter.wake()
+
+    def _hand_over(self, waiter: Waiting) -> bool:
+        """Answer the waiting call from this (the writer's) thread, as a lock is handed over: the change
+        reaches the watcher without waking the thread that waits, which answers nothing then (``HANDED``).
+        Only a small answer on a Unix socket, sent without blocking: such a send is written whole or not
+        at all, so it never splits, nor is split by, a keepalive. Whether it was sent."""
+        sock = waiter.sock
+        if sock is None:
+            return False
+        payload = frame(_dumps(("#RETURN", self.queue), _PROTOCOL))
+        if len(payload) > HANDOVER_MAX:
+            return False
+        try:
+            sock.send(payload, socket.MSG_DONTWAIT)
+        except OSError:  # full (a stopped watcher), or gone: the waiting thread answers, or sees it gone
+            return False
+        self.take()
+        waiter.handed = True
+        return True
+
+    def take(self) -> list[tuple[Any, ...]]:
+        batch, self.queue, self.behind = self.queue, [], 0
+        self.batches += 1
+        self.taken_at = time.monotonic()
+        return batch
+
+
+class Watchers:
+    """The watchers of one store, guarded by the store's ``mutex``. ``active`` is the list the store looks
+    at before publishing: empty, publishing costs one truth test."""
+
+    def __init__(self, mutex: threading.Lock) -> None:
+        self._mutex = mutex
+        self.active: list[Watcher] = []
+        self._by_ident: dict[int, Watcher] = {}
+
+    # -- publishing (the store's mutex is held) -------------------------------------------------------
+    def publish(self, kind: str, name: str | None, value: Any, scopes: Iterable[str] | None) -> None:
+        """Queue a change for every watcher whose filters it passes ("cleared" and "restored", which have
+        no name, pass every filter). ``scopes``: the name's scopes at the change."""
+        change = (name, kind, value)
+        for watcher in self.active:
+            if name is not None:
+                if watcher.names is not None and name not in watcher.names:
+                    continue
+                if watcher.scopes and (not scopes or watcher.scopes.isdisjoint(scopes)):
+                    continue
+                if watcher.pattern is not None:
+                    matched, undecided = watcher.pattern.split((name,))
+                    if undecided:
+                        watcher.put((name, kind, value, True))
+                        continue
+                    if not matched:
+                        continue
+            watcher.put(change)
+
+    # -- the calls ------------------------------------------------------------------------------------
+    def open(
+        self, client: Client, pattern: str | None, names: list[str] | None, scopes: Iterable[str], buffer: int
+    ) -> int:
+        """Start a watch for ``client``; its id. Arguments were checked by the client, but a server never
+        trusts them: a bad one is a ``TypeError``/``ValueError`` here too."""
+        checked = None if pattern is None else compile_pattern(pattern)
+        if type(buffer) is not int or buffer < 1:
+            raise ValueError(f"buffer must be an int of at least 1, not {buffer!r}")
+        listed = None if names is None else frozenset(_strings(names, "names"))
+        wanted = frozenset(_strings(scopes, "scopes"))
+        with self._mutex:
+            ident = secrets.randbits(62)  # random: an id of a server before a restart never names another's
+            while ident in self._by_ident:
+                ident = secrets.randbits(62)
+            watcher = Watcher(ident, client, checked, listed, wanted, buffer)
+            self._by_ident[ident] = watcher
+            self.active.append(watcher)
+        return ident
+
+    def next(
+        self,
+        ident: int,
+        client: Client,
+        timeout: float | None,
+        got: int,
+        readable: Callable[[float, int], bool],
+        waiting: Waiting,
+    ) -> Any:
+        """The changes queued for watch ``ident``, waiting up to ``timeout`` seconds (``None``: until one
+        comes) for the first; ``[]`` at the timeout, when the watch is closed meanwhile, or when the
+        caller's connection has something to read (it went away, or ended the wait). ``got``: how many
+        non-empty batches the caller received; fewer than were answered means one was lost on its way,
+        which the next batch starts with an ``overflow`` to say. ``KeyError`` for a watch this server
+        does not know (it restarted, or the client's connections all closed). ``HANDED`` when the
+        thread of a change wrote the answer to the caller's connection itself. ``waiting``: how the
+        calling connection's thread waits."""
+        mutex = self._mutex
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with mutex:
+            watcher = self._find(ident, client)
+            if got != watcher.batches:
+                watcher.batches = got
+                if not watcher.queue or watcher.queue[0] is not OVERFLOWED:
+                    watcher.queue.insert(0, OVERFLOWED)
+            pause = watcher.taken_at + BATCH_GAP_S - time.monotonic()
+            if watcher.queue or (deadline is not None and timeout <= 0):  # type: ignore[operator]
+                return watcher.take() if watcher.queue else []
+            if pause <= 0:
+                waiting.handed = False
+                self._wait_with(watcher, waiting)
+        if pause > 0:
+            # Back right after its last batch: changes are coming fast. The next batch waits for the rest
+            # of the gap, so that a watcher that keeps up costs the server one call per gap, not per change.
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+            if pause > 0 and readable(pause):
+                return []  # the caller went away, or ended its wait
+            with mutex:
+                watcher = self._find(ident, client)
+                if watcher.queue or (deadline is not None and time.monotonic() >= deadline):
+                    return watcher.take() if watcher.queue else []
+                waiting.handed = False
+                self._wait_with(watcher, waiting)
+        try:
+            while True:
+                span = _LONGEST_POLL_S if deadline is None else min(_LONGEST_POLL_S, deadline - time.monotonic())
+                ready = span > 0 and readable(span, waiting.read_fd)
+                with mutex:
+                    if waiting.handed:
+                        if watcher.waiter is waiting:
+                            watcher.waiter = None
+                        return HANDED  # the answer is written already
+                    if watcher.waiter is not waiting:
+                        return []  # closed, or another call waits for it now
+                    if ready or watcher.queue or (deadline is not None and time.monotonic() >= deadline):
+                        watcher.waiter = None
+                        # A caller whose connection has something to read stopped waiting: the changes
+                        # stay queued for its next call.
+                        return watcher.take() if watcher.queue and not ready else []
+                    if waiting.woken:  # woken for nothing (a call of another thread took the changes)
+                        os.read(waiting.read_fd, 1)
+                        waiting.woken = False
+        finally:
+            with mutex:
+                if watcher.waiter is waiting:  # left by an exception: no change may wake it any more
+                    watcher.waiter = None
+                woken, waiting.woken = waiting.woken, False
+            if woken:  # the byte that woke it, read before the connection's next wait
+                os.read(waiting.read_fd, 1)
+
+    def _wait_with(self, watcher: Watcher, waiting: Waiting) -> None:
+        """Make ``waiting`` the call waiting for ``watcher``; a call that waited already is woken (it
+        answers ``[]``: one call waits at a time)."""
+        previous = watcher.waiter
+        watcher.waiter = waiting
+        if previous is not None and not previous.handed:
+            previous.wake()
+
+    def close(self, ident: int, client: Client) -> None:
+        """Stop watch ``ident`` and wake the call waiting for it; one this server does not know is no error
+        (closed already, or lost in a restart)."""
+        with self._mutex:
+            watcher = self._by_ident.get(ident)
+            if watcher is not None and watcher.client is client:
+                self._drop(watcher)
+
+    def drop_client(self, client: Client) -> None:
+        """Stop the watches of a client process that is gone."""
+        with self._mutex:
+            for watcher in [w for w in self.active if w.client is client]:
+                self._drop(watcher)
+
+    def _drop(self, watcher: Watcher) -> None:
+        del self._by_ident[watcher.ident]
+        self.active.remove(watcher)
+        watcher.queue = []
+        waiter, watcher.waiter = watcher.waiter, None
+        if waiter is not None and not waiter.handed:
+            waiter.wake()
+
+    def _find(self, ident: int, client: Client) -> Watcher:
+        watcher = self._by_ident.get(ident)
+        if watcher is None or watcher.client is not client:
+            raise KeyError(f"no watch {ident!r} on this server (it restarted, or the watch was closed)")
+        return watcher
+
+    def figures(self) -> dict[str, int]:
+        """For ``stats()``: the watches open, the changes queued for them, and the calls waiting for one."""
+        with self._mutex:
+            active = self.active
+            return {
+                "watchers": len(active),
+                "watch_queued": sum(len(w.queue) for w in active),
+                "watch_waiting": sum(1 for w in active if w.waiter is not None and not w.waiter.handed),
+            }
+
+
+def _strings(values: Iterable[Any], what: str) -> list[str]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{what} must be a list of str, not {type(values).__name__}")
+    for value in values:
+        if type(value) is not str:
+            raise TypeError(f"{what} must hold str, not {type(value).__name__}")
+    return list(values)
+
+
+def _unix_socket(fd: int) -> socket.socket | None:
+    """The connection ``fd`` as a socket to hand answers over on, if it is a Unix one (``_hand_over``);
+    ``detach()`` it after (the descriptor stays the connection's)."""
+    sock = socket.socket(fileno=fd)
+    if sock.family == socket.AF_UNIX:
+        return sock
+    sock.detach()
+    return None

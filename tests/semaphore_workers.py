@@ -1,0 +1,102 @@
+"""Functions run in child processes by tests/test_semaphores.py (importable under every start method)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import sharedstate
+from sharedstate import aio
+
+
+def _log(fd: int, event: str) -> None:
+    os.write(fd, f"{event} {os.getpid()}\n".encode())  # one write on an O_APPEND file: never interleaved
+
+
+def take_turns(state: sharedstate.State, name: str, value: int, turns: int, log: str, ready, go, stop) -> None:
+    """Enter the semaphore at least ``turns`` times, and until ``stop`` is set, writing each entry (``+``)
+    and exit (``-``) to ``log``."""
+    sem = state.semaphore(name, value)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    sem.value()  # connected before the start
+    ready.release()
+    go.wait(30)
+    done = 0
+    while done < turns or not stop.is_set():
+        done += 1
+        with sem.hold(timeout=60):
+            _log(fd, "+")
+            time.sleep(0.02)
+            _log(fd, "-")
+
+
+def hold_forever(state: sharedstate.State, name: str, value: int, permits: int, log: str | None, held) -> None:
+    """Take ``permits`` permits (logging the entry) and keep them until killed."""
+    sem = state.semaphore(name, value)
+    for _ in range(permits):
+        sem.acquire()
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+        _log(fd, "+")
+    held.set()
+    while True:
+        time.sleep(60)
+
+
+def hold_with_fd_kept_open(state: sharedstate.State, name: str, value: int, held, grandchild) -> None:
+    """Take every permit, then fork a child that keeps this process' connections open and outlives it:
+    on the local server only the liveness check (psutil) can tell this holder is gone."""
+    sem = state.semaphore(name, value)
+    for _ in range(value):
+        sem.acquire()
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    grandchild.value = pid
+    held.set()
+    while True:
+        time.sleep(60)
+
+
+def hold_in_a_task(address: str, authkey: bytes | None, options: dict, name: str, value: int, held) -> None:
+    """An asyncio holder: a task takes a permit and keeps it until the process is killed."""
+
+    async def main() -> None:
+        state = await aio.connect(address, authkey, **options)
+        async with state.semaphore(name, value):
+            held.set()
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+
+
+def hold_across_restart(state: sharedstate.State, name: str, value: int, held, go, results) -> None:
+    """Take a permit, keep it across a crash of the server, then give it back when told; report how the
+    release went."""
+    sem = state.semaphore(name, value)
+    sem.acquire()
+    held.set()
+    go.wait(30)
+    try:
+        sem.release()
+        results.put(("released", sem.value()))
+    except Exception as exc:
+        results.put((type(exc).__name__, str(exc)))
+
+
+def lose_then_release(state: sharedstate.State, name: str, close: bool, held, go, results) -> None:
+    """Take the permit of a semaphore of 1, close every connection of this process if ``close`` (the local
+    server then gives the permit back), and once told, release it: report how the release went."""
+    sem = state.semaphore(name, 1)
+    sem.acquire()
+    if close:
+        state.close()
+    held.set()
+    go.wait(30)
+    try:
+        sem.release()
+        results.put(("released", None))
+    except Exception as exc:
+        results.put((type(exc).__name__, str(exc)))

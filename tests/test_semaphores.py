@@ -1,0 +1,259 @@
+"""Semaphores across real processes on the local server and Redis: never more holders than permits while
+holders are SIGKILLed, a dead holder's permits back in time (the local server: within 1 s, also when only
+the liveness check can tell; Redis: within the lease), asyncio tasks and an asyncio holder killed. The
+calls themselves on every backend and face: tests/contract/test_semaphores.py."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+import time
+import uuid
+
+import pytest
+import semaphore_workers as workers
+from conftest import START_METHODS, kill, reap, wait_until
+from test_lock_restarts import crash_and_restart
+
+import sharedstate
+from sharedstate import aio
+
+#: Redis permits are leases: a dead holder's come back when its lease ends. The tests use a short one.
+REDIS_LEASE = 0.5
+
+
+@pytest.fixture(params=["local", "redis"])
+def target(request, tmp_path):
+    """``(address, authkey, options)`` of a fresh state on each backend, and a sync handle on it."""
+    if request.param == "local":
+        server = request.getfixturevalue("server")
+        yield request.param, server.address, server.authkey, {}
+        return
+    redis_server = request.getfixturevalue("redis_server")
+    namespace = request.getfixturevalue("redis_namespace")
+    yield request.param, redis_server.url, None, {"namespace": namespace, "lease": REDIS_LEASE}
+
+
+def _connect(target) -> sharedstate.State:
+    _, address, authkey, options = target
+    return sharedstate.connect(address, authkey, **options)
+
+
+def _bound(target) -> float:
+    """How soon a dead holder's permits must come back."""
+    return 1.0 if target[0] == "local" else REDIS_LEASE + 0.5  # a waiter asks again right after the lease
+
+
+def _most_inside(log: str) -> tuple[int, int, dict[int, int]]:
+    """From an enter (``+``) / exit (``-``) log where ``k`` marks a holder killed: the most holders at once,
+    the most at once since the last ``k``, and the entries per pid."""
+    inside: set[int] = set()
+    most = since = 0
+    entries: dict[int, int] = {}
+    with open(log) as f:
+        for line in f:
+            event, pid = line.split()
+            if event == "+":
+                inside.add(int(pid))
+                entries[int(pid)] = entries.get(int(pid), 0) + 1
+                most = max(most, len(inside))
+                since = max(since, len(inside))
+            else:
+                inside.discard(int(pid))
+                if event == "k":
+                    since = len(inside)
+    return most, since, entries
+
+
+def test_never_more_holders_than_permits_while_holders_are_killed(target, tmp_path):
+    state = _connect(target)
+    name, value, turns = f"sem-{uuid.uuid4().hex[:8]}", 3, 4
+    log = str(tmp_path / "events.log")
+    open(log, "w").close()
+    sync = multiprocessing.get_context("spawn")  # its events and semaphores work under every start method
+    ready, go, stop = sync.Semaphore(0), sync.Event(), sync.Event()
+    contexts = [multiprocessing.get_context(m) for m in START_METHODS]
+    victims, held = [], []
+    for i in range(2):
+        held.append(sync.Event())
+        ctx = contexts[i % len(contexts)]
+        victims.append(ctx.Process(target=workers.hold_forever, args=(state, name, value, 1, log, held[i])))
+    args = (state, name, value, turns, log, ready, go, stop)
+    others = [contexts[i % len(contexts)].Process(target=workers.take_turns, args=args) for i in range(8)]
+    procs = victims + others
+    try:
+        for proc in procs:
+            proc.start()
+        assert all(event.wait(60) for event in held)
+        for _ in others:
+            assert ready.acquire(timeout=60)
+        go.set()
+
+        def killed(victim) -> None:
+            with open(log, "a") as f:  # counted out before it dies: its permit is not free before
+                f.write(f"k {victim.pid}\n")
+            kill(victim.pid)
+
+        killed(victims[0])
+        wait_until(lambda: sum(_most_inside(log)[2].values()) >= 12, 60, what="turns")
+        killed(victims[1])
+        # The turns go on until the dead holders' permits served them: three holders at once since.
+        wait_until(lambda: _most_inside(log)[1] >= value, 30, what="three holders at once")
+        stop.set()
+        for proc in others:
+            proc.join(60)
+            assert proc.exitcode == 0, f"{proc.name} ended with {proc.exitcode}"
+    finally:
+        for victim in victims:
+            kill(victim.pid)
+        reap(*procs)
+    most, _, entries = _most_inside(log)
+    assert most <= value, f"{most} holders at once"
+    assert all(entries[p.pid] >= turns for p in others)
+    assert state.semaphore(name, value).value() == value
+    assert state.stats()["lock_recoveries"] == 2
+    state.close()
+
+
+def test_the_permits_of_a_killed_holder_come_back_in_time(target):
+    """On the local server a grandchild keeps the holder's connection open, so only the liveness check
+    (psutil: the killed holder is an unreaped zombie) finds it gone; on Redis, the lease ends."""
+    state = _connect(target)
+    name = f"sem-{uuid.uuid4().hex[:8]}"
+    ctx = multiprocessing.get_context("fork")
+    held, grandchild = ctx.Event(), ctx.Value("i", 0)
+    proc = ctx.Process(target=workers.hold_with_fd_kept_open, args=(state, name, 2, held, grandchild))
+    proc.start()
+    sem = state.semaphore(name, 2)
+    try:
+        assert held.wait(30)
+        assert sem.value() == 0 and sem.acquire(blocking=False) is False
+        kill(proc.pid)  # not reaped: a zombie until the end
+        start = time.monotonic()
+        assert sem.acquire(timeout=10) and sem.acquire(timeout=10), "the dead holder's permits never came back"
+        took = time.monotonic() - start
+        assert took <= _bound(target), f"took {took:.2f} s"
+        assert state.stats()["lock_recoveries"] == 2
+        sem.release()
+        sem.release()
+    finally:
+        kill(proc.pid)
+        if grandchild.value:
+            kill(grandchild.value)
+        reap(proc)
+    state.close()
+
+
+def test_asyncio_tasks_share_the_permits_and_a_killed_asyncio_holder_gives_its_back(target):
+    _, address, authkey, options = target
+    name = f"sem-{uuid.uuid4().hex[:8]}"
+    ctx = multiprocessing.get_context("forkserver")
+    held = ctx.Event()
+    holder = ctx.Process(target=workers.hold_in_a_task, args=(address, authkey, options, name, 2, held))
+    holder.start()
+    try:
+        assert held.wait(60)
+
+        async def main() -> tuple[int, int]:
+            state = await aio.connect(address, authkey, **options)
+            sem = state.semaphore(name, 2)
+            inside = most = 0
+            first_done = asyncio.Event()
+
+            async def task() -> None:
+                nonlocal inside, most
+                turns = 0
+                while turns < 3 or most < 2:  # until the killed holder's permit served a task
+                    async with sem.hold(timeout=30):
+                        inside += 1
+                        most = max(most, inside)
+                        await asyncio.sleep(0.02)
+                        inside -= 1
+                    turns += 1
+                    first_done.set()
+
+            tasks = [asyncio.ensure_future(task()) for _ in range(6)]
+            await asyncio.wait_for(first_done.wait(), 30)
+            alone = most  # while the other process holds the second permit
+            kill(holder.pid)
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            assert await sem.value() == 2
+            await state.aclose()
+            return alone, most
+
+        alone, most = asyncio.run(main())
+        assert alone == 1, "a task entered beside the other process' permit"
+        assert most == 2, "the killed holder's permit never served a task"
+    finally:
+        kill(holder.pid)
+        reap(holder)
+    with _connect(target) as state:
+        assert state.stats()["lock_recoveries"] == 1
+
+
+def test_permits_held_across_a_crash_of_the_server_stay_their_live_holders():
+    """The restarted server gives the permits back to their live holders, not to anyone else: a holder
+    releases its own without ``LockLost``, and a holder killed after the restart (it has not reconnected:
+    only the liveness check can tell) gets its permit counted back within a second."""
+    ctx = multiprocessing.get_context("fork")
+    name = f"sem-{uuid.uuid4().hex[:8]}"
+    with sharedstate.StateServer() as server:
+        held, go, results, forever = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Event()
+        releaser = ctx.Process(target=workers.hold_across_restart, args=(server.state, name, 3, held, go, results))
+        keeper = ctx.Process(target=workers.hold_forever, args=(server.state, name, 3, 1, None, forever))
+        releaser.start()
+        keeper.start()
+        try:
+            assert held.wait(30) and forever.wait(30)
+            state = crash_and_restart(server)
+            sem = state.semaphore(name, 3)
+            assert sem.value() == 1
+            assert sem.acquire(blocking=False) is True
+            assert sem.acquire(timeout=0.2) is False  # never more than three holders
+            go.set()
+            assert results.get(timeout=30) == ("released", 1)
+            sem.release()
+            assert sem.value() == 2
+            kill(keeper.pid)  # not reaped: a zombie, whose permit the server finds dead
+            start = time.monotonic()
+            assert sem.acquire(timeout=10) and sem.acquire(timeout=10) and sem.acquire(timeout=10)
+            took = time.monotonic() - start
+            assert took <= 1.0, f"took {took:.2f} s"
+            assert state.stats()["lock_recoveries"] == 1
+            for _ in range(3):
+                sem.release()
+            state.close()
+        finally:
+            go.set()
+            kill(keeper.pid)
+            reap(releaser, keeper)
+
+
+def test_a_holder_whose_permit_was_given_back_gets_lock_lost_at_its_release(target):
+    """Local server: the holder closed every connection of its process. Redis: the holder was stopped
+    for longer than its lease. Either way another process took the permit, and the holder's release is
+    ``LockLost``, not a second holder going on silently."""
+    state = _connect(target)
+    name, local = f"sem-{uuid.uuid4().hex[:8]}", target[0] == "local"
+    ctx = multiprocessing.get_context("fork")
+    held, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=workers.lose_then_release, args=(state, name, local, held, go, results))
+    proc.start()
+    sem = state.semaphore(name, 1)
+    try:
+        assert held.wait(30)
+        if not local:
+            kill(proc.pid, signal.SIGSTOP)  # it renews nothing while stopped
+        assert sem.acquire(timeout=10) is True
+        kill(proc.pid, signal.SIGCONT)
+        go.set()
+        kind, message = results.get(timeout=30)
+        assert kind == "LockLost" and repr(name) in message
+        assert state.stats()["lock_recoveries"] == 1
+        sem.release()
+    finally:
+        kill(proc.pid, signal.SIGCONT)
+        go.set()
+        reap(proc)
+    state.close()
