@@ -401,3 +401,19 @@ def _acquire_and_report(backend: RedisBackend, out) -> None:
     out.put("waiting")
     out.put(backend.lock_acquire(None, "child", True, 30.0, None, 0))
     backend.lock_release(None, "child", 1)
+
+
+def test_replies_decoded_by_the_urls_decode_responses_are_read_alike(redis_server, redis_namespace):
+    """``?decode_responses=true`` makes redis-py answer str, not bytes: the scripts' answers still count
+    (an incr was added twice when its "ok" was not recognised)."""
+    state = sharedstate.connect(f"{redis_server.url}?decode_responses=true", namespace=redis_namespace)
+    try:
+        assert state.incr("n") == 1 and state.incr("n", 2) == 3 and state.get("n") == 3
+        assert state.append("l", "x") == 1 and state.get("l") == ["x"]
+        with pytest.raises(TypeError):
+            state.incr("l")
+        with state.watch(names=["n"]) as changes:
+            state.incr("n", ttl=5)
+            assert changes.next(5) == sharedstate.Change("n", "set", 4)
+    finally:
+        state.close()

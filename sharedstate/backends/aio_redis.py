@@ -29,14 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from sharedstate import _fork
-from sharedstate._errors import handle_closed
+from sharedstate._changes import Change
+from sharedstate._errors import SharedStateError, handle_closed
 from sharedstate._pattern import Pattern
 from sharedstate.backends.base import AsyncBackend
 from sharedstate.backends.redis import connection as _connection
+from sharedstate.backends.redis import watch as _watch
 from sharedstate.backends.redis.backend import RedisBackend
 from sharedstate.backends.redis.connection import import_redis_asyncio
 from sharedstate.backends.redis.semaphores import AsyncSemaphoreCalls
-from sharedstate.backends.redis.steps import Operation, run_async
+from sharedstate.backends.redis.steps import Operation, run_async, run_watch
+from sharedstate.backends.redis.watch import Cursor
 
 __all__ = ["AsyncRedisBackend", "import_redis_asyncio"]
 
@@ -130,6 +133,18 @@ class AsyncRedisBackend(AsyncSemaphoreCalls, AsyncBackend):
         except (_connection.RedisError, OSError) as exc:  # OSError: no socket to be had (EMFILE ...)
             raise _connection.translate(exc, sync.address, method) from None
 
+    # -- change notifications -----------------------------------------------------------------------
+    async def watch(
+        self, pattern: Pattern | None, names: tuple[str, ...] | None, scopes: tuple[str, ...], buffer: int
+    ) -> AsyncWatcher:
+        """``RedisBackend.watch``, its reads awaited on a connection of their own (``AsyncWatcher``)."""
+        self.sync.counted.count("watch")
+        cursor = Cursor(self.sync, pattern, names, scopes, buffer)
+        watcher = AsyncWatcher(self, cursor)
+        await watcher.run(cursor.start)
+        _watch.registry.add(cursor)
+        return watcher
+
     async def _threaded(self, method: str, *args: Any) -> Any:
         if self._closed:
             raise handle_closed(self.sync.address)
@@ -157,8 +172,11 @@ class AsyncRedisBackend(AsyncSemaphoreCalls, AsyncBackend):
         return await self._run("snapshot")
 
     # -- writes -------------------------------------------------------------------------------------
-    async def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> None:
-        await self._run("set", name, value, scopes)
+    async def set(self, name: str, value: Any, scopes: tuple[str, ...], ttl: float | None = None) -> None:
+        await self._run("set", name, value, scopes, ttl)
+
+    async def ttl(self, name: str) -> float | None:
+        return await self._run("ttl", name)
 
     async def write(self, method: str, *args: Any) -> Any:
         """Any other write, with the arguments of ``Backend``'s (``restore`` reads its file on a thread)."""
@@ -198,3 +216,44 @@ class AsyncRedisBackend(AsyncSemaphoreCalls, AsyncBackend):
 
     async def lock_owner(self, name: str | None) -> int | None:
         return await self._run("lock_owner", name)
+
+
+class AsyncWatcher:
+    """``backends.base.AsyncWatcher`` on Redis: a ``watch.Cursor`` whose ``XREAD BLOCK``s are awaited on a
+    connection of their own (``AsyncConnection.watches``), its scripts on the face's connection. The
+    process' watch thread keeps it registered, as the lease thread renews this face's locks."""
+
+    def __init__(self, face: AsyncRedisBackend, cursor: Cursor) -> None:
+        self._face = face
+        self._cursor = cursor
+        self._closed = False
+
+    async def run(self, read: Callable[[], Operation]) -> Any:
+        """``read()``'s steps awaited; after a failure of the connection, once more from the present
+        (the rule of the blocking ``watch.Watcher``)."""
+        cursor = self._cursor
+        for attempt in (1, 2):
+            conn = await self._face._connection()
+            try:
+                return await run_watch(read(), conn)
+            except (_connection.RedisError, OSError) as exc:
+                if attempt == 2:
+                    raise _connection.translate(exc, self._face.sync.address, "watch") from None
+                cursor.lapsed = True
+
+    async def next(self, timeout: float | None) -> list[Change]:
+        if self._closed:
+            return []
+        cursor = self._cursor
+        cursor.adopt()
+        return await self.run(lambda: cursor.read(timeout))
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = self._cursor.closed = True
+            _watch.registry.remove(self._cursor)
+            if self._cursor.reading:  # in another task: wake it
+                try:
+                    await self.run(self._cursor.wake)
+                except SharedStateError as exc:  # its wait ends at its next slice all the same
+                    _watch.log.debug("could not wake a closed watcher: %s", exc)

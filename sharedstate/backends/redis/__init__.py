@@ -7,7 +7,11 @@ value types (through the snapshot codec) and errors as on the local server, on k
 - ``NAMESPACE:data``, a hash of name to the value as typed JSON (the snapshot codec's), and
   ``NAMESPACE:scopes``, a hash of name to its scopes as a JSON list (only names that have scopes);
 - ``NAMESPACE:lock`` and ``NAMESPACE:lock:NAME``, the locks (a string: holder pid, process token and
-  owner, with a lease), and ``NAMESPACE:wake[:NAME]``, a list a release pushes to so a waiter wakes.
+  owner, with a lease), and ``NAMESPACE:wake[:NAME]``, a list a release pushes to so a waiter wakes;
+- ``NAMESPACE:deadlines``, a sorted set of name by its deadline (UTC seconds of Redis' ``TIME``), for
+  the names that expire (``scripts.PRELUDE``);
+- ``NAMESPACE:changes``, the stream of changes for watchers, written while ``NAMESPACE:watching`` exists,
+  and ``NAMESPACE:watchers``, the processes that watch (``watch``).
 
 Every call is atomic in Redis: a single command, a ``MULTI``/``EXEC`` block, or a Lua script
 (``scripts``), and most are one round trip. The exceptions: ``names()`` walks the hash by ``HSCAN``
@@ -23,8 +27,9 @@ holding process (``leases``), released by a script that deletes the key only if 
 token. A dead holder stops renewing, so its lock is free within the lease.
 
 Modules: ``url`` (addresses and options), ``connection`` (redis-py, imported on first use, and its
-errors), ``scripts`` (Lua), ``leases`` (held locks and their renewal), ``locks`` (the lock calls), ``backend``
-(``RedisBackend``).
+errors), ``scripts`` (Lua), ``stored`` (values, ttls and Redis' clock as sent and read), ``leases`` (held
+locks and their renewal), ``locks`` (the lock calls), ``files`` (save, restore and writes of many names),
+``watch`` (watchers and the thread that keeps them registered), ``backend`` (``RedisBackend``).
 """
 
 from __future__ import annotations

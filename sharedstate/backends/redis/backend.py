@@ -13,31 +13,32 @@ import json
 import math
 import threading
 from collections.abc import Callable, Generator, Hashable
-from pathlib import Path
 from typing import Any
 
 from sharedstate import _fork
 from sharedstate._figures import ThreadCalls, WaitWindow
 from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
-from sharedstate._rules import add, appended, check_restored, matches, scoped, select_saved
+from sharedstate._rules import add, appended, matches, scoped
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate.backends.redis.connection import REPLY_TIMEOUT, AsyncConnection, Connection, operation, redis_call
 from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.figures import lock_holders
+from sharedstate.backends.redis.files import FileCalls
 from sharedstate.backends.redis.locks import LockCalls
-from sharedstate.backends.redis.scripts import EXACT_INT
+from sharedstate.backends.redis.scripts import EXACT_INT, PURGE_BATCH
 from sharedstate.backends.redis.semaphores import SemaphoreCalls
-from sharedstate.backends.redis.steps import Command, Operation, Pipeline, Script
+from sharedstate.backends.redis.steps import Operation, Pipeline, Script
+from sharedstate.backends.redis.stored import dumps, loads
+from sharedstate.backends.redis.stored import ttl_arg as _ttl
 from sharedstate.backends.redis.url import Target
-from sharedstate.persistence.codec import encode, object_hook
-from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
+from sharedstate.backends.redis.watch import Cursor, Watcher
 from sharedstate.wire.cache import cache_figures
+
+__all__ = ["RedisBackend", "dumps", "loads"]
 
 #: Names per HSCAN step of ``names()``.
 SCAN_COUNT = 1000
-#: Fields per HSET inside one MULTI block when many names are written at once.
-WRITE_CHUNK = 10_000
 
 #: Serialises the opening of connections (replaced in a child: another thread may have held it at the fork).
 _opening = threading.Lock()
@@ -49,25 +50,7 @@ def _after_fork_in_child() -> None:
     _opening = threading.Lock()
 
 
-def dumps(value: Any) -> str:
-    """A value as it is stored in Redis: the snapshot codec's typed JSON, compact."""
-    return json.dumps(encode(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def loads(raw: bytes | str) -> Any:
-    return json.loads(raw, object_hook=object_hook)
-
-
-def _path(path: str | None, verb: str) -> Path:
-    if path is None:
-        raise ValueError(
-            f"{verb}() on a Redis state needs a path: it has no snapshot file of its own "
-            "(Redis' own persistence keeps its data)"
-        )
-    return Path(path)
-
-
-class RedisBackend(LockCalls, SemaphoreCalls):
+class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
     """A state kept in Redis or Valkey, under the keys of one namespace (``scripts`` says how each call
     stays atomic; ``locks`` has the lock calls). It pickles as its target (URL with password, namespace,
     lease) and reply timeout, and opens its own connection in each process, also after a fork."""
@@ -84,7 +67,10 @@ class RedisBackend(LockCalls, SemaphoreCalls):
         self._prefix = prefix
         self._data_key = prefix + "data"
         self._scopes_key = prefix + "scopes"
-        self._keys = [self._data_key, self._scopes_key]
+        self._deadlines_key = prefix + "deadlines"
+        self._changes_key = prefix + "changes"
+        #: The keys every script on the names takes (``scripts.PRELUDE``).
+        self._keys = [self._data_key, self._scopes_key, self._deadlines_key, self._changes_key, prefix + "watching"]
         self._conn_: Connection | None = None
         #: This handle's calls in this process, by name (``redis_call`` counts them), and its lock waits.
         self.counted = ThreadCalls()
@@ -140,7 +126,7 @@ class RedisBackend(LockCalls, SemaphoreCalls):
         held, and renewed."""
         conn = self._conn_
         if conn is not None and conn.generation == _fork.generation:
-            conn.client.close()
+            conn.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The URL, password included, travels with the backend, as the key does with a local one.
@@ -152,7 +138,7 @@ class RedisBackend(LockCalls, SemaphoreCalls):
     # -- reads --------------------------------------------------------------------------------------
     @operation
     def get(self, name: str) -> Operation:
-        raw = yield Command("hget", (self._data_key, name))
+        raw = yield Script("get", self._keys, [name])
         return MISSING if raw is None else loads(raw)
 
     def peek(self, name: str) -> Any:
@@ -161,14 +147,14 @@ class RedisBackend(LockCalls, SemaphoreCalls):
 
     @operation
     def contains(self, name: str) -> Operation:
-        return bool((yield Command("hexists", (self._data_key, name))))
+        return bool((yield Script("contains", self._keys, [name])))
 
     @operation
     def get_many(self, names: list[str]) -> Operation:
         if not names:
             return {}
-        values = yield Command("hmget", (self._data_key, names))
-        return {name: loads(raw) for name, raw in zip(names, values, strict=True) if raw is not None}
+        values = yield Script("get_many", self._keys, names)
+        return {name: loads(raw) for name, raw in zip(names, values, strict=True) if raw}
 
     @operation
     def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> Operation:
@@ -190,7 +176,7 @@ class RedisBackend(LockCalls, SemaphoreCalls):
         cursor: bytes | int = 0
         flag = "1" if values else "0"
         while True:
-            reply = yield Script("scan", [key], [cursor, SCAN_COUNT, flag])
+            reply = yield Script("scan", [key, self._deadlines_key], [cursor, SCAN_COUNT, flag])
             cursor, items = reply[0], reply[1:]
             if values:
                 found += zip(items[::2], items[1::2], strict=True)
@@ -201,16 +187,18 @@ class RedisBackend(LockCalls, SemaphoreCalls):
 
     @operation
     def length(self) -> Operation:
-        return int((yield Command("hlen", (self._data_key,))))
+        return int((yield Script("length", self._keys, [])))
 
     @operation
     def snapshot(self) -> Operation:
-        return {_text(name): loads(raw) for name, raw in (yield Command("hgetall", (self._data_key,))).items()}
+        flat, due = yield Script("snapshot", self._keys, [])
+        gone = set(due)
+        return {_text(flat[i]): loads(flat[i + 1]) for i in range(0, len(flat), 2) if flat[i] not in gone}
 
     # -- writes -------------------------------------------------------------------------------------
     @operation
-    def set(self, name: str, value: Any, scopes: tuple[str, ...]) -> Operation:
-        yield Script("set", self._keys, [name, dumps(value), json.dumps(list(scopes)) if scopes else ""])
+    def set(self, name: str, value: Any, scopes: tuple[str, ...], ttl: float | None = None) -> Operation:
+        yield Script("set", self._keys, [name, dumps(value), json.dumps(list(scopes)) if scopes else "", _ttl(ttl)])
 
     @operation
     def remove(self, name: str) -> Operation:
@@ -225,25 +213,39 @@ class RedisBackend(LockCalls, SemaphoreCalls):
 
     @operation
     def clear(self) -> Operation:
-        yield Command("delete", (self._data_key, self._scopes_key))
+        yield Script("clear", self._keys, [])
 
     @operation
-    def incr(self, name: str, by: Any) -> Operation:
-        """In one script when Lua's doubles add exactly (``scripts.INCR``); else in Python, by ``_swap``."""
+    def incr(self, name: str, by: Any, ttl: float | None = None) -> Operation:
+        """In one script when Lua's doubles add exactly (``scripts.INCR``); else in Python, by ``_swap``.
+        ``ttl``: the expiry of the name if this call creates it."""
         kind = type(by)
         if (kind is int and -EXACT_INT < by < EXACT_INT) or (kind is float and math.isfinite(by)):
-            reply = yield Script("incr", self._keys[:1], [name, repr(by), "i" if kind is int else "f", EXACT_INT])
-            status = reply[0]
-            if status == b"ok":
+            args = [name, repr(by), "i" if kind is int else "f", EXACT_INT, _ttl(ttl)]
+            reply = yield Script("incr", self._keys, args)
+            status = _text(reply[0])  # bytes, or str with decode_responses in the URL
+            if status == "ok":
                 return loads(reply[1])
-            if status == b"type":
+            if status == "type":
                 add(name, loads(reply[1]), by)  # the TypeError of a value that is not a number
-        return (yield from self._swap(name, lambda current: add(name, current, by)))
+            read = reply[1:]  # what the script saw: no need to read it again
+        else:
+            read = None
+        return (yield from self._swap(name, lambda current: add(name, current, by), _ttl(ttl), read))
+
+    @operation
+    def expire(self, name: str, ttl: float | None) -> Operation:
+        return (yield Script("expire", self._keys, [name, _ttl(ttl)])) == 1
+
+    @operation
+    def ttl(self, name: str) -> Operation:
+        left = yield Script("ttl", self._keys, [name])
+        return None if left is None else max(0.0, float(left))
 
     @operation
     def setdefault(self, name: str, default: Any) -> Operation:
         text = dumps(default)
-        reply = yield Script("setdefault", self._keys[:1], [name, text])
+        reply = yield Script("setdefault", self._keys, [name, text])
         return loads(text if reply[0] == 1 else reply[1])  # a copy either way, as values are
 
     @operation
@@ -256,7 +258,7 @@ class RedisBackend(LockCalls, SemaphoreCalls):
         texts = "0" if '"nan"' in known else "1"
         missing_matches = "1" if matches(MISSING, expected) else "0"
         while True:
-            reply = yield Script("compare_and_set", self._keys[:1], [name, known, new_text, missing_matches, texts])
+            reply = yield Script("compare_and_set", self._keys, [name, known, new_text, missing_matches, texts])
             if reply == 1:
                 return True
             if reply == 0 or not matches(loads(reply), expected):
@@ -265,78 +267,45 @@ class RedisBackend(LockCalls, SemaphoreCalls):
 
     @operation
     def append(self, name: str, item: Any) -> Operation:
-        reply = yield Script("append", self._keys[:1], [name, dumps(item)])
-        status = reply[0]
-        if status == b"ok":
+        reply = yield Script("append", self._keys, [name, dumps(item)])
+        status = _text(reply[0])
+        if status == "ok":
             return int(reply[1])
-        if status == b"type":
+        if status == "type":
             appended(name, loads(reply[1]), item)  # the TypeError of a value that is not a list
-        return len((yield from self._swap(name, lambda current: appended(name, current, item))))
+        return len((yield from self._swap(name, lambda current: appended(name, current, item), "", reply[1:])))
 
-    def _swap(self, name: str, change: Callable[[Any], Any]) -> Operation:
+    def _swap(self, name: str, change: Callable[[Any], Any], ttl: str = "", read: list[Any] | None = None) -> Operation:
         """Read ``name``, compute its new value in Python, and store it if the name still holds what was
         read, else read again: two round trips an attempt, and as many attempts as other clients change
         the name in between. ``change`` gets ``MISSING`` for a missing name, and may raise to leave
-        everything unchanged. Returns the new value."""
+        everything unchanged; ``ttl`` is the expiry of a name it creates; ``read``, what a script already
+        read (``[]``: missing, ``[text]``), for the first attempt. Returns the new value."""
         while True:
-            raw = yield Command("hget", (self._data_key, name))
+            if read is None:
+                raw = yield Script("get", self._keys, [name])
+            else:
+                raw, read = (read[0] if read else None), None
             new = change(MISSING if raw is None else loads(raw))
-            args = [name, "1", "", dumps(new)] if raw is None else [name, "0", raw, dumps(new)]
-            if (yield Script("swap", self._keys[:1], args)) == 1:
+            args = [name, "1", "", dumps(new), ttl] if raw is None else [name, "0", raw, dumps(new), ttl]
+            if (yield Script("swap", self._keys, args)) == 1:
                 return new
 
     @operation
     def update(self, mapping: dict[str, Any]) -> Operation:
         encoded = {name: dumps(value) for name, value in mapping.items()}
-        yield Pipeline(self._write(encoded, {}, merge=True))
+        yield Script("purge", self._keys, [PURGE_BATCH])  # names it replaces that expired are noted so first
+        yield Pipeline(self._write(encoded, {}, {}, merge=True, restored=False))
 
-    def _write(self, encoded: dict[str, str], scopes: dict[str, str], merge: bool) -> list[Command]:
-        """The commands that store ``encoded`` values with ``scopes`` (names without any lose theirs);
-        with ``merge=False`` everything else goes first."""
-        commands = [Command("delete", (self._data_key, self._scopes_key))] if not merge else []
-        names = list(encoded)
-        for start in range(0, len(names), WRITE_CHUNK):
-            chunk = names[start : start + WRITE_CHUNK]
-            commands.append(Command("hset", (self._data_key,), {"mapping": {n: encoded[n] for n in chunk}}))
-            if merge:
-                commands.append(Command("hdel", (self._scopes_key, *chunk)))
-        items = list(scopes.items())
-        for start in range(0, len(items), WRITE_CHUNK):
-            commands.append(Command("hset", (self._scopes_key,), {"mapping": dict(items[start : start + WRITE_CHUNK])}))
-        return commands
+    # -- change notifications -----------------------------------------------------------------------
+    def watch(
+        self, pattern: Pattern | None, names: tuple[str, ...] | None, scopes: tuple[str, ...], buffer: int
+    ) -> Watcher:
+        """A ``watch.Watcher`` of the namespace's stream, from its present end."""
+        self.counted.count("watch")
+        return Watcher.start(Cursor(self, pattern, names, scopes, buffer))
 
-    # -- files and figures --------------------------------------------------------------------------
-    @operation
-    def save(
-        self, path: str | None, include: list[str] | None, exclude: list[str] | None, scopes: tuple[str, ...]
-    ) -> Operation:
-        """Written in the calling process, in the local server's format (so either backend restores it);
-        ``ValueError`` without a path: a Redis state has no file of its own."""
-        target = _path(path, "save")
-        raw_data, raw_scopes = yield Pipeline(
-            [Command("hgetall", (self._data_key,)), Command("hgetall", (self._scopes_key,))]
-        )
-        stored_scopes = {_text(name): tuple(json.loads(value)) for name, value in raw_scopes.items()}
-        stored = {_text(name): raw for name, raw in raw_data.items()}
-        selected = select_saved(stored, stored_scopes, include, exclude, scopes)
-        data = {name: loads(raw) for name, raw in selected.items()}
-        write_snapshot(target, data, stored_scopes, ours=False)  # a path the caller chose
-        return target
-
-    @operation
-    def restore(self, path: str | None, merge: bool) -> Operation:
-        """Read in the calling process; installed in one ``MULTI`` block (``merge=False``: in place of
-        everything). ``ValueError`` without a path."""
-        target = _path(path, "restore")
-        snapshot = read_snapshot(target)
-        if snapshot is None:
-            return 0
-        check_restored(snapshot.data, snapshot.foreign, str(target))
-        encoded = {name: dumps(value) for name, value in snapshot.data.items()}
-        scopes = {name: json.dumps(list(scope)) for name, scope in snapshot.scopes.items()}
-        yield Pipeline(self._write(encoded, scopes, merge=merge))
-        return len(encoded)
-
+    # -- figures ------------------------------------------------------------------------------------
     @redis_call
     def stats(self) -> dict[str, Any]:
         """Under the keys of the local server's ``stats()``: ``names`` (this namespace), ``pid`` (the Redis
@@ -350,11 +319,11 @@ class RedisBackend(LockCalls, SemaphoreCalls):
         process (Redis keeps no figures of sharedstate's calls), ``lock_holders`` and ``locks_held`` come
         from the lock keys (``figures``), ``lock_waiters`` is ``None`` and the client cache figures are 0."""
         client = self._conn.client
+        names = self._conn.run("length", self._keys, [])  # without the names past their deadline
         pipe = client.pipeline(transaction=False)
-        pipe.hlen(self._data_key)
         pipe.info()
         pipe.get(self._sem_keys("")[0][2])  # the permits of semaphores whose lease ran out
-        names, info, recovered = pipe.execute()
+        info, recovered = pipe.execute()
         holders, held = lock_holders(client, self._lock_keys(None)[0], self._lock_keys("")[0])
         return {
             "names": int(names),

@@ -94,6 +94,13 @@ class Connection:
         self.client = redis.Redis.from_url(url, **_options(Retry, timeout))
         self.generation = _fork.generation
         self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
+        #: Watchers' ``XREAD BLOCK``s: a pool of its own, so each wait holds a connection no other call waits for.
+        self.watches = redis.Redis.from_url(url, **_options(Retry, timeout))
+
+    def close(self) -> None:
+        """Close every connection (the next call opens them again)."""
+        self.client.close()
+        self.watches.close()
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one of ``scripts.SCRIPTS`` (by ``EVALSHA``, loading it first if Redis does not know it)."""
@@ -128,6 +135,8 @@ class AsyncConnection:
         self._wait_slots = asyncio.Semaphore(MAX_WAITS)
         self._alone_used = 0.0  # the loop's time of the last call alone
         self.scripts = {name: self.alone.register_script(source) for name, source in SCRIPTS.items()}
+        #: Watchers' ``XREAD BLOCK``s, each on a connection of its own (``watch``).
+        self.watches = aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, **options))
         self.no_script = redis.exceptions.NoScriptError
         self.batches = Batches(self)
 
@@ -171,7 +180,7 @@ class AsyncConnection:
 
     async def aclose(self) -> None:
         """Close every connection (the next command opens them again)."""
-        for client in (self.alone, self.client, self.waits):
+        for client in (self.alone, self.client, self.waits, self.watches):
             await client.aclose()
 
 

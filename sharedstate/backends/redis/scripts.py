@@ -3,7 +3,8 @@
 Each script's header says what it takes (``KEYS``, ``ARGV``) and returns. They return integers, strings
 or arrays only, never a boolean, whose reply differs between RESP2 and RESP3. Values are stored as the
 typed JSON of the snapshot codec, so a script reads them as text; where a script cannot decide exactly
-as Python would, it answers ``{'py'}`` and the backend finishes the call in Python.
+as Python would, it answers ``{'py', stored text}`` (``{'py'}`` for a missing name) and the backend
+finishes the call in Python from that text.
 """
 
 from __future__ import annotations
@@ -16,45 +17,122 @@ from sharedstate.backends.redis.semaphore_scripts import SEMAPHORE_SCRIPTS
 #: only.
 EXACT_INT = 2**53
 
-#: KEYS: data, scopes. ARGV: name, value, scopes as JSON ('' for none).
+#: Names a script removes as expired before its own work, at most (more wait for the next script; every
+#: read leaves out a name past its deadline whether it was removed yet or not).
+PURGE_BATCH = 100
+
+#: Opens every script on a state's names. KEYS: data, scopes, deadlines, changes, watching (``NAMESPACE:``
+#: ``data``, ``scopes``, ``deadlines`` (a sorted set: name by its absolute deadline, UTC seconds of Redis'
+#: ``TIME``), ``changes`` (the stream) and ``watching`` (present while anyone watches: the stream's cap)).
+#: ``clock`` asks Redis' ``TIME`` once, and only when a deadline is involved: a state without expiry never
+#: pays for it.
+#: ``note`` writes a change to the stream, only while someone watches, with ids ``0-1``, ``0-2``... one
+#: after the other, so a watcher sees a gap where the cap trimmed entries it had not read. ``fresh``
+#: removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
+PRELUDE = """
+local D, S, X, C, W = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now, nowtext, cap
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    nowtext = string.format('%.6f', now)
+  end
+  return now
+end
+local function watched()
+  if cap == nil then cap = redis.call('GET', W) or false end
+  return cap
+end
+local function note(kind, name, value, scopes)
+  if watched() then
+    redis.call('XADD', C, 'MAXLEN', '~', cap, '0-*', 'k', kind, 'n', name, 'v', value, 's', scopes)
+  end
+end
+local function scopes_of(name)
+  if watched() then return redis.call('HGET', S, name) or '' end
+  return ''
+end
+local function drop(name, kind)
+  local scopes = scopes_of(name)
+  redis.call('HDEL', D, name)
+  redis.call('HDEL', S, name)
+  redis.call('ZREM', X, name)
+  note(kind, name, '', scopes)
+end
+local function fresh(name)
+  local d = redis.call('ZSCORE', X, name)
+  if d and tonumber(d) <= clock() then drop(name, 'e') end
+end
+local function purge(limit)
+  if redis.call('EXISTS', X) == 0 then return end
+  clock()
+  local due = redis.call('ZRANGEBYSCORE', X, '-inf', nowtext, 'LIMIT', 0, limit)
+  for i = 1, #due do drop(due[i], 'e') end
+end
+local function expire_in(name, ttl)
+  if ttl == '' then redis.call('ZREM', X, name)
+  else redis.call('ZADD', X, string.format('%.6f', clock() + tonumber(ttl)), name) end
+end
+"""
+
+#: ARGV: name, value, scopes as JSON ('' for none), ttl ('' for none).
 SET = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-else redis.call('HDEL', KEYS[2], ARGV[1]) end
+purge(PURGE_BATCH)
+fresh(ARGV[1])
+redis.call('HSET', D, ARGV[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', S, ARGV[1], ARGV[3])
+else redis.call('HDEL', S, ARGV[1]) end
+expire_in(ARGV[1], ARGV[4])
+note('s', ARGV[1], ARGV[2], ARGV[3])
 return 1
 """
 
-#: KEYS: data, scopes. ARGV: name. Returns {} or {old value}.
+#: ARGV: name. Returns {} or {old value}.
 REMOVE = """
-local v = redis.call('HGET', KEYS[1], ARGV[1])
+purge(PURGE_BATCH)
+fresh(ARGV[1])
+local v = redis.call('HGET', D, ARGV[1])
 if not v then return {} end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
+drop(ARGV[1], 'r')
 return {v}
 """
 
-#: KEYS: data, scopes. Removes a name ``HRANDFIELD`` picks (Redis 6.2+; constant time, where a scan from
-#: the start of the hash would walk more and more emptied slots as names go). Returns {} or {name, value}.
+#: Removes a name ``HRANDFIELD`` picks (Redis 6.2+; constant time, where a scan from the start of the hash
+#: would walk more and more emptied slots as names go). Returns {} or {name, value}.
 POPITEM = """
-local name = redis.call('HRANDFIELD', KEYS[1])
-if not name then return {} end
-local v = redis.call('HGET', KEYS[1], name)
-redis.call('HDEL', KEYS[1], name)
-redis.call('HDEL', KEYS[2], name)
-return {name, v}
+purge(PURGE_BATCH)
+while true do
+  local name = redis.call('HRANDFIELD', D)
+  if not name then return {} end
+  fresh(name)
+  local v = redis.call('HGET', D, name)
+  if v then
+    drop(name, 'r')
+    return {name, v}
+  end
+end
 """
 
-#: KEYS: data. ARGV: name, default. Returns {1} when it stored the default, else {0, stored value}.
+#: ARGV: name, default. Returns {1} when it stored the default, else {0, stored value}.
 SETDEFAULT = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then return {1} end
-return {0, redis.call('HGET', KEYS[1], ARGV[1])}
+purge(PURGE_BATCH)
+fresh(ARGV[1])
+if redis.call('HSETNX', D, ARGV[1], ARGV[2]) == 1 then
+  note('s', ARGV[1], ARGV[2], '')
+  return {1}
+end
+return {0, redis.call('HGET', D, ARGV[1])}
 """
 
-#: KEYS: data. ARGV: name, by, 'i' (by is an integer below EXACT_INT) or 'f' (a finite float), EXACT_INT.
-#: Returns {'ok', new value}, {'type', stored value} (not a plain number), or {'py'} (finish in Python:
-#: a Decimal, a stored integer or an integer sum at or beyond EXACT_INT, a sum that is not finite).
+#: ARGV: name, by, 'i' (by is an integer below EXACT_INT) or 'f' (a finite float), EXACT_INT, ttl of a
+#: name it creates ('' for none). Returns {'ok', new value}, {'type', stored value} (not a plain number),
+#: or {'py', stored text} (finish in Python: a Decimal, a stored integer or an integer sum at or beyond EXACT_INT, a
+#: sum that is not finite).
 INCR = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
+purge(PURGE_BATCH)
+fresh(ARGV[1])
+local cur = redis.call('HGET', D, ARGV[1])
 local limit = tonumber(ARGV[4])
 local a, aint
 if not cur then
@@ -62,81 +140,213 @@ if not cur then
 elseif string.find(cur, '^%-?%d+$') then
   -- Rounding is monotonic: a text at or beyond the limit never reads as a number below it.
   a, aint = tonumber(cur), true
-  if a >= limit or a <= -limit then return {'py'} end
+  if a >= limit or a <= -limit then return {'py', cur} end
 elseif string.find(cur, '^%-?%d+%.%d+$') or string.find(cur, '^%-?%d+%.?%d*e[%-%+]?%d+$') then
   a, aint = tonumber(cur), false
 elseif string.sub(cur, 1, 9) == '{"$type":' then
-  return {'py'}
+  return {'py', cur}
 else
   return {'type', cur}
 end
 local r = a + tonumber(ARGV[2])
 local out
 if aint and ARGV[3] == 'i' then
-  if r >= limit or r <= -limit then return {'py'} end
+  if r >= limit or r <= -limit then return {'py', cur} end
   out = string.format('%.0f', r)
 else
-  if r ~= r or r == math.huge or r == -math.huge then return {'py'} end
+  if r ~= r or r == math.huge or r == -math.huge then return {'py', cur} end
   out = string.format('%.17g', r)
   if not string.find(out, '[%.e]') then out = out .. '.0' end
 end
-redis.call('HSET', KEYS[1], ARGV[1], out)
+redis.call('HSET', D, ARGV[1], out)
+if not cur and ARGV[5] ~= '' then expire_in(ARGV[1], ARGV[5]) end
+note('s', ARGV[1], out, scopes_of(ARGV[1]))
 return {'ok', out}
 """
 
-#: KEYS: data. ARGV: name, item. Returns {'ok', new length}, {'type', stored value}, or {'py'}.
+#: ARGV: name, item. Returns {'ok', new length}, {'type', stored value}, or {'py', stored value}.
 APPEND = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
+purge(PURGE_BATCH)
+fresh(ARGV[1])
+local cur = redis.call('HGET', D, ARGV[1])
+local n
 if not cur then
-  redis.call('HSET', KEYS[1], ARGV[1], '[' .. ARGV[2] .. ']')
-  return {'ok', 1}
+  cur, n = '[' .. ARGV[2] .. ']', 1
+else
+  if string.byte(cur, 1) ~= 91 then return {'type', cur} end
+  local ok, items = pcall(cjson.decode, cur)
+  if not ok or type(items) ~= 'table' then return {'py', cur} end
+  if cur == '[]' then cur = '[' .. ARGV[2] .. ']'
+  else cur = string.sub(cur, 1, -2) .. ',' .. ARGV[2] .. ']' end
+  n = #items + 1
 end
-if string.byte(cur, 1) ~= 91 then return {'type', cur} end
-local ok, items = pcall(cjson.decode, cur)
-if not ok or type(items) ~= 'table' then return {'py'} end
-if cur == '[]' then cur = '[' .. ARGV[2] .. ']'
-else cur = string.sub(cur, 1, -2) .. ',' .. ARGV[2] .. ']' end
-redis.call('HSET', KEYS[1], ARGV[1], cur)
-return {'ok', #items + 1}
+redis.call('HSET', D, ARGV[1], cur)
+note('s', ARGV[1], cur, scopes_of(ARGV[1]))
+return {'ok', n}
 """
 
-#: KEYS: data. ARGV: name, expected text, new value, '1' if a missing name matches, '1' to compare texts.
+#: ARGV: name, expected text, new value, '1' if a missing name matches, '1' to compare texts.
 #: Returns 1 (stored), 0 (missing, no match), or the stored text for Python to compare.
 COMPARE_AND_SET = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then
-  if ARGV[4] == '1' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]); return 1 end
-  return 0
-end
-if ARGV[5] == '1' and cur == ARGV[2] then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+purge(PURGE_BATCH)
+fresh(ARGV[1])
+local cur = redis.call('HGET', D, ARGV[1])
+if (not cur and ARGV[4] == '1') or (cur and ARGV[5] == '1' and cur == ARGV[2]) then
+  redis.call('HSET', D, ARGV[1], ARGV[3])
+  note('s', ARGV[1], ARGV[3], scopes_of(ARGV[1]))
   return 1
 end
+if not cur then return 0 end
 return cur
 """
 
-#: KEYS: data. ARGV: name, '1' if the name must be missing, else '0'; the text it must hold; new value.
-#: Returns 1 if it stored the new value, 0 if the name no longer holds what was read.
+#: ARGV: name, '1' if the name must be missing, else '0'; the text it must hold; new value; ttl of a
+#: name it creates ('' for none). Returns 1 if it stored the new value, 0 if the name no longer holds
+#: what was read.
 SWAP = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
+purge(PURGE_BATCH)
+fresh(ARGV[1])
+local cur = redis.call('HGET', D, ARGV[1])
 if ARGV[2] == '1' then
   if cur then return 0 end
 elseif cur ~= ARGV[3] then
   return 0
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+redis.call('HSET', D, ARGV[1], ARGV[4])
+if not cur and ARGV[5] ~= '' then expire_in(ARGV[1], ARGV[5]) end
+note('s', ARGV[1], ARGV[4], scopes_of(ARGV[1]))
 return 1
 """
 
-#: KEYS: a hash. ARGV: cursor, count, '1' to return values too. One HSCAN step: {cursor, items...}.
+#: ARGV: name. The stored text, or nil (missing or past its deadline).
+GET = """
+fresh(ARGV[1])
+return redis.call('HGET', D, ARGV[1])
+"""
+
+#: ARGV: name. 1 if it exists, else 0.
+CONTAINS = """
+fresh(ARGV[1])
+return redis.call('HEXISTS', D, ARGV[1])
+"""
+
+#: ARGV: names. Their texts, in order ('' for a missing one: no value is stored as '').
+GET_MANY = """
+local out = {}
+for i = 1, #ARGV do
+  fresh(ARGV[i])
+  out[i] = redis.call('HGET', D, ARGV[i]) or ''
+end
+return out
+"""
+
+#: The number of names.
+LENGTH = """
+purge(PURGE_BATCH)
+clock()
+return redis.call('HLEN', D) - redis.call('ZCOUNT', X, '-inf', nowtext)
+"""
+
+#: {every name and text (HGETALL), the names past their deadline not removed yet}.
+SNAPSHOT = """
+purge(PURGE_BATCH)
+clock()
+return {redis.call('HGETALL', D), redis.call('ZRANGEBYSCORE', X, '-inf', nowtext)}
+"""
+
+#: ARGV: name, ttl ('' to remove the expiry). 1 if the name exists, else 0 (nothing changes).
+EXPIRE = """
+purge(PURGE_BATCH)
+fresh(ARGV[1])
+if redis.call('HEXISTS', D, ARGV[1]) == 0 then return 0 end
+expire_in(ARGV[1], ARGV[2])
+return 1
+"""
+
+#: ARGV: name. The seconds it has left as text, or nil (no expiry, or no such name).
+TTL = """
+fresh(ARGV[1])
+local d = redis.call('ZSCORE', X, ARGV[1])
+if not d then return nil end
+return string.format('%.6f', tonumber(d) - clock())
+"""
+
+CLEAR = """
+redis.call('DEL', D, S, X)
+note('c', '', '', '')
+return 1
+"""
+
+#: ARGV: how many names past their deadline to remove at most.
+PURGE = """
+purge(tonumber(ARGV[1]))
+return 1
+"""
+
+#: KEYS: the five, then ``NAMESPACE:watchers`` (a sorted set: a watching process' token by the deadline of
+#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge.
+#: Registers (or renews) the process, makes writers note changes for a lease, purges expired names.
+#: Returns {1 if the process' registration had lapsed (changes may have gone unnoted), the stream's last id}.
+WATCH = """
+purge(tonumber(ARGV[4]))
+local nowms = math.floor(clock() * 1000)
+local lease = tonumber(ARGV[2])
+local mine = redis.call('ZSCORE', KEYS[6], ARGV[1])
+local lapsed = 0
+if not mine or tonumber(mine) < nowms then lapsed = 1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', nowms - 1)
+redis.call('ZADD', KEYS[6], nowms + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[6], lease)
+local want = tonumber(ARGV[3])
+if watched() and tonumber(cap) > want then want = tonumber(cap) end
+redis.call('SET', W, want, 'PX', lease)
+local last = '0-0'
+if redis.call('EXISTS', C) == 1 then
+  local info = redis.call('XINFO', 'STREAM', C)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+end
+return {lapsed, last}
+"""
+
+#: KEYS: a hash, the deadlines. ARGV: cursor, count, '1' to return values too. One HSCAN step:
+#: {cursor, items...}, without the names past their deadline.
 SCAN = """
 local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
 local out = {r[1]}
 local items = r[2]
 local step = 2
 if ARGV[3] == '1' then step = 1 end
-for i = 1, #items, step do out[#out + 1] = items[i] end
+local deadlines = redis.call('EXISTS', KEYS[2]) == 1
+local now = 0
+if deadlines then
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+end
+for i = 1, #items, 2 do
+  local d = deadlines and redis.call('ZSCORE', KEYS[2], items[i])
+  if not d or tonumber(d) > now then
+    out[#out + 1] = items[i]
+    if step == 1 then out[#out + 1] = items[i + 1] end
+  end
+end
 return out
+"""
+
+#: The same notes as ``PRELUDE``'s, for what a ``MULTI`` block writes (``update``, ``restore``). KEYS:
+#: changes, watching. ARGV: kind, then name and value for each change ('c' and 'R': none; 'w', which
+#: every watcher skips: only to wake them).
+NOTE_MANY = """
+local cap = redis.call('GET', KEYS[2])
+if not cap then return 0 end
+if #ARGV == 1 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', cap, '0-*', 'k', ARGV[1], 'n', '', 'v', '', 's', '')
+end
+for i = 2, #ARGV, 2 do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', cap, '0-*', 'k', ARGV[1], 'n', ARGV[i], 'v', ARGV[i + 1], 's', '')
+end
+return 1
 """
 
 #: KEYS: lock. ARGV: token, lease ms. Returns -3 when acquired, else the holder's remaining ms (or -2:
@@ -163,8 +373,8 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-#: Every script, by the attribute name a connection registers it under.
-SCRIPTS = {
+#: The scripts on a state's names, which open with ``PRELUDE`` (their KEYS: ``PRELUDE``'s).
+_ON_NAMES = {
     "set": SET,
     "remove": REMOVE,
     "popitem": POPITEM,
@@ -173,7 +383,23 @@ SCRIPTS = {
     "append": APPEND,
     "compare_and_set": COMPARE_AND_SET,
     "swap": SWAP,
+    "get": GET,
+    "contains": CONTAINS,
+    "get_many": GET_MANY,
+    "length": LENGTH,
+    "snapshot": SNAPSHOT,
+    "expire": EXPIRE,
+    "ttl": TTL,
+    "clear": CLEAR,
+    "purge": PURGE,
+    "watch": WATCH,
+}
+
+#: Every script, by the attribute name a connection registers it under.
+SCRIPTS = {
+    **{name: (PRELUDE + body).replace("PURGE_BATCH", str(PURGE_BATCH)) for name, body in _ON_NAMES.items()},
     "scan": SCAN,
+    "note_many": NOTE_MANY,
     "acquire": ACQUIRE,
     "release": RELEASE,
     "renew": RENEW,

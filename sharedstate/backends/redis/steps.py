@@ -54,9 +54,10 @@ WAITS = frozenset({"blpop"})
 Operation = Generator[Step, Any, Any]
 
 
-def run(operation: Operation, conn: Any) -> Any:
-    """Carry out ``operation`` on a blocking ``connection.Connection``."""
-    client = conn.client
+def run(operation: Operation, conn: Any, client: Any = None) -> Any:
+    """Carry out ``operation`` on a blocking ``connection.Connection`` (its commands on ``client`` if given:
+    a watcher's own)."""
+    client = conn.client if client is None else client
     reply = None
     try:
         while True:
@@ -122,6 +123,21 @@ async def run_async(
             except asyncio.CancelledError:
                 attempt.add_done_callback(functools.partial(_finish, operation, late, unknown))
                 raise
+    except StopIteration as done:
+        return done.value
+
+
+async def run_watch(operation: Operation, conn: Any) -> Any:
+    """Carry out a watcher's ``operation`` on an ``connection.AsyncConnection``: its commands (``XREAD
+    BLOCK``) on the connection's ``watches`` client, a connection each, its scripts as any call's."""
+    reply = None
+    try:
+        while True:
+            step = operation.send(reply)
+            if type(step) is Command:
+                reply = await getattr(conn.watches, step.method)(*step.args, **step.kwargs)
+            else:
+                reply = await run_step(step, conn)
     except StopIteration as done:
         return done.value
 

@@ -1,0 +1,28 @@
+"""How the Redis backend writes what it sends and reads what Redis answers: values (the snapshot codec's
+typed JSON), times to live, and Redis' clock."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sharedstate.persistence.codec import encode, object_hook
+
+
+def dumps(value: Any) -> str:
+    """A value as it is stored in Redis: the snapshot codec's typed JSON, compact."""
+    return json.dumps(encode(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def loads(raw: bytes | str) -> Any:
+    return json.loads(raw, object_hook=object_hook)
+
+
+def ttl_arg(ttl: float | None) -> str:
+    """A ``ttl`` as the scripts take it: ``''`` for none."""
+    return "" if ttl is None else repr(ttl)
+
+
+def seconds(clock: tuple[Any, Any]) -> float:
+    """Redis' ``TIME`` reply as UTC seconds."""
+    return int(clock[0]) + int(clock[1]) / 1e6

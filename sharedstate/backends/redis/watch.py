@@ -1,0 +1,313 @@
+"""Change notifications on Redis: a watcher's place in the namespace's stream, its reads (as
+``steps.Operation``s, for both faces), and the thread that keeps this process' watches registered.
+
+The scripts that change the names write each change to the stream ``NAMESPACE:changes`` (``scripts.PRELUDE``'s
+``note``) while ``NAMESPACE:watching`` exists, with ids ``0-1``, ``0-2``... one after the other, trimmed
+by ``MAXLEN ~`` to the cap that key holds. ``watch`` runs ``scripts.WATCH``, which registers this process
+in ``NAMESPACE:watchers`` (a lease of ``LEASE_S``), sets ``watching`` and answers the stream's last id, in
+one script: every change committed after it is in the stream after that id. A watcher reads from there
+with ``XREAD BLOCK`` on a connection of its own and filters in this process.
+
+A watcher gets ``Change(None, "overflow", None)`` and continues from the present when an id is missing
+(the cap trimmed entries it had not read), when more than ``buffer`` changes it watches are waiting, when
+this process' registration lapsed (it was stopped longer than ``LEASE_S``: writers may have stopped
+noting), and after its connection failed (a restarted Redis may have lost the stream).
+
+The thread of this module runs ``scripts.WATCH`` again every ``TICK_S`` for each namespace this process
+watches: it renews the registration, and removes the names whose deadline has passed, so that a watcher
+hears of an expiry within ``TICK_S`` even when no other call touches the state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sharedstate import _fork
+from sharedstate._changes import CLEARED, EXPIRED, OVERFLOW, REMOVED, RESTORED, SET, Change
+from sharedstate._fork import after_fork_in_child
+from sharedstate._pattern import Pattern
+from sharedstate.backends.redis import connection
+from sharedstate.backends.redis.connection import text
+from sharedstate.backends.redis.steps import Command, Operation, Script, run
+from sharedstate.backends.redis.stored import loads
+
+if TYPE_CHECKING:
+    from sharedstate.backends.redis.backend import RedisBackend
+
+log = logging.getLogger(__name__)
+
+#: How long a process' registration lasts without renewal: writers note changes for that long after the
+#: last watcher of a dead process.
+LEASE_S = 5.0
+#: How often this process renews its registrations and removes expired names.
+TICK_S = 0.5
+#: The stream keeps at least this many changes (more if a watcher's ``buffer`` is larger).
+STREAM_MIN = 10_000
+#: Names past their deadline one tick removes at most.
+TICK_PURGE = 1000
+#: Entries one ``XREAD`` takes at most.
+READ_CHUNK = 1000
+#: The longest single ``XREAD BLOCK`` (a longer wait is several), at most half the reply timeout.
+BLOCK_SLICE_S = 5.0
+
+_KINDS = {"s": SET, "r": REMOVED, "e": EXPIRED, "c": CLEARED, "R": RESTORED}
+OVERFLOWED = Change(None, OVERFLOW, None)
+
+
+def _seq(entry_id: bytes | str) -> int:
+    """The number of an entry id ``0-N`` (an id of another form, written by someone else, counts as 0)."""
+    head, _, tail = text(entry_id).partition("-")
+    return int(tail) if head == "0" and tail.isdigit() else 0
+
+
+def _entries(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
+    """The entries of an ``XREAD`` reply of one stream (RESP2: a list of [key, entries]; RESP3: a dict)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        found = next(iter(reply.values()))
+        return found[0] if found and isinstance(found[0], list) else found
+    return reply[0][1]
+
+
+class Cursor:
+    """One watcher: its filters, the number of the last entry it read, and its reads as operations."""
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        pattern: Pattern | None,
+        names: tuple[str, ...] | None,
+        scopes: tuple[str, ...],
+        buffer: int,
+    ) -> None:
+        self.backend = backend
+        self.pattern = pattern
+        self.names = None if names is None else frozenset(names)
+        self.scopes = frozenset(scopes)
+        self.buffer = buffer
+        self.last = 0
+        #: Changes may have gone past unread: the next read answers ``OVERFLOWED`` and starts again.
+        self.lapsed = False
+        #: When it last took its place in the stream (``start``): a lapse found by a tick begun later
+        #: concerns it no more.
+        self.started = 0.0
+        #: The watch was closed (a read under way ends); a read is under way.
+        self.closed = self.reading = False
+        self.generation = _fork.generation
+        self._slice = min(BLOCK_SLICE_S, backend.timeout / 2)
+
+    def start(self) -> Operation:
+        """Register this process and take the stream's last id as the place to read from."""
+        reply = yield tick(self.backend, max(STREAM_MIN, self.buffer), 0)
+        self.last = _seq(reply[1])
+        self.lapsed = False
+        self.started = time.monotonic()
+
+    def adopt(self) -> None:
+        """In a forked child, make the watch this process' own: registered here, and read from the present
+        (the parent's registration says nothing of the child's)."""
+        if self.generation != _fork.generation:
+            self.generation, self.lapsed = _fork.generation, True
+            registry.add(self)
+
+    def read(self, timeout: float | None) -> Operation:
+        """The changes after ``last`` that pass the filters, waiting up to ``timeout`` (``None``: as long as
+        it takes) for one; ``[]`` when none came in time or the watch was closed. Past ``buffer`` of them,
+        or after a gap, ``OVERFLOWED`` and the newest ``buffer`` changes read (a queue that dropped what it
+        held, as the local server's does); after a lapse, ``OVERFLOWED`` and the present."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        changes: list[Change] = []
+        overflowed = False
+        stream = self.backend._changes_key
+        self.reading = True
+        try:
+            while True:
+                if self.closed:
+                    return []
+                if self.lapsed:
+                    yield from self.start()
+                    return [OVERFLOWED]
+                left = self._slice if deadline is None else min(self._slice, deadline - time.monotonic())
+                block = None if changes or overflowed or left <= 0 else max(1, int(left * 1000))
+                options = {"count": READ_CHUNK} if block is None else {"count": READ_CHUNK, "block": block}
+                entries = _entries((yield Command("xread", ({stream: f"0-{self.last}"},), options)))
+                for entry_id, fields in entries:
+                    seq = _seq(entry_id)
+                    if seq != self.last + 1:  # trimmed before it was read (or the stream began again)
+                        overflowed = True
+                        changes.clear()
+                    self.last = seq
+                    change = self._change(fields)
+                    if change is not None:
+                        changes.append(change)
+                if len(changes) > self.buffer:
+                    overflowed = True
+                    del changes[: -self.buffer]
+                if len(entries) == READ_CHUNK:
+                    continue  # more may be waiting: take them without blocking
+                if overflowed:
+                    return [OVERFLOWED, *changes]
+                if changes or block is None or (deadline is not None and time.monotonic() >= deadline):
+                    return changes
+        finally:
+            self.reading = False
+
+    def wake(self) -> Operation:
+        """End the ``read``s blocked in other threads or tasks (after ``closed`` or ``lapsed``): an entry every
+        watcher skips."""
+        yield Script("note_many", self.backend._keys[3:5], ["w"])
+
+    def _change(self, fields: dict[Any, Any]) -> Change | None:
+        """The change an entry notes, or ``None`` if this watcher's filters leave it out."""
+        got = {text(key): value for key, value in fields.items()}
+        kind = _KINDS.get(text(got.get("k", b"")))
+        if kind is None:
+            return None
+        if kind in (CLEARED, RESTORED):
+            return Change(None, kind)
+        name = text(got["n"])
+        if self.names is not None and name not in self.names:
+            return None
+        if self.pattern is not None and not self.pattern.filter([name]):
+            return None
+        if self.scopes:
+            noted = text(got.get("s", b""))
+            if not noted or self.scopes.isdisjoint(json.loads(noted)):
+                return None
+        if kind is SET:
+            return Change(name, kind, loads(got["v"]))
+        return Change(name, kind)
+
+
+def tick(backend: RedisBackend, cap: int, purge: int) -> Script:
+    """The ``scripts.WATCH`` step: (re)register this process as watching ``backend``'s namespace."""
+    keys = [*backend._keys, backend._prefix + "watchers"]
+    return Script("watch", keys, [_token, int(LEASE_S * 1000), cap, purge])
+
+
+class Registry:
+    """The cursors of this process by namespace, and the thread that ticks for them every ``TICK_S``."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        #: A cursor nobody holds any more (its watch was never closed) drops out, and stops being renewed.
+        self._watched: dict[Any, tuple[RedisBackend, weakref.WeakSet[Cursor]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, cursor: Cursor) -> None:
+        key = (cursor.backend._url, cursor.backend.namespace)
+        with self._mutex:
+            self._watched.setdefault(key, (cursor.backend, weakref.WeakSet()))[1].add(cursor)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._tick_forever, name="sharedstate-watches", daemon=True)
+                self._thread.start()
+
+    def remove(self, cursor: Cursor) -> None:
+        key = (cursor.backend._url, cursor.backend.namespace)
+        with self._mutex:
+            entry = self._watched.get(key)
+            if entry is not None:
+                entry[1].discard(cursor)
+                if not entry[1]:
+                    del self._watched[key]
+
+    def _tick_forever(self) -> None:
+        while True:
+            time.sleep(TICK_S)  # a watch was registered by its start: the first tick can wait
+            with self._mutex:
+                watched = [(backend, set(cursors)) for backend, cursors in self._watched.values() if cursors]
+                if not watched:
+                    self._thread = None
+                    return
+            for backend, cursors in watched:
+                self._tick(backend, cursors)
+            del watched, backend, cursors  # hold no cursor while asleep: one nobody holds drops out
+
+    @staticmethod
+    def _tick(backend: RedisBackend, cursors: set[Cursor]) -> None:
+        """Renew this process' registration for ``backend``'s namespace and purge; if it had lapsed, mark
+        the cursors that took their place before, then wake them, so that they answer the overflow at once."""
+        cap = max(STREAM_MIN, *(cursor.buffer for cursor in cursors))
+        begun = time.monotonic()
+        try:
+            lapsed = run(_ticked(tick(backend, cap, TICK_PURGE)), backend._conn)
+        except Exception as exc:  # never let the thread die; a lapse is found at the next tick
+            log.debug("could not renew the watches of %r: %s", backend, exc)
+            return
+        concerned = [cursor for cursor in cursors if cursor.started < begun]
+        if lapsed and concerned:
+            for cursor in concerned:
+                cursor.lapsed = True
+            try:
+                run(concerned[0].wake(), backend._conn)
+            except Exception as exc:
+                log.debug("could not wake the watchers of %r: %s", backend, exc)
+
+
+def _ticked(step: Script) -> Operation:
+    return (yield step)[0] == 1
+
+
+#: This process' watches (replaced in a forked child: the thread and the registration are the parent's).
+registry = Registry()
+_token = secrets.token_hex(8)
+
+
+@after_fork_in_child
+def _after_fork_in_child() -> None:
+    global registry, _token
+    registry = Registry()
+    _token = secrets.token_hex(8)
+
+
+class Watcher:
+    """``backends.base.Watcher`` on Redis: a ``Cursor`` read with the blocking client, on a connection of
+    its own (``connection.Connection.watches``)."""
+
+    def __init__(self, cursor: Cursor) -> None:
+        self._cursor = cursor
+        self._closed = False
+
+    @classmethod
+    def start(cls, cursor: Cursor) -> Watcher:
+        _guarded(cursor, lambda: run(cursor.start(), cursor.backend._conn))
+        registry.add(cursor)
+        return cls(cursor)
+
+    def next(self, timeout: float | None) -> list[Change]:
+        if self._closed:
+            return []
+        cursor = self._cursor
+        cursor.adopt()
+        conn = cursor.backend._conn
+        return _guarded(cursor, lambda: run(cursor.read(timeout), conn, conn.watches))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = self._cursor.closed = True
+            registry.remove(self._cursor)
+            if self._cursor.reading:  # in another thread: wake it
+                try:
+                    run(self._cursor.wake(), self._cursor.backend._conn)
+                except connection.RedisError as exc:  # its wait ends at its next slice all the same
+                    log.debug("could not wake a closed watcher: %s", exc)
+
+
+def _guarded(cursor: Cursor, call: Any) -> Any:
+    """``call()``; after a failure of the connection, once more from the present (``OVERFLOWED`` first:
+    a Redis that restarted may have lost changes); sharedstate's error if that fails too."""
+    try:
+        return call()
+    except connection.RedisError:
+        cursor.lapsed = True
+    try:
+        return call()
+    except connection.RedisError as exc:
+        raise connection.translate(exc, cursor.backend.address, "watch") from None

@@ -1,0 +1,248 @@
+"""Change notifications on the Redis backend: the namespace's stream, written by the scripts that change
+the names while someone watches; kinds, order and filters; overflow when the stream's cap trimmed what a
+watcher had not read, when it is more than its buffer behind, or when its process' registration was lost;
+a watcher in another process; asyncio; a Redis restart under a watcher. The semantics every backend
+shares are the contract suite's (``tests/contract/test_watch.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+
+import pytest
+from conftest import RedisServer, reap, redis_missing, wait_until
+
+import sharedstate
+from sharedstate import Change, ServerUnavailable, aio
+from sharedstate.backends.redis.watch import STREAM_MIN
+
+OVERFLOW = Change(None, "overflow", None)
+
+
+def _all(changes, timeout: float = 5.0) -> list[Change]:
+    """Every change waiting now: the first within ``timeout``, then those already there."""
+    got = []
+    change = changes.next(timeout)
+    while change is not None:
+        got.append(change)
+        change = changes.next(0)
+    return got
+
+
+def test_every_kind_of_change_in_commit_order(redis_state, tmp_path):
+    state = redis_state
+    saved = state.save(tmp_path / "s.json")
+    with state.watch() as changes:
+        state.set("a", 1)
+        state.update({"b": [1], "c": "x"})
+        state.incr("a", 2)
+        state.append("b", 2)
+        state.setdefault("c", "ignored")  # exists: no change
+        state.setdefault("d", None)
+        state.compare_and_set("a", 99, 0)  # no match: no change
+        state.compare_and_set("a", 3, 4)
+        state.incr("big", 2**60)  # finished in Python
+        state.expire("a", 60)  # only the deadline: no change
+        state.remove("d")
+        assert state.pop("c") == "x"
+        state.clear()
+        state.restore(saved)
+        state.set("e", 1, ttl=0.2)
+        expected = [
+            Change("a", "set", 1),
+            Change("b", "set", [1]),
+            Change("c", "set", "x"),
+            Change("a", "set", 3),
+            Change("b", "set", [1, 2]),
+            Change("d", "set", None),
+            Change("a", "set", 4),
+            Change("big", "set", 2**60),
+            Change("d", "removed"),
+            Change("c", "removed"),
+            Change(None, "cleared"),
+            Change(None, "restored"),
+            Change("e", "set", 1),
+            Change("e", "expired"),
+        ]
+        got = []
+        while len(got) < len(expected):
+            change = changes.next(5)
+            assert change is not None, got
+            got.append(change)
+        assert got == expected
+
+
+def test_filters_apply_to_named_changes_and_clear_and_restore_reach_everyone(redis_state, tmp_path):
+    state = redis_state
+    saved = state.save(tmp_path / "s.json")
+    with state.watch("^user:") as by_pattern, state.watch(names=["b"]) as by_name, state.watch(scope="s") as scoped:
+        state.set("user:1", 1)
+        state.set("a", 1, scope="s")
+        state.set("b", 2)
+        state.remove("a")
+        state.set("t", 1, scope=["x", "s"], ttl=0.2)
+        wait_until(lambda: "t" not in state, 5, what="the deadline")
+        state.clear()
+        state.restore(saved)
+        whole = [Change(None, "cleared"), Change(None, "restored")]
+        assert _all(by_pattern) == [Change("user:1", "set", 1), *whole]
+        assert _all(by_name) == [Change("b", "set", 2), *whole]
+        assert _all(scoped) == [
+            Change("a", "set", 1),
+            Change("a", "removed"),
+            Change("t", "set", 1),
+            Change("t", "expired"),
+            *whole,
+        ]
+
+
+def test_writers_note_nothing_while_nobody_watches(redis_state, redis_server, redis_namespace):
+    redis_state.set("a", 1)
+    redis_state.incr("n")
+    with redis_server.client() as client:
+        assert client.exists(f"{redis_namespace}:changes") == 0
+    with redis_state.watch() as changes:
+        redis_state.set("a", 2)
+        assert changes.next(5) == Change("a", "set", 2)
+
+
+def test_a_watcher_more_than_its_buffer_behind_gets_one_overflow_and_goes_on(redis_state):
+    """Then the newest ``buffer`` changes it read, as a local server's queue that dropped what it held."""
+    with redis_state.watch(buffer=5) as changes:
+        for i in range(10):
+            redis_state.set("n", i)
+        assert _all(changes) == [OVERFLOW, *(Change("n", "set", i) for i in range(5, 10))]
+        redis_state.set("n", "after")
+        assert _all(changes) == [Change("n", "set", "after")]
+
+
+def test_entries_trimmed_by_the_streams_cap_before_they_were_read_are_an_overflow(redis_state):
+    """One ``update`` of more names than the stream keeps: the entries after the watcher's place are gone
+    (the stream's ids have a gap), though none of them passed its filter; those after the gap still come."""
+    with redis_state.watch(names=["last"], buffer=10) as changes:
+        redis_state.update({f"n{i}": i for i in range(STREAM_MIN + 2000)})
+        redis_state.set("last", 1)
+        assert _all(changes) == [OVERFLOW, Change("last", "set", 1)]
+        redis_state.set("last", 2)
+        assert _all(changes) == [Change("last", "set", 2)]
+
+
+def test_a_lost_registration_is_an_overflow_not_a_silent_loss(redis_state, redis_server, redis_namespace):
+    """The keys that make writers note changes are gone (as after a FLUSHDB): a change made before this
+    process' next tick is not in the stream, so the watcher is told it may have missed some."""
+    with redis_state.watch() as changes:
+        with redis_server.client() as client:
+            client.delete(f"{redis_namespace}:watching", f"{redis_namespace}:watchers")
+        redis_state.set("unnoted", 1)
+        assert changes.next(5) == OVERFLOW
+        redis_state.set("noted", 1)
+        assert _all(changes) == [Change("noted", "set", 1)]
+
+
+def _watch_in_child(url: str, namespace: str, ready, queue) -> None:
+    state = sharedstate.connect(url, namespace=namespace)
+    with state.watch(names=["flag", "stop"]) as changes:
+        ready.set()
+        got = []
+        for change in changes:
+            if change.name == "stop":
+                break
+            got.append(tuple(change))
+    queue.put(got)
+
+
+def test_a_watcher_in_another_process_sees_every_change_from_the_moment_watch_returned(
+    redis_state, redis_server, redis_namespace
+):
+    ctx = multiprocessing.get_context("spawn")
+    ready, queue = ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=_watch_in_child, args=(redis_server.url, redis_namespace, ready, queue))
+    child.start()
+    try:
+        assert ready.wait(60)
+        for value in (True, False, True):
+            redis_state.set("flag", value)
+            redis_state.set("other", value)
+        redis_state.remove("flag")
+        redis_state.set("stop", 1)
+        assert queue.get(timeout=30) == [
+            ("flag", "set", True),
+            ("flag", "set", False),
+            ("flag", "set", True),
+            ("flag", "removed", None),
+        ]
+    finally:
+        reap(child)
+    assert child.exitcode == 0
+
+
+def test_wait_answers_the_next_change_of_its_name(redis_state):
+    timer = threading.Timer(0.2, lambda: (redis_state.set("other", 1), redis_state.set("w", "new")))
+    timer.start()
+    try:
+        assert redis_state.wait("w", timeout=10) == "new"
+    finally:
+        timer.join()
+    with pytest.raises(TimeoutError):
+        redis_state.wait("w", timeout=0.2)
+
+
+def test_the_asyncio_face_watches_and_waits_without_blocking_the_loop(redis_state, redis_server, redis_namespace):
+    async def main() -> None:
+        state = await aio.connect(redis_server.url, namespace=redis_namespace)
+        try:
+            async with state.watch(names=["a", "b"]) as changes:
+                ticks = 0
+
+                async def ticking() -> None:
+                    nonlocal ticks
+                    while True:
+                        await asyncio.sleep(0.01)
+                        ticks += 1
+
+                ticker = asyncio.create_task(ticking())
+                assert await changes.next(0.3) is None  # the loop kept running meanwhile
+                assert ticks >= 5
+                ticker.cancel()
+                redis_state.set("a", 1)
+                redis_state.set("c", 1)
+                await state.set("b", 2)
+                assert [await changes.next(5), await changes.next(5)] == [Change("a", "set", 1), Change("b", "set", 2)]
+            waiter = asyncio.create_task(state.wait("b", timeout=10))
+            await asyncio.sleep(0.2)
+            await state.remove("b")
+            assert await waiter is None
+            with pytest.raises(TimeoutError):
+                await state.wait("b", timeout=0.2)
+        finally:
+            await state.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_watcher_across_a_redis_restart_raises_then_overflows_and_goes_on(tmp_path):
+    """Redis goes away under a blocked ``XREAD``: the watcher raises the backend's usual error at once
+    (no hang); once Redis is back, it answers an overflow (a Redis without persistence lost the stream)
+    and the changes after it."""
+    why = redis_missing()
+    if why is not None:
+        pytest.skip(why)
+    server = RedisServer(tmp_path).start()
+    try:
+        state = sharedstate.connect(server.url, namespace="restart", timeout=5)
+        with state.watch() as changes:
+            state.set("a", 1)
+            assert changes.next(5) == Change("a", "set", 1)
+            stop = threading.Timer(0.3, server.stop)
+            stop.start()
+            with pytest.raises(ServerUnavailable):
+                changes.next(10)
+            stop.join()
+            server.start()
+            assert changes.next(5) == OVERFLOW
+            state.set("b", 2)
+            assert _all(changes) == [Change("b", "set", 2)]
+        state.close()
+    finally:
+        server.stop()
