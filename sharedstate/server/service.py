@@ -229,7 +229,8 @@ class StateService(SemaphoreCalls, Store):
 
     def install(self, target: Path, snapshot: Snapshot, merge: bool = False) -> int:
         """Install ``snapshot``'s names, less those past their deadline (unless the server's files are being
-        replayed: ``deadlines.frozen``), and without their scopes; return how many were installed."""
+        replayed: ``deadlines.frozen``), whose scopes ``replace`` drops with them; return how many were
+        installed."""
         data, scopes = snapshot.data, snapshot.scopes
         check_restored(data, snapshot.foreign, str(target))
         gone = self.deadlines.passed_among(snapshot.deadlines, clock())
