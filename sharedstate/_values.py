@@ -129,13 +129,14 @@ def check_ttl(ttl: object) -> float:
     """A time to live in seconds: an ``int`` or ``float`` greater than 0 (and finite)."""
     if type(ttl) not in (int, float):  # bool is refused too: ``ttl=True`` is a mistake
         raise TypeError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
-    if not 0 < ttl < _MAX_TTL_S:  # also refuses NaN and infinity
-        raise ValueError(f"ttl must be a positive number of seconds (at most {_MAX_TTL_S:g}), not {ttl!r}")
+    if not 0 < ttl < MAX_TTL_S:  # also refuses NaN and infinity
+        raise ValueError(f"ttl must be a positive number of seconds (at most {MAX_TTL_S:g}), not {ttl!r}")
     return float(ttl)
 
 
-#: About 300 years: longer than any use, and every deadline stays a date that a clock and Redis can hold.
-_MAX_TTL_S = 1e10
+#: About 300 years: longer than any use, and every deadline stays a date that a clock and Redis can hold
+#: (a snapshot's deadlines are held to it too: ``persistence.snapshot``).
+MAX_TTL_S = 1e10
 
 
 def check_value(name: str, value: object, budget: PartBudget | None = None) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import resource
 import signal
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from sharedstate._cli import main as cli_main
 from sharedstate._sentinels import NOT_CACHED
 from sharedstate.backends.local import cached_many
 from sharedstate.persistence.files import backup_path
-from sharedstate.persistence.journal import journal_path, read_journal
+from sharedstate.persistence.journal import Journal, journal_path, read_journal
 from sharedstate.persistence.snapshot import read_snapshot
 from sharedstate.server.store import Store
 from sharedstate.wire.answers import Duplicate, current_request
@@ -228,6 +229,124 @@ def test_a_resent_expiry_write_is_answered_as_applied_not_applied_twice():
         assert again.value.answer == answer
     assert store.snapshot() == {"e": 1, "n": 1, "old": 1, "s": 1}
     assert all(99 < store.ttl(name) <= 100 for name in ("e", "n", "old", "s"))
+
+
+def _replace_records(path: Path) -> list[list]:
+    return [record for record in _records(path) if record[0] == "replace"]
+
+
+def test_a_restore_of_a_saved_deadline_journaled_then_replayed_removes_each_name_once(tmp_path):
+    """A merge of a file this server saved gives names the deadline they have already: one removal each,
+    at the replay too; and a name left out as expired leaves out its scopes, in the journal as well."""
+    path = tmp_path / "state.json"
+    server = journaling(path)
+    state = server.state
+    state.set("plain", 1)
+    state.set("gone", 1, scope="s", ttl=TTL)
+    state.set("kept", 2, scope="s")
+    old = tmp_path / "old.json"
+    state.save(old)
+    past(time.time() + TTL)
+    state.set("n", "v", ttl=1.5)
+    deadline = deadline_of(state, "n")
+    same = tmp_path / "same.json"
+    state.save(same)
+    assert state.restore(same, merge=True) == 3
+    assert state.restore(old, merge=True) == 2  # "plain" and "kept"; "gone" expired
+    assert state.names(scope="s") == ["kept"]
+    assert state.ttl("n") is not None  # not removed before the crash: the replay has its deadline twice
+    crash(server)
+    for record in _replace_records(path):
+        assert set(record[2]) <= set(record[1]), record  # scopes only of names installed
+    past(deadline)
+    with sharedstate.StateServer(path=path, durability="journal", save_every=None) as again:
+        assert again.state.snapshot() == {"plain": 1, "kept": 2}
+        assert again.state.names(scope="s") == ["kept"]
+
+
+class Told(Store):
+    """A store that keeps what it tells the watchers (``Store._notify``, which the watch feature fills)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[tuple[str, str | None]] = []
+
+    def _notify(self, kind: str, name: str | None, value=None) -> None:
+        self.told.append((kind, name))
+
+
+def _journaled(store: Store, path: Path) -> Journal:
+    journal = Journal(path, "everysec")
+    journal.start_generation(1)
+    store.journal = journal
+    return journal
+
+
+def test_the_same_deadline_given_twice_is_one_removal_one_record_one_change(tmp_path):
+    store = Told()
+    journal = _journaled(store, tmp_path / "state.json")
+    gone = time.time() - 1  # passed already, as when the sweeper comes late
+    store.set("plain", 0)
+    for name in ("n0", "n1", "n2"):
+        store._set(name, name, (), gone)
+    store.replace({"n0": "n0", "n1": "n1"}, {}, True, {"n0": gone, "n1": gone})
+    store._incr("c", 1, gone)
+    store.expire("c", None)
+    store._expire_at("c", gone)
+    store._expire_at("c", gone)
+    assert store.names() == ["plain"]
+    assert store.sweep() > 0  # all removed in one sweep
+    assert sorted(store.told) == [("expired", name) for name in ("c", "n0", "n1", "n2")]
+    assert store.snapshot() == {"plain": 0} and store.deadlines.at == {}
+    records = read_journal(journal.base)[1]
+    assert sorted(r[1] for r in records if r[0] == "expired") == ["c", "n0", "n1", "n2"]
+    store.sweep()
+    assert len(store.told) == 4
+
+
+def test_a_sweep_that_cannot_journal_leaves_the_names_for_the_next_sweep(tmp_path):
+    """A file-size limit on this process makes the journal's writes fail with EFBIG, as a full disk would.
+    The names not removed are still gone for every read, and the next sweep removes them."""
+    store = Told()
+    journal = _journaled(store, tmp_path / "state.json")
+    store.set("plain", 0)
+    for i in range(3):
+        store._set(f"x{i}", i, (), time.time() - 1)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (journal.size(), limits[1]))
+    try:
+        with pytest.raises(OSError):
+            store.sweep()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert store.told == []
+    assert store.names() == ["plain"] and store.length() == 1
+    assert store.snapshot() == {"plain": 0}
+    assert store.get_many(["x0", "x1", "plain"]) == {"plain": 0}
+    assert store.entries()[0] == {"plain": 0}
+    assert store.sweep() > 0
+    assert sorted(store.told) == [("expired", f"x{i}") for i in range(3)]
+    assert store.deadlines.at == {} and len(store._data) == 1
+    assert [r for r in read_journal(journal.base)[1] if r[0] == "expired"] == [["expired", f"x{i}"] for i in range(3)]
+
+
+def test_expired_names_are_taken_off_the_heap_once_not_walked_by_every_read():
+    """20,000 names past their deadline, not swept yet: the first read that needs them all finds them
+    (once), and reads of names without expiry never look at them."""
+    store = Store()
+    store.set("plain", 1)
+    gone = time.time() - 1
+    for i in range(20_000):
+        store._set(f"e{i}", i, (), gone)
+    assert store.get_many(["plain"]) == {"plain": 1}
+    assert len(store.deadlines._heap) == 20_000  # get_many looked only at the name it found
+    assert store.length() == 1
+    assert store.deadlines._heap == []  # found once: the next reads only test the names they hold
+    assert store.names() == ["plain"] and store.snapshot() == {"plain": 1}
+    waits = [store.sweep() for _ in range(20)]
+    assert waits == [0.0] * 20  # 1,000 per sweep: never one long hold of the mutex
+    assert store.sweep() > 0
+    assert len(store._data) == 1 and store.length() == 1
 
 
 # -- a rate limiter across processes -------------------------------------------------------------------

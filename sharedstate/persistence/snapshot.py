@@ -21,12 +21,14 @@ import math
 import os
 import re
 import stat
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import filelock
 
 from sharedstate._errors import SnapshotError, StateFileBusy
+from sharedstate._values import MAX_TTL_S
 from sharedstate.persistence import pode as _pode
 from sharedstate.persistence.codec import encode, iter_json_object, object_hook
 from sharedstate.persistence.files import backup_path, check_slot, read_regular, remove_stray_temp_files, write_atomic
@@ -237,9 +239,15 @@ def _ours(doc: Any) -> Snapshot:
     deadlines = doc.get("deadlines", {})
     if not isinstance(deadlines, dict):
         raise ValueError("'deadlines' must be an object")
+    latest = time.time() + MAX_TTL_S
     for name, deadline in deadlines.items():
         if type(deadline) not in (int, float) or not 0 < deadline < math.inf:
             raise ValueError(f"the deadline of {name!r} is not a number of seconds: {deadline!r}")
+        # An int of any size is compared exactly: one too large for a float is refused here, never converted.
+        if deadline > latest:
+            raise ValueError(
+                f"the deadline of {name!r} is further than the longest ttl ({MAX_TTL_S:g} s) from now: {deadline!r}"
+            )
     kept = {name: float(deadline) for name, deadline in deadlines.items() if name in data}
     return Snapshot(data, checked, generation, version=version, answers=answers, deadlines=kept)
 

@@ -109,8 +109,7 @@ class Recording:
             self.replace(data, {name: tuple(scope) for name, scope in scopes.items()}, merge, deadlines)
         elif op == "expired":
             with self._mutex:
-                if args[0] in self._data:
-                    self._expire_now(args[0])
+                self._expire_now(args[0])  # a name not held (already removed) is left alone
         elif op in _REPLAYED_AS:  # with the deadline the server computed, not one computed again now
             getattr(self, _REPLAYED_AS[op])(*args)
         elif op in _REPLAYABLE:

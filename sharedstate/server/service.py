@@ -26,6 +26,7 @@ from sharedstate.server.locktable import LockTable
 from sharedstate.server.semaphores import SEMAPHORE_CALLS, SemaphoreCalls, SemaphoreTable
 from sharedstate.server.store import Store
 from sharedstate.wire.addresses import BOOT_SCOPE, STORE_ID, Address, format_address
+from sharedstate.wire.expiring import clock
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +260,11 @@ class StateService(SemaphoreCalls, Store):
 
     def install(self, target: Path, snapshot: Snapshot, merge: bool = False) -> int:
         """Install ``snapshot``'s names, less those past their deadline (unless the server's files are being
-        replayed: ``deadlines.frozen``); return how many were installed."""
+        replayed: ``deadlines.frozen``), whose scopes ``replace`` drops with them; return how many were
+        installed."""
         data, scopes = snapshot.data, snapshot.scopes
         check_restored(data, snapshot.foreign, str(target))
-        gone = self.deadlines.passed(snapshot.deadlines, time.time())
+        gone = self.deadlines.passed_among(snapshot.deadlines, clock())
         if gone:
             data = {name: value for name, value in data.items() if name not in gone}
         self.replace(data, scopes, merge, snapshot.deadlines)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import decimal
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from sharedstate._pattern import compile_pattern
@@ -28,12 +27,11 @@ from sharedstate.server.changes import Watchers
 from sharedstate.server.deadlines import Deadlines
 from sharedstate.server.expiry import Expiry
 from sharedstate.wire.answers import Answers, Duplicate, Removed, answer_of, current_request
+from sharedstate.wire.expiring import clock
 
 if TYPE_CHECKING:
     from sharedstate.persistence.journal import Journal
     from sharedstate.wire.versions import VersionTable
-
-_time = time.time
 
 
 class Store(Expiry):
@@ -116,9 +114,7 @@ class Store(Expiry):
     def length(self) -> int:
         with self._mutex:
             self.ops += 1
-            if self._expiring:
-                return len(self._data) - len(self.deadlines.expired(_time()))
-            return len(self._data)
+            return len(self._data) - len(self._expired())
 
     def names(self, pattern: str | None = None, scope: tuple[str, ...] = ()) -> list[str] | tuple[list[str], list[str]]:
         """The sorted names having any of ``scope`` (all when empty) that ``pattern`` is found in.
@@ -133,10 +129,9 @@ class Store(Expiry):
                 found = scoped(self._scopes, scope)
             else:
                 found = list(self._data)
-            if self._expiring:
-                gone = self.deadlines.expired(_time())
-                if gone:
-                    found = [name for name in found if name not in gone]
+            gone = self._expired()
+            if gone:
+                found = [name for name in found if name not in gone]
         if checked is None:
             found.sort()
             return found
@@ -171,7 +166,7 @@ class Store(Expiry):
     def set(self, name: str, value: Any, scope: tuple[str, ...] = (), ttl: float | None = None) -> Any:
         """Store ``value`` (expiring ``ttl`` seconds from now, if given); return the name's counters after
         the change, so the caller's cache can keep the value it just set (and its deadline, after them)."""
-        return self._set(name, value, scope, None if ttl is None else _time() + ttl)
+        return self._set(name, value, scope, None if ttl is None else clock() + ttl)
 
     def _set(self, name: str, value: Any, scope: tuple[str, ...] = (), deadline: float | None = None) -> Any:
         with self._mutex:
@@ -190,7 +185,7 @@ class Store(Expiry):
             if deadline is not None:
                 self.deadlines.put(name, deadline)
             elif self._expiring:
-                self._expiring.pop(name, None)
+                self.deadlines.drop(name)
             stamp = self._changed(name)
             self._notify("set", name, value)
         self._commit(number)
@@ -208,7 +203,8 @@ class Store(Expiry):
             self._notify("removed", name)
             self._scopes.pop(name, None)
             value = self._data.pop(name)
-            self._expiring.pop(name, None)
+            if self._expiring:
+                self.deadlines.drop(name)
             self._changed(name)
         self._commit(number)
         return value
@@ -217,7 +213,7 @@ class Store(Expiry):
         """Remove the name added last and answer it with its value (``None`` when there is none)."""
         with self._mutex:
             self.ops += 1
-            while self._expiring and self._data and self.deadlines.due(next(reversed(self._data)), _time()):
+            while self._expiring and self._data and self.deadlines.due(next(reversed(self._data)), clock()):
                 self._expire_now(next(reversed(self._data)))
             if not self._data:
                 self._check_duplicate()
@@ -229,7 +225,8 @@ class Store(Expiry):
             self._notify("removed", name)
             del self._data[name]
             self._scopes.pop(name, None)
-            self._expiring.pop(name, None)
+            if self._expiring:
+                self.deadlines.drop(name)
             self._changed(name)
         self._commit(number)
         return item
@@ -261,8 +258,7 @@ class Store(Expiry):
         with self._mutex:
             self.ops += 1
             entry = None
-            expiring = self._expiring
-            touched = self.deadlines.among(mapping) if expiring else ()  # the names that lose their expiry
+            touched = self.deadlines.among(mapping) if self._expiring else ()  # the names that lose their expiry
             for name in touched:
                 self._purge(name)
             if rid is not None:
@@ -284,7 +280,7 @@ class Store(Expiry):
                 for name in mapping:
                     scopes.pop(name, None)
             for name in touched:
-                expiring.pop(name, None)
+                self.deadlines.drop(name)
             self._changed_many(mapping)
             if self._watching:
                 for name, value in mapping.items():
@@ -298,8 +294,10 @@ class Store(Expiry):
         merge: bool,
         deadlines: dict[str, float] | None = None,
     ) -> None:
-        """Install restored entries (with the ``deadlines`` of those that expire): all of them
-        (``merge=False``), or over the current ones."""
+        """Install restored entries (with the scopes and ``deadlines`` of those that have them): all of them
+        (``merge=False``), or over the current ones. Scopes and deadlines of names not in ``data`` (left
+        out as expired, say) are dropped, in the journal's record too."""
+        scopes = {name: scope for name, scope in scopes.items() if name in data}
         deadlines = {name: deadline for name, deadline in (deadlines or {}).items() if name in data}
         with self._mutex:
             extra = [deadlines] if deadlines else []  # a record without deadlines stays as it was
@@ -308,7 +306,8 @@ class Store(Expiry):
                 self._data.update(data)
                 for name in data:
                     self._scopes.pop(name, None)
-                    self._expiring.pop(name, None)
+                    if name not in deadlines:
+                        self.deadlines.drop(name)
                 self._scopes.update(scopes)
                 for name, deadline in deadlines.items():
                     self.deadlines.put(name, deadline)
@@ -333,7 +332,7 @@ class Store(Expiry):
 
     def incr(self, name: str, by: int | float | decimal.Decimal = 1, ttl: float | None = None) -> Any:
         """Add ``by``; a name this call creates expires ``ttl`` seconds from now, if given."""
-        return self._incr(name, by, None if ttl is None else _time() + ttl)
+        return self._incr(name, by, None if ttl is None else clock() + ttl)
 
     def _incr(self, name: str, by: int | float | decimal.Decimal, deadline: float | None = None) -> Any:
         with self._mutex:

@@ -19,7 +19,6 @@ import decimal
 import pickle
 import sys
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ from typing import Any
 
 from sharedstate._fork import after_fork_in_child
 from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
+from sharedstate.wire.expiring import clock
 from sharedstate.wire.versions import EPOCH, TOKEN, VersionView, attach, slot_of
 
 #: Names one process keeps at most for one server.
@@ -56,11 +56,15 @@ _IMMUTABLE = frozenset(
     }
 )
 
-_time = time.time
-
 Stamp = tuple[int, int, int]
 #: A value as the cache keeps it: (the object when immutable, else None; its pickle, else None; size).
 Encoded = tuple[Any, "bytes | None", int]
+
+
+def _past(deadline: float) -> bool:
+    """Whether the deadline of a cached value passed: a hit is then a miss, even before the server removed
+    the name (its sweep comes within a second)."""
+    return deadline <= clock()
 
 
 def encode(value: Any) -> Encoded:
@@ -111,8 +115,8 @@ class ClientCache:
         # so the value is the server's at an instant within this call.
         if words[entry[0]] != entry[2] or words[EPOCH] != entry[1] or words[TOKEN] != self.token:
             return NOT_CACHED
-        if entry[6] is not None and entry[6] <= _time():
-            return NOT_CACHED  # expired: the server may not have removed it yet
+        if entry[6] is not None and _past(entry[6]):
+            return NOT_CACHED
         try:
             self._entries.move_to_end(name)
         except KeyError:  # evicted by another thread meanwhile: the entry read is still right
@@ -128,12 +132,11 @@ class ClientCache:
         entries = self._entries
         words = self._words
         found = []
-        now = _time()
         for name in names:
             entry = entries.get(name)
             if entry is None or entry[3] is PRESENT or words[entry[0]] != entry[2] or words[EPOCH] != entry[1]:
                 return None
-            if entry[6] is not None and entry[6] <= now:
+            if entry[6] is not None and _past(entry[6]):
                 return None
             found.append((name, entry))
         if words[TOKEN] != self.token:

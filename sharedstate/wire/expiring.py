@@ -7,7 +7,12 @@ expire. ``get_many`` answers ``(found, deadlines)`` instead of ``found`` when an
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+#: The clock deadlines are taken and compared on, in the server process (``server.expiry``) and in its
+#: clients' caches (``wire.cache``): UTC seconds of the one machine whose shared memory the cache maps.
+clock = time.time
 
 
 class Expiring:

@@ -11,7 +11,9 @@ import time
 import pytest
 from conftest import wait_until
 
+from sharedstate import SnapshotError
 from sharedstate._sentinels import NOT_CACHED
+from sharedstate.persistence.snapshot import write_snapshot
 
 #: Short enough to keep the suite quick, long enough for the reads made before the deadline.
 TTL = 0.4
@@ -151,3 +153,42 @@ def test_incr_sets_the_expiry_only_when_it_creates_the_name(state):
     assert state.ttl("sd") is None
     assert state.compare_and_set("cas", None, 5) is True  # and compare_and_set sees it missing
     assert state.get("cas") == 5 and state.ttl("cas") is None
+
+
+def test_a_restore_leaves_out_expired_names_with_their_scopes(state, tmp_path):
+    state.set("gone", 1, scope="s", ttl=TTL)
+    state.set("kept", 2, scope="s")
+    deadline = time.time() + TTL
+    saved = tmp_path / "saved.json"
+    state.save(saved)
+    past(deadline)
+    assert state.restore(saved) == 1
+    assert state.names(scope="s") == ["kept"]
+    state.clear()
+    state.set("gone", "new")  # no scope: a merge that leaves out the file's expired "gone" leaves it so
+    assert state.restore(saved, merge=True) == 1
+    assert state.names(scope="s") == ["kept"]
+    assert state.get("gone") == "new" and state.ttl("gone") is None
+    part = tmp_path / "part.json"
+    state.save(part, scope="s")
+    assert sorted(json.loads(part.read_text())["names"]) == ["kept"]
+
+
+@pytest.mark.parametrize(
+    "deadline", [10**400, 1e300, time.time() + 2e10, True], ids=["huge-int", "far", "past-max", "bool"]
+)
+def test_a_snapshot_with_an_impossible_deadline_is_refused_and_changes_nothing(state, tmp_path, deadline):
+    """A deadline is a number of seconds no further from now than the longest ttl (1e10 s): a file that
+    holds another is refused as a whole, with ``SnapshotError``."""
+    state.set("a", 0)
+    bad = tmp_path / "bad.json"
+    write_snapshot(bad, {"a": 1, "b": 2}, {}, deadlines={"a": deadline})
+    for merge in (False, True):
+        with pytest.raises(SnapshotError, match="deadline of 'a'"):
+            state.restore(bad, merge=merge)
+    assert state.snapshot() == {"a": 0}
+    far = time.time() + 1e9  # within the longest ttl: kept as it is
+    good = tmp_path / "good.json"
+    write_snapshot(good, {"a": 1, "b": 2}, {}, deadlines={"a": far})
+    assert state.restore(good) == 2
+    assert abs(time.time() + state.ttl("a") - far) < 10
