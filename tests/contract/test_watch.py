@@ -296,3 +296,16 @@ def test_the_asyncio_iterators(async_target, event_loop_thread):
     seen = event_loop_thread.run(run())
     assert seen[:2] == [set_("a", 1), removed("a")]
     assert seen[2].name == "c" and seen[2].kind == "set"
+
+
+def test_an_expired_name_reaches_its_watchers_though_no_call_touches_it(state):
+    """Removed where the state lives (the server's sweeper; on Redis, a watching process' purge), and
+    told as "expired" to the watchers its scope and name match; ``wait`` answers ``None`` for it."""
+    with state.watch(scope="sess") as scoped, state.watch(names=["other"]) as others:
+        state.set("s", {"user": "ada"}, scope="sess", ttl=0.3)
+        assert taken(scoped, 2) == [set_("s", {"user": "ada"}), Change("s", "expired", None)]
+        state.set("w", 1, ttl=1)  # time enough for wait to start watching first
+        assert state.wait("w", timeout=10) is None
+        state.clear()
+        assert until_cleared(others) == []
+        assert until_cleared(scoped) == []
