@@ -304,7 +304,7 @@ def test_an_expired_name_reaches_its_watchers_though_no_call_touches_it(state):
     with state.watch(scope="sess") as scoped, state.watch(names=["other"]) as others:
         state.set("s", {"user": "ada"}, scope="sess", ttl=0.3)
         assert taken(scoped, 2) == [set_("s", {"user": "ada"}), Change("s", "expired", None)]
-        state.set("w", 1, ttl=1)  # time enough for wait to start watching first
+        state.set("w", 1, ttl=0.5)  # time enough for wait to start watching first
         assert state.wait("w", timeout=10) is None
         state.clear()
         assert until_cleared(others) == []
