@@ -124,6 +124,16 @@ def permit_lost(name: str) -> LockLost:
     )
 
 
+def permit_value(name: str, fixed: object, value: int) -> ValueError:
+    """The error of a call on a semaphore with another number of permits than its first call fixed."""
+    return ValueError(f"semaphore {name!r} has {fixed} permits, not {value}: its first call fixed that")
+
+
+def permit_not_held(name: str) -> RuntimeError:
+    """The error of a release by a process that holds none of a semaphore's permits (and believed so)."""
+    return RuntimeError(f"cannot release semaphore {name!r}: this process holds none of its permits")
+
+
 def lock_not_held(key: str | None, holder: int | None) -> RuntimeError:
     """The error of a release by a thread that does not hold the lock (``holder``: the pid that does)."""
     by = "nobody" if holder is None else f"pid {holder}"
