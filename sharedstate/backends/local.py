@@ -7,12 +7,13 @@ value this process read and that has not changed since costs no round trip.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-from sharedstate._errors import ServerUnavailable
+from sharedstate._errors import ServerUnavailable, SharedStateError
 from sharedstate._pattern import Pattern
 from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
@@ -21,6 +22,8 @@ from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
 from sharedstate.wire.calls import Calls
 from sharedstate.wire.expiring import unwrap, unwrap_many
+
+log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 
@@ -239,9 +242,23 @@ class LocalBackend:
 
     # -- semaphores (``server/semaphores``; the arguments: ``_semaphore``'s) --------------------------
     def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, owner: Hashable) -> bool:
-        # The request id: a call sent again after a crash is answered as it was (``server/semaphores``).
-        args = (name, value, blocking, timeout, owner, next(_sequence))
-        return self._calls.lock_call("sem_acquire", args, None if timeout is None else acquire_again(args))
+        # The request id: a call sent again after a crash is answered as it was (``server/semaphores``),
+        # and one cut short is given back by it.
+        request = next(_sequence)
+        args = (name, value, blocking, timeout, owner, request)
+        try:
+            return self._calls.lock_call("sem_acquire", args, None if timeout is None else acquire_again(args))
+        except (SharedStateError, ValueError, TypeError):
+            raise  # the server's answer, or no server to ask
+        except BaseException:
+            # Cut short by the caller (KeyboardInterrupt, a signal handler's exception), perhaps after the
+            # server handed it a permit: its connection is closed already, but the process' others keep
+            # the permit held. The server gives it back by the call's id (a waiter still queued leaves).
+            try:
+                self._call("sem_give_back", (name, value, owner, request))
+            except Exception as exc:
+                log.warning("could not give back a permit of semaphore %r an interrupted acquire took: %s", name, exc)
+            raise
 
     def sem_release(self, name: str, value: int, held: int, owner: Hashable) -> None:
         if held:
