@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import signal
+import threading
 import time
 import uuid
 
@@ -378,3 +379,32 @@ def test_a_redis_release_that_failed_keeps_the_permit(redis_server, redis_namesp
             state.close()
         finally:
             admin.execute_command("ACL", "DELUSER", user)
+
+
+def test_a_release_while_another_threads_acquire_is_on_its_way_back_keeps_the_count_right(server, monkeypatch):
+    """One thread's acquire was granted but has not counted its permit yet when another thread releases
+    (the gap widened here): that release gives back the permit just granted, and once both calls ended
+    the process holds none, so its next release is the plain ``RuntimeError``, not ``LockLost``."""
+    from sharedstate import _semaphore
+
+    counted, count = threading.Event(), _semaphore._count
+
+    def late_count(ident, change):
+        if change > 0:
+            assert counted.wait(30)  # after the other thread's release
+        return count(ident, change)
+
+    monkeypatch.setattr(_semaphore, "_count", late_count)
+    sem = server.state.semaphore(f"sem-{uuid.uuid4().hex[:8]}", 2)
+    thread = threading.Thread(target=sem.acquire)
+    thread.start()
+    try:
+        wait_until(lambda: sem.value() == 1, 10, what="the acquire granted")
+        sem.release()  # any thread of the process may give back its permit
+    finally:
+        counted.set()
+        thread.join(30)
+    assert sem.value() == 2
+    with pytest.raises(RuntimeError, match="holds none") as info:
+        sem.release()
+    assert not isinstance(info.value, sharedstate.LockLost)
