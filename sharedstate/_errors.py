@@ -109,8 +109,9 @@ def lock_lost(key: str | None) -> LockLost:
 
 
 def permit_timeout(name: str, timeout: float, value: int) -> LockTimeout:
-    """The error of ``hold(timeout)`` on a semaphore whose ``value`` permits stayed taken for ``timeout`` s."""
-    message = f"no permit of semaphore {name!r} was free within {timeout:g} s (all {value} held)"
+    """The error of ``hold(timeout)`` on a semaphore of ``value`` permits none of which came free for this
+    caller within ``timeout`` s."""
+    message = f"no permit of semaphore {name!r} (of {value}) was free for this call within {timeout:g} s"
     return LockTimeout(message, name, timeout)
 
 

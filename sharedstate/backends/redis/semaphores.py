@@ -41,6 +41,9 @@ class Permit(_leases.Held):
     __slots__ = ()
     renew_script = "sem_renew"
 
+    def describe(self) -> str:
+        return f"a permit of semaphore {self.name!r}"
+
 
 #: ``(the backend's URL, the semaphore's key)`` -> the permits this process holds there, the latest last.
 _mine: dict[tuple[str, str], list[Permit]] = {}
