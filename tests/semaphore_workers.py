@@ -120,9 +120,10 @@ class Interrupted(Exception):
     """What this process' ``SIGUSR1`` handler raises, as a ``KeyboardInterrupt`` would arrive."""
 
 
-def wait_interrupted(state: sharedstate.State, name: str, ready, results) -> None:
-    """Wait for a permit of a semaphore of 1 until ``SIGUSR1`` interrupts the wait, with another thread of
-    this process keeping a connection open all along; report how the wait ended."""
+def wait_interrupted(state: sharedstate.State, kind: str, name: str, ready, results) -> None:
+    """Wait for the permit of a semaphore of 1 (``kind``: ``"semaphore"``) or for a lock (``"lock"``) until
+    ``SIGUSR1`` interrupts the wait, with another thread of this process keeping a connection open all
+    along; report how the wait ended."""
 
     def interrupt(*_: object) -> None:
         raise Interrupted()
@@ -137,11 +138,11 @@ def wait_interrupted(state: sharedstate.State, name: str, ready, results) -> Non
 
     threading.Thread(target=other, daemon=True).start()
     connected.wait(30)
-    sem = state.semaphore(name, 1)
-    sem.value()
+    waited = state.semaphore(name, 1) if kind == "semaphore" else state.named_lock(name)
+    state.get("x", None)  # this thread's connection, before the start
     ready.set()
     try:
-        results.put(("acquired", sem.acquire(timeout=60)))
+        results.put(("acquired", waited.acquire(timeout=60)))
     except Interrupted:
         results.put(("interrupted", None))
     stop.wait()

@@ -283,26 +283,30 @@ def test_a_rebuilt_holder_releases_after_another_thread_of_its_process_closed_it
             reap(holder)
 
 
-def test_an_acquire_interrupted_after_the_server_handed_it_a_permit_gives_it_back():
-    """The waiting process is stopped while the permit is handed to it, then a signal handler's exception
-    ends its wait: the permit comes back while the process lives (another thread of it keeps a
-    connection open, so only the interrupted call can give it back)."""
+@pytest.mark.parametrize("kind", ["semaphore", "lock"])
+def test_an_acquire_interrupted_after_the_server_handed_it_a_permit_gives_it_back(kind):
+    """The waiting process is stopped while the permit (or the lock: the same for both) is handed to it,
+    then a signal handler's exception ends its wait: the permit comes back while the process lives
+    (another thread of it keeps a connection open, so only the interrupted call can give it back)."""
     ctx = multiprocessing.get_context("fork")
     name = f"sem-{uuid.uuid4().hex[:8]}"
     with sharedstate.StateServer() as server:
         state = server.state
-        sem = state.semaphore(name, 1)
-        assert sem.acquire()
+        if kind == "semaphore":
+            waited, free = state.semaphore(name, 1), lambda: waited.value() == 1
+        else:
+            waited, free = state.named_lock(name), lambda: waited.owner() is None
+        assert waited.acquire()
         ready, results = ctx.Event(), ctx.Queue()
-        waiter = ctx.Process(target=workers.wait_interrupted, args=(state, name, ready, results))
+        waiter = ctx.Process(target=workers.wait_interrupted, args=(state, kind, name, ready, results))
         waiter.start()
         try:
             assert ready.wait(30)
             deadline = time.monotonic() + 30
             while True:  # until the permit went to the (stopped) waiter, not back to this process
                 kill(waiter.pid, signal.SIGSTOP)
-                sem.release()
-                if not sem.acquire(blocking=False):
+                waited.release()
+                if not waited.acquire(blocking=False):
                     break
                 kill(waiter.pid, signal.SIGCONT)
                 assert time.monotonic() < deadline, "the child never waited for the permit"
@@ -310,9 +314,9 @@ def test_an_acquire_interrupted_after_the_server_handed_it_a_permit_gives_it_bac
             kill(waiter.pid, signal.SIGUSR1)
             kill(waiter.pid, signal.SIGCONT)
             assert results.get(timeout=30) == ("interrupted", None)
-            wait_until(lambda: sem.value() == 1, 5, what="the permit back")
-            assert sem.acquire(timeout=5) is True
-            sem.release()
+            wait_until(free, 5, what="the permit back")
+            assert waited.acquire(timeout=5) is True
+            waited.release()
         finally:
             kill(waiter.pid, signal.SIGCONT)
             kill(waiter.pid)

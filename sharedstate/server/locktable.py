@@ -190,7 +190,8 @@ class LockTable:
         key, entry = waiter.key, waiter.entry
 
         def give_up() -> None:
-            entry.queue.remove(waiter)
+            if waiter in entry.queue:  # not if ``give_back`` took it out already
+                entry.queue.remove(waiter)
             self._forget_if_idle(key, entry)
 
         return wait_for(waiter, self._mutex, self.waits, readable, lambda: self._check_holder(key, entry), give_up)
@@ -227,6 +228,22 @@ class LockTable:
                 self._free(key, entry, recorded=True)
                 if full:
                     self._compact()  # once the lock is free (or its next holder's): with the release in it
+
+    def give_back(self, key: str | None, client: Client, thread: Hashable) -> None:
+        """Undo an acquire of ``(client, thread)`` whose caller gave up on its answer (and held the lock
+        0 times before): its waiter leaves the queue, or the lock handed to it is freed."""
+        owner = (client.key, thread)
+        with self._mutex:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            for waiter in entry.queue:
+                if waiter.owner == owner:
+                    entry.queue.remove(waiter)
+                    return
+            if entry.owner == owner:
+                log.info("%s: freed, its holder gave up on the acquire that took it", describe_lock(key))
+                self._free(key, entry)
 
     def renew(self, client: Client, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
         """Renew the leases of ``locks`` (``(key, thread)`` pairs) held by ``client``; return those it no
