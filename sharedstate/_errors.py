@@ -109,8 +109,9 @@ def lock_lost(key: str | None) -> LockLost:
 
 
 def permit_timeout(name: str, timeout: float, value: int) -> LockTimeout:
-    """The error of ``hold(timeout)`` on a semaphore whose ``value`` permits stayed taken for ``timeout`` s."""
-    message = f"no permit of semaphore {name!r} was free within {timeout:g} s (all {value} held)"
+    """The error of ``hold(timeout)`` on a semaphore of ``value`` permits none of which came free for this
+    caller within ``timeout`` s."""
+    message = f"no permit of semaphore {name!r} (of {value}) was free for this call within {timeout:g} s"
     return LockTimeout(message, name, timeout)
 
 
@@ -122,6 +123,16 @@ def permit_lost(name: str) -> LockLost:
         "have had it since",
         name,
     )
+
+
+def permit_value(name: str, fixed: object, value: int) -> ValueError:
+    """The error of a call on a semaphore with another number of permits than its first call fixed."""
+    return ValueError(f"semaphore {name!r} has {fixed} permits, not {value}: its first call fixed that")
+
+
+def permit_not_held(name: str) -> RuntimeError:
+    """The error of a release by a process that holds none of a semaphore's permits (and believed so)."""
+    return RuntimeError(f"cannot release semaphore {name!r}: this process holds none of its permits")
 
 
 def lock_not_held(key: str | None, holder: int | None) -> RuntimeError:

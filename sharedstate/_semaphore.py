@@ -7,6 +7,12 @@ process counts the permits it believes it holds and says so at each release, so 
 gave back for it (a dead connection, a restart of the server, a Redis lease that ran out) is
 ``LockLost``, told apart from the ``RuntimeError`` of a process that took none. A forked child holds
 none of its parent's permits.
+
+The count is the sum of what the calls did (one more per permit taken, one fewer per release that went
+through or found its permit lost), each added under a mutex as its call ends: a release counts before it
+is sent (so two releases racing never both say they held the same permit) and undoes that if it failed
+otherwise. A release by one thread while another's acquire is on its way back may make the sum negative
+for a moment; it is right again once that acquire counts its permit.
 """
 
 from __future__ import annotations
@@ -50,36 +56,46 @@ def _task_owner() -> str:
     return f"task-{os.getpid()}-{id(asyncio.current_task())}"
 
 
+#: The most permits a semaphore may have: every count stays exact on both backends (Redis' scripts count
+#: in doubles).
+MAX_PERMITS = 2**53
+
+
 def check_permits(value: object) -> int:
-    """A semaphore's number of permits: an ``int`` of at least 1."""
+    """A semaphore's number of permits: an ``int`` from 1 to ``MAX_PERMITS``."""
     if type(value) is not int:
         raise TypeError(f"a semaphore's value must be an int, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"a semaphore's value must be at least 1, not {value}")
+    if value > MAX_PERMITS:
+        raise ValueError(f"a semaphore's value must be at most 2**53, not {value}")
     return value
 
 
-def _count(ident: tuple[Hashable, str], change: int) -> None:
+def _count(ident: tuple[Hashable, str], change: int) -> int:
+    """Add ``change`` to the permits this process believes it holds; returns the count before."""
     with _held_mutex:
-        count = _held.get(ident, 0) + change
-        if count > 0:
-            _held[ident] = count
+        before = _held.get(ident, 0)
+        if before + change:
+            _held[ident] = before + change
         else:
             _held.pop(ident, None)
+    return before
 
 
 @contextmanager
-def _releasing(ident: tuple[Hashable, str], held: int) -> Iterator[None]:
-    """Around a release of one permit by a process that believes it holds ``held``: it counts one fewer once
-    the semaphore answered, also when it answered ``LockLost`` (that permit is gone). Any other failure
-    (the state out of reach) leaves the count as it was."""
+def _releasing(ident: tuple[Hashable, str]) -> Iterator[int]:
+    """Around a release of one permit: gives the count the process believed it held, one fewer from now
+    on; also when the semaphore answered ``LockLost`` (that permit is gone). Any other failure (none
+    held, the state out of reach) puts it back as it was."""
+    held = _count(ident, -1)
     try:
-        yield
+        yield max(held, 0)
     except LockLost:
-        _count(ident, -1)
         raise
-    if held:
-        _count(ident, -1)
+    except BaseException:
+        _count(ident, 1)
+        raise
 
 
 class Semaphore:
@@ -105,7 +121,9 @@ class Semaphore:
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Take one permit for this process; ``True`` once taken, ``False`` if none was free in time (or at
         once when ``blocking`` is false). ``timeout`` in seconds; ``None`` (or ``-1``) waits as long as it
-        takes. ``ValueError`` if the semaphore was made with another value."""
+        takes. ``ValueError`` if the semaphore was made with another value. A wait cut short by an
+        exception (``KeyboardInterrupt``, a signal handler's) keeps no permit: the backend gives back one
+        handed to it meanwhile."""
         if blocking is not True or timeout is not None:
             timeout = check_timeout(blocking, timeout)
         backend = self._state.backend
@@ -118,9 +136,7 @@ class Semaphore:
         """Give back one of this process' permits. ``RuntimeError`` if it holds none, ``LockLost`` if it
         held one that the semaphore gave back for it meanwhile."""
         backend = self._state.backend
-        ident = (backend.identity, self._name)
-        held = _held.get(ident, 0)
-        with _releasing(ident, held):
+        with _releasing((backend.identity, self._name)) as held:
             backend.sem_release(self._name, self._value, held, _get_ident())
 
     def value(self) -> int:
@@ -198,9 +214,7 @@ class AsyncSemaphore:
 
     async def _release(self) -> None:
         backend = self._state._backend
-        ident = (backend.identity, self._name)
-        held = _held.get(ident, 0)
-        with _releasing(ident, held):
+        with _releasing((backend.identity, self._name)) as held:
             await backend.sem_release(self._name, self._value, held, _task_owner())
 
     async def value(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import threading
 import time
 
 import sharedstate
@@ -72,13 +74,25 @@ def hold_in_a_task(address: str, authkey: bytes | None, options: dict, name: str
     asyncio.run(main())
 
 
-def hold_across_restart(state: sharedstate.State, name: str, value: int, held, go, results) -> None:
+def hold_across_restart(
+    state: sharedstate.State, name: str, value: int, held, go, results, other_closes: bool = False
+) -> None:
     """Take a permit, keep it across a crash of the server, then give it back when told; report how the
-    release went."""
+    release went. ``other_closes``: first, another thread makes a call and closes its connection (the
+    last one of this process on the new server, as the holder's died with the old one)."""
     sem = state.semaphore(name, value)
     sem.acquire()
     held.set()
     go.wait(30)
+    if other_closes:
+
+        def other() -> None:
+            state.get("x", None)
+            state.close()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(30)
     try:
         sem.release()
         results.put(("released", sem.value()))
@@ -100,3 +114,35 @@ def lose_then_release(state: sharedstate.State, name: str, close: bool, held, go
         results.put(("released", None))
     except Exception as exc:
         results.put((type(exc).__name__, str(exc)))
+
+
+class Interrupted(Exception):
+    """What this process' ``SIGUSR1`` handler raises, as a ``KeyboardInterrupt`` would arrive."""
+
+
+def wait_interrupted(state: sharedstate.State, kind: str, name: str, ready, results) -> None:
+    """Wait for the permit of a semaphore of 1 (``kind``: ``"semaphore"``) or for a lock (``"lock"``) until
+    ``SIGUSR1`` interrupts the wait, with another thread of this process keeping a connection open all
+    along; report how the wait ended."""
+
+    def interrupt(*_: object) -> None:
+        raise Interrupted()
+
+    signal.signal(signal.SIGUSR1, interrupt)
+    connected, stop = threading.Event(), threading.Event()
+
+    def other() -> None:
+        state.get("x", None)
+        connected.set()
+        stop.wait()
+
+    threading.Thread(target=other, daemon=True).start()
+    connected.wait(30)
+    waited = state.semaphore(name, 1) if kind == "semaphore" else state.named_lock(name)
+    state.get("x", None)  # this thread's connection, before the start
+    ready.set()
+    try:
+        results.put(("acquired", waited.acquire(timeout=60)))
+    except Interrupted:
+        results.put(("interrupted", None))
+    stop.wait()

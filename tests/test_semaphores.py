@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import signal
+import threading
 import time
 import uuid
 
@@ -257,3 +258,157 @@ def test_a_holder_whose_permit_was_given_back_gets_lock_lost_at_its_release(targ
         go.set()
         reap(proc)
     state.close()
+
+
+def test_a_rebuilt_holder_releases_after_another_thread_of_its_process_closed_its_connection():
+    """After a crash of the server, another thread of the holder's process connects and closes again (the
+    process' last connection on the new server): the holder keeps its permit, and its release finds it."""
+    ctx = multiprocessing.get_context("fork")
+    name = f"sem-{uuid.uuid4().hex[:8]}"
+    with sharedstate.StateServer() as server:
+        held, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
+        args = (server.state, name, 2, held, go, results, True)
+        holder = ctx.Process(target=workers.hold_across_restart, args=args)
+        holder.start()
+        try:
+            assert held.wait(30)
+            state = crash_and_restart(server)
+            assert state.semaphore(name, 2).value() == 1
+            go.set()
+            assert results.get(timeout=30) == ("released", 2)
+            assert state.stats()["lock_recoveries"] == 0
+            state.close()
+        finally:
+            go.set()
+            reap(holder)
+
+
+@pytest.mark.parametrize("kind", ["semaphore", "lock"])
+def test_an_acquire_interrupted_after_the_server_handed_it_a_permit_gives_it_back(kind):
+    """The waiting process is stopped while the permit (or the lock: the same for both) is handed to it,
+    then a signal handler's exception ends its wait: the permit comes back while the process lives
+    (another thread of it keeps a connection open, so only the interrupted call can give it back)."""
+    ctx = multiprocessing.get_context("fork")
+    name = f"sem-{uuid.uuid4().hex[:8]}"
+    with sharedstate.StateServer() as server:
+        state = server.state
+        if kind == "semaphore":
+            waited, free = state.semaphore(name, 1), lambda: waited.value() == 1
+        else:
+            waited, free = state.named_lock(name), lambda: waited.owner() is None
+        assert waited.acquire()
+        ready, results = ctx.Event(), ctx.Queue()
+        waiter = ctx.Process(target=workers.wait_interrupted, args=(state, kind, name, ready, results))
+        waiter.start()
+        try:
+            assert ready.wait(30)
+            deadline = time.monotonic() + 30
+            while True:  # until the permit went to the (stopped) waiter, not back to this process
+                kill(waiter.pid, signal.SIGSTOP)
+                waited.release()
+                if not waited.acquire(blocking=False):
+                    break
+                kill(waiter.pid, signal.SIGCONT)
+                assert time.monotonic() < deadline, "the child never waited for the permit"
+                time.sleep(0.05)
+            kill(waiter.pid, signal.SIGUSR1)
+            kill(waiter.pid, signal.SIGCONT)
+            assert results.get(timeout=30) == ("interrupted", None)
+            wait_until(free, 5, what="the permit back")
+            assert waited.acquire(timeout=5) is True
+            waited.release()
+        finally:
+            kill(waiter.pid, signal.SIGCONT)
+            kill(waiter.pid)
+            reap(waiter)
+
+
+def test_a_crash_at_any_byte_of_a_semaphore_record_leaves_a_consistent_lock_file(tmp_path):
+    """The record of an acquire (its request id and the count it led to) cut at every byte, as a crash of
+    the server would leave it: the call sent again is applied exactly once, so the holder has its three
+    permits, never more holders than permits, never a permit answered but not held."""
+    from sharedstate.server.clients import Client
+    from sharedstate.server.lockfile import LockFile
+    from sharedstate.server.semaphores import SemaphoreTable
+
+    tmp_path.chmod(0o700)
+    path = tmp_path / "locks-semaphores"
+    key = ("boot", 4242, None)
+
+    def client() -> Client:
+        made = Client(key, 4242, False, None)  # not local: alive while connected
+        made.conns = 1
+        return made
+
+    table, holder = SemaphoreTable(LockFile(str(path))), client()
+    table.rebuild([], lambda h: holder)
+    for request in (1, 2):
+        assert table.acquire("s", 3, holder, 7, request, False, None, lambda: None) is True
+    before = path.read_bytes().rstrip(b"\0")
+    assert table.acquire("s", 3, holder, 7, 3, False, None, lambda: None) is True
+    after = path.read_bytes().rstrip(b"\0")
+    assert after.startswith(before) and len(after) > len(before)
+    size = path.stat().st_size
+    table.close(remove=False)
+    for cut in range(len(before), len(after) + 1):
+        path.write_bytes(after[:cut].ljust(size, b"\0"))
+        again, rebuilt = SemaphoreTable(LockFile(str(path))), client()
+        again.rebuild(again.load(), lambda h, rebuilt=rebuilt: rebuilt)
+        assert again.acquire("s", 3, rebuilt, 7, 3, False, None, lambda: None) is True, f"cut at {cut}"
+        assert again.free("s", 3) == 0, f"cut at {cut}"
+        again.release("s", 3, rebuilt, 3, 7, 4)
+        assert again.free("s", 3) == 1, f"cut at {cut}"
+        again.close(remove=False)
+
+
+def test_a_redis_release_that_failed_keeps_the_permit(redis_server, redis_namespace):
+    """Redis refuses the release (this user may run no script for a moment): the process still holds
+    its permit, and gives it back once Redis takes the release."""
+    user = f"sem-{uuid.uuid4().hex[:8]}"
+    with redis_server.client() as admin:
+        admin.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "&*", "+@all")
+        try:
+            url = f"redis://{user}:secret@127.0.0.1:{redis_server.port}/0"
+            state = sharedstate.connect(url, namespace=redis_namespace, lease=5.0)
+            sem = state.semaphore(f"sem-{uuid.uuid4().hex[:8]}", 1)
+            assert sem.acquire()
+            admin.execute_command("ACL", "SETUSER", user, "-evalsha", "-eval")
+            with pytest.raises(sharedstate.SharedStateError):
+                sem.release()
+            admin.execute_command("ACL", "SETUSER", user, "+evalsha", "+eval")
+            sem.release()
+            assert sem.value() == 1
+            with pytest.raises(RuntimeError, match="holds none"):
+                sem.release()
+            state.close()
+        finally:
+            admin.execute_command("ACL", "DELUSER", user)
+
+
+def test_a_release_while_another_threads_acquire_is_on_its_way_back_keeps_the_count_right(server, monkeypatch):
+    """One thread's acquire was granted but has not counted its permit yet when another thread releases
+    (the gap widened here): that release gives back the permit just granted, and once both calls ended
+    the process holds none, so its next release is the plain ``RuntimeError``, not ``LockLost``."""
+    from sharedstate import _semaphore
+
+    counted, count = threading.Event(), _semaphore._count
+
+    def late_count(ident, change):
+        if change > 0:
+            assert counted.wait(30)  # after the other thread's release
+        return count(ident, change)
+
+    monkeypatch.setattr(_semaphore, "_count", late_count)
+    sem = server.state.semaphore(f"sem-{uuid.uuid4().hex[:8]}", 2)
+    thread = threading.Thread(target=sem.acquire)
+    thread.start()
+    try:
+        wait_until(lambda: sem.value() == 1, 10, what="the acquire granted")
+        sem.release()  # any thread of the process may give back its permit
+    finally:
+        counted.set()
+        thread.join(30)
+    assert sem.value() == 2
+    with pytest.raises(RuntimeError, match="holds none") as info:
+        sem.release()
+    assert not isinstance(info.value, sharedstate.LockLost)

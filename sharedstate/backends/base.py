@@ -169,7 +169,8 @@ class Backend(Protocol):
 
     # -- semaphores (``value``: checked, fixed by the first call; ``owner``: as for locks) --------------
     def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, owner: Hashable) -> bool:
-        """Take a permit for this process; ``ValueError`` if the semaphore has another value."""
+        """Take a permit for this process; ``ValueError`` if the semaphore has another value. A call cut
+        short by an exception of the caller's (``KeyboardInterrupt``, a signal handler's) keeps no permit."""
         ...
 
     def sem_release(self, name: str, value: int, held: int, owner: Hashable) -> None:

@@ -7,12 +7,14 @@ value this process read and that has not changed since costs no round trip.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sharedstate._errors import ServerUnavailable
+from sharedstate._errors import ServerUnavailable, SharedStateError
 from sharedstate._pattern import Pattern
 from sharedstate._sentinels import MISSING, NOT_CACHED, PRESENT
 from sharedstate.backends.base import LockRef
@@ -22,6 +24,8 @@ from sharedstate.wire.answers import sequence as _sequence
 from sharedstate.wire.cache import CacheSlot, ClientCache, cache_figures, encode
 from sharedstate.wire.calls import Calls
 from sharedstate.wire.expiring import unwrap, unwrap_many
+
+log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 
@@ -224,9 +228,11 @@ class LocalBackend:
         self, name: str | None, owner: Hashable, blocking: bool, timeout: float | None, lease: float | None, held: int
     ) -> bool:
         args = (name, owner, blocking, timeout, lease, held)
-        if timeout is None or not blocking:
-            return self._calls.lock_call("lock_acquire", args)
-        return self._calls.lock_call("lock_acquire", args, acquire_again(args))
+        again = None if timeout is None or not blocking else acquire_again(args)
+        if held:  # a reentrant acquire: the count it sends next says how often it holds the lock
+            return self._calls.lock_call("lock_acquire", args, again)
+        with self._given_back("lock_give_back", (name, owner)):
+            return self._calls.lock_call("lock_acquire", args, again)
 
     def lock_release(self, name: str | None, owner: Hashable, held: int) -> None:
         if not held:  # the server answers with the RuntimeError naming the holder
@@ -244,11 +250,31 @@ class LocalBackend:
     def lock_owner(self, name: str | None) -> int | None:
         return self._call("lock_owner", (name,))
 
+    @contextmanager
+    def _given_back(self, method: str, args: tuple[Any, ...]) -> Iterator[None]:
+        """Around an acquire: if its caller cuts it short (``KeyboardInterrupt``, a signal handler's
+        exception), perhaps after the server handed it the lock or permit, the server is asked (``method``)
+        to give that back, before the exception goes on. The call's connection is closed already, but
+        the process' other connections would keep it held."""
+        try:
+            yield
+        except (SharedStateError, ValueError, TypeError):
+            raise  # the server's answer, or no server to ask
+        except BaseException:
+            try:
+                self._call(method, args)
+            except Exception as exc:
+                log.warning("could not give back what an interrupted acquire of %r may have taken: %s", args[0], exc)
+            raise
+
     # -- semaphores (``server/semaphores``; the arguments: ``_semaphore``'s) --------------------------
     def sem_acquire(self, name: str, value: int, blocking: bool, timeout: float | None, owner: Hashable) -> bool:
-        # The request id: a call sent again after a crash is answered as it was (``server/semaphores``).
-        args = (name, value, blocking, timeout, owner, next(_sequence))
-        return self._calls.lock_call("sem_acquire", args, None if timeout is None else acquire_again(args))
+        # The request id: a call sent again after a crash is answered as it was (``server/semaphores``),
+        # and one cut short is given back by it.
+        request = next(_sequence)
+        args = (name, value, blocking, timeout, owner, request)
+        with self._given_back("sem_give_back", (name, value, owner, request)):
+            return self._calls.lock_call("sem_acquire", args, None if timeout is None else acquire_again(args))
 
     def sem_release(self, name: str, value: int, held: int, owner: Hashable) -> None:
         if held:

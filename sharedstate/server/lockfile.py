@@ -4,7 +4,10 @@ lock table instead of handing a held lock to a second process.
 Every change of a holder (taken, taken again, released once, freed) appends one JSON line with the
 lock's state after it; the last line about a lock wins. A release of a holder's last count is its own
 line (``"r"``): it frees the lock and records, per holder, the request that released it, so a release
-sent again after a crash (its answer lost) is told apart from a lock the restart lost (``_lock``).
+sent again after a crash (its answer lost) is told apart from a lock the restart lost (``_lock``). A
+holder line may record such a request too (two more fields, the calling thread and the request: the
+semaphores record every applied call so), in the same line: a crash cuts a line short, and a line cut
+short is dropped whole, so the file never has the request without the count it led to, or the reverse.
 
 The file is mapped in memory (``MAP_SHARED``), so an append is a copy into the kernel's page cache with
 no system call, and no fsync: the file must survive a crash of the server process, which the page cache
@@ -75,13 +78,20 @@ def _json(value: object) -> str:
     return repr(value)  # int, float: their repr is valid JSON (a lease is finite)
 
 
-def _line(key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None) -> bytes:
+#: ``(calling thread, request)``: a call a holder line records as applied (beside the count it led to).
+Done = tuple[Hashable, int]
+
+
+def _line(
+    key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None, done: Done | None = None
+) -> bytes:
     encoded = _clients.get(client)
     if encoded is None:
         if len(_clients) > 4096:
             _clients.clear()
         encoded = _clients[client] = _client_json(client)
-    return f'["h",{_json(key)},{encoded},{_json(thread)},{count},{_json(lease)}]\n'.encode()
+    request = "" if done is None else f",{_json(done[0])},{done[1]}"
+    return f'["h",{_json(key)},{encoded},{_json(thread)},{count},{_json(lease)}{request}]\n'.encode()
 
 
 def _free_line(key: str | None) -> bytes:
@@ -201,9 +211,11 @@ class LockFile:
                     released.pop(owner, None)  # the latest release last, as the lock table keeps them
                     released[owner] = (key, request)
                     continue
-                kind, key, scope, pid, ctime, thread, count, lease = record
+                kind, key, scope, pid, ctime, thread, count, lease, *done = record
                 if not (
-                    kind == "h"
+                    len(done) in (0, 2)
+                    and (not done or (_persistable(done[0]) and type(done[1]) is int))
+                    and kind == "h"
                     and (key is None or type(key) is str)
                     and type(scope) is str
                     and type(pid) is int
@@ -214,6 +226,10 @@ class LockFile:
                     and (lease is None or (type(lease) in (int, float) and lease > 0))
                 ):
                     raise ValueError("not a lock record")
+                if done:
+                    owner = ((scope, pid, ctime), done[0])
+                    released.pop(owner, None)
+                    released[owner] = (key, done[1])
             except (ValueError, TypeError, IndexError, KeyError):
                 damaged += 1
                 if damaged == 1:
@@ -235,10 +251,21 @@ class LockFile:
         )
 
     # -- changes (called with the lock table's mutex held) -------------------------------------------
-    def held(self, key: str | None, client: tuple, thread: Hashable, count: int, lease: float | None) -> bool:
-        """Record a holder; ``False`` when the file is full: ``compact`` it (with this change in it)."""
+    def held(
+        self,
+        key: str | None,
+        client: tuple,
+        thread: Hashable,
+        count: int,
+        lease: float | None,
+        done: Done | None = None,
+    ) -> bool:
+        """Record a holder, and ``done`` (a call of ``client`` applied, which led to ``count``) in the same
+        line; ``False`` when the file is full: ``compact`` it (with this change in it)."""
+        if done is not None and not _persistable(done[0]):
+            done = None
         if _persistable(thread):
-            return self._append(_line(key, client, thread, count, lease))
+            return self._append(_line(key, client, thread, count, lease, done))
         return self._append(_free_line(key))
 
     def freed(self, key: str | None) -> bool:

@@ -40,18 +40,11 @@ from typing import Any
 from sharedstate._errors import describe_lock, lock_lost, lock_not_held
 from sharedstate._figures import WaitWindow
 from sharedstate.server.clients import Client
+from sharedstate.server.holders import CHECK_EVERY_S, LastCalls, Rebuilt, wait_for
 from sharedstate.server.lockfile import Holder, LockFile
 
 log = logging.getLogger(__name__)
 
-#: How often a waiter wakes to check the holder's liveness (the 1 s recovery bound rests on this).
-POLL_S = 0.25
-#: Liveness of one holder is checked at most this often, however many waiters there are.
-CHECK_EVERY_S = 0.2
-#: Holders (thread of a client process) whose last own release the table keeps, least recent first out.
-#: A release sent again is recognised while fewer than that many other holders released a lock after
-#: it: it comes within its caller's call timeout of the crash, far within that bound.
-MAX_RELEASED = 4096
 #: Who holds a lock: ``(client key, thread)``.
 _Owner = tuple[Hashable, Hashable]
 
@@ -103,9 +96,9 @@ class LockTable:
         self._file = file
         #: ``(client key, thread)`` -> ``(key, request)``: the last release that freed a lock of that
         #: holder, and its request id, so that the same release sent again is not ``LockLost``.
-        self._released: dict[_Owner, tuple[str | None, int]] = {}
-        #: Holder -> the keys of its locks rebuilt after a restart and not yet reclaimed (see ``_reclaim``).
-        self._rebuilt: dict[_Owner, list[str | None]] = {}
+        self._released = LastCalls()
+        #: The keys of locks rebuilt after a restart and not yet reclaimed, by holder (see ``_reclaim``).
+        self._rebuilt = Rebuilt()
 
     def rebuild(self, holders: list[Holder], client_for: Callable[[Holder], Client]) -> None:
         """Hold again the locks the lock file recorded, for holders still alive; free (and count) those
@@ -130,14 +123,14 @@ class LockTable:
                 entry.lease = holder.lease
                 entry.renewed_at = entry.taken_at = now
                 entry.rebuilt = True
-                self._rebuilt.setdefault(entry.owner, []).append(holder.key)
+                self._rebuilt.add(entry.owner, holder.key)
                 kept.append(holder)
             if kept:
                 log.warning("kept %d lock(s) held across the restart by live processes", len(kept))
             if self._file is not None:
                 # The latest last; the file may hold more than the table keeps (appended since a rewrite).
-                self._released = dict(list(self._file.released.items())[-MAX_RELEASED:])
-                self._file.start(kept, self._released)
+                self._released = LastCalls(self._file.released.items())
+                self._file.start(kept, self._released.calls)
 
     def acquire(
         self,
@@ -193,25 +186,15 @@ class LockTable:
 
     def wait(self, waiter: _Waiter, readable: Callable[[float], bool]) -> bool:
         """Wait until ``waiter`` is handed the lock (``True``: its caller has been told) or gives up
-        (``False``: its timeout passed, or its caller went away). ``readable(seconds)`` waits up to that
-        long for the caller's connection to have something to read: while a call waits the caller sends
-        nothing, so that is its next request (it was told it holds the lock) or the end of its
-        connection. Every ``POLL_S`` the holder's liveness is checked."""
-        key, entry, deadline = waiter.key, waiter.entry, waiter.deadline
-        while True:
-            wait = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
-            ready = wait > 0 and readable(wait)
-            with self._mutex:
-                if waiter.granted:
-                    return True
-                if ready or (deadline is not None and time.monotonic() >= deadline):
-                    self.waits.record(waiter.queued_at, taken=False)  # a wait given up is a wait too
-                    entry.queue.remove(waiter)
-                    self._forget_if_idle(key, entry)
-                    return False
-                self._check_holder(key, entry)
-                if waiter.granted:  # the holder was gone, and this waiter was first
-                    return True
+        (``False``: its timeout passed, or its caller went away): ``holders.wait_for``."""
+        key, entry = waiter.key, waiter.entry
+
+        def give_up() -> None:
+            if waiter in entry.queue:  # not if ``give_back`` took it out already
+                entry.queue.remove(waiter)
+            self._forget_if_idle(key, entry)
+
+        return wait_for(waiter, self._mutex, self.waits, readable, lambda: self._check_holder(key, entry), give_up)
 
     def release(self, key: str | None, client: Client, thread: Hashable, held: int = 0, request: int = 0) -> None:
         """Release once. ``held``: how often the caller believes it holds the lock; above 0, losing it
@@ -227,7 +210,7 @@ class LockTable:
                 self._expire(key, entry)
             if entry is None or entry.owner != owner:
                 if held:
-                    if request and self._released.get(owner) == (key, request):
+                    if self._released.was(owner, key, request):
                         # Applied before the crash that lost its answer.
                         log.info("%s was released by this caller already: a release sent again", describe_lock(key))
                         return
@@ -239,15 +222,28 @@ class LockTable:
             elif not request:
                 self._free(key, entry)
             else:
-                released = self._released
-                if released.pop(owner, None) is None and len(released) >= MAX_RELEASED:
-                    del released[next(iter(released))]
-                released[owner] = (key, request)
+                self._released.remember(owner, key, request)
                 file = self._file
                 full = file is not None and not file.released_by(key, client.key, thread, request)
                 self._free(key, entry, recorded=True)
                 if full:
                     self._compact()  # once the lock is free (or its next holder's): with the release in it
+
+    def give_back(self, key: str | None, client: Client, thread: Hashable) -> None:
+        """Undo an acquire of ``(client, thread)`` whose caller gave up on its answer (and held the lock
+        0 times before): its waiter leaves the queue, or the lock handed to it is freed."""
+        owner = (client.key, thread)
+        with self._mutex:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            for waiter in entry.queue:
+                if waiter.owner == owner:
+                    entry.queue.remove(waiter)
+                    return
+            if entry.owner == owner:
+                log.info("%s: freed, its holder gave up on the acquire that took it", describe_lock(key))
+                self._free(key, entry)
 
     def renew(self, client: Client, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
         """Renew the leases of ``locks`` (``(key, thread)`` pairs) held by ``client``; return those it no
@@ -287,11 +283,14 @@ class LockTable:
         """The holder thread of locks rebuilt after a restart calls again: from now on its locks follow
         the usual rule (freed when every connection of its process has closed), on its current client
         (the rebuilt one may have been dropped when other connections of the process closed)."""
-        for key in self._rebuilt.pop(owner, ()):
+
+        def move(key: str | None) -> None:
             entry = self._entries.get(key)
             if entry is not None and entry.owner == owner and entry.rebuilt:
                 entry.rebuilt = False
                 entry.client = client
+
+        self._rebuilt.reclaim(owner, move)
 
     def _current(self, key: str | None) -> _Entry | None:
         """The lock's entry once a lease that ran out has freed it (as an acquire would), so that those
@@ -335,7 +334,7 @@ class LockTable:
                 for k, e in self._entries.items()
                 if e.owner is not None and e.client is not None
             ),
-            self._released,
+            self._released.calls,
         )
 
     def _expire(self, key: str | None, entry: _Entry) -> None:

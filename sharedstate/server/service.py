@@ -55,6 +55,7 @@ class StateService(SemaphoreCalls, Store):
     EXPOSED = Store.EXPOSED + (
         "lock_acquire",
         "lock_release",
+        "lock_give_back",
         "lock_locked",
         "lock_owner",
         "lock_renew",
@@ -150,6 +151,11 @@ class StateService(SemaphoreCalls, Store):
         client = current_client.client
         assert client is not None
         self.locks.release(key, client, thread, held, request)
+
+    def lock_give_back(self, key: str | None, thread: Hashable) -> None:
+        client = current_client.client
+        assert client is not None
+        self.locks.give_back(key, client, thread)
 
     def lock_renew(self, locks: list[tuple[str | None, Hashable]]) -> list[tuple[str | None, Hashable]]:
         client = current_client.client

@@ -27,6 +27,9 @@ def test_bad_arguments_are_refused_at_the_call(state):
             state.semaphore(_name(), value)
     with pytest.raises(TypeError, match="must be a str"):
         state.semaphore(5)
+    with pytest.raises(ValueError, match="at most 2\\*\\*53"):
+        state.semaphore(_name(), 2**53 + 1)
+    assert state.semaphore(_name(), 2**53).value() == 2**53  # every count exact
     sem = state.semaphore(_name(), 2)
     with pytest.raises(TypeError):
         sem.acquire(blocking="yes")
@@ -81,6 +84,23 @@ def test_the_first_call_fixes_the_value(state):
             getattr(state.semaphore(name, 3), call)()
     assert state.semaphore(name, 2).value() == 1  # the refused calls took nothing
     sem.release()
+
+
+def test_a_release_that_fails_changes_nothing(state):
+    """Another value, or no permit: the release raises and the semaphore is as it was; a release on a
+    semaphore no call made fixes no value."""
+    name = _name()
+    sem = state.semaphore(name, 3)
+    assert sem.acquire() is True
+    with pytest.raises(ValueError, match="has 3 permits, not 5"):
+        state.semaphore(name, 5).release()
+    assert sem.value() == 2  # the permit is still held...
+    sem.release()  # ...and this process' to give back
+    assert sem.value() == 3
+    unknown = _name()
+    with pytest.raises(RuntimeError, match="holds none"):
+        state.semaphore(unknown, 4).release()
+    assert state.semaphore(unknown, 6).value() == 6
 
 
 def test_hold_times_out_and_a_waiter_gets_the_released_permit(state):

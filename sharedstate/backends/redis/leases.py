@@ -41,6 +41,10 @@ class Held:
     #: The script that renews it (``scripts.SCRIPTS``).
     renew_script = "renew"
 
+    def describe(self) -> str:
+        """How the lease thread's messages name what it renews."""
+        return describe_lock(self.name)
+
     def __init__(
         self, conn: Connection, address: str, name: str | None, key: str, token: str, owner: Hashable, lease: float
     ) -> None:
@@ -152,7 +156,7 @@ class Leases:
                         self._renew(held)
                     except Exception:  # never let this thread die: every held lock depends on it
                         held.renew_at = time.monotonic() + min(0.1, held.lease / 10)
-                        log.exception("renewing the lease of %s failed", describe_lock(held.name))
+                        log.exception("renewing the lease of %s failed", held.describe())
             with self._mutex:
                 pending = [h.renew_at for h in self._held.values() if not h.lost]
             self._wake.wait(max(0.0, min(pending) - time.monotonic()) if pending else None)
@@ -163,7 +167,7 @@ class Leases:
         except connection.RedisError as exc:
             # Try again soon: the lease is lost only if no renewal gets through before it runs out.
             held.renew_at = time.monotonic() + min(0.1, held.lease / 10)
-            log.warning("could not renew the lease of %s at %s: %s", describe_lock(held.name), held.address, exc)
+            log.warning("could not renew the lease of %s at %s: %s", held.describe(), held.address, exc)
             return
         if renewed == 1:
             held.renew_at = time.monotonic() + held.lease / 3
@@ -174,7 +178,7 @@ class Leases:
             held.lost = True
         log.warning(
             "lost %s at %s: its lease of %g s ran out before it was renewed",
-            describe_lock(held.name),
+            held.describe(),
             held.address,
             held.lease,
         )

@@ -42,15 +42,18 @@ return {'free', math.max(0, tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1]))}
 """
 )
 
-#: KEYS: permits, wake list. ARGV: token, lease ms, value. Returns 1 if released, 0 if the permit was
-#: no longer there (its lease ended and a later call dropped it). Wakes one waiter (at most ``value``
-#: wake-ups are kept).
+#: KEYS: permits, wake list, value. ARGV: token ('' for none), lease ms, value. Returns {'value', fixed value}
+#: when the semaphore has another value (and changes nothing), {'none'} when the permit is not there (no
+#: token, or its lease ended and a later call dropped it), else {'ok'}: released, and one waiter woken (at
+#: most ``value`` wake-ups are kept). An unknown semaphore's value is not fixed by a release.
 SEM_RELEASE = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local fixed = redis.call('GET', KEYS[3])
+if fixed and fixed ~= ARGV[3] then return {'value', fixed} end
+if ARGV[1] == '' or redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return {'none'} end
 redis.call('LPUSH', KEYS[2], '1')
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
+return {'ok'}
 """
 
 #: KEYS: permits. ARGV: token, lease ms. Returns 1 if renewed, 0 if the permit is no longer there.

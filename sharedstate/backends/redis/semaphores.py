@@ -5,7 +5,9 @@ pushes to, as a lock waiter does), release and the permits free, each step one s
 Each permit this process takes is a member of the semaphore's sorted set with a token of its own, renewed
 every third of the backend's lease by the process' lease thread (``leases``, as its locks are): the
 permit of a dead or stopped holder is free once its lease ends, for the next call on the semaphore.
-Permits belong to the process: a release gives back the latest one it took, whichever thread took it.
+Permits belong to the process: a release gives back the latest one it took, whichever thread took it;
+the process forgets that permit only once Redis answered the release (a release that failed, Redis out
+of reach say, leaves it held and renewed).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sharedstate._errors import permit_lost
+from sharedstate._errors import permit_lost, permit_not_held, permit_value
 from sharedstate._fork import after_fork_in_child
 from sharedstate.backends.redis import leases as _leases
 from sharedstate.backends.redis.connection import operation
@@ -39,6 +41,9 @@ class Permit(_leases.Held):
     __slots__ = ()
     renew_script = "sem_renew"
 
+    def describe(self) -> str:
+        return f"a permit of semaphore {self.name!r}"
+
 
 #: ``(the backend's URL, the semaphore's key)`` -> the permits this process holds there, the latest last.
 _mine: dict[tuple[str, str], list[Permit]] = {}
@@ -57,10 +62,6 @@ def _after_fork_in_child() -> None:
 def permit_token() -> str:
     """A token for a new permit of this process: its pid first (as a lock token), unique in the process."""
     return _leases.token(f"permit-{next(_serial)}")
-
-
-def other_value(name: str, fixed: Any, value: int) -> ValueError:
-    return ValueError(f"semaphore {name!r} has {int(fixed)} permits, not {value}: its first call fixed that")
 
 
 class SemaphoreCalls:
@@ -104,7 +105,7 @@ class SemaphoreCalls:
                 self.waits.record(waiting)
                 return True
             if status == "value":
-                raise other_value(name, reply[1], value)
+                raise permit_value(name, int(reply[1]), value)
             if not blocking:
                 return False
             step = pause(wake, int(reply[1]), deadline, self._timeout)
@@ -117,23 +118,42 @@ class SemaphoreCalls:
     @operation
     def sem_release(self, name: str, value: int, held: int, owner: Any = None) -> Operation:
         keys, wake = self._sem_keys(name)
+        mine = (self._url, keys[0])
         with _mutex:
-            permits = _mine.get((self._url, keys[0]))
-            permit = permits.pop() if permits else None
+            permits = _mine.get(mine)
+            permit = permits.pop() if permits else None  # this release's alone, while Redis is asked
+        if permit is not None:
+            lease = (self._url, f"{keys[0]}\n{permit.token}")
+            _leases.leases.leave(lease, permit.token)  # no renewal racing the release
+        answered = False
+        try:
+            reply = yield Script(
+                "sem_release",
+                [keys[0], wake, keys[1]],
+                ["" if permit is None else permit.token, lease_ms(self.lease), value],
+            )
+            status = _text(reply[0])
+            if status == "value":
+                raise permit_value(name, int(reply[1]), value)
+            answered = True
+        finally:
+            if not answered and permit is not None:  # not released: still this process' (and renewed)
+                permit.count = 1
+                _leases.leases.add(lease, permit)
+                with _mutex:
+                    _mine.setdefault(mine, []).append(permit)
         if permit is None:
             if held:
                 raise permit_lost(name)
-            raise RuntimeError(f"cannot release semaphore {name!r}: this process holds none of its permits")
-        _leases.leases.leave((self._url, f"{keys[0]}\n{permit.token}"), permit.token)
-        released = yield Script("sem_release", [keys[0], wake], [permit.token, permit.lease_ms, value])
-        if released != 1 or permit.lost:
+            raise permit_not_held(name)
+        if status != "ok" or permit.lost:
             raise permit_lost(name)
 
     @operation
     def sem_value(self, name: str, value: int) -> Operation:
         reply = yield Script("sem_value", self._sem_keys(name)[0], [value])
         if _text(reply[0]) == "value":
-            raise other_value(name, reply[1], value)
+            raise permit_value(name, int(reply[1]), value)
         return int(reply[1])
 
     def sem_give_back(self, name: str, value: int, token: str) -> None:
@@ -141,7 +161,7 @@ class SemaphoreCalls:
         short by the end of its event loop); nothing if it took none. Blocking; errors are logged."""
         keys, wake = self._sem_keys(name)
         try:
-            self._conn.run("sem_release", [keys[0], wake], [token, lease_ms(self.lease), value])
+            self._conn.run("sem_release", [keys[0], wake, keys[1]], [token, lease_ms(self.lease), value])
         except Exception as exc:
             log.warning("could not give back a permit of semaphore %r a cut-short try may have taken: %s", name, exc)
 

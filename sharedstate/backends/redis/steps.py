@@ -77,6 +77,9 @@ def run(operation: Operation, conn: Any, client: Any = None) -> Any:
                 reply = None
     except StopIteration as done:
         return done.value
+    except BaseException:
+        operation.close()  # now, not when the traceback lets it go: its ``finally`` puts back what it took
+        raise
 
 
 async def run_step(step: Step, conn: Any) -> Any:
@@ -111,6 +114,7 @@ async def run_async(
     answer (cancelled too, as ``asyncio.run`` does to every task at its end, or failed), ``unknown()``:
     the lock may have been taken all the same."""
     reply = None
+    handed = False  # to ``_finish``, which goes on with the operation
     try:
         while True:
             step = operation.send(reply)
@@ -122,9 +126,14 @@ async def run_async(
                 reply = await asyncio.shield(attempt)
             except asyncio.CancelledError:
                 attempt.add_done_callback(functools.partial(_finish, operation, late, unknown))
+                handed = True
                 raise
     except StopIteration as done:
         return done.value
+    except BaseException:
+        if not handed:
+            operation.close()  # as ``run``
+        raise
 
 
 async def run_watch(operation: Operation, conn: Any) -> Any:
