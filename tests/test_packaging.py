@@ -28,6 +28,7 @@ import pytest
 from conftest import ROOT, reap
 from test_docs import _fenced_blocks, run_snippet
 from test_web import free_port, get, stop_group, wait_ready
+from test_web_features import FLAGS_SERVER, SESSIONS_SERVER
 
 from sharedstate.persistence.snapshot import read_snapshot
 
@@ -50,8 +51,10 @@ GET = "sharedstate get greeting --address state.sock"
 #: The README's commands this module runs as written.
 RUN_HERE = frozenset({QUICK_START, INSTALL_EXAMPLES, *WEB_SERVERS, SERVE, GET})
 
-#: The README's commands that no test runs, and why.
+#: The README's commands that no test runs here, and why.
 SKIPPED = {
+    SESSIONS_SERVER: "run as written by tests/test_web_features.py",
+    FLAGS_SERVER: "run as written by tests/test_web_features.py",
     "python3 -m venv .venv && .venv/bin/pip install '.[test]' && .venv/bin/python -m pytest": (
         "the whole test suite, the one running now: .ci/run runs this line's steps in a fresh folder"
     ),

@@ -33,12 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(argv: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+def start(argv: list[str], env_extra: dict[str, str] | None = None, cwd=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(env_extra or {})
     # its own session, so the test can signal the whole process group as a service manager would
-    return subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        argv, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def get(port: int) -> dict:

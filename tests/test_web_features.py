@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shlex
 import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from test_web import RUN, WEB, free_port, start, stop_group, wait_ready
+from conftest import ROOT
+from test_web import free_port, start, stop_group, wait_ready
 
 import sharedstate
 
@@ -43,27 +45,39 @@ def serving(port: int, path: str) -> None:
         assert time.monotonic() < deadline, "a single worker answers"
 
 
-def address_of(path, proc) -> str:
-    """The address `sharedstate run --address-file` wrote."""
-    deadline = time.monotonic() + 60
-    while not (path.exists() and path.read_text().endswith("\n")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no address file"
-        time.sleep(0.05)
-    return path.read_text().strip()
+#: The README's commands, run here as written (in a folder of their own, where ``examples`` is the
+#: repository's; GUNICORN_CMD_ARGS and UVICORN_PORT move them off port 8000).
+SESSIONS_SERVER = (
+    "sharedstate run --path sessions.json -- gunicorn -w 4 --chdir examples/web 'sessions_app:create_app()'"
+)
+FLAGS_SERVER = "sharedstate run --path flags.json -- uvicorn --workers 3 --app-dir examples/web flags_app:app"
+
+
+def start_as_written(command: str, folder, port: int, env_extra: dict[str, str] | None = None):
+    """``command`` started in ``folder``, its programs run by this Python; and the address that
+    ``sharedstate run`` printed."""
+    argv = [
+        part
+        for word in shlex.split(command)
+        for part in ([sys.executable, "-m", word] if word in ("sharedstate", "gunicorn", "uvicorn") else [word])
+    ]
+    (folder / "examples").symlink_to(ROOT / "examples")
+    env = {"GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}", "UVICORN_PORT": str(port), **(env_extra or {})}
+    proc = start(argv, env, cwd=folder)
+    line = proc.stderr.readline().decode()  # "sharedstate: serving at ADDRESS (pid N)"
+    assert " serving at " in line, line + proc.stderr.read().decode()[-3000:]
+    return proc, line.split(" serving at ", 1)[1].rsplit(" (pid ", 1)[0]
 
 
 @pytest.mark.timeout(240)
 def test_sessions_expire_and_a_rate_limit_is_exact_across_gunicorn_workers(tmp_path):
     port = free_port()
-    address_file = tmp_path / "address"
-    argv = [*RUN, "--path", str(tmp_path / "sessions.json"), "--address-file", str(address_file), "--",
-            sys.executable, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}", "--chdir", str(WEB),
-            "sessions_app:create_app()"]  # fmt: skip
-    proc = start(argv, {"SESSION_TTL_S": "1.5", "RATE_LIMIT": "50", "RATE_WINDOW_S": "120"})
+    limits = {"SESSION_TTL_S": "1.5", "RATE_LIMIT": "50", "RATE_WINDOW_S": "120"}
+    proc, address = start_as_written(SESSIONS_SERVER, tmp_path, port, limits)
     try:
         wait_ready(proc, port)
         serving(port, "/me")
-        state = sharedstate.connect(address_of(address_file, proc))
+        state = sharedstate.connect(address)
 
         # The rate limit: 120 calls from 8 threads through 4 workers, exactly 50 allowed, counted 1..50.
         replies = parallel(lambda: call(port, "GET", "/limited"), 120)
@@ -97,14 +111,10 @@ def test_sessions_expire_and_a_rate_limit_is_exact_across_gunicorn_workers(tmp_p
 @pytest.mark.timeout(240)
 def test_a_long_poll_in_one_uvicorn_worker_hears_a_flag_set_through_another(tmp_path):
     port = free_port()
-    address_file = tmp_path / "address"
-    argv = [*RUN, "--path", str(tmp_path / "flags.json"), "--address-file", str(address_file), "--",
-            sys.executable, "-m", "uvicorn", "--workers", "3", "--host", "127.0.0.1", "--port", str(port),
-            "--app-dir", str(WEB), "--no-access-log", "flags_app:app"]  # fmt: skip
-    proc = start(argv)
+    proc, address = start_as_written(FLAGS_SERVER, tmp_path, port)
     try:
         wait_ready(proc, port)
-        state = sharedstate.connect(address_of(address_file, proc))
+        state = sharedstate.connect(address)
         waiters = 9
         crossed = False
         with concurrent.futures.ThreadPoolExecutor(waiters) as pool:
