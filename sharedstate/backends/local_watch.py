@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from sharedstate._changes import OVERFLOW, Change, deadline_of, left
+from sharedstate._changes import OVERFLOW, Change, deadline_of, left, take_turn, take_turn_async
 from sharedstate._errors import ServerUnavailable
 from sharedstate._pattern import Pattern
 from sharedstate.wire.aio_calls import AsyncCalls
@@ -84,7 +84,7 @@ class LocalWatcher(_Watch):
 
     def next(self, timeout: float | None) -> list[Change]:
         deadline = deadline_of(timeout)
-        if not self._one.acquire(timeout=-1 if deadline is None else left(deadline)):
+        if not take_turn(self._one, deadline):
             return []
         try:
             return self._next(deadline)
@@ -138,9 +138,7 @@ class AsyncLocalWatcher(_Watch):
 
     async def next(self, timeout: float | None) -> list[Change]:
         deadline = deadline_of(timeout)
-        try:
-            await asyncio.wait_for(self._one.acquire(), left(deadline))
-        except asyncio.TimeoutError:
+        if not await take_turn_async(self._one, deadline):
             return []
         try:
             return await self._next(deadline)
