@@ -163,7 +163,7 @@ class Watcher:
 
 class Watchers:
     """The watchers of one store, guarded by the store's ``mutex``. ``active`` is the list the store looks
-    at before publishing: empty, publishing costs one truth test."""
+    at before publishing: while it is empty, a change costs the store one test of it."""
 
     def __init__(self, mutex: threading.Lock) -> None:
         self._mutex = mutex
