@@ -27,7 +27,7 @@ def estimate(value: Any, depth: int = DEPTH) -> int:
         return 32
     if kind is str or kind is bytes or kind is bytearray:
         return len(value) + 49
-    size = _getsizeof(value)
+    size = _getsizeof(value, 64)  # the default: an object that cannot tell
     if depth <= 0:
         return size
     if kind is dict:
