@@ -1,6 +1,7 @@
 """Watches on a local server (``server.changes``): watchers in processes of every start method, a
-watcher killed or stopped, and a server that restarts under a watcher. (What every backend does:
-tests/contract/test_watch.py.)"""
+watcher killed or stopped, a server that restarts under a watcher, cancelled asyncio waits, what the
+writer's thread hands over, the byte bound, bad calls, and two readers of one watch. (What every
+backend does: tests/contract/test_watch.py.)"""
 
 from __future__ import annotations
 
