@@ -1,8 +1,11 @@
 """``Change``: one change of the state as a watcher receives it (``State.watch``), on every backend; and
-the deadline of a wait for changes, which the facade and the backends share."""
+the deadline of a wait for changes and the turn of a watcher's ``next``, which the facade and the
+backends share."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -36,3 +39,19 @@ def deadline_of(timeout: float | None) -> float | None:
 def left(deadline: float | None) -> float | None:
     """The seconds left until ``deadline`` (never below 0; ``None``: no deadline)."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def take_turn(lock: threading.Lock, deadline: float | None) -> bool:
+    """Take ``lock`` by ``deadline`` (``None``: however long it takes); whether it was taken. A watcher's
+    ``next`` holds its lock while it reads: one read of a watch waits at a time, another waits its turn
+    (two reads at once would wake each other, or both take the same changes)."""
+    return lock.acquire(timeout=-1 if deadline is None else left(deadline))
+
+
+async def take_turn_async(lock: asyncio.Lock, deadline: float | None) -> bool:
+    """``take_turn`` for asyncio."""
+    try:
+        await asyncio.wait_for(lock.acquire(), left(deadline))
+    except asyncio.TimeoutError:
+        return False
+    return True

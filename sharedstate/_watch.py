@@ -39,18 +39,23 @@ class Changes(Iterator[Change]):
         return self
 
     def __next__(self) -> Change:
-        while not self._waiting:
-            if self._closed:
-                raise StopIteration
+        while True:
+            try:  # another thread may take the last one between a test and a pop
+                return self._waiting.popleft()
+            except IndexError:
+                if self._closed:
+                    raise StopIteration from None
             self._waiting.extend(self._watcher.next(None))
-        return self._waiting.popleft()
 
     def next(self, timeout: float | None = None) -> Change | None:
         """The next change, waiting up to ``timeout`` seconds (``None``: as long as it takes); ``None`` if
         none came in time or the watch is closed."""
         if not self._waiting and not self._closed:
             self._waiting.extend(self._watcher.next(timeout))
-        return self._waiting.popleft() if self._waiting else None
+        try:
+            return self._waiting.popleft()
+        except IndexError:
+            return None
 
     def close(self) -> None:
         self._closed = True

@@ -1,24 +1,44 @@
 """Watches on a local server (``server.changes``): watchers in processes of every start method, a
-watcher killed or stopped, and a server that restarts under a watcher. (What every backend does:
-tests/contract/test_watch.py.)"""
+watcher killed or stopped, a server that restarts under a watcher, cancelled asyncio waits, what the
+writer's thread hands over, the byte bound, bad calls, and two readers of one watch. (What every
+backend does: tests/contract/test_watch.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import os
+import pickle
 import signal
+import socket
+import struct
 import threading
 
 import pytest
 from conftest import kill, reap, wait_until
-from watch_workers import count_to, watch_forever, watch_until
+from watch_workers import count_in_bursts, count_to, watch_forever, watch_until
 
 import sharedstate
 import sharedstate.aio
 from sharedstate import Change
+from sharedstate._sentinels import HANDED
+from sharedstate.server.changes import BUFFER_BYTES, Waiting
+from sharedstate.server.clients import Client
+from sharedstate.server.serving import _readable_within
+from sharedstate.server.store import Store
 
 OVERFLOW = Change(None, "overflow", None)
+
+
+class Recorded:
+    """A value that notes in ``pickled`` each time it is pickled."""
+
+    def __init__(self, pickled: list) -> None:
+        self.pickled = pickled
+
+    def __reduce__(self):
+        self.pickled.append(1)
+        return (int, ())
 
 
 @pytest.fixture
@@ -168,3 +188,169 @@ def test_a_cancelled_async_wait_ends_in_the_server_and_loses_nothing(server):
             await astate.close()
 
     assert asyncio.run(run()) == [Change("x", "set", 1), True]
+
+
+def test_async_nexts_cancelled_mid_wait_keep_the_order_and_raise_no_false_overflow(server):
+    # A cancelled next() leaves its batch to arrive late; the next next() waits for it before it asks
+    # for more, so the batches neither cross nor look lost (a false overflow) to the server.
+    last = 1000
+    context = multiprocessing.get_context("fork")
+    go = context.Event()
+    writer = context.Process(target=count_in_bursts, args=(server.state, go, last))
+    writer.start()
+
+    async def run() -> tuple[list, int]:
+        astate = await sharedstate.aio.connect(server.address, server.authkey)
+        seen, cancels = [], 0
+        try:
+            async with astate.watch(names=["n"], buffer=100_000) as changes:
+                go.set()
+                while not seen or seen[-1].value != last:
+                    try:
+                        seen.append(await asyncio.wait_for(changes.next(None), 0.0003))
+                    except asyncio.TimeoutError:
+                        cancels += 1
+        finally:
+            await astate.close()
+        return seen, cancels
+
+    try:
+        seen, cancels = asyncio.run(asyncio.wait_for(run(), 90))
+    finally:
+        reap(writer)
+    assert cancels > 0
+    assert seen == [Change("n", "set", value) for value in range(1, last + 1)]
+
+
+def _waiting_on(
+    store: Store, client: Client, ident: int, sock: socket.socket, got: int
+) -> tuple[threading.Thread, list]:
+    """A thread in ``Watchers.next`` for watch ``ident`` (``got`` batches received), as a server's
+    connection thread waits on ``sock``; once it waits. Its answer goes to the list."""
+    answer: list = []
+    waiting = Waiting(sock.fileno())
+    readable = _readable_within(sock.fileno())
+
+    def wait() -> None:
+        try:
+            answer.append(store.watchers.next(ident, client, 30, got, readable, waiting))
+        finally:
+            waiting.close()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    wait_until(lambda: store.watchers.figures()["watch_waiting"] == 1, 10, what="the watcher to wait")
+    return thread, answer
+
+
+def _frames(sock: socket.socket) -> list:
+    """The answers written to ``sock``'s peer so far, each a whole frame (else ``AssertionError``)."""
+    sock.setblocking(False)
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except BlockingIOError:
+        pass
+    answers = []
+    while data:
+        (size,) = struct.unpack("!i", data[:4])
+        assert len(data) >= 4 + size, f"a frame of {size} bytes cut at {len(data) - 4}"
+        answers.append(pickle.loads(data[4 : 4 + size]))
+        data = data[4 + size :]
+    return answers
+
+
+def test_the_writers_thread_hands_over_only_what_a_send_takes_whole_and_never_pickles_a_large_value():
+    # A Unix socket with a small send buffer (as on macOS): a non-blocking send of more than part of it
+    # may be cut short, which would corrupt the stream. And a large value is never pickled by the writer
+    # (with the store's mutex held): the waiting thread answers it.
+    store = Store()
+    client = Client(("test", os.getpid(), None), os.getpid(), False, None)
+    ident = store.watchers.open(client, None, None, [], 100)
+    server_end, client_end = socket.socketpair()
+    pickled = []
+    try:
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        thread, answer = _waiting_on(store, client, ident, server_end, 0)
+        store.set("v", "x" * 12_000)
+        thread.join(30)
+        assert answer == [[("v", "set", "x" * 12_000)]]  # answered by the waiting thread
+        assert _frames(client_end) == []
+
+        thread, answer = _waiting_on(store, client, ident, server_end, 1)
+        store.set("v", "small")
+        client_end.send(b"?")  # the caller's next request: it ends the wait, which answered nothing
+        thread.join(30)
+        assert server_end.recv(1) == b"?"
+        assert answer == [HANDED]  # answered by the writer's thread, in one piece
+        assert _frames(client_end) == [("#RETURN", [("v", "set", "small")])]
+
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        thread, answer = _waiting_on(store, client, ident, server_end, 2)
+        large = [Recorded(pickled) for _ in range(100_000)]
+        store.set("v", large)
+        thread.join(30)
+        assert answer == [[("v", "set", large)]] and pickled == []
+    finally:
+        server_end.close()
+        client_end.close()
+
+
+def test_a_watcher_that_does_not_read_keeps_a_bounded_size_of_values(server):
+    state = server.state
+    megabyte = 1 << 20
+    with state.watch(names=["v"]) as changes:
+        for i in range(BUFFER_BYTES // megabyte + 20):
+            state.set("v", bytes([i % 256]) * megabyte)
+        assert state.stats()["watch_queued"] <= BUFFER_BYTES // megabyte + 1
+        assert changes.next(10) == OVERFLOW
+        assert changes.next(10).value[0] > 0
+
+
+def test_a_bad_watch_next_or_a_failing_watcher_never_fails_a_writer(server):
+    state = server.state
+    with state.watch(names=["x"]) as changes:
+        calls = changes._watcher._calls
+        ident = changes._watcher._ident
+        for args in [(ident, 0, "1"), (str(ident), 0, 0), (ident, float("nan"), 0), (ident, "1", 0)]:
+            with pytest.raises(TypeError):
+                calls.lock_call("watch_next", args)
+        got: list = []
+        waiting = threading.Thread(target=lambda: got.append(changes.next(30)))
+        waiting.start()
+        wait_until(lambda: state.stats()["watch_waiting"] == 1, 10, what="the watcher to wait")
+        state.set("x", 1)
+        waiting.join(30)
+        assert got == [Change("x", "set", 1)]
+
+    # A watcher whose wait cannot be woken any more (its pipe is gone) is dropped, the write made.
+    store = Store()
+    client = Client(("test", os.getpid(), None), os.getpid(), False, None)
+    ident = store.watchers.open(client, None, None, [], 100)
+    server_end, client_end = socket.socketpair()
+    broken = Waiting(server_end.fileno())
+    os.close(broken.write_fd)
+    try:
+        store.watchers._by_ident[ident].waiter = broken  # as a waiting call leaves it
+        store.set("y", "x" * 100_000)  # too large to hand over: the waiting thread is woken, or not
+        assert store.get("y") == "x" * 100_000
+        with pytest.raises(KeyError):
+            store.watchers.next(ident, client, 0, 0, _readable_within(server_end.fileno()), broken)
+    finally:
+        broken.sock.detach()
+        os.close(broken.read_fd)
+        server_end.close()
+        client_end.close()
+
+
+def test_two_threads_waiting_on_one_watch_take_turns_instead_of_waking_each_other(server):
+    state = server.state
+    with state.watch(names=["nobody"]) as changes:
+        before = state.stats()["calls"].get("watch_next", 0)
+        threads = [threading.Thread(target=changes.next, args=(0.5,)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert state.stats()["calls"]["watch_next"] - before <= 4

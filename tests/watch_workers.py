@@ -29,3 +29,15 @@ def watch_forever(state: sharedstate.State, ready: Any) -> None:
         ready.set()
         for _ in changes:
             pass
+
+
+def count_in_bursts(state: sharedstate.State, go: Any, last: int) -> None:
+    """Set ``n`` to 1..``last`` once ``go`` is set, pausing briefly every 50 (so that a watcher is
+    sometimes waiting when a change comes, sometimes not)."""
+    import time
+
+    go.wait(60)
+    for value in range(1, last + 1):
+        state.set("n", value)
+        if value % 50 == 0:
+            time.sleep(0.002)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sharedstate import _fork
-from sharedstate._changes import Change
+from sharedstate._changes import Change, deadline_of, left, take_turn_async
 from sharedstate._errors import SharedStateError, handle_closed
 from sharedstate._pattern import Pattern
 from sharedstate.backends.base import AsyncBackend
@@ -227,6 +227,7 @@ class AsyncWatcher:
         self._face = face
         self._cursor = cursor
         self._closed = False
+        self._one = asyncio.Lock()
 
     async def run(self, read: Callable[[], Operation]) -> Any:
         """``read()``'s steps awaited; after a failure of the connection, once more from the present
@@ -242,11 +243,17 @@ class AsyncWatcher:
                 cursor.lapsed = True
 
     async def next(self, timeout: float | None) -> list[Change]:
-        if self._closed:
+        deadline = deadline_of(timeout)
+        if self._closed or not await take_turn_async(self._one, deadline):
             return []
-        cursor = self._cursor
-        cursor.adopt()
-        return await self.run(lambda: cursor.read(timeout))
+        try:
+            if self._closed:  # while it waited its turn
+                return []
+            cursor = self._cursor
+            cursor.adopt()
+            return await self.run(lambda: cursor.read(left(deadline)))
+        finally:
+            self._one.release()
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -12,10 +12,12 @@ Names the server's RE2 could not decide for the pattern come flagged; they are m
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from sharedstate._changes import OVERFLOW, Change, deadline_of, left
+from sharedstate._changes import OVERFLOW, Change, deadline_of, left, take_turn, take_turn_async
 from sharedstate._errors import ServerUnavailable
 from sharedstate._pattern import Pattern
 from sharedstate.wire.aio_calls import AsyncCalls
@@ -71,15 +73,25 @@ class _Watch:
 
 class LocalWatcher(_Watch):
     """``base.Watcher`` on a sharedstate server. ``close()`` from another thread wakes a ``next`` that
-    waits (the server ends its wait)."""
+    waits (the server ends its wait). One ``next`` waits in the server at a time: a second one (of
+    another thread) waits for it to end, within its own timeout, as the server keeps one wait per watch."""
 
     def __init__(self, calls: Calls, pattern: Pattern | None, args: tuple[Any, ...]) -> None:
         super().__init__(pattern, args)
         self._calls = calls
+        self._one = threading.Lock()
         self._opened(calls.lock_call("watch_open", args))
 
     def next(self, timeout: float | None) -> list[Change]:
         deadline = deadline_of(timeout)
+        if not take_turn(self._one, deadline):
+            return []
+        try:
+            return self._next(deadline)
+        finally:
+            self._one.release()
+
+    def _next(self, deadline: float | None) -> list[Change]:
         while not self._closed:
             arguments = self._next_args(deadline)
             try:
@@ -108,32 +120,53 @@ class LocalWatcher(_Watch):
 
 class AsyncLocalWatcher(_Watch):
     """``base.AsyncWatcher`` on a sharedstate server: each ``next`` waits on a connection of its own, so
-    the other tasks' calls go on. A task cancelled while it waits keeps what the wait got all the same
-    for the next ``next``."""
+    the other tasks' calls go on; one ``next`` at a time (another waits for it, within its timeout). A
+    task cancelled while it waits keeps what the wait got all the same for the next ``next``, which
+    waits for that answer before it asks for more: the batches stay in order, and counted (``got``)."""
 
     def __init__(self, calls: AsyncCalls, pattern: Pattern | None, args: tuple[Any, ...]) -> None:
         super().__init__(pattern, args)
         self._calls = calls
-        #: Changes a cancelled ``next`` received after all.
+        self._one = asyncio.Lock()
+        #: Changes a cancelled ``next`` received after all, and the end of its wait (``None``: ended).
         self._kept: list[Change] = []
+        self._settling: asyncio.Future[None] | None = None
 
     async def open(self) -> AsyncLocalWatcher:
         self._opened(await self._calls.lock_call("watch_open", self._args))
         return self
 
-    def _late(self, batch: Any) -> None:
-        if type(batch) is list:
-            self._kept.extend(self._received(batch))
-
     async def next(self, timeout: float | None) -> list[Change]:
         deadline = deadline_of(timeout)
+        if not await take_turn_async(self._one, deadline):
+            return []
+        try:
+            return await self._next(deadline)
+        finally:
+            self._one.release()
+
+    async def _next(self, deadline: float | None) -> list[Change]:
         while not self._closed:
+            if self._settling is not None:
+                await asyncio.shield(self._settling)  # a cancelled ``next``'s answer comes first
+                self._settling = None
             if self._kept:
                 kept, self._kept = self._kept, []
                 return kept
             arguments = self._next_args(deadline)
+            settled = asyncio.get_running_loop().create_future()
+
+            def late(batch: Any, settled: asyncio.Future[None] = settled) -> None:
+                if type(batch) is list:
+                    self._kept.extend(self._received(batch))
+                if not settled.done():
+                    settled.set_result(None)
+
             try:
-                batch = await self._calls.wait("watch_next", arguments(), arguments, self._late)
+                batch = await self._calls.wait("watch_next", arguments(), arguments, late)
+            except asyncio.CancelledError:
+                self._settling = settled  # ``late`` ends it, with the answer or without (``wait``)
+                raise
             except KeyError:
                 if self._closed:
                     break

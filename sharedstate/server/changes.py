@@ -3,10 +3,13 @@ queued for it, and the long-poll call that hands them over.
 
 The store publishes every change with its mutex held, in commit order (``Store._notify``); the watchers
 share that mutex, so a watch opened is lossless from the moment ``watch_open`` answers. Each watcher
-keeps at most ``buffer`` changes: one more drops them all for a single ``overflow`` marker, so a watcher
-that stopped reading (a stopped process) costs the server a bounded amount of memory. A caller waiting
-in ``watch_next`` is woken through a pipe of its own, only when it waits: a writer whose watcher is busy
-or already woken only appends to a list.
+keeps at most ``buffer`` changes, and values of about ``BUFFER_BYTES`` at most (``sizes.estimate``): one
+more drops them all for a single ``overflow`` marker, so a watcher that stopped reading (a stopped
+process) costs the server a bounded amount of memory. A caller waiting in ``watch_next`` is answered by
+the writer's thread (a small answer on a Unix socket, ``Watcher._hand_over``) or woken through a pipe of
+its own, only when it waits: a writer whose watcher is busy or already woken only appends to a list.
+No wait is timed: a call that finds changes queued takes them all at once, so batches form only from
+what queued while the watcher was busy.
 
 A watcher belongs to the client process that opened it and goes when that process' last connection
 closes (it died, or closed its handle). The server forgets every watcher when it stops: a client that
@@ -15,10 +18,12 @@ finds its watch gone (``KeyError``) opens it again and tells its user with an ``
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,18 +32,24 @@ from typing import Any
 from sharedstate._pattern import Pattern, compile_pattern
 from sharedstate._sentinels import HANDED
 from sharedstate.server.clients import Client
+from sharedstate.server.sizes import estimate
 from sharedstate.wire.framing import frame
+
+log = logging.getLogger(__name__)
 
 #: The marker a watcher's queue starts with after it fell more than its buffer behind.
 OVERFLOWED = (None, "overflow", None)
-#: The largest answer written by the thread that made the change (``Watcher._hand_over``): well under half
-#: a Unix socket's send buffer, so that one non-blocking send takes it whole or not at all.
+#: The largest answer written by the thread that made the change (``Watcher._hand_over``), and the most a
+#: value of it may be estimated at: pickling it holds the store's mutex.
 HANDOVER_MAX = 16 * 1024
+#: About how many bytes of values one watcher may keep queued (``sizes.estimate``): one more value
+#: overflows it, as one change more than its ``buffer`` does (a lone value of any size is kept).
+BUFFER_BYTES = 64 * 1024 * 1024
+#: Linux writes a non-blocking send on a Unix stream socket of at most half its send buffer as one
+#: buffer, whole or not at all (EAGAIN). Elsewhere (macOS) such a send may be cut short: no hand-over.
+_WHOLE_SENDS = sys.platform.startswith("linux")
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _dumps = pickle.dumps
-#: The least time between two batches of a watcher that keeps up with fast changes: the first change
-#: after a quiet spell goes out at once, later ones are gathered for this long at most.
-BATCH_GAP_S = 0.0005
 #: The longest single poll of a wait with no timeout (``poll`` takes milliseconds as a C int).
 _LONGEST_POLL_S = 3600.0
 
@@ -48,11 +59,16 @@ class Waiting:
     socket, on which a small answer may be handed over (``Watcher._hand_over``). Made at the
     connection's first wait and kept for its next ones; ``close()`` with the connection."""
 
-    __slots__ = ("read_fd", "write_fd", "sock", "woken", "handed")
+    __slots__ = ("read_fd", "write_fd", "sock", "limit", "woken", "handed")
 
     def __init__(self, fd: int) -> None:
         self.read_fd, self.write_fd = os.pipe()
         self.sock = _unix_socket(fd)
+        #: The largest answer handed over on ``sock``: a quarter of its send buffer (Linux sends up to
+        #: half minus a header in one piece), ``HANDOVER_MAX`` at most; 0: none.
+        self.limit = 0
+        if self.sock is not None and _WHOLE_SENDS:
+            self.limit = min(HANDOVER_MAX, self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4)
         #: A byte is in the pipe (it is read when the wait ends).
         self.woken = False
         #: The thread of a change wrote this wait's answer already.
@@ -74,7 +90,7 @@ class Watcher:
     """One watch: its filters, its queue, and the call waiting for it, if any."""
 
     __slots__ = (
-        "ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "waiter", "batches", "taken_at"
+        "ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "size", "waiter", "batches"
     )  # fmt: skip
 
     def __init__(
@@ -95,54 +111,59 @@ class Watcher:
         #: Changes not taken yet, as ``(name, kind, value)``; a name the server's RE2 could not decide for
         #: the pattern comes as ``(name, kind, value, True)`` for the client to match.
         self.queue: list[tuple[Any, ...]] = []
-        #: Changes queued since the queue was last emptied or overflowed.
+        #: Changes queued since the queue was last emptied or overflowed, and their values' estimated bytes.
         self.behind = 0
+        self.size = 0
         #: The call waiting for changes (``None``: nobody waits): a change wakes it, once.
         self.waiter: Waiting | None = None
         #: Non-empty batches answered: the client says how many it received, so a lost answer is noticed.
         self.batches = 0
-        #: When the last batch was taken (``time.monotonic()``).
-        self.taken_at = 0.0
 
-    def put(self, change: tuple[Any, ...]) -> None:
-        if self.behind >= self.buffer:
+    def put(self, change: tuple[Any, ...], size: int) -> None:
+        """Queue ``change``, whose value is estimated at ``size`` bytes."""
+        if self.behind >= self.buffer or (self.behind and self.size + size > BUFFER_BYTES):
             self.queue = [OVERFLOWED]
-            self.behind = 0
+            self.behind = self.size = 0
         self.queue.append(change)
         self.behind += 1
+        self.size += size
         waiter = self.waiter
-        if waiter is not None and not waiter.woken and not waiter.handed and not self._hand_over(waiter):
+        if waiter is not None and not waiter.woken and not waiter.handed and not self._hand_over(waiter, size):
             waiter.wake()
 
-    def _hand_over(self, waiter: Waiting) -> bool:
+    def _hand_over(self, waiter: Waiting, size: int) -> bool:
         """Answer the waiting call from this (the writer's) thread, as a lock is handed over: the change
         reaches the watcher without waking the thread that waits, which answers nothing then (``HANDED``).
-        Only a small answer on a Unix socket, sent without blocking: such a send is written whole or not
-        at all, so it never splits, nor is split by, a keepalive. Whether it was sent."""
-        sock = waiter.sock
-        if sock is None:
+        Only a small answer (values estimated small before anything is pickled under the mutex) on a Unix
+        socket that takes it whole or not at all (``Waiting.limit``), so that it never splits, nor is
+        split by, a keepalive. Whether it was sent."""
+        limit = waiter.limit
+        if not limit or self.size > limit:  # ``size`` is counted in it
             return False
         payload = frame(_dumps(("#RETURN", self.queue), _PROTOCOL))
-        if len(payload) > HANDOVER_MAX:
+        if len(payload) > limit:
             return False
         try:
-            sock.send(payload, socket.MSG_DONTWAIT)
+            sent = waiter.sock.send(payload, socket.MSG_DONTWAIT)  # type: ignore[union-attr]
         except OSError:  # full (a stopped watcher), or gone: the waiting thread answers, or sees it gone
             return False
-        self.take()
         waiter.handed = True
+        if sent != len(payload):  # never on Linux (``Waiting.limit``); the stream would be cut: end it
+            log.error("a watch answer was sent in part (%d of %d bytes): its connection is closed", sent, len(payload))
+            waiter.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+            return True
+        self.take()
         return True
 
     def take(self) -> list[tuple[Any, ...]]:
-        batch, self.queue, self.behind = self.queue, [], 0
+        batch, self.queue, self.behind, self.size = self.queue, [], 0, 0
         self.batches += 1
-        self.taken_at = time.monotonic()
         return batch
 
 
 class Watchers:
     """The watchers of one store, guarded by the store's ``mutex``. ``active`` is the list the store looks
-    at before publishing: empty, publishing costs one truth test."""
+    at before publishing: while it is empty, a change costs the store one test of it."""
 
     def __init__(self, mutex: threading.Lock) -> None:
         self._mutex = mutex
@@ -154,20 +175,32 @@ class Watchers:
         """Queue a change for every watcher whose filters it passes ("cleared" and "restored", which have
         no name, pass every filter). ``scopes``: the name's scopes at the change."""
         change = (name, kind, value)
+        size = -1
+        failed = None
         for watcher in self.active:
-            if name is not None:
-                if watcher.names is not None and name not in watcher.names:
-                    continue
-                if watcher.scopes and (not scopes or watcher.scopes.isdisjoint(scopes)):
-                    continue
-                if watcher.pattern is not None:
-                    matched, undecided = watcher.pattern.split((name,))
-                    if undecided:
-                        watcher.put((name, kind, value, True))
+            try:
+                if name is not None:
+                    if watcher.names is not None and name not in watcher.names:
                         continue
-                    if not matched:
+                    if watcher.scopes and (not scopes or watcher.scopes.isdisjoint(scopes)):
                         continue
-            watcher.put(change)
+                    if watcher.pattern is not None:
+                        matched, undecided = watcher.pattern.split((name,))
+                        if undecided:
+                            watcher.put((name, kind, value, True), estimate(value))
+                            continue
+                        if not matched:
+                            continue
+                if size < 0:
+                    size = estimate(value)
+                watcher.put(change, size)
+            except Exception:
+                # The change is made: the writer is not to hear of a watcher's failure. The watcher goes;
+                # its process finds it gone and tells its user of an overflow (``local_watch``).
+                log.exception("watch %x failed to queue a change and is dropped", watcher.ident)
+                failed = [*(failed or ()), watcher]
+        for watcher in failed or ():
+            self._drop(watcher)
 
     # -- the calls ------------------------------------------------------------------------------------
     def open(
@@ -206,6 +239,10 @@ class Watchers:
         does not know (it restarted, or the client's connections all closed). ``HANDED`` when the
         thread of a change wrote the answer to the caller's connection itself. ``waiting``: how the
         calling connection's thread waits."""
+        if type(ident) is not int or type(got) is not int:
+            raise TypeError(f"a watch id and a batch count are ints, not {ident!r}, {got!r}")
+        if timeout is not None and (type(timeout) not in (int, float) or timeout != timeout):
+            raise TypeError(f"timeout must be None or a number of seconds, not {timeout!r}")
         mutex = self._mutex
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         with mutex:
@@ -214,25 +251,10 @@ class Watchers:
                 watcher.batches = got
                 if not watcher.queue or watcher.queue[0] is not OVERFLOWED:
                     watcher.queue.insert(0, OVERFLOWED)
-            pause = watcher.taken_at + BATCH_GAP_S - time.monotonic()
             if watcher.queue or (deadline is not None and timeout <= 0):  # type: ignore[operator]
                 return watcher.take() if watcher.queue else []
-            if pause <= 0:
-                waiting.handed = False
-                self._wait_with(watcher, waiting)
-        if pause > 0:
-            # Back right after its last batch: changes are coming fast. The next batch waits for the rest
-            # of the gap, so that a watcher that keeps up costs the server one call per gap, not per change.
-            if deadline is not None:
-                pause = min(pause, deadline - time.monotonic())
-            if pause > 0 and readable(pause):
-                return []  # the caller went away, or ended its wait
-            with mutex:
-                watcher = self._find(ident, client)
-                if watcher.queue or (deadline is not None and time.monotonic() >= deadline):
-                    return watcher.take() if watcher.queue else []
-                waiting.handed = False
-                self._wait_with(watcher, waiting)
+            waiting.handed = False
+            self._wait_with(watcher, waiting)
         try:
             while True:
                 span = _LONGEST_POLL_S if deadline is None else min(_LONGEST_POLL_S, deadline - time.monotonic())
@@ -283,9 +305,11 @@ class Watchers:
                 self._drop(watcher)
 
     def _drop(self, watcher: Watcher) -> None:
-        del self._by_ident[watcher.ident]
-        self.active.remove(watcher)
+        self._by_ident.pop(watcher.ident, None)
+        if watcher in self.active:
+            self.active.remove(watcher)
         watcher.queue = []
+        watcher.behind = watcher.size = 0
         waiter, watcher.waiter = watcher.waiter, None
         if waiter is not None and not waiter.handed:
             waiter.wake()

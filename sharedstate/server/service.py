@@ -67,6 +67,8 @@ class StateService(SemaphoreCalls, Store):
         "watch_next",
         "watch_close",
     )
+    #: The calls that may wait for long, in the thread of their connection (``serving``).
+    WAITS = frozenset(("lock_acquire", "sem_acquire", "watch_next"))
     current = current_client
 
     def __init__(self, config: ServerConfig) -> None:

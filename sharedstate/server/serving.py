@@ -35,18 +35,23 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _GRANTED = frame(pickle.dumps(("#RETURN", True), _PROTOCOL))
 
 
-#: The calls that may wait for long (in the thread of their connection).
-_WAITS = frozenset(("lock_acquire", "watch_next"))
+_WAITS = StateService.WAITS
 
 #: A keepalive: an empty message, which no answer is (an answer is a pickle).
 _KEEPALIVE = frame(b"")
 
 
-def _readable_within(fd: int, keepalive: float | None = None) -> Callable[..., bool]:
-    """``readable(seconds, wake=None)``: whether ``fd`` has something to read within that long; ``False``
-    at once too when the descriptor ``wake`` has (a watch's pipe: ``server.changes``). With ``keepalive``
-    (seconds), a waiting caller is sent an empty message at least that often meanwhile, so that its
-    receive timeout tells a long wait from a server that stopped answering."""
+def _readable_within(
+    fd: int, keepalive: float | None = None, buffered: Callable[[], bool] | None = None
+) -> Callable[..., bool]:
+    """``readable(seconds, wake=None)``: whether ``fd`` has something to read within that long (``True``
+    at once when ``buffered()``: the serving loop read a request past the one that waits, such as the
+    request that ends a cancelled wait); ``False`` at once too when the descriptor ``wake`` has (a
+    watch's pipe: ``server.changes``). With ``keepalive`` (seconds), a waiting caller is sent an empty
+    message at least that often meanwhile, so that its receive timeout tells a long wait from a server
+    that stopped answering."""
+    if buffered is None:
+        buffered = bool
     poller = select.poll()
     poller.register(fd, select.POLLIN)
 
@@ -66,7 +71,7 @@ def _readable_within(fd: int, keepalive: float | None = None) -> Callable[..., b
     if keepalive is None:
 
         def readable(seconds: float, wake: int | None = None) -> bool:
-            return bool(polled(seconds * 1000, wake))
+            return buffered() or bool(polled(seconds * 1000, wake))
 
         return readable
 
@@ -78,6 +83,8 @@ def _readable_within(fd: int, keepalive: float | None = None) -> Callable[..., b
     returned = [0.0]
 
     def readable_with_keepalives(seconds: float, wake: int | None = None) -> bool:
+        if buffered():
+            return True
         now = time.monotonic()
         if now - returned[0] > interval:
             last[0] = now
@@ -145,13 +152,14 @@ class ManagerServer(managers.Server):
         current.notify = functools.partial(write_raw, c.fileno(), _GRANTED)
         current.fd = c.fileno()
         keepalive = hello.get("keepalive")
+        reader = MessageReader(c.fileno())
         current.readable = _readable_within(
-            c.fileno(), keepalive if type(keepalive) in (int, float) and keepalive > 0 else None
+            c.fileno(), keepalive if type(keepalive) in (int, float) and keepalive > 0 else None, reader.buffered
         )
         try:
             c.send(("#RETURN", self.service.info()))
             writer = hello.get("client")
-            self.serve(c, writer if type(writer) is str else None)
+            self.serve(c, writer if type(writer) is str else None, reader)
         finally:
             if current.waiting is not None:
                 current.waiting.close()
@@ -162,7 +170,7 @@ class ManagerServer(managers.Server):
         # waiting for an answer would take as a success.
         raise SystemExit(0)
 
-    def serve(self, conn: mpc.Connection, client: str | None = None) -> None:
+    def serve(self, conn: mpc.Connection, client: str | None = None, reader: MessageReader | None = None) -> None:
         """Answer one client's requests until it goes away or the server stops: the stdlib's
         ``serve_client`` loop with the same requests and answers, made leaner (one read and one write
         per call, the plain pickler, methods bound once). A method's exception is answered with
@@ -171,7 +179,7 @@ class ManagerServer(managers.Server):
 
         A write names the store by its request id instead: its sequence number (the client is the one
         the connection introduced as, ``client``), or ``(client, sequence)`` (``wire.answers``)."""
-        reader = MessageReader(conn.fileno())
+        reader = MessageReader(conn.fileno()) if reader is None else reader
         calls = self.service.calls
         counts = calls.open()  # this thread's own: counting takes no lock
         try:

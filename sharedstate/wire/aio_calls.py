@@ -6,12 +6,12 @@ again is ``protocol``'s to decide, as for the blocking client (``calls``).
 Writes from many tasks are in flight at once: each carries a request id under a lane of its own
 (``answers.take_lane``), so that all of them can be sent again after a crash and still be applied once.
 
-A lock acquire that may wait is sent on a connection of its own (``lock_wait``): the server waits for
-the lock in that connection's thread, and ends the wait when the connection has something to read, so
-no other request may follow it there. A task cancelled while it waits sends such a request (a
-``lock_locked``), which ends the wait at once; if the lock was handed to it all the same, ``late`` gives it
-back. Calls that may take long (``LONG_CALLS``: files, the whole state) go on a connection of their own
-too: the shared connection's watchdog fails every call on it once nothing came for the call timeout.
+A call that may wait (a lock or semaphore acquire, a watch's ``watch_next``) is sent on a connection of
+its own (``wait``): the server waits in that connection's thread, and ends the wait when the connection
+has something to read. A task cancelled while it waits sends such a request (a ``lock_locked``), which
+ends the wait at once; what it got all the same goes to ``late``. Calls that may take long
+(``LONG_CALLS``: files, the whole state) go on a connection of their own too: the shared connection's
+watchdog fails every call on it once nothing came for the call timeout.
 
 A handle's connections belong to the event loop they were opened in, and are closed when that loop
 ends (``asyncio.run`` closes the asynchronous generators of its loop): the next loop opens its own.
@@ -20,6 +20,7 @@ ends (``asyncio.run`` closes the asynchronous generators of its loop): the next 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -213,10 +214,9 @@ class AsyncCalls:
             answer = await self._alone(method, request)
         else:
             answer = await self._send(method, request, True, start=start, lane=lane)
-        # Only now, with its answer: another write under the same lane (on another connection, of another
-        # handle) would make the server forget this one's answer, and apply it again if sent again. A
-        # write cancelled in flight gives its lane back once its answer has come all the same (``_send``);
-        # one whose answer never comes (failed, or cancelled on a broken connection) keeps it for good.
+        # Only now, with its answer: another write under the lane would make the server forget this one's
+        # answer (and apply it again if sent again). A write cancelled in flight gives it back once its
+        # answer came all the same (``_send``); one whose answer never comes keeps it for good.
         _give_lane(lane)
         return read_answer(answer, method, self.address)
 
@@ -245,10 +245,9 @@ class AsyncCalls:
                 conn = None
                 conn = await self.connection(None if start is None else connect_within(start, self.timeout))
             if self._active == 1:
-                # A lone call (no other task is making one): it lets the other tasks run first (a
-                # cancellation here sends nothing), then reads its answer itself for a moment, so that a
-                # task making calls one after the other neither starves the loop nor pays a turn of it
-                # on top of each round trip. Calls of many tasks at once are pipelined instead.
+                # A lone call lets the other tasks run first (a cancellation here sends nothing), then
+                # reads its answer itself for a moment: calls one after the other neither starve the loop
+                # nor pay a turn of it per round trip. Calls of many tasks at once are pipelined instead.
                 await _yield(0)
             if self._active == 1 and conn.idle and conn.broken is None:
                 future = conn.request(request)
@@ -307,8 +306,8 @@ class AsyncCalls:
     ) -> Any:
         """A call that may wait long in the server (``lock_acquire``, ``sem_acquire``, a watch's
         ``watch_next``), on a connection of its own; sent again (with ``again()``'s arguments) after a
-        crash of the server. If the calling task is cancelled while the request is in flight, the wait is
-        ended and ``late(result)`` runs with the answer it got all the same."""
+        crash of the server. If the calling task is cancelled, the wait is ended and ``late`` runs once:
+        ``late(result)`` with the answer it got all the same, ``late(None)`` when it has none."""
         answer = await self._alone(method, call_request(method, args), lambda: call_request(method, again()), late)
         return read_answer(answer, method, self.address)
 
@@ -320,8 +319,8 @@ class AsyncCalls:
         late: Callable[[Any], None] | None = None,
     ) -> bytes:
         """The answer to ``request`` on a connection of its own (an idle one, or a new one), sent again
-        (``again()``, else the same) after a crash of the server. A lock wait (``late`` given) whose task
-        is cancelled is ended, and ``late`` gets its answer all the same (``_abandon``)."""
+        (``again()``, else the same) after a crash of the server. A wait (``late`` given) whose task is
+        cancelled is ended, and ``late`` gets its answer all the same (``_abandon``), or ``None``."""
         if self._generation != _fork.generation:
             self._forget()
         stale = self._loop is not asyncio.get_running_loop()  # ``_open`` closes what another loop left
@@ -341,13 +340,15 @@ class AsyncCalls:
                     self._abandon(conn, future, late, method)  # never raises: nothing below takes this for a failure
                     raise
                 break
+            except asyncio.CancelledError:
+                if late is not None and not sent:
+                    late(None)  # cancelled before its request went out: no answer will come
+                raise
             except Exception as exc:
                 if conn is not None:
                     conn.close()
                     conn = None
-                if retry is None:
-                    # It may have waited long (for its lock) before the failure: the new server gets the
-                    # call's timeout from now.
+                if retry is None:  # it may have waited long before the failure: the call's timeout from now
                     retry = Retry(method, self.address, self.parsed, self.timeout, True, _monotonic() + self.timeout)
                 await asyncio.sleep(retry.after(exc, sent, self.restart))
                 if again is not None:
@@ -362,42 +363,39 @@ class AsyncCalls:
             conn.close()
 
     def _abandon(
-        self,
-        conn: Pipeline,
-        future: asyncio.Future[bytes],
-        late: Callable[[Any], None] | None,
-        method: str = "lock_acquire",
+        self, conn: Pipeline, future: asyncio.Future[bytes], late: Callable[[Any], None] | None, method: str
     ) -> None:
-        """End the server's wait of a cancelled wait (``late`` given), and hand its answer to ``late`` in
-        a task; keep the connection for another call once its answer came. Never raises: the caller's
-        cancellation is what it raises."""
+        """End the server's wait of a cancelled wait (``late`` given), and hand its answer (``None``
+        without one) to ``late`` in a task; keep the connection for another call once its answer came.
+        Never raises: the caller's cancellation is what it raises."""
         nudge: asyncio.Future[bytes] | None = None
         if late is not None:
-            try:
+            with contextlib.suppress(Exception):  # broken (an ``EOFError``, an ``OSError``): its wait ends too
                 nudge = conn.request(_NUDGE)
-            except Exception:  # broken (``EOFError``, an ``OSError``): the server's wait ends with it
-                nudge = None
 
         async def finish() -> None:
+            result = None
             try:
-                answer = await future
-                if nudge is not None:
-                    await nudge
-            except BaseException:
-                conn.close()  # failed, or ``close()`` cancelled this
-                return
-            self._keep_idle(conn)
-            if late is not None:
                 try:
-                    result = read_answer(answer, method, self.address)
-                except Exception:
+                    answer = await future
+                    if nudge is not None:
+                        await nudge
+                except BaseException:
+                    conn.close()  # failed, or ``close()`` cancelled this
                     return
-                late(result)
+                self._keep_idle(conn)
+                with contextlib.suppress(Exception):  # an error answered: no result
+                    result = read_answer(answer, method, self.address)
+            finally:
+                if late is not None:
+                    late(result)
 
         try:
             task = asyncio.get_running_loop().create_task(finish())
         except Exception:  # no loop to finish in: the connection goes (and a lock with it)
             conn.close()
+            if late is not None:
+                late(None)
             return
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)

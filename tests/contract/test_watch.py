@@ -309,3 +309,28 @@ def test_an_expired_name_reaches_its_watchers_though_no_call_touches_it(state):
         state.clear()
         assert until_cleared(others) == []
         assert until_cleared(scoped) == []
+
+
+def test_two_threads_reading_one_watch_get_each_change_once(state, peer):
+    # Their reads take turns (one waits at a time), so no change is taken twice.
+    last = 99
+    got: list[Any] = []
+    done = threading.Event()
+    with state.watch(names=["x"]) as changes:
+
+        def read() -> None:
+            while not done.is_set():
+                change = changes.next(0.2)
+                if change is not None:
+                    got.append(change.value)
+                    if change.value == last:
+                        done.set()
+
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for reader in readers:
+            reader.start()
+        for value in range(last + 1):
+            peer.set("x", value)
+        for reader in readers:
+            reader.join(60)
+    assert sorted(got) == list(range(last + 1))

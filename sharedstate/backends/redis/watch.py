@@ -29,7 +29,18 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sharedstate import _fork
-from sharedstate._changes import CLEARED, EXPIRED, OVERFLOW, REMOVED, RESTORED, SET, Change
+from sharedstate._changes import (
+    CLEARED,
+    EXPIRED,
+    OVERFLOW,
+    REMOVED,
+    RESTORED,
+    SET,
+    Change,
+    deadline_of,
+    left,
+    take_turn,
+)
 from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
 from sharedstate.backends.redis import connection
@@ -274,6 +285,7 @@ class Watcher:
     def __init__(self, cursor: Cursor) -> None:
         self._cursor = cursor
         self._closed = False
+        self._one = threading.Lock()
 
     @classmethod
     def start(cls, cursor: Cursor) -> Watcher:
@@ -282,12 +294,18 @@ class Watcher:
         return cls(cursor)
 
     def next(self, timeout: float | None) -> list[Change]:
-        if self._closed:
+        deadline = deadline_of(timeout)
+        if self._closed or not take_turn(self._one, deadline):
             return []
-        cursor = self._cursor
-        cursor.adopt()
-        conn = cursor.backend._conn
-        return _guarded(cursor, lambda: run(cursor.read(timeout), conn, conn.watches))
+        try:
+            if self._closed:  # while it waited its turn
+                return []
+            cursor = self._cursor
+            cursor.adopt()
+            conn = cursor.backend._conn
+            return _guarded(cursor, lambda: run(cursor.read(left(deadline)), conn, conn.watches))
+        finally:
+            self._one.release()
 
     def close(self) -> None:
         if not self._closed:
