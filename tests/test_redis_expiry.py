@@ -12,7 +12,7 @@ import pytest
 from conftest import wait_until
 
 import sharedstate
-from sharedstate import aio
+from sharedstate import Change, aio
 from sharedstate.backends.redis.scripts import PURGE_BATCH
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
 
@@ -173,3 +173,19 @@ def test_bad_ttls_are_refused_before_anything_changes(redis_state):
         with pytest.raises(error):
             redis_state.incr("x", ttl=bad)
     assert "x" not in redis_state
+
+
+def test_update_of_an_expired_name_not_yet_removed_notes_its_expiry_first(redis_state, redis_server, redis_namespace):
+    """More names past their deadline than one call removes: the one ``update`` replaces is still in the
+    data hash, and its watchers hear it expired before they hear its new value."""
+    from sharedstate.backends.redis.watch import TICK_PURGE
+
+    many = TICK_PURGE * 2 + PURGE_BATCH
+    with redis_state.watch(names=["last"]) as changes:
+        with redis_server.client() as client:
+            now = _redis_now(client)
+            names = [f"n{i}" for i in range(many)] + ["last"]  # "last" has the latest deadline: removed last
+            client.hset(f"{redis_namespace}:data", mapping=dict.fromkeys(names, "1"))
+            client.zadd(f"{redis_namespace}:deadlines", {name: now - 60 + i / 1000 for i, name in enumerate(names)})
+        redis_state.update({"last": 2})
+        assert [changes.next(5), changes.next(5)] == [Change("last", "expired"), Change("last", "set", 2)]

@@ -26,9 +26,9 @@ from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.figures import lock_holders
 from sharedstate.backends.redis.files import FileCalls
 from sharedstate.backends.redis.locks import LockCalls
-from sharedstate.backends.redis.scripts import EXACT_INT, PURGE_BATCH
+from sharedstate.backends.redis.scripts import EXACT_INT
 from sharedstate.backends.redis.semaphores import SemaphoreCalls
-from sharedstate.backends.redis.steps import Operation, Pipeline, Script
+from sharedstate.backends.redis.steps import Operation, Script
 from sharedstate.backends.redis.stored import dumps, loads
 from sharedstate.backends.redis.stored import ttl_arg as _ttl
 from sharedstate.backends.redis.url import Target
@@ -293,9 +293,8 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
 
     @operation
     def update(self, mapping: dict[str, Any]) -> Operation:
-        encoded = {name: dumps(value) for name, value in mapping.items()}
-        yield Script("purge", self._keys, [PURGE_BATCH])  # names it replaces that expired are noted so first
-        yield Pipeline(self._write(encoded, {}, {}, merge=True, restored=False))
+        """In one script (``scripts.UPDATE``): the names it replaces that had expired are noted so first."""
+        yield Script("update", self._keys, [item for name, value in mapping.items() for item in (name, dumps(value))])
 
     # -- change notifications -----------------------------------------------------------------------
     def watch(

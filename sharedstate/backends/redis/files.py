@@ -1,5 +1,5 @@
 """The calls of ``RedisBackend`` that write many names at once: ``save`` and ``restore`` (which read and
-write snapshot files in the calling process), and the ``MULTI`` block ``update`` and ``restore`` install
+write snapshot files in the calling process), and the ``MULTI`` block ``restore`` installs
 names with."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from sharedstate._rules import check_restored, select_saved
 from sharedstate.backends.redis.connection import operation
 from sharedstate.backends.redis.connection import text as _text
-from sharedstate.backends.redis.scripts import NOTE_MANY, PURGE_BATCH
+from sharedstate.backends.redis.scripts import PURGE_BATCH, SCRIPTS
 from sharedstate.backends.redis.steps import Command, Operation, Pipeline, Script
 from sharedstate.backends.redis.stored import dumps, loads, seconds
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
@@ -78,17 +78,20 @@ class FileCalls:
         encoded = {name: dumps(value) for name, value in snapshot.data.items() if name not in passed}
         scopes = {name: json.dumps(list(scope)) for name, scope in snapshot.scopes.items() if name in encoded}
         yield Script("purge", self._keys, [PURGE_BATCH])
-        yield Pipeline(self._write(encoded, scopes, deadlines, merge=merge, restored=True))
+        yield Pipeline(self._write(encoded, scopes, deadlines, merge=merge))
         return len(encoded)
 
     def _write(
-        self, encoded: dict[str, str], scopes: dict[str, str], deadlines: dict[str, float], merge: bool, restored: bool
+        self, encoded: dict[str, str], scopes: dict[str, str], deadlines: dict[str, float], merge: bool
     ) -> list[Command]:
-        """The commands that store ``encoded`` values with ``scopes`` and ``deadlines`` (names without any
-        lose theirs), and note the change for watchers (one ``"restored"``, else one ``"set"`` per name);
-        with ``merge=False`` everything else goes first."""
+        """The commands that note a ``"restored"`` change for watchers, then store ``encoded`` values with
+        ``scopes`` and ``deadlines`` (names without any lose theirs); with ``merge=False`` everything else
+        goes first. The note goes first: if it fails (a key of another type under the stream's name), the
+        block's other commands still run, as ``MULTI`` does not stop at an error, but the call raises."""
         keys = self._keys
-        commands = [Command("delete", (self._data_key, self._scopes_key, self._deadlines_key))] if not merge else []
+        commands = [Command("eval", (SCRIPTS["note_many"], len(keys), *keys, "R"))]
+        if not merge:
+            commands.append(Command("delete", (self._data_key, self._scopes_key, self._deadlines_key)))
         names = list(encoded)
         for start in range(0, len(names), WRITE_CHUNK):
             chunk = names[start : start + WRITE_CHUNK]
@@ -102,6 +105,4 @@ class FileCalls:
         items = list(deadlines.items())
         for start in range(0, len(items), WRITE_CHUNK):
             commands.append(Command("zadd", (self._deadlines_key, dict(items[start : start + WRITE_CHUNK]))))
-        notes = ["R"] if restored else ["s", *(item for name in names for item in (name, encoded[name]))]
-        commands.append(Command("eval", (NOTE_MANY, 2, keys[3], keys[4], *notes)))
         return commands

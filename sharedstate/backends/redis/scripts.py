@@ -27,8 +27,12 @@ PURGE_BATCH = 100
 #: ``clock`` asks Redis' ``TIME`` once, and only when a deadline is involved: a state without expiry never
 #: pays for it.
 #: ``note`` writes a change to the stream, only while someone watches, with ids ``0-1``, ``0-2``... one
-#: after the other, so a watcher sees a gap where the cap trimmed entries it had not read. ``fresh``
-#: removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
+#: after the other, numbered by the ``seq`` field of ``watching`` (a hash: ``cap``, ``seq``, and each
+#: watching process' own cap), so that a stream deleted or evicted alone goes on with the next number: a
+#: watcher sees a gap where entries it had not read are gone. Every script notes a change *before* it
+#: writes the data: a note that fails (a key of another type under the stream's name, an id out of
+#: order) ends the script before anything changed, as Redis does not undo a script's earlier writes.
+#: ``fresh`` removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
 PRELUDE = """
 local D, S, X, C, W = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, nowtext, cap
@@ -41,12 +45,13 @@ local function clock()
   return now
 end
 local function watched()
-  if cap == nil then cap = redis.call('GET', W) or false end
+  if cap == nil then cap = redis.call('HGET', W, 'cap') or false end
   return cap
 end
 local function note(kind, name, value, scopes)
   if watched() then
-    redis.call('XADD', C, 'MAXLEN', '~', cap, '0-*', 'k', kind, 'n', name, 'v', value, 's', scopes)
+    local seq = redis.call('HINCRBY', W, 'seq', 1)
+    redis.call('XADD', C, 'MAXLEN', '~', cap, '0-' .. seq, 'k', kind, 'n', name, 'v', value, 's', scopes)
   end
 end
 local function scopes_of(name)
@@ -54,11 +59,10 @@ local function scopes_of(name)
   return ''
 end
 local function drop(name, kind)
-  local scopes = scopes_of(name)
+  note(kind, name, '', scopes_of(name))
   redis.call('HDEL', D, name)
   redis.call('HDEL', S, name)
   redis.call('ZREM', X, name)
-  note(kind, name, '', scopes)
 end
 local function fresh(name)
   local d = redis.call('ZSCORE', X, name)
@@ -80,11 +84,11 @@ end
 SET = """
 purge(PURGE_BATCH)
 fresh(ARGV[1])
+note('s', ARGV[1], ARGV[2], ARGV[3])
 redis.call('HSET', D, ARGV[1], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', S, ARGV[1], ARGV[3])
 else redis.call('HDEL', S, ARGV[1]) end
 expire_in(ARGV[1], ARGV[4])
-note('s', ARGV[1], ARGV[2], ARGV[3])
 return 1
 """
 
@@ -118,11 +122,11 @@ end
 SETDEFAULT = """
 purge(PURGE_BATCH)
 fresh(ARGV[1])
-if redis.call('HSETNX', D, ARGV[1], ARGV[2]) == 1 then
-  note('s', ARGV[1], ARGV[2], '')
-  return {1}
-end
-return {0, redis.call('HGET', D, ARGV[1])}
+local cur = redis.call('HGET', D, ARGV[1])
+if cur then return {0, cur} end
+note('s', ARGV[1], ARGV[2], '')
+redis.call('HSET', D, ARGV[1], ARGV[2])
+return {1}
 """
 
 #: ARGV: name, by, 'i' (by is an integer below EXACT_INT) or 'f' (a finite float), EXACT_INT, ttl of a
@@ -158,9 +162,9 @@ else
   out = string.format('%.17g', r)
   if not string.find(out, '[%.e]') then out = out .. '.0' end
 end
+note('s', ARGV[1], out, scopes_of(ARGV[1]))
 redis.call('HSET', D, ARGV[1], out)
 if not cur and ARGV[5] ~= '' then expire_in(ARGV[1], ARGV[5]) end
-note('s', ARGV[1], out, scopes_of(ARGV[1]))
 return {'ok', out}
 """
 
@@ -180,8 +184,8 @@ else
   else cur = string.sub(cur, 1, -2) .. ',' .. ARGV[2] .. ']' end
   n = #items + 1
 end
-redis.call('HSET', D, ARGV[1], cur)
 note('s', ARGV[1], cur, scopes_of(ARGV[1]))
+redis.call('HSET', D, ARGV[1], cur)
 return {'ok', n}
 """
 
@@ -192,8 +196,8 @@ purge(PURGE_BATCH)
 fresh(ARGV[1])
 local cur = redis.call('HGET', D, ARGV[1])
 if (not cur and ARGV[4] == '1') or (cur and ARGV[5] == '1' and cur == ARGV[2]) then
-  redis.call('HSET', D, ARGV[1], ARGV[3])
   note('s', ARGV[1], ARGV[3], scopes_of(ARGV[1]))
+  redis.call('HSET', D, ARGV[1], ARGV[3])
   return 1
 end
 if not cur then return 0 end
@@ -212,9 +216,9 @@ if ARGV[2] == '1' then
 elseif cur ~= ARGV[3] then
   return 0
 end
+note('s', ARGV[1], ARGV[4], scopes_of(ARGV[1]))
 redis.call('HSET', D, ARGV[1], ARGV[4])
 if not cur and ARGV[5] ~= '' then expire_in(ARGV[1], ARGV[5]) end
-note('s', ARGV[1], ARGV[4], scopes_of(ARGV[1]))
 return 1
 """
 
@@ -272,8 +276,8 @@ return string.format('%.6f', tonumber(d) - clock())
 """
 
 CLEAR = """
-redis.call('DEL', D, S, X)
 note('c', '', '', '')
+redis.call('DEL', D, S, X)
 return 1
 """
 
@@ -284,30 +288,62 @@ return 1
 """
 
 #: KEYS: the five, then ``NAMESPACE:watchers`` (a sorted set: a watching process' token by the deadline of
-#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge.
-#: Registers (or renews) the process, makes writers note changes for a lease, purges expired names.
-#: Returns {1 if the process' registration had lapsed (changes may have gone unnoted), the stream's last id}.
+#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge, the
+#: highest entry number this process has seen in the stream. Registers (or renews) the process, makes
+#: writers note changes for a lease (``watching``: this process' cap, the cap, the largest of the live
+#: processes', and ``seq``), gives the stream the same lease (it goes when nobody watches any more), then
+#: purges expired names. Returns {1 if changes may have gone unnoted or unseen since this process' last
+#: tick, else 0; the number of the last entry}. Unnoted: the process' registration had lapsed, or
+#: ``watching`` was gone (expired, evicted, deleted) while it was registered. Unseen: the numbers went
+#: back below what this process has read (``watching`` and the stream were both lost, and numbering began
+#: again): the numbers then go on from this process' highest, so its watchers' next reads wake.
 WATCH = """
-purge(tonumber(ARGV[4]))
 local nowms = math.floor(clock() * 1000)
 local lease = tonumber(ARGV[2])
-local mine = redis.call('ZSCORE', KEYS[6], ARGV[1])
+local P = KEYS[6]
+local mine = redis.call('ZSCORE', P, ARGV[1])
 local lapsed = 0
 if not mine or tonumber(mine) < nowms then lapsed = 1 end
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', nowms - 1)
-redis.call('ZADD', KEYS[6], nowms + lease, ARGV[1])
-redis.call('PEXPIRE', KEYS[6], lease)
-local want = tonumber(ARGV[3])
-if watched() and tonumber(cap) > want then want = tonumber(cap) end
-redis.call('SET', W, want, 'PX', lease)
-local last = '0-0'
-if redis.call('EXISTS', C) == 1 then
-  local info = redis.call('XINFO', 'STREAM', C)
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
+redis.call('ZREMRANGEBYSCORE', P, '-inf', nowms - 1)
+redis.call('ZADD', P, nowms + lease, ARGV[1])
+redis.call('PEXPIRE', P, lease)
+local seq = redis.call('HGET', W, 'seq')
+if seq then
+  seq = tonumber(seq)
+else
+  lapsed = 1
+  seq = 0
+  if redis.call('EXISTS', C) == 1 then
+    local info = redis.call('XINFO', 'STREAM', C)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        local head, tail = string.match(info[i + 1], '^(%d+)-(%d+)$')
+        if head == '0' then seq = tonumber(tail) end
+      end
+    end
   end
 end
-return {lapsed, last}
+local seen = tonumber(ARGV[5])
+if seq < seen then
+  lapsed = 1
+  seq = seen
+end
+redis.call('HSET', W, 'p:' .. ARGV[1], ARGV[3], 'seq', seq)
+local want = 0
+local fields = redis.call('HGETALL', W)
+for i = 1, #fields, 2 do
+  local token = string.match(fields[i], '^p:(.*)$')
+  if token then
+    if redis.call('ZSCORE', P, token) then want = math.max(want, tonumber(fields[i + 1]))
+    else redis.call('HDEL', W, fields[i]) end
+  end
+end
+redis.call('HSET', W, 'cap', want)
+redis.call('PEXPIRE', W, lease)
+redis.call('PEXPIRE', C, lease)
+cap = nil
+purge(tonumber(ARGV[4]))
+return {lapsed, seq}
 """
 
 #: KEYS: a hash, the deadlines. ARGV: cursor, count, '1' to return values too. One HSCAN step:
@@ -334,17 +370,25 @@ end
 return out
 """
 
-#: The same notes as ``PRELUDE``'s, for what a ``MULTI`` block writes (``update``, ``restore``). KEYS:
-#: changes, watching. ARGV: kind, then name and value for each change ('c' and 'R': none; 'w', which
-#: every watcher skips: only to wake them).
+#: ``PRELUDE``'s notes, for what a ``MULTI`` block writes (``restore``; the block runs it first, so that
+#: it fails before anything is written) and to wake watchers. ARGV: kind, then name and value for each
+#: change ('c' and 'R': none; 'w', which every watcher skips: only to wake them).
 NOTE_MANY = """
-local cap = redis.call('GET', KEYS[2])
-if not cap then return 0 end
-if #ARGV == 1 then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', cap, '0-*', 'k', ARGV[1], 'n', '', 'v', '', 's', '')
-end
-for i = 2, #ARGV, 2 do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', cap, '0-*', 'k', ARGV[1], 'n', ARGV[i], 'v', ARGV[i + 1], 's', '')
+if #ARGV == 1 then note(ARGV[1], '', '', '') end
+for i = 2, #ARGV, 2 do note(ARGV[1], ARGV[i], ARGV[i + 1], '') end
+return 1
+"""
+
+#: ARGV: name, value, name, value... Stores each value without scopes or expiry; the names among them
+#: that had expired are noted ``expired`` first, then every name ``set``, in order.
+UPDATE = """
+purge(PURGE_BATCH)
+for i = 1, #ARGV, 2 do fresh(ARGV[i]) end
+for i = 1, #ARGV, 2 do note('s', ARGV[i], ARGV[i + 1], '') end
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', D, ARGV[i], ARGV[i + 1])
+  redis.call('HDEL', S, ARGV[i])
+  redis.call('ZREM', X, ARGV[i])
 end
 return 1
 """
@@ -393,13 +437,14 @@ _ON_NAMES = {
     "clear": CLEAR,
     "purge": PURGE,
     "watch": WATCH,
+    "note_many": NOTE_MANY,
+    "update": UPDATE,
 }
 
 #: Every script, by the attribute name a connection registers it under.
 SCRIPTS = {
     **{name: (PRELUDE + body).replace("PURGE_BATCH", str(PURGE_BATCH)) for name, body in _ON_NAMES.items()},
     "scan": SCAN,
-    "note_many": NOTE_MANY,
     "acquire": ACQUIRE,
     "release": RELEASE,
     "renew": RENEW,
