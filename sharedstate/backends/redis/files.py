@@ -5,7 +5,6 @@ names with."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from sharedstate._rules import check_restored, select_saved
@@ -13,7 +12,7 @@ from sharedstate.backends.redis.connection import operation
 from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.scripts import PURGE_BATCH, SCRIPTS
 from sharedstate.backends.redis.steps import Command, Operation, Pipeline, Script
-from sharedstate.backends.redis.stored import dumps, loads, seconds
+from sharedstate.backends.redis.stored import alive, dumps, loads, seconds
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
 
 #: Fields per HSET inside one MULTI block when many names are written at once.
@@ -44,23 +43,26 @@ class FileCalls:
         """Written in the calling process, in the local server's format (so either backend restores it);
         ``ValueError`` without a path: a Redis state has no file of its own."""
         target = _path(path, "save")
-        clock, raw_data, raw_scopes, raw_deadlines = yield Pipeline(
-            [
-                Command("time"),
-                Command("hgetall", (self._data_key,)),
-                Command("hgetall", (self._scopes_key,)),
-                Command("zrange", (self._deadlines_key, 0, -1), {"withscores": True}),
-            ]
+        clock, raw_data, raw_deadlines, raw_scopes = yield Pipeline(
+            [*self._everything(), Command("hgetall", (self._scopes_key,))]
         )
         now = seconds(clock)
         deadlines = {_text(name): float(at) for name, at in raw_deadlines}
         stored_scopes = {_text(name): tuple(json.loads(value)) for name, value in raw_scopes.items()}
         stored = {_text(name): raw for name, raw in raw_data.items()}
-        stored = {name: raw for name, raw in stored.items() if deadlines.get(name, math.inf) > now}
+        stored = {name: raw for name, raw in stored.items() if alive(deadlines.get(name), now)}
         selected = select_saved(stored, stored_scopes, include, exclude, scopes)
         data = {name: loads(raw) for name, raw in selected.items()}
         write_snapshot(target, data, stored_scopes, ours=False, deadlines=deadlines)  # a path the caller chose
         return target
+
+    def _everything(self) -> list[Command]:
+        """The commands of a ``MULTI`` block that reads Redis' clock, every name's text and every deadline."""
+        return [
+            Command("time"),
+            Command("hgetall", (self._data_key,)),
+            Command("zrange", (self._deadlines_key, 0, -1), {"withscores": True}),
+        ]
 
     @operation
     def restore(self, path: str | None, merge: bool) -> Operation:

@@ -9,6 +9,7 @@ finishes the call in Python from that text.
 
 from __future__ import annotations
 
+from sharedstate.backends.redis.read_scripts import NOW, READ_SCRIPTS, READS_ON_NAMES
 from sharedstate.backends.redis.semaphore_scripts import SEMAPHORE_SCRIPTS
 
 #: Lua numbers are doubles: an integer is exact, and adds exactly, while its magnitude stays below
@@ -33,13 +34,14 @@ PURGE_BATCH = 100
 #: writes the data: a note that fails (a key of another type under the stream's name, an id out of
 #: order) ends the script before anything changed, as Redis does not undo a script's earlier writes.
 #: ``fresh`` removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
-PRELUDE = """
+PRELUDE = (
+    NOW
+    + """
 local D, S, X, C, W = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, nowtext, cap
 local function clock()
   if not now then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    now = redis_now()
     nowtext = string.format('%.6f', now)
   end
   return now
@@ -79,6 +81,7 @@ local function expire_in(name, ttl)
   else redis.call('ZADD', X, string.format('%.6f', clock() + tonumber(ttl)), name) end
 end
 """
+)
 
 #: ARGV: name, value, scopes as JSON ('' for none), ttl ('' for none).
 SET = """
@@ -222,42 +225,6 @@ if not cur and ARGV[5] ~= '' then expire_in(ARGV[1], ARGV[5]) end
 return 1
 """
 
-#: ARGV: name. The stored text, or nil (missing or past its deadline).
-GET = """
-fresh(ARGV[1])
-return redis.call('HGET', D, ARGV[1])
-"""
-
-#: ARGV: name. 1 if it exists, else 0.
-CONTAINS = """
-fresh(ARGV[1])
-return redis.call('HEXISTS', D, ARGV[1])
-"""
-
-#: ARGV: names. Their texts, in order ('' for a missing one: no value is stored as '').
-GET_MANY = """
-local out = {}
-for i = 1, #ARGV do
-  fresh(ARGV[i])
-  out[i] = redis.call('HGET', D, ARGV[i]) or ''
-end
-return out
-"""
-
-#: The number of names.
-LENGTH = """
-purge(PURGE_BATCH)
-clock()
-return redis.call('HLEN', D) - redis.call('ZCOUNT', X, '-inf', nowtext)
-"""
-
-#: {every name and text (HGETALL), the names past their deadline not removed yet}.
-SNAPSHOT = """
-purge(PURGE_BATCH)
-clock()
-return {redis.call('HGETALL', D), redis.call('ZRANGEBYSCORE', X, '-inf', nowtext)}
-"""
-
 #: ARGV: name, ttl ('' to remove the expiry). 1 if the name exists, else 0 (nothing changes).
 EXPIRE = """
 purge(PURGE_BATCH)
@@ -265,14 +232,6 @@ fresh(ARGV[1])
 if redis.call('HEXISTS', D, ARGV[1]) == 0 then return 0 end
 expire_in(ARGV[1], ARGV[2])
 return 1
-"""
-
-#: ARGV: name. The seconds it has left as text, or nil (no expiry, or no such name).
-TTL = """
-fresh(ARGV[1])
-local d = redis.call('ZSCORE', X, ARGV[1])
-if not d then return nil end
-return string.format('%.6f', tonumber(d) - clock())
 """
 
 CLEAR = """
@@ -346,30 +305,6 @@ purge(tonumber(ARGV[4]))
 return {lapsed, seq}
 """
 
-#: KEYS: a hash, the deadlines. ARGV: cursor, count, '1' to return values too. One HSCAN step:
-#: {cursor, items...}, without the names past their deadline.
-SCAN = """
-local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
-local out = {r[1]}
-local items = r[2]
-local step = 2
-if ARGV[3] == '1' then step = 1 end
-local deadlines = redis.call('EXISTS', KEYS[2]) == 1
-local now = 0
-if deadlines then
-  local clock = redis.call('TIME')
-  now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-end
-for i = 1, #items, 2 do
-  local d = deadlines and redis.call('ZSCORE', KEYS[2], items[i])
-  if not d or tonumber(d) > now then
-    out[#out + 1] = items[i]
-    if step == 1 then out[#out + 1] = items[i + 1] end
-  end
-end
-return out
-"""
-
 #: ``PRELUDE``'s notes, for what a ``MULTI`` block writes (``restore``; the block runs it first, so that
 #: it fails before anything is written) and to wake watchers. ARGV: kind, then name and value for each
 #: change ('c' and 'R': none; 'w', which every watcher skips: only to wake them).
@@ -427,13 +362,8 @@ _ON_NAMES = {
     "append": APPEND,
     "compare_and_set": COMPARE_AND_SET,
     "swap": SWAP,
-    "get": GET,
-    "contains": CONTAINS,
-    "get_many": GET_MANY,
-    "length": LENGTH,
-    "snapshot": SNAPSHOT,
+    **READS_ON_NAMES,
     "expire": EXPIRE,
-    "ttl": TTL,
     "clear": CLEAR,
     "purge": PURGE,
     "watch": WATCH,
@@ -444,7 +374,7 @@ _ON_NAMES = {
 #: Every script, by the attribute name a connection registers it under.
 SCRIPTS = {
     **{name: (PRELUDE + body).replace("PURGE_BATCH", str(PURGE_BATCH)) for name, body in _ON_NAMES.items()},
-    "scan": SCAN,
+    **READ_SCRIPTS,
     "acquire": ACQUIRE,
     "release": RELEASE,
     "renew": RENEW,
