@@ -19,6 +19,7 @@ from conftest import RedisServer, reap, redis_missing, wait_until
 import sharedstate
 from sharedstate import Change, ServerUnavailable, SharedStateError, aio
 from sharedstate.backends.redis import watch
+from sharedstate.backends.redis.scripts import NOTE_MAX
 from sharedstate.backends.redis.steps import run
 from sharedstate.backends.redis.watch import READ_CHUNK, STREAM_MIN
 
@@ -181,6 +182,22 @@ def test_a_stream_lost_alone_goes_on_numbering_so_unread_entries_lost_are_an_ove
         ys = [Change("y", "set", i) for i in range(5)]
         assert _all(changes) == ys  # it had read everything lost: nothing missed
         assert _all(behind) == [OVERFLOW, *ys]
+
+
+def test_a_large_value_is_not_copied_into_the_stream_and_watchers_read_it_when_they_read_the_change(
+    redis_state, redis_server, redis_namespace
+):
+    """``append`` to a long list would otherwise write the whole list to the stream each time."""
+    items = ["x" * 1000] * (NOTE_MAX // 1000 + 1)
+    with redis_state.watch() as changes:
+        redis_state.set("list", items)
+        redis_state.append("list", "y")
+        redis_state.set("small", 1)
+        with redis_server.client() as client:
+            noted = sum(len(fields.get(b"v", b"")) for _, fields in client.xrange(f"{redis_namespace}:changes"))
+        assert noted < 100
+        now = [*items, "y"]  # the value when the watcher reads: the first change's too
+        assert _all(changes) == [Change("list", "set", now), Change("list", "set", now), Change("small", "set", 1)]
 
 
 class _Interrupted:

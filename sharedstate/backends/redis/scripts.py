@@ -18,6 +18,9 @@ from sharedstate.backends.redis.semaphore_scripts import SEMAPHORE_SCRIPTS
 #: only.
 EXACT_INT = 2**53
 
+#: The largest value, in bytes of its stored text, a change's entry in the stream carries (``PRELUDE``).
+NOTE_MAX = 64 * 1024
+
 #: Names a script removes as expired before its own work, at most (more wait for the next script; every
 #: read leaves out a name past its deadline whether it was removed yet or not).
 PURGE_BATCH = 100
@@ -33,6 +36,9 @@ PURGE_BATCH = 100
 #: watcher sees a gap where entries it had not read are gone. Every script notes a change *before* it
 #: writes the data: a note that fails (a key of another type under the stream's name, an id out of
 #: order) ends the script before anything changed, as Redis does not undo a script's earlier writes.
+#: A value longer than ``NOTE_MAX`` bytes is not copied into the stream (the entry says ``L``: large), so
+#: that a namespace's stream does not hold many copies of a large value (an ``append`` to a long list
+#: would write the whole list each time); its watchers read the name's value when they read the entry.
 #: ``fresh`` removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
 PRELUDE = (
     NOW
@@ -53,7 +59,9 @@ end
 local function note(kind, name, value, scopes)
   if watched() then
     local seq = redis.call('HINCRBY', W, 'seq', 1)
-    redis.call('XADD', C, 'MAXLEN', '~', cap, '0-' .. seq, 'k', kind, 'n', name, 'v', value, 's', scopes)
+    local large = '0'
+    if #value > NOTE_MAX then value, large = '', '1' end
+    redis.call('XADD', C, 'MAXLEN', '~', cap, '0-' .. seq, 'k', kind, 'n', name, 'v', value, 's', scopes, 'L', large)
   end
 end
 local function scopes_of(name)
@@ -373,7 +381,10 @@ _ON_NAMES = {
 
 #: Every script, by the attribute name a connection registers it under.
 SCRIPTS = {
-    **{name: (PRELUDE + body).replace("PURGE_BATCH", str(PURGE_BATCH)) for name, body in _ON_NAMES.items()},
+    **{
+        name: (PRELUDE + body).replace("PURGE_BATCH", str(PURGE_BATCH)).replace("NOTE_MAX", str(NOTE_MAX))
+        for name, body in _ON_NAMES.items()
+    },
     **READ_SCRIPTS,
     "acquire": ACQUIRE,
     "release": RELEASE,

@@ -63,6 +63,8 @@ BLOCK_SLICE_S = 5.0
 
 _KINDS = {"s": SET, "r": REMOVED, "e": EXPIRED, "c": CLEARED, "R": RESTORED}
 OVERFLOWED = Change(None, OVERFLOW, None)
+#: Stands for the value of a change whose entry left it out (``scripts.NOTE_MAX``) until it is read.
+_LARGE = object()
 
 
 def _seq(entry_id: bytes | str) -> int:
@@ -170,6 +172,7 @@ class Cursor:
                 if len(entries) == READ_CHUNK:
                     continue  # more may be waiting: take them without blocking
                 if overflowed or changes or block is None or (deadline is not None and time.monotonic() >= deadline):
+                    changes = yield from self._large(changes)
                     self.last = last
                     registry.saw(self.backend, last)
                     return [OVERFLOWED, *changes] if overflowed else changes
@@ -199,8 +202,20 @@ class Cursor:
             if not noted or self.scopes.isdisjoint(json.loads(noted)):
                 return None
         if kind is SET:
-            return Change(name, kind, loads(got["v"]))
+            return Change(name, kind, _LARGE if text(got.get("L", b"0")) == "1" else loads(got["v"]))
         return Change(name, kind)
+
+    def _large(self, changes: list[Change]) -> Operation:
+        """``changes`` with the values their entries left out (``scripts.NOTE_MAX``) read now, in one round
+        trip: the value at the time of the read (``None`` if the name is gone by then: a later change says so)."""
+        names = sorted({change.name for change in changes if change.value is _LARGE})
+        if not names:
+            return changes
+        values = yield from self.backend.get_many.steps(self.backend, names)
+        return [
+            Change(change.name, change.kind, values.get(change.name)) if change.value is _LARGE else change
+            for change in changes
+        ]
 
 
 def tick(backend: RedisBackend, cap: int, purge: int) -> Script:
