@@ -113,6 +113,20 @@ def test_writers_note_nothing_while_nobody_watches(redis_state, redis_server, re
         assert changes.next(5) == Change("a", "set", 2)
 
 
+def test_the_streams_cap_follows_the_live_watchers_and_the_stream_goes_with_the_last(
+    redis_state, redis_server, redis_namespace
+):
+    keys = f"{redis_namespace}:watching", f"{redis_namespace}:changes"
+    with redis_server.client() as client, redis_state.watch() as changes:
+        with redis_state.watch(buffer=STREAM_MIN * 2):
+            redis_state.set("a", 1)
+            assert int(client.hget(keys[0], "cap")) == STREAM_MIN * 2
+        wait_until(lambda: int(client.hget(keys[0], "cap")) == STREAM_MIN, 5, what="the next tick")
+        assert changes.next(5) == Change("a", "set", 1)
+        # Renewed with the watchers' lease: gone once nobody renews it.
+        assert 0 < client.pttl(keys[1]) <= watch.LEASE_S * 1000
+
+
 def test_a_watcher_more_than_its_buffer_behind_gets_one_overflow_and_goes_on(redis_state):
     """Then the newest ``buffer`` changes it read, as a local server's queue that dropped what it held."""
     with redis_state.watch(buffer=5) as changes:
