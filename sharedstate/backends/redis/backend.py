@@ -19,7 +19,7 @@ from sharedstate import _fork
 from sharedstate._figures import ThreadCalls, WaitWindow
 from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
-from sharedstate._rules import add, appended, matches, scoped
+from sharedstate._rules import add, appended, matches, past, scoped
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate.backends.redis.connection import REPLY_TIMEOUT, AsyncConnection, Connection, operation, redis_call
 from sharedstate.backends.redis.connection import text as _text
@@ -29,7 +29,7 @@ from sharedstate.backends.redis.locks import LockCalls
 from sharedstate.backends.redis.scripts import EXACT_INT
 from sharedstate.backends.redis.semaphores import SemaphoreCalls
 from sharedstate.backends.redis.steps import Command, Operation, Pipeline, Script
-from sharedstate.backends.redis.stored import alive, dumps, loads, seconds
+from sharedstate.backends.redis.stored import dumps, loads, seconds
 from sharedstate.backends.redis.stored import ttl_arg as _ttl
 from sharedstate.backends.redis.url import Target
 from sharedstate.backends.redis.watch import Cursor, Watcher
@@ -165,7 +165,7 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
         return {
             name: loads(raw)
             for name, raw, deadline in zip(names, values, deadlines, strict=True)
-            if raw is not None and alive(deadline, now)
+            if raw is not None and not past(deadline, now)
         }
 
     @operation
@@ -206,7 +206,7 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
         """One ``MULTI`` block (Redis' clock, every value, every deadline), filtered here."""
         clock, data, deadlines = yield Pipeline(self._everything())
         now = seconds(clock)
-        due = {name for name, deadline in deadlines if not alive(deadline, now)}
+        due = {name for name, deadline in deadlines if past(deadline, now)}
         return {_text(name): loads(raw) for name, raw in data.items() if name not in due}
 
     # -- writes -------------------------------------------------------------------------------------

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sharedstate._rules import check_restored, select_saved
+from sharedstate._rules import check_restored, passed_among, past, select_saved
 from sharedstate.backends.redis.connection import operation
 from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.scripts import PURGE_BATCH, SCRIPTS
 from sharedstate.backends.redis.steps import Command, Operation, Pipeline, Script
-from sharedstate.backends.redis.stored import alive, dumps, loads, seconds
+from sharedstate.backends.redis.stored import dumps, loads, seconds
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
 
 #: Fields per HSET inside one MULTI block when many names are written at once.
@@ -50,7 +50,7 @@ class FileCalls:
         deadlines = {_text(name): float(at) for name, at in raw_deadlines}
         stored_scopes = {_text(name): tuple(json.loads(value)) for name, value in raw_scopes.items()}
         stored = {_text(name): raw for name, raw in raw_data.items()}
-        stored = {name: raw for name, raw in stored.items() if alive(deadlines.get(name), now)}
+        stored = {name: raw for name, raw in stored.items() if not past(deadlines.get(name), now)}
         selected = select_saved(stored, stored_scopes, include, exclude, scopes)
         data = {name: loads(raw) for name, raw in selected.items()}
         write_snapshot(target, data, stored_scopes, ours=False, deadlines=deadlines)  # a path the caller chose
@@ -75,8 +75,8 @@ class FileCalls:
             return 0
         check_restored(snapshot.data, snapshot.foreign, str(target))
         now = seconds((yield Command("time")))
-        deadlines = {name: at for name, at in (snapshot.deadlines or {}).items() if at > now}
-        passed = set(snapshot.deadlines or ()).difference(deadlines)
+        passed = passed_among(snapshot.deadlines, now)
+        deadlines = {name: at for name, at in (snapshot.deadlines or {}).items() if name not in passed}
         encoded = {name: dumps(value) for name, value in snapshot.data.items() if name not in passed}
         scopes = {name: json.dumps(list(scope)) for name, scope in snapshot.scopes.items() if name in encoded}
         yield Script("purge", self._keys, [PURGE_BATCH])

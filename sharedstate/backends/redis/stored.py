@@ -26,8 +26,3 @@ def ttl_arg(ttl: float | None) -> str:
 def seconds(clock: tuple[Any, Any]) -> float:
     """Redis' ``TIME`` reply as UTC seconds."""
     return int(clock[0]) + int(clock[1]) / 1e6
-
-
-def alive(deadline: float | None, now: float) -> bool:
-    """Whether a name with this deadline (``None``: none) still exists at ``now`` (Redis' clock)."""
-    return deadline is None or deadline > now

@@ -352,14 +352,27 @@ class Watcher:
                     log.debug("could not wake a closed watcher: %s", exc)
 
 
-def _guarded(cursor: Cursor, call: Any) -> Any:
-    """``call()``; after a failure of the connection, once more from the present (``OVERFLOWED`` first:
-    a Redis that restarted may have lost changes); sharedstate's error if that fails too."""
-    try:
-        return call()
-    except connection.RedisError:
+#: A watcher's read (or start) is tried this often: after a failure of the connection, once more.
+ATTEMPTS = (1, 2)
+
+
+def failed(cursor: Cursor, exc: BaseException, attempt: int) -> BaseException | None:
+    """The rule after a failure of the connection, for both faces: the first time, try again from the
+    present (``OVERFLOWED`` first: a Redis that restarted may have lost changes): ``None``; the second
+    time, sharedstate's error to raise."""
+    if attempt < ATTEMPTS[-1]:
         cursor.lapsed = True
-    try:
-        return call()
-    except connection.RedisError as exc:
-        raise connection.translate(exc, cursor.backend.address, "watch") from None
+        return None
+    return connection.translate(exc, cursor.backend.address, "watch")
+
+
+def _guarded(cursor: Cursor, call: Any) -> Any:
+    """``call()`` by the rule of ``failed``."""
+    for attempt in ATTEMPTS:
+        try:
+            return call()
+        except connection.RedisError as exc:
+            error = failed(cursor, exc, attempt)
+            if error is not None:
+                raise error from None
+    raise AssertionError("unreachable")
