@@ -27,7 +27,7 @@ PURGE_BATCH = 100
 
 #: Opens every script on a state's names. KEYS: data, scopes, deadlines, changes, watching (``NAMESPACE:``
 #: ``data``, ``scopes``, ``deadlines`` (a sorted set: name by its absolute deadline, UTC seconds of Redis'
-#: ``TIME``), ``changes`` (the stream) and ``watching`` (present while anyone watches: the stream's cap)).
+#: ``TIME``), ``changes`` (the stream) and ``watching`` (a hash, present while anyone watches)).
 #: ``clock`` asks Redis' ``TIME`` once, and only when a deadline is involved: a state without expiry never
 #: pays for it.
 #: ``note`` writes a change to the stream, only while someone watches, with ids ``0-1``, ``0-2``... one
