@@ -238,13 +238,17 @@ def test_a_read_cut_short_between_two_chunks_leaves_what_it_read_to_the_next(red
         assert _all(changes) == [Change(f"n{i}", "set", i) for i in range(READ_CHUNK + 10)]
 
 
-def test_a_write_whose_note_fails_changes_nothing(redis_state, redis_server, redis_namespace):
+def test_a_write_whose_note_fails_changes_nothing(redis_state, redis_server, redis_namespace, tmp_path):
     """A key of another kind holds the stream's name (here a stream with ids of its own): the write raises,
     and neither the data nor the other keys were changed."""
+    redis_state.set("a", 1, ttl=60)
+    saved = redis_state.save(tmp_path / "s.json")
+    redis_state.remove("a")
     with redis_server.client() as client:
         client.xadd(f"{redis_namespace}:changes", {"x": "1"})
     with redis_state.watch():
-        for call in (lambda: redis_state.set("a", 1, ttl=60), lambda: redis_state.update({"a": 1})):
+        calls = (lambda: redis_state.set("a", 1, ttl=60), lambda: redis_state.update({"a": 1}))
+        for call in (*calls, lambda: redis_state.restore(saved)):
             with pytest.raises(SharedStateError):
                 call()
             assert redis_state.get("a") is None

@@ -28,9 +28,10 @@ holding process (``leases``), released by a script that deletes the key only if 
 token. A dead holder stops renewing, so its lock is free within the lease.
 
 Modules: ``url`` (addresses and options), ``connection`` (redis-py, imported on first use, and its
-errors), ``scripts`` (Lua; the reads' in ``read_scripts``), ``stored`` (values, ttls and Redis' clock as sent and read), ``leases`` (held
-locks and their renewal), ``locks`` (the lock calls), ``files`` (save, restore and writes of many names),
-``watch`` (watchers and the thread that keeps them registered), ``backend`` (``RedisBackend``).
+errors), ``scripts`` (Lua; the reads' in ``read_scripts``), ``stored`` (values, ttls and Redis' clock as
+sent and read), ``leases`` (held locks and their renewal), ``locks`` (the lock calls), ``files`` (save,
+restore and reads of every name), ``watch`` (watchers and the thread that keeps them registered),
+``backend`` (``RedisBackend``).
 """
 
 from __future__ import annotations

@@ -80,6 +80,9 @@ class FileCalls:
         encoded = {name: dumps(value) for name, value in snapshot.data.items() if name not in passed}
         scopes = {name: json.dumps(list(scope)) for name, scope in snapshot.scopes.items() if name in encoded}
         yield Script("purge", self._keys, [PURGE_BATCH])
+        # A note every watcher skips, which fails where the block's own note would (a key of another type
+        # under the stream's name): before anything is written, as the block would go on past it.
+        yield Script("note_many", self._keys, ["w"])
         yield Pipeline(self._write(encoded, scopes, deadlines, merge=merge))
         return len(encoded)
 
@@ -88,8 +91,8 @@ class FileCalls:
     ) -> list[Command]:
         """The commands that note a ``"restored"`` change for watchers, then store ``encoded`` values with
         ``scopes`` and ``deadlines`` (names without any lose theirs); with ``merge=False`` everything else
-        goes first. The note goes first: if it fails (a key of another type under the stream's name), the
-        block's other commands still run, as ``MULTI`` does not stop at an error, but the call raises."""
+        goes first. ``MULTI`` does not stop at an error: ``restore`` checks beforehand that a note can be
+        written."""
         keys = self._keys
         commands = [Command("eval", (SCRIPTS["note_many"], len(keys), *keys, "R"))]
         if not merge:
