@@ -153,3 +153,13 @@ def check_restored(data: Mapping[str, Any], foreign: bool, path: str) -> None:
                 check_value(name, value)
     except (TypeError, ValueError) as exc:
         raise SnapshotError(f"{path} is not a valid snapshot: {exc}", path) from None
+
+
+def past(deadline: float | None, now: float) -> bool:
+    """Whether a name with ``deadline`` (``None``: none) has expired by ``now``: at its deadline it is gone."""
+    return deadline is not None and deadline <= now
+
+
+def passed_among(deadlines: Mapping[str, float] | None, now: float) -> set[str]:
+    """The names of ``deadlines`` (a snapshot's) that passed by ``now``: a restore leaves them out."""
+    return {name for name, deadline in (deadlines or {}).items() if past(deadline, now)}

@@ -12,7 +12,7 @@ import pytest
 from conftest import wait_until
 
 import sharedstate
-from sharedstate import aio
+from sharedstate import Change, aio
 from sharedstate.backends.redis.scripts import PURGE_BATCH
 from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
 
@@ -47,7 +47,7 @@ def test_a_deadline_is_redis_time_plus_the_ttl_and_every_read_hides_the_name_pas
     assert len(redis_state) == 1 and redis_state.snapshot() == {"keep": 1}
     assert redis_state.get_many(["s", "keep"]) == {"keep": 1}
     assert redis_state.get("s") is None and "s" not in redis_state
-    assert _raw(redis_server, redis_namespace) == ({"keep"}, {})  # the get removed it
+    assert _raw(redis_server, redis_namespace) == ({"keep"}, {})  # contains() removed it (get() only hides it)
 
 
 def test_another_clients_write_removes_every_expired_name_and_reads_hide_those_beyond_a_batch(
@@ -70,7 +70,7 @@ def test_another_clients_write_removes_every_expired_name_and_reads_hide_those_b
         assert other.names() == ["stay"] and other.get_many(["n1", "n149", "stay"]) == {"stay": 0}
         assert len(other) == 1
         names, deadlines = _raw(redis_server, redis_namespace)
-        assert len(names) == count - 2 - PURGE_BATCH  # len() removed a batch, get_many() the names it read
+        assert len(names) == count - PURGE_BATCH  # len() removed a batch; get_many() only hides them
         other.incr("stay")
         assert other.snapshot() == {"stay": 1}
         assert _raw(redis_server, redis_namespace) == ({"stay"}, {})
@@ -173,3 +173,19 @@ def test_bad_ttls_are_refused_before_anything_changes(redis_state):
         with pytest.raises(error):
             redis_state.incr("x", ttl=bad)
     assert "x" not in redis_state
+
+
+def test_update_of_an_expired_name_not_yet_removed_notes_its_expiry_first(redis_state, redis_server, redis_namespace):
+    """More names past their deadline than one call removes: the one ``update`` replaces is still in the
+    data hash, and its watchers hear it expired before they hear its new value."""
+    from sharedstate.backends.redis.watch import TICK_PURGE
+
+    many = TICK_PURGE * 2 + PURGE_BATCH
+    with redis_state.watch(names=["last"]) as changes:
+        with redis_server.client() as client:
+            now = _redis_now(client)
+            names = [f"n{i}" for i in range(many)] + ["last"]  # "last" has the latest deadline: removed last
+            client.hset(f"{redis_namespace}:data", mapping=dict.fromkeys(names, "1"))
+            client.zadd(f"{redis_namespace}:deadlines", {name: now - 60 + i / 1000 for i, name in enumerate(names)})
+        redis_state.update({"last": 2})
+        assert [changes.next(5), changes.next(5)] == [Change("last", "expired"), Change("last", "set", 2)]

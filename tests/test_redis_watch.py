@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import signal
 import threading
+import time
 
 import pytest
 from conftest import RedisServer, reap, redis_missing, wait_until
 
 import sharedstate
-from sharedstate import Change, ServerUnavailable, aio
-from sharedstate.backends.redis.watch import STREAM_MIN
+from sharedstate import Change, ServerUnavailable, SharedStateError, aio
+from sharedstate.backends.redis import watch
+from sharedstate.backends.redis.scripts import NOTE_MAX
+from sharedstate.backends.redis.steps import run
+from sharedstate.backends.redis.watch import READ_CHUNK, STREAM_MIN
 
 OVERFLOW = Change(None, "overflow", None)
 
@@ -107,6 +113,20 @@ def test_writers_note_nothing_while_nobody_watches(redis_state, redis_server, re
         assert changes.next(5) == Change("a", "set", 2)
 
 
+def test_the_streams_cap_follows_the_live_watchers_and_the_stream_goes_with_the_last(
+    redis_state, redis_server, redis_namespace
+):
+    keys = f"{redis_namespace}:watching", f"{redis_namespace}:changes"
+    with redis_server.client() as client, redis_state.watch() as changes:
+        with redis_state.watch(buffer=STREAM_MIN * 2):
+            redis_state.set("a", 1)
+            assert int(client.hget(keys[0], "cap")) == STREAM_MIN * 2
+        wait_until(lambda: int(client.hget(keys[0], "cap")) == STREAM_MIN, 5, what="the next tick")
+        assert changes.next(5) == Change("a", "set", 1)
+        # Renewed with the watchers' lease: gone once nobody renews it.
+        assert 0 < client.pttl(keys[1]) <= watch.LEASE_S * 1000
+
+
 def test_a_watcher_more_than_its_buffer_behind_gets_one_overflow_and_goes_on(redis_state):
     """Then the newest ``buffer`` changes it read, as a local server's queue that dropped what it held."""
     with redis_state.watch(buffer=5) as changes:
@@ -138,6 +158,140 @@ def test_a_lost_registration_is_an_overflow_not_a_silent_loss(redis_state, redis
         assert changes.next(5) == OVERFLOW
         redis_state.set("noted", 1)
         assert _all(changes) == [Change("noted", "set", 1)]
+
+
+def test_a_new_watch_in_a_lapsed_process_tells_its_older_watchers(redis_state, redis_server, redis_namespace):
+    """The new watch re-registers the process: the older watcher must still hear of the changes that went
+    unnoted meanwhile, whether the new watch or the tick found the lapse."""
+    with redis_state.watch() as older:
+        with redis_server.client() as client:
+            client.delete(f"{redis_namespace}:watching", f"{redis_namespace}:watchers")
+        redis_state.set("unnoted", 1)
+        with redis_state.watch():
+            redis_state.set("noted", 1)
+            assert older.next(5) == OVERFLOW
+
+
+def test_only_watching_lost_is_an_overflow(redis_state, redis_server, redis_namespace):
+    """``NS:watching`` alone is gone (evicted, deleted) while the process is registered: writers noted
+    nothing until the next tick made it again."""
+    with redis_state.watch() as changes:
+        with redis_server.client() as client:
+            client.delete(f"{redis_namespace}:watching")
+        redis_state.set("unnoted", 1)
+        assert changes.next(5) == OVERFLOW
+
+
+def test_a_stream_lost_alone_goes_on_numbering_so_unread_entries_lost_are_an_overflow(
+    redis_state, redis_server, redis_namespace
+):
+    with redis_state.watch() as changes, redis_state.watch() as behind:
+        for i in range(3):
+            redis_state.set("x", i)
+        assert _all(changes) == [Change("x", "set", i) for i in range(3)]
+        with redis_server.client() as client:
+            client.delete(f"{redis_namespace}:changes")
+        for i in range(5):
+            redis_state.set("y", i)
+        ys = [Change("y", "set", i) for i in range(5)]
+        assert _all(changes) == ys  # it had read everything lost: nothing missed
+        assert _all(behind) == [OVERFLOW, *ys]
+
+
+def test_a_large_value_is_not_copied_into_the_stream_and_watchers_read_it_when_they_read_the_change(
+    redis_state, redis_server, redis_namespace
+):
+    """``append`` to a long list would otherwise write the whole list to the stream each time."""
+    items = ["x" * 1000] * (NOTE_MAX // 1000 + 1)
+    with redis_state.watch() as changes:
+        redis_state.set("list", items)
+        redis_state.append("list", "y")
+        redis_state.set("small", 1)
+        with redis_server.client() as client:
+            noted = sum(len(fields.get(b"v", b"")) for _, fields in client.xrange(f"{redis_namespace}:changes"))
+        assert noted < 100
+        now = [*items, "y"]  # the value when the watcher reads: the first change's too
+        assert _all(changes) == [Change("list", "set", now), Change("list", "set", now), Change("small", "set", 1)]
+
+
+class _Interrupted:
+    """A watcher's client whose second ``XREAD`` is interrupted (Ctrl-C, or a task cancelled while it waits)."""
+
+    def __init__(self, client) -> None:
+        self.client, self.calls = client, 0
+
+    def xread(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return self.client.xread(*args, **kwargs)
+
+
+def test_a_read_cut_short_between_two_chunks_leaves_what_it_read_to_the_next(redis_state):
+    with redis_state.watch() as changes:
+        redis_state.update({f"n{i}": i for i in range(READ_CHUNK + 10)})
+        cursor = changes._watcher._cursor
+        conn = redis_state.backend._conn
+        with pytest.raises(KeyboardInterrupt):
+            run(cursor.read(5), conn, _Interrupted(conn.watches))
+        assert not cursor.reading
+        assert _all(changes) == [Change(f"n{i}", "set", i) for i in range(READ_CHUNK + 10)]
+
+
+def test_a_write_whose_note_fails_changes_nothing(redis_state, redis_server, redis_namespace, tmp_path):
+    """A key of another kind holds the stream's name (here a stream with ids of its own): the write raises,
+    and neither the data nor the other keys were changed."""
+    redis_state.set("a", 1, ttl=60)
+    saved = redis_state.save(tmp_path / "s.json")
+    redis_state.remove("a")
+    with redis_server.client() as client:
+        client.xadd(f"{redis_namespace}:changes", {"x": "1"})
+    with redis_state.watch():
+        calls = (lambda: redis_state.set("a", 1, ttl=60), lambda: redis_state.update({"a": 1}))
+        for call in (*calls, lambda: redis_state.restore(saved)):
+            with pytest.raises(SharedStateError):
+                call()
+            assert redis_state.get("a") is None
+            assert redis_state.ttl("a") is None
+
+
+def test_a_socket_timeout_in_the_url_sizes_the_watchers_waits(redis_server, redis_namespace):
+    state = sharedstate.connect(redis_server.url + "?socket_timeout=0.4", namespace=redis_namespace)
+    try:
+        with state.watch() as changes:
+            assert changes.next(1) is None  # not an overflow, nor an error, after the socket timed out
+            state.set("a", 1)
+            assert changes.next(5) == Change("a", "set", 1)
+    finally:
+        state.close()
+
+
+def test_a_stopped_redis_server_does_not_lapse_the_watches_of_another(
+    redis_state, redis_namespace, tmp_path, monkeypatch
+):
+    """One thread renews every watch of the process: a tick to a server that stopped answering gives up
+    well within the lease, so the other server's watchers are renewed in time."""
+    monkeypatch.setattr(watch, "LEASE_S", 2.5)
+    other = RedisServer(tmp_path).start()
+    try:
+        stopped = sharedstate.connect(other.url, namespace="other")
+        with redis_state.watch() as changes, stopped.watch():
+            os.kill(other.proc.pid, signal.SIGSTOP)
+            try:
+                got = []
+                deadline = time.monotonic() + 3.5
+                i = 0
+                while time.monotonic() < deadline:
+                    redis_state.set("n", i)
+                    i += 1
+                    got += _all(changes, 0.1)
+            finally:
+                os.kill(other.proc.pid, signal.SIGCONT)
+            got += _all(changes, 1)
+            assert got == [Change("n", "set", j) for j in range(i)]
+        stopped.close()
+    finally:
+        other.stop()
 
 
 def _watch_in_child(url: str, namespace: str, ready, queue) -> None:

@@ -230,17 +230,16 @@ class AsyncWatcher:
         self._one = asyncio.Lock()
 
     async def run(self, read: Callable[[], Operation]) -> Any:
-        """``read()``'s steps awaited; after a failure of the connection, once more from the present
-        (the rule of the blocking ``watch.Watcher``)."""
-        cursor = self._cursor
-        for attempt in (1, 2):
+        """``read()``'s steps awaited; after a failure of the connection, ``watch.failed``'s rule."""
+        for attempt in _watch.ATTEMPTS:
             conn = await self._face._connection()
             try:
                 return await run_watch(read(), conn)
             except (_connection.RedisError, OSError) as exc:
-                if attempt == 2:
-                    raise _connection.translate(exc, self._face.sync.address, "watch") from None
-                cursor.lapsed = True
+                error = _watch.failed(self._cursor, exc, attempt)
+                if error is not None:
+                    raise error from None
+        raise AssertionError("unreachable")
 
     async def next(self, timeout: float | None) -> list[Change]:
         deadline = deadline_of(timeout)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import heapq
 import itertools
 
+from sharedstate._rules import passed_among, past
+
 _EMPTY: dict[str, float] = {}
 #: Passed deadlines a read takes off the heap one by one; more are taken in one pass over the heap.
 _ONE_BY_ONE = 1024
@@ -41,7 +43,7 @@ class Deadlines:
 
     def passed(self, deadline: float, now: float) -> bool:
         """The rule: whether ``deadline`` passed by ``now`` (never while the server's files are replayed)."""
-        return deadline <= now and not self.frozen
+        return not self.frozen and past(deadline, now)
 
     def put(self, name: str, deadline: float) -> None:
         """Make ``deadline`` the one of ``name``. The same deadline again changes nothing (a restore of a
@@ -91,8 +93,7 @@ class Deadlines:
 
     def passed_among(self, deadlines: dict[str, float] | None, now: float) -> set[str]:
         """Those of ``deadlines`` (a snapshot's, say) that passed by ``now``."""
-        passed = self.passed
-        return {name for name, deadline in (deadlines or _EMPTY).items() if passed(deadline, now)}
+        return set() if self.frozen else passed_among(deadlines, now)
 
     def expired(self, now: float) -> dict[str, float]:
         """The names past their deadline by ``now`` that are not removed yet (the dict itself: not to be

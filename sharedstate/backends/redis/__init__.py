@@ -10,8 +10,9 @@ value types (through the snapshot codec) and errors as on the local server, on k
   owner, with a lease), and ``NAMESPACE:wake[:NAME]``, a list a release pushes to so a waiter wakes;
 - ``NAMESPACE:deadlines``, a sorted set of name by its deadline (UTC seconds of Redis' ``TIME``), for
   the names that expire (``scripts.PRELUDE``);
-- ``NAMESPACE:changes``, the stream of changes for watchers, written while ``NAMESPACE:watching`` exists,
-  and ``NAMESPACE:watchers``, the processes that watch (``watch``).
+- ``NAMESPACE:changes``, the stream of changes for watchers, written while ``NAMESPACE:watching`` (a hash:
+  the stream's cap and the number of its last entry) exists, and ``NAMESPACE:watchers``, the processes
+  that watch (``watch``).
 
 Every call is atomic in Redis: a single command, a ``MULTI``/``EXEC`` block, or a Lua script
 (``scripts``), and most are one round trip. The exceptions: ``names()`` walks the hash by ``HSCAN``
@@ -27,9 +28,10 @@ holding process (``leases``), released by a script that deletes the key only if 
 token. A dead holder stops renewing, so its lock is free within the lease.
 
 Modules: ``url`` (addresses and options), ``connection`` (redis-py, imported on first use, and its
-errors), ``scripts`` (Lua), ``stored`` (values, ttls and Redis' clock as sent and read), ``leases`` (held
-locks and their renewal), ``locks`` (the lock calls), ``files`` (save, restore and writes of many names),
-``watch`` (watchers and the thread that keeps them registered), ``backend`` (``RedisBackend``).
+errors), ``scripts`` (Lua; the reads' in ``read_scripts``), ``stored`` (values, ttls and Redis' clock as
+sent and read), ``leases`` (held locks and their renewal), ``locks`` (the lock calls), ``files`` (save,
+restore and reads of every name), ``watch`` (watchers and the thread that keeps them registered),
+``backend`` (``RedisBackend``).
 """
 
 from __future__ import annotations

@@ -19,17 +19,17 @@ from sharedstate import _fork
 from sharedstate._figures import ThreadCalls, WaitWindow
 from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
-from sharedstate._rules import add, appended, matches, scoped
+from sharedstate._rules import add, appended, matches, past, scoped
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate.backends.redis.connection import REPLY_TIMEOUT, AsyncConnection, Connection, operation, redis_call
 from sharedstate.backends.redis.connection import text as _text
 from sharedstate.backends.redis.figures import lock_holders
 from sharedstate.backends.redis.files import FileCalls
 from sharedstate.backends.redis.locks import LockCalls
-from sharedstate.backends.redis.scripts import EXACT_INT, PURGE_BATCH
+from sharedstate.backends.redis.scripts import EXACT_INT
 from sharedstate.backends.redis.semaphores import SemaphoreCalls
-from sharedstate.backends.redis.steps import Operation, Pipeline, Script
-from sharedstate.backends.redis.stored import dumps, loads
+from sharedstate.backends.redis.steps import Command, Operation, Pipeline, Script
+from sharedstate.backends.redis.stored import dumps, loads, seconds
 from sharedstate.backends.redis.stored import ttl_arg as _ttl
 from sharedstate.backends.redis.url import Target
 from sharedstate.backends.redis.watch import Cursor, Watcher
@@ -138,7 +138,7 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
     # -- reads --------------------------------------------------------------------------------------
     @operation
     def get(self, name: str) -> Operation:
-        raw = yield Script("get", self._keys, [name])
+        raw = yield Script("get", [self._data_key, self._deadlines_key], [name])
         return MISSING if raw is None else loads(raw)
 
     def peek(self, name: str) -> Any:
@@ -151,10 +151,22 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
 
     @operation
     def get_many(self, names: list[str]) -> Operation:
+        """One ``MULTI`` block (Redis' clock, the values, their deadlines), filtered here."""
         if not names:
             return {}
-        values = yield Script("get_many", self._keys, names)
-        return {name: loads(raw) for name, raw in zip(names, values, strict=True) if raw}
+        clock, values, deadlines = yield Pipeline(
+            [
+                Command("time"),
+                Command("hmget", (self._data_key, names)),
+                Command("zmscore", (self._deadlines_key, names)),
+            ]
+        )
+        now = seconds(clock)
+        return {
+            name: loads(raw)
+            for name, raw, deadline in zip(names, values, deadlines, strict=True)
+            if raw is not None and not past(deadline, now)
+        }
 
     @operation
     def names(self, pattern: Pattern | None, scopes: tuple[str, ...]) -> Operation:
@@ -191,9 +203,11 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
 
     @operation
     def snapshot(self) -> Operation:
-        flat, due = yield Script("snapshot", self._keys, [])
-        gone = set(due)
-        return {_text(flat[i]): loads(flat[i + 1]) for i in range(0, len(flat), 2) if flat[i] not in gone}
+        """One ``MULTI`` block (Redis' clock, every value, every deadline), filtered here."""
+        clock, data, deadlines = yield Pipeline(self._everything())
+        now = seconds(clock)
+        due = {name for name, deadline in deadlines if past(deadline, now)}
+        return {_text(name): loads(raw) for name, raw in data.items() if name not in due}
 
     # -- writes -------------------------------------------------------------------------------------
     @operation
@@ -283,7 +297,7 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
         read (``[]``: missing, ``[text]``), for the first attempt. Returns the new value."""
         while True:
             if read is None:
-                raw = yield Script("get", self._keys, [name])
+                raw = yield Script("get", [self._data_key, self._deadlines_key], [name])
             else:
                 raw, read = (read[0] if read else None), None
             new = change(MISSING if raw is None else loads(raw))
@@ -293,9 +307,8 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
 
     @operation
     def update(self, mapping: dict[str, Any]) -> Operation:
-        encoded = {name: dumps(value) for name, value in mapping.items()}
-        yield Script("purge", self._keys, [PURGE_BATCH])  # names it replaces that expired are noted so first
-        yield Pipeline(self._write(encoded, {}, {}, merge=True, restored=False))
+        """In one script (``scripts.UPDATE``): the names it replaces that had expired are noted so first."""
+        yield Script("update", self._keys, [item for name, value in mapping.items() for item in (name, dumps(value))])
 
     # -- change notifications -----------------------------------------------------------------------
     def watch(

@@ -21,6 +21,8 @@ CONNECT_TIMEOUT = 5.0
 #: A reply may take this long by default (``connect(timeout=)``; redis-py's own default is no limit
 #: before version 8, 5 s from 8 on).
 REPLY_TIMEOUT = 30.0
+#: The reply timeout of the watch thread's ticks: well below a watch's lease (5 s) less a tick (0.5 s).
+TICK_TIMEOUT = 1.0
 #: Connections the asyncio face's commands share (lock waits take more of their own).
 ASYNC_CONNECTIONS = 64
 #: Lock waits (``BLPOP``) that hold a connection each at once; a waiter past them polls (``wait``).
@@ -96,11 +98,20 @@ class Connection:
         self.scripts = {name: self.client.register_script(source) for name, source in SCRIPTS.items()}
         #: Watchers' ``XREAD BLOCK``s: a pool of its own, so each wait holds a connection no other call waits for.
         self.watches = redis.Redis.from_url(url, **_options(Retry, timeout))
+        #: The reply timeout in effect (``None``: no limit), which a ``socket_timeout`` in the URL may set.
+        self.timeout: float | None = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        #: The watch thread's ticks (``watch.Registry``): a short timeout, whatever the URL says, so that a
+        #: Redis that stopped answering holds the thread up well within the lease of the other namespaces'.
+        self.ticks = redis.Redis.from_url(url, **_options(Retry, TICK_TIMEOUT))
+        self.ticks.connection_pool.connection_kwargs.update(
+            socket_timeout=TICK_TIMEOUT, socket_connect_timeout=TICK_TIMEOUT
+        )
 
     def close(self) -> None:
         """Close every connection (the next call opens them again)."""
         self.client.close()
         self.watches.close()
+        self.ticks.close()
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one of ``scripts.SCRIPTS`` (by ``EVALSHA``, loading it first if Redis does not know it)."""

@@ -9,6 +9,7 @@ finishes the call in Python from that text.
 
 from __future__ import annotations
 
+from sharedstate.backends.redis.read_scripts import NOW, READ_SCRIPTS, READS_ON_NAMES
 from sharedstate.backends.redis.semaphore_scripts import SEMAPHORE_SCRIPTS
 
 #: Lua numbers are doubles: an integer is exact, and adds exactly, while its magnitude stays below
@@ -17,36 +18,50 @@ from sharedstate.backends.redis.semaphore_scripts import SEMAPHORE_SCRIPTS
 #: only.
 EXACT_INT = 2**53
 
+#: The largest value, in bytes of its stored text, a change's entry in the stream carries (``PRELUDE``).
+NOTE_MAX = 64 * 1024
+
 #: Names a script removes as expired before its own work, at most (more wait for the next script; every
 #: read leaves out a name past its deadline whether it was removed yet or not).
 PURGE_BATCH = 100
 
 #: Opens every script on a state's names. KEYS: data, scopes, deadlines, changes, watching (``NAMESPACE:``
 #: ``data``, ``scopes``, ``deadlines`` (a sorted set: name by its absolute deadline, UTC seconds of Redis'
-#: ``TIME``), ``changes`` (the stream) and ``watching`` (present while anyone watches: the stream's cap)).
+#: ``TIME``), ``changes`` (the stream) and ``watching`` (a hash, present while anyone watches)).
 #: ``clock`` asks Redis' ``TIME`` once, and only when a deadline is involved: a state without expiry never
 #: pays for it.
 #: ``note`` writes a change to the stream, only while someone watches, with ids ``0-1``, ``0-2``... one
-#: after the other, so a watcher sees a gap where the cap trimmed entries it had not read. ``fresh``
-#: removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
-PRELUDE = """
+#: after the other, numbered by the ``seq`` field of ``watching`` (a hash: ``cap``, ``seq``, and each
+#: watching process' own cap), so that a stream deleted or evicted alone goes on with the next number: a
+#: watcher sees a gap where entries it had not read are gone. Every script notes a change *before* it
+#: writes the data: a note that fails (a key of another type under the stream's name, an id out of
+#: order) ends the script before anything changed, as Redis does not undo a script's earlier writes.
+#: A value longer than ``NOTE_MAX`` bytes is not copied into the stream (the entry says ``L``: large), so
+#: that a namespace's stream does not hold many copies of a large value (an ``append`` to a long list
+#: would write the whole list each time); its watchers read the name's value when they read the entry.
+#: ``fresh`` removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
+PRELUDE = (
+    NOW
+    + """
 local D, S, X, C, W = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, nowtext, cap
 local function clock()
   if not now then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    now = redis_now()
     nowtext = string.format('%.6f', now)
   end
   return now
 end
 local function watched()
-  if cap == nil then cap = redis.call('GET', W) or false end
+  if cap == nil then cap = redis.call('HGET', W, 'cap') or false end
   return cap
 end
 local function note(kind, name, value, scopes)
   if watched() then
-    redis.call('XADD', C, 'MAXLEN', '~', cap, '0-*', 'k', kind, 'n', name, 'v', value, 's', scopes)
+    local seq = redis.call('HINCRBY', W, 'seq', 1)
+    local large = '0'
+    if #value > NOTE_MAX then value, large = '', '1' end
+    redis.call('XADD', C, 'MAXLEN', '~', cap, '0-' .. seq, 'k', kind, 'n', name, 'v', value, 's', scopes, 'L', large)
   end
 end
 local function scopes_of(name)
@@ -54,11 +69,10 @@ local function scopes_of(name)
   return ''
 end
 local function drop(name, kind)
-  local scopes = scopes_of(name)
+  note(kind, name, '', scopes_of(name))
   redis.call('HDEL', D, name)
   redis.call('HDEL', S, name)
   redis.call('ZREM', X, name)
-  note(kind, name, '', scopes)
 end
 local function fresh(name)
   local d = redis.call('ZSCORE', X, name)
@@ -75,16 +89,17 @@ local function expire_in(name, ttl)
   else redis.call('ZADD', X, string.format('%.6f', clock() + tonumber(ttl)), name) end
 end
 """
+)
 
 #: ARGV: name, value, scopes as JSON ('' for none), ttl ('' for none).
 SET = """
 purge(PURGE_BATCH)
 fresh(ARGV[1])
+note('s', ARGV[1], ARGV[2], ARGV[3])
 redis.call('HSET', D, ARGV[1], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', S, ARGV[1], ARGV[3])
 else redis.call('HDEL', S, ARGV[1]) end
 expire_in(ARGV[1], ARGV[4])
-note('s', ARGV[1], ARGV[2], ARGV[3])
 return 1
 """
 
@@ -118,11 +133,11 @@ end
 SETDEFAULT = """
 purge(PURGE_BATCH)
 fresh(ARGV[1])
-if redis.call('HSETNX', D, ARGV[1], ARGV[2]) == 1 then
-  note('s', ARGV[1], ARGV[2], '')
-  return {1}
-end
-return {0, redis.call('HGET', D, ARGV[1])}
+local cur = redis.call('HGET', D, ARGV[1])
+if cur then return {0, cur} end
+note('s', ARGV[1], ARGV[2], '')
+redis.call('HSET', D, ARGV[1], ARGV[2])
+return {1}
 """
 
 #: ARGV: name, by, 'i' (by is an integer below EXACT_INT) or 'f' (a finite float), EXACT_INT, ttl of a
@@ -158,9 +173,9 @@ else
   out = string.format('%.17g', r)
   if not string.find(out, '[%.e]') then out = out .. '.0' end
 end
+note('s', ARGV[1], out, scopes_of(ARGV[1]))
 redis.call('HSET', D, ARGV[1], out)
 if not cur and ARGV[5] ~= '' then expire_in(ARGV[1], ARGV[5]) end
-note('s', ARGV[1], out, scopes_of(ARGV[1]))
 return {'ok', out}
 """
 
@@ -180,8 +195,8 @@ else
   else cur = string.sub(cur, 1, -2) .. ',' .. ARGV[2] .. ']' end
   n = #items + 1
 end
-redis.call('HSET', D, ARGV[1], cur)
 note('s', ARGV[1], cur, scopes_of(ARGV[1]))
+redis.call('HSET', D, ARGV[1], cur)
 return {'ok', n}
 """
 
@@ -192,8 +207,8 @@ purge(PURGE_BATCH)
 fresh(ARGV[1])
 local cur = redis.call('HGET', D, ARGV[1])
 if (not cur and ARGV[4] == '1') or (cur and ARGV[5] == '1' and cur == ARGV[2]) then
-  redis.call('HSET', D, ARGV[1], ARGV[3])
   note('s', ARGV[1], ARGV[3], scopes_of(ARGV[1]))
+  redis.call('HSET', D, ARGV[1], ARGV[3])
   return 1
 end
 if not cur then return 0 end
@@ -212,46 +227,10 @@ if ARGV[2] == '1' then
 elseif cur ~= ARGV[3] then
   return 0
 end
+note('s', ARGV[1], ARGV[4], scopes_of(ARGV[1]))
 redis.call('HSET', D, ARGV[1], ARGV[4])
 if not cur and ARGV[5] ~= '' then expire_in(ARGV[1], ARGV[5]) end
-note('s', ARGV[1], ARGV[4], scopes_of(ARGV[1]))
 return 1
-"""
-
-#: ARGV: name. The stored text, or nil (missing or past its deadline).
-GET = """
-fresh(ARGV[1])
-return redis.call('HGET', D, ARGV[1])
-"""
-
-#: ARGV: name. 1 if it exists, else 0.
-CONTAINS = """
-fresh(ARGV[1])
-return redis.call('HEXISTS', D, ARGV[1])
-"""
-
-#: ARGV: names. Their texts, in order ('' for a missing one: no value is stored as '').
-GET_MANY = """
-local out = {}
-for i = 1, #ARGV do
-  fresh(ARGV[i])
-  out[i] = redis.call('HGET', D, ARGV[i]) or ''
-end
-return out
-"""
-
-#: The number of names.
-LENGTH = """
-purge(PURGE_BATCH)
-clock()
-return redis.call('HLEN', D) - redis.call('ZCOUNT', X, '-inf', nowtext)
-"""
-
-#: {every name and text (HGETALL), the names past their deadline not removed yet}.
-SNAPSHOT = """
-purge(PURGE_BATCH)
-clock()
-return {redis.call('HGETALL', D), redis.call('ZRANGEBYSCORE', X, '-inf', nowtext)}
 """
 
 #: ARGV: name, ttl ('' to remove the expiry). 1 if the name exists, else 0 (nothing changes).
@@ -263,17 +242,9 @@ expire_in(ARGV[1], ARGV[2])
 return 1
 """
 
-#: ARGV: name. The seconds it has left as text, or nil (no expiry, or no such name).
-TTL = """
-fresh(ARGV[1])
-local d = redis.call('ZSCORE', X, ARGV[1])
-if not d then return nil end
-return string.format('%.6f', tonumber(d) - clock())
-"""
-
 CLEAR = """
-redis.call('DEL', D, S, X)
 note('c', '', '', '')
+redis.call('DEL', D, S, X)
 return 1
 """
 
@@ -284,67 +255,83 @@ return 1
 """
 
 #: KEYS: the five, then ``NAMESPACE:watchers`` (a sorted set: a watching process' token by the deadline of
-#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge.
-#: Registers (or renews) the process, makes writers note changes for a lease, purges expired names.
-#: Returns {1 if the process' registration had lapsed (changes may have gone unnoted), the stream's last id}.
+#: its registration, ms). ARGV: token, lease ms, the stream's cap this process needs, names to purge, the
+#: highest entry number this process has seen in the stream. Registers (or renews) the process, makes
+#: writers note changes for a lease (``watching``: this process' cap, the cap, the largest of the live
+#: processes', and ``seq``), gives the stream the same lease (it goes when nobody watches any more), then
+#: purges expired names. Returns {1 if changes may have gone unnoted or unseen since this process' last
+#: tick, else 0; the number of the last entry}. Unnoted: the process' registration had lapsed, or
+#: ``watching`` was gone (expired, evicted, deleted) while it was registered. Unseen: the numbers went
+#: back below what this process has read (``watching`` and the stream were both lost, and numbering began
+#: again): the numbers then go on from this process' highest, so its watchers' next reads wake.
 WATCH = """
-purge(tonumber(ARGV[4]))
 local nowms = math.floor(clock() * 1000)
 local lease = tonumber(ARGV[2])
-local mine = redis.call('ZSCORE', KEYS[6], ARGV[1])
+local P = KEYS[6]
+local mine = redis.call('ZSCORE', P, ARGV[1])
 local lapsed = 0
 if not mine or tonumber(mine) < nowms then lapsed = 1 end
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', nowms - 1)
-redis.call('ZADD', KEYS[6], nowms + lease, ARGV[1])
-redis.call('PEXPIRE', KEYS[6], lease)
-local want = tonumber(ARGV[3])
-if watched() and tonumber(cap) > want then want = tonumber(cap) end
-redis.call('SET', W, want, 'PX', lease)
-local last = '0-0'
-if redis.call('EXISTS', C) == 1 then
-  local info = redis.call('XINFO', 'STREAM', C)
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
+redis.call('ZREMRANGEBYSCORE', P, '-inf', nowms - 1)
+redis.call('ZADD', P, nowms + lease, ARGV[1])
+redis.call('PEXPIRE', P, lease)
+local seq = redis.call('HGET', W, 'seq')
+if seq then
+  seq = tonumber(seq)
+else
+  lapsed = 1
+  seq = 0
+  if redis.call('EXISTS', C) == 1 then
+    local info = redis.call('XINFO', 'STREAM', C)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        local head, tail = string.match(info[i + 1], '^(%d+)-(%d+)$')
+        if head == '0' then seq = tonumber(tail) end
+      end
+    end
   end
 end
-return {lapsed, last}
-"""
-
-#: KEYS: a hash, the deadlines. ARGV: cursor, count, '1' to return values too. One HSCAN step:
-#: {cursor, items...}, without the names past their deadline.
-SCAN = """
-local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
-local out = {r[1]}
-local items = r[2]
-local step = 2
-if ARGV[3] == '1' then step = 1 end
-local deadlines = redis.call('EXISTS', KEYS[2]) == 1
-local now = 0
-if deadlines then
-  local clock = redis.call('TIME')
-  now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local seen = tonumber(ARGV[5])
+if seq < seen then
+  lapsed = 1
+  seq = seen
 end
-for i = 1, #items, 2 do
-  local d = deadlines and redis.call('ZSCORE', KEYS[2], items[i])
-  if not d or tonumber(d) > now then
-    out[#out + 1] = items[i]
-    if step == 1 then out[#out + 1] = items[i + 1] end
+redis.call('HSET', W, 'p:' .. ARGV[1], ARGV[3], 'seq', seq)
+local want = 0
+local fields = redis.call('HGETALL', W)
+for i = 1, #fields, 2 do
+  local token = string.match(fields[i], '^p:(.*)$')
+  if token then
+    if redis.call('ZSCORE', P, token) then want = math.max(want, tonumber(fields[i + 1]))
+    else redis.call('HDEL', W, fields[i]) end
   end
 end
-return out
+redis.call('HSET', W, 'cap', want)
+redis.call('PEXPIRE', W, lease)
+redis.call('PEXPIRE', C, lease)
+cap = nil
+purge(tonumber(ARGV[4]))
+return {lapsed, seq}
 """
 
-#: The same notes as ``PRELUDE``'s, for what a ``MULTI`` block writes (``update``, ``restore``). KEYS:
-#: changes, watching. ARGV: kind, then name and value for each change ('c' and 'R': none; 'w', which
-#: every watcher skips: only to wake them).
+#: ``PRELUDE``'s notes, for what a ``MULTI`` block writes (``restore``; the block runs it first, so that
+#: it fails before anything is written) and to wake watchers. ARGV: kind, then name and value for each
+#: change ('c' and 'R': none; 'w', which every watcher skips: only to wake them).
 NOTE_MANY = """
-local cap = redis.call('GET', KEYS[2])
-if not cap then return 0 end
-if #ARGV == 1 then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', cap, '0-*', 'k', ARGV[1], 'n', '', 'v', '', 's', '')
-end
-for i = 2, #ARGV, 2 do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', cap, '0-*', 'k', ARGV[1], 'n', ARGV[i], 'v', ARGV[i + 1], 's', '')
+if #ARGV == 1 then note(ARGV[1], '', '', '') end
+for i = 2, #ARGV, 2 do note(ARGV[1], ARGV[i], ARGV[i + 1], '') end
+return 1
+"""
+
+#: ARGV: name, value, name, value... Stores each value without scopes or expiry; the names among them
+#: that had expired are noted ``expired`` first, then every name ``set``, in order.
+UPDATE = """
+purge(PURGE_BATCH)
+for i = 1, #ARGV, 2 do fresh(ARGV[i]) end
+for i = 1, #ARGV, 2 do note('s', ARGV[i], ARGV[i + 1], '') end
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', D, ARGV[i], ARGV[i + 1])
+  redis.call('HDEL', S, ARGV[i])
+  redis.call('ZREM', X, ARGV[i])
 end
 return 1
 """
@@ -383,23 +370,22 @@ _ON_NAMES = {
     "append": APPEND,
     "compare_and_set": COMPARE_AND_SET,
     "swap": SWAP,
-    "get": GET,
-    "contains": CONTAINS,
-    "get_many": GET_MANY,
-    "length": LENGTH,
-    "snapshot": SNAPSHOT,
+    **READS_ON_NAMES,
     "expire": EXPIRE,
-    "ttl": TTL,
     "clear": CLEAR,
     "purge": PURGE,
     "watch": WATCH,
+    "note_many": NOTE_MANY,
+    "update": UPDATE,
 }
 
 #: Every script, by the attribute name a connection registers it under.
 SCRIPTS = {
-    **{name: (PRELUDE + body).replace("PURGE_BATCH", str(PURGE_BATCH)) for name, body in _ON_NAMES.items()},
-    "scan": SCAN,
-    "note_many": NOTE_MANY,
+    **{
+        name: (PRELUDE + body).replace("PURGE_BATCH", str(PURGE_BATCH)).replace("NOTE_MAX", str(NOTE_MAX))
+        for name, body in _ON_NAMES.items()
+    },
+    **READ_SCRIPTS,
     "acquire": ACQUIRE,
     "release": RELEASE,
     "renew": RENEW,

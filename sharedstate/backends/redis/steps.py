@@ -55,8 +55,8 @@ Operation = Generator[Step, Any, Any]
 
 
 def run(operation: Operation, conn: Any, client: Any = None) -> Any:
-    """Carry out ``operation`` on a blocking ``connection.Connection`` (its commands on ``client`` if given:
-    a watcher's own)."""
+    """Carry out ``operation`` on a blocking ``connection.Connection`` (its scripts and commands on ``client``
+    if given: a watcher's own, or the watch thread's)."""
     client = conn.client if client is None else client
     reply = None
     try:
@@ -64,7 +64,7 @@ def run(operation: Operation, conn: Any, client: Any = None) -> Any:
             step = operation.send(reply)
             kind = type(step)
             if kind is Script:
-                reply = conn.scripts[step.name](keys=step.keys, args=step.args)
+                reply = conn.scripts[step.name](keys=step.keys, args=step.args, client=client)
             elif kind is Command:
                 reply = getattr(client, step.method)(*step.args, **step.kwargs)
             elif kind is Pipeline:
@@ -149,6 +149,9 @@ async def run_watch(operation: Operation, conn: Any) -> Any:
                 reply = await run_step(step, conn)
     except StopIteration as done:
         return done.value
+    except BaseException:
+        operation.close()  # as ``run``: a read cancelled is no longer ``reading``
+        raise
 
 
 def _finish(

@@ -2,20 +2,25 @@
 ``steps.Operation``s, for both faces), and the thread that keeps this process' watches registered.
 
 The scripts that change the names write each change to the stream ``NAMESPACE:changes`` (``scripts.PRELUDE``'s
-``note``) while ``NAMESPACE:watching`` exists, with ids ``0-1``, ``0-2``... one after the other, trimmed
-by ``MAXLEN ~`` to the cap that key holds. ``watch`` runs ``scripts.WATCH``, which registers this process
-in ``NAMESPACE:watchers`` (a lease of ``LEASE_S``), sets ``watching`` and answers the stream's last id, in
-one script: every change committed after it is in the stream after that id. A watcher reads from there
-with ``XREAD BLOCK`` on a connection of its own and filters in this process.
+``note``) while ``NAMESPACE:watching`` exists, with ids ``0-1``, ``0-2``... numbered by that key (a hash),
+trimmed by ``MAXLEN ~`` to the cap it holds. ``watch`` runs ``scripts.WATCH``, which registers this
+process in ``NAMESPACE:watchers`` (a lease of ``LEASE_S``), sets ``watching`` and answers the last entry's
+number, in one script: every change committed after it is in the stream after that id. A watcher reads
+from there with ``XREAD BLOCK`` on a connection of its own and filters in this process.
 
 A watcher gets ``Change(None, "overflow", None)`` and continues from the present when an id is missing
-(the cap trimmed entries it had not read), when more than ``buffer`` changes it watches are waiting, when
-this process' registration lapsed (it was stopped longer than ``LEASE_S``: writers may have stopped
-noting), and after its connection failed (a restarted Redis may have lost the stream).
+(the cap trimmed entries it had not read, or the stream was lost), when more than ``buffer`` changes it
+watches are waiting, when changes may have gone unnoted (this process' registration lapsed: it was stopped
+longer than ``LEASE_S``; or ``watching`` was lost: expired, evicted, deleted), when the numbers went back
+below what this process had read (the keys were lost and numbering began again), and after its
+connection failed (a restarted Redis may have lost the stream). A lapse found by one of the process'
+``watch()`` calls or ticks is told to every watcher of the namespace in the process.
 
 The thread of this module runs ``scripts.WATCH`` again every ``TICK_S`` for each namespace this process
 watches: it renews the registration, and removes the names whose deadline has passed, so that a watcher
-hears of an expiry within ``TICK_S`` even when no other call touches the state.
+hears of an expiry within ``TICK_S`` even when no other call touches the state. Its ticks use a client of
+their own with a short reply timeout (``connection.TICK_TIMEOUT``): a Redis server that stopped answering
+holds the thread up well within the lease of the namespaces on other servers.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ BLOCK_SLICE_S = 5.0
 
 _KINDS = {"s": SET, "r": REMOVED, "e": EXPIRED, "c": CLEARED, "R": RESTORED}
 OVERFLOWED = Change(None, OVERFLOW, None)
+#: Stands for the value of a change whose entry left it out (``scripts.NOTE_MAX``) until it is read.
+_LARGE = object()
 
 
 def _seq(entry_id: bytes | str) -> int:
@@ -112,14 +119,21 @@ class Cursor:
         #: The watch was closed (a read under way ends); a read is under way.
         self.closed = self.reading = False
         self.generation = _fork.generation
-        self._slice = min(BLOCK_SLICE_S, backend.timeout / 2)
+        # The client's own reply timeout (a ``socket_timeout`` in the URL wins over ``connect(timeout=)``).
+        effective = backend._conn.timeout
+        self._slice = BLOCK_SLICE_S if effective is None else min(BLOCK_SLICE_S, effective / 2)
 
     def start(self) -> Operation:
-        """Register this process and take the stream's last id as the place to read from."""
+        """Register this process and take the stream's last id as the place to read from. If changes may
+        have gone unnoted since this process' last tick, its cursors of the namespace that took their place
+        before are told so (and woken), as the tick does."""
+        begun = time.monotonic()
         reply = yield tick(self.backend, max(STREAM_MIN, self.buffer), 0)
-        self.last = _seq(reply[1])
+        self.last = int(reply[1])
         self.lapsed = False
         self.started = time.monotonic()
+        if reply[0] == 1 and registry.lapse(self.backend, begun):
+            yield from self.wake()
 
     def adopt(self) -> None:
         """In a forked child, make the watch this process' own: registered here, and read from the present
@@ -137,6 +151,9 @@ class Cursor:
         changes: list[Change] = []
         overflowed = False
         stream = self.backend._changes_key
+        # ``self.last`` moves only when the changes read are answered: a read cut short (a cancelled task,
+        # a KeyboardInterrupt, a failed connection) between two chunks leaves them to the next read.
+        last = self.last
         self.reading = True
         try:
             while True:
@@ -148,13 +165,15 @@ class Cursor:
                 left = self._slice if deadline is None else min(self._slice, deadline - time.monotonic())
                 block = None if changes or overflowed or left <= 0 else max(1, int(left * 1000))
                 options = {"count": READ_CHUNK} if block is None else {"count": READ_CHUNK, "block": block}
-                entries = _entries((yield Command("xread", ({stream: f"0-{self.last}"},), options)))
+                entries = _entries((yield Command("xread", ({stream: f"0-{last}"},), options)))
+                if self.lapsed or self.closed:  # found while it waited: what it read may follow a loss
+                    continue
                 for entry_id, fields in entries:
                     seq = _seq(entry_id)
-                    if seq != self.last + 1:  # trimmed before it was read (or the stream began again)
+                    if seq != last + 1:  # trimmed or lost before it was read
                         overflowed = True
                         changes.clear()
-                    self.last = seq
+                    last = seq
                     change = self._change(fields)
                     if change is not None:
                         changes.append(change)
@@ -163,17 +182,18 @@ class Cursor:
                     del changes[: -self.buffer]
                 if len(entries) == READ_CHUNK:
                     continue  # more may be waiting: take them without blocking
-                if overflowed:
-                    return [OVERFLOWED, *changes]
-                if changes or block is None or (deadline is not None and time.monotonic() >= deadline):
-                    return changes
+                if overflowed or changes or block is None or (deadline is not None and time.monotonic() >= deadline):
+                    changes = yield from self._large(changes)
+                    self.last = last
+                    registry.saw(self.backend, last)
+                    return [OVERFLOWED, *changes] if overflowed else changes
         finally:
             self.reading = False
 
     def wake(self) -> Operation:
         """End the ``read``s blocked in other threads or tasks (after ``closed`` or ``lapsed``): an entry every
         watcher skips."""
-        yield Script("note_many", self.backend._keys[3:5], ["w"])
+        yield Script("note_many", self.backend._keys, ["w"])
 
     def _change(self, fields: dict[Any, Any]) -> Change | None:
         """The change an entry notes, or ``None`` if this watcher's filters leave it out."""
@@ -193,14 +213,26 @@ class Cursor:
             if not noted or self.scopes.isdisjoint(json.loads(noted)):
                 return None
         if kind is SET:
-            return Change(name, kind, loads(got["v"]))
+            return Change(name, kind, _LARGE if text(got.get("L", b"0")) == "1" else loads(got["v"]))
         return Change(name, kind)
+
+    def _large(self, changes: list[Change]) -> Operation:
+        """``changes`` with the values their entries left out (``scripts.NOTE_MAX``) read now, in one round
+        trip: the value at the time of the read (``None`` if the name is gone by then: a later change says so)."""
+        names = sorted({change.name for change in changes if change.value is _LARGE})
+        if not names:
+            return changes
+        values = yield from self.backend.get_many.steps(self.backend, names)
+        return [
+            Change(change.name, change.kind, values.get(change.name)) if change.value is _LARGE else change
+            for change in changes
+        ]
 
 
 def tick(backend: RedisBackend, cap: int, purge: int) -> Script:
     """The ``scripts.WATCH`` step: (re)register this process as watching ``backend``'s namespace."""
     keys = [*backend._keys, backend._prefix + "watchers"]
-    return Script("watch", keys, [_token, int(LEASE_S * 1000), cap, purge])
+    return Script("watch", keys, [_token, int(LEASE_S * 1000), cap, purge, registry.seen(backend)])
 
 
 class Registry:
@@ -211,6 +243,27 @@ class Registry:
         #: A cursor nobody holds any more (its watch was never closed) drops out, and stops being renewed.
         self._watched: dict[Any, tuple[RedisBackend, weakref.WeakSet[Cursor]]] = {}
         self._thread: threading.Thread | None = None
+        #: The highest entry number this process has seen in each namespace's stream (``scripts.WATCH``).
+        self._seen: dict[Any, int] = {}
+
+    def seen(self, backend: RedisBackend) -> int:
+        return self._seen.get((backend._url, backend.namespace), 0)
+
+    def saw(self, backend: RedisBackend, seq: int) -> None:
+        key = (backend._url, backend.namespace)
+        with self._mutex:
+            if seq > self._seen.get(key, 0):
+                self._seen[key] = seq
+
+    def lapse(self, backend: RedisBackend, begun: float) -> list[Cursor]:
+        """Mark this process' cursors of ``backend``'s namespace that took their place in the stream before
+        ``begun`` as lapsed (changes may have gone past them unnoted); the cursors marked."""
+        with self._mutex:
+            entry = self._watched.get((backend._url, backend.namespace))
+            cursors = [cursor for cursor in entry[1] if cursor.started < begun] if entry is not None else []
+        for cursor in cursors:
+            cursor.lapsed = True
+        return cursors
 
     def add(self, cursor: Cursor) -> None:
         key = (cursor.backend._url, cursor.backend.namespace)
@@ -247,17 +300,16 @@ class Registry:
         the cursors that took their place before, then wake them, so that they answer the overflow at once."""
         cap = max(STREAM_MIN, *(cursor.buffer for cursor in cursors))
         begun = time.monotonic()
+        conn = backend._conn
         try:
-            lapsed = run(_ticked(tick(backend, cap, TICK_PURGE)), backend._conn)
+            lapsed = run(_ticked(tick(backend, cap, TICK_PURGE)), conn, conn.ticks)
         except Exception as exc:  # never let the thread die; a lapse is found at the next tick
             log.debug("could not renew the watches of %r: %s", backend, exc)
             return
-        concerned = [cursor for cursor in cursors if cursor.started < begun]
-        if lapsed and concerned:
-            for cursor in concerned:
-                cursor.lapsed = True
+        concerned = registry.lapse(backend, begun) if lapsed else []
+        if concerned:
             try:
-                run(concerned[0].wake(), backend._conn)
+                run(concerned[0].wake(), conn, conn.ticks)
             except Exception as exc:
                 log.debug("could not wake the watchers of %r: %s", backend, exc)
 
@@ -318,14 +370,27 @@ class Watcher:
                     log.debug("could not wake a closed watcher: %s", exc)
 
 
-def _guarded(cursor: Cursor, call: Any) -> Any:
-    """``call()``; after a failure of the connection, once more from the present (``OVERFLOWED`` first:
-    a Redis that restarted may have lost changes); sharedstate's error if that fails too."""
-    try:
-        return call()
-    except connection.RedisError:
+#: A watcher's read (or start) is tried this often: after a failure of the connection, once more.
+ATTEMPTS = (1, 2)
+
+
+def failed(cursor: Cursor, exc: BaseException, attempt: int) -> BaseException | None:
+    """The rule after a failure of the connection, for both faces: the first time, try again from the
+    present (``OVERFLOWED`` first: a Redis that restarted may have lost changes): ``None``; the second
+    time, sharedstate's error to raise."""
+    if attempt < ATTEMPTS[-1]:
         cursor.lapsed = True
-    try:
-        return call()
-    except connection.RedisError as exc:
-        raise connection.translate(exc, cursor.backend.address, "watch") from None
+        return None
+    return connection.translate(exc, cursor.backend.address, "watch")
+
+
+def _guarded(cursor: Cursor, call: Any) -> Any:
+    """``call()`` by the rule of ``failed``."""
+    for attempt in ATTEMPTS:
+        try:
+            return call()
+        except connection.RedisError as exc:
+            error = failed(cursor, exc, attempt)
+            if error is not None:
+                raise error from None
+    raise AssertionError("unreachable")
