@@ -50,7 +50,7 @@ from sharedstate._fork import after_fork_in_child
 from sharedstate._pattern import Pattern
 from sharedstate.backends.redis import connection
 from sharedstate.backends.redis.connection import text
-from sharedstate.backends.redis.steps import Command, Operation, Script, run
+from sharedstate.backends.redis.steps import Command, Operation, Script, Sleep, run
 from sharedstate.backends.redis.stored import loads
 
 if TYPE_CHECKING:
@@ -69,6 +69,9 @@ STREAM_MIN = 10_000
 TICK_PURGE = 1000
 #: Entries one ``XREAD`` takes at most.
 READ_CHUNK = 1000
+#: How long a watcher behind a burst of changes lets the burst go on before it reads again: a watcher
+#: that keeps up (one entry a read) reads again at once, so a lone change still comes in one hop.
+BURST_PAUSE_S = 0.002
 #: The longest single ``XREAD BLOCK`` (a longer wait is several), at most half the reply timeout.
 BLOCK_SLICE_S = 5.0
 
@@ -118,6 +121,8 @@ class Cursor:
         self.started = 0.0
         #: The watch was closed (a read under way ends); a read is under way.
         self.closed = self.reading = False
+        #: The last read found more than one entry waiting: the next one pauses first (``BURST_PAUSE_S``).
+        self.behind = False
         self.generation = _fork.generation
         # The client's own reply timeout (a ``socket_timeout`` in the URL wins over ``connect(timeout=)``).
         effective = backend._conn.timeout
@@ -156,6 +161,10 @@ class Cursor:
         last = self.last
         self.reading = True
         try:
+            if self.behind:
+                # Entries came faster than one a read: let more gather, so a flood of changes costs the
+                # watcher (and Redis) a few reads, not one per change.
+                yield Sleep(BURST_PAUSE_S)
             while True:
                 if self.closed:
                     return []
@@ -166,6 +175,7 @@ class Cursor:
                 block = None if changes or overflowed or left <= 0 else max(1, int(left * 1000))
                 options = {"count": READ_CHUNK} if block is None else {"count": READ_CHUNK, "block": block}
                 entries = _entries((yield Command("xread", ({stream: f"0-{last}"},), options)))
+                self.behind = len(entries) > 1
                 if self.lapsed or self.closed:  # found while it waited: what it read may follow a loss
                     continue
                 for entry_id, fields in entries:
