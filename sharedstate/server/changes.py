@@ -282,7 +282,7 @@ class Watchers:
             queued = watcher.queue
             watcher.found = watcher.found + 1 if queued else 0
             until = 0.0
-            if queued and watcher.hurried and watcher.behind < watcher.enough and watcher.size < BATCH_BYTES:
+            if watcher.hurried and watcher.behind < watcher.enough and watcher.size < BATCH_BYTES:
                 until = watcher.answered + BATCH_WINDOW
                 if deadline is not None:
                     until = min(until, deadline)
