@@ -354,3 +354,22 @@ def test_two_threads_waiting_on_one_watch_take_turns_instead_of_waking_each_othe
         for thread in threads:
             thread.join(30)
         assert state.stats()["calls"]["watch_next"] - before <= 4
+
+
+def test_a_burst_reaches_a_watcher_that_keeps_taking_in_far_fewer_calls_than_changes(server):
+    # A watcher that falls behind a burst waits out a short window after each batch (``BATCH_WINDOW``):
+    # the burst goes out in a few large batches, not one ``watch_next`` per change, all of it, in order.
+    state = server.state
+    last = 1000
+    context = multiprocessing.get_context("fork")
+    ready, out = context.Event(), context.Queue()
+    process = context.Process(target=watch_until, args=(state, ready, last, out))
+    process.start()
+    try:
+        assert ready.wait(60), "the watcher did not start"
+        before = state.stats()["calls"].get("watch_next", 0)
+        count_to(state, last)
+        assert out.get(timeout=60) == [("n", "set", value) for value in range(1, last + 1)]
+        assert state.stats()["calls"]["watch_next"] - before < last // 4
+    finally:
+        reap(process)
