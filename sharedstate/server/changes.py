@@ -8,8 +8,10 @@ more drops them all for a single ``overflow`` marker, so a watcher that stopped 
 process) costs the server a bounded amount of memory. A caller waiting in ``watch_next`` is answered by
 the writer's thread (a small answer on a Unix socket, ``Watcher._hand_over``) or woken through a pipe of
 its own, only when it waits: a writer whose watcher is busy or already woken only appends to a list.
-No wait is timed: a call that finds changes queued takes them all at once, so batches form only from
-what queued while the watcher was busy.
+A watcher that keeps up change by change is answered at once. One behind a burst (its last batch
+carried two changes or more) has its next call wait out the rest of a short window after that batch
+(``BATCH_WINDOW``; a poll with a timeout, never a timed wait with the mutex held), or until enough is
+queued: a flood goes out in few large batches, each costing the server one call.
 
 A watcher belongs to the client process that opened it and goes when that process' last connection
 closes (it died, or closed its handle). The server forgets every watcher when it stops: a client that
@@ -58,8 +60,6 @@ BATCH_WINDOW = 0.0005
 #: ...unless this many changes, or values of about ``BATCH_BYTES``, are queued for it before then.
 BATCH_CHANGES = 256
 BATCH_BYTES = 64 * 1024
-#: Calls in a row that found changes queued on arrival for a watcher to count as behind.
-_BEHIND_CALLS = 2
 
 
 class Waiting:
@@ -99,7 +99,7 @@ class Watcher:
 
     __slots__ = (
         "ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "size", "waiter", "batches",
-        "enough", "hurried", "found", "answered", "until",
+        "enough", "hurried", "answered", "until",
     )  # fmt: skip
 
     def __init__(
@@ -127,15 +127,14 @@ class Watcher:
         self.waiter: Waiting | None = None
         #: Non-empty batches answered: the client says how many it received, so a lost answer is noticed.
         self.batches = 0
-        #: Changes that end a batching window (``BATCH_CHANGES``, and half the buffer: a window never
-        #: overflows a watcher).
+        #: Changes that end a batching window: ``BATCH_CHANGES``, and half the buffer, so that a window
+        #: ends long before the buffer would overflow.
         self.enough = max(1, min(BATCH_CHANGES, buffer // 2))
-        #: The watcher is behind a burst: its last batch carried two changes or more, or its last calls
-        #: found changes queued on arrival (``found``: how many in a row). Its next call waits out the rest
-        #: of ``BATCH_WINDOW`` after ``answered`` (when its last batch went out). A watcher that keeps up
-        #: change by change (it waits for each) is answered at once.
+        #: The watcher is behind a burst: its last batch carried two changes or more. Its next call waits
+        #: out the rest of ``BATCH_WINDOW`` after ``answered`` (when that batch went out). A watcher that
+        #: keeps up change by change (each batch one change) is answered at once. (Changes found queued on
+        #: arrival do not count: in a ping-pong, the writer's next change often beats the watcher's call.)
         self.hurried = False
-        self.found = 0
         self.answered = 0.0
         #: While a call waits out a window: when it ends (a change queued after that ends it); else 0.
         self.until = 0.0
@@ -184,7 +183,7 @@ class Watcher:
     def take(self) -> list[tuple[Any, ...]]:
         batch, self.queue, self.behind, self.size = self.queue, [], 0, 0
         self.batches += 1
-        self.hurried = len(batch) > 1 or self.found >= _BEHIND_CALLS
+        self.hurried = len(batch) > 1
         self.answered = time.monotonic()
         return batch
 
@@ -280,7 +279,6 @@ class Watchers:
                 if not watcher.queue or watcher.queue[0] is not OVERFLOWED:
                     watcher.queue.insert(0, OVERFLOWED)
             queued = watcher.queue
-            watcher.found = watcher.found + 1 if queued else 0
             until = 0.0
             if watcher.hurried and watcher.behind < watcher.enough and watcher.size < BATCH_BYTES:
                 until = watcher.answered + BATCH_WINDOW
