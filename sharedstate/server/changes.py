@@ -8,8 +8,10 @@ more drops them all for a single ``overflow`` marker, so a watcher that stopped 
 process) costs the server a bounded amount of memory. A caller waiting in ``watch_next`` is answered by
 the writer's thread (a small answer on a Unix socket, ``Watcher._hand_over``) or woken through a pipe of
 its own, only when it waits: a writer whose watcher is busy or already woken only appends to a list.
-No wait is timed: a call that finds changes queued takes them all at once, so batches form only from
-what queued while the watcher was busy.
+A watcher that keeps up change by change is answered at once. One behind a burst (its last batch
+carried two changes or more) has its next call wait out the rest of a short window after that batch
+(``BATCH_WINDOW``; a poll with a timeout, never a timed wait with the mutex held), or until enough is
+queued: a flood goes out in few large batches, each costing the server one call.
 
 A watcher belongs to the client process that opened it and goes when that process' last connection
 closes (it died, or closed its handle). The server forgets every watcher when it stops: a client that
@@ -52,6 +54,12 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _dumps = pickle.dumps
 #: The longest single poll of a wait with no timeout (``poll`` takes milliseconds as a C int).
 _LONGEST_POLL_S = 3600.0
+#: A watcher behind a burst (``Watcher.hurried``) waits out this much after its last batch before its next
+#: one, so that a flood goes out in few large batches instead of one call per change.
+BATCH_WINDOW = 0.0005
+#: ...unless this many changes, or values of about ``BATCH_BYTES``, are queued for it before then.
+BATCH_CHANGES = 256
+BATCH_BYTES = 64 * 1024
 
 
 class Waiting:
@@ -90,7 +98,8 @@ class Watcher:
     """One watch: its filters, its queue, and the call waiting for it, if any."""
 
     __slots__ = (
-        "ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "size", "waiter", "batches"
+        "ident", "client", "pattern", "names", "scopes", "buffer", "queue", "behind", "size", "waiter", "batches",
+        "enough", "hurried", "answered", "until",
     )  # fmt: skip
 
     def __init__(
@@ -118,6 +127,17 @@ class Watcher:
         self.waiter: Waiting | None = None
         #: Non-empty batches answered: the client says how many it received, so a lost answer is noticed.
         self.batches = 0
+        #: Changes that end a batching window: ``BATCH_CHANGES``, and half the buffer, so that a window
+        #: ends long before the buffer would overflow.
+        self.enough = max(1, min(BATCH_CHANGES, buffer // 2))
+        #: The watcher is behind a burst: its last batch carried two changes or more. Its next call waits
+        #: out the rest of ``BATCH_WINDOW`` after ``answered`` (when that batch went out). A watcher that
+        #: keeps up change by change (each batch one change) is answered at once. (Changes found queued on
+        #: arrival do not count: in a ping-pong, the writer's next change often beats the watcher's call.)
+        self.hurried = False
+        self.answered = 0.0
+        #: While a call waits out a window: when it ends (a change queued after that ends it); else 0.
+        self.until = 0.0
 
     def put(self, change: tuple[Any, ...], size: int) -> None:
         """Queue ``change``, whose value is estimated at ``size`` bytes."""
@@ -128,7 +148,12 @@ class Watcher:
         self.behind += 1
         self.size += size
         waiter = self.waiter
-        if waiter is not None and not waiter.woken and not waiter.handed and not self._hand_over(waiter, size):
+        if waiter is None or waiter.woken or waiter.handed:
+            return
+        if self.until and self.behind < self.enough and self.size < BATCH_BYTES and time.monotonic() < self.until:
+            return  # the waiting call waits out its window; the last change of a burst is taken by its poll
+        self.until = 0.0
+        if not self._hand_over(waiter, size):
             waiter.wake()
 
     def _hand_over(self, waiter: Waiting, size: int) -> bool:
@@ -158,6 +183,8 @@ class Watcher:
     def take(self) -> list[tuple[Any, ...]]:
         batch, self.queue, self.behind, self.size = self.queue, [], 0, 0
         self.batches += 1
+        self.hurried = len(batch) > 1
+        self.answered = time.monotonic()
         return batch
 
 
@@ -251,13 +278,24 @@ class Watchers:
                 watcher.batches = got
                 if not watcher.queue or watcher.queue[0] is not OVERFLOWED:
                     watcher.queue.insert(0, OVERFLOWED)
-            if watcher.queue or (deadline is not None and timeout <= 0):  # type: ignore[operator]
-                return watcher.take() if watcher.queue else []
+            queued = watcher.queue
+            until = 0.0
+            if watcher.hurried and watcher.behind < watcher.enough and watcher.size < BATCH_BYTES:
+                until = watcher.answered + BATCH_WINDOW
+                if deadline is not None:
+                    until = min(until, deadline)
+                if until <= time.monotonic():
+                    until = 0.0
+            if not until and (queued or (deadline is not None and timeout <= 0)):  # type: ignore[operator]
+                return watcher.take() if queued else []
             waiting.handed = False
             self._wait_with(watcher, waiting)
+            if until:
+                watcher.until = until
         try:
             while True:
-                span = _LONGEST_POLL_S if deadline is None else min(_LONGEST_POLL_S, deadline - time.monotonic())
+                end = until or deadline
+                span = _LONGEST_POLL_S if end is None else min(_LONGEST_POLL_S, end - time.monotonic())
                 ready = span > 0 and readable(span, waiting.read_fd)
                 with mutex:
                     if waiting.handed:
@@ -266,8 +304,15 @@ class Watchers:
                         return HANDED  # the answer is written already
                     if watcher.waiter is not waiting:
                         return []  # closed, or another call waits for it now
-                    if ready or watcher.queue or (deadline is not None and time.monotonic() >= deadline):
+                    if until and (waiting.woken or not watcher.until or time.monotonic() >= until):
+                        until = watcher.until = 0.0  # the window is over: what is queued goes out now
+                    if (
+                        ready
+                        or (watcher.queue and not until)
+                        or (deadline is not None and time.monotonic() >= deadline)
+                    ):
                         watcher.waiter = None
+                        watcher.until = 0.0
                         # A caller whose connection has something to read stopped waiting: the changes
                         # stay queued for its next call.
                         return watcher.take() if watcher.queue and not ready else []
@@ -278,6 +323,7 @@ class Watchers:
             with mutex:
                 if watcher.waiter is waiting:  # left by an exception: no change may wake it any more
                     watcher.waiter = None
+                    watcher.until = 0.0
                 woken, waiting.woken = waiting.woken, False
             if woken:  # the byte that woke it, read before the connection's next wait
                 os.read(waiting.read_fd, 1)
@@ -287,6 +333,7 @@ class Watchers:
         answers ``[]``: one call waits at a time)."""
         previous = watcher.waiter
         watcher.waiter = waiting
+        watcher.until = 0.0
         if previous is not None and not previous.handed:
             previous.wake()
 
@@ -311,6 +358,7 @@ class Watchers:
         watcher.queue = []
         watcher.behind = watcher.size = 0
         waiter, watcher.waiter = watcher.waiter, None
+        watcher.until = 0.0
         if waiter is not None and not waiter.handed:
             waiter.wake()
 
