@@ -377,6 +377,9 @@ def test_a_burst_reaches_a_watcher_that_keeps_taking_in_about_one_call_per_batch
         windows = (time.monotonic() - began) / BATCH_WINDOW
         assert out.get(timeout=60) == [("n", "set", value) for value in range(1, last + 1)]
         calls = state.stats()["calls"]["watch_next"] - before
-        assert calls <= 2 * windows + 10, f"{calls} calls for {last} changes made in {windows:.0f} windows"
+        # A third of the changes at most (far below a call for most of them), or, for a writer so slow that
+        # its burst spans many windows, about two calls a window.
+        bound = max(last // 3, 2 * windows + 10)
+        assert calls <= bound, f"{calls} calls for {last} changes made in {windows:.0f} windows"
     finally:
         reap(process)
