@@ -14,14 +14,14 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from sharedstate._errors import SharedStateError
 from sharedstate._lock import Lock, check_timeout
-from sharedstate._pattern import Pattern, compile_pattern
+from sharedstate._pattern import compile_pattern
+from sharedstate._replies import popped, popped_item, removed, sorted_view
 from sharedstate._rules import check_increment
 from sharedstate._semaphore import Semaphore, check_permits
-from sharedstate._sentinels import DROPPED, MISSING, NO_DEFAULT
+from sharedstate._sentinels import MISSING, NO_DEFAULT
 from sharedstate._values import PartBudget, check_name, check_names, check_scope, check_ttl, check_value
-from sharedstate._watch import WAIT_BUFFER, Changes, deadline_of, left, waited
+from sharedstate._watch import WAIT_BUFFER, Changes, deadline_of, left, waited, watch_arguments
 from sharedstate.backends.base import Backend
 from sharedstate.persistence.files import caller_target
 
@@ -353,19 +353,6 @@ def update_items(other: Mapping[str, Any] | Iterable[tuple[str, Any]], names: di
     return items
 
 
-def watch_arguments(
-    pattern: object, names: object, scope: object, buffer: object
-) -> tuple[Pattern | None, tuple[str, ...] | None, tuple[str, ...], int]:
-    """``watch``'s arguments, checked, as ``Backend.watch`` takes them."""
-    checked = None if pattern is None else compile_pattern(pattern)
-    listed = None if names is None else tuple(check_names(names))
-    if type(buffer) is not int:
-        raise TypeError(f"buffer must be an int, not {type(buffer).__name__}")
-    if buffer < 1:
-        raise ValueError(f"buffer must be at least 1, not {buffer!r}")
-    return checked, listed, check_scope(scope), buffer
-
-
 def save_arguments(
     path: object,
     include: Iterable[str] | None = None,
@@ -384,43 +371,6 @@ def restore_arguments(path: object, merge: object) -> tuple[Any, ...]:
     if type(merge) is not bool:
         raise TypeError(f"merge must be a bool, not {type(merge).__name__}")
     return _absolute(path, "restore"), merge
-
-
-def removed(value: Any) -> Any:
-    """What ``remove`` returns for the backend's answer."""
-    # DROPPED: removed before a crash, and answered again after it without the value (``pop`` says so).
-    return None if value is MISSING or value is DROPPED else value
-
-
-def popped(name: str, value: Any, default: Any) -> Any:
-    """What ``pop(name, default)`` returns (or raises) for the backend's answer."""
-    if value is MISSING:
-        if default is NO_DEFAULT:
-            raise KeyError(name)
-        return default
-    if value is DROPPED:
-        raise _dropped(f"pop({name!r})")
-    return value
-
-
-def popped_item(item: Any) -> tuple[str, Any]:
-    """What ``popitem()`` returns (or raises) for the backend's answer."""
-    if item is None:
-        raise KeyError("popitem(): the state is empty")
-    if item is DROPPED:
-        raise _dropped("popitem()")
-    return item
-
-
-def sorted_view(data: dict[str, Any]) -> dict[str, Any]:
-    return {name: data[name] for name in sorted(data)}
-
-
-def _dropped(call: str) -> SharedStateError:
-    return SharedStateError(
-        f"{call} was applied by the server before it crashed, and sent again to the restarted server; a save "
-        "in between did not keep the removed value (removed values never reach a snapshot), so it is lost"
-    )
 
 
 def _absolute(path: object, verb: str) -> str | None:

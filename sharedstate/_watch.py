@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sharedstate._changes import OVERFLOW, RESTORED, SET, Change, deadline_of, left
+from sharedstate._pattern import Pattern, compile_pattern
+from sharedstate._values import check_names, check_scope
 
 if TYPE_CHECKING:
     from sharedstate.backends.base import AsyncWatcher, Watcher
@@ -119,3 +121,16 @@ def waited(name: str, change: Change | None, timeout: float | None) -> tuple[boo
     if change.kind in (RESTORED, OVERFLOW):
         return False, None
     return True, None  # removed, expired, cleared
+
+
+def watch_arguments(
+    pattern: object, names: object, scope: object, buffer: object
+) -> tuple[Pattern | None, tuple[str, ...] | None, tuple[str, ...], int]:
+    """``watch``'s arguments, checked, as ``Backend.watch`` takes them."""
+    checked = None if pattern is None else compile_pattern(pattern)
+    listed = None if names is None else tuple(check_names(names))
+    if type(buffer) is not int:
+        raise TypeError(f"buffer must be an int, not {type(buffer).__name__}")
+    if buffer < 1:
+        raise ValueError(f"buffer must be at least 1, not {buffer!r}")
+    return checked, listed, check_scope(scope), buffer

@@ -40,23 +40,13 @@ from sharedstate._lock import (
     release_done,
 )
 from sharedstate._pattern import compile_pattern
+from sharedstate._replies import popped, popped_item, removed, sorted_view
 from sharedstate._rules import check_increment
 from sharedstate._semaphore import AsyncSemaphore, check_permits
 from sharedstate._sentinels import MISSING, NO_DEFAULT, NOT_CACHED
-from sharedstate._state import (
-    _PLAIN_FAST,
-    State,
-    popped,
-    popped_item,
-    removed,
-    restore_arguments,
-    save_arguments,
-    sorted_view,
-    update_items,
-    watch_arguments,
-)
+from sharedstate._state import _PLAIN_FAST, State, restore_arguments, save_arguments, update_items
 from sharedstate._values import check_name, check_names, check_scope, check_ttl, check_value
-from sharedstate._watch import WAIT_BUFFER, AsyncChanges, deadline_of, left, waited
+from sharedstate._watch import WAIT_BUFFER, AsyncChanges, deadline_of, left, waited, watch_arguments
 from sharedstate.backends import open_backend
 from sharedstate.backends.aio_local import AsyncLocalBackend
 from sharedstate.backends.local import LocalBackend
