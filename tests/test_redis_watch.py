@@ -127,6 +127,15 @@ def test_the_streams_cap_follows_the_live_watchers_and_the_stream_goes_with_the_
         assert 0 < client.pttl(keys[1]) <= watch.LEASE_S * 1000
 
 
+def test_a_stream_a_write_creates_after_the_watch_gets_the_watchers_lease(redis_state, redis_server, redis_namespace):
+    """The watch's lease was given while the stream did not exist yet (nothing written during the watch):
+    the write that creates it gives it the rest of that lease, so it does not outlive every watcher."""
+    redis_state.watch().close()  # as wait() does: gone before its first tick
+    redis_state.set("a", 1)
+    with redis_server.client() as client:
+        assert 0 < client.pttl(f"{redis_namespace}:changes") <= watch.LEASE_S * 1000
+
+
 def test_a_watcher_more_than_its_buffer_behind_gets_one_overflow_and_goes_on(redis_state):
     """Then the newest ``buffer`` changes it read, as a local server's queue that dropped what it held."""
     with redis_state.watch(buffer=5) as changes:

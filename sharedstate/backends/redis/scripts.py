@@ -33,7 +33,9 @@ PURGE_BATCH = 100
 #: ``note`` writes a change to the stream, only while someone watches, with ids ``0-1``, ``0-2``... one
 #: after the other, numbered by the ``seq`` field of ``watching`` (a hash: ``cap``, ``seq``, and each
 #: watching process' own cap), so that a stream deleted or evicted alone goes on with the next number: a
-#: watcher sees a gap where entries it had not read are gone. Every script notes a change *before* it
+#: watcher sees a gap where entries it had not read are gone. A stream the note creates (the watchers'
+#: ``PEXPIRE`` found none to renew) gets what is left of ``watching``'s lease, so that it never outlives
+#: the watchers. Every script notes a change *before* it
 #: writes the data: a note that fails (a key of another type under the stream's name, an id out of
 #: order) ends the script before anything changed, as Redis does not undo a script's earlier writes.
 #: A value longer than ``NOTE_MAX`` bytes is not copied into the stream (the entry says ``L``: large), so
@@ -44,7 +46,7 @@ PRELUDE = (
     NOW
     + """
 local D, S, X, C, W = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local now, nowtext, cap
+local now, nowtext, cap, leased
 local function clock()
   if not now then
     now = redis_now()
@@ -62,6 +64,11 @@ local function note(kind, name, value, scopes)
     local large = '0'
     if #value > NOTE_MAX then value, large = '', '1' end
     redis.call('XADD', C, 'MAXLEN', '~', cap, '0-' .. seq, 'k', kind, 'n', name, 'v', value, 's', scopes, 'L', large)
+    if not leased then
+      leased = true
+      local left = redis.call('PTTL', W)
+      if left > 0 and redis.call('PTTL', C) == -1 then redis.call('PEXPIRE', C, left) end
+    end
   end
 end
 local function scopes_of(name)
