@@ -20,7 +20,7 @@ import sharedstate
 from sharedstate import Change, ServerUnavailable, SharedStateError, aio
 from sharedstate.backends.redis import watch
 from sharedstate.backends.redis.scripts import NOTE_MAX
-from sharedstate.backends.redis.steps import run
+from sharedstate.backends.redis.steps import Script, run
 from sharedstate.backends.redis.watch import READ_CHUNK, STREAM_MIN
 
 OVERFLOW = Change(None, "overflow", None)
@@ -188,6 +188,48 @@ def test_only_watching_lost_is_an_overflow(redis_state, redis_server, redis_name
         with redis_server.client() as client:
             client.delete(f"{redis_namespace}:watching")
         redis_state.set("unnoted", 1)
+        assert changes.next(5) == OVERFLOW
+
+
+def _other_process_ticks(state, seen: int = 0) -> None:
+    """What another process' ``watch()`` or tick does: ``scripts.WATCH`` with a token of its own."""
+    backend = state.backend
+    keys = [*backend._keys, backend._prefix + "watchers"]
+    step = run_script("watch", keys, ["other-process", int(watch.LEASE_S * 1000), STREAM_MIN, 0, seen])
+    run(step, backend._conn)
+
+
+def run_script(name, keys, args):
+    return (yield Script(name, keys, args))
+
+
+def test_watching_made_again_by_another_process_is_a_lapse_here_too(redis_state, redis_server, redis_namespace):
+    """``NS:watching`` lost, then made again by another process' tick before this process' own: the change
+    made meanwhile went unnoted for this process' watchers too."""
+    with redis_state.watch() as changes:
+        with redis_server.client() as client:
+            client.delete(f"{redis_namespace}:watching")
+            redis_state.set("unnoted", 1)
+            _other_process_ticks(redis_state)
+        redis_state.set("noted", 1)
+        assert changes.next(5) == OVERFLOW
+
+
+def test_numbering_begun_again_by_a_process_that_read_less_is_a_gap_to_those_that_read_more(
+    redis_state, redis_server, redis_namespace
+):
+    """``NS:watching`` and the stream lost, then made again by a process that had read nothing: the new
+    numbers cannot be ones this process' watcher already read, so it sees the gap at once."""
+    with redis_state.watch() as changes:
+        for i in range(5):
+            redis_state.set("x", i)
+        assert _all(changes) == [Change("x", "set", i) for i in range(5)]
+        with redis_server.client() as client:
+            client.delete(f"{redis_namespace}:watching", f"{redis_namespace}:changes")
+            redis_state.set("unnoted", 1)
+            _other_process_ticks(redis_state)
+        for i in range(8):
+            redis_state.set("y", i)
         assert changes.next(5) == OVERFLOW
 
 

@@ -60,10 +60,10 @@ local function watched()
 end
 local function note(kind, name, value, scopes)
   if watched() then
-    local seq = redis.call('HINCRBY', W, 'seq', 1)
+    local id = '0-' .. string.format('%.0f', redis.call('HINCRBY', W, 'seq', 1))
     local large = '0'
     if #value > NOTE_MAX then value, large = '', '1' end
-    redis.call('XADD', C, 'MAXLEN', '~', cap, '0-' .. seq, 'k', kind, 'n', name, 'v', value, 's', scopes, 'L', large)
+    redis.call('XADD', C, 'MAXLEN', '~', cap, id, 'k', kind, 'n', name, 'v', value, 's', scopes, 'L', large)
     if not leased then
       leased = true
       local left = redis.call('PTTL', W)
@@ -267,10 +267,11 @@ return 1
 #: writers note changes for a lease (``watching``: this process' cap, the cap, the largest of the live
 #: processes', and ``seq``), gives the stream the same lease (it goes when nobody watches any more), then
 #: purges expired names. Returns {1 if changes may have gone unnoted or unseen since this process' last
-#: tick, else 0; the number of the last entry}. Unnoted: the process' registration had lapsed, or
-#: ``watching`` was gone (expired, evicted, deleted) while it was registered. Unseen: the numbers went
-#: back below what this process has read (``watching`` and the stream were both lost, and numbering began
-#: again): the numbers then go on from this process' highest, so its watchers' next reads wake.
+#: tick, else 0; the number of the last entry}. Unnoted: the process' registration had lapsed, or its own
+#: field was missing from ``watching`` (``watching`` was lost, expired, evicted or deleted, while it was
+#: registered, whichever process made it again). Unseen: the numbers cannot go on (``watching`` and the
+#: stream were both lost) or went back below what this process has read: they begin again from Redis'
+#: ``TIME`` in microseconds, past any number a process has read, so every watcher's next read sees a gap.
 WATCH = """
 local nowms = math.floor(clock() * 1000)
 local lease = tonumber(ARGV[2])
@@ -281,12 +282,12 @@ if not mine or tonumber(mine) < nowms then lapsed = 1 end
 redis.call('ZREMRANGEBYSCORE', P, '-inf', nowms - 1)
 redis.call('ZADD', P, nowms + lease, ARGV[1])
 redis.call('PEXPIRE', P, lease)
+if redis.call('HEXISTS', W, 'p:' .. ARGV[1]) == 0 then lapsed = 1 end
 local seq = redis.call('HGET', W, 'seq')
 if seq then
   seq = tonumber(seq)
 else
   lapsed = 1
-  seq = 0
   if redis.call('EXISTS', C) == 1 then
     local info = redis.call('XINFO', 'STREAM', C)
     for i = 1, #info, 2 do
@@ -298,10 +299,14 @@ else
   end
 end
 local seen = tonumber(ARGV[5])
-if seq < seen then
+if not seq or seq < seen then
+  -- Numbering begins again: from Redis' clock in microseconds, a number past any a process can have read
+  -- (a namespace would have to note more than a million changes a second to reach it).
   lapsed = 1
-  seq = seen
+  local t = redis.call('TIME')
+  seq = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), seen)
 end
+seq = string.format('%.0f', seq)
 redis.call('HSET', W, 'p:' .. ARGV[1], ARGV[3], 'seq', seq)
 local want = 0
 local fields = redis.call('HGETALL', W)

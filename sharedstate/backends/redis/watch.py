@@ -11,8 +11,9 @@ from there with ``XREAD BLOCK`` on a connection of its own and filters in this p
 A watcher gets ``Change(None, "overflow", None)`` and continues from the present when an id is missing
 (the cap trimmed entries it had not read, or the stream was lost), when more than ``buffer`` changes it
 watches are waiting, when changes may have gone unnoted (this process' registration lapsed: it was stopped
-longer than ``LEASE_S``; or ``watching`` was lost: expired, evicted, deleted), when the numbers went back
-below what this process had read (the keys were lost and numbering began again), and after its
+longer than ``LEASE_S``; or ``watching`` was lost: expired, evicted, deleted, whichever process made it
+again), when numbering began again (``watching`` and the stream were lost: the new numbers start past any
+read, so every watcher of every process finds a gap), and after its
 connection failed (a restarted Redis may have lost the stream). A lapse found by one of the process'
 ``watch()`` calls or ticks is told to every watcher of the namespace in the process.
 
