@@ -121,6 +121,8 @@ def test_the_streams_cap_follows_the_live_watchers_and_the_stream_goes_with_the_
         with redis_state.watch(buffer=STREAM_MIN * 2):
             redis_state.set("a", 1)
             assert int(client.hget(keys[0], "cap")) == STREAM_MIN * 2
+            with redis_state.watch():  # a new watch asks for the process' largest buffer, not its own
+                assert int(client.hget(keys[0], "cap")) == STREAM_MIN * 2
         wait_until(lambda: int(client.hget(keys[0], "cap")) == STREAM_MIN, 5, what="the next tick")
         assert changes.next(5) == Change("a", "set", 1)
         # Renewed with the watchers' lease: gone once nobody renews it.

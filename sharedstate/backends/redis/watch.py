@@ -134,7 +134,7 @@ class Cursor:
         have gone unnoted since this process' last tick, its cursors of the namespace that took their place
         before are told so (and woken), as the tick does."""
         begun = time.monotonic()
-        reply = yield tick(self.backend, max(STREAM_MIN, self.buffer), 0)
+        reply = yield tick(self.backend, registry.cap(self.backend, self), 0)
         self.last = int(reply[1])
         self.lapsed = False
         self.started = time.monotonic()
@@ -266,6 +266,16 @@ class Registry:
             if seq > self._seen.get(key, 0):
                 self._seen[key] = seq
 
+    def cap(self, backend: RedisBackend, cursor: Cursor | None = None) -> int:
+        """The stream's cap this process needs in ``backend``'s namespace: the largest ``buffer`` of its live
+        cursors there (and ``cursor``'s, one not added yet), at least ``STREAM_MIN``."""
+        with self._mutex:
+            entry = self._watched.get((backend._url, backend.namespace))
+            cursors = list(entry[1]) if entry is not None else []
+        if cursor is not None:
+            cursors.append(cursor)
+        return max([STREAM_MIN, *(each.buffer for each in cursors)])
+
     def lapse(self, backend: RedisBackend, begun: float) -> list[Cursor]:
         """Mark this process' cursors of ``backend``'s namespace that took their place in the stream before
         ``begun`` as lapsed (changes may have gone past them unnoted); the cursors marked."""
@@ -309,7 +319,7 @@ class Registry:
     def _tick(backend: RedisBackend, cursors: set[Cursor]) -> None:
         """Renew this process' registration for ``backend``'s namespace and purge; if it had lapsed, mark
         the cursors that took their place before, then wake them, so that they answer the overflow at once."""
-        cap = max(STREAM_MIN, *(cursor.buffer for cursor in cursors))
+        cap = registry.cap(backend)
         begun = time.monotonic()
         conn = backend._conn
         try:
