@@ -453,3 +453,33 @@ def test_a_watcher_across_a_redis_restart_raises_then_overflows_and_goes_on(tmp_
         state.close()
     finally:
         server.stop()
+
+
+def test_a_large_update_does_not_make_other_clients_busy(redis_state, redis_server):
+    """Past Redis' ``busy-reply-threshold`` a running script makes every other client's call fail with
+    ``BUSY``; a ``MULTI`` block of short steps only makes them wait. Watched, so that the notes are written."""
+    errors: list[BaseException] = []
+    done = threading.Event()
+    other = sharedstate.connect(redis_server.url, namespace=redis_state.backend.namespace)
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                other.get("n1")
+            except SharedStateError as exc:
+                errors.append(exc)
+            time.sleep(0.002)
+
+    with redis_server.client() as client, redis_state.watch(names=["none"]):
+        client.config_set("busy-reply-threshold", 10)
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            redis_state.update({f"n{i}": i for i in range(50_000)})
+        finally:
+            done.set()
+            thread.join(30)
+            client.config_set("busy-reply-threshold", 5000)
+            other.close()
+    assert errors == []
+    assert redis_state.get("n49999") == 49_999

@@ -307,8 +307,9 @@ class RedisBackend(FileCalls, LockCalls, SemaphoreCalls):
 
     @operation
     def update(self, mapping: dict[str, Any]) -> Operation:
-        """In one script (``scripts.UPDATE``): the names it replaces that had expired are noted so first."""
-        yield Script("update", self._keys, [item for name, value in mapping.items() for item in (name, dumps(value))])
+        """``FileCalls.write_many``: a ``MULTI`` block, so that an update of many names keeps Redis' other
+        clients waiting, not failing (``BUSY``) as a script running that long would."""
+        yield from self.write_many({name: dumps(value) for name, value in mapping.items()})
 
     # -- change notifications -----------------------------------------------------------------------
     def watch(

@@ -17,6 +17,9 @@ from sharedstate.persistence.snapshot import read_snapshot, write_snapshot
 
 #: Fields per HSET inside one MULTI block when many names are written at once.
 WRITE_CHUNK = 10_000
+#: Names per script (notes, or removals of expired names) when many names are written at once: each script
+#: stays short, well within Redis' ``busy-reply-threshold``, past which other clients get ``BUSY``.
+NOTE_CHUNK = 1000
 
 
 def _path(path: str | None, verb: str) -> Path:
@@ -80,21 +83,47 @@ class FileCalls:
         encoded = {name: dumps(value) for name, value in snapshot.data.items() if name not in passed}
         scopes = {name: json.dumps(list(scope)) for name, scope in snapshot.scopes.items() if name in encoded}
         yield Script("purge", self._keys, [PURGE_BATCH])
-        # A note every watcher skips, which fails where the block's own note would (a key of another type
-        # under the stream's name): before anything is written, as the block would go on past it.
-        yield Script("note_many", self._keys, ["w"])
+        yield from self._check_note()
         yield Pipeline(self._write(encoded, scopes, deadlines, merge=merge))
         return len(encoded)
 
+    def write_many(self, encoded: dict[str, str]) -> Operation:
+        """``update``: the names among ``encoded`` past their deadline removed (noted ``expired``) by short
+        scripts, ``WRITE_CHUNK`` names each, then one ``MULTI`` block that notes a ``"set"`` for each and
+        stores them without scopes or expiry. A name whose deadline passes between the two is replaced
+        without an ``expired`` note."""
+        names = list(encoded)
+        if not names:
+            return
+        for start in range(0, len(names), NOTE_CHUNK):
+            yield Script("fresh", self._keys, names[start : start + NOTE_CHUNK])
+        yield from self._check_note()
+        yield Pipeline(self._write(encoded, {}, {}, merge=True, kind="s"))
+
+    def _check_note(self) -> Operation:
+        """A note every watcher skips, which fails where the block's own notes would (a key of another type
+        under the stream's name, an id out of order): before anything is written, as the block would go on
+        past it (it can still fail for a key changed in between: ``MULTI`` cannot undo)."""
+        yield Script("note_many", self._keys, ["w"])
+
     def _write(
-        self, encoded: dict[str, str], scopes: dict[str, str], deadlines: dict[str, float], merge: bool
+        self, encoded: dict[str, str], scopes: dict[str, str], deadlines: dict[str, float], merge: bool, kind: str = "R"
     ) -> list[Command]:
-        """The commands that note a ``"restored"`` change for watchers, then store ``encoded`` values with
+        """The commands that note the change for watchers (``kind`` ``"R"``: one ``"restored"``; ``"s"``: a
+        ``"set"`` for each name, by scripts of ``NOTE_CHUNK`` notes), then store ``encoded`` values with
         ``scopes`` and ``deadlines`` (names without any lose theirs); with ``merge=False`` everything else
-        goes first. ``MULTI`` does not stop at an error: ``restore`` checks beforehand that a note can be
-        written."""
+        goes first. ``MULTI`` does not stop at an error: the callers check beforehand that a note can be
+        written (``_check_note``)."""
         keys = self._keys
-        commands = [Command("eval", (SCRIPTS["note_many"], len(keys), *keys, "R"))]
+        note = SCRIPTS["note_many"]
+        if kind == "R":
+            commands = [Command("eval", (note, len(keys), *keys, "R"))]
+        else:
+            pairs = [item for name, value in encoded.items() for item in (name, value)]
+            commands = [
+                Command("eval", (note, len(keys), *keys, kind, *pairs[start : start + 2 * NOTE_CHUNK]))
+                for start in range(0, len(pairs), 2 * NOTE_CHUNK)
+            ]
         if not merge:
             commands.append(Command("delete", (self._data_key, self._scopes_key, self._deadlines_key)))
         names = list(encoded)

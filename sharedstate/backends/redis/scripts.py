@@ -325,8 +325,8 @@ purge(tonumber(ARGV[4]))
 return {lapsed, seq}
 """
 
-#: ``PRELUDE``'s notes, for what a ``MULTI`` block writes (``restore``; the block runs it first, so that
-#: it fails before anything is written) and to wake watchers. ARGV: kind, then name and value for each
+#: ``PRELUDE``'s notes, for what a ``MULTI`` block writes (``restore``, ``update``; the block runs them
+#: first, as the scripts do) and to wake watchers. ARGV: kind, then name and value for each
 #: change ('c' and 'R': none; 'w', which every watcher skips: only to wake them).
 NOTE_MANY = """
 if #ARGV == 1 then note(ARGV[1], '', '', '') end
@@ -334,17 +334,11 @@ for i = 2, #ARGV, 2 do note(ARGV[1], ARGV[i], ARGV[i + 1], '') end
 return 1
 """
 
-#: ARGV: name, value, name, value... Stores each value without scopes or expiry; the names among them
-#: that had expired are noted ``expired`` first, then every name ``set``, in order.
-UPDATE = """
+#: ARGV: names. Removes those among them past their deadline (noting ``expired``), and up to
+#: ``PURGE_BATCH`` others: what ``update`` runs, in chunks, before its ``MULTI`` block writes.
+FRESH = """
 purge(PURGE_BATCH)
-for i = 1, #ARGV, 2 do fresh(ARGV[i]) end
-for i = 1, #ARGV, 2 do note('s', ARGV[i], ARGV[i + 1], '') end
-for i = 1, #ARGV, 2 do
-  redis.call('HSET', D, ARGV[i], ARGV[i + 1])
-  redis.call('HDEL', S, ARGV[i])
-  redis.call('ZREM', X, ARGV[i])
-end
+for i = 1, #ARGV do fresh(ARGV[i]) end
 return 1
 """
 
@@ -388,7 +382,7 @@ _ON_NAMES = {
     "purge": PURGE,
     "watch": WATCH,
     "note_many": NOTE_MANY,
-    "update": UPDATE,
+    "fresh": FRESH,
 }
 
 #: Every script, by the attribute name a connection registers it under.
