@@ -10,9 +10,10 @@ value types (through the snapshot codec) and errors as on the local server, on k
   owner, with a lease), and ``NAMESPACE:wake[:NAME]``, a list a release pushes to so a waiter wakes;
 - ``NAMESPACE:deadlines``, a sorted set of name by its deadline (UTC seconds of Redis' ``TIME``), for
   the names that expire (``scripts.PRELUDE``);
-- ``NAMESPACE:changes``, the stream of changes for watchers, written while ``NAMESPACE:watching`` (a hash:
-  the stream's cap and the number of its last entry) exists, and ``NAMESPACE:watchers``, the processes
-  that watch (``watch``).
+- ``NAMESPACE:changes``, the stream of changes for watchers, written while ``NAMESPACE:watching`` (a hash,
+  leased and renewed by the watching processes: the stream's cap, the number of its last entry, and a
+  ``p:TOKEN`` field per watching process with the cap it needs) exists, and ``NAMESPACE:watchers``, the
+  processes that watch, by the deadline of their registration (``watch``).
 
 Every call is atomic in Redis: a single command, a ``MULTI``/``EXEC`` block, or a Lua script
 (``scripts``), and most are one round trip. The exceptions: ``names()`` walks the hash by ``HSCAN``

@@ -30,14 +30,15 @@ PURGE_BATCH = 100
 #: ``TIME``), ``changes`` (the stream) and ``watching`` (a hash, present while anyone watches)).
 #: ``clock`` asks Redis' ``TIME`` once, and only when a deadline is involved: a state without expiry never
 #: pays for it.
-#: ``note`` writes a change to the stream, only while someone watches, with ids ``0-1``, ``0-2``... one
-#: after the other, numbered by the ``seq`` field of ``watching`` (a hash: ``cap``, ``seq``, and each
-#: watching process' own cap), so that a stream deleted or evicted alone goes on with the next number: a
-#: watcher sees a gap where entries it had not read are gone. A stream the note creates (the watchers'
-#: ``PEXPIRE`` found none to renew) gets what is left of ``watching``'s lease, so that it never outlives
-#: the watchers. Every script notes a change *before* it
-#: writes the data: a note that fails (a key of another type under the stream's name, an id out of
-#: order) ends the script before anything changed, as Redis does not undo a script's earlier writes.
+#: ``note`` writes a change to the stream, only while someone watches, with ids ``0-N``, ``0-N+1``... one
+#: after the other, numbered by the ``seq`` field of ``watching`` (a hash: ``cap``, ``seq``, and a
+#: ``p:TOKEN`` field per watching process, its own cap; ``WATCH`` sets where numbering begins), so that a
+#: stream deleted or evicted alone goes on with the next number: a watcher sees a gap where entries it had
+#: not read are gone. A stream the note creates (the watchers' ``PEXPIRE`` found none to renew) gets what
+#: is left of ``watching``'s lease, so that it never outlives the watchers. Every script notes a change
+#: *before* it writes the data: a note that fails (a key of another type under the stream's name, an id
+#: out of order) ends the script before anything changed, as Redis does not undo a script's earlier
+#: writes (the ``MULTI`` blocks of ``restore`` and ``update`` check first with a note every watcher skips).
 #: A value longer than ``NOTE_MAX`` bytes is not copied into the stream (the entry says ``L``: large), so
 #: that a namespace's stream does not hold many copies of a large value (an ``append`` to a long list
 #: would write the whole list each time); its watchers read the name's value when they read the entry.
