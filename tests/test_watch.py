@@ -13,7 +13,6 @@ import signal
 import socket
 import struct
 import threading
-import time
 
 import pytest
 from conftest import kill, reap, wait_until
@@ -23,7 +22,7 @@ import sharedstate
 import sharedstate.aio
 from sharedstate import Change
 from sharedstate._sentinels import HANDED
-from sharedstate.server.changes import BATCH_WINDOW, BUFFER_BYTES, Waiting
+from sharedstate.server.changes import BUFFER_BYTES, Waiting
 from sharedstate.server.clients import Client
 from sharedstate.server.serving import _readable_within
 from sharedstate.server.store import Store
@@ -355,31 +354,3 @@ def test_two_threads_waiting_on_one_watch_take_turns_instead_of_waking_each_othe
         for thread in threads:
             thread.join(30)
         assert state.stats()["calls"]["watch_next"] - before <= 4
-
-
-def test_a_burst_reaches_a_watcher_that_keeps_taking_in_about_one_call_per_batching_window(server):
-    # A watcher that falls behind a burst waits out a short window after each batch (``BATCH_WINDOW``):
-    # the burst goes out in one ``watch_next`` per window or so, all of it, in order. Without the windows
-    # a watcher that keeps taking makes a call for most changes (measured: 616-949 for 1,000 changes made in
-    # 65-215 windows' time); with them, about one per window the burst lasted. The burst's length only
-    # scales the bound (a writer slower than one change a window needs no batching): nothing is timed.
-    state = server.state
-    last = 1000
-    context = multiprocessing.get_context("fork")
-    ready, out = context.Event(), context.Queue()
-    process = context.Process(target=watch_until, args=(state, ready, last, out))
-    process.start()
-    try:
-        assert ready.wait(60), "the watcher did not start"
-        before = state.stats()["calls"].get("watch_next", 0)
-        began = time.monotonic()
-        count_to(state, last)
-        windows = (time.monotonic() - began) / BATCH_WINDOW
-        assert out.get(timeout=60) == [("n", "set", value) for value in range(1, last + 1)]
-        calls = state.stats()["calls"]["watch_next"] - before
-        # A third of the changes at most (far below a call for most of them), or, for a writer so slow that
-        # its burst spans many windows, about two calls a window.
-        bound = max(last // 3, 2 * windows + 10)
-        assert calls <= bound, f"{calls} calls for {last} changes made in {windows:.0f} windows"
-    finally:
-        reap(process)

@@ -5,6 +5,7 @@ hear of a flag set through another worker (examples/web/flags_app.py)."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import shlex
 import sys
@@ -112,34 +113,42 @@ def test_sessions_expire_and_a_rate_limit_is_exact_across_gunicorn_workers(tmp_p
 def test_a_long_poll_in_one_uvicorn_worker_hears_a_flag_set_through_another(tmp_path):
     port = free_port()
     proc, address = start_as_written(FLAGS_SERVER, tmp_path, port)
+    connections: list[http.client.HTTPConnection] = []
     try:
         wait_ready(proc, port)
         state = sharedstate.connect(address)
-        waiters = 9
-        crossed = False
-        with concurrent.futures.ThreadPoolExecutor(waiters) as pool:
-            for round_ in range(3):  # the kernel picks the workers; three rounds make a miss vanishingly rare
-                polls = [pool.submit(call, port, "GET", "/flags/beta/next?timeout=60") for _ in range(waiters)]
-                deadline = time.monotonic() + 60
-                while state.stats()["watchers"] < waiters:  # every long poll is watching
-                    assert time.monotonic() < deadline, "the long polls never started watching"
-                    time.sleep(0.02)
-                status, body = call(port, "PUT", "/flags/beta", {"on": True, "round": round_})
-                assert status == 200
-                setter = body["pid"]
-                answers = [poll.result(60) for poll in polls]
-                assert [status for status, _ in answers] == [200] * waiters
-                assert all(body["value"] == {"on": True, "round": round_} for _, body in answers)
-                if any(body["pid"] != setter for _, body in answers):
-                    crossed = True
-                    break
-                deadline = time.monotonic() + 30
-                while state.stats()["watchers"]:  # the finished polls stopped watching
-                    assert time.monotonic() < deadline, "a finished long poll kept watching"
-                    time.sleep(0.02)
-        assert crossed, "no long poll was served by a worker other than the setter's"
+        # A kept-alive connection stays with the worker that accepted it: open connections until two
+        # are served by different workers (the kernel picks the worker of each).
+        by_worker: dict[int, http.client.HTTPConnection] = {}
+        deadline = time.monotonic() + 60
+        while len(by_worker) < 2:
+            assert time.monotonic() < deadline, "every connection went to one worker"
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            connections.append(connection)
+            by_worker.setdefault(kept_call(connection, "GET", "/flags/beta")[1]["pid"], connection)
+            time.sleep(0.05)
+        (watcher_pid, watching), (setter_pid, setting) = list(by_worker.items())[:2]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            poll = pool.submit(kept_call, watching, "GET", "/flags/beta/next?timeout=60")
+            while state.stats()["watchers"] < 1:  # the long poll is watching
+                assert time.monotonic() < deadline + 60, "the long poll never started watching"
+                time.sleep(0.02)
+            status, body = kept_call(setting, "PUT", "/flags/beta", {"on": True})
+            assert (status, body["pid"]) == (200, setter_pid)
+            assert poll.result(60) == (200, {"value": {"on": True}, "pid": watcher_pid})
         # A long poll that hears nothing ends at its timeout.
         assert call(port, "GET", "/flags/beta/next?timeout=0.2") == (204, {})
         state.close()
     finally:
+        for connection in connections:
+            connection.close()
         stop_group(proc)
+
+
+def kept_call(connection: http.client.HTTPConnection, method: str, path: str, body: object = None) -> tuple[int, dict]:
+    """``call`` on a kept-alive connection (the same worker every time)."""
+    data = None if body is None else json.dumps(body)
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    raw = response.read()
+    return response.status, json.loads(raw) if raw else {}

@@ -2,8 +2,9 @@
 
     sharedstate run --path flags.json -- uvicorn --workers 3 --app-dir examples/web flags_app:app
 
-`PUT /flags/NAME` with a JSON body sets a flag; `GET /flags/NAME/next?timeout=S` answers the flag's next
-value as soon as any worker sets it (a long poll: `state.wait`), or 204 when `timeout` seconds pass.
+`PUT /flags/NAME` with a JSON body sets a flag, `GET /flags/NAME` reads it; `GET /flags/NAME/next?timeout=S`
+answers the flag's next value as soon as any worker sets it (a long poll: `state.wait`), or 204 when
+`timeout` seconds pass.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ app = FastAPI(lifespan=lifespan)
 async def set_flag(name: str, request: Request, value: Annotated[Any, Body()]) -> dict:
     await request.state.shared.set(f"flag:{name}", value)
     return {"pid": os.getpid()}
+
+
+@app.get("/flags/{name}")
+async def get_flag(name: str, request: Request) -> dict:
+    return {"value": await request.state.shared.get(f"flag:{name}"), "pid": os.getpid()}
 
 
 @app.get("/flags/{name}/next", response_model=None)
