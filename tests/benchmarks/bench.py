@@ -665,40 +665,32 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def _watch_targets(prefix: str, label: str) -> list[tuple[str, Any, float, bool]]:
-    """The targets of change notifications, on the server whose figures start with ``prefix``."""
+Target = tuple[str, Any, float, bool]
+
+
+def _ratios(prefix: str, label: str, rows: list[tuple[str, str, str, float, bool]]) -> list[Target]:
+    """Targets that are the ratio of two figures of the server whose figures start with ``prefix``:
+    ``(name, numerator, denominator, goal, higher is better)`` each."""
     return [
-        (
-            f"{label}watch latency vs get round trip (p50)",
-            lambda r: r[f"{prefix}watch_latency_p50_us"] / r[f"{prefix}watch_get_p50_us"],
-            2.0,
-            False,
-        ),
-        (
-            f"{label}writer rate, one watcher vs none",
-            lambda r: r[f"{prefix}writer_watched_incr_per_s"] / r[f"{prefix}writer_alone_incr_per_s"],
-            0.9,
-            True,
-        ),
+        (f"{label}{name}", lambda r, a=top, b=bottom: r[prefix + a] / r[prefix + b], goal, higher)
+        for name, top, bottom, goal, higher in rows
     ]
 
 
-def _aio_targets(prefix: str, label: str) -> list[tuple[str, Any, float, bool]]:
-    """The asyncio client's targets, on the server whose figures (``_aio_figures``) start with ``prefix``."""
-    return [
-        (
-            f"{label}awaited incr vs blocking incr (p50)",
-            lambda r: r[f"{prefix}awaited_incr_p50_us"] / r[f"{prefix}blocking_incr_p50_us"],
-            1.5,
-            False,
-        ),
-        (
-            f"{label}100 tasks incr vs one blocking thread",
-            lambda r: r[f"{prefix}aio_100_tasks_incr_per_s"] / r[f"{prefix}blocking_thread_incr_per_s"],
-            2.0,
-            True,
-        ),
-    ]
+def _watch_targets(prefix: str, label: str) -> list[Target]:
+    """The targets of change notifications (``_watch_figures``)."""
+    return _ratios(prefix, label, [
+        ("watch latency vs get round trip (p50)", "watch_latency_p50_us", "watch_get_p50_us", 2.0, False),
+        ("writer rate, one watcher vs none", "writer_watched_incr_per_s", "writer_alone_incr_per_s", 0.9, True),
+    ])  # fmt: skip
+
+
+def _aio_targets(prefix: str, label: str) -> list[Target]:
+    """The asyncio client's targets (``_aio_figures``)."""
+    return _ratios(prefix, label, [
+        ("awaited incr vs blocking incr (p50)", "awaited_incr_p50_us", "blocking_incr_p50_us", 1.5, False),
+        ("100 tasks incr vs one blocking thread", "aio_100_tasks_incr_per_s", "blocking_thread_incr_per_s", 2.0, True),
+    ])  # fmt: skip
 
 
 TARGETS = [
