@@ -56,7 +56,7 @@ _dumps = pickle.dumps
 _LONGEST_POLL_S = 3600.0
 #: A watcher behind a burst (``Watcher.hurried``) waits out this much after its last batch before its next
 #: one, so that a flood goes out in few large batches instead of one call per change.
-BATCH_WINDOW = 0.0005
+BATCH_WINDOW = 0.002
 #: ...unless this many changes, or values of about ``BATCH_BYTES``, are queued for it before then.
 BATCH_CHANGES = 256
 BATCH_BYTES = 64 * 1024
