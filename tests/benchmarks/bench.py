@@ -321,16 +321,127 @@ def _busy_watcher(state, name: str, ready, stop) -> None:
 
 def measure_watch(args, r: dict[str, float]) -> None:
     """Change notifications, on one sharedstate server, then on one redis-server (``redis_`` figures):
-    ``_watch_figures`` on each."""
+    ``_watch_figures`` on each, and the floors of each transport (``_relay_floor``, ``_redis_py_floor``)."""
+    _relay_floor(max(1000, args.ops // 10), r)
     with sharedstate.StateServer() as server:
         state = sharedstate.connect(server.address, server.authkey, cache=False)
         _watch_figures(args, r, "", state)
         state.close()
     with _RedisServer() as redis_server:
         if redis_server.socket is not None:
+            _redis_py_floor(redis_server.socket, max(1000, args.ops // 10), r)
             state = sharedstate.connect(f"unix://{redis_server.socket}", namespace="bench")
             _watch_figures(args, r, "redis_", state)
             state.close()
+
+
+def _relay(sock_w, sock_x) -> None:
+    """The bare transport of a change: answer each message from the writer and pass it on to the watcher."""
+    w, x = sock_w.fileno(), sock_x.fileno()
+    while True:
+        data = os.read(w, 65536)
+        if data[:1] == b"q":
+            os.write(x, data)
+            return
+        if data[:1] == b"s":
+            os.write(x, data)
+        os.write(w, b"ok")
+
+
+def _relay_watcher(sock, report) -> None:
+    fd, out = sock.fileno(), report.fileno()
+    while True:
+        data = os.read(fd, 65536)
+        if data[:1] == b"q":
+            return
+        os.write(out, repr(time.perf_counter() - float(data[1:])).encode())
+
+
+def _relay_floor(n: int, r: dict[str, float]) -> None:
+    """What the transport alone costs a change: a writer's message through a relay process (which answers
+    the writer) to a watcher process, one at a time, against a round trip to the relay; Unix sockets, one
+    read and one write each, nothing decoded (``relay_*`` figures)."""
+    w_mine, w_relay = socket.socketpair()
+    x_relay, x_mine = socket.socketpair()
+    report_mine, report_theirs = socket.socketpair()
+    procs = [
+        CTX.Process(target=_relay, args=(w_relay, x_relay)),
+        CTX.Process(target=_relay_watcher, args=(x_mine, report_theirs)),
+    ]
+    for proc in procs:
+        proc.start()
+    for sock in (w_relay, x_relay, x_mine, report_theirs):
+        sock.close()
+    fd, report = w_mine.fileno(), report_mine.fileno()
+    trips: list[float] = []
+    got: list[float] = []
+    try:
+        for _ in range(10):
+            trips += latencies(lambda: (os.write(fd, b"g"), os.read(fd, 64)), n // 10)
+            for _ in range(n // 10):
+                os.write(fd, b"s" + repr(time.perf_counter()).encode())
+                os.read(fd, 64)
+                got.append(float(os.read(report, 64)))
+    finally:
+        os.write(fd, b"q")
+        for proc in procs:
+            proc.join(60)
+    w_mine.close()
+    report_mine.close()
+    r["relay_change_p50_us"] = pct(got, 0.5) * 1e6
+    r["relay_round_trip_p50_us"] = pct(trips, 0.5) * 1e6
+
+
+def _redis_stream_reader(path: str, ready, conn, count: int) -> None:
+    import redis
+
+    client = redis.Redis(unix_socket_path=path)
+    last = client.xadd("floor", {"v": "0"})
+    ready.set()
+    for _ in range(count):
+        found = None
+        while not found:
+            found = client.xread({"floor": last}, block=1000, count=100)
+        entries = _stream_entries(found)
+        last = entries[-1][0]
+        conn.send(time.perf_counter() - float(entries[-1][1][b"v"]))
+
+
+def _stream_entries(reply: Any) -> list[Any]:
+    """The entries of an ``XREAD`` reply of one stream (RESP2: a list of [key, entries]; RESP3: a dict)."""
+    if isinstance(reply, dict):
+        return next(iter(reply.values()))[0]
+    return reply[0][1]
+
+
+def _redis_py_floor(path: str, n: int, r: dict[str, float]) -> None:
+    """What Redis alone costs a change, with redis-py and nothing of sharedstate: an ``XADD`` reaching an
+    ``XREAD BLOCK`` in another process, one at a time, against an ``HGET`` round trip
+    (``redis_py_*`` figures)."""
+    import redis
+
+    client = redis.Redis(unix_socket_path=path)
+    client.hset("floor:h", "k", "1")
+    got: list[float] = []
+    trips: list[float] = []
+    for _ in range(10):
+        ready = CTX.Event()
+        parent, child = CTX.Pipe()
+        reader = CTX.Process(target=_redis_stream_reader, args=(path, ready, child, n // 10))
+        reader.start()
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("the reader did not start")
+            trips += latencies(lambda: client.hget("floor:h", "k"), n // 10)
+            for _ in range(n // 10):
+                client.xadd("floor", {"v": repr(time.perf_counter())}, maxlen=1000, approximate=True)
+                got.append(parent.recv())
+        finally:
+            reader.join(60)
+    client.delete("floor", "floor:h")
+    client.close()
+    r["redis_py_xadd_xread_p50_us"] = pct(got, 0.5) * 1e6
+    r["redis_py_hget_p50_us"] = pct(trips, 0.5) * 1e6
 
 
 def _watch_figures(args, r: dict[str, float], prefix: str, state) -> None:
