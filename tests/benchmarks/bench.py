@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import select
 import shutil
 import socket
 import statistics
@@ -335,38 +336,55 @@ def measure_watch(args, r: dict[str, float]) -> None:
             state.close()
 
 
-def _relay(sock_w, sock_x) -> None:
-    """The bare transport of a change: answer each message from the writer and pass it on to the watcher."""
+def _relay(sock_w, sock_x, others) -> None:
+    """The bare transport of a change: pass each change from the writer on to the watcher, then answer
+    the writer. ``others``: the descriptors of the other processes, inherited, closed here so that a peer
+    that dies is seen as gone."""
+    for sock in others:
+        sock.close()
     w, x = sock_w.fileno(), sock_x.fileno()
     while True:
         data = os.read(w, 65536)
-        if data[:1] == b"q":
-            os.write(x, data)
+        if not data or data[:1] == b"q":
+            os.write(x, b"q")
             return
         if data[:1] == b"s":
             os.write(x, data)
         os.write(w, b"ok")
 
 
-def _relay_watcher(sock, report) -> None:
+def _relay_watcher(sock, report, others) -> None:
+    for sock_ in others:
+        sock_.close()
     fd, out = sock.fileno(), report.fileno()
     while True:
         data = os.read(fd, 65536)
-        if data[:1] == b"q":
+        if not data or data[:1] == b"q":
             return
         os.write(out, repr(time.perf_counter() - float(data[1:])).encode())
 
 
+def _read_within(fd: int, seconds: float = 60.0) -> bytes:
+    """One read of ``fd``, which must have something (or its end) within ``seconds``."""
+    if not select.select([fd], [], [], seconds)[0]:
+        raise RuntimeError(f"no answer within {seconds:g} s")
+    data = os.read(fd, 64)
+    if not data:
+        raise RuntimeError("a process of the floor ended early")
+    return data
+
+
 def _relay_floor(n: int, r: dict[str, float]) -> None:
-    """What the transport alone costs a change: a writer's message through a relay process (which answers
-    the writer) to a watcher process, one at a time, against a round trip to the relay; Unix sockets, one
-    read and one write each, nothing decoded (``relay_*`` figures)."""
+    """What the transport alone costs a change: a writer's message through a relay process (which passes
+    it on to a watcher process, then answers the writer), one at a time, against a round trip to the relay;
+    Unix sockets, one read per message and one write per destination, nothing decoded (``relay_*``
+    figures)."""
     w_mine, w_relay = socket.socketpair()
     x_relay, x_mine = socket.socketpair()
     report_mine, report_theirs = socket.socketpair()
     procs = [
-        CTX.Process(target=_relay, args=(w_relay, x_relay)),
-        CTX.Process(target=_relay_watcher, args=(x_mine, report_theirs)),
+        CTX.Process(target=_relay, args=(w_relay, x_relay, (w_mine, x_mine, report_mine, report_theirs))),
+        CTX.Process(target=_relay_watcher, args=(x_mine, report_theirs, (w_mine, w_relay, x_relay, report_mine))),
     ]
     for proc in procs:
         proc.start()
@@ -377,17 +395,19 @@ def _relay_floor(n: int, r: dict[str, float]) -> None:
     got: list[float] = []
     try:
         for _ in range(10):
-            trips += latencies(lambda: (os.write(fd, b"g"), os.read(fd, 64)), n // 10)
+            trips += latencies(lambda: (os.write(fd, b"g"), _read_within(fd)), n // 10)
             for _ in range(n // 10):
                 os.write(fd, b"s" + repr(time.perf_counter()).encode())
-                os.read(fd, 64)
-                got.append(float(os.read(report, 64)))
+                _read_within(fd)
+                got.append(float(_read_within(report)))
     finally:
-        os.write(fd, b"q")
+        w_mine.close()  # the relay reads its end, and tells the watcher
+        report_mine.close()
         for proc in procs:
-            proc.join(60)
-    w_mine.close()
-    report_mine.close()
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
     r["relay_change_p50_us"] = pct(got, 0.5) * 1e6
     r["relay_round_trip_p50_us"] = pct(trips, 0.5) * 1e6
 
@@ -424,22 +444,31 @@ def _redis_py_floor(path: str, n: int, r: dict[str, float]) -> None:
     client.hset("floor:h", "k", "1")
     got: list[float] = []
     trips: list[float] = []
-    for _ in range(10):
-        ready = CTX.Event()
-        parent, child = CTX.Pipe()
-        reader = CTX.Process(target=_redis_stream_reader, args=(path, ready, child, n // 10))
-        reader.start()
-        try:
-            if not ready.wait(60):
-                raise RuntimeError("the reader did not start")
-            trips += latencies(lambda: client.hget("floor:h", "k"), n // 10)
-            for _ in range(n // 10):
-                client.xadd("floor", {"v": repr(time.perf_counter())}, maxlen=1000, approximate=True)
-                got.append(parent.recv())
-        finally:
-            reader.join(60)
-    client.delete("floor", "floor:h")
-    client.close()
+    try:
+        for _ in range(10):
+            ready = CTX.Event()
+            parent, child = CTX.Pipe()
+            reader = CTX.Process(target=_redis_stream_reader, args=(path, ready, child, n // 10))
+            reader.start()
+            child.close()
+            try:
+                if not ready.wait(60):
+                    raise RuntimeError("the reader did not start")
+                trips += latencies(lambda: client.hget("floor:h", "k"), n // 10)
+                for _ in range(n // 10):
+                    client.xadd("floor", {"v": repr(time.perf_counter())}, maxlen=1000, approximate=True)
+                    if not parent.poll(60):
+                        raise RuntimeError("the reader did not answer within 60 s")
+                    got.append(parent.recv())
+            finally:
+                parent.close()
+                reader.join(10)
+                if reader.is_alive():
+                    reader.terminate()
+                    reader.join()
+    finally:
+        client.delete("floor", "floor:h")
+        client.close()
     r["redis_py_xadd_xread_p50_us"] = pct(got, 0.5) * 1e6
     r["redis_py_hget_p50_us"] = pct(trips, 0.5) * 1e6
 
