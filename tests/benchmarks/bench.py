@@ -336,31 +336,33 @@ def measure_watch(args, r: dict[str, float]) -> None:
             state.close()
 
 
-def _relay(sock_w, sock_x, others) -> None:
-    """The bare transport of a change: pass each change from the writer on to the watcher, then answer
-    the writer. ``others``: the descriptors of the other processes, inherited, closed here so that a peer
-    that dies is seen as gone."""
-    for sock in others:
-        sock.close()
-    w, x = sock_w.fileno(), sock_x.fileno()
-    while True:
-        data = os.read(w, 65536)
-        if not data or data[:1] == b"q":
-            os.write(x, b"q")
-            return
-        if data[:1] == b"s":
-            os.write(x, data)
-        os.write(w, b"ok")
-
-
-def _relay_watcher(sock, report, others) -> None:
-    for sock_ in others:
-        sock_.close()
-    fd, out = sock.fileno(), report.fileno()
+def _messages(sock, others):
+    """The messages of ``sock`` one read each, until it ends or says ``q``. ``others``: the descriptors of
+    the other processes, inherited, closed first so that a peer that dies is seen as gone."""
+    for other in others:
+        other.close()
+    fd = sock.fileno()
     while True:
         data = os.read(fd, 65536)
         if not data or data[:1] == b"q":
             return
+        yield data
+
+
+def _relay(sock_w, sock_x, others) -> None:
+    """The bare transport of a change: pass each change from the writer on to the watcher, then answer
+    the writer; at the writer's end, end the watcher."""
+    w, x = sock_w.fileno(), sock_x.fileno()
+    for data in _messages(sock_w, others):
+        if data[:1] == b"s":
+            os.write(x, data)
+        os.write(w, b"ok")
+    os.write(x, b"q")
+
+
+def _relay_watcher(sock, report, others) -> None:
+    out = report.fileno()
+    for data in _messages(sock, others):
         os.write(out, repr(time.perf_counter() - float(data[1:])).encode())
 
 
