@@ -48,10 +48,20 @@ def take_turn(lock: threading.Lock, deadline: float | None) -> bool:
     return lock.acquire(timeout=-1 if deadline is None else left(deadline))
 
 
+#: The wait given to an acquire with no time left (see ``take_turn_async``).
+_AT_ONCE_S = 0.001
+
+
 async def take_turn_async(lock: asyncio.Lock, deadline: float | None) -> bool:
-    """``take_turn`` for asyncio."""
+    """``take_turn`` for asyncio. With no time left a free lock is still taken: Python 3.10 and 3.11's
+    ``wait_for`` cancels a timeout of 0 before the acquire runs, so such a turn gets ``_AT_ONCE_S``."""
+    timeout = left(deadline)
+    if timeout is not None and timeout <= 0:
+        if lock.locked():
+            return False
+        timeout = _AT_ONCE_S
     try:
-        await asyncio.wait_for(lock.acquire(), left(deadline))
+        await asyncio.wait_for(lock.acquire(), timeout)
     except asyncio.TimeoutError:
         return False
     return True

@@ -334,3 +334,15 @@ def test_two_threads_reading_one_watch_get_each_change_once(state, peer):
         for reader in readers:
             reader.join(60)
     assert sorted(got) == list(range(last + 1))
+
+
+def test_next_with_no_time_left_answers_what_is_there_at_once(state):
+    """``next(0)`` takes a change made before it without waiting, and answers ``None`` when none is there
+    (on asyncio too, where taking the watcher's turn must not need the event loop to run first)."""
+    with state.watch() as changes:
+        assert changes.next(0) is None
+        state.set("a", 1)
+        state.set("b", 2)
+        assert changes.next(0) == set_("a", 1)
+        assert changes.next(0) == set_("b", 2)
+        assert changes.next(0) is None
