@@ -1,6 +1,7 @@
 """The asyncio client's rules for calls that do not simply get their answer on a local server: a write
 cancelled in flight keeps its request-id lane until its answer has come (and gives it back then), a
-cancelled lock wait on a broken connection only raises its cancellation, and a long call fails no other
+cancelled lock wait on a broken connection only raises its cancellation, a wait cancelled between two
+attempts says no answer comes, and a long call fails no other
 task's call."""
 
 from __future__ import annotations
@@ -138,3 +139,34 @@ def test_a_long_call_takes_a_connection_of_its_own(server, tmp_path):
             return done
 
     assert run(main()) > 0
+
+
+def test_a_wait_cancelled_between_two_attempts_is_told_no_answer_comes(server, monkeypatch):
+    # A watch's ``next`` cancelled while it waits keeps its place until ``late`` says what the wait got;
+    # a wait cancelled in the pause between a failed attempt and the next one must say so too, or every
+    # later ``next`` of that watch waits for it forever.
+    from sharedstate.wire import aio_calls
+
+    async def main():
+        async with await aio.connect(server.address, server.authkey, cache=False) as state:
+            calls = state._backend._calls
+            paused = asyncio.Event()
+
+            async def refused(*args, **kwargs):
+                raise ConnectionRefusedError("the server is restarting")
+
+            def pause(self, exc, sent, restart):
+                paused.set()
+                return 30.0
+
+            monkeypatch.setattr(calls, "_open", refused)
+            monkeypatch.setattr(aio_calls.Retry, "after", pause)
+            late = []
+            task = asyncio.ensure_future(calls.wait("watch_next", (1, None, 0), lambda: (1, None, 0), late.append))
+            await asyncio.wait_for(paused.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert late == [None]
+
+    run(main())

@@ -350,7 +350,12 @@ class AsyncCalls:
                     conn = None
                 if retry is None:  # it may have waited long before the failure: the call's timeout from now
                     retry = Retry(method, self.address, self.parsed, self.timeout, True, _monotonic() + self.timeout)
-                await asyncio.sleep(retry.after(exc, sent, self.restart))
+                try:
+                    await asyncio.sleep(retry.after(exc, sent, self.restart))
+                except asyncio.CancelledError:
+                    if late is not None:
+                        late(None)  # cancelled between two attempts: the failed one's answer will never come
+                    raise
                 if again is not None:
                     request = again()
         self._keep_idle(conn)
