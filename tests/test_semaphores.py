@@ -412,3 +412,44 @@ def test_a_release_while_another_threads_acquire_is_on_its_way_back_keeps_the_co
     with pytest.raises(RuntimeError, match="holds none") as info:
         sem.release()
     assert not isinstance(info.value, sharedstate.LockLost)
+
+
+@pytest.mark.parametrize("kind", ["semaphore", "lock"])
+def test_a_rebuilt_holder_that_dies_before_it_calls_again_leaves_nothing_pending(tmp_path, kind):
+    """After a restart, a rebuilt holder's records wait for its next call; if its process dies first, its
+    permits (or locks) come back and the table forgets them: nothing stays pending for a dead holder, and
+    the tables' calls go back to skipping the look-up of rebuilt records."""
+    from sharedstate.server.clients import Client
+    from sharedstate.server.lockfile import LockFile
+    from sharedstate.server.locktable import LockTable
+    from sharedstate.server.semaphores import SemaphoreTable
+
+    tmp_path.chmod(0o700)
+    path = str(tmp_path / "locks")
+
+    def client() -> Client:
+        made = Client(("boot", 4242, None), 4242, False, None)  # not local: alive while connected
+        made.conns = 1
+        return made
+
+    holder, file = client(), LockFile(path)
+    if kind == "semaphore":
+        table = SemaphoreTable(file)
+        table.rebuild([], lambda h: holder)
+        for request, name in enumerate(("a", "b"), 1):
+            assert table.acquire(name, 2, holder, 7, request, False, None, lambda: None) is True
+    else:
+        file.start([])
+        table = LockTable(file)
+        for name in ("a", "b"):
+            assert table.acquire(name, holder, 7, True, None, print) is True
+    file.close(remove=False)
+    file, rebuilt = LockFile(path), client()
+    again = SemaphoreTable(file) if kind == "semaphore" else LockTable(file)
+    again.rebuild(file.load(), lambda h: rebuilt)
+    assert again._rebuilt  # both records wait for the holder's next call
+    rebuilt.conns = 0  # its process died before it called
+    again.release_client(rebuilt)
+    assert not again._rebuilt
+    assert again.recoveries == 2
+    file.close(remove=False)

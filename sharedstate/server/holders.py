@@ -110,6 +110,14 @@ class Rebuilt:
         """Whether ``holder``'s record ``key`` was rebuilt and the holder has not called since."""
         return key in self._keys.get(holder, ())
 
+    def discard(self, holder: Hashable, key: Any) -> None:
+        """``holder``'s record ``key`` is freed before the holder called again (its process died)."""
+        keys = self._keys.get(holder)
+        if keys is not None and key in keys:
+            keys.remove(key)
+            if not keys:
+                del self._keys[holder]
+
     def reclaim(self, holder: Hashable, move: Callable[[Any], None]) -> None:
         """``holder`` calls again: ``move(key)`` each of its rebuilt records to its current client."""
         for key in self._keys.pop(holder, ()):

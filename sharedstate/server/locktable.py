@@ -386,6 +386,8 @@ class LockTable:
 
     def _recover(self, key: str | None, entry: _Entry, why: str) -> None:
         pid = entry.client.pid if entry.client is not None else None
+        if entry.rebuilt:
+            self._rebuilt.discard(entry.owner, key)
         self.recoveries += 1
         log.warning("released %s held by pid %s: %s", describe_lock(key), pid, why)
         self._free(key, entry)

@@ -346,6 +346,7 @@ class SemaphoreTable:
 
     def _recover(self, name: str, entry: _Semaphore, client: Client, why: str) -> None:
         count = entry.holders.pop(client)
+        self._rebuilt.discard(client.key, name)
         self.recoveries += count
         log.warning("gave back %d permit(s) of %s held by pid %s: %s", count, describe(name), client.pid, why)
         self._record(name, entry, client)
