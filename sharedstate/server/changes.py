@@ -213,10 +213,12 @@ class Watchers:
                         continue
                     if watcher.pattern is not None:
                         matched, undecided = watcher.pattern.split((name,))
-                        if undecided:
-                            watcher.put((name, kind, value, True), estimate(value))
+                        if not matched and not undecided:
                             continue
-                        if not matched:
+                        if undecided:
+                            if size < 0:
+                                size = estimate(value)
+                            watcher.put((name, kind, value, True), size)
                             continue
                 if size < 0:
                     size = estimate(value)
