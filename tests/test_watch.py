@@ -201,15 +201,18 @@ def test_async_nexts_cancelled_mid_wait_keep_the_order_and_raise_no_false_overfl
 
     async def run() -> tuple[list, int]:
         astate = await sharedstate.aio.connect(server.address, server.authkey)
-        seen, cancels = [], 0
+        seen, cancels, in_a_row = [], 0, 0
         try:
             async with astate.watch(names=["n"], buffer=100_000) as changes:
                 go.set()
                 while not seen or seen[-1].value != last:
+                    # 0.3 ms, doubled after each cancel in a row: a slow machine still gets on.
                     try:
-                        seen.append(await asyncio.wait_for(changes.next(None), 0.0003))
+                        seen.append(await asyncio.wait_for(changes.next(None), 0.0003 * 2 ** min(in_a_row, 12)))
+                        in_a_row = 0
                     except asyncio.TimeoutError:
                         cancels += 1
+                        in_a_row += 1
         finally:
             await astate.close()
         return seen, cancels

@@ -329,10 +329,16 @@ def test_two_threads_reading_one_watch_get_each_change_once(state, peer):
         readers = [threading.Thread(target=read) for _ in range(2)]
         for reader in readers:
             reader.start()
-        for value in range(last + 1):
-            peer.set("x", value)
-        for reader in readers:
-            reader.join(60)
+        try:
+            for value in range(last + 1):
+                peer.set("x", value)
+            for reader in readers:
+                reader.join(60)
+            assert not any(reader.is_alive() for reader in readers), f"the last change never came: {sorted(got)}"
+        finally:
+            done.set()  # a failed test's readers end too
+            for reader in readers:
+                reader.join(10)
     assert sorted(got) == list(range(last + 1))
 
 
