@@ -3,8 +3,10 @@
 A read never passes more through Lua than it must: ``get`` is a lean script of its own (the deadline, Redis'
 ``TIME`` only when the name has one, the value); ``get_many`` and ``snapshot`` are not scripts at all but
 ``MULTI`` blocks whose replies the backend filters in Python, as ``save`` does. Values leave Lua as copies,
-which for a large value costs more than the read itself. The reads hide a name past its deadline; they
-leave its removal (and the ``expired`` note) to the next write or watch tick.
+which for a large value costs more than the read itself. These reads (and ``SCAN``) hide a name past its
+deadline and leave its removal (and the ``expired`` note) to the next write or watch tick. ``contains``,
+``len`` and ``ttl`` run on ``scripts.PRELUDE`` instead, and remove (and note) what they find expired, as a
+write does.
 """
 
 from __future__ import annotations
