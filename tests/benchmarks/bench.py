@@ -320,20 +320,50 @@ def _busy_watcher(state, name: str, ready, stop) -> None:
             changes.next(0.05)
 
 
+def _placement() -> tuple[set[int], set[int]] | None:
+    """Where the processes of the watch figures run: every client process (writer, watcher) on one CPU,
+    the server on another; ``None`` on a machine with one CPU, or that cannot pin."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else None
+
+
+def _pin(pid: int, cpus: set[int] | None) -> None:
+    """Pin every thread of process ``pid`` (its threads made later inherit it) on ``cpus``."""
+    if cpus is not None:
+        for thread in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else [pid]:
+            os.sched_setaffinity(int(thread), cpus)
+
+
 def measure_watch(args, r: dict[str, float]) -> None:
     """Change notifications, on one sharedstate server, then on one redis-server (``redis_`` figures):
-    ``_watch_figures`` on each, and the floors of each transport (``_relay_floor``, ``_redis_py_floor``)."""
-    _relay_floor(max(1000, args.ops // 10), r)
-    with sharedstate.StateServer() as server:
-        state = sharedstate.connect(server.address, server.authkey, cache=False)
-        _watch_figures(args, r, "", state)
-        state.close()
-    with _RedisServer() as redis_server:
-        if redis_server.socket is not None:
-            _redis_py_floor(redis_server.socket, max(1000, args.ops // 10), r)
-            state = sharedstate.connect(f"unix://{redis_server.socket}", namespace="bench")
-            _watch_figures(args, r, "redis_", state)
+    ``_watch_figures`` on each, and the floors of each transport (``_relay_floor``, ``_redis_py_floor``).
+    Each server (and the relay of the floor) runs on a CPU of its own, the clients on another
+    (``_placement``): a change then crosses between CPUs as often as a round trip does, and no run
+    compares a ``get`` whose two ends the scheduler happened to put on one CPU with a change that
+    cannot have its three processes there."""
+    placement = _placement()
+    clients, servers = placement if placement is not None else (None, None)
+    r["watch_pinned"] = float(placement is not None)
+    before = os.sched_getaffinity(0) if placement is not None else None
+    _pin(os.getpid(), clients)  # the processes forked from here on inherit it
+    try:
+        _relay_floor(max(1000, args.ops // 10), r, servers)
+        with sharedstate.StateServer() as server:
+            _pin(server.pid, servers)
+            state = sharedstate.connect(server.address, server.authkey, cache=False)
+            _watch_figures(args, r, "", state)
             state.close()
+        with _RedisServer() as redis_server:
+            if redis_server.socket is not None:
+                _pin(redis_server.pid, servers)
+                _redis_py_floor(redis_server.socket, max(1000, args.ops // 10), r)
+                state = sharedstate.connect(f"unix://{redis_server.socket}", namespace="bench")
+                _watch_figures(args, r, "redis_", state)
+                state.close()
+    finally:
+        _pin(os.getpid(), before)
 
 
 def _messages(sock, others):
@@ -349,9 +379,10 @@ def _messages(sock, others):
         yield data
 
 
-def _relay(sock_w, sock_x, others) -> None:
+def _relay(sock_w, sock_x, others, cpus) -> None:
     """The bare transport of a change: pass each change from the writer on to the watcher, then answer
-    the writer; at the writer's end, end the watcher."""
+    the writer; at the writer's end, end the watcher. ``cpus``: where it runs (``_placement``)."""
+    _pin(os.getpid(), cpus)
     w, x = sock_w.fileno(), sock_x.fileno()
     for data in _messages(sock_w, others):
         if data[:1] == b"s":
@@ -374,16 +405,16 @@ def _read_some(fd: int) -> bytes:
     return data
 
 
-def _relay_floor(n: int, r: dict[str, float]) -> None:
+def _relay_floor(n: int, r: dict[str, float], cpus: set[int] | None) -> None:
     """What the transport alone costs a change: a writer's message through a relay process (which passes
     it on to a watcher process, then answers the writer), one at a time, against a round trip to the relay;
     Unix sockets, one read per message and one write per destination, nothing decoded (``relay_*``
-    figures)."""
+    figures). ``cpus``: where the relay runs (``_placement``)."""
     w_mine, w_relay = socket.socketpair()
     x_relay, x_mine = socket.socketpair()
     report_mine, report_theirs = socket.socketpair()
     procs = [
-        CTX.Process(target=_relay, args=(w_relay, x_relay, (w_mine, x_mine, report_mine, report_theirs))),
+        CTX.Process(target=_relay, args=(w_relay, x_relay, (w_mine, x_mine, report_mine, report_theirs), cpus)),
         CTX.Process(target=_relay_watcher, args=(x_mine, report_theirs, (w_mine, w_relay, x_relay, report_mine))),
     ]
     for proc in procs:
@@ -562,6 +593,11 @@ class _RedisServer:
             time.sleep(0.05)
         self.socket = sock
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:
