@@ -267,6 +267,29 @@ def test_a_large_value_is_not_copied_into_the_stream_and_watchers_read_it_when_t
         assert _all(changes) == [Change("list", "set", now), Change("list", "set", now), Change("small", "set", 1)]
 
 
+def test_an_entry_leaves_out_the_fields_that_hold_their_default(redis_state, redis_server, redis_namespace):
+    """Most changes have no scopes and a value in the entry: those two fields are left out (each field
+    costs every watcher's parse and the stream's memory); an entry that carries them is read alike."""
+    with redis_state.watch() as changes:
+        redis_state.set("plain", 1)
+        redis_state.set("scoped", 2, scope="team")
+        redis_state.set("big", "x" * (NOTE_MAX + 1))
+        with redis_server.client() as client:
+            stream = f"{redis_namespace}:changes"
+            entries = [fields for _, fields in client.xrange(stream)]
+            assert [sorted(fields) for fields in entries] == [
+                [b"k", b"n", b"v"],
+                [b"L", b"k", b"n", b"s", b"v"],
+                [b"L", b"k", b"n", b"s", b"v"],
+            ]
+            assert entries[2][b"L"] == b"1" and entries[1][b"s"] != b""
+        assert _all(changes) == [
+            Change("plain", "set", 1),
+            Change("scoped", "set", 2),
+            Change("big", "set", "x" * (NOTE_MAX + 1)),
+        ]
+
+
 class _Interrupted:
     """A watcher's client whose second ``XREAD`` is interrupted (Ctrl-C, or a task cancelled while it waits)."""
 

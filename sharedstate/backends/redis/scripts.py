@@ -39,7 +39,8 @@ PURGE_BATCH = 100
 #: *before* it writes the data: a note that fails (a key of another type under the stream's name, an id
 #: out of order) ends the script before anything changed, as Redis does not undo a script's earlier
 #: writes (the ``MULTI`` blocks of ``restore`` and ``update`` check first with a note every watcher skips).
-#: A value longer than ``NOTE_MAX`` bytes is not copied into the stream (the entry says ``L``: large), so
+#: An entry leaves out ``s`` (scopes) and ``L`` when they hold the default (none; ``0``), as readers take
+#: them then. A value longer than ``NOTE_MAX`` bytes is not copied into the stream (the entry says ``L``: large), so
 #: that a namespace's stream does not hold many copies of a large value (an ``append`` to a long list
 #: would write the whole list each time); its watchers read the name's value when they read the entry.
 #: ``fresh`` removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
@@ -64,7 +65,11 @@ local function note(kind, name, value, scopes)
     local id = '0-' .. string.format('%.0f', redis.call('HINCRBY', W, 'seq', 1))
     local large = '0'
     if #value > NOTE_MAX then value, large = '', '1' end
-    redis.call('XADD', C, 'MAXLEN', '~', cap, id, 'k', kind, 'n', name, 'v', value, 's', scopes, 'L', large)
+    if large == '0' and scopes == '' then  -- what a reader takes when a field is left out
+      redis.call('XADD', C, 'MAXLEN', '~', cap, id, 'k', kind, 'n', name, 'v', value)
+    else
+      redis.call('XADD', C, 'MAXLEN', '~', cap, id, 'k', kind, 'n', name, 'v', value, 's', scopes, 'L', large)
+    end
     if not leased then
       leased = true
       local left = redis.call('PTTL', W)
