@@ -110,6 +110,66 @@ def test_options_are_checked(redis_server, redis_namespace, server):
     assert connect(redis_server, redis_namespace).backend.lease == DEFAULT_LEASE == 2.0
 
 
+#: The backend's main paths, in a process where redis-py finds no hiredis (the ``redis`` extra installs it,
+#: but redis-py alone parses replies in Python), on RESP2 and RESP3, blocking and asyncio.
+_WITHOUT_HIREDIS = """
+import asyncio, sys
+sys.modules["hiredis"] = None
+import redis.utils, sharedstate
+from sharedstate import Change, aio
+assert not redis.utils.HIREDIS_AVAILABLE
+url, namespace = sys.argv[1], sys.argv[2]
+
+async def face(address):
+    astate = await aio.connect(address, namespace=namespace + "-aio")
+    try:
+        async with astate.watch() as changes:
+            await astate.set("a", [1, "x"], scope="s")
+            assert await astate.incr("n", 2, ttl=30) == 2
+            assert [await changes.next(5), await changes.next(5)] == [Change("a", "set", [1, "x"]), Change("n", "set", 2)]
+        await astate.clear()
+    finally:
+        await astate.aclose()
+
+for query in ("", "?protocol=3"):
+    with sharedstate.connect(url + query, namespace=namespace) as state:
+        with state.watch() as changes:
+            state.set("a", {"x": [1, 2]}, scope="s")
+            assert state.incr("n", 5, ttl=30) == 5
+            state.set("big", "y" * 70000)
+            state.remove("a")
+            got = [changes.next(5) for _ in range(4)]
+        assert got == [Change("a", "set", {"x": [1, 2]}), Change("n", "set", 5), Change("big", "set", "y" * 70000),
+                       Change("a", "removed")], got
+        assert state.get("n") == 5 and 0 < state.ttl("n") <= 30 and sorted(state.names()) == ["big", "n"]
+        with state.named_lock("l").hold(5):
+            semaphore = state.semaphore("s", 2)
+            with semaphore:
+                assert semaphore.value() == 1
+        state.clear()
+    asyncio.run(face(url + query))
+print("ok")
+"""
+
+
+def test_the_redis_extra_brings_redis_py_s_parser_in_c():
+    """``sharedstate[redis]`` asks for ``redis[hiredis]``: a watcher of a busy namespace spends about half
+    the CPU per change with it (docs/redis.md). The test extra takes the redis extra, so it is here."""
+    import redis.utils
+
+    if not redis.utils.HIREDIS_AVAILABLE and os.environ.get("CI") != "true":
+        pytest.skip("hiredis is not installed (pip install '.[redis]' brings it)")
+    assert redis.utils.HIREDIS_AVAILABLE
+
+
+def test_the_backend_works_where_redis_py_parses_replies_in_python(redis_server, redis_namespace):
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_HIREDIS, redis_server.url, redis_namespace],
+        env=clean_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.stdout.strip() == "ok", result.stderr
+
+
 def test_without_redis_py_the_error_names_the_extra(redis_server):
     code = (
         "import sys; sys.modules['redis'] = None\n"
