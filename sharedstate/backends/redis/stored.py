@@ -14,8 +14,13 @@ def dumps(value: Any) -> str:
     return json.dumps(encode(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+#: One decoder for every read (``json.loads`` with a hook makes a new one for each call).
+_decode = json.JSONDecoder(object_hook=object_hook).decode
+
+
 def loads(raw: bytes | str) -> Any:
-    return json.loads(raw, object_hook=object_hook)
+    """A value as ``dumps`` stored it: UTF-8 bytes as redis-py answers them, or text (``decode_responses``)."""
+    return _decode(raw.decode("utf-8") if type(raw) is bytes else raw)
 
 
 def ttl_arg(ttl: float | None) -> str:
