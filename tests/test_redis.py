@@ -126,7 +126,8 @@ async def face(address):
         async with astate.watch() as changes:
             await astate.set("a", [1, "x"], scope="s")
             assert await astate.incr("n", 2, ttl=30) == 2
-            assert [await changes.next(5), await changes.next(5)] == [Change("a", "set", [1, "x"]), Change("n", "set", 2)]
+            got = [await changes.next(5), await changes.next(5)]
+            assert got == [Change("a", "set", [1, "x"]), Change("n", "set", 2)], got
         await astate.clear()
     finally:
         await astate.aclose()

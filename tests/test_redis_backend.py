@@ -24,7 +24,7 @@ from sharedstate._rules import DECIMAL_CONTEXT, add, appended, matches, scoped, 
 from sharedstate._sentinels import MISSING, NOT_CACHED
 from sharedstate.backends.base import Backend
 from sharedstate.backends.redis import DEFAULT_LEASE, RedisBackend, open_backend
-from sharedstate.backends.redis.scripts import EXACT_INT
+from sharedstate.backends.redis.scripts import EXACT_INT, NOTE_MAX
 from sharedstate.persistence.snapshot import read_snapshot
 from sharedstate.server.config import ServerConfig
 from sharedstate.server.service import StateService
@@ -412,8 +412,20 @@ def test_replies_decoded_by_the_urls_decode_responses_are_read_alike(redis_serve
         assert state.append("l", "x") == 1 and state.get("l") == ["x"]
         with pytest.raises(TypeError):
             state.incr("l")
-        with state.watch(names=["n"]) as changes:
+        with state.watch(names=["n"]) as changes, state.watch(scope="team") as scoped:
             state.incr("n", ttl=5)
             assert changes.next(5) == sharedstate.Change("n", "set", 4)
+            state.set("n", "y" * (NOTE_MAX + 1), scope="team")  # an entry with its scopes and "large"
+            state.remove("n")
+            assert [changes.next(5), changes.next(5)] == [
+                sharedstate.Change("n", "set", None),  # read when the change is read: removed by then
+                sharedstate.Change("n", "removed"),
+            ]
+            assert [scoped.next(5), scoped.next(5)] == [
+                sharedstate.Change("n", "set", None),
+                sharedstate.Change("n", "removed"),
+            ]
+            state.clear()
+            assert changes.next(5) == scoped.next(5) == sharedstate.Change(None, "cleared")
     finally:
         state.close()

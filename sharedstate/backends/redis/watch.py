@@ -77,6 +77,11 @@ BURST_PAUSE_S = 0.002
 BLOCK_SLICE_S = 5.0
 
 _KINDS = {"s": SET, "r": REMOVED, "e": EXPIRED, "c": CLEARED, "R": RESTORED}
+_KINDS.update({key.encode(): kind for key, kind in _KINDS.items()})  # as redis-py answers them: bytes
+#: The fields of an entry as redis-py answers them (bytes), and as text (``decode_responses`` in the URL).
+_BYTE_FIELDS = (b"k", b"n", b"v", b"s", b"L")
+_TEXT_FIELDS = ("k", "n", "v", "s", "L")
+_YES = (b"1", "1")
 OVERFLOWED = Change(None, OVERFLOW, None)
 #: Stands for the value of a change whose entry left it out (``scripts.NOTE_MAX``) until it is read.
 _LARGE = object()
@@ -207,24 +212,25 @@ class Cursor:
         yield Script("note_many", self.backend._keys, ["w"])
 
     def _change(self, fields: dict[Any, Any]) -> Change | None:
-        """The change an entry notes, or ``None`` if this watcher's filters leave it out."""
-        got = {text(key): value for key, value in fields.items()}
-        kind = _KINDS.get(text(got.get("k", b"")))
+        """The change an entry notes, or ``None`` if this watcher's filters leave it out. A field the entry
+        leaves out holds its default (``scripts.PRELUDE``): no scopes (``s``), the value in the entry (``L``)."""
+        k, n, v, s, large = _BYTE_FIELDS if b"k" in fields else _TEXT_FIELDS  # text: decode_responses
+        kind = _KINDS.get(fields.get(k))
         if kind is None:
             return None
         if kind in (CLEARED, RESTORED):
             return Change(None, kind)
-        name = text(got["n"])
+        name = text(fields[n])
         if self.names is not None and name not in self.names:
             return None
         if self.pattern is not None and not self.pattern.filter([name]):
             return None
         if self.scopes:
-            noted = text(got.get("s", b""))
+            noted = text(fields.get(s, b""))
             if not noted or self.scopes.isdisjoint(json.loads(noted)):
                 return None
         if kind is SET:
-            return Change(name, kind, _LARGE if text(got.get("L", b"0")) == "1" else loads(got["v"]))
+            return Change(name, kind, _LARGE if fields.get(large) in _YES else loads(fields[v]))
         return Change(name, kind)
 
     def _large(self, changes: list[Change]) -> Operation:
