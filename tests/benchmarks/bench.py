@@ -1,6 +1,6 @@
 """sharedstate against its peers, measured side by side in one run.
 
-    python tests/benchmarks/bench.py [--names 1000000] [--ops 20000] [--runs 1] [--rounds 5]
+    python tests/benchmarks/bench.py [--names 1000000] [--ops 20000] [--runs 1] [--rounds 5] [--no-pin]
 
 Prints every figure, then the ratios the project holds itself to (see METHOD.md beside this file).
 Not collected by pytest. redis-py with a local redis-server, and diskcache, are measured when installed.
@@ -343,7 +343,7 @@ def measure_watch(args, r: dict[str, float]) -> None:
     (``_placement``): a change then crosses between CPUs as often as a round trip does, and no run
     compares a ``get`` whose two ends the scheduler happened to put on one CPU with a change that
     cannot have its three processes there."""
-    placement = _placement()
+    placement = None if args.no_pin else _placement()
     clients, servers = placement if placement is not None else (None, None)
     r["watch_pinned"] = float(placement is not None)
     before = os.sched_getaffinity(0) if placement is not None else None
@@ -925,6 +925,11 @@ def main() -> None:
         choices=["all", "cache", "aio", "watch"],
         default="all",
         help="cache, aio, watch: the figures of the client cache, the asyncio client or change notifications alone",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="watch figures: let the scheduler place the processes (default: each server on a CPU of its own)",
     )
     args = parser.parse_args()
     if args.only == "cache":
