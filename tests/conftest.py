@@ -471,14 +471,22 @@ def crash(server: sharedstate.StateServer) -> None:
     server.shutdown()
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """An environment with nothing of the test process' sharedstate variables (another host's), and this
+    checkout on ``PYTHONPATH``: for a child Python process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
 # -- a standalone server -----------------------------------------------------------------------------
 def start_serve(
     path: Path, address: str, *options: str, text: bool = False, stderr: int = subprocess.PIPE
 ) -> subprocess.Popen:
     """``python -m sharedstate serve --path PATH --address ADDRESS [OPTIONS]`` in a clean environment (no
     ``SHAREDSTATE_*`` variables), its output piped; the caller reaps it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = clean_env()
     argv = [sys.executable, "-m", "sharedstate", "serve", "--path", str(path), "--address", address, *options]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, text=text)
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import workers
-from conftest import ROOT, cancel_a_lock_wait, drop_namespace, kill, reap, run_to_completion, wait_until
+from conftest import ROOT, cancel_a_lock_wait, clean_env, drop_namespace, kill, reap, run_to_completion, wait_until
 from contract.storable import assert_holds, fill_every_type
 
 import sharedstate
@@ -31,14 +31,6 @@ def connect(redis_server, namespace, **options) -> sharedstate.State:
     state = sharedstate.connect(redis_server.url, namespace=namespace, **options)
     assert isinstance(state.backend, RedisBackend)
     return state
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """An environment with nothing of the test process' sharedstate variables (another host's)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDSTATE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
 
 
 # -- connecting ----------------------------------------------------------------------------------------

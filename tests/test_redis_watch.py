@@ -10,11 +10,13 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from conftest import RedisServer, reap, redis_missing, wait_until
+from conftest import RedisServer, clean_env, reap, redis_missing, wait_until
 
 import sharedstate
 from sharedstate import Change, ServerUnavailable, SharedStateError, aio
@@ -288,6 +290,57 @@ def test_an_entry_leaves_out_the_fields_that_hold_their_default(redis_state, red
             Change("scoped", "set", 2),
             Change("big", "set", "x" * (NOTE_MAX + 1)),
         ]
+
+
+_ENTRY_READER = """
+import json
+from sharedstate import Change
+from sharedstate._pattern import compile_pattern
+from sharedstate.backends.redis.watch import _LARGE, Cursor
+
+
+def cursor(scopes=(), names=None, pattern=None):
+    made = object.__new__(Cursor)  # only its filters: what ``_change`` reads
+    made.scopes, made.names = frozenset(scopes), names if names is None else frozenset(names)
+    made.pattern = None if pattern is None else compile_pattern(pattern)
+    return made
+
+
+def entry(as_text, **fields):
+    return {(key if as_text else key.encode()): (value if as_text else value.encode()) for key, value in fields.items()}
+
+
+for as_text in (False, True):
+    plain = entry(as_text, k="s", n="a", v="1")  # the fields a change without scopes has now
+    full = entry(as_text, k="s", n="a", v="1", s="", L="0")  # as an older version writes every change
+    scoped = entry(as_text, k="s", n="a", v='{"x":1}', s=json.dumps(["team"]), L="0")
+    large = entry(as_text, k="s", n="a", v="", s=json.dumps(["team"]), L="1")
+    removed = entry(as_text, k="r", n="a", v="")
+    for fields in (plain, full):
+        assert cursor()._change(fields) == Change("a", "set", 1)
+        assert cursor(scopes=["team"])._change(fields) is None
+        assert cursor(names=["b"])._change(fields) is None
+        assert cursor(pattern="^a$")._change(fields) == Change("a", "set", 1)
+    assert cursor(scopes=["team"])._change(scoped) == Change("a", "set", {"x": 1})
+    assert cursor(scopes=["other"])._change(scoped) is None
+    assert cursor()._change(large) == Change("a", "set", _LARGE)
+    assert cursor()._change(removed) == Change("a", "removed")
+    assert cursor()._change(entry(as_text, k="c")) == Change(None, "cleared")
+    assert cursor()._change(entry(as_text, k="w")) is None  # a wake-up every watcher skips
+    assert cursor()._change(entry(as_text, n="a", v="1")) is None  # written by someone else
+    assert cursor()._change({}) is None
+print("ok")
+"""
+
+
+def test_entries_of_every_shape_are_read_as_bytes_or_text_without_mixing_the_two():
+    """Entries as this version writes them and as an older one did (every field), as redis-py answers them
+    (bytes) or decoded (``decode_responses``); under ``python -bb`` a bytes key compared with a str one
+    would be an error."""
+    result = subprocess.run(
+        [sys.executable, "-bb", "-c", _ENTRY_READER], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "ok", result.stderr
 
 
 class _Interrupted:

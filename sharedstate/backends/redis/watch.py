@@ -77,11 +77,11 @@ BURST_PAUSE_S = 0.002
 BLOCK_SLICE_S = 5.0
 
 _KINDS = {"s": SET, "r": REMOVED, "e": EXPIRED, "c": CLEARED, "R": RESTORED}
-_KINDS.update({key.encode(): kind for key, kind in _KINDS.items()})  # as redis-py answers them: bytes
-#: The fields of an entry as redis-py answers them (bytes), and as text (``decode_responses`` in the URL).
-_BYTE_FIELDS = (b"k", b"n", b"v", b"s", b"L")
-_TEXT_FIELDS = ("k", "n", "v", "s", "L")
-_YES = (b"1", "1")
+#: How an entry is read: its field names, its kinds and the "large" mark, as redis-py answers them (bytes)
+#: and as text (``decode_responses`` in the URL). Never one of each: bytes and str that compare are a
+#: ``BytesWarning`` under ``python -b``.
+_BYTE_ENTRY = (b"k", b"n", b"v", b"s", b"L", {key.encode(): kind for key, kind in _KINDS.items()}, b"1")
+_TEXT_ENTRY = ("k", "n", "v", "s", "L", _KINDS, "1")
 OVERFLOWED = Change(None, OVERFLOW, None)
 #: Stands for the value of a change whose entry left it out (``scripts.NOTE_MAX``) until it is read.
 _LARGE = object()
@@ -214,8 +214,8 @@ class Cursor:
     def _change(self, fields: dict[Any, Any]) -> Change | None:
         """The change an entry notes, or ``None`` if this watcher's filters leave it out. A field the entry
         leaves out holds its default (``scripts.PRELUDE``): no scopes (``s``), the value in the entry (``L``)."""
-        k, n, v, s, large = _BYTE_FIELDS if b"k" in fields else _TEXT_FIELDS  # text: decode_responses
-        kind = _KINDS.get(fields.get(k))
+        k, n, v, s, large, kinds, yes = _BYTE_ENTRY if type(next(iter(fields), b"")) is bytes else _TEXT_ENTRY
+        kind = kinds.get(fields.get(k))
         if kind is None:
             return None
         if kind in (CLEARED, RESTORED):
@@ -230,7 +230,7 @@ class Cursor:
             if not noted or self.scopes.isdisjoint(json.loads(noted)):
                 return None
         if kind is SET:
-            return Change(name, kind, _LARGE if fields.get(large) in _YES else loads(fields[v]))
+            return Change(name, kind, _LARGE if fields.get(large) == yes else loads(fields[v]))
         return Change(name, kind)
 
     def _large(self, changes: list[Change]) -> Operation:
