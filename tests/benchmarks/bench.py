@@ -333,7 +333,10 @@ def _pin(pid: int, cpus: set[int] | None) -> None:
     """Pin every thread of process ``pid`` (its threads made later inherit it) on ``cpus``."""
     if cpus is not None:
         for thread in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else [pid]:
-            os.sched_setaffinity(int(thread), cpus)
+            try:
+                os.sched_setaffinity(int(thread), cpus)
+            except ProcessLookupError:
+                pass  # a thread that ended meanwhile
 
 
 def measure_watch(args, r: dict[str, float]) -> None:
@@ -347,8 +350,8 @@ def measure_watch(args, r: dict[str, float]) -> None:
     clients, servers = placement if placement is not None else (None, None)
     r["watch_pinned"] = float(placement is not None)
     before = os.sched_getaffinity(0) if placement is not None else None
-    _pin(os.getpid(), clients)  # the processes forked from here on inherit it
     try:
+        _pin(os.getpid(), clients)  # the processes forked from here on inherit it
         _relay_floor(max(1000, args.ops // 10), r, servers)
         with sharedstate.StateServer() as server:
             _pin(server.pid, servers)
@@ -357,7 +360,7 @@ def measure_watch(args, r: dict[str, float]) -> None:
             state.close()
         with _RedisServer() as redis_server:
             if redis_server.socket is not None:
-                _pin(redis_server.pid, servers)
+                _pin(redis_server.pid(), servers)
                 _redis_py_floor(redis_server.socket, max(1000, args.ops // 10), r)
                 state = sharedstate.connect(f"unix://{redis_server.socket}", namespace="bench")
                 _watch_figures(args, r, "redis_", state)
@@ -594,10 +597,12 @@ class _RedisServer:
         self.socket = sock
         return self
 
-    @property
     def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+        """The server's process id as it says it (the program started may be a wrapper that forked it)."""
+        import redis
+
+        with redis.Redis(unix_socket_path=self.socket) as client:
+            return int(client.info("server")["process_id"])
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is not None:

@@ -19,7 +19,8 @@ _decode = json.JSONDecoder(object_hook=object_hook).decode
 
 
 def loads(raw: bytes | str) -> Any:
-    """A value as ``dumps`` stored it: UTF-8 bytes as redis-py answers them, or text (``decode_responses``)."""
+    """A value as ``dumps`` stored it: UTF-8 bytes as redis-py answers them, or text (``decode_responses``).
+    Anything else (another encoding, not JSON: written by another client) is a ``ValueError``."""
     return _decode(raw.decode("utf-8") if type(raw) is bytes else raw)
 
 
