@@ -40,9 +40,10 @@ PURGE_BATCH = 100
 #: out of order) ends the script before anything changed, as Redis does not undo a script's earlier
 #: writes (the ``MULTI`` blocks of ``restore`` and ``update`` check first with a note every watcher skips).
 #: An entry leaves out both ``s`` (scopes) and ``L`` when both hold the default (none; ``0``), as readers
-#: take them then. A value longer than ``NOTE_MAX`` bytes is not copied into the stream (the entry says ``L``: large), so
-#: that a namespace's stream does not hold many copies of a large value (an ``append`` to a long list
-#: would write the whole list each time); its watchers read the name's value when they read the entry.
+#: take them then. A value longer than ``NOTE_MAX`` bytes is not copied into the stream (the entry says
+#: ``L``: large), so that a namespace's stream does not hold many copies of a large value (an ``append``
+#: to a long list would write the whole list each time); its watchers read the name's value when they
+#: read the entry.
 #: ``fresh`` removes a name past its deadline (noting ``expired``), ``purge`` up to that many such names.
 PRELUDE = (
     NOW
