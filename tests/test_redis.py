@@ -145,21 +145,6 @@ print("ok")
 """
 
 
-def test_the_redis_extra_brings_redis_py_s_parser_in_c():
-    """``sharedstate[redis]`` asks for ``redis[hiredis]``: a watcher of a busy namespace spends about half
-    the CPU per change with it (docs/redis.md); and the test extra, which takes the redis extra, has it."""
-    from importlib.metadata import requires
-
-    from packaging.requirements import Requirement
-
-    wanted = [Requirement(text) for text in requires("sharedstate") or []]
-    redis_py = [r for r in wanted if r.name == "redis" and r.marker and r.marker.evaluate({"extra": "redis"})]
-    assert len(redis_py) == 1 and "hiredis" in redis_py[0].extras, redis_py
-    import redis.utils
-
-    assert redis.utils.HIREDIS_AVAILABLE
-
-
 def test_the_backend_works_where_redis_py_parses_replies_in_python(redis_server, redis_namespace):
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_HIREDIS, redis_server.url, redis_namespace],
@@ -405,7 +390,7 @@ def test_the_client_commands_work_on_redis(redis_server, redis_namespace, tmp_pa
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("server_kind", ["gunicorn", "gunicorn-with-server-hooks", "uvicorn-asyncio"])
 def test_the_web_examples_run_on_redis_by_changing_only_the_address(redis_server, redis_namespace, server_kind):
-    from test_web import WEB, free_port, get, hammer, start, stop_group, wait_ready
+    from test_web import WEB, free_port, get, hammer_workers, start, stop_group, wait_ready
 
     address = f"{redis_server.tcp_url}?namespace={redis_namespace}"
     config = ["-c", str(WEB / "gunicorn.conf.py")] if server_kind == "gunicorn-with-server-hooks" else []
@@ -421,7 +406,7 @@ def test_the_web_examples_run_on_redis_by_changing_only_the_address(redis_server
     proc = start(argv(port), {"SHAREDSTATE_ADDRESS": address})
     try:
         wait_ready(proc, port)
-        replies = hammer(port)
+        replies = hammer_workers(port)
         counts = sorted(r["hits"] for r in replies)
         assert counts == list(range(1, len(replies) + 1)), "lost or repeated counts"
         assert len({r["pid"] for r in replies}) >= 2, "served by a single worker"

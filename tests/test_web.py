@@ -80,17 +80,22 @@ def hammer(port: int) -> list[dict]:
         return list(pool.map(lambda _: get(port), range(REQUESTS)))
 
 
+def hammer_workers(port: int) -> list[dict]:
+    """``hammer`` once, and again until two workers served some requests, within a deadline: the port
+    answers once one worker is up, and the others may still be booting."""
+    replies = hammer(port)
+    deadline = time.monotonic() + 60
+    while len({r["pid"] for r in replies}) < 2 and time.monotonic() < deadline:
+        replies += hammer(port)
+    return replies
+
+
 def check_round(argv_for, path, env_extra=None) -> None:
     port = free_port()
     proc = start(argv_for(port), env_extra)
     try:
         wait_ready(proc, port)
-        # The port answers once one worker is up: the others may still be booting, so the requests go on,
-        # a round at a time, until two workers served some (within a deadline).
-        replies = hammer(port)
-        deadline = time.monotonic() + 60
-        while len({r["pid"] for r in replies}) < 2 and time.monotonic() < deadline:
-            replies += hammer(port)
+        replies = hammer_workers(port)
         counts = [r["hits"] for r in replies]
         assert sorted(counts) == list(range(1, len(replies) + 1)), "lost or repeated counts"
         assert len({r["pid"] for r in replies}) >= 2, "served by a single worker"

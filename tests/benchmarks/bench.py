@@ -360,7 +360,8 @@ def measure_watch(args, r: dict[str, float]) -> None:
             state.close()
         with _RedisServer() as redis_server:
             if redis_server.socket is not None:
-                _pin(redis_server.pid(), servers)
+                if servers is not None:
+                    _pin(redis_server.pid(), servers)
                 _redis_py_floor(redis_server.socket, max(1000, args.ops // 10), r)
                 state = sharedstate.connect(f"unix://{redis_server.socket}", namespace="bench")
                 _watch_figures(args, r, "redis_", state)
