@@ -452,6 +452,8 @@ def _relay_floor(n: int, r: dict[str, float], cpus: set[int] | None) -> None:
 def _redis_stream_reader(path: str, ready, conn, count: int) -> None:
     import redis
 
+    from sharedstate.backends.redis.watch import _entries  # the reply's shape (RESP2 or RESP3), nothing timed
+
     client = redis.Redis(unix_socket_path=path)
     last = client.xadd("floor", {"v": "0"})
     ready.set()
@@ -459,16 +461,9 @@ def _redis_stream_reader(path: str, ready, conn, count: int) -> None:
         found = None
         while not found:
             found = client.xread({"floor": last}, block=1000, count=100)
-        entries = _stream_entries(found)
+        entries = _entries(found)
         last = entries[-1][0]
         conn.send(time.perf_counter() - float(entries[-1][1][b"v"]))
-
-
-def _stream_entries(reply: Any) -> list[Any]:
-    """The entries of an ``XREAD`` reply of one stream (RESP2: a list of [key, entries]; RESP3: a dict)."""
-    if isinstance(reply, dict):
-        return next(iter(reply.values()))[0]
-    return reply[0][1]
 
 
 def _redis_py_floor(path: str, n: int, r: dict[str, float]) -> None:
